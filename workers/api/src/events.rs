@@ -1,0 +1,328 @@
+//! Rust shapes of the Avro events in `avro/` (one struct per `.avsc`, same field names).
+//!
+//! Timestamps are milliseconds since the Unix epoch (UTC), Avro `timestamp-millis`.
+//! Quantities are whole units (`int`), money is in minor currency units (`long`).
+
+use serde::{Deserialize, Serialize};
+
+/// Reason codes carried by `order.cancelled` (domain contract, seeds 000/001).
+pub mod cancel_reason {
+    /// Stock reserver could not serve every item (seed 000).
+    pub const INSUFFICIENT_STOCK: &str = "INSUFFICIENT_STOCK";
+    /// The reservation passed its TTL without payment (seed 004).
+    pub const RESERVATION_EXPIRED: &str = "RESERVATION_EXPIRED";
+    /// POS reported a failed payment (seed 004).
+    pub const PAYMENT_FAILED: &str = "PAYMENT_FAILED";
+    /// No stock answer or no saga end in time (seed 001).
+    pub const SAGA_TIMEOUT: &str = "SAGA_TIMEOUT";
+}
+
+/// Reason codes of `stock.reservation.failed`.
+pub mod failure_reason {
+    /// At least one item has `requested > available` (seed 000).
+    pub const INSUFFICIENT_STOCK: &str = "INSUFFICIENT_STOCK";
+}
+
+/// Reasons of `stock.reservation.released`.
+pub mod release_reason {
+    /// Released because `stock.reservation.expired` reached the reserver first.
+    pub const EXPIRED: &str = "EXPIRED";
+    /// Released because `order.cancelled` reached the reserver first.
+    pub const CANCELLED: &str = "CANCELLED";
+}
+
+/// `changeReason` values of `stock.updated` (seed 004).
+pub mod change_reason {
+    pub const SALE: &str = "SALE";
+    pub const RESTOCK: &str = "RESTOCK";
+    pub const DISTRIBUTION: &str = "DISTRIBUTION";
+    pub const CORRECTION: &str = "CORRECTION";
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderItem {
+    pub product_id: String,
+    pub quantity: i32,
+    pub unit_price: i64,
+}
+
+/// `order.created` (key orderId).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderCreated {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub order_id: String,
+    pub customer_id: String,
+    pub hq_id: String,
+    pub store_id: String,
+    pub items: Vec<OrderItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReservedItem {
+    pub product_id: String,
+    pub reserved: i32,
+}
+
+/// `stock.reserved` (key orderId).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StockReserved {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub order_id: String,
+    pub reservation_id: String,
+    pub hq_id: String,
+    pub store_id: String,
+    pub expires_at: i64,
+    pub items: Vec<ReservedItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedItem {
+    pub product_id: String,
+    pub requested: i32,
+    pub available: i32,
+}
+
+/// `stock.reservation.failed` (key orderId).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StockReservationFailed {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub order_id: String,
+    pub hq_id: String,
+    pub store_id: String,
+    pub reason: String,
+    pub items: Vec<FailedItem>,
+}
+
+/// `order.confirmed` (key orderId).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderConfirmed {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub order_id: String,
+    pub reservation_id: String,
+    pub hq_id: String,
+    pub store_id: String,
+    pub status: String,
+    pub expires_at: i64,
+}
+
+/// `order.cancelled` (key orderId).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderCancelled {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub order_id: String,
+    pub hq_id: String,
+    pub store_id: String,
+    pub reason: String,
+    pub reservation_id: Option<String>,
+    pub customer_message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SoldItem {
+    pub product_id: String,
+    pub quantity: i32,
+    pub actual_price: i64,
+}
+
+/// `order.completed` (key orderId), produced by POS after payment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderCompleted {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub order_id: String,
+    pub reservation_id: String,
+    pub hq_id: String,
+    pub store_id: String,
+    pub items: Vec<SoldItem>,
+    pub total_amount: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockLevel {
+    pub previous: i64,
+    pub current: i64,
+}
+
+/// `stock.updated` (key productId).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StockUpdated {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub hq_id: String,
+    pub store_id: String,
+    pub product_id: String,
+    pub hq_stock: Option<StockLevel>,
+    pub store_stock: StockLevel,
+    pub change_amount: i64,
+    pub change_reason: String,
+    pub reference_id: String,
+}
+
+/// `stock.reservation.expired` (key orderId).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StockReservationExpired {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub order_id: String,
+    pub reservation_id: String,
+    pub hq_id: String,
+    pub store_id: String,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleasedItem {
+    pub product_id: String,
+    pub released: i32,
+}
+
+/// `stock.reservation.released` (key orderId), internal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StockReservationReleased {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub order_id: String,
+    pub reservation_id: String,
+    pub hq_id: String,
+    pub store_id: String,
+    pub reason: String,
+    pub items: Vec<ReleasedItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdjustedItem {
+    pub product_id: String,
+    pub delta: i64,
+}
+
+/// `inventory.adjusted` (key `hqId:storeId`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InventoryAdjusted {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub hq_id: String,
+    pub store_id: String,
+    pub adjustment_type: String,
+    pub reference_id: String,
+    pub items: Vec<AdjustedItem>,
+}
+
+macro_rules! events {
+    ($($variant:ident),* $(,)?) => {
+        /// Any event of the saga. The variant name equals the Avro record name (and the
+        /// `.avsc` file stem in `avro/`).
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub enum Event { $($variant($variant)),* }
+
+        impl Event {
+            /// Avro record names of every event, in the order of the enum.
+            pub const SCHEMA_NAMES: &'static [&'static str] = &[$(stringify!($variant)),*];
+
+            /// The Avro record name of this event.
+            pub fn schema_name(&self) -> &'static str {
+                match self { $(Event::$variant(_) => stringify!($variant)),* }
+            }
+            /// The event's unique id (domain rule 7).
+            pub fn event_id(&self) -> &str {
+                match self { $(Event::$variant(e) => &e.event_id),* }
+            }
+            /// When the fact happened, ms since the epoch.
+            pub fn occurred_at(&self) -> i64 {
+                match self { $(Event::$variant(e) => e.occurred_at),* }
+            }
+            /// The event as a serde_json value with the Avro field names (for logs and tools).
+            pub fn to_json(&self) -> serde_json::Value {
+                match self { $(Event::$variant(e) => serde_json::to_value(e).expect("events serialise")),* }
+            }
+            /// Builds an event from a serde value of the named record.
+            ///
+            /// Errors: unknown schema name or a value that does not fit the record.
+            pub fn from_json(schema_name: &str, value: serde_json::Value) -> Result<Event, String> {
+                match schema_name {
+                    $(stringify!($variant) => serde_json::from_value(value).map(Event::$variant).map_err(|e| e.to_string()),)*
+                    other => Err(format!("unknown event schema {other}")),
+                }
+            }
+        }
+        $(impl From<$variant> for Event { fn from(e: $variant) -> Event { Event::$variant(e) } })*
+    };
+}
+
+events!(
+    OrderCreated,
+    StockReserved,
+    StockReservationFailed,
+    OrderConfirmed,
+    OrderCancelled,
+    OrderCompleted,
+    StockUpdated,
+    StockReservationExpired,
+    StockReservationReleased,
+    InventoryAdjusted,
+);
+
+impl Event {
+    /// The order this event belongs to, if any.
+    pub fn order_id(&self) -> Option<&str> {
+        match self {
+            Event::OrderCreated(e) => Some(&e.order_id),
+            Event::StockReserved(e) => Some(&e.order_id),
+            Event::StockReservationFailed(e) => Some(&e.order_id),
+            Event::OrderConfirmed(e) => Some(&e.order_id),
+            Event::OrderCancelled(e) => Some(&e.order_id),
+            Event::OrderCompleted(e) => Some(&e.order_id),
+            Event::StockReservationExpired(e) => Some(&e.order_id),
+            Event::StockReservationReleased(e) => Some(&e.order_id),
+            Event::StockUpdated(e) => Some(&e.reference_id).filter(|_| e.change_reason == change_reason::SALE),
+            Event::InventoryAdjusted(_) => None,
+        }
+    }
+
+    /// `(hqId, storeId)` of the store whose stock this event touches.
+    pub fn store(&self) -> (&str, &str) {
+        match self {
+            Event::OrderCreated(e) => (&e.hq_id, &e.store_id),
+            Event::StockReserved(e) => (&e.hq_id, &e.store_id),
+            Event::StockReservationFailed(e) => (&e.hq_id, &e.store_id),
+            Event::OrderConfirmed(e) => (&e.hq_id, &e.store_id),
+            Event::OrderCancelled(e) => (&e.hq_id, &e.store_id),
+            Event::OrderCompleted(e) => (&e.hq_id, &e.store_id),
+            Event::StockUpdated(e) => (&e.hq_id, &e.store_id),
+            Event::StockReservationExpired(e) => (&e.hq_id, &e.store_id),
+            Event::StockReservationReleased(e) => (&e.hq_id, &e.store_id),
+            Event::InventoryAdjusted(e) => (&e.hq_id, &e.store_id),
+        }
+    }
+
+    /// Partition key of the store, `hqId:storeId` (the repartition key of `stock.commands`).
+    pub fn store_key(&self) -> String {
+        let (hq, store) = self.store();
+        store_key(hq, store)
+    }
+}
+
+/// Partition key of a store: `hqId:storeId`.
+pub fn store_key(hq_id: &str, store_id: &str) -> String {
+    format!("{hq_id}:{store_id}")
+}

@@ -1,0 +1,223 @@
+//! The seam between the orderflow runtime and its workers.
+//!
+//! A worker is a [`Processor`]: plain business logic that reads one decoded [`Event`], reads and
+//! stages writes in a [`StateTxn`], schedules durable timers, and emits events on named output
+//! ports through [`Outputs`]. It never sees Kafka, sled or the wall clock: the runtime
+//! (`orderflow-runtime`) owns those and decides when staged writes become durable (only after the
+//! outputs are acknowledged by the broker). [`Harness`] runs a processor in memory for unit tests
+//! and for shadow replays.
+
+pub mod events;
+mod harness;
+mod state;
+
+pub use events::Event;
+pub use harness::{Harness, MemoryStore};
+pub use state::{Changes, StateRead, StateTxn};
+
+use std::collections::BTreeSet;
+
+/// Where and when the event being processed was read.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// Input topic name.
+    pub topic: String,
+    /// Input partition; also the task (state shard) the state belongs to.
+    pub partition: i32,
+    /// Input offset.
+    pub offset: i64,
+    /// Processing time chosen by the runtime, ms since the epoch (never read the clock yourself).
+    pub now_ms: i64,
+}
+
+/// Errors a processor returns. The runtime decides what each means for the unit of work.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The event is well-formed Avro but breaks a business rule of its shape (e.g. quantity ≤ 0).
+    /// Permanent: reprocessing cannot help.
+    #[error("invalid event: {0}")]
+    Invalid(String),
+    /// The processor emitted on a port the topology did not wire. A deployment error.
+    #[error("output port `{0}` is not wired in the topology")]
+    UnwiredPort(String),
+    /// Stored state could not be read back. Fatal for the instance.
+    #[error("corrupt state at `{key}`: {message}")]
+    CorruptState { key: String, message: String },
+}
+
+/// One record a processor emits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// Output port name, resolved to a topic by `topology.toml`.
+    pub port: String,
+    /// Record key (e.g. orderId, or `hqId:storeId` for the stock repartition topic).
+    pub key: String,
+    pub event: Event,
+}
+
+/// A business measure a processor reports (turned into a Prometheus counter by the runtime).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    /// Low-cardinality measure name, e.g. `reservation_failed`.
+    pub measure: &'static str,
+    /// Low-cardinality label, e.g. a reason code. Never an id.
+    pub label: String,
+}
+
+/// Collects what a processor emits while handling one event or timer.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    wired: BTreeSet<String>,
+    records: Vec<Output>,
+    notes: Vec<Note>,
+}
+
+impl Outputs {
+    /// `wired`: the output ports the topology connects for this worker.
+    pub fn new<I: IntoIterator<Item = S>, S: Into<String>>(wired: I) -> Self {
+        Outputs { wired: wired.into_iter().map(Into::into).collect(), records: Vec::new(), notes: Vec::new() }
+    }
+
+    /// Emits `event` on `port` with record key `key`.
+    ///
+    /// Errors: [`ProcessError::UnwiredPort`] when the topology did not wire `port`.
+    pub fn emit(&mut self, port: &str, key: impl Into<String>, event: impl Into<Event>) -> Result<(), ProcessError> {
+        if !self.wired.contains(port) {
+            return Err(ProcessError::UnwiredPort(port.to_string()));
+        }
+        self.records.push(Output { port: port.to_string(), key: key.into(), event: event.into() });
+        Ok(())
+    }
+
+    /// Reports a business measure (see [`Note`]).
+    pub fn note(&mut self, measure: &'static str, label: impl Into<String>) {
+        self.notes.push(Note { measure, label: label.into() });
+    }
+
+    /// Whether `port` is wired.
+    pub fn is_wired(&self, port: &str) -> bool {
+        self.wired.contains(port)
+    }
+
+    /// Takes the records emitted so far.
+    pub fn take_records(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.records)
+    }
+
+    /// Takes the notes reported so far.
+    pub fn take_notes(&mut self) -> Vec<Note> {
+        std::mem::take(&mut self.notes)
+    }
+
+    /// Number of records emitted so far.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// True when nothing was emitted.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    fn truncate(&mut self, records: usize, notes: usize) {
+        self.records.truncate(records);
+        self.notes.truncate(notes);
+    }
+}
+
+/// A worker's business logic.
+pub trait Processor: Send {
+    /// Handles one input event. Staged writes and outputs are kept only if this returns `Ok`.
+    fn process(&mut self, ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError>;
+
+    /// Handles a due timer `key` scheduled with [`StateTxn::schedule_timer`]. `ctx.now_ms` is the
+    /// runtime's clock; the timer was due at `due_ms` ≤ `ctx.now_ms`. The runtime removes the
+    /// timer before calling this (reschedule to keep it).
+    fn on_timer(&mut self, ctx: &Context, key: &[u8], due_ms: i64, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        let _ = (ctx, key, due_ms, state, out);
+        Ok(())
+    }
+}
+
+/// What [`handle`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Processed; its effects are staged.
+    Processed,
+    /// Its `eventId` was seen before in this state shard; nothing was done (domain rule 7).
+    Duplicate,
+}
+
+const SEEN_PREFIX: &[u8] = b"\x00seen/";
+
+/// State key under which an `eventId` is remembered.
+pub fn seen_key(event_id: &str) -> Vec<u8> {
+    let mut k = SEEN_PREFIX.to_vec();
+    k.extend_from_slice(event_id.as_bytes());
+    k
+}
+
+/// Runs `processor` on `event` with `eventId` deduplication: a repeated `eventId` has no effect,
+/// a new one is remembered in the same staged transaction as the processor's writes, so the two
+/// become durable together. On error, the staged writes and outputs of this event are discarded.
+/// Used by the runtime and by [`Harness`], so both apply the same rule.
+pub fn handle<P: Processor + ?Sized>(processor: &mut P, ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<Handled, ProcessError> {
+    let key = seen_key(event.event_id());
+    if state.get(&key).is_some() {
+        return Ok(Handled::Duplicate);
+    }
+    let mark = state.savepoint();
+    let (records, notes) = (out.records.len(), out.notes.len());
+    match processor.process(ctx, event, state, out) {
+        Ok(()) => {
+            state.put(key, ctx.now_ms.to_be_bytes().to_vec());
+            Ok(Handled::Processed)
+        }
+        Err(e) => {
+            state.rollback_to(mark);
+            out.truncate(records, notes);
+            Err(e)
+        }
+    }
+}
+
+/// Fires every timer due at `ctx.now_ms`, earliest first, each removed before its handler runs.
+/// Returns how many fired. Errors abort at the failing timer, with its changes discarded.
+pub fn fire_timers<P: Processor + ?Sized>(processor: &mut P, ctx: &Context, state: &mut StateTxn, out: &mut Outputs) -> Result<usize, ProcessError> {
+    let due = state.due_timers(ctx.now_ms);
+    for (key, due_ms) in &due {
+        let mark = state.savepoint();
+        let (records, notes) = (out.records.len(), out.notes.len());
+        state.cancel_timer(key);
+        if let Err(e) = processor.on_timer(ctx, key, *due_ms, state, out) {
+            state.rollback_to(mark);
+            out.truncate(records, notes);
+            return Err(e);
+        }
+    }
+    Ok(due.len())
+}
+
+/// A deterministic event id: UUIDv5 of `cause` (the input's `eventId`, or a timer key) and a
+/// `tag` naming what was derived (e.g. `stock.reserved`). Re-processing the same input yields the
+/// same id, so downstream deduplication absorbs re-emitted outputs (domain rule 7).
+pub fn derive_event_id(cause: &str, tag: &str) -> String {
+    const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6f72_6465_7266_6c6f_7700_0000_0000_0001);
+    let mut name = Vec::with_capacity(cause.len() + tag.len() + 1);
+    name.extend_from_slice(cause.as_bytes());
+    name.push(0);
+    name.extend_from_slice(tag.as_bytes());
+    uuid::Uuid::new_v5(&NAMESPACE, &name).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_ids_are_deterministic_and_distinct_per_tag() {
+        assert_eq!(derive_event_id("e1", "a"), derive_event_id("e1", "a"));
+        assert_ne!(derive_event_id("e1", "a"), derive_event_id("e1", "b"));
+        assert_ne!(derive_event_id("e1", "a"), derive_event_id("e2", "a"));
+    }
+}
