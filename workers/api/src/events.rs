@@ -294,7 +294,7 @@ impl Event {
             Event::OrderCompleted(e) => Some(&e.order_id),
             Event::StockReservationExpired(e) => Some(&e.order_id),
             Event::StockReservationReleased(e) => Some(&e.order_id),
-            Event::StockUpdated(e) => Some(&e.reference_id).filter(|_| e.change_reason == change_reason::SALE),
+            Event::StockUpdated(e) => Some(e.reference_id.as_str()).filter(|_| e.change_reason == change_reason::SALE),
             Event::InventoryAdjusted(_) => None,
         }
     }

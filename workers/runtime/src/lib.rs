@@ -1,1 +1,11 @@
-//! placeholder
+//! The orderflow runtime: it owns Kafka, sled and the clock; workers are plain
+//! [`orderflow_api::Processor`]s.
+//!
+//! - [`topology`]: `topology.toml` parsing, checking and drawing.
+//! - [`codec`]: Avro encoding (Confluent wire format or single-object encoding).
+//! - [`store`]: the sled state store, sharded by input partition.
+//! - [`worker`]: the consume → process → produce loop.
+//! - [`kafka`]: client configuration and topic administration.
+
+pub mod codec;
+pub mod topology;

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Runs the orderflow demo end to end against a fresh local broker.
+#
+#   scripts/demo.sh [ARGS...]
+#
+# Installs the tools if missing (scripts/install-tools.sh), builds the release binary
+# (cargo build --release -p orderflow), starts a fresh SQLite-backed tansu broker in
+# .broker/demo, and runs
+#   target/release/orderflow demo --bootstrap 127.0.0.1:PORT --topology topology.toml [ARGS...]
+# from the repository root. The broker is stopped on exit unless ORDERFLOW_DEMO_KEEP_BROKER=1
+# (then stop it with `ORDERFLOW_BROKER_DIR=.broker/demo scripts/broker.sh stop`).
+# ORDERFLOW_BROKER_PORT picks the broker's port (default: a free one). The exit status is the
+# demo's.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
+cd "$ROOT"
+
+say() { echo "demo.sh: $*" >&2; }
+
+TOOLS="${ORDERFLOW_TOOLS:-$HOME/.cache/orderflow/tools}"
+if [ -z "${ORDERFLOW_TANSU:-}" ] && [ ! -x "$TOOLS/bin/tansu" ]; then
+  say "tansu missing; running scripts/install-tools.sh"
+  ORDERFLOW_SKIP_JUST=1 "$ROOT/scripts/install-tools.sh" >/dev/null
+fi
+
+say "building: cargo build --release -p orderflow"
+cargo build --release -p orderflow
+
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
+BIN="$TARGET_DIR/release/orderflow"
+[ -x "$BIN" ] || { echo "demo.sh: error: $BIN was not built" >&2; exit 1; }
+
+export ORDERFLOW_BROKER_DIR="$ROOT/.broker/demo"
+BROKER="$ROOT/scripts/broker.sh"
+
+cleanup() {
+  if [ "${ORDERFLOW_DEMO_KEEP_BROKER:-0}" = 1 ]; then
+    say "broker left running (ORDERFLOW_DEMO_KEEP_BROKER=1): $("$BROKER" status 2>/dev/null || true)," \
+      "dir $ORDERFLOW_BROKER_DIR"
+  else
+    "$BROKER" stop || true
+  fi
+}
+# A broker left over from an interrupted earlier demo would hold the directory.
+"$BROKER" stop >/dev/null 2>&1 || true
+trap cleanup EXIT
+
+bootstrap="$(env -u ORDERFLOW_BROKER_KEEP ORDERFLOW_BROKER_ENGINE=sqlite "$BROKER" start | tail -n 1)"
+say "broker at $bootstrap (log $ORDERFLOW_BROKER_DIR/tansu.log)"
+
+set +e
+"$BIN" demo --bootstrap "$bootstrap" --topology topology.toml "$@"
+status=$?
+set -e
+exit "$status"

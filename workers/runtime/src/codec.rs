@@ -1,0 +1,1224 @@
+//! Avro codec of the saga events: [`Event`] ⇄ Kafka record value bytes.
+//!
+//! Two wire formats are written and recognised by their first byte(s):
+//!
+//! * **Avro single-object encoding** (Avro specification 1.11+, section "Single-object
+//!   encoding"), used when no schema registry is configured:
+//!
+//!   ```text
+//!   offset 0..2   C3 01                      marker (format version 1)
+//!   offset 2..10  fingerprint, little-endian CRC-64-AVRO (Rabin) of the schema's
+//!                 Parsing Canonical Form (spec: "Schema Fingerprints")
+//!   offset 10..   Avro binary encoding of the datum
+//!   ```
+//!
+//! * **Confluent wire format**, used when a schema registry URL is configured:
+//!
+//!   ```text
+//!   offset 0      00                         magic byte
+//!   offset 1..5   schema id, big-endian u32 (as assigned by the schema registry)
+//!   offset 5..    Avro binary encoding of the datum
+//!   ```
+//!
+//!   Schemas are registered from the `.avsc` files under subject
+//!   `TopicRecordNameStrategy` = `<topic>-orderflow.events.<Name>`.
+//!
+//! The schemas come from `avro/<Name>.avsc`, one per [`Event::SCHEMA_NAMES`] entry. An event is
+//! turned into an Avro value with `apache_avro::to_value` and resolved against its schema, so
+//! `Option<T>` becomes the union `["null", T]` and `i64` timestamps become `timestamp-millis`.
+//! Decoding goes Avro value → JSON (Avro field names) → [`Event::from_json`].
+//!
+//! Encoding is deterministic: the same event always gives the same bytes (for a given schema id
+//! in the Confluent format).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use apache_avro::rabin::Rabin;
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::types::Value;
+use apache_avro::writer::datum::GenericDatumWriter;
+use apache_avro::Schema;
+use orderflow_api::Event;
+use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
+
+/// The two marker bytes that open an Avro single-object encoded payload (format version 1).
+pub const SINGLE_OBJECT_MARKER: [u8; 2] = [0xC3, 0x01];
+/// Length of the single-object header: marker (2) + little-endian fingerprint (8).
+pub const SINGLE_OBJECT_HEADER_LEN: usize = 10;
+/// The magic byte that opens a Confluent wire-format payload.
+pub const CONFLUENT_MAGIC: u8 = 0x00;
+/// Length of the Confluent header: magic byte (1) + big-endian schema id (4).
+pub const CONFLUENT_HEADER_LEN: usize = 5;
+/// Avro namespace of every event record (`orderflow.events.<Name>` is the full name).
+pub const EVENT_NAMESPACE: &str = "orderflow.events";
+
+/// Timeout of each schema registry HTTP call.
+const REGISTRY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything that can go wrong while loading schemas, encoding or decoding.
+///
+/// [`CodecError::is_permanent`] tells a consumer whether retrying the same bytes can help:
+/// only [`CodecError::Registry`] is transient.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The payload starts with neither the single-object marker `C3 01` nor the Confluent
+    /// magic byte `00`.
+    #[error("not Avro: the payload starts with neither the single-object marker C3 01 nor the Confluent magic byte 00")]
+    NotAvro,
+    /// The payload is shorter than the header of its format (10 bytes for single-object, 5 for
+    /// Confluent), or empty.
+    #[error("truncated Avro payload: shorter than the single-object (10 bytes) or Confluent (5 bytes) header")]
+    Truncated,
+    /// A single-object payload carries a fingerprint that none of the loaded schemas has.
+    #[error("unknown Avro schema fingerprint {0:#018x} (CRC-64-AVRO of no loaded schema)")]
+    UnknownFingerprint(u64),
+    /// A Confluent payload carries a schema id that the registry does not know.
+    #[error("unknown schema registry id {0}")]
+    UnknownSchemaId(u32),
+    /// A Confluent payload was met (or a registry operation asked for) but the codec was loaded
+    /// without a schema registry URL (or, for the sync path, the id is not cached locally).
+    #[error("Confluent-framed Avro payload but no schema registry is configured (or reachable from the sync path)")]
+    NoRegistry,
+    /// The header was fine but the datum does not decode with its schema (truncated datum,
+    /// trailing bytes, bad varint, value that does not fit the event struct, ...).
+    #[error("malformed {schema} payload: {message}")]
+    Malformed {
+        /// Avro record name (or registry full name) of the writer schema.
+        schema: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// An `.avsc` file is missing or does not parse.
+    #[error("schema file {file}: {message}")]
+    Schema {
+        /// Path of the schema file.
+        file: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The schema registry failed (network, timeout, 5xx, ...). Transient.
+    #[error("schema registry error: {0}")]
+    Registry(String),
+    /// An event could not be encoded with its schema (or the registry rejected the schema as
+    /// incompatible/invalid).
+    #[error("cannot encode {schema}: {message}")]
+    Encode {
+        /// Avro record name of the event.
+        schema: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl CodecError {
+    /// `true` when retrying the same operation with the same input cannot succeed (poison
+    /// message, configuration error); `false` only for [`CodecError::Registry`], which may heal.
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, CodecError::Registry(_))
+    }
+}
+
+/// One loaded event schema.
+#[derive(Debug)]
+struct Entry {
+    /// Record name = variant name = file stem.
+    name: &'static str,
+    /// `orderflow.events.<Name>` (as declared in the file).
+    full_name: String,
+    /// The `.avsc` text, registered as is.
+    raw: String,
+    schema: Schema,
+    /// CRC-64-AVRO of the Parsing Canonical Form.
+    fingerprint: u64,
+}
+
+/// Schema registry clients and the ids this codec already knows.
+struct Registry {
+    url: String,
+    encoder: AvroEncoder,
+    decoder: AvroDecoder,
+    /// Registry id → index of the local entry whose exact schema was registered under it.
+    known_ids: RwLock<HashMap<u32, usize>>,
+}
+
+/// The Avro codec of the saga events.
+///
+/// Built once by [`Codec::load`]; `Send + Sync`, share it with `Arc<Codec>`. All methods take
+/// `&self`; the registry clients cache schema ids internally.
+pub struct Codec {
+    entries: Vec<Entry>,
+    by_name: HashMap<&'static str, usize>,
+    by_full_name: HashMap<String, usize>,
+    by_fingerprint: HashMap<u64, usize>,
+    registry: Option<Registry>,
+}
+
+impl std::fmt::Debug for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Codec")
+            .field(
+                "schemas",
+                &self
+                    .entries
+                    .iter()
+                    .map(|e| format!("{}={:016x}", e.name, e.fingerprint))
+                    .collect::<Vec<_>>(),
+            )
+            .field("registry", &self.registry.as_ref().map(|r| &r.url))
+            .finish()
+    }
+}
+
+/// CRC-64-AVRO (Rabin) fingerprint of `schema`'s Parsing Canonical Form, as the `u64` whose
+/// little-endian bytes go into the single-object header.
+fn rabin_fingerprint(schema: &Schema) -> u64 {
+    let fp = schema.fingerprint::<Rabin>();
+    let mut le = [0u8; 8];
+    le.copy_from_slice(&fp.bytes[..8]);
+    u64::from_le_bytes(le)
+}
+
+fn srce_message(e: &SRCError) -> String {
+    match &e.cause {
+        Some(c) => format!("{} ({c})", e.error),
+        None => e.error.clone(),
+    }
+}
+
+fn is_status(e: &SRCError, status: &str) -> bool {
+    e.error.contains(&format!("status {status}"))
+}
+
+impl Codec {
+    /// Loads `avro_dir/<Name>.avsc` for every name in [`Event::SCHEMA_NAMES`] and, when
+    /// `registry_url` is given (e.g. `http://localhost:8081`), prepares the schema registry
+    /// clients (no network call happens here; schemas are registered on first encode).
+    ///
+    /// Each schema must be a record named `<Name>`; its CRC-64-AVRO fingerprint is computed from
+    /// its Parsing Canonical Form.
+    ///
+    /// Errors: [`CodecError::Schema`] naming the file when it is missing, unreadable, not valid
+    /// Avro, not a record of the expected name, or when two schemas share a fingerprint;
+    /// [`CodecError::Registry`] when the registry client cannot be built.
+    pub fn load(avro_dir: &Path, registry_url: Option<&str>) -> Result<Codec, CodecError> {
+        let mut entries = Vec::with_capacity(Event::SCHEMA_NAMES.len());
+        let mut by_name = HashMap::new();
+        let mut by_full_name = HashMap::new();
+        let mut by_fingerprint = HashMap::new();
+        for &name in Event::SCHEMA_NAMES {
+            let path = avro_dir.join(format!("{name}.avsc"));
+            let file = path.display().to_string();
+            let schema_err = |message: String| CodecError::Schema {
+                file: file.clone(),
+                message,
+            };
+            let raw = std::fs::read_to_string(&path)
+                .map_err(|e| schema_err(format!("cannot read: {e}")))?;
+            let schema = Schema::parse_str(&raw)
+                .map_err(|e| schema_err(format!("invalid Avro schema: {e}")))?;
+            let full_name = match &schema {
+                Schema::Record(r) => {
+                    if r.name.name() != name {
+                        return Err(schema_err(format!(
+                            "record is named {} but the file stem is {name}",
+                            r.name.name()
+                        )));
+                    }
+                    r.name.fullname(None)
+                }
+                _ => return Err(schema_err("top-level schema is not a record".to_string())),
+            };
+            let fingerprint = rabin_fingerprint(&schema);
+            let index = entries.len();
+            if let Some(&other) = by_fingerprint.get(&fingerprint) {
+                let other: &Entry = &entries[other];
+                return Err(schema_err(format!(
+                    "same fingerprint {fingerprint:#018x} as {}",
+                    other.name
+                )));
+            }
+            by_fingerprint.insert(fingerprint, index);
+            by_name.insert(name, index);
+            by_full_name.insert(full_name.clone(), index);
+            entries.push(Entry {
+                name,
+                full_name,
+                raw,
+                schema,
+                fingerprint,
+            });
+        }
+        let registry = match registry_url {
+            None => None,
+            Some(url) => {
+                let url = url.trim_end_matches('/').to_string();
+                let settings = |u: &str| {
+                    SrSettings::new_builder(u.to_string())
+                        .set_timeout(REGISTRY_TIMEOUT)
+                        .build()
+                        .map_err(|e| CodecError::Registry(srce_message(&e)))
+                };
+                Some(Registry {
+                    encoder: AvroEncoder::new(settings(&url)?),
+                    decoder: AvroDecoder::new(settings(&url)?),
+                    url,
+                    known_ids: RwLock::new(HashMap::new()),
+                })
+            }
+        };
+        Ok(Codec {
+            entries,
+            by_name,
+            by_full_name,
+            by_fingerprint,
+            registry,
+        })
+    }
+
+    /// `true` when the codec was loaded with a schema registry URL (Confluent format).
+    pub fn has_registry(&self) -> bool {
+        self.registry.is_some()
+    }
+
+    /// The parsed schema of the record `name` (e.g. `"OrderCreated"`), if loaded.
+    pub fn schema(&self, name: &str) -> Option<&Schema> {
+        self.by_name.get(name).map(|&i| &self.entries[i].schema)
+    }
+
+    /// The CRC-64-AVRO fingerprint of record `name`'s canonical form, as written
+    /// (little-endian) in bytes 2..10 of a single-object payload.
+    pub fn fingerprint(&self, name: &str) -> Option<u64> {
+        self.by_name.get(name).map(|&i| self.entries[i].fingerprint)
+    }
+
+    fn entry_of(&self, event: &Event) -> Result<&Entry, CodecError> {
+        let name = event.schema_name();
+        self.by_name
+            .get(name)
+            .map(|&i| &self.entries[i])
+            .ok_or_else(|| CodecError::Encode {
+                schema: name.to_string(),
+                message: "no schema loaded for this event".to_string(),
+            })
+    }
+
+    /// The Avro binary encoding of `event` (no header).
+    fn datum(entry: &Entry, event: &Event) -> Result<Vec<u8>, CodecError> {
+        let err = |message: String| CodecError::Encode {
+            schema: entry.name.to_string(),
+            message,
+        };
+        let value = event_to_value(event).map_err(|e| err(format!("to Avro value: {e}")))?;
+        let value = value
+            .resolve(&entry.schema)
+            .map_err(|e| err(format!("does not fit the schema: {e}")))?;
+        GenericDatumWriter::builder(&entry.schema)
+            .build()
+            .and_then(|w| w.write_value_to_vec(value))
+            .map_err(|e| err(format!("binary encoding: {e}")))
+    }
+
+    /// Encodes `event` in Avro single-object encoding: `C3 01`, the 8-byte little-endian
+    /// CRC-64-AVRO fingerprint, the Avro binary datum. Sync, no registry involved.
+    ///
+    /// Errors: [`CodecError::Encode`] when the event does not fit its schema.
+    pub fn encode_local(&self, event: &Event) -> Result<Vec<u8>, CodecError> {
+        let entry = self.entry_of(event)?;
+        let datum = Self::datum(entry, event)?;
+        let mut out = Vec::with_capacity(SINGLE_OBJECT_HEADER_LEN + datum.len());
+        out.extend_from_slice(&SINGLE_OBJECT_MARKER);
+        out.extend_from_slice(&entry.fingerprint.to_le_bytes());
+        out.extend_from_slice(&datum);
+        Ok(out)
+    }
+
+    /// Encodes `event` for `topic`.
+    ///
+    /// * Without registry: single-object encoding, see [`Codec::encode_local`] (`topic` unused).
+    /// * With registry: Confluent wire format `00`, 4-byte big-endian schema id, Avro binary
+    ///   datum. The `.avsc` text is registered (idempotently; cached after the first call) under
+    ///   subject `<topic>-orderflow.events.<Name>` (TopicRecordNameStrategy).
+    ///
+    /// Errors: [`CodecError::Encode`] when the event does not fit its schema or the registry
+    /// rejects the schema (HTTP 409 incompatible / 422 invalid); [`CodecError::Registry`] for
+    /// other registry failures (transient: retry).
+    pub async fn encode(&self, topic: &str, event: &Event) -> Result<Vec<u8>, CodecError> {
+        let Some(registry) = &self.registry else {
+            return self.encode_local(event);
+        };
+        let entry = self.entry_of(event)?;
+        let datum = Self::datum(entry, event)?;
+        let supplied = SuppliedSchema::new(
+            Some(entry.full_name.clone()),
+            SchemaType::Avro,
+            entry.raw.clone(),
+        );
+        let strategy =
+            SubjectNameStrategy::TopicRecordNameStrategyWithSchema(topic.to_string(), supplied);
+        let subject = strategy
+            .get_subject()
+            .map_err(|e| CodecError::Registry(srce_message(&e)))?;
+        let registered = match registry.encoder.get_schema_and_id(&subject, strategy).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Non-retriable failures are cached by the client; drop them so a retry
+                // really asks the registry again.
+                registry.encoder.remove_errors_from_cache();
+                return Err(if is_status(&e, "409") || is_status(&e, "422") {
+                    CodecError::Encode {
+                        schema: entry.name.to_string(),
+                        message: format!(
+                            "schema registry rejected the schema for subject {subject}: {}",
+                            srce_message(&e)
+                        ),
+                    }
+                } else {
+                    CodecError::Registry(format!("registering {subject}: {}", srce_message(&e)))
+                });
+            }
+        };
+        let index = self.by_name[entry.name];
+        let cached = registry
+            .known_ids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&registered.id)
+            == Some(&index);
+        if !cached {
+            registry
+                .known_ids
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(registered.id, index);
+        }
+        let mut out = Vec::with_capacity(CONFLUENT_HEADER_LEN + datum.len());
+        out.push(CONFLUENT_MAGIC);
+        out.extend_from_slice(&registered.id.to_be_bytes());
+        out.extend_from_slice(&datum);
+        Ok(out)
+    }
+
+    /// The record name of a single-object payload (from its fingerprint), without decoding the
+    /// datum. `None` for other formats, truncated headers and unknown fingerprints.
+    pub fn schema_name_of(&self, bytes: &[u8]) -> Option<&str> {
+        if bytes.len() < SINGLE_OBJECT_HEADER_LEN || bytes[..2] != SINGLE_OBJECT_MARKER {
+            return None;
+        }
+        let fp = u64::from_le_bytes(bytes[2..10].try_into().ok()?);
+        self.by_fingerprint.get(&fp).map(|&i| self.entries[i].name)
+    }
+
+    /// Sync decode, without any network call.
+    ///
+    /// Handles single-object payloads (`C3 01` + fingerprint) and Confluent payloads whose
+    /// schema id this codec registered itself (by an earlier [`Codec::encode`]) or already
+    /// resolved (by an earlier [`Codec::decode`]).
+    ///
+    /// Errors: [`CodecError::Truncated`] (empty or shorter than the header),
+    /// [`CodecError::NotAvro`], [`CodecError::UnknownFingerprint`],
+    /// [`CodecError::NoRegistry`] (Confluent payload with an id not cached locally),
+    /// [`CodecError::Malformed`] (datum does not decode or does not fit the event).
+    pub fn decode_local(&self, bytes: &[u8]) -> Result<Event, CodecError> {
+        match bytes.first() {
+            None => Err(CodecError::Truncated),
+            Some(&0xC3) => {
+                if bytes.len() >= 2 && bytes[1] != SINGLE_OBJECT_MARKER[1] {
+                    return Err(CodecError::NotAvro);
+                }
+                if bytes.len() < SINGLE_OBJECT_HEADER_LEN {
+                    return Err(CodecError::Truncated);
+                }
+                let fp = u64::from_le_bytes(bytes[2..10].try_into().expect("8 bytes"));
+                let &index = self
+                    .by_fingerprint
+                    .get(&fp)
+                    .ok_or(CodecError::UnknownFingerprint(fp))?;
+                let entry = &self.entries[index];
+                decode_datum(entry, &entry.schema, &bytes[SINGLE_OBJECT_HEADER_LEN..])
+            }
+            Some(&CONFLUENT_MAGIC) => {
+                let (id, datum) = split_confluent(bytes)?;
+                let registry = self.registry.as_ref().ok_or(CodecError::NoRegistry)?;
+                let known = registry
+                    .known_ids
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&id)
+                    .copied();
+                match known {
+                    Some(index) => {
+                        let entry = &self.entries[index];
+                        decode_datum(entry, &entry.schema, datum)
+                    }
+                    None => Err(CodecError::NoRegistry),
+                }
+            }
+            Some(_) => Err(CodecError::NotAvro),
+        }
+    }
+
+    /// Decodes a payload in either format, recognised by its first byte(s):
+    ///
+    /// * `C3 01` → single-object, schema looked up by fingerprint ([`Codec::decode_local`]);
+    /// * `00` → Confluent: the writer schema is fetched from the registry by id (cached), and
+    ///   the datum is resolved (Avro schema resolution) to the local schema of the same record
+    ///   full name, so compatible evolutions decode;
+    /// * anything else → [`CodecError::NotAvro`].
+    ///
+    /// Errors: as [`Codec::decode_local`], plus [`CodecError::NoRegistry`] (Confluent payload,
+    /// codec without registry), [`CodecError::UnknownSchemaId`] (registry answers 404),
+    /// [`CodecError::Malformed`] (registry schema names no orderflow event),
+    /// [`CodecError::Registry`] (other registry failures, transient).
+    pub async fn decode(&self, bytes: &[u8]) -> Result<Event, CodecError> {
+        if bytes.first() != Some(&CONFLUENT_MAGIC) {
+            return self.decode_local(bytes);
+        }
+        let (id, datum) = split_confluent(bytes)?;
+        let registry = self.registry.as_ref().ok_or(CodecError::NoRegistry)?;
+        let known = registry
+            .known_ids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .copied();
+        if let Some(index) = known {
+            let entry = &self.entries[index];
+            return decode_datum(entry, &entry.schema, datum);
+        }
+        let writer = match registry.decoder.get_schema(id).await {
+            Ok(s) => s,
+            Err(e) if is_status(&e, "404") => return Err(CodecError::UnknownSchemaId(id)),
+            Err(e) => {
+                registry.decoder.remove_errors_from_cache();
+                return Err(CodecError::Registry(format!(
+                    "fetching schema id {id}: {}",
+                    srce_message(&e)
+                )));
+            }
+        };
+        let full_name = writer
+            .parsed
+            .name()
+            .map(|n| n.fullname(None))
+            .unwrap_or_else(|| "<unnamed>".to_string());
+        let Some(&index) = self.by_full_name.get(&full_name) else {
+            return Err(CodecError::Malformed {
+                schema: full_name,
+                message: format!("schema id {id} is not an orderflow event record"),
+            });
+        };
+        let entry = &self.entries[index];
+        if rabin_fingerprint(&writer.parsed) == entry.fingerprint {
+            registry
+                .known_ids
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, index);
+            decode_datum(entry, &entry.schema, datum)
+        } else {
+            decode_datum(entry, &writer.parsed, datum)
+        }
+    }
+}
+
+/// Splits a Confluent payload into (schema id, datum).
+fn split_confluent(bytes: &[u8]) -> Result<(u32, &[u8]), CodecError> {
+    if bytes.len() < CONFLUENT_HEADER_LEN {
+        return Err(CodecError::Truncated);
+    }
+    let id = u32::from_be_bytes(bytes[1..5].try_into().expect("4 bytes"));
+    Ok((id, &bytes[CONFLUENT_HEADER_LEN..]))
+}
+
+/// Decodes `datum` written with `writer` into the event of `entry` (resolving to the local
+/// schema when the writer schema differs). Trailing bytes are an error.
+fn decode_datum(entry: &Entry, writer: &Schema, datum: &[u8]) -> Result<Event, CodecError> {
+    let malformed = |message: String| CodecError::Malformed {
+        schema: entry.name.to_string(),
+        message,
+    };
+    let mut rest = datum;
+    let builder = GenericDatumReader::builder(writer);
+    let reader = if std::ptr::eq(writer, &entry.schema) {
+        builder.build()
+    } else {
+        builder.reader_schema(&entry.schema).build()
+    }
+    .map_err(|e| malformed(format!("schema: {e}")))?;
+    let value = reader
+        .read_value(&mut rest)
+        .map_err(|e| malformed(format!("datum: {e}")))?;
+    if !rest.is_empty() {
+        return Err(malformed(format!(
+            "{} trailing byte(s) after the datum",
+            rest.len()
+        )));
+    }
+    let json = avro_to_json(value).map_err(malformed)?;
+    Event::from_json(entry.name, json).map_err(malformed)
+}
+
+/// Serde-serialises the event struct into an (unresolved) Avro value.
+fn event_to_value(event: &Event) -> Result<Value, apache_avro::Error> {
+    use apache_avro::to_value;
+    match event {
+        Event::OrderCreated(e) => to_value(e),
+        Event::StockReserved(e) => to_value(e),
+        Event::StockReservationFailed(e) => to_value(e),
+        Event::OrderConfirmed(e) => to_value(e),
+        Event::OrderCancelled(e) => to_value(e),
+        Event::OrderCompleted(e) => to_value(e),
+        Event::StockUpdated(e) => to_value(e),
+        Event::StockReservationExpired(e) => to_value(e),
+        Event::StockReservationReleased(e) => to_value(e),
+        Event::InventoryAdjusted(e) => to_value(e),
+    }
+}
+
+/// Avro value → JSON with the Avro field names: unions are unwrapped (null → `null`),
+/// timestamps and other integer logical types become numbers, enums strings.
+fn avro_to_json(value: Value) -> Result<serde_json::Value, String> {
+    use serde_json::Value as J;
+    Ok(match value {
+        Value::Null => J::Null,
+        Value::Boolean(b) => J::Bool(b),
+        Value::Int(n) | Value::Date(n) | Value::TimeMillis(n) => J::from(n),
+        Value::Long(n)
+        | Value::TimeMicros(n)
+        | Value::TimestampMillis(n)
+        | Value::TimestampMicros(n)
+        | Value::TimestampNanos(n)
+        | Value::LocalTimestampMillis(n)
+        | Value::LocalTimestampMicros(n)
+        | Value::LocalTimestampNanos(n) => J::from(n),
+        Value::Float(x) => J::from(f64::from(x)),
+        Value::Double(x) => J::from(x),
+        Value::String(s) | Value::Enum(_, s) => J::String(s),
+        Value::Bytes(b) | Value::Fixed(_, b) => J::from(b),
+        Value::Uuid(u) => J::String(u.to_string()),
+        Value::Union(_, inner) => avro_to_json(*inner)?,
+        Value::Array(items) => J::Array(
+            items
+                .into_iter()
+                .map(avro_to_json)
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Map(map) => J::Object(
+            map.into_iter()
+                .map(|(k, v)| Ok((k, avro_to_json(v)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        Value::Record(fields) => J::Object(
+            fields
+                .into_iter()
+                .map(|(k, v)| Ok((k, avro_to_json(v)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        other => return Err(format!("unsupported Avro value {other:?}")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orderflow_api::events::*;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    fn avro_dir() -> PathBuf {
+        // workers/runtime → ../../avro
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../avro")
+    }
+
+    fn codec() -> Codec {
+        Codec::load(&avro_dir(), None).expect("schemas load")
+    }
+
+    /// CRC-64-AVRO computed independently, straight from the Avro specification's reference
+    /// code ("Schema Fingerprints").
+    fn spec_crc64_avro(data: &[u8]) -> u64 {
+        const EMPTY: u64 = 0xc15d_213a_a4d7_a795;
+        let mut table = [0u64; 256];
+        for (i, slot) in table.iter_mut().enumerate() {
+            let mut fp = i as u64;
+            for _ in 0..8 {
+                fp = (fp >> 1) ^ (EMPTY & 0u64.wrapping_sub(fp & 1));
+            }
+            *slot = fp;
+        }
+        let mut fp = EMPTY;
+        for &b in data {
+            fp = (fp >> 8) ^ table[((fp ^ b as u64) & 0xff) as usize];
+        }
+        fp
+    }
+
+    fn samples() -> Vec<Event> {
+        let base = 1_700_000_000_123i64;
+        vec![
+            OrderCreated {
+                event_id: "e1".into(),
+                occurred_at: base,
+                order_id: "o1".into(),
+                customer_id: "c1".into(),
+                hq_id: "hq".into(),
+                store_id: "s1".into(),
+                items: vec![
+                    OrderItem {
+                        product_id: "p1".into(),
+                        quantity: 2,
+                        unit_price: 1500,
+                    },
+                    OrderItem {
+                        product_id: "p2".into(),
+                        quantity: i32::MAX,
+                        unit_price: -1,
+                    },
+                ],
+            }
+            .into(),
+            StockReserved {
+                event_id: "e2".into(),
+                occurred_at: base,
+                order_id: "o1".into(),
+                reservation_id: "r1".into(),
+                hq_id: "hq".into(),
+                store_id: "s1".into(),
+                expires_at: base + 300_000,
+                items: vec![ReservedItem {
+                    product_id: "p1".into(),
+                    reserved: 2,
+                }],
+            }
+            .into(),
+            StockReservationFailed {
+                event_id: "e3".into(),
+                occurred_at: base,
+                order_id: "o1".into(),
+                hq_id: "hq".into(),
+                store_id: "s1".into(),
+                reason: failure_reason::INSUFFICIENT_STOCK.into(),
+                items: vec![FailedItem {
+                    product_id: "p1".into(),
+                    requested: 5,
+                    available: 1,
+                }],
+            }
+            .into(),
+            OrderConfirmed {
+                event_id: "e4".into(),
+                occurred_at: base,
+                order_id: "o1".into(),
+                reservation_id: "r1".into(),
+                hq_id: "hq".into(),
+                store_id: "s1".into(),
+                status: "PAYMENT_WAIT".into(),
+                expires_at: base + 300_000,
+            }
+            .into(),
+            OrderCancelled {
+                event_id: "e5".into(),
+                occurred_at: base,
+                order_id: "o1".into(),
+                hq_id: "hq".into(),
+                store_id: "s1".into(),
+                reason: cancel_reason::RESERVATION_EXPIRED.into(),
+                reservation_id: Some("r1".into()),
+                customer_message: "주문이 취소되었습니다".into(),
+            }
+            .into(),
+            OrderCancelled {
+                event_id: "e5b".into(),
+                occurred_at: 0,
+                order_id: "o2".into(),
+                hq_id: "hq".into(),
+                store_id: "s1".into(),
+                reason: cancel_reason::INSUFFICIENT_STOCK.into(),
+                reservation_id: None,
+                customer_message: String::new(),
+            }
+            .into(),
+            OrderCompleted {
+                event_id: "e6".into(),
+                occurred_at: base,
+                order_id: "o1".into(),
+                reservation_id: "r1".into(),
+                hq_id: "hq".into(),
+                store_id: "s1".into(),
+                items: vec![SoldItem {
+                    product_id: "p1".into(),
+                    quantity: 2,
+                    actual_price: 1400,
+                }],
+                total_amount: 2800,
+            }
+            .into(),
+            StockUpdated {
+                event_id: "e7".into(),
+                occurred_at: base,
+                hq_id: "hq".into(),
+                store_id: "s1".into(),
+                product_id: "p1".into(),
+                hq_stock: Some(StockLevel {
+                    previous: 100,
+                    current: 98,
+                }),
+                store_stock: StockLevel {
+                    previous: 10,
+                    current: 8,
+                },
+                change_amount: -2,
+                change_reason: change_reason::SALE.into(),
+                reference_id: "o1".into(),
+            }
+            .into(),
+            StockUpdated {
+                event_id: "e7b".into(),
+                occurred_at: i64::MIN,
+                hq_id: "hq".into(),
+                store_id: "s1".into(),
+                product_id: "p1".into(),
+                hq_stock: None,
+                store_stock: StockLevel {
+                    previous: 0,
+                    current: i64::MAX,
+                },
+                change_amount: i64::MAX,
+                change_reason: change_reason::RESTOCK.into(),
+                reference_id: "adj-1".into(),
+            }
+            .into(),
+            StockReservationExpired {
+                event_id: "e8".into(),
+                occurred_at: base,
+                order_id: "o1".into(),
+                reservation_id: "r1".into(),
+                hq_id: "hq".into(),
+                store_id: "s1".into(),
+                expires_at: base,
+            }
+            .into(),
+            StockReservationReleased {
+                event_id: "e9".into(),
+                occurred_at: base,
+                order_id: "o1".into(),
+                reservation_id: "r1".into(),
+                hq_id: "hq".into(),
+                store_id: "s1".into(),
+                reason: release_reason::EXPIRED.into(),
+                items: vec![],
+            }
+            .into(),
+            InventoryAdjusted {
+                event_id: "e10".into(),
+                occurred_at: base,
+                hq_id: "hq".into(),
+                store_id: "s1".into(),
+                adjustment_type: "RESTOCK".into(),
+                reference_id: "adj-1".into(),
+                items: vec![AdjustedItem {
+                    product_id: "p1".into(),
+                    delta: -7,
+                }],
+            }
+            .into(),
+        ]
+    }
+
+    #[test]
+    fn samples_cover_every_schema() {
+        let samples = samples();
+        for name in Event::SCHEMA_NAMES {
+            assert!(
+                samples.iter().any(|e| e.schema_name() == *name),
+                "no sample of {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn codec_is_send_sync_and_shareable() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Codec>();
+        assert_send_sync::<Arc<Codec>>();
+        assert_send_sync::<CodecError>();
+    }
+
+    #[tokio::test]
+    async fn every_event_round_trips_through_single_object_encoding() {
+        let codec = codec();
+        for event in samples() {
+            let bytes = codec.encode("any.topic", &event).await.unwrap();
+            assert_eq!(codec.decode(&bytes).await.unwrap(), event);
+            assert_eq!(codec.decode_local(&bytes).unwrap(), event);
+            assert_eq!(codec.schema_name_of(&bytes), Some(event.schema_name()));
+        }
+    }
+
+    #[test]
+    fn header_is_marker_then_little_endian_rabin_of_canonical_form() {
+        let codec = codec();
+        for event in samples() {
+            let name = event.schema_name();
+            let bytes = codec.encode_local(&event).unwrap();
+            assert_eq!(&bytes[..2], &[0xC3, 0x01]);
+            // Independent fingerprint: re-read the file, canonicalise, CRC-64-AVRO per spec.
+            let raw = std::fs::read_to_string(avro_dir().join(format!("{name}.avsc"))).unwrap();
+            let canonical = Schema::parse_str(&raw).unwrap().canonical_form();
+            assert!(canonical.starts_with(&format!(
+                r#"{{"name":"orderflow.events.{name}","type":"record""#
+            )));
+            assert!(!canonical.contains("doc"), "{canonical}");
+            let fp = spec_crc64_avro(canonical.as_bytes());
+            assert_eq!(&bytes[2..10], &fp.to_le_bytes(), "{name}");
+            assert_eq!(codec.fingerprint(name), Some(fp));
+        }
+    }
+
+    #[test]
+    fn spec_crc64_matches_known_vector() {
+        // Avro test vector (lang/java TestSchemaNormalization / share/test/data/schema-tests.txt):
+        // canonical `"int"` → 0x7275d51a3f395c8f (= 8247732601305521295).
+        assert_eq!(spec_crc64_avro(br#""int""#), 8247732601305521295);
+        let int = Schema::parse_str(r#""int""#).unwrap();
+        assert_eq!(rabin_fingerprint(&int), 8247732601305521295);
+    }
+
+    #[test]
+    fn datum_is_plain_avro_binary_with_unions_and_timestamps() {
+        let codec = codec();
+        let event: Event = OrderCancelled {
+            event_id: "e".into(),
+            occurred_at: 1,
+            order_id: "o".into(),
+            hq_id: "h".into(),
+            store_id: "s".into(),
+            reason: "R".into(),
+            reservation_id: None,
+            customer_message: "m".into(),
+        }
+        .into();
+        let bytes = codec.encode_local(&event).unwrap();
+        // strings: zigzag length + utf8; long 1 → zigzag 02; union branch 0 (null) → 00.
+        assert_eq!(
+            &bytes[10..],
+            &[2, b'e', 2, 2, b'o', 2, b'h', 2, b's', 2, b'R', 0, 2, b'm']
+        );
+        let Event::OrderCancelled(mut some) = event else {
+            unreachable!()
+        };
+        some.reservation_id = Some("r".into());
+        let bytes = codec.encode_local(&some.clone().into()).unwrap();
+        // union branch 1 (string) → 02, then the string.
+        assert_eq!(&bytes[10 + 11..10 + 14], &[2, 2, b'r']);
+
+        // The resolved value carries the logical type and the union branch.
+        let schema = codec.schema("OrderCancelled").unwrap();
+        let Value::Record(fields) = apache_avro::to_value(&some)
+            .unwrap()
+            .resolve(schema)
+            .unwrap()
+        else {
+            panic!("record expected")
+        };
+        let get = |k: &str| fields.iter().find(|(n, _)| n == k).unwrap().1.clone();
+        assert_eq!(get("occurredAt"), Value::TimestampMillis(1));
+        assert_eq!(
+            get("reservationId"),
+            Value::Union(1, Box::new(Value::String("r".into())))
+        );
+        let Value::Record(upd) = apache_avro::to_value(&StockUpdated {
+            event_id: "e".into(),
+            occurred_at: 5,
+            hq_id: "h".into(),
+            store_id: "s".into(),
+            product_id: "p".into(),
+            hq_stock: None,
+            store_stock: StockLevel {
+                previous: 1,
+                current: 2,
+            },
+            change_amount: 1,
+            change_reason: "RESTOCK".into(),
+            reference_id: "x".into(),
+        })
+        .unwrap()
+        .resolve(codec.schema("StockUpdated").unwrap())
+        .unwrap() else {
+            panic!("record expected")
+        };
+        let hq = upd.iter().find(|(n, _)| n == "hqStock").unwrap().1.clone();
+        assert_eq!(hq, Value::Union(0, Box::new(Value::Null)));
+    }
+
+    #[test]
+    fn encoding_is_deterministic() {
+        let a = codec();
+        let b = codec();
+        for event in samples() {
+            let x = a.encode_local(&event).unwrap();
+            assert_eq!(x, a.encode_local(&event).unwrap());
+            assert_eq!(x, b.encode_local(&event.clone()).unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn garbage_is_not_avro() {
+        let codec = codec();
+        for bytes in [
+            &b"{\"json\":1}"[..],
+            &[0xC3, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[0x01],
+        ] {
+            let err = codec.decode(bytes).await.unwrap_err();
+            assert!(matches!(err, CodecError::NotAvro), "{bytes:?}: {err}");
+            assert!(err.is_permanent());
+            assert_eq!(codec.schema_name_of(bytes), None);
+        }
+    }
+
+    #[tokio::test]
+    async fn short_headers_are_truncated() {
+        let codec = codec();
+        let full = codec.encode_local(&samples()[0]).unwrap();
+        for bytes in [&[][..], &[0xC3], &full[..9], &[0x00, 0, 0]] {
+            let err = codec.decode(bytes).await.unwrap_err();
+            assert!(matches!(err, CodecError::Truncated), "{bytes:?}: {err}");
+            assert!(err.is_permanent());
+        }
+    }
+
+    #[tokio::test]
+    async fn truncated_or_extended_datum_is_malformed() {
+        let codec = codec();
+        for event in samples() {
+            let full = codec.encode_local(&event).unwrap();
+            for cut in [SINGLE_OBJECT_HEADER_LEN, full.len() - 1] {
+                let err = codec.decode(&full[..cut]).await.unwrap_err();
+                match &err {
+                    CodecError::Malformed { schema, .. } => assert_eq!(schema, event.schema_name()),
+                    other => panic!("{}: cut {cut}: {other}", event.schema_name()),
+                }
+                assert!(err.is_permanent());
+            }
+            let mut longer = full.clone();
+            longer.push(0);
+            assert!(matches!(
+                codec.decode_local(&longer),
+                Err(CodecError::Malformed { .. })
+            ));
+        }
+        // A union branch index out of range.
+        let mut bytes = codec.encode_local(&samples()[5]).unwrap(); // OrderCancelled, None
+        let union_at = bytes.len() - 1 - 1; // ... 00 (union) 00 (empty message)
+        assert_eq!(&bytes[union_at..], &[0, 0]);
+        bytes[union_at] = 8; // branch 4
+        assert!(matches!(
+            codec.decode_local(&bytes),
+            Err(CodecError::Malformed { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn unknown_fingerprint() {
+        let codec = codec();
+        let mut bytes = codec.encode_local(&samples()[0]).unwrap();
+        bytes[2..10].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_le_bytes());
+        let err = codec.decode(&bytes).await.unwrap_err();
+        assert!(matches!(
+            err,
+            CodecError::UnknownFingerprint(0x0123_4567_89ab_cdef)
+        ));
+        assert!(err.to_string().contains("0x0123456789abcdef"), "{err}");
+        assert!(err.is_permanent());
+        assert_eq!(codec.schema_name_of(&bytes), None);
+    }
+
+    #[tokio::test]
+    async fn confluent_without_registry() {
+        let codec = codec();
+        assert!(!codec.has_registry());
+        let bytes = [0x00, 0, 0, 0, 7, 2, b'e'];
+        let err = codec.decode(&bytes).await.unwrap_err();
+        assert!(matches!(err, CodecError::NoRegistry), "{err}");
+        assert!(err.is_permanent());
+        assert!(matches!(
+            codec.decode_local(&bytes),
+            Err(CodecError::NoRegistry)
+        ));
+        assert_eq!(codec.schema_name_of(&bytes), None);
+    }
+
+    #[test]
+    fn registry_errors_are_transient() {
+        assert!(!CodecError::Registry("down".into()).is_permanent());
+        assert!(CodecError::UnknownSchemaId(3).is_permanent());
+        assert!(CodecError::NotAvro.is_permanent());
+    }
+
+    #[test]
+    fn missing_schema_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in Event::SCHEMA_NAMES.iter().skip(1) {
+            std::fs::copy(
+                avro_dir().join(format!("{name}.avsc")),
+                dir.path().join(format!("{name}.avsc")),
+            )
+            .unwrap();
+        }
+        let missing = Event::SCHEMA_NAMES[0];
+        match Codec::load(dir.path(), None) {
+            Err(e @ CodecError::Schema { .. }) => {
+                assert!(e.to_string().contains(&format!("{missing}.avsc")), "{e}");
+                assert!(e.is_permanent());
+            }
+            other => panic!("expected a schema error, got {other:?}"),
+        }
+        std::fs::write(dir.path().join(format!("{missing}.avsc")), "{not json").unwrap();
+        assert!(matches!(
+            Codec::load(dir.path(), None),
+            Err(CodecError::Schema { .. })
+        ));
+    }
+
+    /// A tiny in-process schema registry: accepts registrations (id 7), serves id 7, 404s others.
+    async fn fake_registry() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let registered = Arc::new(std::sync::Mutex::new(None::<String>));
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let seen = seen2.clone();
+                let registered = registered.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let (head_end, content_length) = loop {
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..pos]).to_lowercase();
+                            let len = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .map(|v| v.trim().parse::<usize>().unwrap())
+                                .unwrap_or(0);
+                            break (pos + 4, len);
+                        }
+                    };
+                    while buf.len() < head_end + content_length {
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    let request_line = head.lines().next().unwrap_or("").to_string();
+                    seen.lock().unwrap().push(request_line.clone());
+                    let (status, body) = if request_line.starts_with("POST /subjects/") {
+                        let body: serde_json::Value =
+                            serde_json::from_slice(&buf[head_end..]).unwrap();
+                        *registered.lock().unwrap() =
+                            Some(body["schema"].as_str().unwrap().to_string());
+                        ("200 OK", r#"{"id":7}"#.to_string())
+                    } else if request_line.starts_with("GET /schemas/ids/7") {
+                        match registered.lock().unwrap().clone() {
+                            Some(s) => ("200 OK", serde_json::json!({ "schema": s }).to_string()),
+                            None => (
+                                "404 Not Found",
+                                r#"{"error_code":40403,"message":"Schema not found"}"#.into(),
+                            ),
+                        }
+                    } else {
+                        (
+                            "404 Not Found",
+                            r#"{"error_code":40403,"message":"Schema not found"}"#.into(),
+                        )
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/vnd.schemaregistry.v1+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                    let _ = sock.shutdown().await;
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn confluent_round_trip_with_a_fake_registry() {
+        let (url, seen) = fake_registry().await;
+        let codec = Codec::load(&avro_dir(), Some(&url)).unwrap();
+        assert!(codec.has_registry());
+        let event = samples().remove(7); // StockUpdated with hqStock
+        let bytes = codec.encode("stock.updated", &event).await.unwrap();
+        assert_eq!(&bytes[..5], &[0, 0, 0, 0, 7]);
+        let local = codec.encode_local(&event).unwrap();
+        assert_eq!(&bytes[5..], &local[10..], "same datum in both formats");
+        assert_eq!(codec.encode("stock.updated", &event).await.unwrap(), bytes);
+        assert!(seen.lock().unwrap()[0]
+            .starts_with("POST /subjects/stock.updated-orderflow.events.StockUpdated/versions"));
+        // Own id: decoded locally, even on the sync path.
+        assert_eq!(codec.decode_local(&bytes).unwrap(), event);
+        assert_eq!(codec.decode(&bytes).await.unwrap(), event);
+
+        // A fresh codec must fetch id 7 from the registry.
+        let other = Codec::load(&avro_dir(), Some(&url)).unwrap();
+        assert!(matches!(
+            other.decode_local(&bytes),
+            Err(CodecError::NoRegistry)
+        ));
+        assert_eq!(other.decode(&bytes).await.unwrap(), event);
+        assert!(seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("GET /schemas/ids/7")));
+        // Single-object payloads still decode with a registry configured.
+        assert_eq!(other.decode(&local).await.unwrap(), event);
+
+        let unknown = [0, 0, 0, 0, 9, 0];
+        let err = other.decode(&unknown).await.unwrap_err();
+        assert!(matches!(err, CodecError::UnknownSchemaId(9)), "{err}");
+        assert!(err.is_permanent());
+    }
+
+    #[tokio::test]
+    async fn unreachable_registry_is_transient() {
+        // Bind then drop a listener to get a port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let codec = Codec::load(&avro_dir(), Some(&format!("http://127.0.0.1:{port}"))).unwrap();
+        let err = codec
+            .encode("order.created", &samples()[0])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CodecError::Registry(_)), "{err}");
+        assert!(!err.is_permanent());
+        let err = codec.decode(&[0, 0, 0, 0, 1, 0]).await.unwrap_err();
+        assert!(matches!(err, CodecError::Registry(_)), "{err}");
+    }
+}

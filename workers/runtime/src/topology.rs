@@ -1,0 +1,593 @@
+//! `topology.toml`: topics, workers and broker properties, with a checker that reports every
+//! error at once (in the manner of `vector validate`) and a Mermaid renderer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole topology file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    pub broker: BrokerConfig,
+    #[serde(default)]
+    pub defaults: Defaults,
+    pub topics: BTreeMap<String, TopicSpec>,
+    pub workers: BTreeMap<String, WorkerSpec>,
+    /// Folder holding the `.avsc` files, relative to the topology file (default `avro`).
+    #[serde(default = "default_avro_dir")]
+    pub avro_dir: PathBuf,
+}
+
+fn default_avro_dir() -> PathBuf {
+    PathBuf::from("avro")
+}
+
+/// `[broker]`: where the cluster is and which librdkafka properties every client gets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `host:port[,host:port]`; overridden by `ORDERFLOW_BOOTSTRAP`.
+    pub bootstrap: String,
+    /// Confluent schema registry URL; overridden by `ORDERFLOW_REGISTRY_URL`. When absent,
+    /// records use Avro single-object encoding with the schemas in `avro/`.
+    #[serde(default)]
+    pub registry_url: Option<String>,
+    /// librdkafka properties for every client (e.g. `security.protocol`, `sasl.*`, `ssl.*`).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for producers only.
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
+    /// librdkafka properties for consumers only.
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+}
+
+/// Processing guarantee of a worker (README "Guarantees"). Never silently downgraded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Kafka transactions: needs a broker with EndTxn (not tansu 0.6.0).
+    ExactlyOnce,
+    /// Idempotent producer + state, seen eventIds and input offsets committed together after
+    /// the outputs are acknowledged; deterministic output ids. Works on any broker.
+    EffectivelyOnce,
+    /// Outputs acknowledged before inputs; no state/offset atomicity.
+    AtLeastOnce,
+}
+
+impl Guarantee {
+    /// The `snake_case` name used in the topology, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Guarantee::ExactlyOnce => "exactly_once",
+            Guarantee::EffectivelyOnce => "effectively_once",
+            Guarantee::AtLeastOnce => "at_least_once",
+        }
+    }
+}
+
+/// `[defaults]`: values a worker inherits unless it sets its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    #[serde(default = "default_guarantee")]
+    pub guarantee: Guarantee,
+    /// How long a unit of work gathers input before outputs are flushed and offsets committed.
+    #[serde(default = "default_commit_interval", with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Most input records in one unit of work.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Root of the sled state stores; overridden by `ORDERFLOW_STATE_DIR`.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults { guarantee: default_guarantee(), commit_interval: default_commit_interval(), max_batch: default_max_batch(), state_dir: default_state_dir() }
+    }
+}
+
+fn default_guarantee() -> Guarantee {
+    Guarantee::EffectivelyOnce
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_max_batch() -> usize {
+    2000
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(".state")
+}
+
+/// One or several Avro record names a topic may carry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SchemaRef {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl SchemaRef {
+    /// The record names, in file order.
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            SchemaRef::One(s) => vec![s.as_str()],
+            SchemaRef::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// `[topics."name"]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    /// Partition count; co-partitioned inputs of one worker must agree.
+    pub partitions: i32,
+    /// What the record key is (documentation and `topology graph`), e.g. `orderId`.
+    pub key: String,
+    /// Avro record name(s) in `avro/` the topic carries.
+    #[serde(default)]
+    pub schema: Option<SchemaRef>,
+    /// `delete` (default) or `compact`.
+    #[serde(default = "default_cleanup")]
+    pub cleanup_policy: String,
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// Name of the producer outside this topology, for topics fed from outside.
+    #[serde(default)]
+    pub external: Option<String>,
+}
+
+fn default_cleanup() -> String {
+    "delete".into()
+}
+fn default_replication() -> i32 {
+    1
+}
+
+/// `[workers.name]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSpec {
+    /// Which processor runs: `deduplicator`, `stock-reserver`, `order-confirmer`, `canceller`,
+    /// `reservation-expirer`.
+    pub kind: String,
+    /// Input topics (co-partitioned).
+    pub inputs: Vec<String>,
+    /// Output port → topic.
+    #[serde(default)]
+    pub outputs: BTreeMap<String, String>,
+    /// Consumer group; default `orderflow-<worker name>`.
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub guarantee: Option<Guarantee>,
+    #[serde(default, with = "humantime_serde")]
+    pub commit_interval: Option<Duration>,
+    #[serde(default)]
+    pub max_batch: Option<usize>,
+    /// Seed 004: reservation TTL, default 5 minutes (stock reserver and reservation expirer).
+    #[serde(default, with = "humantime_serde")]
+    pub reservation_ttl: Option<Duration>,
+}
+
+/// Seed 004: a reservation lives 5 minutes unless the topology says otherwise.
+pub const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(300);
+
+impl WorkerSpec {
+    /// The consumer group of worker `name`.
+    pub fn group_id(&self, name: &str) -> String {
+        self.group.clone().unwrap_or_else(|| format!("orderflow-{name}"))
+    }
+    /// Effective guarantee.
+    pub fn guarantee(&self, d: &Defaults) -> Guarantee {
+        self.guarantee.unwrap_or(d.guarantee)
+    }
+    /// Effective commit interval.
+    pub fn commit_interval(&self, d: &Defaults) -> Duration {
+        self.commit_interval.unwrap_or(d.commit_interval)
+    }
+    /// Effective unit size.
+    pub fn max_batch(&self, d: &Defaults) -> usize {
+        self.max_batch.unwrap_or(d.max_batch)
+    }
+    /// Effective reservation TTL (seed 004 default 5 minutes).
+    pub fn reservation_ttl(&self) -> Duration {
+        self.reservation_ttl.unwrap_or(DEFAULT_RESERVATION_TTL)
+    }
+}
+
+/// What the checker knows of a worker kind.
+#[derive(Debug, Clone, Copy)]
+pub struct KindInfo {
+    /// Kind name as written in `kind = "..."`.
+    pub name: &'static str,
+    /// Output ports the processor emits on; each must be wired.
+    pub ports: &'static [&'static str],
+    /// Whether `reservation_ttl` applies.
+    pub uses_ttl: bool,
+}
+
+/// One problem found in the topology, with what it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `worker <name>`, `topic <name>` or `file`.
+    pub subject: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.subject, self.message)
+    }
+}
+
+/// Errors loading a topology.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: PathBuf, problems: Vec<Problem> },
+}
+
+/// A topology read from disk, with the folder it came from (to resolve `avro_dir`).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub topology: Topology,
+    pub path: PathBuf,
+    /// Unknown keys found while parsing (reported by [`check`]).
+    pub unknown_keys: Vec<String>,
+}
+
+impl Loaded {
+    /// Absolute-ish path of the Avro schema folder.
+    pub fn avro_dir(&self) -> PathBuf {
+        let base = self.path.parent().unwrap_or(Path::new("."));
+        base.join(&self.topology.avro_dir)
+    }
+}
+
+/// Reads and parses `path`, collecting every unknown key instead of stopping at the first, then
+/// applies environment overrides (`ORDERFLOW_BOOTSTRAP`, `ORDERFLOW_REGISTRY_URL`,
+/// `ORDERFLOW_STATE_DIR`).
+///
+/// Errors: unreadable file, TOML syntax or type errors (with line and column).
+pub fn load(path: &Path) -> Result<Loaded, TopologyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read { path: path.to_path_buf(), source })?;
+    let mut loaded = parse(&text, path)?;
+    if let Ok(v) = std::env::var("ORDERFLOW_BOOTSTRAP") {
+        loaded.topology.broker.bootstrap = v;
+    }
+    if let Ok(v) = std::env::var("ORDERFLOW_REGISTRY_URL") {
+        loaded.topology.broker.registry_url = Some(v).filter(|s| !s.is_empty());
+    }
+    if let Ok(v) = std::env::var("ORDERFLOW_STATE_DIR") {
+        loaded.topology.defaults.state_dir = PathBuf::from(v);
+    }
+    Ok(loaded)
+}
+
+/// Parses topology text. Unknown keys do not fail here: they are collected (all of them, where
+/// `deny_unknown_fields` would stop at the first) and reported by [`check`].
+///
+/// Errors: TOML syntax errors and wrong value types.
+pub fn parse(text: &str, path: &Path) -> Result<Loaded, TopologyError> {
+    let parse_err = |message: String| TopologyError::Parse { path: path.to_path_buf(), message };
+    let mut value: toml::Value = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+    let unknown_keys = unknown_keys(&value);
+    strip_unknown(&mut value);
+    let topology = Topology::deserialize(value).map_err(|e| parse_err(e.to_string()))?;
+    Ok(Loaded { topology, path: path.to_path_buf(), unknown_keys })
+}
+
+const TOP_KEYS: &[&str] = &["broker", "defaults", "topics", "workers", "avro_dir"];
+const BROKER_KEYS: &[&str] = &["bootstrap", "registry_url", "properties", "producer", "consumer"];
+const DEFAULT_KEYS: &[&str] = &["guarantee", "commit_interval", "max_batch", "state_dir"];
+const TOPIC_KEYS: &[&str] = &["partitions", "key", "schema", "cleanup_policy", "replication_factor", "external"];
+const WORKER_KEYS: &[&str] = &["kind", "inputs", "outputs", "group", "guarantee", "commit_interval", "max_batch", "reservation_ttl"];
+
+fn retain(v: &mut toml::Value, keys: &[&str]) {
+    if let Some(t) = v.as_table_mut() {
+        t.retain(|k, _| keys.contains(&k));
+    }
+}
+
+fn strip_unknown(v: &mut toml::Value) {
+    retain(v, TOP_KEYS);
+    if let Some(b) = v.get_mut("broker") {
+        retain(b, BROKER_KEYS);
+    }
+    if let Some(d) = v.get_mut("defaults") {
+        retain(d, DEFAULT_KEYS);
+    }
+    for (section, keys) in [("topics", TOPIC_KEYS), ("workers", WORKER_KEYS)] {
+        if let Some(t) = v.get_mut(section).and_then(|t| t.as_table_mut()) {
+            for (_, item) in t.iter_mut() {
+                retain(item, keys);
+            }
+        }
+    }
+}
+
+/// Every key of `v` that the topology format does not know, as a dotted path.
+fn unknown_keys(v: &toml::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut scan = |prefix: &str, v: Option<&toml::Value>, keys: &[&str]| {
+        if let Some(t) = v.and_then(|v| v.as_table()) {
+            for k in t.keys() {
+                if !keys.iter().any(|known| *known == k.as_str()) {
+                    out.push(if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") });
+                }
+            }
+        }
+    };
+    scan("", Some(v), TOP_KEYS);
+    scan("broker", v.get("broker"), BROKER_KEYS);
+    scan("defaults", v.get("defaults"), DEFAULT_KEYS);
+    for (section, keys) in [("topics", TOPIC_KEYS), ("workers", WORKER_KEYS)] {
+        if let Some(t) = v.get(section).and_then(|t| t.as_table()) {
+            for (name, item) in t {
+                scan(&format!("{section}.\"{name}\""), Some(item), keys);
+            }
+        }
+    }
+    out
+}
+
+/// Checks the wiring against the known worker kinds and the schema folder; returns every problem
+/// found (empty when the topology is sound). Rules: no unknown keys; every worker kind known;
+/// every input and output names a declared topic; every port of the kind wired and no port the
+/// kind lacks; every topic has a schema whose `.avsc` exists; no topic produced by two workers;
+/// inputs of a worker co-partitioned; `reservation_ttl` equal wherever it is set; sane numbers.
+pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
+    let t = &loaded.topology;
+    let mut problems = Vec::new();
+    let mut p = |subject: String, message: String| problems.push(Problem { subject, message });
+    for k in &loaded.unknown_keys {
+        p("file".into(), format!("unknown key `{k}`"));
+    }
+    let avro_dir = loaded.avro_dir();
+    for (name, topic) in &t.topics {
+        let subject = format!("topic {name}");
+        if topic.partitions < 1 {
+            p(subject.clone(), format!("partitions must be ≥ 1, got {}", topic.partitions));
+        }
+        if !matches!(topic.cleanup_policy.as_str(), "delete" | "compact" | "compact,delete") {
+            p(subject.clone(), format!("cleanup_policy must be delete, compact or compact,delete, got `{}`", topic.cleanup_policy));
+        }
+        match &topic.schema {
+            None => p(subject.clone(), "has no schema".into()),
+            Some(s) if s.names().is_empty() => p(subject.clone(), "has an empty schema list".into()),
+            Some(s) => {
+                for schema in s.names() {
+                    if !avro_dir.join(format!("{schema}.avsc")).is_file() {
+                        p(subject.clone(), format!("schema `{schema}` has no file {}", avro_dir.join(format!("{schema}.avsc")).display()));
+                    }
+                }
+            }
+        }
+    }
+    let mut producers: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut ttls: Vec<(&str, Duration)> = Vec::new();
+    for (name, w) in &t.workers {
+        let subject = format!("worker {name}");
+        let kind = kinds.iter().find(|k| k.name == w.kind);
+        if kind.is_none() {
+            p(subject.clone(), format!("unknown kind `{}` (known: {})", w.kind, kinds.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")));
+        }
+        if w.inputs.is_empty() {
+            p(subject.clone(), "has no inputs".into());
+        }
+        let mut partitions = BTreeSet::new();
+        for input in &w.inputs {
+            match t.topics.get(input) {
+                None => p(subject.clone(), format!("input `{input}` is not a declared topic")),
+                Some(topic) => {
+                    partitions.insert(topic.partitions);
+                }
+            }
+        }
+        if partitions.len() > 1 {
+            p(subject.clone(), format!("inputs are not co-partitioned (partition counts {partitions:?}); state is sharded by input partition"));
+        }
+        for (port, topic) in &w.outputs {
+            if !t.topics.contains_key(topic) {
+                p(subject.clone(), format!("output `{port}` goes to `{topic}`, which is not a declared topic"));
+            }
+            producers.entry(topic.as_str()).or_default().push(name.as_str());
+            if let Some(k) = kind {
+                if !k.ports.contains(&port.as_str()) {
+                    p(subject.clone(), format!("kind `{}` has no output port `{port}` (ports: {})", k.name, k.ports.join(", ")));
+                }
+            }
+        }
+        if let Some(k) = kind {
+            for port in k.ports {
+                if !w.outputs.contains_key(*port) {
+                    p(subject.clone(), format!("output port `{port}` is not wired to a topic"));
+                }
+            }
+            if k.uses_ttl {
+                ttls.push((name.as_str(), w.reservation_ttl()));
+            } else if w.reservation_ttl.is_some() {
+                p(subject.clone(), format!("reservation_ttl does not apply to kind `{}`", k.name));
+            }
+        }
+        if w.max_batch == Some(0) {
+            p(subject.clone(), "max_batch must be ≥ 1".into());
+        }
+        if w.commit_interval.is_some_and(|d| d.is_zero()) {
+            p(subject.clone(), "commit_interval must be > 0".into());
+        }
+    }
+    for (topic, ws) in &producers {
+        if ws.len() > 1 {
+            p(format!("topic {topic}"), format!("has several producing workers: {}", ws.join(", ")));
+        }
+    }
+    if let Some((first, ttl)) = ttls.first() {
+        for (name, other) in &ttls[1..] {
+            if other != ttl {
+                p(format!("worker {name}"), format!("reservation_ttl {} differs from worker {first}'s {}", humantime::format_duration(*other), humantime::format_duration(*ttl)));
+            }
+        }
+    }
+    if t.defaults.max_batch == 0 {
+        p("defaults".into(), "max_batch must be ≥ 1".into());
+    }
+    problems
+}
+
+/// Loads and checks; the error lists every problem.
+pub fn load_checked(path: &Path, kinds: &[KindInfo]) -> Result<Loaded, TopologyError> {
+    let loaded = load(path)?;
+    let problems = check(&loaded, kinds);
+    if problems.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(TopologyError::Invalid { path: path.to_path_buf(), problems })
+    }
+}
+
+/// The wiring as a Mermaid flowchart: topics as rounded nodes, workers as boxes, edges labelled
+/// with output ports; external producers as dashed inputs.
+pub fn mermaid(t: &Topology) -> String {
+    let id = |s: &str| s.replace(['.', '-', ':'], "_");
+    let mut out = String::from("flowchart LR\n");
+    for (name, topic) in &t.topics {
+        out.push_str(&format!("    t_{}([\"{name}<br/><small>key {} · {} partitions</small>\"])\n", id(name), topic.key, topic.partitions));
+    }
+    for (name, w) in &t.workers {
+        out.push_str(&format!("    w_{}[\"{name}<br/><small>{}</small>\"]\n", id(name), w.kind));
+    }
+    for (name, topic) in &t.topics {
+        if let Some(ext) = &topic.external {
+            out.push_str(&format!("    x_{}>\"{ext}\"] -.-> t_{}\n", id(name), id(name)));
+        }
+    }
+    for (name, w) in &t.workers {
+        for input in &w.inputs {
+            out.push_str(&format!("    t_{} --> w_{}\n", id(input), id(name)));
+        }
+        for (port, topic) in &w.outputs {
+            out.push_str(&format!("    w_{} -- {port} --> t_{}\n", id(name), id(topic)));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KINDS: &[KindInfo] = &[
+        KindInfo { name: "a", ports: &["out"], uses_ttl: false },
+        KindInfo { name: "ttl", ports: &["out"], uses_ttl: true },
+    ];
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        std::fs::create_dir_all(dir.join("avro")).unwrap();
+        std::fs::write(dir.join("avro/S.avsc"), "{}").unwrap();
+        let path = dir.join("topology.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const GOOD: &str = r#"
+[broker]
+bootstrap = "x:1"
+[topics.in]
+partitions = 2
+key = "k"
+schema = "S"
+external = "outside"
+[topics.out]
+partitions = 2
+key = "k"
+schema = "S"
+[workers.w]
+kind = "a"
+inputs = ["in"]
+outputs = { out = "out" }
+"#;
+
+    #[test]
+    fn a_sound_topology_has_no_problems_and_graphs() {
+        let dir = tempfile::tempdir().unwrap();
+        let loaded = load(&write(dir.path(), GOOD)).unwrap();
+        assert_eq!(check(&loaded, KINDS), vec![]);
+        let g = mermaid(&loaded.topology);
+        assert!(g.contains("t_in --> w_w") && g.contains("w_w -- out --> t_out"), "{g}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_subject() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = r#"
+[broker]
+bootstrap = "x:1"
+colour = "blue"
+[topics.in]
+partitions = 2
+key = "k"
+[topics.out]
+partitions = 3
+key = "k"
+schema = "Missing"
+speed = 1
+[workers.w1]
+kind = "a"
+inputs = ["in", "out"]
+outputs = { out = "out" }
+[workers.w2]
+kind = "a"
+inputs = ["in"]
+outputs = { out = "out", extra = "nowhere" }
+[workers.w3]
+kind = "ttl"
+inputs = ["in"]
+outputs = {}
+reservation_ttl = "1m"
+[workers.w4]
+kind = "zzz"
+inputs = ["ghost"]
+"#;
+        let loaded = load(&write(dir.path(), text)).unwrap();
+        let problems: Vec<String> = check(&loaded, KINDS).iter().map(|p| p.to_string()).collect();
+        let expect = [
+            "file: unknown key `broker.colour`",
+            "file: unknown key `topics.\"out\".speed`",
+            "topic in: has no schema",
+            "topic out: schema `Missing` has no file",
+            "worker w1: inputs are not co-partitioned",
+            "worker w2: output `extra` goes to `nowhere`",
+            "worker w2: kind `a` has no output port `extra`",
+            "worker w3: output port `out` is not wired to a topic",
+            "worker w4: unknown kind `zzz`",
+            "worker w4: input `ghost` is not a declared topic",
+            "topic out: has several producing workers: w1, w2",
+        ];
+        for e in expect {
+            assert!(problems.iter().any(|p| p.starts_with(e)), "missing `{e}` in {problems:#?}");
+        }
+    }
+
+    #[test]
+    fn differing_reservation_ttls_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("{GOOD}\n[workers.t1]\nkind = \"ttl\"\ninputs = [\"in\"]\noutputs = {{ out = \"out\" }}\nreservation_ttl = \"1m\"\n[workers.t2]\nkind = \"ttl\"\ninputs = [\"in\"]\nreservation_ttl = \"2m\"\n");
+        let loaded = load(&write(dir.path(), &text)).unwrap();
+        let problems: Vec<String> = check(&loaded, KINDS).iter().map(|p| p.to_string()).collect();
+        assert!(problems.iter().any(|p| p.contains("reservation_ttl 2m differs")), "{problems:#?}");
+    }
+}
