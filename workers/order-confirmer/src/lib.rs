@@ -1,1 +1,380 @@
-//! placeholder
+//! Order confirmer: the order state machine of the saga (seed 001).
+//!
+//! `ORDER_CREATED → ORDER_CONFIRMED → PAYMENT_WAIT → ORDER_COMPLETED`, and
+//! `ORDER_CREATED | PAYMENT_WAIT → ORDER_CANCELLED`. On `stock.reserved` the order is confirmed and
+//! moves straight to `PAYMENT_WAIT` (one `order.confirmed` carrying that status). A cancelled order
+//! is never confirmed; a late event for an order in a terminal state is recorded
+//! (`late_event` note) and ignored, never applied.
+//!
+//! State (JSON): [`order_key`] → [`OrderState`]. An order without state is `ORDER_CREATED` (the
+//! confirmer does not consume `order.created`).
+
+use orderflow_api::events::{OrderCancelled, OrderCompleted, OrderConfirmed, StockReservationFailed, StockReserved};
+use orderflow_api::{derive_event_id, Context, Event, Outputs, ProcessError, Processor, StateTxn};
+use serde::{Deserialize, Serialize};
+
+/// Port of `order.confirmed` (key orderId).
+pub const PORT_CONFIRMED: &str = "confirmed";
+
+/// Output ports this worker emits on (wire every one in `topology.toml`).
+pub const PORTS: &[&str] = &[PORT_CONFIRMED];
+
+/// State key of an order: `order/{orderId}`.
+pub fn order_key(order_id: &str) -> Vec<u8> {
+    format!("order/{order_id}").into_bytes()
+}
+
+/// Order status (seed 001), serialised with the seed's names (`ORDER_CREATED`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrderStatus {
+    /// Accepted by the Order Service; no stock answer yet (implied by absent state).
+    #[serde(rename = "ORDER_CREATED")]
+    Created,
+    /// Stock reserved; immediately followed by [`OrderStatus::PaymentWait`].
+    #[serde(rename = "ORDER_CONFIRMED")]
+    Confirmed,
+    /// Confirmed and waiting for payment at the POS.
+    #[serde(rename = "PAYMENT_WAIT")]
+    PaymentWait,
+    /// Stock reservation failed; awaiting the canceller's `order.cancelled` (seed 000).
+    #[serde(rename = "RESERVATION_FAILED")]
+    Failed,
+    /// Paid (terminal).
+    #[serde(rename = "ORDER_COMPLETED")]
+    Completed,
+    /// Cancelled (terminal).
+    #[serde(rename = "ORDER_CANCELLED")]
+    Cancelled,
+}
+
+impl OrderStatus {
+    /// The seed's name of the status, e.g. `PAYMENT_WAIT`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Created => "ORDER_CREATED",
+            OrderStatus::Confirmed => "ORDER_CONFIRMED",
+            OrderStatus::PaymentWait => "PAYMENT_WAIT",
+            OrderStatus::Failed => "RESERVATION_FAILED",
+            OrderStatus::Completed => "ORDER_COMPLETED",
+            OrderStatus::Cancelled => "ORDER_CANCELLED",
+        }
+    }
+
+    /// Whether no further transition is allowed (`ORDER_COMPLETED`, `ORDER_CANCELLED`).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, OrderStatus::Completed | OrderStatus::Cancelled)
+    }
+}
+
+/// What the confirmer stores per order at [`order_key`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderState {
+    pub status: OrderStatus,
+    /// The live reservation, once stock was reserved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation_id: Option<String>,
+}
+
+/// The order confirmer worker. See the crate docs for the state machine.
+#[derive(Debug, Default, Clone)]
+pub struct OrderConfirmer;
+
+impl OrderConfirmer {
+    /// An order confirmer; it takes no configuration.
+    pub fn new() -> Self {
+        OrderConfirmer
+    }
+
+    fn reserved(&self, e: &StockReserved, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        require("StockReserved", &e.event_id, "orderId", &e.order_id)?;
+        require("StockReserved", &e.event_id, "reservationId", &e.reservation_id)?;
+        let key = order_key(&e.order_id);
+        if let Some(s) = state.get_json::<OrderState>(&key)? {
+            // Never confirm twice, and never confirm a cancelled (or failed/completed) order.
+            out.note("late_event", format!("stock_reserved_when_{}", s.status.as_str()));
+            return Ok(());
+        }
+        out.emit(
+            PORT_CONFIRMED,
+            e.order_id.clone(),
+            OrderConfirmed {
+                event_id: derive_event_id(&e.event_id, "order.confirmed"),
+                occurred_at: e.occurred_at,
+                order_id: e.order_id.clone(),
+                reservation_id: e.reservation_id.clone(),
+                hq_id: e.hq_id.clone(),
+                store_id: e.store_id.clone(),
+                status: OrderStatus::PaymentWait.as_str().to_string(),
+                expires_at: e.expires_at,
+            },
+        )?;
+        state.put_json(key, &OrderState { status: OrderStatus::PaymentWait, reservation_id: Some(e.reservation_id.clone()) });
+        out.note("confirmed", OrderStatus::PaymentWait.as_str());
+        Ok(())
+    }
+
+    fn failed(&self, e: &StockReservationFailed, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        require("StockReservationFailed", &e.event_id, "orderId", &e.order_id)?;
+        let key = order_key(&e.order_id);
+        let current = state.get_json::<OrderState>(&key)?;
+        if let Some(s) = current.as_ref().filter(|s| s.status.is_terminal()) {
+            out.note("late_event", format!("reservation_failed_when_{}", s.status.as_str()));
+            return Ok(());
+        }
+        let reservation_id = current.and_then(|s| s.reservation_id);
+        state.put_json(key, &OrderState { status: OrderStatus::Failed, reservation_id });
+        out.note("order_status", OrderStatus::Failed.as_str());
+        Ok(())
+    }
+
+    fn cancelled(&self, e: &OrderCancelled, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        require("OrderCancelled", &e.event_id, "orderId", &e.order_id)?;
+        let key = order_key(&e.order_id);
+        let current = state.get_json::<OrderState>(&key)?;
+        if let Some(s) = current.as_ref().filter(|s| s.status.is_terminal()) {
+            out.note("late_event", format!("cancelled_when_{}", s.status.as_str()));
+            return Ok(());
+        }
+        let reservation_id = current.and_then(|s| s.reservation_id).or_else(|| e.reservation_id.clone());
+        state.put_json(key, &OrderState { status: OrderStatus::Cancelled, reservation_id });
+        out.note("order_status", OrderStatus::Cancelled.as_str());
+        Ok(())
+    }
+
+    fn completed(&self, e: &OrderCompleted, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        require("OrderCompleted", &e.event_id, "orderId", &e.order_id)?;
+        let key = order_key(&e.order_id);
+        match state.get_json::<OrderState>(&key)? {
+            Some(s) if s.status == OrderStatus::PaymentWait => {
+                state.put_json(key, &OrderState { status: OrderStatus::Completed, reservation_id: s.reservation_id });
+                out.note("order_status", OrderStatus::Completed.as_str());
+            }
+            Some(s) => out.note("late_event", format!("completed_when_{}", s.status.as_str())),
+            None => out.note("late_event", format!("completed_when_{}", OrderStatus::Created.as_str())),
+        }
+        Ok(())
+    }
+}
+
+impl Processor for OrderConfirmer {
+    /// Dispatches on the event variant:
+    /// - `StockReserved`: no state → emit `order.confirmed` (`status = PAYMENT_WAIT`, key orderId,
+    ///   id `derive(eventId, "order.confirmed")`), state `PAYMENT_WAIT`; any state → `late_event`.
+    /// - `StockReservationFailed`: → `RESERVATION_FAILED` unless terminal (`late_event`).
+    /// - `OrderCancelled`: → `ORDER_CANCELLED` unless terminal (`late_event`).
+    /// - `OrderCompleted`: `PAYMENT_WAIT` → `ORDER_COMPLETED`, else `late_event`.
+    ///
+    /// Other events are ignored. Errors: [`ProcessError::Invalid`] for an empty `orderId` (or an
+    /// empty `reservationId` on `StockReserved`); [`ProcessError::CorruptState`] for unreadable
+    /// state; [`ProcessError::UnwiredPort`] when `confirmed` is not wired.
+    fn process(&mut self, _ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        match event {
+            Event::StockReserved(e) => self.reserved(e, state, out),
+            Event::StockReservationFailed(e) => self.failed(e, state, out),
+            Event::OrderCancelled(e) => self.cancelled(e, state, out),
+            Event::OrderCompleted(e) => self.completed(e, state, out),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn require(kind: &str, event_id: &str, field: &str, value: &str) -> Result<(), ProcessError> {
+    if value.is_empty() {
+        Err(ProcessError::Invalid(format!("{kind} {event_id}: empty {field}")))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orderflow_api::events::{FailedItem, ReservedItem};
+    use orderflow_api::Harness;
+
+    fn harness() -> Harness<OrderConfirmer> {
+        Harness::new(OrderConfirmer::new(), PORTS)
+    }
+
+    fn reserved(id: &str, order_id: &str) -> StockReserved {
+        StockReserved {
+            event_id: id.into(),
+            occurred_at: 1_000,
+            order_id: order_id.into(),
+            reservation_id: format!("R-{order_id}"),
+            hq_id: "HQ-1".into(),
+            store_id: "S-1".into(),
+            expires_at: 301_000,
+            items: vec![ReservedItem { product_id: "P-001".into(), reserved: 2 }],
+        }
+    }
+
+    fn failed(id: &str, order_id: &str) -> StockReservationFailed {
+        StockReservationFailed {
+            event_id: id.into(),
+            occurred_at: 1_000,
+            order_id: order_id.into(),
+            hq_id: "HQ-1".into(),
+            store_id: "S-1".into(),
+            reason: "INSUFFICIENT_STOCK".into(),
+            items: vec![FailedItem { product_id: "P-001".into(), requested: 10, available: 5 }],
+        }
+    }
+
+    fn cancelled(id: &str, order_id: &str) -> OrderCancelled {
+        OrderCancelled {
+            event_id: id.into(),
+            occurred_at: 2_000,
+            order_id: order_id.into(),
+            hq_id: "HQ-1".into(),
+            store_id: "S-1".into(),
+            reason: "INSUFFICIENT_STOCK".into(),
+            reservation_id: None,
+            customer_message: String::new(),
+        }
+    }
+
+    fn completed(id: &str, order_id: &str) -> OrderCompleted {
+        OrderCompleted {
+            event_id: id.into(),
+            occurred_at: 3_000,
+            order_id: order_id.into(),
+            reservation_id: format!("R-{order_id}"),
+            hq_id: "HQ-1".into(),
+            store_id: "S-1".into(),
+            items: vec![],
+            total_amount: 0,
+        }
+    }
+
+    fn status(h: &Harness<OrderConfirmer>, order_id: &str) -> Option<OrderStatus> {
+        h.store.get_json::<OrderState>(&order_key(order_id)).map(|s| s.status)
+    }
+
+    fn late(h: &Harness<OrderConfirmer>) -> Vec<String> {
+        h.notes.iter().filter(|n| n.measure == "late_event").map(|n| n.label.clone()).collect()
+    }
+
+    #[test]
+    fn stock_reserved_confirms_into_payment_wait() {
+        let mut h = harness();
+        let outs = h.feed("stock.reserved", reserved("e1", "O-1"), 5).unwrap();
+        assert_eq!(outs.len(), 1);
+        assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), ("confirmed", "O-1"));
+        let Event::OrderConfirmed(c) = &outs[0].event else { panic!() };
+        assert_eq!(c.event_id, derive_event_id("e1", "order.confirmed"));
+        assert_eq!(c.status, "PAYMENT_WAIT");
+        assert_eq!((c.reservation_id.as_str(), c.hq_id.as_str(), c.store_id.as_str()), ("R-O-1", "HQ-1", "S-1"));
+        assert_eq!((c.occurred_at, c.expires_at), (1_000, 301_000));
+        assert_eq!(status(&h, "O-1"), Some(OrderStatus::PaymentWait));
+        let stored: OrderState = h.store.get_json(&order_key("O-1")).unwrap();
+        assert_eq!(stored.reservation_id.as_deref(), Some("R-O-1"));
+        assert!(h.notes.iter().any(|n| n.measure == "confirmed" && n.label == "PAYMENT_WAIT"));
+    }
+
+    #[test]
+    fn state_is_stored_with_seed_names() {
+        let json = serde_json::to_string(&OrderState { status: OrderStatus::PaymentWait, reservation_id: None }).unwrap();
+        assert_eq!(json, r#"{"status":"PAYMENT_WAIT"}"#);
+        assert_eq!(order_key("O-1"), b"order/O-1".to_vec());
+    }
+
+    #[test]
+    fn payment_completes_the_order() {
+        let mut h = harness();
+        h.feed("t", reserved("e1", "O-1"), 0).unwrap();
+        assert!(h.feed("t", completed("c1", "O-1"), 0).unwrap().is_empty());
+        assert_eq!(status(&h, "O-1"), Some(OrderStatus::Completed));
+        // Cancellation after completion is late: never applied.
+        h.feed("t", cancelled("k1", "O-1"), 0).unwrap();
+        assert_eq!(status(&h, "O-1"), Some(OrderStatus::Completed));
+        assert_eq!(late(&h), vec!["cancelled_when_ORDER_COMPLETED"]);
+    }
+
+    #[test]
+    fn a_cancelled_order_is_never_confirmed() {
+        let mut h = harness();
+        h.feed("t", cancelled("k1", "O-1"), 0).unwrap();
+        assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
+        assert!(h.feed("t", reserved("e1", "O-1"), 0).unwrap().is_empty());
+        assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
+        assert!(h.feed("t", completed("c1", "O-1"), 0).unwrap().is_empty());
+        assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
+        assert_eq!(late(&h), vec!["stock_reserved_when_ORDER_CANCELLED", "completed_when_ORDER_CANCELLED"]);
+    }
+
+    #[test]
+    fn payment_wait_can_be_cancelled() {
+        let mut h = harness();
+        h.feed("t", reserved("e1", "O-1"), 0).unwrap();
+        h.feed("t", cancelled("k1", "O-1"), 0).unwrap();
+        assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
+        assert!(late(&h).is_empty());
+    }
+
+    #[test]
+    fn failed_reservation_awaits_cancellation() {
+        let mut h = harness();
+        assert!(h.feed("t", failed("f1", "O-1"), 0).unwrap().is_empty());
+        assert_eq!(status(&h, "O-1"), Some(OrderStatus::Failed));
+        assert!(h.feed("t", reserved("e1", "O-1"), 0).unwrap().is_empty(), "a failed order is not confirmed");
+        h.feed("t", cancelled("k1", "O-1"), 0).unwrap();
+        assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
+        // Failure after a terminal state is late.
+        h.feed("t", failed("f2", "O-1"), 0).unwrap();
+        assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
+        assert_eq!(late(&h), vec!["stock_reserved_when_RESERVATION_FAILED", "reservation_failed_when_ORDER_CANCELLED"]);
+    }
+
+    #[test]
+    fn completion_without_payment_wait_is_late() {
+        let mut h = harness();
+        h.feed("t", completed("c1", "O-1"), 0).unwrap();
+        assert_eq!(status(&h, "O-1"), None);
+        assert_eq!(late(&h), vec!["completed_when_ORDER_CREATED"]);
+    }
+
+    #[test]
+    fn confirmed_once_per_order() {
+        let mut h = harness();
+        assert_eq!(h.feed("t", reserved("e1", "O-1"), 0).unwrap().len(), 1);
+        // Same eventId: dropped by the runtime rule, no note.
+        assert!(h.feed("t", reserved("e1", "O-1"), 0).unwrap().is_empty());
+        assert!(late(&h).is_empty());
+        // A different reservation event for the same order: late, not confirmed again.
+        assert!(h.feed("t", reserved("e2", "O-1"), 0).unwrap().is_empty());
+        assert_eq!(late(&h), vec!["stock_reserved_when_PAYMENT_WAIT"]);
+    }
+
+    #[test]
+    fn outputs_are_deterministic_in_the_input() {
+        let run = |now| {
+            let mut h = harness();
+            let mut outs = h.feed("t", reserved("e1", "O-1"), now).unwrap();
+            outs.extend(h.feed("t", reserved("e2", "O-2"), now + 1).unwrap());
+            outs
+        };
+        let a = run(10);
+        assert_eq!(a.len(), 2);
+        assert_eq!(a, run(99_999));
+    }
+
+    #[test]
+    fn empty_order_id_is_invalid_and_other_events_ignored() {
+        let mut h = harness();
+        assert!(matches!(h.feed("t", reserved("e1", ""), 0), Err(ProcessError::Invalid(_))));
+        assert!(matches!(h.feed("t", cancelled("k1", ""), 0), Err(ProcessError::Invalid(_))));
+        let ev = orderflow_api::events::OrderCreated {
+            event_id: "x".into(),
+            occurred_at: 0,
+            order_id: "O-1".into(),
+            customer_id: "C".into(),
+            hq_id: "HQ-1".into(),
+            store_id: "S-1".into(),
+            items: vec![],
+        };
+        assert!(h.feed("stock.reserved", ev, 0).unwrap().is_empty());
+        assert_eq!(status(&h, "O-1"), None);
+    }
+}

@@ -8,4 +8,7 @@
 //! - [`kafka`]: client configuration and topic administration.
 
 pub mod codec;
+pub mod kafka;
+pub mod metrics;
+pub mod store;
 pub mod topology;

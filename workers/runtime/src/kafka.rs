@@ -1,0 +1,107 @@
+//! librdkafka client configuration and topic administration.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::topology::{BrokerConfig, Topology};
+
+/// Which side of a worker a client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Producer,
+    Consumer,
+    Admin,
+}
+
+/// Name of the dead-letter topic of `topic` (`<topic>.dlq`, domain contract).
+pub fn dlq_topic(topic: &str) -> String {
+    format!("{topic}.dlq")
+}
+
+/// Client configuration: orderflow's defaults, then `[broker.properties]`, then the side's own
+/// table, so the topology can override anything (SASL/TLS settings pass through untouched).
+///
+/// Producer defaults: idempotent (`enable.idempotence=true`, `acks=all`) and the `murmur2_random`
+/// partitioner, so keys land on the same partitions as with Java clients (co-partitioning of
+/// topics written by different producers). Consumer defaults: manual commits, no automatic
+/// offset store, `earliest` reset, `read_committed`.
+pub fn client_config(broker: &BrokerConfig, side: Side) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &broker.bootstrap);
+    match side {
+        Side::Producer => {
+            c.set("enable.idempotence", "true").set("acks", "all").set("partitioner", "murmur2_random");
+        }
+        Side::Consumer => {
+            c.set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("isolation.level", "read_committed")
+                .set("enable.partition.eof", "false");
+        }
+        Side::Admin => {}
+    }
+    for (k, v) in &broker.properties {
+        c.set(k, v);
+    }
+    let side_props = match side {
+        Side::Producer => &broker.producer,
+        Side::Consumer => &broker.consumer,
+        Side::Admin => return c,
+    };
+    for (k, v) in side_props {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Errors of topic administration.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("kafka admin client: {0}")]
+    Client(#[from] rdkafka::error::KafkaError),
+    #[error("cannot create topic {topic}: {code}")]
+    Create { topic: String, code: RDKafkaErrorCode },
+}
+
+/// Creates every topic the topology declares, plus the dead-letter topic of every worker input,
+/// with the declared partitions and cleanup policy. Topics that already exist are left alone.
+/// Returns the names of the topics it created.
+pub async fn create_topics(topology: &Topology) -> Result<Vec<String>, AdminError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(&topology.broker, Side::Admin).create()?;
+    let mut specs: Vec<(String, i32, i32, String)> = topology
+        .topics
+        .iter()
+        .map(|(name, t)| (name.clone(), t.partitions, t.replication_factor, t.cleanup_policy.clone()))
+        .collect();
+    for w in topology.workers.values() {
+        for input in &w.inputs {
+            if let Some(t) = topology.topics.get(input) {
+                let dlq = dlq_topic(input);
+                if !specs.iter().any(|s| s.0 == dlq) {
+                    specs.push((dlq, t.partitions, t.replication_factor, "delete".into()));
+                }
+            }
+        }
+    }
+    let new_topics: Vec<NewTopic> = specs
+        .iter()
+        .map(|(name, partitions, rf, cleanup)| {
+            NewTopic::new(name, *partitions, TopicReplication::Fixed(*rf)).set("cleanup.policy", cleanup)
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let mut created = Vec::new();
+    for result in admin.create_topics(&new_topics, &opts).await? {
+        match result {
+            Ok(name) => created.push(name),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(AdminError::Create { topic, code }),
+        }
+    }
+    Ok(created)
+}
