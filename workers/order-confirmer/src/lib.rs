@@ -70,6 +70,7 @@ impl OrderStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderState {
+    /// Where the order is in the state machine.
     pub status: OrderStatus,
     /// The live reservation, once stock was reserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,1 +1,324 @@
-//! placeholder
+//! Reservation expirer: enforces the reservation TTL (seed 004, domain rule 3).
+//!
+//! On `stock.reserved` it schedules a durable timer at `occurredAt + TTL` (5 minutes by default,
+//! the value comes from the caller). If neither `order.completed` nor `order.cancelled` arrives
+//! first, the timer emits `stock.reservation.expired`; the stock reserver then releases the stock
+//! and the canceller cancels the order with `RESERVATION_EXPIRED`.
+//!
+//! State (JSON): [`reservation_key`] → [`TrackedReservation`] while open, [`closed_key`] → `true`
+//! once the order is closed (completed, cancelled or expired); timer [`timer_key`] at `expiresAt`.
+//! Timers live in the state store, so they survive restarts.
+
+use orderflow_api::events::{OrderCancelled, OrderCompleted, StockReservationExpired, StockReserved};
+use orderflow_api::{derive_event_id, Context, Event, Outputs, ProcessError, Processor, StateTxn};
+use serde::{Deserialize, Serialize};
+
+/// Port of `stock.reservation.expired` (key orderId).
+pub const PORT_EXPIRED: &str = "expired";
+
+/// Output ports this worker emits on (wire every one in `topology.toml`).
+pub const PORTS: &[&str] = &[PORT_EXPIRED];
+
+/// Default reservation TTL, ms: 5 minutes (seed 004).
+pub const DEFAULT_RESERVATION_TTL_MS: i64 = 5 * 60 * 1000;
+
+/// Prefix of expiry timer keys (see [`timer_key`]).
+pub const TIMER_PREFIX: &[u8] = b"exp/";
+
+/// State key of an open reservation: `resv/{orderId}`.
+pub fn reservation_key(order_id: &str) -> Vec<u8> {
+    format!("resv/{order_id}").into_bytes()
+}
+
+/// State key marking an order closed: `closed/{orderId}`.
+pub fn closed_key(order_id: &str) -> Vec<u8> {
+    format!("closed/{order_id}").into_bytes()
+}
+
+/// Timer key of an order's expiry: `exp/{orderId}`.
+pub fn timer_key(order_id: &str) -> Vec<u8> {
+    format!("exp/{order_id}").into_bytes()
+}
+
+/// An open reservation the expirer watches, stored at [`reservation_key`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrackedReservation {
+    /// The reserver's reservation id (cause of the expiry event id).
+    pub reservation_id: String,
+    /// Store of the reservation.
+    pub hq_id: String,
+    /// Store of the reservation.
+    pub store_id: String,
+    /// `stock.reserved occurredAt + TTL`, ms since the epoch; the timer's deadline.
+    pub expires_at: i64,
+}
+
+/// The reservation expirer worker. See the crate docs.
+#[derive(Debug, Clone)]
+pub struct ReservationExpirer {
+    reservation_ttl_ms: i64,
+}
+
+impl ReservationExpirer {
+    /// An expirer that expires reservations `reservation_ttl_ms` ms after the `stock.reserved`
+    /// `occurredAt` ([`DEFAULT_RESERVATION_TTL_MS`] = 5 minutes in seed 004).
+    ///
+    /// # Panics
+    /// If `reservation_ttl_ms ≤ 0` (a configuration error).
+    pub fn new(reservation_ttl_ms: i64) -> Self {
+        assert!(reservation_ttl_ms > 0, "reservation TTL must be positive, got {reservation_ttl_ms} ms");
+        ReservationExpirer { reservation_ttl_ms }
+    }
+
+    /// The configured reservation TTL, ms.
+    pub fn reservation_ttl_ms(&self) -> i64 {
+        self.reservation_ttl_ms
+    }
+
+    fn reserved(&self, e: &StockReserved, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        require("StockReserved", &e.event_id, "orderId", &e.order_id)?;
+        require("StockReserved", &e.event_id, "reservationId", &e.reservation_id)?;
+        if state.get(&closed_key(&e.order_id)).is_some() {
+            out.note("late_event", "reserved_after_close");
+            return Ok(());
+        }
+        let key = reservation_key(&e.order_id);
+        if state.get(&key).is_some() {
+            out.note("late_event", "duplicate_reservation");
+            return Ok(());
+        }
+        let expires_at = e.occurred_at.saturating_add(self.reservation_ttl_ms);
+        state.put_json(
+            key,
+            &TrackedReservation { reservation_id: e.reservation_id.clone(), hq_id: e.hq_id.clone(), store_id: e.store_id.clone(), expires_at },
+        );
+        state.schedule_timer(timer_key(&e.order_id), expires_at);
+        Ok(())
+    }
+
+    fn close(&self, order_id: &str, state: &mut StateTxn) {
+        state.cancel_timer(&timer_key(order_id));
+        state.delete(reservation_key(order_id));
+        state.put_json(closed_key(order_id), &true);
+    }
+}
+
+impl Processor for ReservationExpirer {
+    /// Dispatches on the event variant:
+    /// - `StockReserved`: unless the order is closed (then `late_event`), tracks the reservation
+    ///   and schedules timer `exp/{orderId}` at `occurredAt + TTL`.
+    /// - `OrderCompleted` / `OrderCancelled`: cancels the timer and marks the order closed, so a
+    ///   later `StockReserved` schedules nothing.
+    ///
+    /// Other events are ignored. Errors: [`ProcessError::Invalid`] for an empty `orderId` (or an
+    /// empty `reservationId` on `StockReserved`).
+    fn process(&mut self, _ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        match event {
+            Event::StockReserved(e) => self.reserved(e, state, out),
+            Event::OrderCompleted(OrderCompleted { event_id, order_id, .. }) | Event::OrderCancelled(OrderCancelled { event_id, order_id, .. }) => {
+                require(event.schema_name(), event_id, "orderId", order_id)?;
+                self.close(order_id, state);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Timer `exp/{orderId}` due: if the reservation is still open, emits
+    /// `stock.reservation.expired` (key orderId, id `derive(reservationId,
+    /// "stock.reservation.expired")`, `occurredAt = due_ms`, `expiresAt`), marks the order closed
+    /// and notes `expiration/RESERVATION_EXPIRED`. Closed or unknown orders and foreign timer keys
+    /// are ignored.
+    ///
+    /// Errors: [`ProcessError::CorruptState`] for unreadable state; [`ProcessError::UnwiredPort`]
+    /// when `expired` is not wired.
+    fn on_timer(&mut self, _ctx: &Context, key: &[u8], due_ms: i64, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        let Some(order_id) = key.strip_prefix(TIMER_PREFIX) else { return Ok(()) };
+        let order_id = String::from_utf8_lossy(order_id).into_owned();
+        if state.get(&closed_key(&order_id)).is_some() {
+            return Ok(());
+        }
+        let Some(r) = state.get_json::<TrackedReservation>(&reservation_key(&order_id))? else { return Ok(()) };
+        out.emit(
+            PORT_EXPIRED,
+            order_id.clone(),
+            StockReservationExpired {
+                event_id: derive_event_id(&r.reservation_id, "stock.reservation.expired"),
+                occurred_at: due_ms,
+                order_id: order_id.clone(),
+                reservation_id: r.reservation_id.clone(),
+                hq_id: r.hq_id.clone(),
+                store_id: r.store_id.clone(),
+                expires_at: r.expires_at,
+            },
+        )?;
+        self.close(&order_id, state);
+        out.note("expiration", "RESERVATION_EXPIRED");
+        Ok(())
+    }
+}
+
+fn require(kind: &str, event_id: &str, field: &str, value: &str) -> Result<(), ProcessError> {
+    if value.is_empty() {
+        Err(ProcessError::Invalid(format!("{kind} {event_id}: empty {field}")))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orderflow_api::events::ReservedItem;
+    use orderflow_api::Harness;
+
+    const TTL: i64 = DEFAULT_RESERVATION_TTL_MS;
+    const T0: i64 = 1_000_000;
+
+    fn harness() -> Harness<ReservationExpirer> {
+        Harness::new(ReservationExpirer::new(TTL), PORTS)
+    }
+
+    fn reserved(id: &str, order_id: &str) -> StockReserved {
+        StockReserved {
+            event_id: id.into(),
+            occurred_at: T0,
+            order_id: order_id.into(),
+            reservation_id: format!("R-{order_id}"),
+            hq_id: "HQ-1".into(),
+            store_id: "S-1".into(),
+            expires_at: T0 + TTL,
+            items: vec![ReservedItem { product_id: "P-001".into(), reserved: 2 }],
+        }
+    }
+
+    fn completed(id: &str, order_id: &str) -> OrderCompleted {
+        OrderCompleted {
+            event_id: id.into(),
+            occurred_at: T0 + 10,
+            order_id: order_id.into(),
+            reservation_id: format!("R-{order_id}"),
+            hq_id: "HQ-1".into(),
+            store_id: "S-1".into(),
+            items: vec![],
+            total_amount: 0,
+        }
+    }
+
+    fn cancelled(id: &str, order_id: &str) -> OrderCancelled {
+        OrderCancelled {
+            event_id: id.into(),
+            occurred_at: T0 + 10,
+            order_id: order_id.into(),
+            hq_id: "HQ-1".into(),
+            store_id: "S-1".into(),
+            reason: "PAYMENT_FAILED".into(),
+            reservation_id: None,
+            customer_message: String::new(),
+        }
+    }
+
+    #[test]
+    fn fires_after_ttl_not_before() {
+        let mut h = harness();
+        assert!(h.feed("stock.reserved", reserved("e1", "O-1"), T0).unwrap().is_empty());
+        assert_eq!(h.store.timers.get(&timer_key("O-1")), Some(&(T0 + TTL)));
+        assert!(h.advance(T0 + TTL - 1).unwrap().is_empty(), "not before the TTL");
+        let outs = h.advance(T0 + TTL + 250).unwrap();
+        assert_eq!(outs.len(), 1);
+        assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), ("expired", "O-1"));
+        let Event::StockReservationExpired(x) = &outs[0].event else { panic!() };
+        assert_eq!(x.event_id, derive_event_id("R-O-1", "stock.reservation.expired"));
+        assert_eq!(x.occurred_at, T0 + TTL, "occurredAt is the deadline, not the clock");
+        assert_eq!(x.expires_at, T0 + TTL);
+        assert_eq!((x.reservation_id.as_str(), x.hq_id.as_str(), x.store_id.as_str()), ("R-O-1", "HQ-1", "S-1"));
+        assert!(h.notes.iter().any(|n| n.measure == "expiration" && n.label == "RESERVATION_EXPIRED"));
+        // Fires once.
+        assert!(h.advance(T0 + 10 * TTL).unwrap().is_empty());
+        assert!(h.store.timers.is_empty());
+        assert!(h.store.data.contains_key(&closed_key("O-1")));
+    }
+
+    #[test]
+    fn not_after_completion_or_cancellation() {
+        let mut h = harness();
+        h.feed("t", reserved("e1", "O-1"), T0).unwrap();
+        h.feed("t", reserved("e2", "O-2"), T0).unwrap();
+        h.feed("t", completed("c1", "O-1"), T0 + 10).unwrap();
+        h.feed("t", cancelled("k2", "O-2"), T0 + 10).unwrap();
+        assert!(h.store.timers.is_empty());
+        assert!(h.advance(T0 + 2 * TTL).unwrap().is_empty());
+        assert!(h.notes.is_empty());
+    }
+
+    #[test]
+    fn closed_order_does_not_schedule() {
+        let mut h = harness();
+        h.feed("t", cancelled("k1", "O-1"), T0).unwrap();
+        assert!(h.feed("t", reserved("e1", "O-1"), T0).unwrap().is_empty());
+        assert!(h.store.timers.is_empty());
+        assert!(h.advance(T0 + 2 * TTL).unwrap().is_empty());
+        assert!(h.notes.iter().any(|n| n.measure == "late_event" && n.label == "reserved_after_close"));
+    }
+
+    #[test]
+    fn timer_survives_a_restart() {
+        let mut h = harness();
+        h.feed("t", reserved("e1", "O-1"), T0).unwrap();
+        // A new processor instance over the same durable store (a restart).
+        let mut restarted = Harness::new(ReservationExpirer::new(TTL), PORTS);
+        restarted.store = h.store.clone();
+        let outs = restarted.advance(T0 + TTL).unwrap();
+        assert_eq!(outs.len(), 1);
+        assert_eq!(outs, h.advance(T0 + TTL).unwrap(), "same output before and after restart");
+    }
+
+    #[test]
+    fn duplicate_and_second_reservation_do_not_reschedule() {
+        let mut h = harness();
+        h.feed("t", reserved("e1", "O-1"), T0).unwrap();
+        h.feed("t", reserved("e1", "O-1"), T0).unwrap();
+        assert!(h.notes.is_empty(), "same eventId dropped silently");
+        let mut later = reserved("e2", "O-1");
+        later.occurred_at = T0 + 60_000;
+        h.feed("t", later, T0 + 60_000).unwrap();
+        assert_eq!(h.store.timers.get(&timer_key("O-1")), Some(&(T0 + TTL)));
+        assert!(h.notes.iter().any(|n| n.label == "duplicate_reservation"));
+    }
+
+    #[test]
+    fn outputs_are_deterministic_in_the_input() {
+        let run = |now: i64| {
+            let mut h = harness();
+            h.feed("t", reserved("e1", "O-1"), now).unwrap();
+            h.feed("t", reserved("e2", "O-2"), now).unwrap();
+            h.advance(T0 + TTL + now).unwrap()
+        };
+        let a = run(T0);
+        assert_eq!(a.len(), 2);
+        assert_eq!(a, run(T0 + 77_777));
+    }
+
+    #[test]
+    fn empty_ids_are_invalid_and_other_events_ignored() {
+        let mut h = harness();
+        assert!(matches!(h.feed("t", reserved("e1", ""), T0), Err(ProcessError::Invalid(_))));
+        assert!(matches!(h.feed("t", completed("c1", ""), T0), Err(ProcessError::Invalid(_))));
+        let mut ev = reserved("e2", "O-1");
+        ev.reservation_id.clear();
+        assert!(matches!(h.feed("t", ev, T0), Err(ProcessError::Invalid(_))));
+        assert!(h.store.timers.is_empty());
+        let ev = orderflow_api::events::StockReservationExpired {
+            event_id: "x".into(),
+            occurred_at: 0,
+            order_id: "O-1".into(),
+            reservation_id: "R".into(),
+            hq_id: "HQ-1".into(),
+            store_id: "S-1".into(),
+            expires_at: 0,
+        };
+        assert!(h.feed("stock.reserved", ev, T0).unwrap().is_empty());
+        assert!(h.store.data.keys().all(|k| k.starts_with(b"\x00")));
+    }
+}

@@ -12,3 +12,4 @@ pub mod kafka;
 pub mod metrics;
 pub mod store;
 pub mod topology;
+pub mod worker;

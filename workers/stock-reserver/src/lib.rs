@@ -95,6 +95,7 @@ pub enum ReservationStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReservationItem {
+    /// Product reserved.
     pub product_id: String,
     /// Units held (or once held), > 0.
     pub quantity: i32,
@@ -107,11 +108,15 @@ pub struct ReservationItem {
 pub struct Reservation {
     /// `derive_event_id(order.created eventId, "reservation")`; empty for a [`ReservationStatus::Closed`] tombstone.
     pub reservation_id: String,
+    /// The order that made the reservation.
     pub order_id: String,
+    /// Store whose stock is held.
     pub hq_id: String,
+    /// Store whose stock is held.
     pub store_id: String,
     /// What the reservation holds (or held). Empty when `Failed` or `Closed`.
     pub items: Vec<ReservationItem>,
+    /// Lifecycle state.
     pub status: ReservationStatus,
     /// `order.created occurredAt + TTL`, ms since the epoch (0 for a tombstone).
     pub expires_at: i64,
@@ -127,7 +132,8 @@ impl StockReserver {
     /// A reserver whose reservations expire `reservation_ttl_ms` ms after the order's
     /// `occurredAt` (rule 3: 5 minutes by default, configured per topology).
     ///
-    /// Panics if `reservation_ttl_ms ≤ 0` (a configuration error).
+    /// # Panics
+    /// If `reservation_ttl_ms ≤ 0` (a configuration error).
     pub fn new(reservation_ttl_ms: i64) -> Self {
         assert!(reservation_ttl_ms > 0, "reservation TTL must be positive, got {reservation_ttl_ms} ms");
         StockReserver { reservation_ttl_ms }
