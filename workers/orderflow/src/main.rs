@@ -1,1 +1,212 @@
-fn main() {}
+//! `orderflow`: run saga workers, check and draw the topology, create topics, run the demo.
+
+mod demo;
+mod kinds;
+mod serve;
+mod tpch;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+use orderflow_runtime::codec::Codec;
+use orderflow_runtime::metrics::Metrics;
+use orderflow_runtime::topology::{self, Loaded};
+use orderflow_runtime::worker::{log_exit, Worker, WorkerSetup};
+use tokio::sync::watch;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(name = "orderflow", version, about = "Kafka order and inventory saga workers")]
+struct Cli {
+    /// Log as JSON lines (for log shippers) instead of human-readable text.
+    #[arg(long, global = true, env = "ORDERFLOW_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run workers of the topology until SIGTERM / Ctrl-C.
+    Run {
+        #[arg(long, default_value = "topology.toml", env = "ORDERFLOW_TOPOLOGY")]
+        topology: PathBuf,
+        /// Worker to run (repeatable); all workers when omitted.
+        #[arg(long = "worker")]
+        workers: Vec<String>,
+        /// Instance id within each worker's consumer group (the pod name); names the state dir.
+        #[arg(long, env = "ORDERFLOW_INSTANCE", default_value = "0")]
+        instance: String,
+        /// Address of /metrics, /healthz and /readyz.
+        #[arg(long, env = "ORDERFLOW_METRICS_ADDR")]
+        metrics_addr: Option<SocketAddr>,
+        /// Bootstrap servers (overrides the topology and ORDERFLOW_BOOTSTRAP).
+        #[arg(long)]
+        bootstrap: Option<String>,
+    },
+    /// Check or draw the topology.
+    Topology {
+        #[command(subcommand)]
+        action: TopologyAction,
+    },
+    /// Create the topics the topology declares (and each input's dead-letter topic).
+    Topics {
+        #[arg(long, default_value = "topology.toml")]
+        topology: PathBuf,
+        #[arg(long)]
+        bootstrap: Option<String>,
+    },
+    /// The main job: TPC-H orders and the seed scenarios through the whole saga, with a summary.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum TopologyAction {
+    /// Report every problem of the topology at once; exit 1 if there is any.
+    Check { file: PathBuf },
+    /// Print the wiring as a Mermaid flowchart.
+    Graph { file: PathBuf },
+}
+
+/// Loads and checks the topology, applying a `--bootstrap` override.
+pub fn load_topology(path: &Path, bootstrap: Option<&str>) -> Result<Loaded> {
+    let mut loaded = topology::load_checked(path, kinds::KINDS)?;
+    if let Some(b) = bootstrap {
+        loaded.topology.broker.bootstrap = b.to_string();
+    }
+    Ok(loaded)
+}
+
+/// Starts the named workers (all when empty) as tasks of this process; returns their handles.
+pub fn spawn_workers(
+    loaded: Arc<Loaded>,
+    names: &[String],
+    instance: &str,
+    metrics: Metrics,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Vec<(String, tokio::task::JoinHandle<Result<(), orderflow_runtime::worker::WorkerError>>)>> {
+    let t = &loaded.topology;
+    let names: Vec<String> = if names.is_empty() { t.workers.keys().cloned().collect() } else { names.to_vec() };
+    let codec = Arc::new(Codec::load(&loaded.avro_dir(), t.broker.registry_url.as_deref())?);
+    let mut handles = Vec::new();
+    for name in names {
+        let spec = t.workers.get(&name).with_context(|| format!("worker {name} is not in the topology"))?;
+        let processor = kinds::build(spec).with_context(|| format!("worker {name}: unknown kind {}", spec.kind))?;
+        let ports = kinds::ports(&spec.kind).expect("known kind");
+        let worker = Worker::new(WorkerSetup {
+            name: name.clone(),
+            topology: loaded.clone(),
+            processor,
+            ports,
+            codec: codec.clone(),
+            metrics: metrics.clone(),
+            instance: instance.to_string(),
+        })?;
+        let rx = shutdown.clone();
+        let n = name.clone();
+        handles.push((
+            name,
+            tokio::spawn(async move {
+                let r = worker.run(rx).await;
+                log_exit(&n, &r);
+                r
+            }),
+        ));
+    }
+    Ok(handles)
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn terminate_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match cli.command {
+        Command::Topology { action: TopologyAction::Check { file } } => {
+            let loaded = topology::load(&file)?;
+            let problems = topology::check(&loaded, kinds::KINDS);
+            if problems.is_empty() {
+                println!("{}: ok ({} topics, {} workers)", file.display(), loaded.topology.topics.len(), loaded.topology.workers.len());
+                Ok(())
+            } else {
+                for p in &problems {
+                    eprintln!("error: {p}");
+                }
+                bail!("{}: {} problem(s)", file.display(), problems.len())
+            }
+        }
+        Command::Topology { action: TopologyAction::Graph { file } } => {
+            let loaded = topology::load(&file)?;
+            print!("{}", topology::mermaid(&loaded.topology));
+            Ok(())
+        }
+        Command::Topics { topology, bootstrap } => {
+            let loaded = load_topology(&topology, bootstrap.as_deref())?;
+            let created = orderflow_runtime::kafka::create_topics(&loaded.topology).await?;
+            println!("created {} topic(s): {}", created.len(), created.join(", "));
+            Ok(())
+        }
+        Command::Run { topology, workers, instance, metrics_addr, bootstrap } => {
+            let loaded = Arc::new(load_topology(&topology, bootstrap.as_deref())?);
+            let metrics = Metrics::new();
+            let ready = Arc::new(AtomicBool::new(false));
+            if let Some(addr) = metrics_addr {
+                let health = serve::Health { metrics: metrics.clone(), ready: ready.clone() };
+                tokio::spawn(async move {
+                    if let Err(e) = serve::serve(addr, health).await {
+                        tracing::error!(error = %e, %addr, "metrics endpoint failed");
+                    }
+                });
+            }
+            let (tx, rx) = watch::channel(false);
+            let handles = spawn_workers(loaded, &workers, &instance, metrics, rx)?;
+            ready.store(true, Ordering::Relaxed);
+            let mut failed = None;
+            let mut joins: futures::stream::FuturesUnordered<_> = handles.into_iter().map(|(n, h)| async move { (n, h.await) }).collect();
+            use futures::StreamExt;
+            tokio::select! {
+                _ = terminate_signal() => info!("signal received; finishing the units in flight"),
+                Some((name, r)) = joins.next() => { failed = Some((name, r)); }
+            }
+            let _ = tx.send(true);
+            while let Some((name, r)) = joins.next().await {
+                if failed.is_none() && !matches!(r, Ok(Ok(()))) {
+                    failed = Some((name, r));
+                }
+            }
+            match failed {
+                Some((name, Ok(Err(e)))) => bail!("worker {name} failed: {e}"),
+                Some((name, Err(e))) => bail!("worker {name} panicked: {e}"),
+                _ => Ok(()),
+            }
+        }
+        Command::Demo(args) => demo::run(args).await,
+    }
+}
