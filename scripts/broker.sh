@@ -102,13 +102,26 @@ free_port() {
 valid_port() { [[ "$1" =~ ^[0-9]+$ ]] && (( $1 >= 1 && $1 <= 65535 )); }
 
 # --- process -----------------------------------------------------------------------------------
+# True while process $1 exists and is not a zombie (an exited broker whose new parent has not
+# reaped it yet must count as gone).
+alive() {
+  kill -0 "$1" 2>/dev/null || return 1
+  if [ -r "/proc/$1/stat" ]; then
+    local stat
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    stat="${stat##*) }"
+    [ "${stat%% *}" != Z ] || return 1
+  fi
+  return 0
+}
+
 # Prints the pid of the broker of $DIR if it is alive (and really is tansu), else fails.
 running_pid() {
   [ -f "$PID_FILE" ] || return 1
   local pid
   pid="$(tr -dc '0-9' <"$PID_FILE")"
   [ -n "$pid" ] || return 1
-  kill -0 "$pid" 2>/dev/null || return 1
+  alive "$pid" || return 1
   if [ -r "/proc/$pid/cmdline" ]; then
     tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q tansu || return 1
   fi
@@ -130,10 +143,11 @@ find_tansu() {
   echo "$TOOLS/bin/tansu"
 }
 
+# Prints the last lines the broker logged since byte offset $1 of the log.
 log_tail() {
   if [ -f "$LOG_FILE" ]; then
     echo "---- last lines of $LOG_FILE ----" >&2
-    tail -n "${1:-30}" "$LOG_FILE" >&2
+    tail -c +"$(( ${1:-0} + 1 ))" "$LOG_FILE" | tail -n 30 >&2
     echo "----" >&2
   fi
 }
@@ -188,10 +202,13 @@ cmd_start() {
   say "starting tansu on $url (engine $engine, dir $DIR)"
   # Run in its own session (setsid) so a Ctrl-C in the calling terminal does not reach it; the
   # wrapper shell writes its own pid and then execs tansu, so the pid file holds tansu's pid.
-  # Running inside $DIR also keeps tansu's dotenv lookup away from the repository's files.
+  # tansu also reads SCHEMA_REGISTRY (turns on schema validation) and OTEL_EXPORTER_OTLP_ENDPOINT
+  # from the environment; the project's own settings must not leak into the broker.
   (
     cd "$DIR"
-    exec setsid sh -c 'echo $$ >"$1"; shift; exec "$@"' sh "$PID_FILE" \
+    # shellcheck disable=SC2016 # $$ and $1 belong to the inner sh
+    exec env -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT \
+      setsid sh -c 'echo $$ >"$1"; shift; exec "$@"' sh "$PID_FILE" \
       "$tansu" broker \
         --cluster-id orderflow \
         --listener-url "$url" \
@@ -208,12 +225,12 @@ cmd_start() {
   while :; do
     if [ -z "$pid" ] && [ -s "$PID_FILE" ]; then pid="$(tr -dc '0-9' <"$PID_FILE")"; fi
     if tail -c +"$((offset + 1))" "$LOG_FILE" | grep -q 'ready in'; then break; fi
-    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
-      log_tail
+    if [ -n "$pid" ] && ! alive "$pid"; then
+      log_tail "$offset"
       die "tansu exited during start-up (see $LOG_FILE)"
     fi
-    if (( SECONDS >= deadline )); then
-      log_tail
+    if (( SECONDS > deadline )); then
+      log_tail "$offset"
       [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null || true
       die "tansu did not print 'ready in' within ${timeout}s (see $LOG_FILE)"
     fi
@@ -221,12 +238,12 @@ cmd_start() {
   done
 
   while ! port_accepting "$port"; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      log_tail
+    if ! alive "$pid"; then
+      log_tail "$offset"
       die "tansu exited during start-up (see $LOG_FILE)"
     fi
-    if (( SECONDS >= deadline )); then
-      log_tail
+    if (( SECONDS > deadline )); then
+      log_tail "$offset"
       kill -KILL "$pid" 2>/dev/null || true
       die "tansu said ready but 127.0.0.1:$port does not accept connections within ${timeout}s"
     fi
@@ -259,17 +276,17 @@ cmd_stop() {
   say "stopping tansu (pid $pid)"
   kill -TERM "$pid" 2>/dev/null || true
   local deadline=$(( SECONDS + 10 ))
-  while kill -0 "$pid" 2>/dev/null; do
-    if (( SECONDS >= deadline )); then
+  while alive "$pid"; do
+    if (( SECONDS > deadline )); then
       say "tansu did not exit within 10 s of SIGTERM; sending SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
       local kdeadline=$(( SECONDS + 5 ))
-      while kill -0 "$pid" 2>/dev/null && (( SECONDS < kdeadline )); do sleep 0.1; done
+      while alive "$pid" && (( SECONDS < kdeadline )); do sleep 0.1; done
       break
     fi
     sleep 0.1
   done
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pid"; then
     die "tansu (pid $pid) is still alive after SIGKILL"
   fi
   rm -f "$PID_FILE"

@@ -6,6 +6,8 @@
 # Installs the tools if missing (scripts/install-tools.sh), builds the tests, starts a fresh
 # SQLite-backed tansu broker on a free port in its own directory under target/, and runs
 #   cargo test --workspace --release [ARGS...] -- --test-threads=1 [TEST BINARY ARGS...]
+# (without --workspace when ARGS select packages with -p/--package; --test-threads=1 is left out
+# when the test binary args set --test-threads themselves)
 # with these variables exported for the tests:
 #   ORDERFLOW_BOOTSTRAP      127.0.0.1:PORT of the broker
 #   ORDERFLOW_BROKER_DIR     the broker's state directory (tansu.log, tansu.db, port, pid)
@@ -37,6 +39,11 @@ for arg in "$@"; do
   if [ "$seen_sep" = 0 ] && [ "$arg" = "--" ]; then seen_sep=1; continue; fi
   if [ "$seen_sep" = 0 ]; then cargo_args+=("$arg"); else bin_args+=("$arg"); fi
 done
+# `--workspace` would override a `-p`/`--package` selection, so it is only added without one.
+scope=(--workspace)
+for arg in "${cargo_args[@]+"${cargo_args[@]}"}"; do
+  case "$arg" in -p|-p*|--package|--package=*) scope=() ;; esac
+done
 threads_given=0
 for arg in "${bin_args[@]+"${bin_args[@]}"}"; do
   case "$arg" in --test-threads|--test-threads=*) threads_given=1 ;; esac
@@ -44,8 +51,8 @@ done
 [ "$threads_given" = 1 ] || bin_args=(--test-threads=1 "${bin_args[@]+"${bin_args[@]}"}")
 
 # Build first, so compile errors fail fast and the broker does not idle through the build.
-say "building tests: cargo test --workspace --release --no-run ${cargo_args[*]+"${cargo_args[*]}"}"
-cargo test --workspace --release --no-run "${cargo_args[@]+"${cargo_args[@]}"}"
+say "building tests: cargo test ${scope[*]+"${scope[*]}"} --release --no-run ${cargo_args[*]+"${cargo_args[*]}"}"
+cargo test "${scope[@]+"${scope[@]}"}" --release --no-run "${cargo_args[@]+"${cargo_args[@]}"}"
 
 mkdir -p "$ROOT/target"
 BROKER_DIR="$(mktemp -d "$ROOT/target/test-broker.XXXXXX")"
@@ -70,7 +77,7 @@ export ORDERFLOW_BOOTSTRAP="$bootstrap"
 say "broker at $ORDERFLOW_BOOTSTRAP (dir $BROKER_DIR)"
 
 set +e
-cargo test --workspace --release "${cargo_args[@]+"${cargo_args[@]}"}" -- "${bin_args[@]}"
+cargo test "${scope[@]+"${scope[@]}"}" --release "${cargo_args[@]+"${cargo_args[@]}"}" -- "${bin_args[@]}"
 status=$?
 set -e
 exit "$status"
