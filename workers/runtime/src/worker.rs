@@ -35,11 +35,6 @@ use crate::metrics::Metrics;
 use crate::store::{Shard, Store, StoreError};
 use crate::topology::{Guarantee, Loaded};
 
-/// Record header carrying the event's `eventId` on every output.
-pub const HEADER_EVENT_ID: &str = "orderflow.event-id";
-/// Record header carrying the Avro record name on every output.
-pub const HEADER_SCHEMA: &str = "orderflow.schema";
-
 /// Errors that stop a worker instance. All are fatal: the process exits non-zero so the pod
 /// restarts and replays from the last committed unit.
 #[derive(Debug, thiserror::Error)]
@@ -277,13 +272,10 @@ impl Worker {
         for r in &records {
             let topic = &self.outputs[&r.port];
             let bytes = self.codec.encode(topic, &r.event).await.map_err(|error| WorkerError::Encode { topic: topic.clone(), error })?;
-            encoded.push((topic.as_str(), r.key.as_str(), bytes, r.event.event_id(), r.event.schema_name()));
+            encoded.push((topic.as_str(), r.key.as_str(), bytes));
         }
-        let sends = encoded.iter().map(|(topic, key, bytes, event_id, schema)| {
-            let headers = OwnedHeaders::new()
-                .insert(Header { key: HEADER_EVENT_ID, value: Some(event_id.as_bytes()) })
-                .insert(Header { key: HEADER_SCHEMA, value: Some(schema.as_bytes()) });
-            let record = FutureRecord::to(topic).key(*key).payload(bytes.as_slice()).headers(headers);
+        let sends = encoded.iter().map(|(topic, key, bytes)| {
+            let record = FutureRecord::to(topic).key(*key).payload(bytes.as_slice());
             self.producer.send(record, Timeout::Never)
         });
         let dlq_payloads: Vec<(String, OwnedHeaders)> = dead_letters.iter().map(|d| (dlq_topic(d.source.topic()), self.dlq_headers(d, now))).collect();
