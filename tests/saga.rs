@@ -39,7 +39,9 @@ fn saga_on_tpch_orders_and_seed_scenarios_keeps_every_invariant() {
         + count("ORDER_CANCELLED/RESERVATION_EXPIRED");
     assert_eq!(terminal, 1002, "outcomes {by}");
     // Every branch of the saga was taken: stock failure, payment, payment failure, expiry.
-    for k in ["ORDER_COMPLETED", "ORDER_CANCELLED/INSUFFICIENT_STOCK", "ORDER_CANCELLED/PAYMENT_FAILED", "ORDER_CANCELLED/RESERVATION_EXPIRED"] {
+    for k in
+        ["ORDER_COMPLETED", "ORDER_CANCELLED/INSUFFICIENT_STOCK", "ORDER_CANCELLED/PAYMENT_FAILED", "ORDER_CANCELLED/RESERVATION_EXPIRED"]
+    {
         assert!(count(k) > 0, "no order ended {k}: {by}");
     }
 
@@ -56,7 +58,12 @@ fn saga_on_tpch_orders_and_seed_scenarios_keeps_every_invariant() {
     let stores = s["stores"].as_array().unwrap();
     assert_eq!(stores.len(), 27, "25 TPC-H nations + 2 seed stores");
     for st in stores {
-        let (initial, available, reserved, sold) = (st["initial"].as_i64().unwrap(), st["available"].as_i64().unwrap(), st["reserved"].as_i64().unwrap(), st["sold"].as_i64().unwrap());
+        let (initial, available, reserved, sold) = (
+            st["initial"].as_i64().unwrap(),
+            st["available"].as_i64().unwrap(),
+            st["reserved"].as_i64().unwrap(),
+            st["sold"].as_i64().unwrap(),
+        );
         assert_eq!(initial, available + reserved + sold, "{st}");
         assert_eq!(st["conserved"], true, "{st}");
     }
@@ -69,5 +76,9 @@ fn saga_on_tpch_orders_and_seed_scenarios_keeps_every_invariant() {
         }
     }
     assert_eq!(topics["order.created"], 1002);
-    assert_eq!(topics["stock.reserved"].as_i64().unwrap() + topics["stock.reservation.failed"].as_i64().unwrap(), 1002, "one stock answer per order");
+    assert_eq!(
+        topics["stock.reserved"].as_i64().unwrap() + topics["stock.reservation.failed"].as_i64().unwrap(),
+        1002,
+        "one stock answer per order"
+    );
 }

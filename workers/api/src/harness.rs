@@ -66,7 +66,13 @@ pub struct Harness<P: Processor> {
 impl<P: Processor> Harness<P> {
     /// A harness with every port in `wired` connected.
     pub fn new(processor: P, wired: &[&str]) -> Self {
-        Harness { processor, store: MemoryStore::default(), wired: wired.iter().map(|s| s.to_string()).collect(), offset: 0, notes: Vec::new() }
+        Harness {
+            processor,
+            store: MemoryStore::default(),
+            wired: wired.iter().map(|s| s.to_string()).collect(),
+            offset: 0,
+            notes: Vec::new(),
+        }
     }
 
     /// Feeds `event` read from `topic` at time `now_ms`; returns what it emitted.

@@ -161,7 +161,13 @@ pub fn seen_key(event_id: &str) -> Vec<u8> {
 /// a new one is remembered in the same staged transaction as the processor's writes, so the two
 /// become durable together. On error, the staged writes and outputs of this event are discarded.
 /// Used by the runtime and by [`Harness`], so both apply the same rule.
-pub fn handle<P: Processor + ?Sized>(processor: &mut P, ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<Handled, ProcessError> {
+pub fn handle<P: Processor + ?Sized>(
+    processor: &mut P,
+    ctx: &Context,
+    event: &Event,
+    state: &mut StateTxn,
+    out: &mut Outputs,
+) -> Result<Handled, ProcessError> {
     let key = seen_key(event.event_id());
     if state.get(&key).is_some() {
         return Ok(Handled::Duplicate);
@@ -183,7 +189,12 @@ pub fn handle<P: Processor + ?Sized>(processor: &mut P, ctx: &Context, event: &E
 
 /// Fires every timer due at `ctx.now_ms`, earliest first, each removed before its handler runs.
 /// Returns how many fired. Errors abort at the failing timer, with its changes discarded.
-pub fn fire_timers<P: Processor + ?Sized>(processor: &mut P, ctx: &Context, state: &mut StateTxn, out: &mut Outputs) -> Result<usize, ProcessError> {
+pub fn fire_timers<P: Processor + ?Sized>(
+    processor: &mut P,
+    ctx: &Context,
+    state: &mut StateTxn,
+    out: &mut Outputs,
+) -> Result<usize, ProcessError> {
     let due = state.due_timers(ctx.now_ms);
     for (key, due_ms) in &due {
         let mark = state.savepoint();

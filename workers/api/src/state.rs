@@ -83,10 +83,9 @@ impl<'a> StateTxn<'a> {
     pub fn get_json<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, ProcessError> {
         match self.get(key) {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| ProcessError::CorruptState {
-                key: String::from_utf8_lossy(key).into_owned(),
-                message: e.to_string(),
-            }),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| ProcessError::CorruptState { key: String::from_utf8_lossy(key).into_owned(), message: e.to_string() }),
         }
     }
 
@@ -119,12 +118,8 @@ impl<'a> StateTxn<'a> {
 
     /// Timers due at `now_ms` (staged changes applied), earliest first.
     pub fn due_timers(&self, now_ms: i64) -> Vec<(Vec<u8>, i64)> {
-        let mut due: Vec<(Vec<u8>, i64)> = self
-            .base
-            .due_timers(now_ms)
-            .into_iter()
-            .filter(|(k, _)| !self.changes.timers.contains_key(k))
-            .collect();
+        let mut due: Vec<(Vec<u8>, i64)> =
+            self.base.due_timers(now_ms).into_iter().filter(|(k, _)| !self.changes.timers.contains_key(k)).collect();
         due.extend(self.changes.timers.iter().filter_map(|(k, at)| at.filter(|at| *at <= now_ms).map(|at| (k.clone(), at))));
         due.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
         due

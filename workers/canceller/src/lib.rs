@@ -7,9 +7,7 @@
 //! produce one cancellation downstream (domain rule 7), and the canceller remembers cancelled
 //! orders at [`cancel_key`].
 
-use orderflow_api::events::{
-    cancel_reason, release_reason, OrderCancelled, StockReservationFailed, StockReservationReleased,
-};
+use orderflow_api::events::{cancel_reason, release_reason, OrderCancelled, StockReservationFailed, StockReservationReleased};
 use orderflow_api::{derive_event_id, Context, Event, Outputs, ProcessError, Processor, StateTxn};
 use serde::{Deserialize, Serialize};
 
@@ -34,9 +32,7 @@ pub fn cancellation_event_id(order_id: &str) -> String {
 /// `INSUFFICIENT_STOCK` is the seed 000 push text; unknown reasons get a generic text.
 pub fn customer_message(reason: &str) -> &'static str {
     match reason {
-        cancel_reason::INSUFFICIENT_STOCK => {
-            "재고 부족으로 주문이 취소되었습니다. 다른 상품을 확인해보세요."
-        }
+        cancel_reason::INSUFFICIENT_STOCK => "재고 부족으로 주문이 취소되었습니다. 다른 상품을 확인해보세요.",
         cancel_reason::RESERVATION_EXPIRED => "결제 시간이 초과되어 주문이 취소되었습니다.",
         cancel_reason::PAYMENT_FAILED => "결제에 실패하여 주문이 취소되었습니다.",
         cancel_reason::SAGA_TIMEOUT => "주문 처리 시간이 초과되어 주문이 취소되었습니다.",
@@ -95,54 +91,19 @@ impl Canceller {
                 customer_message: customer_message(reason).to_string(),
             },
         )?;
-        state.put_json(
-            key,
-            &CancelRecord {
-                reason: reason.to_string(),
-                emitted: true,
-            },
-        );
+        state.put_json(key, &CancelRecord { reason: reason.to_string(), emitted: true });
         out.note("compensation", reason.to_string());
         Ok(())
     }
 
-    fn failed(
-        &self,
-        e: &StockReservationFailed,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
-        require(
-            "StockReservationFailed",
-            &e.event_id,
-            "orderId",
-            &e.order_id,
-        )?;
+    fn failed(&self, e: &StockReservationFailed, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        require("StockReservationFailed", &e.event_id, "orderId", &e.order_id)?;
         // Every failure reason the reserver emits is a stock shortage (seed 000).
-        self.compensate(
-            &e.order_id,
-            &e.hq_id,
-            &e.store_id,
-            cancel_reason::INSUFFICIENT_STOCK,
-            None,
-            e.occurred_at,
-            state,
-            out,
-        )
+        self.compensate(&e.order_id, &e.hq_id, &e.store_id, cancel_reason::INSUFFICIENT_STOCK, None, e.occurred_at, state, out)
     }
 
-    fn released(
-        &self,
-        e: &StockReservationReleased,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
-        require(
-            "StockReservationReleased",
-            &e.event_id,
-            "orderId",
-            &e.order_id,
-        )?;
+    fn released(&self, e: &StockReservationReleased, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        require("StockReservationReleased", &e.event_id, "orderId", &e.order_id)?;
         match e.reason.as_str() {
             release_reason::EXPIRED => self.compensate(
                 &e.order_id,
@@ -159,19 +120,11 @@ impl Canceller {
                 mark_observed(&e.order_id, &e.reason, state)?;
                 Ok(())
             }
-            other => Err(ProcessError::Invalid(format!(
-                "StockReservationReleased {}: unknown reason {other:?}",
-                e.event_id
-            ))),
+            other => Err(ProcessError::Invalid(format!("StockReservationReleased {}: unknown reason {other:?}", e.event_id))),
         }
     }
 
-    fn cancelled(
-        &self,
-        e: &OrderCancelled,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
+    fn cancelled(&self, e: &OrderCancelled, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         require("OrderCancelled", &e.event_id, "orderId", &e.order_id)?;
         let own_echo = e.event_id == cancellation_event_id(&e.order_id);
         if !mark_observed(&e.order_id, &e.reason, state)? && !own_echo {
@@ -187,13 +140,7 @@ fn mark_observed(order_id: &str, reason: &str, state: &mut StateTxn) -> Result<b
     if state.get_json::<CancelRecord>(&key)?.is_some() {
         return Ok(false);
     }
-    state.put_json(
-        key,
-        &CancelRecord {
-            reason: reason.to_string(),
-            emitted: false,
-        },
-    );
+    state.put_json(key, &CancelRecord { reason: reason.to_string(), emitted: false });
     Ok(true)
 }
 
@@ -213,13 +160,7 @@ impl Processor for Canceller {
     ///
     /// Errors: [`ProcessError::Invalid`] for an empty `orderId` or an unknown release reason;
     /// [`ProcessError::UnwiredPort`] when `cancelled` is not wired.
-    fn process(
-        &mut self,
-        _ctx: &Context,
-        event: &Event,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
+    fn process(&mut self, _ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         match event {
             Event::StockReservationFailed(e) => self.failed(e, state, out),
             Event::StockReservationReleased(e) => self.released(e, state, out),
@@ -231,9 +172,7 @@ impl Processor for Canceller {
 
 fn require(kind: &str, event_id: &str, field: &str, value: &str) -> Result<(), ProcessError> {
     if value.is_empty() {
-        Err(ProcessError::Invalid(format!(
-            "{kind} {event_id}: empty {field}"
-        )))
+        Err(ProcessError::Invalid(format!("{kind} {event_id}: empty {field}")))
     } else {
         Ok(())
     }
@@ -257,11 +196,7 @@ mod tests {
             hq_id: "HQ-1".into(),
             store_id: "S-1".into(),
             reason: "INSUFFICIENT_STOCK".into(),
-            items: vec![FailedItem {
-                product_id: "P-001".into(),
-                requested: 10,
-                available: 5,
-            }],
+            items: vec![FailedItem { product_id: "P-001".into(), requested: 10, available: 5 }],
         }
     }
 
@@ -274,10 +209,7 @@ mod tests {
             hq_id: "HQ-1".into(),
             store_id: "S-1".into(),
             reason: reason.into(),
-            items: vec![ReleasedItem {
-                product_id: "P-001".into(),
-                released: 2,
-            }],
+            items: vec![ReleasedItem { product_id: "P-001".into(), released: 2 }],
         }
     }
 
@@ -295,63 +227,31 @@ mod tests {
     }
 
     fn late(h: &Harness<Canceller>) -> Vec<String> {
-        h.notes
-            .iter()
-            .filter(|n| n.measure == "late_event")
-            .map(|n| n.label.clone())
-            .collect()
+        h.notes.iter().filter(|n| n.measure == "late_event").map(|n| n.label.clone()).collect()
     }
 
     #[test]
     fn customer_messages() {
-        assert_eq!(
-            customer_message("INSUFFICIENT_STOCK"),
-            "재고 부족으로 주문이 취소되었습니다. 다른 상품을 확인해보세요."
-        );
-        assert_eq!(
-            customer_message("RESERVATION_EXPIRED"),
-            "결제 시간이 초과되어 주문이 취소되었습니다."
-        );
-        assert_eq!(
-            customer_message("PAYMENT_FAILED"),
-            "결제에 실패하여 주문이 취소되었습니다."
-        );
-        assert_eq!(
-            customer_message("SAGA_TIMEOUT"),
-            "주문 처리 시간이 초과되어 주문이 취소되었습니다."
-        );
+        assert_eq!(customer_message("INSUFFICIENT_STOCK"), "재고 부족으로 주문이 취소되었습니다. 다른 상품을 확인해보세요.");
+        assert_eq!(customer_message("RESERVATION_EXPIRED"), "결제 시간이 초과되어 주문이 취소되었습니다.");
+        assert_eq!(customer_message("PAYMENT_FAILED"), "결제에 실패하여 주문이 취소되었습니다.");
+        assert_eq!(customer_message("SAGA_TIMEOUT"), "주문 처리 시간이 초과되어 주문이 취소되었습니다.");
         assert_eq!(customer_message("???"), "주문이 취소되었습니다.");
     }
 
     #[test]
     fn insufficient_stock_cancels_with_seed_000_message() {
         let mut h = harness();
-        let outs = h
-            .feed("stock.reservation.failed", failed("f1", "O-1"), 7)
-            .unwrap();
+        let outs = h.feed("stock.reservation.failed", failed("f1", "O-1"), 7).unwrap();
         assert_eq!(outs.len(), 1);
-        assert_eq!(
-            (outs[0].port.as_str(), outs[0].key.as_str()),
-            ("cancelled", "O-1")
-        );
-        let Event::OrderCancelled(c) = &outs[0].event else {
-            panic!()
-        };
+        assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), ("cancelled", "O-1"));
+        let Event::OrderCancelled(c) = &outs[0].event else { panic!() };
         assert_eq!(c.event_id, derive_event_id("O-1", "order.cancelled"));
         assert_eq!(c.reason, "INSUFFICIENT_STOCK");
-        assert_eq!(
-            c.customer_message,
-            "재고 부족으로 주문이 취소되었습니다. 다른 상품을 확인해보세요."
-        );
+        assert_eq!(c.customer_message, "재고 부족으로 주문이 취소되었습니다. 다른 상품을 확인해보세요.");
         assert_eq!(c.reservation_id, None);
-        assert_eq!(
-            (c.hq_id.as_str(), c.store_id.as_str(), c.occurred_at),
-            ("HQ-1", "S-1", 1_000)
-        );
-        assert!(h
-            .notes
-            .iter()
-            .any(|n| n.measure == "compensation" && n.label == "INSUFFICIENT_STOCK"));
+        assert_eq!((c.hq_id.as_str(), c.store_id.as_str(), c.occurred_at), ("HQ-1", "S-1", 1_000));
+        assert!(h.notes.iter().any(|n| n.measure == "compensation" && n.label == "INSUFFICIENT_STOCK"));
         let rec: CancelRecord = h.store.get_json(&cancel_key("O-1")).unwrap();
         assert!(rec.emitted);
     }
@@ -360,15 +260,10 @@ mod tests {
     fn expiry_release_cancels_with_reservation_expired() {
         let mut h = harness();
         let outs = h.feed("t", released("r1", "O-1", "EXPIRED"), 0).unwrap();
-        let Event::OrderCancelled(c) = &outs[0].event else {
-            panic!()
-        };
+        let Event::OrderCancelled(c) = &outs[0].event else { panic!() };
         assert_eq!(c.reason, "RESERVATION_EXPIRED");
         assert_eq!(c.reservation_id.as_deref(), Some("R-1"));
-        assert_eq!(
-            c.customer_message,
-            "결제 시간이 초과되어 주문이 취소되었습니다."
-        );
+        assert_eq!(c.customer_message, "결제 시간이 초과되어 주문이 취소되었습니다.");
         assert_eq!(c.event_id, cancellation_event_id("O-1"));
         assert_eq!(c.occurred_at, 301_000);
     }
@@ -383,15 +278,10 @@ mod tests {
         assert!(late(&h).is_empty());
         // Another cause for the same order: late, no second cancellation.
         assert!(h.feed("t", failed("f2", "O-1"), 0).unwrap().is_empty());
-        assert!(h
-            .feed("t", released("r1", "O-1", "EXPIRED"), 0)
-            .unwrap()
-            .is_empty());
+        assert!(h.feed("t", released("r1", "O-1", "EXPIRED"), 0).unwrap().is_empty());
         assert_eq!(late(&h), vec!["already_cancelled", "already_cancelled"]);
         // Its own output wired back is silent.
-        let Event::OrderCancelled(own) = first[0].event.clone() else {
-            panic!()
-        };
+        let Event::OrderCancelled(own) = first[0].event.clone() else { panic!() };
         assert!(h.feed("order.cancelled", own, 0).unwrap().is_empty());
         assert_eq!(late(&h).len(), 2);
     }
@@ -401,17 +291,8 @@ mod tests {
         let mut h = harness();
         assert!(h.feed("t", pos_cancel("p1", "O-1"), 0).unwrap().is_empty());
         let rec: CancelRecord = h.store.get_json(&cancel_key("O-1")).unwrap();
-        assert_eq!(
-            rec,
-            CancelRecord {
-                reason: "PAYMENT_FAILED".into(),
-                emitted: false
-            }
-        );
-        assert!(h
-            .feed("t", released("r1", "O-1", "EXPIRED"), 0)
-            .unwrap()
-            .is_empty());
+        assert_eq!(rec, CancelRecord { reason: "PAYMENT_FAILED".into(), emitted: false });
+        assert!(h.feed("t", released("r1", "O-1", "EXPIRED"), 0).unwrap().is_empty());
         assert_eq!(late(&h), vec!["already_cancelled"]);
         // A second foreign cancellation is late.
         h.feed("t", pos_cancel("p2", "O-1"), 0).unwrap();
@@ -421,19 +302,10 @@ mod tests {
     #[test]
     fn release_for_cancelled_marks_without_output() {
         let mut h = harness();
-        assert!(h
-            .feed("t", released("r1", "O-1", "CANCELLED"), 0)
-            .unwrap()
-            .is_empty());
-        assert!(h
-            .store
-            .get_json::<CancelRecord>(&cancel_key("O-1"))
-            .is_some());
+        assert!(h.feed("t", released("r1", "O-1", "CANCELLED"), 0).unwrap().is_empty());
+        assert!(h.store.get_json::<CancelRecord>(&cancel_key("O-1")).is_some());
         assert!(h.feed("t", failed("f1", "O-1"), 0).unwrap().is_empty());
-        assert!(matches!(
-            h.feed("t", released("r2", "O-2", "WHATEVER"), 0),
-            Err(ProcessError::Invalid(_))
-        ));
+        assert!(matches!(h.feed("t", released("r2", "O-2", "WHATEVER"), 0), Err(ProcessError::Invalid(_))));
     }
 
     #[test]
@@ -441,10 +313,7 @@ mod tests {
         let run = |now| {
             let mut h = harness();
             let mut outs = h.feed("t", failed("f1", "O-1"), now).unwrap();
-            outs.extend(
-                h.feed("t", released("r1", "O-2", "EXPIRED"), now + 5)
-                    .unwrap(),
-            );
+            outs.extend(h.feed("t", released("r1", "O-2", "EXPIRED"), now + 5).unwrap());
             outs
         };
         let a = run(1);
@@ -455,10 +324,7 @@ mod tests {
     #[test]
     fn empty_order_id_is_invalid_and_other_events_ignored() {
         let mut h = harness();
-        assert!(matches!(
-            h.feed("t", failed("f1", ""), 0),
-            Err(ProcessError::Invalid(_))
-        ));
+        assert!(matches!(h.feed("t", failed("f1", ""), 0), Err(ProcessError::Invalid(_))));
         let ev = orderflow_api::events::StockReservationExpired {
             event_id: "x".into(),
             occurred_at: 0,
@@ -468,13 +334,7 @@ mod tests {
             store_id: "S-1".into(),
             expires_at: 0,
         };
-        assert!(h
-            .feed("stock.reservation.failed", ev, 0)
-            .unwrap()
-            .is_empty());
-        assert!(h
-            .store
-            .get_json::<CancelRecord>(&cancel_key("O-1"))
-            .is_none());
+        assert!(h.feed("stock.reservation.failed", ev, 0).unwrap().is_empty());
+        assert!(h.store.get_json::<CancelRecord>(&cancel_key("O-1")).is_none());
     }
 }

@@ -48,13 +48,7 @@ impl Processor for Deduplicator {
     ///
     /// Errors: [`ProcessError::Invalid`] when a forwarded event has an empty `hqId` or `storeId`
     /// (it could not be routed to its store); [`ProcessError::UnwiredPort`] when `out` is not wired.
-    fn process(
-        &mut self,
-        _ctx: &Context,
-        event: &Event,
-        _state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
+    fn process(&mut self, _ctx: &Context, event: &Event, _state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         if !Self::forwards(event) {
             return Ok(());
         }
@@ -88,11 +82,7 @@ mod tests {
             customer_id: "C-1".into(),
             hq_id: "HQ-1".into(),
             store_id: store.into(),
-            items: vec![OrderItem {
-                product_id: "P-001".into(),
-                quantity: 1,
-                unit_price: 100,
-            }],
+            items: vec![OrderItem { product_id: "P-001".into(), quantity: 1, unit_price: 100 }],
         }
     }
 
@@ -138,10 +128,7 @@ mod tests {
                 store_id: "S-1".into(),
                 adjustment_type: "RESTOCK".into(),
                 reference_id: "ADJ-1".into(),
-                items: vec![AdjustedItem {
-                    product_id: "P-001".into(),
-                    delta: 3,
-                }],
+                items: vec![AdjustedItem { product_id: "P-001".into(), delta: 3 }],
             }
             .into(),
         ]
@@ -172,20 +159,14 @@ mod tests {
             expires_at: 2,
             items: vec![],
         };
-        assert!(
-            h.feed("order.created", ev, 0).unwrap().is_empty(),
-            "dispatch is on the variant, not the topic"
-        );
+        assert!(h.feed("order.created", ev, 0).unwrap().is_empty(), "dispatch is on the variant, not the topic");
     }
 
     #[test]
     fn rejects_empty_store_ids() {
         let mut h = harness();
         let err = h.feed("t", created("e1", ""), 0).unwrap_err();
-        assert!(
-            matches!(err, ProcessError::Invalid(ref m) if m.contains("storeId")),
-            "{err}"
-        );
+        assert!(matches!(err, ProcessError::Invalid(ref m) if m.contains("storeId")), "{err}");
         let mut ev = created("e2", "S-1");
         ev.hq_id.clear();
         assert!(matches!(h.feed("t", ev, 0), Err(ProcessError::Invalid(_))));
@@ -201,9 +182,6 @@ mod tests {
     #[test]
     fn unwired_port_is_an_error() {
         let mut h = Harness::new(Deduplicator::new(), &[]);
-        assert!(matches!(
-            h.feed("t", created("e1", "S-1"), 0),
-            Err(ProcessError::UnwiredPort(_))
-        ));
+        assert!(matches!(h.feed("t", created("e1", "S-1"), 0), Err(ProcessError::UnwiredPort(_))));
     }
 }

@@ -9,9 +9,7 @@
 //! State (JSON): [`order_key`] → [`OrderState`]. An order without state is `ORDER_CREATED` (the
 //! confirmer does not consume `order.created`).
 
-use orderflow_api::events::{
-    OrderCancelled, OrderCompleted, OrderConfirmed, StockReservationFailed, StockReserved,
-};
+use orderflow_api::events::{OrderCancelled, OrderCompleted, OrderConfirmed, StockReservationFailed, StockReserved};
 use orderflow_api::{derive_event_id, Context, Event, Outputs, ProcessError, Processor, StateTxn};
 use serde::{Deserialize, Serialize};
 
@@ -89,26 +87,13 @@ impl OrderConfirmer {
         OrderConfirmer
     }
 
-    fn reserved(
-        &self,
-        e: &StockReserved,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
+    fn reserved(&self, e: &StockReserved, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         require("StockReserved", &e.event_id, "orderId", &e.order_id)?;
-        require(
-            "StockReserved",
-            &e.event_id,
-            "reservationId",
-            &e.reservation_id,
-        )?;
+        require("StockReserved", &e.event_id, "reservationId", &e.reservation_id)?;
         let key = order_key(&e.order_id);
         if let Some(s) = state.get_json::<OrderState>(&key)? {
             // Never confirm twice, and never confirm a cancelled (or failed/completed) order.
-            out.note(
-                "late_event",
-                format!("stock_reserved_when_{}", s.status.as_str()),
-            );
+            out.note("late_event", format!("stock_reserved_when_{}", s.status.as_str()));
             return Ok(());
         }
         out.emit(
@@ -125,107 +110,49 @@ impl OrderConfirmer {
                 expires_at: e.expires_at,
             },
         )?;
-        state.put_json(
-            key,
-            &OrderState {
-                status: OrderStatus::PaymentWait,
-                reservation_id: Some(e.reservation_id.clone()),
-            },
-        );
+        state.put_json(key, &OrderState { status: OrderStatus::PaymentWait, reservation_id: Some(e.reservation_id.clone()) });
         out.note("confirmed", OrderStatus::PaymentWait.as_str());
         Ok(())
     }
 
-    fn failed(
-        &self,
-        e: &StockReservationFailed,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
-        require(
-            "StockReservationFailed",
-            &e.event_id,
-            "orderId",
-            &e.order_id,
-        )?;
+    fn failed(&self, e: &StockReservationFailed, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        require("StockReservationFailed", &e.event_id, "orderId", &e.order_id)?;
         let key = order_key(&e.order_id);
         let current = state.get_json::<OrderState>(&key)?;
         if let Some(s) = current.as_ref().filter(|s| s.status.is_terminal()) {
-            out.note(
-                "late_event",
-                format!("reservation_failed_when_{}", s.status.as_str()),
-            );
+            out.note("late_event", format!("reservation_failed_when_{}", s.status.as_str()));
             return Ok(());
         }
         let reservation_id = current.and_then(|s| s.reservation_id);
-        state.put_json(
-            key,
-            &OrderState {
-                status: OrderStatus::Failed,
-                reservation_id,
-            },
-        );
+        state.put_json(key, &OrderState { status: OrderStatus::Failed, reservation_id });
         out.note("order_status", OrderStatus::Failed.as_str());
         Ok(())
     }
 
-    fn cancelled(
-        &self,
-        e: &OrderCancelled,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
+    fn cancelled(&self, e: &OrderCancelled, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         require("OrderCancelled", &e.event_id, "orderId", &e.order_id)?;
         let key = order_key(&e.order_id);
         let current = state.get_json::<OrderState>(&key)?;
         if let Some(s) = current.as_ref().filter(|s| s.status.is_terminal()) {
-            out.note(
-                "late_event",
-                format!("cancelled_when_{}", s.status.as_str()),
-            );
+            out.note("late_event", format!("cancelled_when_{}", s.status.as_str()));
             return Ok(());
         }
-        let reservation_id = current
-            .and_then(|s| s.reservation_id)
-            .or_else(|| e.reservation_id.clone());
-        state.put_json(
-            key,
-            &OrderState {
-                status: OrderStatus::Cancelled,
-                reservation_id,
-            },
-        );
+        let reservation_id = current.and_then(|s| s.reservation_id).or_else(|| e.reservation_id.clone());
+        state.put_json(key, &OrderState { status: OrderStatus::Cancelled, reservation_id });
         out.note("order_status", OrderStatus::Cancelled.as_str());
         Ok(())
     }
 
-    fn completed(
-        &self,
-        e: &OrderCompleted,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
+    fn completed(&self, e: &OrderCompleted, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         require("OrderCompleted", &e.event_id, "orderId", &e.order_id)?;
         let key = order_key(&e.order_id);
         match state.get_json::<OrderState>(&key)? {
             Some(s) if s.status == OrderStatus::PaymentWait => {
-                state.put_json(
-                    key,
-                    &OrderState {
-                        status: OrderStatus::Completed,
-                        reservation_id: s.reservation_id,
-                    },
-                );
+                state.put_json(key, &OrderState { status: OrderStatus::Completed, reservation_id: s.reservation_id });
                 out.note("order_status", OrderStatus::Completed.as_str());
             }
-            Some(s) => out.note(
-                "late_event",
-                format!("completed_when_{}", s.status.as_str()),
-            ),
-            None => out.note(
-                "late_event",
-                format!("completed_when_{}", OrderStatus::Created.as_str()),
-            ),
+            Some(s) => out.note("late_event", format!("completed_when_{}", s.status.as_str())),
+            None => out.note("late_event", format!("completed_when_{}", OrderStatus::Created.as_str())),
         }
         Ok(())
     }
@@ -242,13 +169,7 @@ impl Processor for OrderConfirmer {
     /// Other events are ignored. Errors: [`ProcessError::Invalid`] for an empty `orderId` (or an
     /// empty `reservationId` on `StockReserved`); [`ProcessError::CorruptState`] for unreadable
     /// state; [`ProcessError::UnwiredPort`] when `confirmed` is not wired.
-    fn process(
-        &mut self,
-        _ctx: &Context,
-        event: &Event,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
+    fn process(&mut self, _ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         match event {
             Event::StockReserved(e) => self.reserved(e, state, out),
             Event::StockReservationFailed(e) => self.failed(e, state, out),
@@ -261,9 +182,7 @@ impl Processor for OrderConfirmer {
 
 fn require(kind: &str, event_id: &str, field: &str, value: &str) -> Result<(), ProcessError> {
     if value.is_empty() {
-        Err(ProcessError::Invalid(format!(
-            "{kind} {event_id}: empty {field}"
-        )))
+        Err(ProcessError::Invalid(format!("{kind} {event_id}: empty {field}")))
     } else {
         Ok(())
     }
@@ -288,10 +207,7 @@ mod tests {
             hq_id: "HQ-1".into(),
             store_id: "S-1".into(),
             expires_at: 301_000,
-            items: vec![ReservedItem {
-                product_id: "P-001".into(),
-                reserved: 2,
-            }],
+            items: vec![ReservedItem { product_id: "P-001".into(), reserved: 2 }],
         }
     }
 
@@ -303,11 +219,7 @@ mod tests {
             hq_id: "HQ-1".into(),
             store_id: "S-1".into(),
             reason: "INSUFFICIENT_STOCK".into(),
-            items: vec![FailedItem {
-                product_id: "P-001".into(),
-                requested: 10,
-                available: 5,
-            }],
+            items: vec![FailedItem { product_id: "P-001".into(), requested: 10, available: 5 }],
         }
     }
 
@@ -338,17 +250,11 @@ mod tests {
     }
 
     fn status(h: &Harness<OrderConfirmer>, order_id: &str) -> Option<OrderStatus> {
-        h.store
-            .get_json::<OrderState>(&order_key(order_id))
-            .map(|s| s.status)
+        h.store.get_json::<OrderState>(&order_key(order_id)).map(|s| s.status)
     }
 
     fn late(h: &Harness<OrderConfirmer>) -> Vec<String> {
-        h.notes
-            .iter()
-            .filter(|n| n.measure == "late_event")
-            .map(|n| n.label.clone())
-            .collect()
+        h.notes.iter().filter(|n| n.measure == "late_event").map(|n| n.label.clone()).collect()
     }
 
     #[test]
@@ -356,40 +262,21 @@ mod tests {
         let mut h = harness();
         let outs = h.feed("stock.reserved", reserved("e1", "O-1"), 5).unwrap();
         assert_eq!(outs.len(), 1);
-        assert_eq!(
-            (outs[0].port.as_str(), outs[0].key.as_str()),
-            ("confirmed", "O-1")
-        );
-        let Event::OrderConfirmed(c) = &outs[0].event else {
-            panic!()
-        };
+        assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), ("confirmed", "O-1"));
+        let Event::OrderConfirmed(c) = &outs[0].event else { panic!() };
         assert_eq!(c.event_id, derive_event_id("e1", "order.confirmed"));
         assert_eq!(c.status, "PAYMENT_WAIT");
-        assert_eq!(
-            (
-                c.reservation_id.as_str(),
-                c.hq_id.as_str(),
-                c.store_id.as_str()
-            ),
-            ("R-O-1", "HQ-1", "S-1")
-        );
+        assert_eq!((c.reservation_id.as_str(), c.hq_id.as_str(), c.store_id.as_str()), ("R-O-1", "HQ-1", "S-1"));
         assert_eq!((c.occurred_at, c.expires_at), (1_000, 301_000));
         assert_eq!(status(&h, "O-1"), Some(OrderStatus::PaymentWait));
         let stored: OrderState = h.store.get_json(&order_key("O-1")).unwrap();
         assert_eq!(stored.reservation_id.as_deref(), Some("R-O-1"));
-        assert!(h
-            .notes
-            .iter()
-            .any(|n| n.measure == "confirmed" && n.label == "PAYMENT_WAIT"));
+        assert!(h.notes.iter().any(|n| n.measure == "confirmed" && n.label == "PAYMENT_WAIT"));
     }
 
     #[test]
     fn state_is_stored_with_seed_names() {
-        let json = serde_json::to_string(&OrderState {
-            status: OrderStatus::PaymentWait,
-            reservation_id: None,
-        })
-        .unwrap();
+        let json = serde_json::to_string(&OrderState { status: OrderStatus::PaymentWait, reservation_id: None }).unwrap();
         assert_eq!(json, r#"{"status":"PAYMENT_WAIT"}"#);
         assert_eq!(order_key("O-1"), b"order/O-1".to_vec());
     }
@@ -415,13 +302,7 @@ mod tests {
         assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
         assert!(h.feed("t", completed("c1", "O-1"), 0).unwrap().is_empty());
         assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
-        assert_eq!(
-            late(&h),
-            vec![
-                "stock_reserved_when_ORDER_CANCELLED",
-                "completed_when_ORDER_CANCELLED"
-            ]
-        );
+        assert_eq!(late(&h), vec!["stock_reserved_when_ORDER_CANCELLED", "completed_when_ORDER_CANCELLED"]);
     }
 
     #[test]
@@ -438,22 +319,13 @@ mod tests {
         let mut h = harness();
         assert!(h.feed("t", failed("f1", "O-1"), 0).unwrap().is_empty());
         assert_eq!(status(&h, "O-1"), Some(OrderStatus::Failed));
-        assert!(
-            h.feed("t", reserved("e1", "O-1"), 0).unwrap().is_empty(),
-            "a failed order is not confirmed"
-        );
+        assert!(h.feed("t", reserved("e1", "O-1"), 0).unwrap().is_empty(), "a failed order is not confirmed");
         h.feed("t", cancelled("k1", "O-1"), 0).unwrap();
         assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
         // Failure after a terminal state is late.
         h.feed("t", failed("f2", "O-1"), 0).unwrap();
         assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
-        assert_eq!(
-            late(&h),
-            vec![
-                "stock_reserved_when_RESERVATION_FAILED",
-                "reservation_failed_when_ORDER_CANCELLED"
-            ]
-        );
+        assert_eq!(late(&h), vec!["stock_reserved_when_RESERVATION_FAILED", "reservation_failed_when_ORDER_CANCELLED"]);
     }
 
     #[test]
@@ -492,14 +364,8 @@ mod tests {
     #[test]
     fn empty_order_id_is_invalid_and_other_events_ignored() {
         let mut h = harness();
-        assert!(matches!(
-            h.feed("t", reserved("e1", ""), 0),
-            Err(ProcessError::Invalid(_))
-        ));
-        assert!(matches!(
-            h.feed("t", cancelled("k1", ""), 0),
-            Err(ProcessError::Invalid(_))
-        ));
+        assert!(matches!(h.feed("t", reserved("e1", ""), 0), Err(ProcessError::Invalid(_))));
+        assert!(matches!(h.feed("t", cancelled("k1", ""), 0), Err(ProcessError::Invalid(_))));
         let ev = orderflow_api::events::OrderCreated {
             event_id: "x".into(),
             occurred_at: 0,

@@ -374,7 +374,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                                 if tr.confirmed.is_none() && !e.order_id.starts_with("SEED") {
                                     // POS: pay, fail, or leave it to expire. An order whose
                                     // reservation is about to expire is left alone, as a till would.
-                                    let decision = if now_ms() > e.expires_at - 2_000 { "late" } else { pos_decision(&e.order_id, complete_pct, fail_pct) };
+                                    let decision = if now_ms() > e.expires_at - 2_000 {
+                                        "late"
+                                    } else {
+                                        pos_decision(&e.order_id, complete_pct, fail_pct)
+                                    };
                                     tr.confirm_latency_ms = Some(now_ms() - e.occurred_at);
                                     tr.pos = Some(decision);
                                     pos_action = Some((decision, e.clone()));
@@ -397,7 +401,15 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                                 reservation_id: confirmed.reservation_id.clone(),
                                 hq_id: order.hq_id.clone(),
                                 store_id: order.store_id.clone(),
-                                items: order.items.iter().map(|i| SoldItem { product_id: i.product_id.clone(), quantity: i.quantity, actual_price: i.unit_price }).collect(),
+                                items: order
+                                    .items
+                                    .iter()
+                                    .map(|i| SoldItem {
+                                        product_id: i.product_id.clone(),
+                                        quantity: i.quantity,
+                                        actual_price: i.unit_price,
+                                    })
+                                    .collect(),
                                 total_amount: order.items.iter().map(|i| i.unit_price * i.quantity as i64).sum(),
                             }),
                         )),
@@ -434,14 +446,18 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     // Initial stock first, and wait until the stock reserver applied it: orders and stock travel
     // on different input topics, so their relative order is only fixed by waiting.
     let inventory_topic = "inventory.adjusted";
-    let expected_updates: usize = input.inventory.iter().map(|i| i.items.iter().map(|x| &x.product_id).collect::<BTreeSet<_>>().len()).sum();
+    let expected_updates: usize =
+        input.inventory.iter().map(|i| i.items.iter().map(|x| &x.product_id).collect::<BTreeSet<_>>().len()).sum();
     for inv in &input.inventory {
         send(&producer, &codec, inventory_topic, &store_key(&inv.hq_id, &inv.store_id), &Event::InventoryAdjusted(inv.clone())).await?;
     }
     let wait_started = Instant::now();
     while observed.lock().unwrap().inventory_updates < expected_updates {
         if wait_started.elapsed() > Duration::from_secs(120) {
-            bail!("the stock reserver did not apply the initial stock within 120 s ({} of {expected_updates} stock.updated)", observed.lock().unwrap().inventory_updates);
+            bail!(
+                "the stock reserver did not apply the initial stock within 120 s ({} of {expected_updates} stock.updated)",
+                observed.lock().unwrap().inventory_updates
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -506,10 +522,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         h.await.with_context(|| format!("worker {name} panicked"))?.with_context(|| format!("worker {name} failed"))?;
     }
     observer_task.abort();
-    let reserver = t.workers.iter().find(|(_, w)| w.kind == "stock-reserver").map(|(n, _)| n.clone()).context("no stock reserver in the topology")?;
+    let reserver =
+        t.workers.iter().find(|(_, w)| w.kind == "stock-reserver").map(|(n, _)| n.clone()).context("no stock reserver in the topology")?;
     let stock = read_stock(&state_dir.join(&reserver).join("demo"))?;
 
-    let summary = summarize(&observed.lock().unwrap(), &initial, &stock, t, args.ttl, started.elapsed()).await?;
+    let summary = summarize(&observed.lock().unwrap(), &initial, &stock, t, args.ttl, started.elapsed())?;
     print_summary(&summary);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?).with_context(|| format!("writing {}", path.display()))?;
@@ -542,7 +559,7 @@ fn read_stock(path: &std::path::Path) -> Result<BTreeMap<(String, String), stock
     Ok(out)
 }
 
-async fn summarize(
+fn summarize(
     o: &Observed,
     initial: &BTreeMap<(String, String), i64>,
     stock: &BTreeMap<(String, String), stock_reserver::StockRecord>,
@@ -598,7 +615,15 @@ async fn summarize(
         if rec.on_hand < 0 || rec.reserved < 0 || available < 0 {
             negative.push(format!("{}/{}: on hand {}, reserved {}", key.0, key.1, rec.on_hand, rec.reserved));
         }
-        let s = stores.entry(key.0.clone()).or_insert_with(|| StoreSummary { store: key.0.clone(), products: 0, initial: 0, available: 0, reserved: 0, sold: 0, conserved: true });
+        let s = stores.entry(key.0.clone()).or_insert_with(|| StoreSummary {
+            store: key.0.clone(),
+            products: 0,
+            initial: 0,
+            available: 0,
+            reserved: 0,
+            sold: 0,
+            conserved: true,
+        });
         s.products += 1;
         s.initial += init;
         s.available += available;
@@ -620,7 +645,13 @@ async fn summarize(
     let s1 = seed("SEED-000-1");
     let s2 = seed("SEED-000-2");
     let describe = |tr: &OrderTrack| {
-        let failed = tr.failed.as_ref().map(|f| f.items.iter().map(|i| format!("{} requested {} available {}", i.product_id, i.requested, i.available)).collect::<Vec<_>>().join(", "));
+        let failed = tr.failed.as_ref().map(|f| {
+            f.items
+                .iter()
+                .map(|i| format!("{} requested {} available {}", i.product_id, i.requested, i.available))
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
         format!("{} ({})", tr.outcome(), failed.unwrap_or_else(|| "no failure event".into()))
     };
     let p001_left = stock.get(&(store_key(SEED_HQ, "ST-SEED-2"), "P-001".into())).map(|r| r.on_hand - r.reserved);
@@ -630,14 +661,22 @@ async fn summarize(
             expected: "ORDER_CANCELLED/INSUFFICIENT_STOCK (P-001 requested 10 available 5)".into(),
             observed: describe(&s1),
             pass: s1.outcome() == "ORDER_CANCELLED/INSUFFICIENT_STOCK"
-                && s1.failed.as_ref().is_some_and(|f| f.items.len() == 1 && f.items[0].product_id == "P-001" && f.items[0].requested == 10 && f.items[0].available == 5),
+                && s1.failed.as_ref().is_some_and(|f| {
+                    f.items.len() == 1 && f.items[0].product_id == "P-001" && f.items[0].requested == 10 && f.items[0].available == 5
+                }),
         },
         SeedResult {
             scenario: "seed 000 scenario 2: P-001 ×5 (stock 10), P-002 ×3 (stock 1)".into(),
             expected: "ORDER_CANCELLED/INSUFFICIENT_STOCK naming only P-002 (requested 3 available 1); P-001 stays 10 available".into(),
-            observed: format!("{}; P-001 available {}", describe(&s2), p001_left.map(|v| v.to_string()).unwrap_or_else(|| "unknown".into())),
+            observed: format!(
+                "{}; P-001 available {}",
+                describe(&s2),
+                p001_left.map(|v| v.to_string()).unwrap_or_else(|| "unknown".into())
+            ),
             pass: s2.outcome() == "ORDER_CANCELLED/INSUFFICIENT_STOCK"
-                && s2.failed.as_ref().is_some_and(|f| f.items.len() == 1 && f.items[0].product_id == "P-002" && f.items[0].requested == 3 && f.items[0].available == 1)
+                && s2.failed.as_ref().is_some_and(|f| {
+                    f.items.len() == 1 && f.items[0].product_id == "P-002" && f.items[0].requested == 3 && f.items[0].available == 1
+                })
                 && p001_left == Some(10),
         },
     ];
@@ -662,7 +701,8 @@ async fn summarize(
 /// Records in `topic` (sum of high − low watermarks over its declared partitions; a `.dlq`
 /// topic has its source's partitions).
 fn records_in(t: &orderflow_runtime::topology::Topology, topic: &str) -> Result<i64> {
-    let consumer: rdkafka::consumer::BaseConsumer = client_config(&t.broker, Side::Consumer).set("group.id", "orderflow-demo-watermarks").create()?;
+    let consumer: rdkafka::consumer::BaseConsumer =
+        client_config(&t.broker, Side::Consumer).set("group.id", "orderflow-demo-watermarks").create()?;
     let partitions = t.topics.get(topic).or_else(|| t.topics.get(topic.trim_end_matches(".dlq"))).map(|s| s.partitions).unwrap_or(1);
     let mut total = 0;
     for p in 0..partitions {
@@ -687,15 +727,35 @@ fn print_summary(s: &Summary) {
     println!("\n== stock conservation per store (initial = available + reserved + sold)");
     println!("  {:24} {:>8} {:>10} {:>10} {:>9} {:>9}  ok", "store", "products", "initial", "available", "reserved", "sold");
     for st in &s.stores {
-        println!("  {:24} {:>8} {:>10} {:>10} {:>9} {:>9}  {}", st.store, st.products, st.initial, st.available, st.reserved, st.sold, if st.conserved { "yes" } else { "NO" });
+        println!(
+            "  {:24} {:>8} {:>10} {:>10} {:>9} {:>9}  {}",
+            st.store,
+            st.products,
+            st.initial,
+            st.available,
+            st.reserved,
+            st.sold,
+            if st.conserved { "yes" } else { "NO" }
+        );
     }
-    println!("  violations: {}   negative stock: {}   payload conflicts: {}", s.conservation_violations.len(), s.negative_stock.len(), s.payload_conflicts.len());
+    println!(
+        "  violations: {}   negative stock: {}   payload conflicts: {}",
+        s.conservation_violations.len(),
+        s.negative_stock.len(),
+        s.payload_conflicts.len()
+    );
     for v in s.conservation_violations.iter().chain(&s.negative_stock).take(10) {
         println!("    {v}");
     }
     println!("\n== seed 000 scenarios");
     for sd in &s.seed_scenarios {
-        println!("  [{}] {}\n        expected {}\n        observed {}", if sd.pass { "PASS" } else { "FAIL" }, sd.scenario, sd.expected, sd.observed);
+        println!(
+            "  [{}] {}\n        expected {}\n        observed {}",
+            if sd.pass { "PASS" } else { "FAIL" },
+            sd.scenario,
+            sd.expected,
+            sd.observed
+        );
     }
     println!("\nwall time {:.1}s (reservation TTL {:.0}s)", s.wall_seconds, s.ttl_seconds);
 }

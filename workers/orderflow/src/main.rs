@@ -81,6 +81,9 @@ pub fn load_topology(path: &Path, bootstrap: Option<&str>) -> Result<Loaded> {
     Ok(loaded)
 }
 
+/// A spawned worker task.
+pub type WorkerHandle = tokio::task::JoinHandle<Result<(), orderflow_runtime::worker::WorkerError>>;
+
 /// Starts the named workers (all when empty) as tasks of this process; returns their handles.
 pub fn spawn_workers(
     loaded: Arc<Loaded>,
@@ -88,7 +91,7 @@ pub fn spawn_workers(
     instance: &str,
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
-) -> Result<Vec<(String, tokio::task::JoinHandle<Result<(), orderflow_runtime::worker::WorkerError>>)>> {
+) -> Result<Vec<(String, WorkerHandle)>> {
     let t = &loaded.topology;
     let names: Vec<String> = if names.is_empty() { t.workers.keys().cloned().collect() } else { names.to_vec() };
     let codec = Arc::new(Codec::load(&loaded.avro_dir(), t.broker.registry_url.as_deref())?);

@@ -32,14 +32,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use orderflow_api::events::{
-    change_reason, AdjustedItem, InventoryAdjusted, OrderCreated, OrderItem,
-};
+use orderflow_api::events::{change_reason, AdjustedItem, InventoryAdjusted, OrderCreated, OrderItem};
 use tpchgen::distribution::Distributions;
-use tpchgen::generators::{
-    CustomerGenerator, LineItemGenerator, NationGenerator, OrderGenerator, PartSuppGenerator,
-    RegionGenerator,
-};
+use tpchgen::generators::{CustomerGenerator, LineItemGenerator, NationGenerator, OrderGenerator, PartSuppGenerator, RegionGenerator};
 use tpchgen::text::TextPool;
 
 /// Default [`TpchOptions::stock_scale`]: with it, reserving the SF 0.01 orders one after the
@@ -76,12 +71,7 @@ pub struct TpchOptions {
 impl Default for TpchOptions {
     /// SF 0.01, all orders, [`DEFAULT_STOCK_SCALE`], `base_time_ms` 0.
     fn default() -> Self {
-        TpchOptions {
-            scale_factor: 0.01,
-            max_orders: None,
-            stock_scale: DEFAULT_STOCK_SCALE,
-            base_time_ms: 0,
-        }
+        TpchOptions { scale_factor: 0.01, max_orders: None, stock_scale: DEFAULT_STOCK_SCALE, base_time_ms: 0 }
     }
 }
 
@@ -108,10 +98,7 @@ pub struct TpchInput {
 /// If `scale_factor` is not finite or below 0.0001, or `stock_scale` is negative or not finite.
 pub fn generate(opts: &TpchOptions) -> TpchInput {
     let sf = opts.scale_factor;
-    assert!(
-        sf.is_finite() && (10_000.0 * sf) as i64 >= 1,
-        "TPC-H scale factor must be finite and at least 0.0001, got {sf}"
-    );
+    assert!(sf.is_finite() && (10_000.0 * sf) as i64 >= 1, "TPC-H scale factor must be finite and at least 0.0001, got {sf}");
     assert!(
         opts.stock_scale.is_finite() && opts.stock_scale >= 0.0,
         "stock_scale must be finite and non-negative, got {}",
@@ -122,22 +109,16 @@ pub fn generate(opts: &TpchOptions) -> TpchInput {
     let pool = TextPool::new(TEXT_POOL_BYTES, dists);
 
     // REGION → HQ ids, NATION → (store id, region key).
-    let hqs: Vec<String> = RegionGenerator::new_with_distributions_and_text_pool(dists, &pool)
+    let hqs: Vec<String> =
+        RegionGenerator::new_with_distributions_and_text_pool(dists, &pool).iter().map(|r| format!("HQ-{}", id_part(r.r_name))).collect();
+    let nations: Vec<(String, usize)> = NationGenerator::new_with_distributions_and_text_pool(dists, &pool)
         .iter()
-        .map(|r| format!("HQ-{}", id_part(r.r_name)))
+        .map(|n| (format!("ST-{}", id_part(n.n_name)), n.n_regionkey as usize))
         .collect();
-    let nations: Vec<(String, usize)> =
-        NationGenerator::new_with_distributions_and_text_pool(dists, &pool)
-            .iter()
-            .map(|n| (format!("ST-{}", id_part(n.n_name)), n.n_regionkey as usize))
-            .collect();
 
     // CUSTOMER → nation key, indexed by custkey − 1.
     let customer_nation: Vec<usize> =
-        CustomerGenerator::new_with_distributions_and_text_pool(sf, 1, 1, dists, &pool)
-            .iter()
-            .map(|c| c.c_nationkey as usize)
-            .collect();
+        CustomerGenerator::new_with_distributions_and_text_pool(sf, 1, 1, dists, &pool).iter().map(|c| c.c_nationkey as usize).collect();
 
     // ORDERS zipped with LINEITEM (both come out in order-key order).
     let limit = opts.max_orders.unwrap_or(usize::MAX);
@@ -179,11 +160,7 @@ pub fn generate(opts: &TpchOptions) -> TpchInput {
             store_id: store_id.clone(),
             items: items
                 .into_iter()
-                .map(|(part, quantity, unit_price)| OrderItem {
-                    product_id: product_id(part),
-                    quantity: quantity as i32,
-                    unit_price,
-                })
+                .map(|(part, quantity, unit_price)| OrderItem { product_id: product_id(part), quantity: quantity as i32, unit_price })
                 .collect(),
         });
     }
@@ -209,10 +186,7 @@ pub fn generate(opts: &TpchOptions) -> TpchInput {
                 .iter()
                 .filter_map(|part| {
                     let on_hand = initial_on_hand(available[part], opts.stock_scale);
-                    (on_hand > 0).then(|| AdjustedItem {
-                        product_id: product_id(*part),
-                        delta: on_hand,
-                    })
+                    (on_hand > 0).then(|| AdjustedItem { product_id: product_id(*part), delta: on_hand })
                 })
                 .collect();
             (!items.is_empty()).then(|| InventoryAdjusted {
@@ -227,19 +201,12 @@ pub fn generate(opts: &TpchOptions) -> TpchInput {
         })
         .collect();
 
-    TpchInput {
-        inventory,
-        orders,
-        stores: demand.iter().filter(|parts| !parts.is_empty()).count(),
-        products: all_parts.len(),
-    }
+    TpchInput { inventory, orders, stores: demand.iter().filter(|parts| !parts.is_empty()).count(), products: all_parts.len() }
 }
 
 /// Initial on-hand of one part at one store from the part's total PARTSUPP availability.
 fn initial_on_hand(total_availqty: i64, stock_scale: f64) -> i64 {
-    (stock_scale * total_availqty as f64 / NATIONS)
-        .round()
-        .max(0.0) as i64
+    (stock_scale * total_availqty as f64 / NATIONS).round().max(0.0) as i64
 }
 
 fn product_id(partkey: i64) -> String {
@@ -273,34 +240,23 @@ mod tests {
         let mut available: HashMap<(&str, &str), i64> = HashMap::new();
         for adj in &input.inventory {
             for item in &adj.items {
-                *available
-                    .entry((&adj.store_id, &item.product_id))
-                    .or_default() += item.delta;
+                *available.entry((&adj.store_id, &item.product_id)).or_default() += item.delta;
             }
         }
         let mut failed = 0;
         for order in &input.orders {
             let fits = order.items.iter().all(|item| {
-                available
-                    .get(&(order.store_id.as_str(), item.product_id.as_str()))
-                    .copied()
-                    .unwrap_or(0)
-                    >= i64::from(item.quantity)
+                available.get(&(order.store_id.as_str(), item.product_id.as_str())).copied().unwrap_or(0) >= i64::from(item.quantity)
             });
             if fits {
                 for item in &order.items {
-                    *available
-                        .get_mut(&(order.store_id.as_str(), item.product_id.as_str()))
-                        .unwrap() -= i64::from(item.quantity);
+                    *available.get_mut(&(order.store_id.as_str(), item.product_id.as_str())).unwrap() -= i64::from(item.quantity);
                 }
             } else {
                 failed += 1;
             }
         }
-        Simulation {
-            orders: input.orders.len(),
-            failed,
-        }
+        Simulation { orders: input.orders.len(), failed }
     }
 
     fn sf001() -> &'static TpchInput {
@@ -313,11 +269,7 @@ mod tests {
         let input = sf001();
         assert_eq!(input.orders.len(), 15_000);
         assert_eq!(input.stores, 25);
-        assert!(
-            input.products > 1_900 && input.products <= 2_000,
-            "{}",
-            input.products
-        );
+        assert!(input.products > 1_900 && input.products <= 2_000, "{}", input.products);
         assert_eq!(input.inventory.len(), 25);
         let lines: usize = input.orders.iter().map(|o| o.items.len()).sum();
         // SF 0.01 has 60,175 LINEITEM rows; a few repeated parts per order are merged.
@@ -340,11 +292,7 @@ mod tests {
 
     #[test]
     fn ids_follow_the_mapping() {
-        let input = generate(&TpchOptions {
-            max_orders: Some(50),
-            base_time_ms: 1_000,
-            ..TpchOptions::default()
-        });
+        let input = generate(&TpchOptions { max_orders: Some(50), base_time_ms: 1_000, ..TpchOptions::default() });
         let first = &input.orders[0];
         assert_eq!(first.order_id, "O-1");
         assert_eq!(first.event_id, "tpch-order-1");
@@ -361,11 +309,7 @@ mod tests {
         ]
         .into();
         for (store, hq) in regions {
-            let adj = sf001()
-                .inventory
-                .iter()
-                .find(|a| a.store_id == store)
-                .expect(store);
+            let adj = sf001().inventory.iter().find(|a| a.store_id == store).expect(store);
             assert_eq!(adj.hq_id, hq);
             assert_eq!(adj.event_id, format!("tpch-stock-{store}"));
             assert_eq!(adj.adjustment_type, "RESTOCK");
@@ -375,11 +319,7 @@ mod tests {
         for order in &sf001().orders {
             assert!(order.customer_id.starts_with("C-"));
             assert!(order.items.iter().all(|i| i.product_id.starts_with("P-")));
-            let adj = sf001()
-                .inventory
-                .iter()
-                .find(|a| a.store_id == order.store_id)
-                .unwrap();
+            let adj = sf001().inventory.iter().find(|a| a.store_id == order.store_id).unwrap();
             assert_eq!(adj.hq_id, order.hq_id);
         }
     }
@@ -387,99 +327,47 @@ mod tests {
     /// The columns we use match `tpchgen`'s standard generators (default text pool).
     #[test]
     fn matches_the_standard_tables() {
-        let input = generate(&TpchOptions {
-            max_orders: Some(200),
-            ..TpchOptions::default()
-        });
-        let customers: Vec<_> = CustomerGenerator::new(0.01, 1, 1)
-            .iter()
-            .map(|c| c.c_nationkey)
-            .collect();
-        let nations: Vec<_> = NationGenerator::default()
-            .iter()
-            .map(|n| (n.n_name.to_string(), n.n_regionkey))
-            .collect();
-        let regions: Vec<_> = RegionGenerator::default()
-            .iter()
-            .map(|r| r.r_name.to_string())
-            .collect();
+        let input = generate(&TpchOptions { max_orders: Some(200), ..TpchOptions::default() });
+        let customers: Vec<_> = CustomerGenerator::new(0.01, 1, 1).iter().map(|c| c.c_nationkey).collect();
+        let nations: Vec<_> = NationGenerator::default().iter().map(|n| (n.n_name.to_string(), n.n_regionkey)).collect();
+        let regions: Vec<_> = RegionGenerator::default().iter().map(|r| r.r_name.to_string()).collect();
         let mut lines = LineItemGenerator::new(0.01, 1, 1).iter().peekable();
-        for (order, expected) in input
-            .orders
-            .iter()
-            .zip(OrderGenerator::new(0.01, 1, 1).iter())
-        {
+        for (order, expected) in input.orders.iter().zip(OrderGenerator::new(0.01, 1, 1).iter()) {
             assert_eq!(order.order_id, format!("O-{}", expected.o_orderkey));
             assert_eq!(order.customer_id, format!("C-{}", expected.o_custkey));
             let (nation, region) = &nations[customers[(expected.o_custkey - 1) as usize] as usize];
             assert_eq!(order.store_id, format!("ST-{}", nation.replace(' ', "_")));
-            assert_eq!(
-                order.hq_id,
-                format!("HQ-{}", regions[*region as usize].replace(' ', "_"))
-            );
+            assert_eq!(order.hq_id, format!("HQ-{}", regions[*region as usize].replace(' ', "_")));
             let mut total = 0;
             while let Some(line) = lines.next_if(|l| l.l_orderkey == expected.o_orderkey) {
-                let item = order
-                    .items
-                    .iter()
-                    .find(|i| i.product_id == format!("P-{}", line.l_partkey))
-                    .unwrap();
-                assert_eq!(
-                    item.unit_price * line.l_quantity,
-                    line.l_extendedprice.into_inner()
-                );
+                let item = order.items.iter().find(|i| i.product_id == format!("P-{}", line.l_partkey)).unwrap();
+                assert_eq!(item.unit_price * line.l_quantity, line.l_extendedprice.into_inner());
                 total += line.l_quantity;
             }
-            assert_eq!(
-                order
-                    .items
-                    .iter()
-                    .map(|i| i64::from(i.quantity))
-                    .sum::<i64>(),
-                total
-            );
+            assert_eq!(order.items.iter().map(|i| i64::from(i.quantity)).sum::<i64>(), total);
         }
         // Availability of one part, by hand.
         let adj = &input.inventory[0];
         let item = &adj.items[0];
         let part: i64 = item.product_id[2..].parse().unwrap();
-        let sum: i64 = PartSuppGenerator::new(0.01, 1, 1)
-            .iter()
-            .filter(|ps| ps.ps_partkey == part)
-            .map(|ps| i64::from(ps.ps_availqty))
-            .sum();
-        assert_eq!(
-            item.delta,
-            (DEFAULT_STOCK_SCALE * sum as f64 / 25.0).round() as i64
-        );
+        let sum: i64 =
+            PartSuppGenerator::new(0.01, 1, 1).iter().filter(|ps| ps.ps_partkey == part).map(|ps| i64::from(ps.ps_availqty)).sum();
+        assert_eq!(item.delta, (DEFAULT_STOCK_SCALE * sum as f64 / 25.0).round() as i64);
     }
 
     #[test]
     fn is_deterministic() {
-        let opts = TpchOptions {
-            max_orders: Some(500),
-            ..TpchOptions::default()
-        };
+        let opts = TpchOptions { max_orders: Some(500), ..TpchOptions::default() };
         assert_eq!(generate(&opts), generate(&opts));
     }
 
     #[test]
     fn max_orders_truncates_and_stocks_only_what_is_ordered() {
-        let input = generate(&TpchOptions {
-            max_orders: Some(1_000),
-            ..TpchOptions::default()
-        });
+        let input = generate(&TpchOptions { max_orders: Some(1_000), ..TpchOptions::default() });
         assert_eq!(input.orders.len(), 1_000);
         assert_eq!(input.orders[..], sf001().orders[..1_000]);
-        let ordered: HashSet<(&str, &str)> = input
-            .orders
-            .iter()
-            .flat_map(|o| {
-                o.items
-                    .iter()
-                    .map(move |i| (o.store_id.as_str(), i.product_id.as_str()))
-            })
-            .collect();
+        let ordered: HashSet<(&str, &str)> =
+            input.orders.iter().flat_map(|o| o.items.iter().map(move |i| (o.store_id.as_str(), i.product_id.as_str()))).collect();
         let products: HashSet<&str> = ordered.iter().map(|(_, p)| *p).collect();
         assert_eq!(input.products, products.len());
         assert!(input.stores <= 25);
@@ -493,29 +381,18 @@ mod tests {
         let full: HashMap<(&str, &str), i64> = sf001()
             .inventory
             .iter()
-            .flat_map(|a| {
-                a.items
-                    .iter()
-                    .map(move |i| ((a.store_id.as_str(), i.product_id.as_str()), i.delta))
-            })
+            .flat_map(|a| a.items.iter().map(move |i| ((a.store_id.as_str(), i.product_id.as_str()), i.delta)))
             .collect();
         for adj in &input.inventory {
             for item in &adj.items {
-                assert_eq!(
-                    full[&(adj.store_id.as_str(), item.product_id.as_str())],
-                    item.delta
-                );
+                assert_eq!(full[&(adj.store_id.as_str(), item.product_id.as_str())], item.delta);
             }
         }
     }
 
     #[test]
     fn zero_stock_scale_gives_no_inventory_and_every_order_fails() {
-        let input = generate(&TpchOptions {
-            max_orders: Some(100),
-            stock_scale: 0.0,
-            ..TpchOptions::default()
-        });
+        let input = generate(&TpchOptions { max_orders: Some(100), stock_scale: 0.0, ..TpchOptions::default() });
         assert!(input.inventory.is_empty());
         assert_eq!(simulate(&input).failed, 100);
     }
@@ -523,32 +400,16 @@ mod tests {
     #[test]
     #[should_panic(expected = "scale factor")]
     fn rejects_a_zero_scale_factor() {
-        generate(&TpchOptions {
-            scale_factor: 0.0,
-            ..TpchOptions::default()
-        });
+        generate(&TpchOptions { scale_factor: 0.0, ..TpchOptions::default() });
     }
 
     #[test]
     fn default_stock_scale_fails_about_30_percent_of_sf001() {
         let sim = simulate(sf001());
-        println!(
-            "SF 0.01, stock_scale {DEFAULT_STOCK_SCALE}: {sim:?}, failure share {:.3}",
-            sim.share()
-        );
-        assert!(
-            (0.20..=0.35).contains(&sim.share()),
-            "{sim:?} share {}",
-            sim.share()
-        );
-        let small = simulate(&generate(&TpchOptions {
-            max_orders: Some(1_000),
-            ..TpchOptions::default()
-        }));
-        println!(
-            "SF 0.01, max_orders 1000: {small:?}, failure share {:.3}",
-            small.share()
-        );
+        println!("SF 0.01, stock_scale {DEFAULT_STOCK_SCALE}: {sim:?}, failure share {:.3}", sim.share());
+        assert!((0.20..=0.35).contains(&sim.share()), "{sim:?} share {}", sim.share());
+        let small = simulate(&generate(&TpchOptions { max_orders: Some(1_000), ..TpchOptions::default() }));
+        println!("SF 0.01, max_orders 1000: {small:?}, failure share {:.3}", small.share());
     }
 
     /// `cargo test --release -- --ignored --nocapture calibrate` prints failure shares per scale.
@@ -556,15 +417,9 @@ mod tests {
     #[ignore]
     fn calibrate() {
         for max_orders in [None, Some(1_000)] {
-            for scale in [
-                0.03, 0.05, 0.06, 0.065, 0.07, 0.075, 0.08, 0.09, 0.1, 0.11, 0.12, 0.15, 0.2,
-            ] {
+            for scale in [0.03, 0.05, 0.06, 0.065, 0.07, 0.075, 0.08, 0.09, 0.1, 0.11, 0.12, 0.15, 0.2] {
                 let started = std::time::Instant::now();
-                let input = generate(&TpchOptions {
-                    max_orders,
-                    stock_scale: scale,
-                    ..TpchOptions::default()
-                });
+                let input = generate(&TpchOptions { max_orders, stock_scale: scale, ..TpchOptions::default() });
                 let elapsed = started.elapsed();
                 let sim = simulate(&input);
                 println!("max_orders {max_orders:?} stock_scale {scale}: share {:.3} ({sim:?}) in {elapsed:?}", sim.share());

@@ -9,9 +9,7 @@
 //! once the order is closed (completed, cancelled or expired); timer [`timer_key`] at `expiresAt`.
 //! Timers live in the state store, so they survive restarts.
 
-use orderflow_api::events::{
-    OrderCancelled, OrderCompleted, StockReservationExpired, StockReserved,
-};
+use orderflow_api::events::{OrderCancelled, OrderCompleted, StockReservationExpired, StockReserved};
 use orderflow_api::{derive_event_id, Context, Event, Outputs, ProcessError, Processor, StateTxn};
 use serde::{Deserialize, Serialize};
 
@@ -69,10 +67,7 @@ impl ReservationExpirer {
     /// # Panics
     /// If `reservation_ttl_ms ≤ 0` (a configuration error).
     pub fn new(reservation_ttl_ms: i64) -> Self {
-        assert!(
-            reservation_ttl_ms > 0,
-            "reservation TTL must be positive, got {reservation_ttl_ms} ms"
-        );
+        assert!(reservation_ttl_ms > 0, "reservation TTL must be positive, got {reservation_ttl_ms} ms");
         ReservationExpirer { reservation_ttl_ms }
     }
 
@@ -81,19 +76,9 @@ impl ReservationExpirer {
         self.reservation_ttl_ms
     }
 
-    fn reserved(
-        &self,
-        e: &StockReserved,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
+    fn reserved(&self, e: &StockReserved, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         require("StockReserved", &e.event_id, "orderId", &e.order_id)?;
-        require(
-            "StockReserved",
-            &e.event_id,
-            "reservationId",
-            &e.reservation_id,
-        )?;
+        require("StockReserved", &e.event_id, "reservationId", &e.reservation_id)?;
         if state.get(&closed_key(&e.order_id)).is_some() {
             out.note("late_event", "reserved_after_close");
             return Ok(());
@@ -133,21 +118,11 @@ impl Processor for ReservationExpirer {
     ///
     /// Other events are ignored. Errors: [`ProcessError::Invalid`] for an empty `orderId` (or an
     /// empty `reservationId` on `StockReserved`).
-    fn process(
-        &mut self,
-        _ctx: &Context,
-        event: &Event,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
+    fn process(&mut self, _ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         match event {
             Event::StockReserved(e) => self.reserved(e, state, out),
-            Event::OrderCompleted(OrderCompleted {
-                event_id, order_id, ..
-            })
-            | Event::OrderCancelled(OrderCancelled {
-                event_id, order_id, ..
-            }) => {
+            Event::OrderCompleted(OrderCompleted { event_id, order_id, .. })
+            | Event::OrderCancelled(OrderCancelled { event_id, order_id, .. }) => {
                 require(event.schema_name(), event_id, "orderId", order_id)?;
                 self.close(order_id, state);
                 Ok(())
@@ -164,14 +139,7 @@ impl Processor for ReservationExpirer {
     ///
     /// Errors: [`ProcessError::CorruptState`] for unreadable state; [`ProcessError::UnwiredPort`]
     /// when `expired` is not wired.
-    fn on_timer(
-        &mut self,
-        _ctx: &Context,
-        key: &[u8],
-        due_ms: i64,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
+    fn on_timer(&mut self, _ctx: &Context, key: &[u8], due_ms: i64, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         let Some(order_id) = key.strip_prefix(TIMER_PREFIX) else {
             return Ok(());
         };
@@ -203,9 +171,7 @@ impl Processor for ReservationExpirer {
 
 fn require(kind: &str, event_id: &str, field: &str, value: &str) -> Result<(), ProcessError> {
     if value.is_empty() {
-        Err(ProcessError::Invalid(format!(
-            "{kind} {event_id}: empty {field}"
-        )))
+        Err(ProcessError::Invalid(format!("{kind} {event_id}: empty {field}")))
     } else {
         Ok(())
     }
@@ -233,10 +199,7 @@ mod tests {
             hq_id: "HQ-1".into(),
             store_id: "S-1".into(),
             expires_at: T0 + TTL,
-            items: vec![ReservedItem {
-                product_id: "P-001".into(),
-                reserved: 2,
-            }],
+            items: vec![ReservedItem { product_id: "P-001".into(), reserved: 2 }],
         }
     }
 
@@ -269,46 +232,18 @@ mod tests {
     #[test]
     fn fires_after_ttl_not_before() {
         let mut h = harness();
-        assert!(h
-            .feed("stock.reserved", reserved("e1", "O-1"), T0)
-            .unwrap()
-            .is_empty());
+        assert!(h.feed("stock.reserved", reserved("e1", "O-1"), T0).unwrap().is_empty());
         assert_eq!(h.store.timers.get(&timer_key("O-1")), Some(&(T0 + TTL)));
-        assert!(
-            h.advance(T0 + TTL - 1).unwrap().is_empty(),
-            "not before the TTL"
-        );
+        assert!(h.advance(T0 + TTL - 1).unwrap().is_empty(), "not before the TTL");
         let outs = h.advance(T0 + TTL + 250).unwrap();
         assert_eq!(outs.len(), 1);
-        assert_eq!(
-            (outs[0].port.as_str(), outs[0].key.as_str()),
-            ("expired", "O-1")
-        );
-        let Event::StockReservationExpired(x) = &outs[0].event else {
-            panic!()
-        };
-        assert_eq!(
-            x.event_id,
-            derive_event_id("R-O-1", "stock.reservation.expired")
-        );
-        assert_eq!(
-            x.occurred_at,
-            T0 + TTL,
-            "occurredAt is the deadline, not the clock"
-        );
+        assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), ("expired", "O-1"));
+        let Event::StockReservationExpired(x) = &outs[0].event else { panic!() };
+        assert_eq!(x.event_id, derive_event_id("R-O-1", "stock.reservation.expired"));
+        assert_eq!(x.occurred_at, T0 + TTL, "occurredAt is the deadline, not the clock");
         assert_eq!(x.expires_at, T0 + TTL);
-        assert_eq!(
-            (
-                x.reservation_id.as_str(),
-                x.hq_id.as_str(),
-                x.store_id.as_str()
-            ),
-            ("R-O-1", "HQ-1", "S-1")
-        );
-        assert!(h
-            .notes
-            .iter()
-            .any(|n| n.measure == "expiration" && n.label == "RESERVATION_EXPIRED"));
+        assert_eq!((x.reservation_id.as_str(), x.hq_id.as_str(), x.store_id.as_str()), ("R-O-1", "HQ-1", "S-1"));
+        assert!(h.notes.iter().any(|n| n.measure == "expiration" && n.label == "RESERVATION_EXPIRED"));
         // Fires once.
         assert!(h.advance(T0 + 10 * TTL).unwrap().is_empty());
         assert!(h.store.timers.is_empty());
@@ -334,10 +269,7 @@ mod tests {
         assert!(h.feed("t", reserved("e1", "O-1"), T0).unwrap().is_empty());
         assert!(h.store.timers.is_empty());
         assert!(h.advance(T0 + 2 * TTL).unwrap().is_empty());
-        assert!(h
-            .notes
-            .iter()
-            .any(|n| n.measure == "late_event" && n.label == "reserved_after_close"));
+        assert!(h.notes.iter().any(|n| n.measure == "late_event" && n.label == "reserved_after_close"));
     }
 
     #[test]
@@ -349,11 +281,7 @@ mod tests {
         restarted.store = h.store.clone();
         let outs = restarted.advance(T0 + TTL).unwrap();
         assert_eq!(outs.len(), 1);
-        assert_eq!(
-            outs,
-            h.advance(T0 + TTL).unwrap(),
-            "same output before and after restart"
-        );
+        assert_eq!(outs, h.advance(T0 + TTL).unwrap(), "same output before and after restart");
     }
 
     #[test]
@@ -385,14 +313,8 @@ mod tests {
     #[test]
     fn empty_ids_are_invalid_and_other_events_ignored() {
         let mut h = harness();
-        assert!(matches!(
-            h.feed("t", reserved("e1", ""), T0),
-            Err(ProcessError::Invalid(_))
-        ));
-        assert!(matches!(
-            h.feed("t", completed("c1", ""), T0),
-            Err(ProcessError::Invalid(_))
-        ));
+        assert!(matches!(h.feed("t", reserved("e1", ""), T0), Err(ProcessError::Invalid(_))));
+        assert!(matches!(h.feed("t", completed("c1", ""), T0), Err(ProcessError::Invalid(_))));
         let mut ev = reserved("e2", "O-1");
         ev.reservation_id.clear();
         assert!(matches!(h.feed("t", ev, T0), Err(ProcessError::Invalid(_))));

@@ -45,9 +45,7 @@ use orderflow_api::Event;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::error::SRCError;
-use schema_registry_converter::schema_registry_common::{
-    SchemaType, SubjectNameStrategy, SuppliedSchema,
-};
+use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
 
 /// The two marker bytes that open an Avro single-object encoded payload (format version 1).
 pub const SINGLE_OBJECT_MARKER: [u8; 2] = [0xC3, 0x01];
@@ -164,14 +162,7 @@ pub struct Codec {
 impl std::fmt::Debug for Codec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Codec")
-            .field(
-                "schemas",
-                &self
-                    .entries
-                    .iter()
-                    .map(|e| format!("{}={:016x}", e.name, e.fingerprint))
-                    .collect::<Vec<_>>(),
-            )
+            .field("schemas", &self.entries.iter().map(|e| format!("{}={:016x}", e.name, e.fingerprint)).collect::<Vec<_>>())
             .field("registry", &self.registry.as_ref().map(|r| &r.url))
             .finish()
     }
@@ -216,21 +207,13 @@ impl Codec {
         for &name in Event::SCHEMA_NAMES {
             let path = avro_dir.join(format!("{name}.avsc"));
             let file = path.display().to_string();
-            let schema_err = |message: String| CodecError::Schema {
-                file: file.clone(),
-                message,
-            };
-            let raw = std::fs::read_to_string(&path)
-                .map_err(|e| schema_err(format!("cannot read: {e}")))?;
-            let schema = Schema::parse_str(&raw)
-                .map_err(|e| schema_err(format!("invalid Avro schema: {e}")))?;
+            let schema_err = |message: String| CodecError::Schema { file: file.clone(), message };
+            let raw = std::fs::read_to_string(&path).map_err(|e| schema_err(format!("cannot read: {e}")))?;
+            let schema = Schema::parse_str(&raw).map_err(|e| schema_err(format!("invalid Avro schema: {e}")))?;
             let full_name = match &schema {
                 Schema::Record(r) => {
                     if r.name.name() != name {
-                        return Err(schema_err(format!(
-                            "record is named {} but the file stem is {name}",
-                            r.name.name()
-                        )));
+                        return Err(schema_err(format!("record is named {} but the file stem is {name}", r.name.name())));
                     }
                     r.name.fullname(None)
                 }
@@ -240,21 +223,12 @@ impl Codec {
             let index = entries.len();
             if let Some(&other) = by_fingerprint.get(&fingerprint) {
                 let other: &Entry = &entries[other];
-                return Err(schema_err(format!(
-                    "same fingerprint {fingerprint:#018x} as {}",
-                    other.name
-                )));
+                return Err(schema_err(format!("same fingerprint {fingerprint:#018x} as {}", other.name)));
             }
             by_fingerprint.insert(fingerprint, index);
             by_name.insert(name, index);
             by_full_name.insert(full_name.clone(), index);
-            entries.push(Entry {
-                name,
-                full_name,
-                raw,
-                schema,
-                fingerprint,
-            });
+            entries.push(Entry { name, full_name, raw, schema, fingerprint });
         }
         let registry = match registry_url {
             None => None,
@@ -274,13 +248,7 @@ impl Codec {
                 })
             }
         };
-        Ok(Codec {
-            entries,
-            by_name,
-            by_full_name,
-            by_fingerprint,
-            registry,
-        })
+        Ok(Codec { entries, by_name, by_full_name, by_fingerprint, registry })
     }
 
     /// `true` when the codec was loaded with a schema registry URL (Confluent format).
@@ -304,22 +272,14 @@ impl Codec {
         self.by_name
             .get(name)
             .map(|&i| &self.entries[i])
-            .ok_or_else(|| CodecError::Encode {
-                schema: name.to_string(),
-                message: "no schema loaded for this event".to_string(),
-            })
+            .ok_or_else(|| CodecError::Encode { schema: name.to_string(), message: "no schema loaded for this event".to_string() })
     }
 
     /// The Avro binary encoding of `event` (no header).
     fn datum(entry: &Entry, event: &Event) -> Result<Vec<u8>, CodecError> {
-        let err = |message: String| CodecError::Encode {
-            schema: entry.name.to_string(),
-            message,
-        };
+        let err = |message: String| CodecError::Encode { schema: entry.name.to_string(), message };
         let value = event_to_value(event).map_err(|e| err(format!("to Avro value: {e}")))?;
-        let value = value
-            .resolve(&entry.schema)
-            .map_err(|e| err(format!("does not fit the schema: {e}")))?;
+        let value = value.resolve(&entry.schema).map_err(|e| err(format!("does not fit the schema: {e}")))?;
         GenericDatumWriter::builder(&entry.schema)
             .build()
             .and_then(|w| w.write_value_to_vec(value))
@@ -356,16 +316,9 @@ impl Codec {
         };
         let entry = self.entry_of(event)?;
         let datum = Self::datum(entry, event)?;
-        let supplied = SuppliedSchema::new(
-            Some(entry.full_name.clone()),
-            SchemaType::Avro,
-            entry.raw.clone(),
-        );
-        let strategy =
-            SubjectNameStrategy::TopicRecordNameStrategyWithSchema(topic.to_string(), supplied);
-        let subject = strategy
-            .get_subject()
-            .map_err(|e| CodecError::Registry(srce_message(&e)))?;
+        let supplied = SuppliedSchema::new(Some(entry.full_name.clone()), SchemaType::Avro, entry.raw.clone());
+        let strategy = SubjectNameStrategy::TopicRecordNameStrategyWithSchema(topic.to_string(), supplied);
+        let subject = strategy.get_subject().map_err(|e| CodecError::Registry(srce_message(&e)))?;
         let registered = match registry.encoder.get_schema_and_id(&subject, strategy).await {
             Ok(s) => s,
             Err(e) => {
@@ -375,10 +328,7 @@ impl Codec {
                 return Err(if is_status(&e, "409") || is_status(&e, "422") {
                     CodecError::Encode {
                         schema: entry.name.to_string(),
-                        message: format!(
-                            "schema registry rejected the schema for subject {subject}: {}",
-                            srce_message(&e)
-                        ),
+                        message: format!("schema registry rejected the schema for subject {subject}: {}", srce_message(&e)),
                     }
                 } else {
                     CodecError::Registry(format!("registering {subject}: {}", srce_message(&e)))
@@ -386,18 +336,9 @@ impl Codec {
             }
         };
         let index = self.by_name[entry.name];
-        let cached = registry
-            .known_ids
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&registered.id)
-            == Some(&index);
+        let cached = registry.known_ids.read().unwrap_or_else(|p| p.into_inner()).get(&registered.id) == Some(&index);
         if !cached {
-            registry
-                .known_ids
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(registered.id, index);
+            registry.known_ids.write().unwrap_or_else(|p| p.into_inner()).insert(registered.id, index);
         }
         let mut out = Vec::with_capacity(CONFLUENT_HEADER_LEN + datum.len());
         out.push(CONFLUENT_MAGIC);
@@ -437,22 +378,14 @@ impl Codec {
                     return Err(CodecError::Truncated);
                 }
                 let fp = u64::from_le_bytes(bytes[2..10].try_into().expect("8 bytes"));
-                let &index = self
-                    .by_fingerprint
-                    .get(&fp)
-                    .ok_or(CodecError::UnknownFingerprint(fp))?;
+                let &index = self.by_fingerprint.get(&fp).ok_or(CodecError::UnknownFingerprint(fp))?;
                 let entry = &self.entries[index];
                 decode_datum(entry, &entry.schema, &bytes[SINGLE_OBJECT_HEADER_LEN..])
             }
             Some(&CONFLUENT_MAGIC) => {
                 let (id, datum) = split_confluent(bytes)?;
                 let registry = self.registry.as_ref().ok_or(CodecError::NoRegistry)?;
-                let known = registry
-                    .known_ids
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&id)
-                    .copied();
+                let known = registry.known_ids.read().unwrap_or_else(|p| p.into_inner()).get(&id).copied();
                 match known {
                     Some(index) => {
                         let entry = &self.entries[index];
@@ -483,12 +416,7 @@ impl Codec {
         }
         let (id, datum) = split_confluent(bytes)?;
         let registry = self.registry.as_ref().ok_or(CodecError::NoRegistry)?;
-        let known = registry
-            .known_ids
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .copied();
+        let known = registry.known_ids.read().unwrap_or_else(|p| p.into_inner()).get(&id).copied();
         if let Some(index) = known {
             let entry = &self.entries[index];
             return decode_datum(entry, &entry.schema, datum);
@@ -498,30 +426,16 @@ impl Codec {
             Err(e) if is_status(&e, "404") => return Err(CodecError::UnknownSchemaId(id)),
             Err(e) => {
                 registry.decoder.remove_errors_from_cache();
-                return Err(CodecError::Registry(format!(
-                    "fetching schema id {id}: {}",
-                    srce_message(&e)
-                )));
+                return Err(CodecError::Registry(format!("fetching schema id {id}: {}", srce_message(&e))));
             }
         };
-        let full_name = writer
-            .parsed
-            .name()
-            .map(|n| n.fullname(None))
-            .unwrap_or_else(|| "<unnamed>".to_string());
+        let full_name = writer.parsed.name().map(|n| n.fullname(None)).unwrap_or_else(|| "<unnamed>".to_string());
         let Some(&index) = self.by_full_name.get(&full_name) else {
-            return Err(CodecError::Malformed {
-                schema: full_name,
-                message: format!("schema id {id} is not an orderflow event record"),
-            });
+            return Err(CodecError::Malformed { schema: full_name, message: format!("schema id {id} is not an orderflow event record") });
         };
         let entry = &self.entries[index];
         if rabin_fingerprint(&writer.parsed) == entry.fingerprint {
-            registry
-                .known_ids
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, index);
+            registry.known_ids.write().unwrap_or_else(|p| p.into_inner()).insert(id, index);
             decode_datum(entry, &entry.schema, datum)
         } else {
             decode_datum(entry, &writer.parsed, datum)
@@ -541,26 +455,14 @@ fn split_confluent(bytes: &[u8]) -> Result<(u32, &[u8]), CodecError> {
 /// Decodes `datum` written with `writer` into the event of `entry` (resolving to the local
 /// schema when the writer schema differs). Trailing bytes are an error.
 fn decode_datum(entry: &Entry, writer: &Schema, datum: &[u8]) -> Result<Event, CodecError> {
-    let malformed = |message: String| CodecError::Malformed {
-        schema: entry.name.to_string(),
-        message,
-    };
+    let malformed = |message: String| CodecError::Malformed { schema: entry.name.to_string(), message };
     let mut rest = datum;
     let builder = GenericDatumReader::builder(writer);
-    let reader = if std::ptr::eq(writer, &entry.schema) {
-        builder.build()
-    } else {
-        builder.reader_schema(&entry.schema).build()
-    }
-    .map_err(|e| malformed(format!("schema: {e}")))?;
-    let value = reader
-        .read_value(&mut rest)
-        .map_err(|e| malformed(format!("datum: {e}")))?;
+    let reader = if std::ptr::eq(writer, &entry.schema) { builder.build() } else { builder.reader_schema(&entry.schema).build() }
+        .map_err(|e| malformed(format!("schema: {e}")))?;
+    let value = reader.read_value(&mut rest).map_err(|e| malformed(format!("datum: {e}")))?;
     if !rest.is_empty() {
-        return Err(malformed(format!(
-            "{} trailing byte(s) after the datum",
-            rest.len()
-        )));
+        return Err(malformed(format!("{} trailing byte(s) after the datum", rest.len())));
     }
     let json = avro_to_json(value).map_err(malformed)?;
     Event::from_json(entry.name, json).map_err(malformed)
@@ -605,23 +507,9 @@ fn avro_to_json(value: Value) -> Result<serde_json::Value, String> {
         Value::Bytes(b) | Value::Fixed(_, b) => J::from(b),
         Value::Uuid(u) => J::String(u.to_string()),
         Value::Union(_, inner) => avro_to_json(*inner)?,
-        Value::Array(items) => J::Array(
-            items
-                .into_iter()
-                .map(avro_to_json)
-                .collect::<Result<_, _>>()?,
-        ),
-        Value::Map(map) => J::Object(
-            map.into_iter()
-                .map(|(k, v)| Ok((k, avro_to_json(v)?)))
-                .collect::<Result<_, String>>()?,
-        ),
-        Value::Record(fields) => J::Object(
-            fields
-                .into_iter()
-                .map(|(k, v)| Ok((k, avro_to_json(v)?)))
-                .collect::<Result<_, String>>()?,
-        ),
+        Value::Array(items) => J::Array(items.into_iter().map(avro_to_json).collect::<Result<_, _>>()?),
+        Value::Map(map) => J::Object(map.into_iter().map(|(k, v)| Ok((k, avro_to_json(v)?))).collect::<Result<_, String>>()?),
+        Value::Record(fields) => J::Object(fields.into_iter().map(|(k, v)| Ok((k, avro_to_json(v)?))).collect::<Result<_, String>>()?),
         other => return Err(format!("unsupported Avro value {other:?}")),
     })
 }
@@ -672,16 +560,8 @@ mod tests {
                 hq_id: "hq".into(),
                 store_id: "s1".into(),
                 items: vec![
-                    OrderItem {
-                        product_id: "p1".into(),
-                        quantity: 2,
-                        unit_price: 1500,
-                    },
-                    OrderItem {
-                        product_id: "p2".into(),
-                        quantity: i32::MAX,
-                        unit_price: -1,
-                    },
+                    OrderItem { product_id: "p1".into(), quantity: 2, unit_price: 1500 },
+                    OrderItem { product_id: "p2".into(), quantity: i32::MAX, unit_price: -1 },
                 ],
             }
             .into(),
@@ -693,10 +573,7 @@ mod tests {
                 hq_id: "hq".into(),
                 store_id: "s1".into(),
                 expires_at: base + 300_000,
-                items: vec![ReservedItem {
-                    product_id: "p1".into(),
-                    reserved: 2,
-                }],
+                items: vec![ReservedItem { product_id: "p1".into(), reserved: 2 }],
             }
             .into(),
             StockReservationFailed {
@@ -706,11 +583,7 @@ mod tests {
                 hq_id: "hq".into(),
                 store_id: "s1".into(),
                 reason: failure_reason::INSUFFICIENT_STOCK.into(),
-                items: vec![FailedItem {
-                    product_id: "p1".into(),
-                    requested: 5,
-                    available: 1,
-                }],
+                items: vec![FailedItem { product_id: "p1".into(), requested: 5, available: 1 }],
             }
             .into(),
             OrderConfirmed {
@@ -753,11 +626,7 @@ mod tests {
                 reservation_id: "r1".into(),
                 hq_id: "hq".into(),
                 store_id: "s1".into(),
-                items: vec![SoldItem {
-                    product_id: "p1".into(),
-                    quantity: 2,
-                    actual_price: 1400,
-                }],
+                items: vec![SoldItem { product_id: "p1".into(), quantity: 2, actual_price: 1400 }],
                 total_amount: 2800,
             }
             .into(),
@@ -767,14 +636,8 @@ mod tests {
                 hq_id: "hq".into(),
                 store_id: "s1".into(),
                 product_id: "p1".into(),
-                hq_stock: Some(StockLevel {
-                    previous: 100,
-                    current: 98,
-                }),
-                store_stock: StockLevel {
-                    previous: 10,
-                    current: 8,
-                },
+                hq_stock: Some(StockLevel { previous: 100, current: 98 }),
+                store_stock: StockLevel { previous: 10, current: 8 },
                 change_amount: -2,
                 change_reason: change_reason::SALE.into(),
                 reference_id: "o1".into(),
@@ -787,10 +650,7 @@ mod tests {
                 store_id: "s1".into(),
                 product_id: "p1".into(),
                 hq_stock: None,
-                store_stock: StockLevel {
-                    previous: 0,
-                    current: i64::MAX,
-                },
+                store_stock: StockLevel { previous: 0, current: i64::MAX },
                 change_amount: i64::MAX,
                 change_reason: change_reason::RESTOCK.into(),
                 reference_id: "adj-1".into(),
@@ -824,10 +684,7 @@ mod tests {
                 store_id: "s1".into(),
                 adjustment_type: "RESTOCK".into(),
                 reference_id: "adj-1".into(),
-                items: vec![AdjustedItem {
-                    product_id: "p1".into(),
-                    delta: -7,
-                }],
+                items: vec![AdjustedItem { product_id: "p1".into(), delta: -7 }],
             }
             .into(),
         ]
@@ -837,10 +694,7 @@ mod tests {
     fn samples_cover_every_schema() {
         let samples = samples();
         for name in Event::SCHEMA_NAMES {
-            assert!(
-                samples.iter().any(|e| e.schema_name() == *name),
-                "no sample of {name}"
-            );
+            assert!(samples.iter().any(|e| e.schema_name() == *name), "no sample of {name}");
         }
     }
 
@@ -873,9 +727,7 @@ mod tests {
             // Independent fingerprint: re-read the file, canonicalise, CRC-64-AVRO per spec.
             let raw = std::fs::read_to_string(avro_dir().join(format!("{name}.avsc"))).unwrap();
             let canonical = Schema::parse_str(&raw).unwrap().canonical_form();
-            assert!(canonical.starts_with(&format!(
-                r#"{{"name":"orderflow.events.{name}","type":"record""#
-            )));
+            assert!(canonical.starts_with(&format!(r#"{{"name":"orderflow.events.{name}","type":"record""#)));
             assert!(!canonical.contains("doc"), "{canonical}");
             let fp = spec_crc64_avro(canonical.as_bytes());
             assert_eq!(&bytes[2..10], &fp.to_le_bytes(), "{name}");
@@ -908,13 +760,8 @@ mod tests {
         .into();
         let bytes = codec.encode_local(&event).unwrap();
         // strings: zigzag length + utf8; long 1 → zigzag 02; union branch 0 (null) → 00.
-        assert_eq!(
-            &bytes[10..],
-            &[2, b'e', 2, 2, b'o', 2, b'h', 2, b's', 2, b'R', 0, 2, b'm']
-        );
-        let Event::OrderCancelled(mut some) = event else {
-            unreachable!()
-        };
+        assert_eq!(&bytes[10..], &[2, b'e', 2, 2, b'o', 2, b'h', 2, b's', 2, b'R', 0, 2, b'm']);
+        let Event::OrderCancelled(mut some) = event else { unreachable!() };
         some.reservation_id = Some("r".into());
         let bytes = codec.encode_local(&some.clone().into()).unwrap();
         // union branch 1 (string) → 02, then the string.
@@ -922,19 +769,10 @@ mod tests {
 
         // The resolved value carries the logical type and the union branch.
         let schema = codec.schema("OrderCancelled").unwrap();
-        let Value::Record(fields) = apache_avro::to_value(&some)
-            .unwrap()
-            .resolve(schema)
-            .unwrap()
-        else {
-            panic!("record expected")
-        };
+        let Value::Record(fields) = apache_avro::to_value(&some).unwrap().resolve(schema).unwrap() else { panic!("record expected") };
         let get = |k: &str| fields.iter().find(|(n, _)| n == k).unwrap().1.clone();
         assert_eq!(get("occurredAt"), Value::TimestampMillis(1));
-        assert_eq!(
-            get("reservationId"),
-            Value::Union(1, Box::new(Value::String("r".into())))
-        );
+        assert_eq!(get("reservationId"), Value::Union(1, Box::new(Value::String("r".into()))));
         let Value::Record(upd) = apache_avro::to_value(&StockUpdated {
             event_id: "e".into(),
             occurred_at: 5,
@@ -942,10 +780,7 @@ mod tests {
             store_id: "s".into(),
             product_id: "p".into(),
             hq_stock: None,
-            store_stock: StockLevel {
-                previous: 1,
-                current: 2,
-            },
+            store_stock: StockLevel { previous: 1, current: 2 },
             change_amount: 1,
             change_reason: "RESTOCK".into(),
             reference_id: "x".into(),
@@ -973,11 +808,7 @@ mod tests {
     #[tokio::test]
     async fn garbage_is_not_avro() {
         let codec = codec();
-        for bytes in [
-            &b"{\"json\":1}"[..],
-            &[0xC3, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            &[0x01],
-        ] {
+        for bytes in [&b"{\"json\":1}"[..], &[0xC3, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[0x01]] {
             let err = codec.decode(bytes).await.unwrap_err();
             assert!(matches!(err, CodecError::NotAvro), "{bytes:?}: {err}");
             assert!(err.is_permanent());
@@ -1011,20 +842,14 @@ mod tests {
             }
             let mut longer = full.clone();
             longer.push(0);
-            assert!(matches!(
-                codec.decode_local(&longer),
-                Err(CodecError::Malformed { .. })
-            ));
+            assert!(matches!(codec.decode_local(&longer), Err(CodecError::Malformed { .. })));
         }
         // A union branch index out of range.
         let mut bytes = codec.encode_local(&samples()[5]).unwrap(); // OrderCancelled, None
         let union_at = bytes.len() - 1 - 1; // ... 00 (union) 00 (empty message)
         assert_eq!(&bytes[union_at..], &[0, 0]);
         bytes[union_at] = 8; // branch 4
-        assert!(matches!(
-            codec.decode_local(&bytes),
-            Err(CodecError::Malformed { .. })
-        ));
+        assert!(matches!(codec.decode_local(&bytes), Err(CodecError::Malformed { .. })));
     }
 
     #[tokio::test]
@@ -1033,10 +858,7 @@ mod tests {
         let mut bytes = codec.encode_local(&samples()[0]).unwrap();
         bytes[2..10].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_le_bytes());
         let err = codec.decode(&bytes).await.unwrap_err();
-        assert!(matches!(
-            err,
-            CodecError::UnknownFingerprint(0x0123_4567_89ab_cdef)
-        ));
+        assert!(matches!(err, CodecError::UnknownFingerprint(0x0123_4567_89ab_cdef)));
         assert!(err.to_string().contains("0x0123456789abcdef"), "{err}");
         assert!(err.is_permanent());
         assert_eq!(codec.schema_name_of(&bytes), None);
@@ -1050,10 +872,7 @@ mod tests {
         let err = codec.decode(&bytes).await.unwrap_err();
         assert!(matches!(err, CodecError::NoRegistry), "{err}");
         assert!(err.is_permanent());
-        assert!(matches!(
-            codec.decode_local(&bytes),
-            Err(CodecError::NoRegistry)
-        ));
+        assert!(matches!(codec.decode_local(&bytes), Err(CodecError::NoRegistry)));
         assert_eq!(codec.schema_name_of(&bytes), None);
     }
 
@@ -1068,11 +887,7 @@ mod tests {
     fn missing_schema_file_is_named() {
         let dir = tempfile::tempdir().unwrap();
         for name in Event::SCHEMA_NAMES.iter().skip(1) {
-            std::fs::copy(
-                avro_dir().join(format!("{name}.avsc")),
-                dir.path().join(format!("{name}.avsc")),
-            )
-            .unwrap();
+            std::fs::copy(avro_dir().join(format!("{name}.avsc")), dir.path().join(format!("{name}.avsc"))).unwrap();
         }
         let missing = Event::SCHEMA_NAMES[0];
         match Codec::load(dir.path(), None) {
@@ -1083,10 +898,7 @@ mod tests {
             other => panic!("expected a schema error, got {other:?}"),
         }
         std::fs::write(dir.path().join(format!("{missing}.avsc")), "{not json").unwrap();
-        assert!(matches!(
-            Codec::load(dir.path(), None),
-            Err(CodecError::Schema { .. })
-        ));
+        assert!(matches!(Codec::load(dir.path(), None), Err(CodecError::Schema { .. })));
     }
 
     /// A tiny in-process schema registry: accepts registrations (id 7), serves id 7, 404s others.
@@ -1134,24 +946,16 @@ mod tests {
                     let request_line = head.lines().next().unwrap_or("").to_string();
                     seen.lock().unwrap().push(request_line.clone());
                     let (status, body) = if request_line.starts_with("POST /subjects/") {
-                        let body: serde_json::Value =
-                            serde_json::from_slice(&buf[head_end..]).unwrap();
-                        *registered.lock().unwrap() =
-                            Some(body["schema"].as_str().unwrap().to_string());
+                        let body: serde_json::Value = serde_json::from_slice(&buf[head_end..]).unwrap();
+                        *registered.lock().unwrap() = Some(body["schema"].as_str().unwrap().to_string());
                         ("200 OK", r#"{"id":7}"#.to_string())
                     } else if request_line.starts_with("GET /schemas/ids/7") {
                         match registered.lock().unwrap().clone() {
                             Some(s) => ("200 OK", serde_json::json!({ "schema": s }).to_string()),
-                            None => (
-                                "404 Not Found",
-                                r#"{"error_code":40403,"message":"Schema not found"}"#.into(),
-                            ),
+                            None => ("404 Not Found", r#"{"error_code":40403,"message":"Schema not found"}"#.into()),
                         }
                     } else {
-                        (
-                            "404 Not Found",
-                            r#"{"error_code":40403,"message":"Schema not found"}"#.into(),
-                        )
+                        ("404 Not Found", r#"{"error_code":40403,"message":"Schema not found"}"#.into())
                     };
                     let resp = format!(
                         "HTTP/1.1 {status}\r\ncontent-type: application/vnd.schemaregistry.v1+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -1176,24 +980,16 @@ mod tests {
         let local = codec.encode_local(&event).unwrap();
         assert_eq!(&bytes[5..], &local[10..], "same datum in both formats");
         assert_eq!(codec.encode("stock.updated", &event).await.unwrap(), bytes);
-        assert!(seen.lock().unwrap()[0]
-            .starts_with("POST /subjects/stock.updated-orderflow.events.StockUpdated/versions"));
+        assert!(seen.lock().unwrap()[0].starts_with("POST /subjects/stock.updated-orderflow.events.StockUpdated/versions"));
         // Own id: decoded locally, even on the sync path.
         assert_eq!(codec.decode_local(&bytes).unwrap(), event);
         assert_eq!(codec.decode(&bytes).await.unwrap(), event);
 
         // A fresh codec must fetch id 7 from the registry.
         let other = Codec::load(&avro_dir(), Some(&url)).unwrap();
-        assert!(matches!(
-            other.decode_local(&bytes),
-            Err(CodecError::NoRegistry)
-        ));
+        assert!(matches!(other.decode_local(&bytes), Err(CodecError::NoRegistry)));
         assert_eq!(other.decode(&bytes).await.unwrap(), event);
-        assert!(seen
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.starts_with("GET /schemas/ids/7")));
+        assert!(seen.lock().unwrap().iter().any(|l| l.starts_with("GET /schemas/ids/7")));
         // Single-object payloads still decode with a registry configured.
         assert_eq!(other.decode(&local).await.unwrap(), event);
 
@@ -1206,16 +1002,9 @@ mod tests {
     #[tokio::test]
     async fn unreachable_registry_is_transient() {
         // Bind then drop a listener to get a port nobody listens on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let codec = Codec::load(&avro_dir(), Some(&format!("http://127.0.0.1:{port}"))).unwrap();
-        let err = codec
-            .encode("order.created", &samples()[0])
-            .await
-            .unwrap_err();
+        let err = codec.encode("order.created", &samples()[0]).await.unwrap_err();
         assert!(matches!(err, CodecError::Registry(_)), "{err}");
         assert!(!err.is_permanent());
         let err = codec.decode(&[0, 0, 0, 0, 1, 0]).await.unwrap_err();

@@ -73,11 +73,8 @@ pub enum AdminError {
 /// Returns the names of the topics it created.
 pub async fn create_topics(topology: &Topology) -> Result<Vec<String>, AdminError> {
     let admin: AdminClient<DefaultClientContext> = client_config(&topology.broker, Side::Admin).create()?;
-    let mut specs: Vec<(String, i32, i32, String)> = topology
-        .topics
-        .iter()
-        .map(|(name, t)| (name.clone(), t.partitions, t.replication_factor, t.cleanup_policy.clone()))
-        .collect();
+    let mut specs: Vec<(String, i32, i32, String)> =
+        topology.topics.iter().map(|(name, t)| (name.clone(), t.partitions, t.replication_factor, t.cleanup_policy.clone())).collect();
     for w in topology.workers.values() {
         for input in &w.inputs {
             if let Some(t) = topology.topics.get(input) {

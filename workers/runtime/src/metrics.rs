@@ -57,11 +57,23 @@ impl Metrics {
             g
         };
         Metrics {
-            consumed: counter("orderflow_events_consumed_total", "Input records by worker, topic and outcome.", &["worker", "topic", "outcome"]),
+            consumed: counter(
+                "orderflow_events_consumed_total",
+                "Input records by worker, topic and outcome.",
+                &["worker", "topic", "outcome"],
+            ),
             produced: counter("orderflow_events_produced_total", "Output records acknowledged by the broker.", &["worker", "topic"]),
             processing: histogram("orderflow_unit_processing_seconds", "Decode and process time of one unit of work.", &["worker"]),
-            commit: histogram("orderflow_commit_seconds", "Produce acknowledgement, state flush and offset commit of one unit.", &["worker", "outcome"]),
-            business: counter("orderflow_business_events_total", "Business measures reported by processors.", &["worker", "measure", "label"]),
+            commit: histogram(
+                "orderflow_commit_seconds",
+                "Produce acknowledgement, state flush and offset commit of one unit.",
+                &["worker", "outcome"],
+            ),
+            business: counter(
+                "orderflow_business_events_total",
+                "Business measures reported by processors.",
+                &["worker", "measure", "label"],
+            ),
             dlq: counter("orderflow_dlq_records_total", "Records sent to a dead-letter topic.", &["worker", "error_class"]),
             timers_fired: counter("orderflow_timers_fired_total", "Durable timers fired (punctuations).", &["worker"]),
             assigned: gauge("orderflow_assigned_partitions", "Input partitions assigned to this instance.", &["worker"]),

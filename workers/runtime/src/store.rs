@@ -24,6 +24,9 @@ pub enum StoreError {
     Io(#[from] sled::Error),
 }
 
+/// A `(key, value)` pair of processor state.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// One worker instance's store.
 #[derive(Clone)]
 pub struct Store {
@@ -84,11 +87,7 @@ impl Store {
 
     /// Partitions that have a shard on disk.
     pub fn partitions(&self) -> Vec<i32> {
-        self.db
-            .tree_names()
-            .iter()
-            .filter_map(|n| std::str::from_utf8(n).ok()?.strip_prefix('p')?.parse().ok())
-            .collect()
+        self.db.tree_names().iter().filter_map(|n| std::str::from_utf8(n).ok()?.strip_prefix('p')?.parse().ok()).collect()
     }
 
     /// Waits until every applied batch is on disk.
@@ -134,7 +133,7 @@ impl Shard {
     }
 
     /// Every processor state entry whose key starts with `prefix` (for tools and the demo).
-    pub fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan(&self, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
         self.tree
             .scan_prefix(prefixed(DATA, prefix))
             .map(|r| r.map(|(k, v)| (k[2..].to_vec(), v.to_vec())).map_err(StoreError::from))

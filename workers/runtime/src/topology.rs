@@ -89,7 +89,12 @@ pub struct Defaults {
 
 impl Default for Defaults {
     fn default() -> Self {
-        Defaults { guarantee: default_guarantee(), commit_interval: default_commit_interval(), max_batch: default_max_batch(), state_dir: default_state_dir() }
+        Defaults {
+            guarantee: default_guarantee(),
+            commit_interval: default_commit_interval(),
+            max_batch: default_max_batch(),
+            state_dir: default_state_dir(),
+        }
     }
 }
 
@@ -325,7 +330,7 @@ fn unknown_keys(v: &toml::Value) -> Vec<String> {
     let mut scan = |prefix: &str, v: Option<&toml::Value>, keys: &[&str]| {
         if let Some(t) = v.and_then(|v| v.as_table()) {
             for k in t.keys() {
-                if !keys.iter().any(|known| *known == k.as_str()) {
+                if !keys.contains(&k.as_str()) {
                     out.push(if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") });
                 }
             }
@@ -383,7 +388,10 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
         let subject = format!("worker {name}");
         let kind = kinds.iter().find(|k| k.name == w.kind);
         if kind.is_none() {
-            p(subject.clone(), format!("unknown kind `{}` (known: {})", w.kind, kinds.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")));
+            p(
+                subject.clone(),
+                format!("unknown kind `{}` (known: {})", w.kind, kinds.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")),
+            );
         }
         if w.inputs.is_empty() {
             p(subject.clone(), "has no inputs".into());
@@ -398,7 +406,10 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
             }
         }
         if partitions.len() > 1 {
-            p(subject.clone(), format!("inputs are not co-partitioned (partition counts {partitions:?}); state is sharded by input partition"));
+            p(
+                subject.clone(),
+                format!("inputs are not co-partitioned (partition counts {partitions:?}); state is sharded by input partition"),
+            );
         }
         for (port, topic) in &w.outputs {
             if !t.topics.contains_key(topic) {
@@ -438,7 +449,14 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
     if let Some((first, ttl)) = ttls.first() {
         for (name, other) in &ttls[1..] {
             if other != ttl {
-                p(format!("worker {name}"), format!("reservation_ttl {} differs from worker {first}'s {}", humantime::format_duration(*other), humantime::format_duration(*ttl)));
+                p(
+                    format!("worker {name}"),
+                    format!(
+                        "reservation_ttl {} differs from worker {first}'s {}",
+                        humantime::format_duration(*other),
+                        humantime::format_duration(*ttl)
+                    ),
+                );
             }
         }
     }
@@ -490,10 +508,8 @@ pub fn mermaid(t: &Topology) -> String {
 mod tests {
     use super::*;
 
-    const KINDS: &[KindInfo] = &[
-        KindInfo { name: "a", ports: &["out"], uses_ttl: false },
-        KindInfo { name: "ttl", ports: &["out"], uses_ttl: true },
-    ];
+    const KINDS: &[KindInfo] =
+        &[KindInfo { name: "a", ports: &["out"], uses_ttl: false }, KindInfo { name: "ttl", ports: &["out"], uses_ttl: true }];
 
     fn write(dir: &Path, text: &str) -> PathBuf {
         std::fs::create_dir_all(dir.join("avro")).unwrap();

@@ -238,7 +238,9 @@ impl Worker {
                         dead_letters.push(DeadLetter { source: m.clone(), class: "invalid", message: msg });
                         "dead_lettered"
                     }
-                    Err(error) => return Err(WorkerError::Process { topic: topic.to_string(), partition: m.partition(), offset: m.offset(), error }),
+                    Err(error) => {
+                        return Err(WorkerError::Process { topic: topic.to_string(), partition: m.partition(), offset: m.offset(), error })
+                    }
                 };
                 self.metrics.consumed.with_label_values(&[self.name.as_str(), topic, outcome]).inc();
             }
@@ -278,7 +280,8 @@ impl Worker {
             let record = FutureRecord::to(topic).key(*key).payload(bytes.as_slice());
             self.producer.send(record, Timeout::Never)
         });
-        let dlq_payloads: Vec<(String, OwnedHeaders)> = dead_letters.iter().map(|d| (dlq_topic(d.source.topic()), self.dlq_headers(d, now))).collect();
+        let dlq_payloads: Vec<(String, OwnedHeaders)> =
+            dead_letters.iter().map(|d| (dlq_topic(d.source.topic()), self.dlq_headers(d, now))).collect();
         let dlq_sends = dead_letters.iter().zip(&dlq_payloads).map(|(d, (topic, headers))| {
             let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers.clone());
             if let Some(k) = d.source.key() {

@@ -17,10 +17,9 @@
 //! State (JSON): [`stock_key`] → [`StockRecord`], [`reservation_key`] → [`Reservation`].
 
 use orderflow_api::events::{
-    change_reason, failure_reason, release_reason, AdjustedItem, FailedItem, InventoryAdjusted,
-    OrderCancelled, OrderCompleted, OrderCreated, ReleasedItem, ReservedItem, StockLevel,
-    StockReservationExpired, StockReservationFailed, StockReservationReleased, StockReserved,
-    StockUpdated,
+    change_reason, failure_reason, release_reason, AdjustedItem, FailedItem, InventoryAdjusted, OrderCancelled, OrderCompleted,
+    OrderCreated, ReleasedItem, ReservedItem, StockLevel, StockReservationExpired, StockReservationFailed, StockReservationReleased,
+    StockReserved, StockUpdated,
 };
 use orderflow_api::{derive_event_id, Context, Event, Outputs, ProcessError, Processor, StateTxn};
 use serde::{Deserialize, Serialize};
@@ -137,10 +136,7 @@ impl StockReserver {
     /// # Panics
     /// If `reservation_ttl_ms ≤ 0` (a configuration error).
     pub fn new(reservation_ttl_ms: i64) -> Self {
-        assert!(
-            reservation_ttl_ms > 0,
-            "reservation TTL must be positive, got {reservation_ttl_ms} ms"
-        );
+        assert!(reservation_ttl_ms > 0, "reservation TTL must be positive, got {reservation_ttl_ms} ms");
         StockReserver { reservation_ttl_ms }
     }
 
@@ -149,12 +145,7 @@ impl StockReserver {
         self.reservation_ttl_ms
     }
 
-    fn adjust(
-        &self,
-        e: &InventoryAdjusted,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
+    fn adjust(&self, e: &InventoryAdjusted, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         require("InventoryAdjusted", &e.event_id, "hqId", &e.hq_id)?;
         require("InventoryAdjusted", &e.event_id, "storeId", &e.store_id)?;
         if e.items.is_empty() {
@@ -165,11 +156,7 @@ impl StockReserver {
         for AdjustedItem { product_id, delta } in &e.items {
             require("InventoryAdjusted", &e.event_id, "productId", product_id)?;
             match deltas.iter_mut().find(|(p, _)| p == product_id) {
-                Some((_, d)) => {
-                    *d = d.checked_add(*delta).ok_or_else(|| {
-                        invalid("InventoryAdjusted", &e.event_id, "delta overflows")
-                    })?
-                }
+                Some((_, d)) => *d = d.checked_add(*delta).ok_or_else(|| invalid("InventoryAdjusted", &e.event_id, "delta overflows"))?,
                 None => deltas.push((product_id.clone(), *delta)),
             }
         }
@@ -178,13 +165,10 @@ impl StockReserver {
         for (product_id, delta) in deltas {
             let key = stock_key(&e.hq_id, &e.store_id, &product_id);
             let before = load_stock(state, &key)?;
-            let on_hand = before.on_hand.checked_add(delta).ok_or_else(|| {
-                invalid(
-                    "InventoryAdjusted",
-                    &e.event_id,
-                    &format!("delta {delta} for {product_id} overflows"),
-                )
-            })?;
+            let on_hand = before
+                .on_hand
+                .checked_add(delta)
+                .ok_or_else(|| invalid("InventoryAdjusted", &e.event_id, &format!("delta {delta} for {product_id} overflows")))?;
             if on_hand < 0 || on_hand < before.reserved {
                 return Err(invalid(
                     "InventoryAdjusted",
@@ -195,16 +179,7 @@ impl StockReserver {
                     ),
                 ));
             }
-            changes.push((
-                key,
-                product_id,
-                delta,
-                before,
-                StockRecord {
-                    on_hand,
-                    reserved: before.reserved,
-                },
-            ));
+            changes.push((key, product_id, delta, before, StockRecord { on_hand, reserved: before.reserved }));
         }
         for (key, product_id, delta, before, after) in changes {
             state.put_json(key, &after);
@@ -218,10 +193,7 @@ impl StockReserver {
                     store_id: e.store_id.clone(),
                     product_id,
                     hq_stock: None,
-                    store_stock: StockLevel {
-                        previous: before.on_hand,
-                        current: after.on_hand,
-                    },
+                    store_stock: StockLevel { previous: before.on_hand, current: after.on_hand },
                     change_amount: delta,
                     change_reason: e.adjustment_type.clone(),
                     reference_id: e.reference_id.clone(),
@@ -232,12 +204,7 @@ impl StockReserver {
         Ok(())
     }
 
-    fn reserve(
-        &self,
-        e: &OrderCreated,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
+    fn reserve(&self, e: &OrderCreated, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         require("OrderCreated", &e.event_id, "orderId", &e.order_id)?;
         require("OrderCreated", &e.event_id, "hqId", &e.hq_id)?;
         require("OrderCreated", &e.event_id, "storeId", &e.store_id)?;
@@ -251,10 +218,7 @@ impl StockReserver {
                 return Err(invalid(
                     "OrderCreated",
                     &e.event_id,
-                    &format!(
-                        "quantity {} of {} is outside 1..={MAX_QUANTITY}",
-                        item.quantity, item.product_id
-                    ),
+                    &format!("quantity {} of {} is outside 1..={MAX_QUANTITY}", item.quantity, item.product_id),
                 ));
             }
             match wanted.iter_mut().find(|(p, _)| *p == item.product_id) {
@@ -263,20 +227,12 @@ impl StockReserver {
             }
         }
         if let Some((p, q)) = wanted.iter().find(|(_, q)| *q > i64::from(i32::MAX)) {
-            return Err(invalid(
-                "OrderCreated",
-                &e.event_id,
-                &format!("total quantity {q} of {p} does not fit an int"),
-            ));
+            return Err(invalid("OrderCreated", &e.event_id, &format!("total quantity {q} of {p} does not fit an int")));
         }
 
         let rkey = reservation_key(&e.order_id);
         if let Some(existing) = state.get_json::<Reservation>(&rkey)? {
-            let what = if existing.status == ReservationStatus::Closed {
-                "created_after_close"
-            } else {
-                "duplicate_order"
-            };
+            let what = if existing.status == ReservationStatus::Closed { "created_after_close" } else { "duplicate_order" };
             out.note("late_event", what);
             return Ok(());
         }
@@ -331,13 +287,7 @@ impl StockReserver {
             rec.reserved += qty;
             state.put_json(key, &rec);
         }
-        reservation.items = wanted
-            .iter()
-            .map(|(p, q)| ReservationItem {
-                product_id: p.clone(),
-                quantity: to_i32(*q),
-            })
-            .collect();
+        reservation.items = wanted.iter().map(|(p, q)| ReservationItem { product_id: p.clone(), quantity: to_i32(*q) }).collect();
         reservation.status = ReservationStatus::Live;
         state.put_json(rkey, &reservation);
         out.emit(
@@ -351,42 +301,28 @@ impl StockReserver {
                 hq_id: e.hq_id.clone(),
                 store_id: e.store_id.clone(),
                 expires_at,
-                items: reservation
-                    .items
-                    .iter()
-                    .map(|i| ReservedItem {
-                        product_id: i.product_id.clone(),
-                        reserved: i.quantity,
-                    })
-                    .collect(),
+                items: reservation.items.iter().map(|i| ReservedItem { product_id: i.product_id.clone(), reserved: i.quantity }).collect(),
             },
         )?;
         out.note("reservation", "reserved");
         Ok(())
     }
 
-    fn cancelled(
-        &self,
-        e: &OrderCancelled,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
+    fn cancelled(&self, e: &OrderCancelled, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         require("OrderCancelled", &e.event_id, "orderId", &e.order_id)?;
         let rkey = reservation_key(&e.order_id);
         match state.get_json::<Reservation>(&rkey)? {
-            Some(mut r) if r.status == ReservationStatus::Live => release(
-                &mut r,
-                release_reason::CANCELLED,
-                &e.event_id,
-                e.occurred_at,
-                state,
-                out,
-            ),
+            Some(mut r) if r.status == ReservationStatus::Live => {
+                release(&mut r, release_reason::CANCELLED, &e.event_id, e.occurred_at, state, out)
+            }
+            // The canceller's own order.cancelled coming back after a failed or released
+            // reservation is the normal end of the compensation, not an anomaly.
+            Some(r) if matches!(r.status, ReservationStatus::Failed | ReservationStatus::Released) => {
+                out.note("compensation_echo", format!("cancel_after_{}", status_label(r.status)));
+                Ok(())
+            }
             Some(r) => {
-                out.note(
-                    "late_event",
-                    format!("cancel_after_{}", status_label(r.status)),
-                );
+                out.note("late_event", format!("cancel_after_{}", status_label(r.status)));
                 Ok(())
             }
             None => {
@@ -397,40 +333,18 @@ impl StockReserver {
         }
     }
 
-    fn expired(
-        &self,
-        e: &StockReservationExpired,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
-        require(
-            "StockReservationExpired",
-            &e.event_id,
-            "orderId",
-            &e.order_id,
-        )?;
+    fn expired(&self, e: &StockReservationExpired, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        require("StockReservationExpired", &e.event_id, "orderId", &e.order_id)?;
         match state.get_json::<Reservation>(&reservation_key(&e.order_id))? {
-            Some(mut r)
-                if r.status == ReservationStatus::Live && r.reservation_id == e.reservation_id =>
-            {
-                release(
-                    &mut r,
-                    release_reason::EXPIRED,
-                    &e.event_id,
-                    e.occurred_at,
-                    state,
-                    out,
-                )
+            Some(mut r) if r.status == ReservationStatus::Live && r.reservation_id == e.reservation_id => {
+                release(&mut r, release_reason::EXPIRED, &e.event_id, e.occurred_at, state, out)
             }
             Some(r) if r.status == ReservationStatus::Live => {
                 out.note("late_event", "expired_other_reservation");
                 Ok(())
             }
             Some(r) => {
-                out.note(
-                    "late_event",
-                    format!("expired_after_{}", status_label(r.status)),
-                );
+                out.note("late_event", format!("expired_after_{}", status_label(r.status)));
                 Ok(())
             }
             None => {
@@ -440,12 +354,7 @@ impl StockReserver {
         }
     }
 
-    fn completed(
-        &self,
-        e: &OrderCompleted,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
+    fn completed(&self, e: &OrderCompleted, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         require("OrderCompleted", &e.event_id, "orderId", &e.order_id)?;
         let rkey = reservation_key(&e.order_id);
         let mut r = match state.get_json::<Reservation>(&rkey)? {
@@ -473,28 +382,19 @@ impl StockReserver {
                     ),
                 });
             }
-            let after = StockRecord {
-                on_hand: before.on_hand - q,
-                reserved: before.reserved - q,
-            };
+            let after = StockRecord { on_hand: before.on_hand - q, reserved: before.reserved - q };
             state.put_json(key, &after);
             out.emit(
                 PORT_UPDATED,
                 item.product_id.clone(),
                 StockUpdated {
-                    event_id: derive_event_id(
-                        &e.event_id,
-                        &format!("stock.updated/{}", item.product_id),
-                    ),
+                    event_id: derive_event_id(&e.event_id, &format!("stock.updated/{}", item.product_id)),
                     occurred_at: e.occurred_at,
                     hq_id: r.hq_id.clone(),
                     store_id: r.store_id.clone(),
                     product_id: item.product_id.clone(),
                     hq_stock: None,
-                    store_stock: StockLevel {
-                        previous: before.on_hand,
-                        current: after.on_hand,
-                    },
+                    store_stock: StockLevel { previous: before.on_hand, current: after.on_hand },
                     change_amount: -q,
                     change_reason: change_reason::SALE.to_string(),
                     reference_id: e.order_id.clone(),
@@ -516,13 +416,7 @@ impl Processor for StockReserver {
     /// `1..=MAX_QUANTITY`, an adjustment that would drive on hand below zero or below reserved);
     /// [`ProcessError::CorruptState`] when stored stock cannot cover a release or deduction of a
     /// live reservation (an invariant broke); [`ProcessError::UnwiredPort`] for a missing port.
-    fn process(
-        &mut self,
-        _ctx: &Context,
-        event: &Event,
-        state: &mut StateTxn,
-        out: &mut Outputs,
-    ) -> Result<(), ProcessError> {
+    fn process(&mut self, _ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         match event {
             Event::InventoryAdjusted(e) => self.adjust(e, state, out),
             Event::OrderCreated(e) => self.reserve(e, state, out),
@@ -551,10 +445,7 @@ fn release(
         if rec.reserved < q {
             return Err(ProcessError::CorruptState {
                 key: String::from_utf8_lossy(&key).into_owned(),
-                message: format!(
-                    "releasing {q} for order {} but only {} reserved",
-                    r.order_id, rec.reserved
-                ),
+                message: format!("releasing {q} for order {} but only {} reserved", r.order_id, rec.reserved),
             });
         }
         rec.reserved -= q;
@@ -573,14 +464,7 @@ fn release(
             hq_id: r.hq_id.clone(),
             store_id: r.store_id.clone(),
             reason: reason.to_string(),
-            items: r
-                .items
-                .iter()
-                .map(|i| ReleasedItem {
-                    product_id: i.product_id.clone(),
-                    released: i.quantity,
-                })
-                .collect(),
+            items: r.items.iter().map(|i| ReleasedItem { product_id: i.product_id.clone(), released: i.quantity }).collect(),
         },
     )?;
     out.note("release", reason.to_string());
@@ -668,13 +552,7 @@ mod tests {
             store_id: STORE.into(),
             adjustment_type: "RESTOCK".into(),
             reference_id: format!("ref-{id}"),
-            items: items
-                .iter()
-                .map(|(p, d)| AdjustedItem {
-                    product_id: p.to_string(),
-                    delta: *d,
-                })
-                .collect(),
+            items: items.iter().map(|(p, d)| AdjustedItem { product_id: p.to_string(), delta: *d }).collect(),
         }
     }
 
@@ -686,14 +564,7 @@ mod tests {
             customer_id: "C-1".into(),
             hq_id: HQ.into(),
             store_id: STORE.into(),
-            items: items
-                .iter()
-                .map(|(p, q)| OrderItem {
-                    product_id: p.to_string(),
-                    quantity: *q,
-                    unit_price: 1000,
-                })
-                .collect(),
+            items: items.iter().map(|(p, q)| OrderItem { product_id: p.to_string(), quantity: *q, unit_price: 1000 }).collect(),
         }
     }
 
@@ -736,9 +607,7 @@ mod tests {
     }
 
     fn stock(h: &Harness<StockReserver>, product: &str) -> StockRecord {
-        h.store
-            .get_json(&stock_key(HQ, STORE, product))
-            .unwrap_or_default()
+        h.store.get_json(&stock_key(HQ, STORE, product)).unwrap_or_default()
     }
 
     fn reservation(h: &Harness<StockReserver>, order_id: &str) -> Option<Reservation> {
@@ -746,11 +615,7 @@ mod tests {
     }
 
     fn notes(h: &Harness<StockReserver>, measure: &str) -> Vec<String> {
-        h.notes
-            .iter()
-            .filter(|n| n.measure == measure)
-            .map(|n| n.label.clone())
-            .collect()
+        h.notes.iter().filter(|n| n.measure == measure).map(|n| n.label.clone()).collect()
     }
 
     fn reserved_id(outs: &[Output]) -> String {
@@ -766,68 +631,28 @@ mod tests {
         assert!(stock_key("H", "S", "P").starts_with(STOCK_PREFIX));
         assert_eq!(reservation_key("O-1"), b"res/O-1".to_vec());
         assert!(reservation_key("O-1").starts_with(RESERVATION_PREFIX));
-        let json = serde_json::to_string(&StockRecord {
-            on_hand: 3,
-            reserved: 1,
-        })
-        .unwrap();
+        let json = serde_json::to_string(&StockRecord { on_hand: 3, reserved: 1 }).unwrap();
         assert_eq!(json, r#"{"onHand":3,"reserved":1}"#);
-        assert_eq!(
-            StockRecord {
-                on_hand: 3,
-                reserved: 1
-            }
-            .available(),
-            2
-        );
+        assert_eq!(StockRecord { on_hand: 3, reserved: 1 }.available(), 2);
     }
 
     #[test]
     fn adjustment_updates_on_hand_and_reports_stock_updated() {
         let mut h = harness();
         let outs = restock(&mut h, "a1", &[("P-001", 10), ("P-002", 4)]);
-        assert_eq!(
-            stock(&h, "P-001"),
-            StockRecord {
-                on_hand: 10,
-                reserved: 0
-            }
-        );
+        assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
         assert_eq!(outs.len(), 2);
-        let Event::StockUpdated(u) = &outs[0].event else {
-            panic!()
-        };
+        let Event::StockUpdated(u) = &outs[0].event else { panic!() };
         assert_eq!(outs[0].port, PORT_UPDATED);
         assert_eq!(outs[0].key, "P-001");
         assert_eq!(u.event_id, derive_event_id("a1", "stock.updated/P-001"));
-        assert_eq!(
-            u.store_stock,
-            StockLevel {
-                previous: 0,
-                current: 10
-            }
-        );
-        assert_eq!(
-            (
-                u.change_amount,
-                u.change_reason.as_str(),
-                u.reference_id.as_str()
-            ),
-            (10, "RESTOCK", "ref-a1")
-        );
+        assert_eq!(u.store_stock, StockLevel { previous: 0, current: 10 });
+        assert_eq!((u.change_amount, u.change_reason.as_str(), u.reference_id.as_str()), (10, "RESTOCK", "ref-a1"));
         assert_eq!(u.hq_stock, None);
         assert_eq!(u.occurred_at, 500);
         let outs = restock(&mut h, "a2", &[("P-001", -3)]);
-        let Event::StockUpdated(u) = &outs[0].event else {
-            panic!()
-        };
-        assert_eq!(
-            u.store_stock,
-            StockLevel {
-                previous: 10,
-                current: 7
-            }
-        );
+        let Event::StockUpdated(u) = &outs[0].event else { panic!() };
+        assert_eq!(u.store_stock, StockLevel { previous: 10, current: 7 });
         assert_eq!(notes(&h, "adjustment"), vec!["RESTOCK", "RESTOCK"]);
     }
 
@@ -835,76 +660,30 @@ mod tests {
     fn adjustment_below_zero_or_below_reserved_is_rejected_whole() {
         let mut h = harness();
         restock(&mut h, "a1", &[("P-001", 5), ("P-002", 5)]);
-        let err = h
-            .feed("t", adjust_ev("a2", &[("P-001", 1), ("P-002", -6)]), 0)
-            .unwrap_err();
-        assert!(
-            matches!(err, ProcessError::Invalid(ref m) if m.contains("P-002")),
-            "{err}"
-        );
+        let err = h.feed("t", adjust_ev("a2", &[("P-001", 1), ("P-002", -6)]), 0).unwrap_err();
+        assert!(matches!(err, ProcessError::Invalid(ref m) if m.contains("P-002")), "{err}");
         assert_eq!(stock(&h, "P-001").on_hand, 5, "nothing applied");
         h.feed("t", order("o1", "O-1", &[("P-002", 4)]), 0).unwrap();
-        let err = h
-            .feed("t", adjust_ev("a3", &[("P-002", -2)]), 0)
-            .unwrap_err();
-        assert!(
-            matches!(err, ProcessError::Invalid(_)),
-            "on hand 3 < reserved 4"
-        );
-        assert_eq!(
-            stock(&h, "P-002"),
-            StockRecord {
-                on_hand: 5,
-                reserved: 4
-            }
-        );
-        assert!(matches!(
-            h.feed("t", adjust_ev("a4", &[]), 0),
-            Err(ProcessError::Invalid(_))
-        ));
+        let err = h.feed("t", adjust_ev("a3", &[("P-002", -2)]), 0).unwrap_err();
+        assert!(matches!(err, ProcessError::Invalid(_)), "on hand 3 < reserved 4");
+        assert_eq!(stock(&h, "P-002"), StockRecord { on_hand: 5, reserved: 4 });
+        assert!(matches!(h.feed("t", adjust_ev("a4", &[]), 0), Err(ProcessError::Invalid(_))));
     }
 
     #[test]
     fn seed_000_scenario_1_single_item_short() {
         let mut h = harness();
         restock(&mut h, "a1", &[("P-001", 5)]);
-        let outs = h
-            .feed("t", order("o1", "O-1", &[("P-001", 10)]), 0)
-            .unwrap();
+        let outs = h.feed("t", order("o1", "O-1", &[("P-001", 10)]), 0).unwrap();
         assert_eq!(outs.len(), 1);
-        assert_eq!(
-            (outs[0].port.as_str(), outs[0].key.as_str()),
-            (PORT_FAILED, "O-1")
-        );
-        let Event::StockReservationFailed(f) = &outs[0].event else {
-            panic!()
-        };
+        assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_FAILED, "O-1"));
+        let Event::StockReservationFailed(f) = &outs[0].event else { panic!() };
         assert_eq!(f.reason, "INSUFFICIENT_STOCK");
-        assert_eq!(
-            f.items,
-            vec![FailedItem {
-                product_id: "P-001".into(),
-                requested: 10,
-                available: 5
-            }]
-        );
-        assert_eq!(
-            f.event_id,
-            derive_event_id("o1", "stock.reservation.failed")
-        );
+        assert_eq!(f.items, vec![FailedItem { product_id: "P-001".into(), requested: 10, available: 5 }]);
+        assert_eq!(f.event_id, derive_event_id("o1", "stock.reservation.failed"));
         assert_eq!(f.occurred_at, 1_000);
-        assert_eq!(
-            stock(&h, "P-001"),
-            StockRecord {
-                on_hand: 5,
-                reserved: 0
-            },
-            "nothing reserved"
-        );
-        assert_eq!(
-            reservation(&h, "O-1").unwrap().status,
-            ReservationStatus::Failed
-        );
+        assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 5, reserved: 0 }, "nothing reserved");
+        assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Failed);
         assert_eq!(notes(&h, "reservation"), vec!["INSUFFICIENT_STOCK"]);
     }
 
@@ -912,20 +691,9 @@ mod tests {
     fn seed_000_scenario_2_all_or_nothing_names_only_short_item() {
         let mut h = harness();
         restock(&mut h, "a1", &[("P-001", 10), ("P-002", 1)]);
-        let outs = h
-            .feed("t", order("o1", "O-1", &[("P-001", 5), ("P-002", 3)]), 0)
-            .unwrap();
-        let Event::StockReservationFailed(f) = &outs[0].event else {
-            panic!("{outs:?}")
-        };
-        assert_eq!(
-            f.items,
-            vec![FailedItem {
-                product_id: "P-002".into(),
-                requested: 3,
-                available: 1
-            }]
-        );
+        let outs = h.feed("t", order("o1", "O-1", &[("P-001", 5), ("P-002", 3)]), 0).unwrap();
+        let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
+        assert_eq!(f.items, vec![FailedItem { product_id: "P-002".into(), requested: 3, available: 1 }]);
         assert_eq!(stock(&h, "P-001").available(), 10, "P-001 not reserved");
         assert_eq!(stock(&h, "P-002").available(), 1);
     }
@@ -934,80 +702,38 @@ mod tests {
     fn reserves_all_items_and_available_is_on_hand_minus_reserved() {
         let mut h = harness();
         restock(&mut h, "a1", &[("P-001", 10), ("P-002", 3)]);
-        let outs = h
-            .feed(
-                "t",
-                order("o1", "O-1", &[("P-001", 4), ("P-002", 3), ("P-001", 2)]),
-                0,
-            )
-            .unwrap();
-        assert_eq!(
-            (outs[0].port.as_str(), outs[0].key.as_str()),
-            (PORT_RESERVED, "O-1")
-        );
-        let Event::StockReserved(r) = &outs[0].event else {
-            panic!()
-        };
+        let outs = h.feed("t", order("o1", "O-1", &[("P-001", 4), ("P-002", 3), ("P-001", 2)]), 0).unwrap();
+        assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_RESERVED, "O-1"));
+        let Event::StockReserved(r) = &outs[0].event else { panic!() };
         assert_eq!(r.event_id, derive_event_id("o1", "stock.reserved"));
         assert_eq!(r.reservation_id, derive_event_id("o1", "reservation"));
         assert_eq!(r.expires_at, 1_000 + TTL);
         assert_eq!(r.occurred_at, 1_000);
         assert_eq!(
             r.items,
-            vec![
-                ReservedItem {
-                    product_id: "P-001".into(),
-                    reserved: 6
-                },
-                ReservedItem {
-                    product_id: "P-002".into(),
-                    reserved: 3
-                }
-            ],
+            vec![ReservedItem { product_id: "P-001".into(), reserved: 6 }, ReservedItem { product_id: "P-002".into(), reserved: 3 }],
             "repeated products summed"
         );
-        assert_eq!(
-            stock(&h, "P-001"),
-            StockRecord {
-                on_hand: 10,
-                reserved: 6
-            }
-        );
+        assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 6 });
         assert_eq!(stock(&h, "P-001").available(), 4);
         // A second order sees only what is available, not what is on hand.
         let outs = h.feed("t", order("o2", "O-2", &[("P-001", 5)]), 0).unwrap();
-        let Event::StockReservationFailed(f) = &outs[0].event else {
-            panic!()
-        };
+        let Event::StockReservationFailed(f) = &outs[0].event else { panic!() };
         assert_eq!(f.items[0].available, 4);
         let outs = h.feed("t", order("o3", "O-3", &[("P-002", 1)]), 0).unwrap();
-        let Event::StockReservationFailed(f) = &outs[0].event else {
-            panic!()
-        };
+        let Event::StockReservationFailed(f) = &outs[0].event else { panic!() };
         assert_eq!(f.items[0].available, 0, "available never negative");
         let live = reservation(&h, "O-1").unwrap();
         assert_eq!(live.status, ReservationStatus::Live);
-        assert_eq!(
-            notes(&h, "reservation"),
-            vec!["reserved", "INSUFFICIENT_STOCK", "INSUFFICIENT_STOCK"]
-        );
+        assert_eq!(notes(&h, "reservation"), vec!["reserved", "INSUFFICIENT_STOCK", "INSUFFICIENT_STOCK"]);
     }
 
     #[test]
     fn unknown_products_have_no_stock() {
         let mut h = harness();
         let outs = h.feed("t", order("o1", "O-1", &[("P-404", 1)]), 0).unwrap();
-        let Event::StockReservationFailed(f) = &outs[0].event else {
-            panic!()
-        };
-        assert_eq!(
-            f.items,
-            vec![FailedItem {
-                product_id: "P-404".into(),
-                requested: 1,
-                available: 0
-            }]
-        );
+        let Event::StockReservationFailed(f) = &outs[0].event else { panic!() };
+        assert_eq!(f.items, vec![FailedItem { product_id: "P-404".into(), requested: 1, available: 0 }]);
     }
 
     #[test]
@@ -1018,18 +744,12 @@ mod tests {
             (order("x1", "O-1", &[]), "no items"),
             (order("x2", "O-1", &[("P-001", 0)]), "quantity"),
             (order("x3", "O-1", &[("P-001", -1)]), "quantity"),
-            (
-                order("x4", "O-1", &[("P-001", MAX_QUANTITY + 1)]),
-                "quantity",
-            ),
+            (order("x4", "O-1", &[("P-001", MAX_QUANTITY + 1)]), "quantity"),
             (order("x5", "", &[("P-001", 1)]), "orderId"),
             (order("x6", "O-1", &[("", 1)]), "productId"),
         ] {
             let err = h.feed("t", ev, 0).unwrap_err();
-            assert!(
-                matches!(err, ProcessError::Invalid(ref m) if m.contains(what)),
-                "{err}"
-            );
+            assert!(matches!(err, ProcessError::Invalid(ref m) if m.contains(what)), "{err}");
         }
         let mut ev = order("x7", "O-1", &[("P-001", 1)]);
         ev.store_id.clear();
@@ -1044,19 +764,13 @@ mod tests {
         restock(&mut h, "a1", &[("P-001", 10)]);
         h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap();
         // Same order, new eventId (e.g. a re-sent outbox row): not reserved again.
-        let outs = h
-            .feed("t", order("o1-again", "O-1", &[("P-001", 2)]), 0)
-            .unwrap();
+        let outs = h.feed("t", order("o1-again", "O-1", &[("P-001", 2)]), 0).unwrap();
         assert!(outs.is_empty());
         assert_eq!(stock(&h, "P-001").reserved, 2);
         assert_eq!(notes(&h, "late_event"), vec!["duplicate_order"]);
         // Also after a failure: the order never reserves later.
-        h.feed("t", order("o2", "O-2", &[("P-001", 100)]), 0)
-            .unwrap();
-        assert!(h
-            .feed("t", order("o2b", "O-2", &[("P-001", 1)]), 0)
-            .unwrap()
-            .is_empty());
+        h.feed("t", order("o2", "O-2", &[("P-001", 100)]), 0).unwrap();
+        assert!(h.feed("t", order("o2b", "O-2", &[("P-001", 1)]), 0).unwrap().is_empty());
         assert_eq!(stock(&h, "P-001").reserved, 2);
     }
 
@@ -1066,29 +780,12 @@ mod tests {
         assert_eq!(restock(&mut h, "a1", &[("P-001", 10)]).len(), 1);
         assert!(restock(&mut h, "a1", &[("P-001", 10)]).is_empty());
         assert_eq!(stock(&h, "P-001").on_hand, 10);
-        assert_eq!(
-            h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0)
-                .unwrap()
-                .len(),
-            1
-        );
-        assert!(h
-            .feed("t", order("o1", "O-1", &[("P-001", 2)]), 0)
-            .unwrap()
-            .is_empty());
+        assert_eq!(h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap().len(), 1);
+        assert!(h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap().is_empty());
         assert_eq!(h.feed("t", complete("c1", "O-1"), 0).unwrap().len(), 1);
         assert!(h.feed("t", complete("c1", "O-1"), 0).unwrap().is_empty());
-        assert_eq!(
-            stock(&h, "P-001"),
-            StockRecord {
-                on_hand: 8,
-                reserved: 0
-            }
-        );
-        assert!(
-            notes(&h, "late_event").is_empty(),
-            "repeats are dropped before the worker"
-        );
+        assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 8, reserved: 0 });
+        assert!(notes(&h, "late_event").is_empty(), "repeats are dropped before the worker");
     }
 
     #[test]
@@ -1097,59 +794,32 @@ mod tests {
         restock(&mut h, "a1", &[("P-001", 10)]);
         let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
         let outs = h.feed("t", cancel("k1", "O-1"), 0).unwrap();
-        assert_eq!(
-            (outs[0].port.as_str(), outs[0].key.as_str()),
-            (PORT_RELEASED, "O-1")
-        );
-        let Event::StockReservationReleased(r) = &outs[0].event else {
-            panic!()
-        };
+        assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_RELEASED, "O-1"));
+        let Event::StockReservationReleased(r) = &outs[0].event else { panic!() };
         assert_eq!(r.reason, "CANCELLED");
         assert_eq!(r.reservation_id, res_id);
-        assert_eq!(
-            r.event_id,
-            derive_event_id("k1", "stock.reservation.released")
-        );
+        assert_eq!(r.event_id, derive_event_id("k1", "stock.reservation.released"));
         assert_eq!(r.occurred_at, 2_000);
-        assert_eq!(
-            r.items,
-            vec![ReleasedItem {
-                product_id: "P-001".into(),
-                released: 4
-            }]
-        );
-        assert_eq!(
-            stock(&h, "P-001"),
-            StockRecord {
-                on_hand: 10,
-                reserved: 0
-            }
-        );
-        assert_eq!(
-            reservation(&h, "O-1").unwrap().status,
-            ReservationStatus::Released
-        );
+        assert_eq!(r.items, vec![ReleasedItem { product_id: "P-001".into(), released: 4 }]);
+        assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
+        assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Released);
         // A second cancellation (new id) releases nothing.
         assert!(h.feed("t", cancel("k2", "O-1"), 0).unwrap().is_empty());
         assert_eq!(stock(&h, "P-001").reserved, 0);
-        assert_eq!(notes(&h, "late_event"), vec!["cancel_after_release"]);
+        assert_eq!(notes(&h, "compensation_echo"), vec!["cancel_after_release"]);
+        assert!(notes(&h, "late_event").is_empty());
         assert_eq!(notes(&h, "release"), vec!["CANCELLED"]);
     }
 
     #[test]
-    fn cancel_after_failure_is_late_and_changes_nothing() {
+    fn cancel_after_failure_is_a_compensation_echo_and_changes_nothing() {
         let mut h = harness();
         restock(&mut h, "a1", &[("P-001", 1)]);
         h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap();
         assert!(h.feed("t", cancel("k1", "O-1"), 0).unwrap().is_empty());
-        assert_eq!(
-            stock(&h, "P-001"),
-            StockRecord {
-                on_hand: 1,
-                reserved: 0
-            }
-        );
-        assert_eq!(notes(&h, "late_event"), vec!["cancel_after_failure"]);
+        assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 1, reserved: 0 });
+        assert_eq!(notes(&h, "compensation_echo"), vec!["cancel_after_failure"]);
+        assert!(notes(&h, "late_event").is_empty());
     }
 
     #[test]
@@ -1157,15 +827,9 @@ mod tests {
         let mut h = harness();
         restock(&mut h, "a1", &[("P-001", 10)]);
         assert!(h.feed("t", cancel("k1", "O-1"), 0).unwrap().is_empty());
-        assert!(h
-            .feed("t", order("o1", "O-1", &[("P-001", 4)]), 0)
-            .unwrap()
-            .is_empty());
+        assert!(h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap().is_empty());
         assert_eq!(stock(&h, "P-001").reserved, 0);
-        assert_eq!(
-            notes(&h, "late_event"),
-            vec!["cancel_before_reservation", "created_after_close"]
-        );
+        assert_eq!(notes(&h, "late_event"), vec!["cancel_before_reservation", "created_after_close"]);
     }
 
     #[test]
@@ -1173,34 +837,17 @@ mod tests {
         let mut h = harness();
         restock(&mut h, "a1", &[("P-001", 10)]);
         let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
-        assert!(h
-            .feed("t", expire("x0", "O-1", "some-other-reservation"), 0)
-            .unwrap()
-            .is_empty());
+        assert!(h.feed("t", expire("x0", "O-1", "some-other-reservation"), 0).unwrap().is_empty());
         assert_eq!(stock(&h, "P-001").reserved, 4);
         let outs = h.feed("t", expire("x1", "O-1", &res_id), 0).unwrap();
-        let Event::StockReservationReleased(r) = &outs[0].event else {
-            panic!()
-        };
+        let Event::StockReservationReleased(r) = &outs[0].event else { panic!() };
         assert_eq!(r.reason, "EXPIRED");
-        assert_eq!(
-            r.event_id,
-            derive_event_id("x1", "stock.reservation.released")
-        );
-        assert_eq!(
-            stock(&h, "P-001"),
-            StockRecord {
-                on_hand: 10,
-                reserved: 0
-            }
-        );
+        assert_eq!(r.event_id, derive_event_id("x1", "stock.reservation.released"));
+        assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
         // Completion after expiry deducts nothing.
         assert!(h.feed("t", complete("c1", "O-1"), 0).unwrap().is_empty());
         assert_eq!(stock(&h, "P-001").on_hand, 10);
-        assert_eq!(
-            notes(&h, "late_event"),
-            vec!["expired_other_reservation", "completed_without_reservation"]
-        );
+        assert_eq!(notes(&h, "late_event"), vec!["expired_other_reservation", "completed_without_reservation"]);
         assert_eq!(notes(&h, "release"), vec!["EXPIRED"]);
     }
 
@@ -1210,17 +857,8 @@ mod tests {
         restock(&mut h, "a1", &[("P-001", 10)]);
         let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
         h.feed("t", complete("c1", "O-1"), 0).unwrap();
-        assert!(h
-            .feed("t", expire("x1", "O-1", &res_id), 0)
-            .unwrap()
-            .is_empty());
-        assert_eq!(
-            stock(&h, "P-001"),
-            StockRecord {
-                on_hand: 6,
-                reserved: 0
-            }
-        );
+        assert!(h.feed("t", expire("x1", "O-1", &res_id), 0).unwrap().is_empty());
+        assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 6, reserved: 0 });
         assert_eq!(notes(&h, "late_event"), vec!["expired_after_deduction"]);
     }
 
@@ -1228,78 +866,26 @@ mod tests {
     fn completion_deducts_reserved_stock_with_previous_and_current() {
         let mut h = harness();
         restock(&mut h, "a1", &[("P-001", 10), ("P-002", 3)]);
-        h.feed("t", order("o1", "O-1", &[("P-001", 4), ("P-002", 3)]), 0)
-            .unwrap();
+        h.feed("t", order("o1", "O-1", &[("P-001", 4), ("P-002", 3)]), 0).unwrap();
         let outs = h.feed("t", complete("c1", "O-1"), 0).unwrap();
         assert_eq!(outs.len(), 2);
-        let Event::StockUpdated(u) = &outs[0].event else {
-            panic!()
-        };
-        assert_eq!(
-            (outs[0].port.as_str(), outs[0].key.as_str()),
-            (PORT_UPDATED, "P-001")
-        );
-        assert_eq!(
-            u.store_stock,
-            StockLevel {
-                previous: 10,
-                current: 6
-            }
-        );
-        assert_eq!(
-            (
-                u.change_amount,
-                u.change_reason.as_str(),
-                u.reference_id.as_str()
-            ),
-            (-4, "SALE", "O-1")
-        );
+        let Event::StockUpdated(u) = &outs[0].event else { panic!() };
+        assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_UPDATED, "P-001"));
+        assert_eq!(u.store_stock, StockLevel { previous: 10, current: 6 });
+        assert_eq!((u.change_amount, u.change_reason.as_str(), u.reference_id.as_str()), (-4, "SALE", "O-1"));
         assert_eq!(u.event_id, derive_event_id("c1", "stock.updated/P-001"));
         assert_eq!(u.occurred_at, 3_000);
-        let Event::StockUpdated(u) = &outs[1].event else {
-            panic!()
-        };
-        assert_eq!(
-            u.store_stock,
-            StockLevel {
-                previous: 3,
-                current: 0
-            },
-            "down to zero, never below"
-        );
-        assert_eq!(
-            stock(&h, "P-001"),
-            StockRecord {
-                on_hand: 6,
-                reserved: 0
-            }
-        );
-        assert_eq!(
-            stock(&h, "P-002"),
-            StockRecord {
-                on_hand: 0,
-                reserved: 0
-            }
-        );
-        assert_eq!(
-            reservation(&h, "O-1").unwrap().status,
-            ReservationStatus::Deducted
-        );
+        let Event::StockUpdated(u) = &outs[1].event else { panic!() };
+        assert_eq!(u.store_stock, StockLevel { previous: 3, current: 0 }, "down to zero, never below");
+        assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 6, reserved: 0 });
+        assert_eq!(stock(&h, "P-002"), StockRecord { on_hand: 0, reserved: 0 });
+        assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Deducted);
         assert_eq!(notes(&h, "deduction"), vec!["SALE"]);
         // A second completion (new id) deducts nothing; a cancel after completion releases nothing.
         assert!(h.feed("t", complete("c2", "O-1"), 0).unwrap().is_empty());
         assert!(h.feed("t", cancel("k1", "O-1"), 0).unwrap().is_empty());
-        assert_eq!(
-            stock(&h, "P-001"),
-            StockRecord {
-                on_hand: 6,
-                reserved: 0
-            }
-        );
-        assert_eq!(
-            notes(&h, "late_event"),
-            vec!["completed_without_reservation", "cancel_after_deduction"]
-        );
+        assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 6, reserved: 0 });
+        assert_eq!(notes(&h, "late_event"), vec!["completed_without_reservation", "cancel_after_deduction"]);
     }
 
     #[test]
@@ -1308,15 +894,9 @@ mod tests {
         restock(&mut h, "a1", &[("P-001", 10)]);
         assert!(h.feed("t", complete("c1", "O-9"), 0).unwrap().is_empty());
         assert_eq!(stock(&h, "P-001").on_hand, 10);
-        assert_eq!(
-            notes(&h, "late_event"),
-            vec!["completed_without_reservation"]
-        );
+        assert_eq!(notes(&h, "late_event"), vec!["completed_without_reservation"]);
         // The completed order can no longer reserve.
-        assert!(h
-            .feed("t", order("o9", "O-9", &[("P-001", 1)]), 0)
-            .unwrap()
-            .is_empty());
+        assert!(h.feed("t", order("o9", "O-9", &[("P-001", 1)]), 0).unwrap().is_empty());
         assert_eq!(stock(&h, "P-001").reserved, 0);
     }
 
@@ -1326,28 +906,11 @@ mod tests {
         restock(&mut h, "a1", &[("P-001", 10)]);
         h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap();
         // Tamper with the store to break the invariant.
-        h.store.data.insert(
-            stock_key(HQ, STORE, "P-001"),
-            serde_json::to_vec(&StockRecord {
-                on_hand: 2,
-                reserved: 4,
-            })
-            .unwrap(),
-        );
+        h.store.data.insert(stock_key(HQ, STORE, "P-001"), serde_json::to_vec(&StockRecord { on_hand: 2, reserved: 4 }).unwrap());
         let err = h.feed("t", complete("c1", "O-1"), 0).unwrap_err();
         assert!(matches!(err, ProcessError::CorruptState { .. }), "{err}");
-        assert_eq!(
-            stock(&h, "P-001"),
-            StockRecord {
-                on_hand: 2,
-                reserved: 4
-            },
-            "nothing applied"
-        );
-        assert_eq!(
-            reservation(&h, "O-1").unwrap().status,
-            ReservationStatus::Live
-        );
+        assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 2, reserved: 4 }, "nothing applied");
+        assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Live);
     }
 
     #[test]
@@ -1374,12 +937,8 @@ mod tests {
         assert_eq!(a.len(), 7);
         assert_eq!(a, b);
         assert_eq!(
-            sa.into_iter()
-                .filter(|(k, _)| !k.starts_with(b"\x00"))
-                .collect::<Vec<_>>(),
-            sb.into_iter()
-                .filter(|(k, _)| !k.starts_with(b"\x00"))
-                .collect::<Vec<_>>()
+            sa.into_iter().filter(|(k, _)| !k.starts_with(b"\x00")).collect::<Vec<_>>(),
+            sb.into_iter().filter(|(k, _)| !k.starts_with(b"\x00")).collect::<Vec<_>>()
         );
     }
 
