@@ -725,7 +725,7 @@ fn print_summary(s: &Summary) {
         println!("  {k:40} {v:>7}");
     }
     println!("\n== stock conservation per store (initial = available + reserved + sold)");
-    println!("  {:24} {:>8} {:>10} {:>10} {:>9} {:>9}  ok", "store", "products", "initial", "available", "reserved", "sold");
+    println!("  {:30} {:>8} {:>10} {:>10} {:>9} {:>9}  ok", "store", "products", "initial", "available", "reserved", "sold");
     for st in &s.stores {
         println!(
             "  {:24} {:>8} {:>10} {:>10} {:>9} {:>9}  {}",
