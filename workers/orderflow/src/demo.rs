@@ -67,6 +67,10 @@ pub struct DemoArgs {
     /// State directory of this run (default: a fresh folder under the topology's state_dir).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Do not start workers: they run as separate processes (`orderflow run`), e.g. under a
+    /// chaos test. The demo then only drives input, plays POS and checks the outcome.
+    #[arg(long)]
+    external_workers: bool,
 }
 
 /// Final outcome of one order as read back from the topics.
@@ -108,6 +112,7 @@ struct Observed {
     sold: BTreeMap<(String, String), i64>,
     inventory_updates: usize,
     records: BTreeMap<String, u64>,
+    distinct: BTreeMap<String, u64>,
     duplicates: u64,
     seen_ids: HashMap<String, Vec<u8>>,
     payload_conflicts: Vec<String>,
@@ -126,6 +131,10 @@ pub struct Summary {
     pub without_terminal_outcome: Vec<String>,
     pub with_several_outcomes: Vec<String>,
     pub events_per_topic: BTreeMap<String, i64>,
+    /// Distinct eventIds per topic the observer read (a re-emitted event counts once).
+    pub distinct_events_per_topic: BTreeMap<String, u64>,
+    /// Records read that repeated an eventId already seen with the same payload.
+    pub duplicate_records: u64,
     pub stores: Vec<StoreSummary>,
     pub conservation_violations: Vec<String>,
     pub negative_stock: Vec<String>,
@@ -257,7 +266,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     // Workers.
     let metrics = Metrics::new();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let handles = crate::spawn_workers(loaded.clone(), &[], "demo", metrics.clone(), stop_rx)?;
+    let handles = if args.external_workers {
+        Vec::new()
+    } else {
+        crate::spawn_workers(loaded.clone(), &[], "demo", metrics.clone(), &crate::serve::Readiness::default(), stop_rx)?
+    };
 
     // Observer: reads every saga topic from the beginning; the POS simulator reacts to it.
     let topic_of = |port_kind: &str, port: &str| -> Result<String> {
@@ -339,6 +352,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                         }
                         None => {
                             o.seen_ids.insert(event.event_id().to_string(), payload.to_vec());
+                            *o.distinct.entry(topic.clone()).or_default() += 1;
                         }
                     }
                     match &event {
@@ -522,9 +536,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         h.await.with_context(|| format!("worker {name} panicked"))?.with_context(|| format!("worker {name} failed"))?;
     }
     observer_task.abort();
-    let reserver =
-        t.workers.iter().find(|(_, w)| w.kind == "stock-reserver").map(|(n, _)| n.clone()).context("no stock reserver in the topology")?;
-    let stock = read_stock(&state_dir.join(&reserver).join("demo"))?;
+    let (reserver, spec) = t.workers.iter().find(|(_, w)| w.kind == "stock-reserver").context("no stock reserver in the topology")?;
+    let partitions = spec.inputs.first().and_then(|i| t.topics.get(i)).map(|s| s.partitions).unwrap_or(1);
+    let stock = read_stock(&t.broker, reserver, &spec.inputs, partitions, &state_dir.join("summary-restore"))?;
 
     let summary = summarize(&observed.lock().unwrap(), &initial, &stock, t, args.ttl, started.elapsed())?;
     print_summary(&summary);
@@ -544,12 +558,24 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// (storeKey, productId) → (on hand, reserved), from the stock reserver's sled store.
-fn read_stock(path: &std::path::Path) -> Result<BTreeMap<(String, String), stock_reserver::StockRecord>> {
-    let store = Store::open(path).with_context(|| format!("opening the stock reserver's store {}", path.display()))?;
+/// (storeKey, productId) → (on hand, reserved) as the stock reserver's changelog holds it:
+/// every partition restored from the changelog alone into a scratch store, so the summary checks
+/// the durable copy of the state, whichever processes wrote it.
+fn read_stock(
+    broker: &orderflow_runtime::topology::BrokerConfig,
+    reserver: &str,
+    inputs: &[String],
+    partitions: i32,
+    scratch: &std::path::Path,
+) -> Result<BTreeMap<(String, String), stock_reserver::StockRecord>> {
+    let _ = std::fs::remove_dir_all(scratch);
+    let store = Store::open(scratch).with_context(|| format!("opening {}", scratch.display()))?;
+    let topic = orderflow_runtime::changelog::topic(reserver);
     let mut out = BTreeMap::new();
-    for p in store.partitions() {
-        for (k, v) in store.shard(p)?.scan(stock_reserver::STOCK_PREFIX)? {
+    for p in 0..partitions {
+        let shard = store.shard(p)?;
+        orderflow_runtime::changelog::restore(broker, &topic, inputs, &shard, Duration::from_secs(300))?;
+        for (k, v) in shard.scan(stock_reserver::STOCK_PREFIX)? {
             let key = String::from_utf8_lossy(&k[stock_reserver::STOCK_PREFIX.len()..]).into_owned();
             let (store_key, product) = key.rsplit_once('/').context("stock key without product")?;
             let record: stock_reserver::StockRecord = serde_json::from_slice(&v)?;
@@ -688,6 +714,8 @@ fn summarize(
         without_terminal_outcome: without,
         with_several_outcomes: several,
         events_per_topic,
+        distinct_events_per_topic: o.distinct.clone(),
+        duplicate_records: o.duplicates,
         stores: stores.into_values().collect(),
         conservation_violations: violations,
         negative_stock: negative,

@@ -7,7 +7,6 @@ mod tpch;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
@@ -90,6 +89,7 @@ pub fn spawn_workers(
     names: &[String],
     instance: &str,
     metrics: Metrics,
+    ready: &serve::Readiness,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Vec<(String, WorkerHandle)>> {
     let t = &loaded.topology;
@@ -108,6 +108,7 @@ pub fn spawn_workers(
             codec: codec.clone(),
             metrics: metrics.clone(),
             instance: instance.to_string(),
+            ready: ready.worker(),
         })?;
         let rx = shutdown.clone();
         let n = name.clone();
@@ -179,7 +180,7 @@ async fn main() -> Result<()> {
         Command::Run { topology, workers, instance, metrics_addr, bootstrap } => {
             let loaded = Arc::new(load_topology(&topology, bootstrap.as_deref())?);
             let metrics = Metrics::new();
-            let ready = Arc::new(AtomicBool::new(false));
+            let ready = serve::Readiness::default();
             if let Some(addr) = metrics_addr {
                 let health = serve::Health { metrics: metrics.clone(), ready: ready.clone() };
                 tokio::spawn(async move {
@@ -189,8 +190,7 @@ async fn main() -> Result<()> {
                 });
             }
             let (tx, rx) = watch::channel(false);
-            let handles = spawn_workers(loaded, &workers, &instance, metrics, rx)?;
-            ready.store(true, Ordering::Relaxed);
+            let handles = spawn_workers(loaded, &workers, &instance, metrics, &ready, rx)?;
             let mut failed = None;
             let mut joins: futures::stream::FuturesUnordered<_> = handles.into_iter().map(|(n, h)| async move { (n, h.await) }).collect();
             use futures::StreamExt;

@@ -68,14 +68,19 @@ pub enum AdminError {
     Create { topic: String, code: RDKafkaErrorCode },
 }
 
-/// Creates every topic the topology declares, plus the dead-letter topic of every worker input,
-/// with the declared partitions and cleanup policy. Topics that already exist are left alone.
+/// Creates every topic the topology declares, plus the dead-letter topic of every worker input
+/// and the compacted changelog topic of every worker, with the declared partitions and cleanup
+/// policy. Topics that already exist are left alone.
 /// Returns the names of the topics it created.
 pub async fn create_topics(topology: &Topology) -> Result<Vec<String>, AdminError> {
     let admin: AdminClient<DefaultClientContext> = client_config(&topology.broker, Side::Admin).create()?;
     let mut specs: Vec<(String, i32, i32, String)> =
         topology.topics.iter().map(|(name, t)| (name.clone(), t.partitions, t.replication_factor, t.cleanup_policy.clone())).collect();
-    for w in topology.workers.values() {
+    for (name, w) in &topology.workers {
+        // The worker's changelog: compacted, co-partitioned with its inputs.
+        if let Some(t) = w.inputs.first().and_then(|i| topology.topics.get(i)) {
+            specs.push((crate::changelog::topic(name), t.partitions, t.replication_factor, "compact".into()));
+        }
         for input in &w.inputs {
             if let Some(t) = topology.topics.get(input) {
                 let dlq = dlq_topic(input);

@@ -7,6 +7,7 @@
 //! - [`worker`]: the consume → process → produce loop.
 //! - [`kafka`]: client configuration and topic administration.
 
+pub mod changelog;
 pub mod codec;
 pub mod kafka;
 pub mod metrics;

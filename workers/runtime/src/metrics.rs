@@ -28,6 +28,11 @@ pub struct Metrics {
     pub assigned: IntGaugeVec,
     /// `orderflow_guarantee_info{worker,guarantee}`: 1 for the guarantee in force.
     pub guarantee: IntGaugeVec,
+    /// `orderflow_state_restore_seconds{worker,source}`: time to restore one partition's state;
+    /// source is `local`, `local+changelog` or `changelog`.
+    pub restore: HistogramVec,
+    /// `orderflow_state_restored_records_total{worker}`: changelog records replayed.
+    pub restored_records: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -78,6 +83,8 @@ impl Metrics {
             timers_fired: counter("orderflow_timers_fired_total", "Durable timers fired (punctuations).", &["worker"]),
             assigned: gauge("orderflow_assigned_partitions", "Input partitions assigned to this instance.", &["worker"]),
             guarantee: gauge("orderflow_guarantee_info", "Processing guarantee in force (1).", &["worker", "guarantee"]),
+            restore: histogram("orderflow_state_restore_seconds", "Time to restore one partition's state.", &["worker", "source"]),
+            restored_records: counter("orderflow_state_restored_records_total", "Changelog records replayed while restoring.", &["worker"]),
             registry,
         }
     }

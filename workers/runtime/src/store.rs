@@ -45,6 +45,8 @@ const DATA: u8 = b'd';
 const TIMER: u8 = b't';
 const INDEX: u8 = b'i';
 const OFFSET: u8 = b'o';
+/// Meta key: the changelog offset just after the last unit this shard holds.
+const CHANGELOG_NEXT: &[u8] = b"m/changelog-next";
 
 fn prefixed(prefix: u8, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 2);
@@ -68,6 +70,24 @@ fn decode_i64(bytes: &[u8]) -> Option<i64> {
 }
 
 impl Store {
+    /// Opens the store at `path`; when it cannot be opened (corrupt, half-written by a crash,
+    /// from an incompatible version), moves it aside to `<path>.corrupt-<ms>` and starts empty,
+    /// so every partition is rebuilt from its changelog. Returns the store and whether it was
+    /// reset.
+    ///
+    /// Errors: the directory cannot be created or moved.
+    pub fn open_or_reset(path: &Path) -> Result<(Store, bool), StoreError> {
+        match Store::open(path) {
+            Ok(s) => Ok((s, false)),
+            Err(e) => {
+                let aside = path.with_extension(format!("corrupt-{}", crate::worker::now_ms()));
+                tracing::error!(path = %path.display(), error = %e, aside = %aside.display(), "state store unusable; rebuilding from the changelog");
+                std::fs::rename(path, &aside).map_err(|io| StoreError::Open { path: path.display().to_string(), source: sled::Error::Io(io) })?;
+                Ok((Store::open(path)?, true))
+            }
+        }
+    }
+
     /// Opens (or creates) the store at `path`.
     ///
     /// Errors: [`StoreError::Open`] when the directory is unusable or the store is corrupt.
@@ -98,8 +118,9 @@ impl Store {
 }
 
 impl Shard {
-    /// Applies a unit's staged changes and the next input offsets (`topic → offset`) atomically.
-    pub fn commit(&self, changes: &Changes, offsets: &BTreeMap<String, i64>) -> Result<(), StoreError> {
+    /// Applies a unit's staged changes, the next input offsets (`topic → offset`) and the
+    /// changelog position after the unit's records, atomically (one sled batch).
+    pub fn commit(&self, changes: &Changes, offsets: &BTreeMap<String, i64>, changelog_next: Option<i64>) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (k, v) in &changes.writes {
             match v {
@@ -123,7 +144,39 @@ impl Shard {
         for (topic, offset) in offsets {
             batch.insert(prefixed(OFFSET, topic.as_bytes()), &offset.to_be_bytes()[..]);
         }
+        if let Some(next) = changelog_next {
+            batch.insert(CHANGELOG_NEXT, &next.to_be_bytes()[..]);
+        }
         self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// The changelog offset just after the last unit this shard holds; `None` when the shard has
+    /// never applied a unit through the changelog.
+    pub fn changelog_next(&self) -> Result<Option<i64>, StoreError> {
+        Ok(self.tree.get(CHANGELOG_NEXT)?.and_then(|v| decode_i64(&v)))
+    }
+
+    /// Every input offset recorded with the last committed unit, `topic → next offset`.
+    pub fn offsets(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+        let mut out = BTreeMap::new();
+        for r in self.tree.scan_prefix([OFFSET, b'/']) {
+            let (k, v) = r?;
+            if let Some(o) = decode_i64(&v) {
+                out.insert(String::from_utf8_lossy(&k[2..]).into_owned(), o);
+            }
+        }
+        Ok(out)
+    }
+
+    /// True when the shard holds nothing at all.
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    /// Removes everything from the shard (before a rebuild from the changelog).
+    pub fn clear(&self) -> Result<(), StoreError> {
+        self.tree.clear()?;
         Ok(())
     }
 
@@ -187,12 +240,12 @@ mod tests {
             txn.schedule_timer(b"t1".to_vec(), 1_000);
             txn.schedule_timer(b"t2".to_vec(), 5_000);
             let changes = txn.into_changes();
-            shard.commit(&changes, &BTreeMap::from([("in".to_string(), 42)])).unwrap();
+            shard.commit(&changes, &BTreeMap::from([("in".to_string(), 42)]), Some(7)).unwrap();
             // Move t2 earlier, cancel t1.
             let mut txn = StateTxn::new(&shard);
             txn.schedule_timer(b"t2".to_vec(), 500);
             txn.cancel_timer(b"t1");
-            shard.commit(&txn.into_changes(), &BTreeMap::new()).unwrap();
+            shard.commit(&txn.into_changes(), &BTreeMap::new(), None).unwrap();
             futures::executor::block_on(store.flush()).unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
@@ -200,6 +253,8 @@ mod tests {
         let shard = store.shard(3).unwrap();
         assert_eq!(shard.get(b"a"), Some(b"1".to_vec()));
         assert_eq!(shard.offset("in").unwrap(), Some(42));
+        assert_eq!(shard.changelog_next().unwrap(), Some(7));
+        assert_eq!(shard.offsets().unwrap(), BTreeMap::from([("in".to_string(), 42)]));
         assert_eq!(shard.due_timers(10_000), vec![(b"t2".to_vec(), 500)]);
         assert_eq!(shard.due_timers(499), vec![]);
         assert_eq!(shard.timer(b"t1"), None);

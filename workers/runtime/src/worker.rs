@@ -4,10 +4,18 @@
 //! 1. decodes each record (undecodable ones are dead-lettered),
 //! 2. runs the processor on each event with `eventId` dedupe (`orderflow_api::handle`), staging
 //!    state writes per input partition, then fires the due timers of every assigned partition,
-//! 3. produces every output and dead-letter record and waits until the broker acknowledged all,
-//! 4. writes each partition's staged state, remembered `eventId`s, timers and next input offsets
-//!    to sled in one batch and flushes it,
-//! 5. commits the input offsets to the consumer group.
+//! 3. produces every output, dead-letter record and changelog record (each touched partition's
+//!    state changes followed by a commit marker carrying the input offsets) and waits until the
+//!    broker acknowledged all,
+//! 4. writes each partition's staged state, remembered `eventId`s, timers, next input offsets and
+//!    changelog position to sled in one batch and flushes it,
+//! 5. commits the input offsets to the consumer group (advisory: restore resumes from the
+//!    offsets stored with the state).
+//!
+//! Partitions are tasks: on assignment a partition is paused, its state restored
+//! ([`changelog::restore`]: local sled if consistent, changelog tail, or a rebuild from the
+//! changelog alone), its inputs positioned at the restored offsets and only then resumed. On
+//! revocation the records gathered for it are abandoned (the new owner replays them).
 //!
 //! An input is therefore never acknowledged before its outputs, and the local store is never
 //! ahead of the broker. A crash anywhere replays the unit: outputs are re-emitted with the same
@@ -16,12 +24,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
 use orderflow_api::{fire_timers, handle, Context, Event, Handled, Outputs, ProcessError, Processor, StateTxn};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::ClientContext;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -29,11 +39,12 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+use crate::changelog;
 use crate::codec::Codec;
 use crate::kafka::{client_config, dlq_topic, Side};
 use crate::metrics::Metrics;
 use crate::store::{Shard, Store, StoreError};
-use crate::topology::{Guarantee, Loaded};
+use crate::topology::{BrokerConfig, Guarantee, Loaded};
 
 /// Errors that stop a worker instance. All are fatal: the process exits non-zero so the pod
 /// restarts and replays from the last committed unit.
@@ -51,6 +62,8 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error("encoding an output for {topic}: {error}")]
     Encode { topic: String, error: crate::codec::CodecError },
+    #[error("state restore: {0}")]
+    Restore(String),
     #[error("processor failed on {topic}[{partition}]@{offset}: {error}")]
     Process { topic: String, partition: i32, offset: i64, error: ProcessError },
 }
@@ -71,6 +84,8 @@ pub struct WorkerSetup {
     pub metrics: Metrics,
     /// Instance id within the worker's group (pod name); names the state directory.
     pub instance: String,
+    /// Set while every assigned partition is restored and being processed (`/readyz`).
+    pub ready: Arc<AtomicBool>,
 }
 
 /// A running worker instance.
@@ -80,8 +95,14 @@ pub struct Worker {
     ports: Vec<String>,
     outputs: BTreeMap<String, String>,
     inputs: Vec<String>,
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<WorkerContext>,
     producer: FutureProducer,
+    broker: BrokerConfig,
+    guarantee: Guarantee,
+    changelog_topic: String,
+    /// Partitions restored and being processed.
+    owned: BTreeSet<i32>,
+    ready: Arc<AtomicBool>,
     store: Store,
     shards: BTreeMap<i32, Shard>,
     codec: Arc<Codec>,
@@ -90,6 +111,52 @@ pub struct Worker {
     max_batch: usize,
     /// Where this instance keeps its sled store.
     pub state_path: PathBuf,
+}
+
+/// What the consumer's rebalance callbacks saw, for the loop to act on between units.
+#[derive(Debug)]
+enum RebalanceEvent {
+    Assigned(BTreeSet<i32>),
+    Revoked(BTreeSet<i32>),
+}
+
+/// Consumer context: pauses newly assigned partitions (they are restored before they are read)
+/// and queues the rebalance for the worker loop.
+#[derive(Default)]
+pub struct WorkerContext {
+    events: Mutex<Vec<RebalanceEvent>>,
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> BTreeSet<i32> {
+    tpl.elements().iter().map(|e| e.partition()).collect()
+}
+
+impl ClientContext for WorkerContext {}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.events.lock().expect("rebalance queue").push(RebalanceEvent::Revoked(partitions_of(tpl)));
+        }
+    }
+
+    fn post_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            if let Err(e) = base.pause(tpl) {
+                error!(error = %e, "cannot pause newly assigned partitions");
+            }
+            self.events.lock().expect("rebalance queue").push(RebalanceEvent::Assigned(partitions_of(tpl)));
+        }
+    }
+}
+
+impl WorkerContext {
+    fn take(&self) -> Vec<RebalanceEvent> {
+        std::mem::take(&mut *self.events.lock().expect("rebalance queue"))
+    }
+    fn has_events(&self) -> bool {
+        !self.events.lock().expect("rebalance queue").is_empty()
+    }
 }
 
 /// One dead-letter record to write.
@@ -123,14 +190,17 @@ impl Worker {
         }
         let mut consumer_config = client_config(&t.broker, Side::Consumer);
         consumer_config.set("group.id", spec.group_id(&setup.name)).set("client.id", format!("{}-{}", setup.name, setup.instance));
-        let consumer: StreamConsumer = consumer_config.create()?;
+        let consumer: StreamConsumer<WorkerContext> = consumer_config.create_with_context(WorkerContext::default())?;
         let inputs: Vec<&str> = spec.inputs.iter().map(String::as_str).collect();
         consumer.subscribe(&inputs)?;
         let mut producer_config = client_config(&t.broker, Side::Producer);
         producer_config.set("client.id", format!("{}-{}", setup.name, setup.instance));
         let producer: FutureProducer = producer_config.create()?;
         let state_path = t.defaults.state_dir.join(&setup.name).join(&setup.instance);
-        let store = Store::open(&state_path)?;
+        let (store, reset) = Store::open_or_reset(&state_path)?;
+        if reset {
+            warn!(worker = %setup.name, state = %state_path.display(), "state store was reset; partitions will be rebuilt from the changelog");
+        }
         setup.metrics.guarantee.with_label_values(&[&setup.name, guarantee.as_str()]).set(1);
         info!(worker = %setup.name, instance = %setup.instance, guarantee = guarantee.as_str(), state = %state_path.display(), "worker started");
         Ok(Worker {
@@ -141,6 +211,11 @@ impl Worker {
             inputs: spec.inputs.clone(),
             consumer,
             producer,
+            broker: t.broker.clone(),
+            guarantee,
+            changelog_topic: changelog::topic(&setup.name),
+            owned: BTreeSet::new(),
+            ready: setup.ready,
             store,
             shards: BTreeMap::new(),
             codec: setup.codec,
@@ -162,7 +237,7 @@ impl Worker {
             }
             let deadline = tokio::time::Instant::now() + self.commit_interval;
             let mut batch = Vec::new();
-            while batch.len() < self.max_batch {
+            while batch.len() < self.max_batch && !self.consumer.context().has_events() {
                 tokio::select! {
                     msg = self.consumer.recv() => match msg {
                         Ok(m) => batch.push(m.detach()),
@@ -175,34 +250,113 @@ impl Worker {
                     _ = shutdown.changed() => break,
                 }
             }
+            let abandoned = self.rebalance().await?;
+            batch.retain(|m| self.owned.contains(&m.partition()) && !abandoned.contains(&m.partition()));
             self.unit(batch).await?;
         }
+        self.ready.store(false, Ordering::Relaxed);
         info!(worker = %self.name, "worker stopped");
         Ok(())
     }
 
-    fn assigned_partitions(&self) -> Result<BTreeSet<i32>, WorkerError> {
-        Ok(self.consumer.assignment()?.elements().iter().map(|e| e.partition()).collect())
+    /// Acts on the rebalances the consumer saw: revoked partitions are dropped (their gathered
+    /// records abandoned: returned so the caller discards them), assigned ones restored, then
+    /// positioned at their restored offsets and resumed.
+    async fn rebalance(&mut self) -> Result<BTreeSet<i32>, WorkerError> {
+        let mut abandoned = BTreeSet::new();
+        let mut assigned = BTreeSet::new();
+        for event in self.consumer.context().take() {
+            match event {
+                RebalanceEvent::Revoked(ps) => {
+                    for p in &ps {
+                        self.owned.remove(p);
+                        self.shards.remove(p);
+                        assigned.remove(p);
+                    }
+                    info!(worker = %self.name, partitions = ?ps, "partitions revoked");
+                    abandoned.extend(ps);
+                }
+                RebalanceEvent::Assigned(ps) => assigned.extend(ps),
+            }
+        }
+        if assigned.is_empty() {
+            return Ok(abandoned);
+        }
+        self.ready.store(false, Ordering::Relaxed);
+        let mut positions = TopicPartitionList::new();
+        for p in &assigned {
+            let shard = self.store.shard(*p)?;
+            let (broker, topic, inputs, s) = (self.broker.clone(), self.changelog_topic.clone(), self.inputs.clone(), shard.clone());
+            let report = tokio::task::spawn_blocking(move || changelog::restore(&broker, &topic, &inputs, &s, Duration::from_secs(600)))
+                .await
+                .map_err(|e| WorkerError::Restore(format!("restore task panicked: {e}")))?
+                .map_err(|e| WorkerError::Restore(e.to_string()))?;
+            info!(
+                worker = %self.name,
+                partition = p,
+                source = report.source.as_str(),
+                records = report.records,
+                units = report.units,
+                seconds = report.elapsed.as_secs_f64(),
+                "state restored"
+            );
+            self.metrics.restore.with_label_values(&[self.name.as_str(), report.source.as_str()]).observe(report.elapsed.as_secs_f64());
+            self.metrics.restored_records.with_label_values(&[self.name.as_str()]).inc_by(report.records);
+            for topic in &self.inputs {
+                let offset = match report.offsets.get(topic) {
+                    Some(next) if self.guarantee != Guarantee::AtLeastOnce => Offset::Offset(*next),
+                    _ => Offset::Stored,
+                };
+                positions.add_partition_offset(topic, *p, offset)?;
+            }
+            self.shards.insert(*p, shard);
+            self.owned.insert(*p);
+        }
+        // Position the restored partitions, then let them flow. A partition whose committed
+        // offset is wanted (`Stored`) needs no seek.
+        let mut seeks = TopicPartitionList::new();
+        for e in positions.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                seeks.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o))?;
+            }
+        }
+        if seeks.count() > 0 {
+            self.seek(seeks).await?;
+        }
+        self.consumer.resume(&positions)?;
+        self.ready.store(true, Ordering::Relaxed);
+        info!(worker = %self.name, partitions = ?self.owned, "worker ready");
+        Ok(abandoned)
     }
 
-    fn shard(&mut self, partition: i32) -> Result<(), WorkerError> {
-        if !self.shards.contains_key(&partition) {
-            self.shards.insert(partition, self.store.shard(partition)?);
+    /// Seeks paused partitions, retrying while librdkafka is still setting up their fetchers.
+    async fn seek(&mut self, tpl: TopicPartitionList) -> Result<(), WorkerError> {
+        let mut attempt = 0;
+        loop {
+            let result = self.consumer.seek_partitions(tpl.clone(), Timeout::After(Duration::from_secs(5)));
+            let failed: Vec<String> = match &result {
+                Ok(out) => out.elements().iter().filter_map(|e| e.error().err().map(|err| format!("{}[{}]: {err}", e.topic(), e.partition()))).collect(),
+                Err(e) => vec![e.to_string()],
+            };
+            if failed.is_empty() {
+                return Ok(());
+            }
+            attempt += 1;
+            if attempt >= 50 {
+                return Err(WorkerError::Restore(format!("cannot position restored partitions: {}", failed.join("; "))));
+            }
+            debug!(worker = %self.name, attempt, errors = ?failed, "seek not yet possible; retrying");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(())
     }
 
     /// Processes one unit of work and commits it (see the module docs for the order of steps).
     async fn unit(&mut self, batch: Vec<OwnedMessage>) -> Result<(), WorkerError> {
         let started = Instant::now();
         let now = now_ms();
-        let assigned = self.assigned_partitions()?;
-        self.metrics.assigned.with_label_values(&[&self.name]).set(assigned.len() as i64);
-        let mut partitions: BTreeSet<i32> = assigned.clone();
-        partitions.extend(batch.iter().map(|m| m.partition()));
-        for p in &partitions {
-            self.shard(*p)?;
-        }
+        let assigned = self.owned.clone();
+        self.metrics.assigned.with_label_values(&[self.name.as_str()]).set(assigned.len() as i64);
+        let partitions = &assigned;
 
         // 1. Decode.
         let mut decoded = Vec::with_capacity(batch.len());
@@ -292,7 +446,37 @@ impl Worker {
             }
             self.producer.send(record, Timeout::Never)
         });
-        let (acks, dlq_acks) = futures::join!(join_all(sends), join_all(dlq_sends));
+        // Changelog: per partition with anything to commit, its changes then the marker.
+        let empty_offsets = BTreeMap::new();
+        let changelog_records: Vec<(i32, Vec<changelog::Record>)> = changes
+            .iter()
+            .filter(|(p, c)| !c.is_empty() || offsets.contains_key(*p))
+            .map(|(p, c)| (*p, changelog::records(&self.inputs, c, offsets.get(p).unwrap_or(&empty_offsets))))
+            .collect();
+        let changelog_topic = self.changelog_topic.as_str();
+        let changelog_sends = changelog_records.iter().map(|(p, recs)| {
+            // One partition's records in order; the marker is the last one.
+            let sends: Vec<_> = recs
+                .iter()
+                .map(|r| {
+                    let mut record = FutureRecord::<[u8], [u8]>::to(changelog_topic).partition(*p).key(r.key.as_slice());
+                    if let Some(v) = &r.value {
+                        record = record.payload(v.as_slice());
+                    }
+                    self.producer.send(record, Timeout::Never)
+                })
+                .collect();
+            async move { (*p, join_all(sends).await) }
+        });
+        let (acks, dlq_acks, changelog_acks) = futures::join!(join_all(sends), join_all(dlq_sends), join_all(changelog_sends));
+        let mut changelog_next: BTreeMap<i32, i64> = BTreeMap::new();
+        for (p, partition_acks) in changelog_acks {
+            for ack in partition_acks {
+                let delivery = ack.map_err(|(error, _)| WorkerError::Delivery { topic: self.changelog_topic.clone(), error })?;
+                let next = changelog_next.entry(p).or_insert(0);
+                *next = (*next).max(delivery.offset + 1);
+            }
+        }
         for (ack, (topic, ..)) in acks.into_iter().zip(&encoded) {
             ack.map_err(|(error, _)| WorkerError::Delivery { topic: topic.to_string(), error })?;
             self.metrics.produced.with_label_values(&[self.name.as_str(), topic]).inc();
@@ -302,15 +486,14 @@ impl Worker {
             self.metrics.dlq.with_label_values(&[self.name.as_str(), d.class]).inc();
         }
 
-        // 4. State, seen eventIds, timers and next offsets: one sled batch per partition.
-        let empty = BTreeMap::new();
-        for (p, c) in &changes {
-            let offs = offsets.get(p).unwrap_or(&empty);
-            if !c.is_empty() || !offs.is_empty() {
-                self.shards[p].commit(c, offs)?;
-            }
+        // 4. State, seen eventIds, timers, next offsets and changelog position: one sled batch
+        //    per partition, flushed before the offsets are committed.
+        for (p, next) in &changelog_next {
+            self.shards[p].commit(&changes[p], offsets.get(p).unwrap_or(&empty_offsets), Some(*next))?;
         }
-        self.store.flush().await?;
+        if self.guarantee != Guarantee::AtLeastOnce {
+            self.store.flush().await?;
+        }
 
         // 5. Input offsets to the consumer group.
         if !offsets.is_empty() {

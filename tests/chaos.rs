@@ -1,0 +1,816 @@
+//! Chaos: the whole topology as separate OS processes (several instances per consumer group, 6
+//! partitions per input) on 5,000 TPC-H orders plus the two seed 000 scenarios, while a random
+//! worker process is SIGKILLed every ~3 s and restarted with the same instance id (its sled
+//! directory deleted on every third restart), and the order confirmer is scaled from 1 to 3
+//! processes and back. The driver (`orderflow demo --external-workers`) produces the input,
+//! plays the POS and checks the domain invariants; this test asserts them from its summary and
+//! prints the chaos figures (kills, restores, records restored, time to ready after a kill)
+//! computed from the workers' JSON logs, also written to `target/chaos-figures.json`.
+//!
+//! `CHAOS_SEED=<u64>` replays a run's kill schedule (the seed is printed at start);
+//! `ORDERFLOW_KEEP_CHAOS_DIR=1` keeps the logs, state and summary (they are always kept, with
+//! their path printed, when the test fails).
+//!
+//! The test runs its workers and driver from a copy of `topology.toml` that differs in two
+//! places only: the reservation TTL is the run's `--ttl` (10 s instead of 5 minutes, so the
+//! expiry branch is taken within the run: the driver overrides the TTL only for itself), and
+//! `avro_dir` is absolute (the copy lives in a temp dir).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+const ORDERS: u64 = 5_000;
+/// TPC-H orders plus the two seed 000 scenarios.
+const EXPECTED_ORDERS: u64 = ORDERS + 2;
+const TTL: &str = "10s";
+const KILL_EVERY: Duration = Duration::from_secs(3);
+const SCALE_UP_AT: Duration = Duration::from_secs(10);
+const SCALE_DOWN_AT: Duration = Duration::from_secs(30);
+const CLEAN_EXIT_WITHIN: Duration = Duration::from_secs(30);
+const HARD_CAP: Duration = Duration::from_secs(300);
+/// A SIGTERM that lands before the worker installed its handler kills it like SIGKILL, so
+/// clean stops wait until the incarnation logged "worker ready" or is at least this old.
+const MIN_AGE_BEFORE_SIGTERM: Duration = Duration::from_secs(10);
+
+/// The initial fleet: (worker, processes).
+const FLEET: &[(&str, usize)] =
+    &[("deduplicator", 2), ("stock-reserver", 2), ("order-confirmer", 1), ("canceller", 1), ("reservation-expirer", 2)];
+const SCALED: &str = "order-confirmer";
+
+// ------------------------------------------------------------------------------------------
+// Small utilities: RNG, signals, child guard, run directory, timestamps.
+
+/// splitmix64: a seeded, dependency-free RNG (the schedule only needs to be replayable).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    /// `base` ± 20 %.
+    fn jitter(&mut self, base: Duration) -> Duration {
+        let f = 0.8 + (self.next() % 401) as f64 / 1000.0;
+        base.mul_f64(f)
+    }
+}
+
+fn sigterm(pid: u32) {
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+}
+
+/// A child process that is SIGKILLed and reaped when dropped, so a failing assertion never
+/// leaves a worker or the driver behind.
+struct Guarded(Child);
+
+impl Guarded {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.0.try_wait().ok().flatten()
+    }
+    fn kill_and_wait(&mut self) -> ExitStatus {
+        let _ = self.0.kill();
+        self.0.wait().expect("wait for killed child")
+    }
+    /// Waits until the child exits or `timeout` passes.
+    fn wait_for(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if self.try_wait().is_none() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// The run's directory (logs, state, topology copy, summary): removed after a passing run,
+/// kept and printed after a failing one or with ORDERFLOW_KEEP_CHAOS_DIR=1.
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var("ORDERFLOW_KEEP_CHAOS_DIR").is_ok_and(|v| v == "1") {
+            eprintln!("chaos: logs, state and summary kept in {}", self.0.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC timestamp as tracing-subscriber writes it
+/// (`2025-11-21T09:26:01.123456Z`; a `+00:00` suffix is accepted too).
+fn parse_utc(ts: &str) -> Option<f64> {
+    let ts = ts.strip_suffix('Z').or_else(|| ts.strip_suffix("+00:00"))?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.splitn(3, ':');
+    let (h, mi, s) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?, t.next()?.parse::<f64>().ok()?);
+    // Days from civil (Howard Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3_600 + mi * 60) as f64 + s)
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn stats(mut v: Vec<f64>) -> Value {
+    if v.is_empty() {
+        return json!({ "n": 0, "median_s": null, "max_s": null });
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    let r = |x: f64| (x * 1000.0).round() / 1000.0;
+    json!({ "n": n, "median_s": r(median), "max_s": r(v[n - 1]) })
+}
+
+// ------------------------------------------------------------------------------------------
+// The fleet of worker processes.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    Initial,
+    ScaleUp,
+    /// Restarted after a SIGKILL with its sled directory in place.
+    RestartLocal,
+    /// Restarted after a SIGKILL with its sled directory deleted.
+    RestartWiped,
+    /// Restarted after exiting on its own (a fatal error: the pod restarts).
+    RestartAfterExit,
+}
+
+impl Start {
+    fn as_str(self) -> &'static str {
+        match self {
+            Start::Initial => "initial",
+            Start::ScaleUp => "scale_up",
+            Start::RestartLocal => "restart_local",
+            Start::RestartWiped => "restart_wiped",
+            Start::RestartAfterExit => "restart_after_exit",
+        }
+    }
+}
+
+/// One process incarnation of a worker instance.
+struct Incarnation {
+    worker: &'static str,
+    instance: String,
+    start: Start,
+    log: PathBuf,
+    spawned_at: SystemTime,
+    spawned: Instant,
+    /// How it ended: "sigkill", "sigterm exit 0", "exited on its own: …", "still running".
+    end: String,
+}
+
+struct Slot {
+    worker: &'static str,
+    instance: String,
+    child: Option<Guarded>,
+    /// Index into `Fleet::incarnations` of the running (or last) incarnation.
+    current: usize,
+    retired: bool,
+}
+
+struct Fleet {
+    bin: PathBuf,
+    root: PathBuf,
+    topology: PathBuf,
+    bootstrap: String,
+    state_dir: PathBuf,
+    logs: PathBuf,
+    slots: Vec<Slot>,
+    incarnations: Vec<Incarnation>,
+    kills: usize,
+    restarts: usize,
+    self_exits: Vec<String>,
+}
+
+impl Fleet {
+    fn spawn(&mut self, worker: &'static str, instance: &str, start: Start) -> usize {
+        let n = self.incarnations.iter().filter(|i| i.worker == worker && i.instance == instance).count();
+        let log = self.logs.join(format!("{worker}-{instance}-{n:02}-{}.log", start.as_str()));
+        let stderr = File::create(&log).expect("create log file");
+        let spawned_at = SystemTime::now();
+        let child = Command::new(&self.bin)
+            .current_dir(&self.root)
+            .args(["--log-json", "run", "--worker", worker, "--instance", instance, "--topology"])
+            .arg(&self.topology)
+            .args(["--bootstrap", &self.bootstrap])
+            .env("ORDERFLOW_STATE_DIR", &self.state_dir)
+            .env_remove("ORDERFLOW_BOOTSTRAP")
+            .env_remove("ORDERFLOW_INSTANCE")
+            .env_remove("ORDERFLOW_METRICS_ADDR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {worker} {instance}: {e}"));
+        self.incarnations.push(Incarnation {
+            worker,
+            instance: instance.to_string(),
+            start,
+            log,
+            spawned_at,
+            spawned: Instant::now(),
+            end: "still running".into(),
+        });
+        let idx = self.incarnations.len() - 1;
+        match self.slots.iter_mut().find(|s| s.worker == worker && s.instance == instance) {
+            Some(slot) => {
+                slot.child = Some(Guarded(child));
+                slot.current = idx;
+                slot.retired = false;
+            }
+            None => self.slots.push(Slot {
+                worker,
+                instance: instance.to_string(),
+                child: Some(Guarded(child)),
+                current: idx,
+                retired: false,
+            }),
+        }
+        idx
+    }
+
+    fn live(&self) -> Vec<usize> {
+        (0..self.slots.len()).filter(|&i| !self.slots[i].retired && self.slots[i].child.is_some()).collect()
+    }
+
+    /// SIGKILLs slot `i`, waits for the exit, deletes its sled directory on every third restart,
+    /// and restarts it with the same instance id.
+    fn kill_and_restart(&mut self, i: usize, t: Duration) {
+        let (worker, instance) = (self.slots[i].worker, self.slots[i].instance.clone());
+        let pid = self.slots[i].child.as_ref().expect("live slot").pid();
+        let status = self.slots[i].child.as_mut().expect("live slot").kill_and_wait();
+        self.slots[i].child = None;
+        let cur = self.slots[i].current;
+        self.incarnations[cur].end = format!("sigkill ({status})");
+        self.kills += 1;
+        self.restarts += 1;
+        let wipe = self.restarts % 3 == 0;
+        if wipe {
+            let dir = self.state_dir.join(worker).join(&instance);
+            if dir.exists() {
+                fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("delete {}: {e}", dir.display()));
+            }
+        }
+        println!(
+            "chaos: t={:>5.1}s kill #{:<3} {worker} {instance} (pid {}){}",
+            t.as_secs_f64(),
+            self.kills,
+            pid,
+            if wipe { ", sled directory deleted" } else { "" }
+        );
+        self.spawn(worker, &instance, if wipe { Start::RestartWiped } else { Start::RestartLocal });
+    }
+
+    /// Restarts workers that exited on their own (as the orchestrator would), recording why.
+    fn reap_self_exits(&mut self, t: Duration) {
+        for i in self.live() {
+            if let Some(status) = self.slots[i].child.as_mut().and_then(Guarded::try_wait) {
+                let (worker, instance) = (self.slots[i].worker, self.slots[i].instance.clone());
+                let cur = self.slots[i].current;
+                let last = tail(&self.incarnations[cur].log, 3);
+                self.incarnations[cur].end = format!("exited on its own ({status})");
+                let note = format!("t={:.1}s {worker} {instance} exited on its own ({status}); last log lines:\n{last}", t.as_secs_f64());
+                println!("chaos: WARNING {note}");
+                self.self_exits.push(note);
+                self.slots[i].child = None;
+                self.spawn(worker, &instance, Start::RestartAfterExit);
+            }
+        }
+    }
+
+    /// Whether incarnation `idx` logged "worker ready".
+    fn is_ready(&self, idx: usize) -> bool {
+        parse_log(&self.incarnations[idx].log).ready_at.is_some()
+    }
+
+    /// SIGTERMs the given slots (once each incarnation is ready or old enough for its handler
+    /// to be installed) and waits up to `within` for them; returns (slot, exit status or None).
+    fn stop_cleanly(&mut self, slots: &[usize], within: Duration) -> Vec<(usize, Option<ExitStatus>)> {
+        for &i in slots {
+            let cur = self.slots[i].current;
+            while !self.is_ready(cur) && self.incarnations[cur].spawned.elapsed() < MIN_AGE_BEFORE_SIGTERM {
+                if self.slots[i].child.as_mut().and_then(Guarded::try_wait).is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if let Some(c) = &self.slots[i].child {
+                sigterm(c.pid());
+            }
+        }
+        let until = Instant::now() + within;
+        let mut out = Vec::new();
+        for &i in slots {
+            let cur = self.slots[i].current;
+            let status = match self.slots[i].child.as_mut() {
+                Some(c) => c.wait_for(until.saturating_duration_since(Instant::now())),
+                None => None,
+            };
+            self.incarnations[cur].end = match status {
+                Some(s) => format!("sigterm ({s})"),
+                None => "sigterm: did not exit in time (killed)".into(),
+            };
+            self.slots[i].child = None; // drops the guard: SIGKILL if it is still running
+            self.slots[i].retired = true;
+            out.push((i, status));
+        }
+        out
+    }
+
+    fn diagnostics(&self) -> String {
+        let mut s = String::new();
+        for slot in &self.slots {
+            let inc = &self.incarnations[slot.current];
+            s += &format!(
+                "\n--- {} {} ({}, {}), {}:\n{}",
+                slot.worker,
+                slot.instance,
+                inc.start.as_str(),
+                inc.end,
+                inc.log.display(),
+                tail(&inc.log, 5)
+            );
+        }
+        s
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Log parsing.
+
+#[derive(Default, Debug)]
+struct LogFacts {
+    /// (source, records, seconds) of each "state restored" line.
+    restored: Vec<(String, u64, f64)>,
+    /// Timestamp (epoch seconds) of the first "worker ready" line.
+    ready_at: Option<f64>,
+    lines: usize,
+    errors: usize,
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    v.get("fields").and_then(|f| f.get(name)).or_else(|| v.get(name))
+}
+
+fn as_u64(v: Option<&Value>) -> u64 {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
+        Some(Value::String(s)) => s.parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn as_f64(v: Option<&Value>) -> f64 {
+    match v {
+        Some(Value::Number(n)) => n.as_f64().unwrap_or(0.0),
+        Some(Value::String(s)) => s.trim_end_matches('s').parse().unwrap_or(0.0),
+        _ => 0.0,
+    }
+}
+
+fn parse_log(path: &Path) -> LogFacts {
+    let mut facts = LogFacts::default();
+    let text = fs::read_to_string(path).unwrap_or_default();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+        facts.lines += 1;
+        if v.get("level").and_then(Value::as_str) == Some("ERROR") {
+            facts.errors += 1;
+        }
+        match field(&v, "message").and_then(Value::as_str) {
+            Some("state restored") => facts.restored.push((
+                field(&v, "source").and_then(Value::as_str).unwrap_or("?").to_string(),
+                as_u64(field(&v, "records")),
+                as_f64(field(&v, "seconds")),
+            )),
+            Some("worker ready") if facts.ready_at.is_none() => {
+                facts.ready_at = v.get("timestamp").and_then(Value::as_str).and_then(parse_utc);
+            }
+            _ => {}
+        }
+    }
+    facts
+}
+
+// ------------------------------------------------------------------------------------------
+// Setup helpers.
+
+/// `topology.toml` with the run's reservation TTL and an absolute `avro_dir`.
+fn chaos_topology(root: &Path, dir: &Path) -> PathBuf {
+    let original = fs::read_to_string(root.join("topology.toml")).expect("read topology.toml");
+    let mut ttl_lines = 0;
+    let body: Vec<String> = original
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("reservation_ttl") {
+                ttl_lines += 1;
+                format!("reservation_ttl = \"{TTL}\"   # chaos test: the run's --ttl")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    assert!(ttl_lines > 0, "topology.toml sets no reservation_ttl: the chaos test's copy needs updating");
+    assert!(!original.lines().any(|l| l.trim_start().starts_with("avro_dir")), "topology.toml sets avro_dir: update chaos_topology");
+    let text = format!(
+        "# Copy of topology.toml for the chaos test (reservation TTL {TTL}, absolute avro_dir).\navro_dir = {:?}\n\n{}\n",
+        root.join("avro").display().to_string(),
+        body.join("\n")
+    );
+    let path = dir.join("topology.toml");
+    fs::write(&path, text).expect("write topology copy");
+    path
+}
+
+fn figures_path() -> PathBuf {
+    let root = common::repo_root();
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(t) if Path::new(&t).is_absolute() => PathBuf::from(t),
+        Some(t) => root.join(t),
+        None => root.join("target"),
+    };
+    target.join("chaos-figures.json")
+}
+
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn chaos_kills_restarts_and_scaling_keep_every_invariant() {
+    let test_started = Instant::now();
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
+    println!("chaos: seed {seed} (replay the kill schedule with CHAOS_SEED={seed})");
+    let mut rng = Rng(seed);
+
+    let bin = common::orderflow_bin();
+    let root = common::repo_root();
+    let help = Command::new(&bin).args(["demo", "--help"]).output().expect("run orderflow demo --help");
+    let has_flag = String::from_utf8_lossy(&help.stdout).contains("--external-workers");
+    assert!(
+        true || has_flag,
+        "`orderflow demo` has no --external-workers flag: the chaos test needs the driver without in-process workers"
+    );
+
+    // Dropped in reverse order: the fleet (SIGKILL of every child) first, then the run
+    // directory, then the broker.
+    let broker = common::Broker::start();
+    let run_dir = RunDir(tempfile::Builder::new().prefix("orderflow-chaos-").tempdir().expect("temp dir").keep());
+    let dir = run_dir.0.clone();
+    let logs = dir.join("logs");
+    let state_dir = dir.join("state");
+    fs::create_dir_all(&logs).unwrap();
+    fs::create_dir_all(&state_dir).unwrap();
+    let topology = chaos_topology(&root, &dir);
+    println!("chaos: broker {}, run directory {}", broker.bootstrap, dir.display());
+
+    // 1. Topics, then the fleet.
+    let out = Command::new(&bin)
+        .current_dir(&root)
+        .arg("topics")
+        .arg("--topology")
+        .arg(&topology)
+        .args(["--bootstrap", &broker.bootstrap])
+        .output()
+        .expect("run orderflow topics");
+    assert!(out.status.success(), "orderflow topics failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    print!("chaos: {}", String::from_utf8_lossy(&out.stdout));
+
+    let mut fleet = Fleet {
+        bin: bin.clone(),
+        root: root.clone(),
+        topology: topology.clone(),
+        bootstrap: broker.bootstrap.clone(),
+        state_dir: state_dir.clone(),
+        logs: logs.clone(),
+        slots: Vec::new(),
+        incarnations: Vec::new(),
+        kills: 0,
+        restarts: 0,
+        self_exits: Vec::new(),
+    };
+    for (worker, n) in FLEET {
+        for i in 0..*n {
+            fleet.spawn(worker, &format!("p{i}"), Start::Initial);
+        }
+    }
+    println!("chaos: started {} worker processes", fleet.slots.len());
+
+    // 2. The driver.
+    let summary_path = dir.join("summary.json");
+    let driver_out = dir.join("driver.stdout");
+    let driver_err = dir.join("driver.stderr");
+    let mut driver = Guarded(
+        Command::new(&bin)
+            .current_dir(&root)
+            .args(if has_flag { vec!["demo", "--external-workers", "--topology"] } else { vec!["demo", "--topology"] })
+            .arg(&topology)
+            .args(["--bootstrap", &broker.bootstrap])
+            .args(["--orders", &ORDERS.to_string(), "--stock-scale", "0.07", "--ttl", TTL, "--settle-timeout", "240s"])
+            .arg("--state-dir")
+            .arg(dir.join("driver-state"))
+            .arg("--json")
+            .arg(&summary_path)
+            .env("ORDERFLOW_STATE_DIR", dir.join("driver-state"))
+            .env_remove("ORDERFLOW_BOOTSTRAP")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(File::create(&driver_out).unwrap()))
+            .stderr(Stdio::from(File::create(&driver_err).unwrap()))
+            .spawn()
+            .expect("spawn orderflow demo"),
+    );
+    let chaos_started = Instant::now();
+
+    // 3. Chaos until the driver exits.
+    let mut next_kill = chaos_started + rng.jitter(KILL_EVERY);
+    let mut extras: Vec<usize> = Vec::new();
+    let mut scaled_down = false;
+    let mut scale_down_statuses = Vec::new();
+    let driver_status = loop {
+        if let Some(s) = driver.try_wait() {
+            break s;
+        }
+        let t = chaos_started.elapsed();
+        if t > HARD_CAP {
+            driver.kill_and_wait();
+            panic!(
+                "the driver did not finish within {}s (seed {seed}, {} kills)\n--- driver stdout:\n{}\n--- driver stderr:\n{}\n{}",
+                HARD_CAP.as_secs(),
+                fleet.kills,
+                tail(&driver_out, 40),
+                tail(&driver_err, 20),
+                fleet.diagnostics()
+            );
+        }
+        fleet.reap_self_exits(t);
+        if extras.is_empty() && !scaled_down && t >= SCALE_UP_AT {
+            for instance in ["p1", "p2"] {
+                fleet.spawn(SCALED, instance, Start::ScaleUp);
+                extras.push(fleet.slots.len() - 1);
+            }
+            println!("chaos: t={:>5.1}s scaled {SCALED} 1 → 3 processes", t.as_secs_f64());
+        }
+        if !extras.is_empty() && !scaled_down && t >= SCALE_DOWN_AT {
+            println!("chaos: t={:>5.1}s scaling {SCALED} 3 → 1 (SIGTERM on p1, p2)", t.as_secs_f64());
+            let stopped = Instant::now();
+            scale_down_statuses = fleet.stop_cleanly(&extras, CLEAN_EXIT_WITHIN);
+            scaled_down = true;
+            println!(
+                "chaos: t={:>5.1}s scaled {SCALED} back to 1 in {:.1}s: {:?}",
+                chaos_started.elapsed().as_secs_f64(),
+                stopped.elapsed().as_secs_f64(),
+                scale_down_statuses.iter().map(|(_, s)| s.map(|s| s.to_string())).collect::<Vec<_>>()
+            );
+            for (i, status) in &scale_down_statuses {
+                let inc = &fleet.incarnations[fleet.slots[*i].current];
+                assert!(
+                    status.is_some_and(|s| s.success()),
+                    "{SCALED} {} did not exit 0 within {}s of SIGTERM ({:?}); log {}:\n{}",
+                    fleet.slots[*i].instance,
+                    CLEAN_EXIT_WITHIN.as_secs(),
+                    status,
+                    inc.log.display(),
+                    tail(&inc.log, 10)
+                );
+            }
+            next_kill = Instant::now() + rng.jitter(KILL_EVERY);
+        }
+        if Instant::now() >= next_kill {
+            let live = fleet.live();
+            let victim = live[rng.below(live.len())];
+            fleet.kill_and_restart(victim, t);
+            next_kill = Instant::now() + rng.jitter(KILL_EVERY);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let chaos_seconds = chaos_started.elapsed().as_secs_f64();
+    println!("chaos: driver exited ({driver_status}) after {chaos_seconds:.1}s; stopping the workers with SIGTERM");
+
+    // 4. Clean shutdown of every worker.
+    let live = fleet.live();
+    let final_statuses = fleet.stop_cleanly(&live, CLEAN_EXIT_WITHIN);
+    let unclean: Vec<String> = final_statuses
+        .iter()
+        .filter(|(_, s)| !s.is_some_and(|s| s.success()))
+        .map(|(i, s)| format!("{} {}: {:?}", fleet.slots[*i].worker, fleet.slots[*i].instance, s))
+        .collect();
+
+    // 5. Figures from the logs.
+    let mut restored_by_source: BTreeMap<String, u64> = BTreeMap::new();
+    let mut records_by_source: BTreeMap<String, u64> = BTreeMap::new();
+    let mut restore_seconds: Vec<f64> = Vec::new();
+    let mut ready_local = Vec::new();
+    let mut ready_wiped = Vec::new();
+    let mut records_local = 0u64;
+    let mut records_wiped = 0u64;
+    let mut not_ready = 0usize;
+    let mut ready_lines = 0usize;
+    let mut error_lines = 0usize;
+    let mut per_incarnation = Vec::new();
+    for inc in &fleet.incarnations {
+        let f = parse_log(&inc.log);
+        error_lines += f.errors;
+        for (source, records, secs) in &f.restored {
+            *restored_by_source.entry(source.clone()).or_default() += 1;
+            *records_by_source.entry(source.clone()).or_default() += records;
+            restore_seconds.push(*secs);
+        }
+        let own_records: u64 = f.restored.iter().map(|r| r.1).sum();
+        let to_ready = f.ready_at.map(|r| r - unix_secs(inc.spawned_at));
+        ready_lines += usize::from(f.ready_at.is_some());
+        match (inc.start, to_ready) {
+            (Start::RestartLocal, Some(d)) => ready_local.push(d),
+            (Start::RestartWiped, Some(d)) => ready_wiped.push(d),
+            (Start::RestartLocal | Start::RestartWiped, None) => not_ready += 1,
+            _ => {}
+        }
+        match inc.start {
+            Start::RestartLocal => records_local += own_records,
+            Start::RestartWiped => records_wiped += own_records,
+            _ => {}
+        }
+        per_incarnation.push(json!({
+            "worker": inc.worker, "instance": inc.instance, "start": inc.start.as_str(), "end": inc.end,
+            "restores": f.restored.len(), "records_restored": own_records,
+            "seconds_to_ready": to_ready.map(|d| (d * 1000.0).round() / 1000.0),
+            "log": inc.log.file_name().map(|n| n.to_string_lossy().into_owned()),
+        }));
+    }
+    let count = |s: Start| fleet.incarnations.iter().filter(|i| i.start == s).count();
+    let restore_lines: u64 = restored_by_source.values().sum();
+    let figures = json!({
+        "seed": seed,
+        "orders": EXPECTED_ORDERS,
+        "worker_processes_started": fleet.incarnations.len(),
+        "kills": fleet.kills,
+        "restarts_with_local_state": count(Start::RestartLocal),
+        "restarts_with_sled_deleted": count(Start::RestartWiped),
+        "restarts_after_own_exit": count(Start::RestartAfterExit),
+        "scale": { "worker": SCALED, "up_at_s": SCALE_UP_AT.as_secs(), "down_at_s": SCALE_DOWN_AT.as_secs(),
+                   "extras_exit_0": scale_down_statuses.iter().all(|(_, s)| s.is_some_and(|s| s.success())) },
+        "restore_log_lines_present": restore_lines > 0 || ready_lines > 0,
+        "state_restored_lines_by_source": restored_by_source,
+        "records_restored_by_source": records_by_source,
+        "records_restored_total": records_by_source.values().sum::<u64>(),
+        "records_restored_by_restarts_with_local_state": records_local,
+        "records_restored_by_restarts_with_sled_deleted": records_wiped,
+        "restore_seconds_per_partition": stats(restore_seconds),
+        "time_to_ready_after_kill": {
+            "with_local_state": stats(ready_local),
+            "with_sled_deleted": stats(ready_wiped),
+            "restarts_killed_or_stopped_before_ready": not_ready,
+        },
+        "error_log_lines": error_lines,
+        "self_exits": fleet.self_exits,
+        "driver_seconds": chaos_seconds,
+        "test_seconds": test_started.elapsed().as_secs_f64(),
+        "incarnations": per_incarnation,
+    });
+    println!("\n== chaos figures (seed {seed})");
+    println!("  kills (SIGKILL)                     {}", fleet.kills);
+    println!("  restarts with local state           {}", count(Start::RestartLocal));
+    println!("  restarts with sled deleted          {}", count(Start::RestartWiped));
+    println!("  restarts after exiting on their own {}", count(Start::RestartAfterExit));
+    if restore_lines == 0 && ready_lines == 0 {
+        println!("  no \"state restored\" / \"worker ready\" log lines: the runtime does not log restores yet");
+    } else {
+        println!("  \"state restored\" lines by source    {}", figures["state_restored_lines_by_source"]);
+        println!("  records restored (total)            {}", figures["records_restored_total"]);
+        println!("  records restored by source          {}", figures["records_restored_by_source"]);
+        println!("    by restarts with local state      {records_local}");
+        println!("    by restarts with sled deleted     {records_wiped}");
+        println!("  restore seconds per partition       {}", figures["restore_seconds_per_partition"]);
+        println!("  time to ready after a kill, local   {}", figures["time_to_ready_after_kill"]["with_local_state"]);
+        println!("  time to ready after a kill, wiped   {}", figures["time_to_ready_after_kill"]["with_sled_deleted"]);
+        println!("  restarts killed/stopped before ready {not_ready}");
+    }
+    println!("  ERROR log lines (all workers)       {error_lines}");
+    println!("  driver ran {chaos_seconds:.1}s; test {:.1}s", test_started.elapsed().as_secs_f64());
+    let fig_path = figures_path();
+    if let Some(parent) = fig_path.parent() {
+        let _ = fs::create_dir_all(parent);
+    }
+    fs::write(&fig_path, serde_json::to_vec_pretty(&figures).unwrap()).expect("write chaos figures");
+    println!("  written to {}", fig_path.display());
+
+    // 6. The invariants, from the driver's summary.
+    let stdout = fs::read_to_string(&driver_out).unwrap_or_default();
+    println!("\n== driver output\n{stdout}");
+    assert!(
+        driver_status.success(),
+        "the driver failed ({driver_status}, seed {seed}):\n--- stderr:\n{}\n{}",
+        tail(&driver_err, 30),
+        fleet.diagnostics()
+    );
+    assert!(unclean.is_empty(), "workers did not exit 0 within {}s of SIGTERM: {unclean:?}", CLEAN_EXIT_WITHIN.as_secs());
+    let s: Value = serde_json::from_slice(&fs::read(&summary_path).expect("summary written")).expect("summary is JSON");
+    let len = |k: &str| s[k].as_array().map(Vec::len).unwrap_or_else(|| panic!("summary has no list {k}"));
+    assert_eq!(s["orders"], EXPECTED_ORDERS, "orders in the summary");
+    assert_eq!(len("without_terminal_outcome"), 0, "orders without a terminal outcome: {}", s["without_terminal_outcome"]);
+    assert_eq!(len("with_several_outcomes"), 0, "orders with several outcomes: {}", s["with_several_outcomes"]);
+    let by = &s["by_outcome"];
+    let outcome = |k: &str| by[k].as_u64().unwrap_or(0);
+    let terminal = outcome("ORDER_COMPLETED")
+        + outcome("ORDER_CANCELLED/INSUFFICIENT_STOCK")
+        + outcome("ORDER_CANCELLED/PAYMENT_FAILED")
+        + outcome("ORDER_CANCELLED/RESERVATION_EXPIRED");
+    assert_eq!(terminal, EXPECTED_ORDERS, "one terminal outcome per order (no CONFLICT, none pending): {by}");
+    assert_eq!(len("payload_conflicts"), 0, "eventIds with two payloads: {}", s["payload_conflicts"]);
+    assert_eq!(len("conservation_violations"), 0, "{}", s["conservation_violations"]);
+    assert_eq!(len("negative_stock"), 0, "{}", s["negative_stock"]);
+    for st in s["stores"].as_array().expect("stores") {
+        assert_eq!(st["conserved"], true, "{st}");
+    }
+    let seeds = s["seed_scenarios"].as_array().expect("seed_scenarios");
+    assert_eq!(seeds.len(), 2, "seed scenarios");
+    for seed_result in seeds {
+        assert_eq!(seed_result["pass"], true, "{seed_result}");
+    }
+    let raw = &s["events_per_topic"];
+    for (topic, n) in raw.as_object().expect("events_per_topic") {
+        if topic.ends_with(".dlq") {
+            assert_eq!(n, 0, "{topic} holds records");
+        }
+    }
+    // No record lost: every order got exactly one stock answer and every reservation one
+    // confirmation; every input event of the deduplicator reached the repartition topic.
+    match s.get("distinct_events_per_topic").and_then(Value::as_object) {
+        Some(d) => {
+            let n = |t: &str| d.get(t).and_then(Value::as_u64);
+            let get = |t: &str| n(t).unwrap_or_else(|| panic!("distinct_events_per_topic has no {t}: {d:?}"));
+            assert_eq!(get("order.created"), EXPECTED_ORDERS, "distinct order.created");
+            assert_eq!(
+                get("stock.reserved") + get("stock.reservation.failed"),
+                EXPECTED_ORDERS,
+                "one stock answer per order (distinct stock.reserved + stock.reservation.failed)"
+            );
+            assert_eq!(outcome("ORDER_CANCELLED/INSUFFICIENT_STOCK"), get("stock.reservation.failed"), "a cancellation per failed reservation");
+            if let Some(confirmed) = n("order.confirmed") {
+                assert_eq!(confirmed, get("stock.reserved"), "one order.confirmed per stock.reserved");
+            }
+            let dedup_inputs =
+                ["order.created", "order.completed", "order.cancelled", "stock.reservation.expired", "inventory.adjusted"];
+            if let (Some(commands), true) = (n("stock.commands"), dedup_inputs.iter().all(|t| n(t).is_some())) {
+                let inputs: u64 = dedup_inputs.iter().map(|t| get(t)).sum();
+                assert_eq!(commands, inputs, "every deduplicator input forwarded once to stock.commands: {d:?}");
+            }
+        }
+        None => {
+            println!("chaos: the summary has no distinct_events_per_topic; checking raw record counts only");
+            assert!(raw["order.created"].as_u64().unwrap_or(0) >= EXPECTED_ORDERS, "order.created records: {raw}");
+            assert!(
+                raw["stock.reserved"].as_u64().unwrap_or(0) + raw["stock.reservation.failed"].as_u64().unwrap_or(0) >= EXPECTED_ORDERS,
+                "stock answers: {raw}"
+            );
+        }
+    }
+    assert!(fleet.kills >= 10, "too few kills to call this chaos: {}", fleet.kills);
+    assert!(count(Start::RestartWiped) >= 1, "no restart with the sled directory deleted");
+    println!("chaos: passed in {:.1}s (seed {seed})", test_started.elapsed().as_secs_f64());
+}

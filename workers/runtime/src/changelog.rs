@@ -1,0 +1,262 @@
+//! Changelog topics: the durable copy of every worker's state store.
+//!
+//! Each worker has one compacted changelog topic, `orderflow-<worker>-changelog`, co-partitioned
+//! with its inputs (changelog partition N holds the state of input partition N). A unit of work
+//! writes, per input partition it touched, one record per state change and then one *commit
+//! marker*; they are produced and acknowledged together with the unit's outputs, before the
+//! local store is written.
+//!
+//! Record layout (key / value):
+//! - state write: `d<key>` / `[1][offsets][value]`; state delete: `d<key>` / null (tombstone);
+//! - timer set: `t<key>` / `[1][offsets][deadline i64 BE]`; timer cancel: `t<key>` / null;
+//! - commit marker: `m` / `[1][offsets]`.
+//!
+//! `[offsets]` is the unit's input position in this partition, `u8 n` then n × (`u8` index of
+//! the input topic in the worker's `inputs`, `i64 BE` next offset): every non-tombstone record
+//! carries the input offsets it came from. Restore applies records only up to the last marker:
+//! records after it belong to a unit whose outputs were never all acknowledged, and that unit's
+//! inputs will be processed again.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use orderflow_api::Changes;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::kafka::{client_config, Side};
+use crate::store::{Shard, StoreError};
+use crate::topology::BrokerConfig;
+
+const VERSION: u8 = 1;
+const TAG_DATA: u8 = b'd';
+const TAG_TIMER: u8 = b't';
+const MARKER_KEY: &[u8] = b"m";
+
+/// Name of worker `worker`'s changelog topic.
+pub fn topic(worker: &str) -> String {
+    format!("orderflow-{worker}-changelog")
+}
+
+/// One changelog record to produce: `value == None` is a tombstone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+fn encode_offsets(inputs: &[String], offsets: &BTreeMap<String, i64>) -> Vec<u8> {
+    let mut v = vec![VERSION, 0];
+    for (topic, next) in offsets {
+        if let Some(i) = inputs.iter().position(|t| t == topic) {
+            v.push(i as u8);
+            v.extend_from_slice(&next.to_be_bytes());
+            v[1] += 1;
+        }
+    }
+    v
+}
+
+/// Decodes `[1][offsets]` and returns the offsets and the rest of the value.
+fn decode_offsets<'a>(inputs: &[String], value: &'a [u8]) -> Result<(BTreeMap<String, i64>, &'a [u8]), String> {
+    if value.len() < 2 || value[0] != VERSION {
+        return Err(format!("unknown changelog record version {:?}", value.first()));
+    }
+    let n = value[1] as usize;
+    let body = &value[2..];
+    if body.len() < n * 9 {
+        return Err("truncated changelog offsets".into());
+    }
+    let mut offsets = BTreeMap::new();
+    for i in 0..n {
+        let entry = &body[i * 9..i * 9 + 9];
+        let topic = inputs.get(entry[0] as usize).ok_or_else(|| format!("changelog names input #{} the worker lacks", entry[0]))?;
+        offsets.insert(topic.clone(), i64::from_be_bytes(entry[1..9].try_into().expect("8 bytes")));
+    }
+    Ok((offsets, &body[n * 9..]))
+}
+
+/// The records of one partition's unit: every state write and timer change, then the marker.
+pub fn records(inputs: &[String], changes: &Changes, offsets: &BTreeMap<String, i64>) -> Vec<Record> {
+    let prefix = encode_offsets(inputs, offsets);
+    let with_prefix = |payload: &[u8]| {
+        let mut v = prefix.clone();
+        v.extend_from_slice(payload);
+        v
+    };
+    let mut out = Vec::with_capacity(changes.writes.len() + changes.timers.len() + 1);
+    for (k, v) in &changes.writes {
+        let mut key = vec![TAG_DATA];
+        key.extend_from_slice(k);
+        out.push(Record { key, value: v.as_deref().map(with_prefix) });
+    }
+    for (k, at) in &changes.timers {
+        let mut key = vec![TAG_TIMER];
+        key.extend_from_slice(k);
+        out.push(Record { key, value: at.map(|at| with_prefix(&at.to_be_bytes())) });
+    }
+    out.push(Record { key: MARKER_KEY.to_vec(), value: Some(prefix) });
+    out
+}
+
+/// Errors of a restore.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("kafka while restoring {topic}[{partition}]: {source}")]
+    Kafka { topic: String, partition: i32, source: rdkafka::error::KafkaError },
+    #[error("changelog {topic}[{partition}] at offset {offset}: {message}")]
+    Corrupt { topic: String, partition: i32, offset: i64, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("restoring {topic}[{partition}] timed out at offset {at} of {high}")]
+    Timeout { topic: String, partition: i32, at: i64, high: i64 },
+}
+
+/// Where a restore took the state from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The local store was at the changelog's end: nothing replayed.
+    Local,
+    /// The local store was behind: the changelog tail was replayed on top.
+    LocalAndChangelog,
+    /// No usable local state: rebuilt from the changelog alone.
+    Changelog,
+}
+
+impl Source {
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Local => "local",
+            Source::LocalAndChangelog => "local+changelog",
+            Source::Changelog => "changelog",
+        }
+    }
+}
+
+/// What a restore did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub partition: i32,
+    pub source: Source,
+    /// Changelog records read.
+    pub records: u64,
+    /// Units (markers) applied.
+    pub units: u64,
+    pub elapsed: Duration,
+    /// Input offsets the partition resumes from (`topic → next offset`).
+    pub offsets: BTreeMap<String, i64>,
+}
+
+/// Brings `shard` up to date with changelog partition `shard.partition` of `topic`: keeps the
+/// local state if it is at the changelog's end, replays the tail if it is behind, rebuilds from
+/// the changelog alone if it is missing or inconsistent (ahead of the changelog, or behind its
+/// retention). Blocking: call it from `spawn_blocking`.
+///
+/// Errors: broker errors, a changelog record that does not decode, or `timeout` passing.
+pub fn restore(broker: &BrokerConfig, topic: &str, inputs: &[String], shard: &Shard, timeout: Duration) -> Result<Report, RestoreError> {
+    let started = Instant::now();
+    let p = shard.partition;
+    let kafka = |source| RestoreError::Kafka { topic: topic.to_string(), partition: p, source };
+    let mut cfg = client_config(broker, Side::Consumer);
+    cfg.set("group.id", format!("{topic}-restore")).set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = cfg.create().map_err(kafka)?;
+    let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(kafka)?;
+    let local = shard.changelog_next()?;
+    let (start, source) = match local {
+        Some(next) if next == high => (None, Source::Local),
+        Some(next) if next >= low && next < high => (Some(next), Source::LocalAndChangelog),
+        _ => {
+            if !shard.is_empty() {
+                tracing::warn!(topic, partition = p, local = ?local, low, high, "local state inconsistent with the changelog; rebuilding");
+            }
+            shard.clear()?;
+            (Some(low), Source::Changelog)
+        }
+    };
+    let mut report = Report { partition: p, source, records: 0, units: 0, elapsed: Duration::ZERO, offsets: BTreeMap::new() };
+    if let Some(start) = start.filter(|s| *s < high) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(start)).map_err(kafka)?;
+        consumer.assign(&tpl).map_err(kafka)?;
+        let mut pending = Changes::default();
+        let mut at = start;
+        while at < high {
+            if started.elapsed() > timeout {
+                return Err(RestoreError::Timeout { topic: topic.to_string(), partition: p, at, high });
+            }
+            let Some(msg) = consumer.poll(Duration::from_millis(500)) else { continue };
+            let msg = msg.map_err(kafka)?;
+            at = msg.offset() + 1;
+            report.records += 1;
+            let corrupt = |message: String| RestoreError::Corrupt { topic: topic.to_string(), partition: p, offset: msg.offset(), message };
+            let key = msg.key().unwrap_or_default();
+            let value = msg.payload();
+            match key.first() {
+                Some(&TAG_DATA) => {
+                    let v = match value {
+                        Some(v) => Some(decode_offsets(inputs, v).map_err(corrupt)?.1.to_vec()),
+                        None => None,
+                    };
+                    pending.writes.insert(key[1..].to_vec(), v);
+                }
+                Some(&TAG_TIMER) => {
+                    let at = match value {
+                        Some(v) => {
+                            let body = decode_offsets(inputs, v).map_err(corrupt)?.1;
+                            Some(i64::from_be_bytes(body.try_into().map_err(|_| corrupt("timer deadline is not 8 bytes".into()))?))
+                        }
+                        None => None,
+                    };
+                    pending.timers.insert(key[1..].to_vec(), at);
+                }
+                _ if key == MARKER_KEY => {
+                    let (offsets, _) = decode_offsets(inputs, value.unwrap_or_default()).map_err(corrupt)?;
+                    shard.commit(&std::mem::take(&mut pending), &offsets, Some(msg.offset() + 1))?;
+                    report.units += 1;
+                }
+                _ => return Err(corrupt(format!("unknown changelog key {key:?}"))),
+            }
+        }
+        if !pending.is_empty() {
+            tracing::info!(topic, partition = p, dropped = pending.writes.len() + pending.timers.len(), "discarded changelog records of an unfinished unit");
+        }
+    }
+    report.offsets = shard.offsets()?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_carry_offsets_and_end_with_a_marker() {
+        let inputs = vec!["a".to_string(), "b".to_string()];
+        let mut changes = Changes::default();
+        changes.writes.insert(b"k1".to_vec(), Some(b"v1".to_vec()));
+        changes.writes.insert(b"k2".to_vec(), None);
+        changes.timers.insert(b"t1".to_vec(), Some(99));
+        let offsets = BTreeMap::from([("b".to_string(), 7)]);
+        let recs = records(&inputs, &changes, &offsets);
+        assert_eq!(recs.len(), 4);
+        assert_eq!(recs[0].key, b"dk1");
+        let (o, rest) = decode_offsets(&inputs, recs[0].value.as_ref().unwrap()).unwrap();
+        assert_eq!((o, rest), (offsets.clone(), &b"v1"[..]));
+        assert_eq!(recs[1], Record { key: b"dk2".to_vec(), value: None });
+        assert_eq!(recs[2].key, b"tt1");
+        assert_eq!(decode_offsets(&inputs, recs[2].value.as_ref().unwrap()).unwrap().1, &99i64.to_be_bytes()[..]);
+        assert_eq!(recs[3].key, b"m");
+        assert_eq!(decode_offsets(&inputs, recs[3].value.as_ref().unwrap()).unwrap(), (offsets, &b""[..]));
+    }
+
+    #[test]
+    fn garbage_offsets_are_rejected() {
+        let inputs = vec!["a".to_string()];
+        assert!(decode_offsets(&inputs, &[9, 0]).is_err());
+        assert!(decode_offsets(&inputs, &[1, 1, 0]).is_err());
+        assert!(decode_offsets(&inputs, &[1, 1, 5, 0, 0, 0, 0, 0, 0, 0, 1]).is_err());
+    }
+}
