@@ -46,6 +46,7 @@ pub struct DemoArgs {
     #[arg(long)]
     stock_scale: Option<f64>,
     /// Reservation TTL of this run (overrides the topology's 5 minutes so expiries are seen).
+    /// With `--external-workers`, start the workers with the same `--reservation-ttl`.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     ttl: Duration,
     /// Percent of confirmed orders the POS completes (payment taken).
@@ -218,11 +219,7 @@ async fn send(producer: &FutureProducer, codec: &Codec, topic: &str, key: &str, 
 pub async fn run(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let mut loaded = crate::load_topology(&args.topology, args.bootstrap.as_deref())?;
-    for w in loaded.topology.workers.values_mut() {
-        if crate::kinds::KINDS.iter().any(|k| k.name == w.kind && k.uses_ttl) {
-            w.reservation_ttl = Some(args.ttl);
-        }
-    }
+    crate::override_ttl(&mut loaded, args.ttl);
     let state_dir = args.state_dir.clone().unwrap_or_else(|| loaded.topology.defaults.state_dir.join(format!("demo-{}", now_ms())));
     loaded.topology.defaults.state_dir = state_dir.clone();
     let loaded = Arc::new(loaded);

@@ -46,6 +46,10 @@ enum Command {
         /// Bootstrap servers (overrides the topology and ORDERFLOW_BOOTSTRAP).
         #[arg(long)]
         bootstrap: Option<String>,
+        /// Reservation TTL for every worker that uses one (overrides the topology; tests and
+        /// demos use short TTLs).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        reservation_ttl: Option<std::time::Duration>,
     },
     /// Check or draw the topology.
     Topology {
@@ -78,6 +82,15 @@ pub fn load_topology(path: &Path, bootstrap: Option<&str>) -> Result<Loaded> {
         loaded.topology.broker.bootstrap = b.to_string();
     }
     Ok(loaded)
+}
+
+/// Sets the reservation TTL of every worker whose kind uses one.
+pub fn override_ttl(loaded: &mut Loaded, ttl: std::time::Duration) {
+    for w in loaded.topology.workers.values_mut() {
+        if kinds::KINDS.iter().any(|k| k.name == w.kind && k.uses_ttl) {
+            w.reservation_ttl = Some(ttl);
+        }
+    }
 }
 
 /// A spawned worker task.
@@ -177,8 +190,12 @@ async fn main() -> Result<()> {
             println!("created {} topic(s): {}", created.len(), created.join(", "));
             Ok(())
         }
-        Command::Run { topology, workers, instance, metrics_addr, bootstrap } => {
-            let loaded = Arc::new(load_topology(&topology, bootstrap.as_deref())?);
+        Command::Run { topology, workers, instance, metrics_addr, bootstrap, reservation_ttl } => {
+            let mut loaded = load_topology(&topology, bootstrap.as_deref())?;
+            if let Some(ttl) = reservation_ttl {
+                override_ttl(&mut loaded, ttl);
+            }
+            let loaded = Arc::new(loaded);
             let metrics = Metrics::new();
             let ready = serve::Readiness::default();
             if let Some(addr) = metrics_addr {

@@ -85,6 +85,14 @@ pub struct Defaults {
     /// Root of the sled state stores; overridden by `ORDERFLOW_STATE_DIR`.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Static group membership (KIP-345, `group.instance.id` = `<worker>-<instance>`): a pod
+    /// restarted under the same instance id takes its partitions back without a rebalance.
+    #[serde(default = "default_true")]
+    pub static_membership: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for Defaults {
@@ -94,6 +102,7 @@ impl Default for Defaults {
             commit_interval: default_commit_interval(),
             max_batch: default_max_batch(),
             state_dir: default_state_dir(),
+            static_membership: true,
         }
     }
 }
@@ -297,7 +306,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, TopologyError> {
 
 const TOP_KEYS: &[&str] = &["broker", "defaults", "topics", "workers", "avro_dir"];
 const BROKER_KEYS: &[&str] = &["bootstrap", "registry_url", "properties", "producer", "consumer"];
-const DEFAULT_KEYS: &[&str] = &["guarantee", "commit_interval", "max_batch", "state_dir"];
+const DEFAULT_KEYS: &[&str] = &["guarantee", "commit_interval", "max_batch", "state_dir", "static_membership"];
 const TOPIC_KEYS: &[&str] = &["partitions", "key", "schema", "cleanup_policy", "replication_factor", "external"];
 const WORKER_KEYS: &[&str] = &["kind", "inputs", "outputs", "group", "guarantee", "commit_interval", "max_batch", "reservation_ttl"];
 

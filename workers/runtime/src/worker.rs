@@ -190,6 +190,12 @@ impl Worker {
         }
         let mut consumer_config = client_config(&t.broker, Side::Consumer);
         consumer_config.set("group.id", spec.group_id(&setup.name)).set("client.id", format!("{}-{}", setup.name, setup.instance));
+        if t.defaults.static_membership {
+            // KIP-345: a restarted pod rejoins under its old identity, so a crash-restart does
+            // not wait for the dead member's session to expire (and, on tansu 0.6.0, does not
+            // hit its coordinator stalling when a member expires during a join).
+            consumer_config.set("group.instance.id", format!("{}-{}", setup.name, setup.instance));
+        }
         let consumer: StreamConsumer<WorkerContext> = consumer_config.create_with_context(WorkerContext::default())?;
         let inputs: Vec<&str> = spec.inputs.iter().map(String::as_str).collect();
         consumer.subscribe(&inputs)?;
