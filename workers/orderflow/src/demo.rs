@@ -266,7 +266,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let handles = if args.external_workers {
         Vec::new()
     } else {
-        crate::spawn_workers(loaded.clone(), &[], "demo", metrics.clone(), &crate::serve::Readiness::default(), stop_rx)?
+        crate::spawn_workers(loaded.clone(), &[], "demo", metrics.clone(), &crate::serve::Readiness::default(), stop_rx).await?
     };
 
     // Observer: reads every saga topic from the beginning; the POS simulator reacts to it.

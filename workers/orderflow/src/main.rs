@@ -97,7 +97,7 @@ pub fn override_ttl(loaded: &mut Loaded, ttl: std::time::Duration) {
 pub type WorkerHandle = tokio::task::JoinHandle<Result<(), orderflow_runtime::worker::WorkerError>>;
 
 /// Starts the named workers (all when empty) as tasks of this process; returns their handles.
-pub fn spawn_workers(
+pub async fn spawn_workers(
     loaded: Arc<Loaded>,
     names: &[String],
     instance: &str,
@@ -122,7 +122,8 @@ pub fn spawn_workers(
             metrics: metrics.clone(),
             instance: instance.to_string(),
             ready: ready.worker(),
-        })?;
+        })
+        .await?;
         let rx = shutdown.clone();
         let n = name.clone();
         handles.push((
@@ -207,7 +208,7 @@ async fn main() -> Result<()> {
                 });
             }
             let (tx, rx) = watch::channel(false);
-            let handles = spawn_workers(loaded, &workers, &instance, metrics, &ready, rx)?;
+            let handles = spawn_workers(loaded, &workers, &instance, metrics, &ready, rx).await?;
             let mut failed = None;
             let mut joins: futures::stream::FuturesUnordered<_> = handles.into_iter().map(|(n, h)| async move { (n, h.await) }).collect();
             use futures::StreamExt;

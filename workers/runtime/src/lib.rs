@@ -11,6 +11,8 @@ pub mod changelog;
 pub mod codec;
 pub mod kafka;
 pub mod metrics;
+pub mod probe;
 pub mod store;
 pub mod topology;
+pub mod txn;
 pub mod worker;

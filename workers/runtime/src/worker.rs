@@ -45,6 +45,7 @@ use crate::kafka::{client_config, dlq_topic, Side};
 use crate::metrics::Metrics;
 use crate::store::{Shard, Store, StoreError};
 use crate::topology::{BrokerConfig, Guarantee, Loaded};
+use crate::txn::{TxnErrorClass, TxnProducer};
 
 /// Errors that stop a worker instance. All are fatal: the process exits non-zero so the pod
 /// restarts and replays from the last committed unit.
@@ -62,6 +63,8 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error("encoding an output for {topic}: {error}")]
     Encode { topic: String, error: crate::codec::CodecError },
+    #[error(transparent)]
+    Txn(crate::txn::TxnError),
     #[error("state restore: {0}")]
     Restore(String),
     #[error("processor failed on {topic}[{partition}]@{offset}: {error}")]
@@ -97,6 +100,8 @@ pub struct Worker {
     inputs: Vec<String>,
     consumer: StreamConsumer<WorkerContext>,
     producer: FutureProducer,
+    /// The transactional producer under `exactly_once` (then `producer` is its inner producer).
+    txn: Option<TxnProducer>,
     broker: BrokerConfig,
     guarantee: Guarantee,
     changelog_topic: String,
@@ -118,6 +123,10 @@ pub struct Worker {
 enum RebalanceEvent {
     Assigned(BTreeSet<i32>),
     Revoked(BTreeSet<i32>),
+    /// Not from the group: an aborted transaction left these partitions paused; their local
+    /// state is still the last committed unit's, so they only need re-positioning to where the
+    /// aborted unit started reading: `(partition, [(topic, offset)])`.
+    Rewind(BTreeMap<i32, Vec<(String, i64)>>),
 }
 
 /// Consumer context: pauses newly assigned partitions (they are restored before they are read)
@@ -177,16 +186,26 @@ impl Worker {
     ///
     /// Errors: unknown worker, a guarantee this build cannot honour (never silently downgraded),
     /// client creation, state store open.
-    pub fn new(setup: WorkerSetup) -> Result<Worker, WorkerError> {
+    pub async fn new(setup: WorkerSetup) -> Result<Worker, WorkerError> {
         let t = &setup.topology.topology;
         let spec = t.workers.get(&setup.name).ok_or_else(|| WorkerError::UnknownWorker(setup.name.clone()))?;
         let guarantee = spec.guarantee(&t.defaults);
         if guarantee == Guarantee::ExactlyOnce {
-            return Err(WorkerError::Guarantee {
-                worker: setup.name.clone(),
-                guarantee: guarantee.as_str(),
-                reason: "the transactional path is not built yet; use effectively_once (see README \"Guarantees\")".into(),
-            });
+            // Never silently downgraded: refuse to start on a broker without transactions.
+            let support = crate::probe::broker_supports_transactions(&t.broker.bootstrap, Duration::from_secs(10)).await.map_err(|e| {
+                WorkerError::Guarantee { worker: setup.name.clone(), guarantee: guarantee.as_str(), reason: format!("cannot ask the broker which APIs it has: {e}") }
+            })?;
+            if !support.supported {
+                return Err(WorkerError::Guarantee {
+                    worker: setup.name.clone(),
+                    guarantee: guarantee.as_str(),
+                    reason: format!(
+                        "the broker at {} does not support transactions (missing {}); use effectively_once (README \"Processing guarantees\")",
+                        t.broker.bootstrap,
+                        support.missing.join(", ")
+                    ),
+                });
+            }
         }
         let mut consumer_config = client_config(&t.broker, Side::Consumer);
         consumer_config.set("group.id", spec.group_id(&setup.name)).set("client.id", format!("{}-{}", setup.name, setup.instance));
@@ -201,7 +220,14 @@ impl Worker {
         consumer.subscribe(&inputs)?;
         let mut producer_config = client_config(&t.broker, Side::Producer);
         producer_config.set("client.id", format!("{}-{}", setup.name, setup.instance));
-        let producer: FutureProducer = producer_config.create()?;
+        let (producer, txn) = if guarantee == Guarantee::ExactlyOnce {
+            // One transactional id per worker instance: a restarted instance fences its zombie.
+            producer_config.set("transactional.id", format!("{}-{}", spec.group_id(&setup.name), setup.instance));
+            let txn = TxnProducer::init(producer_config, Duration::from_secs(60)).await.map_err(WorkerError::Txn)?;
+            (txn.producer().clone(), Some(txn))
+        } else {
+            (producer_config.create()?, None)
+        };
         let state_path = t.defaults.state_dir.join(&setup.name).join(&setup.instance);
         let (store, reset) = Store::open_or_reset(&state_path)?;
         if reset {
@@ -217,6 +243,7 @@ impl Worker {
             inputs: spec.inputs.clone(),
             consumer,
             producer,
+            txn,
             broker: t.broker.clone(),
             guarantee,
             changelog_topic: changelog::topic(&setup.name),
@@ -271,6 +298,7 @@ impl Worker {
     async fn rebalance(&mut self) -> Result<BTreeSet<i32>, WorkerError> {
         let mut abandoned = BTreeSet::new();
         let mut assigned = BTreeSet::new();
+        let mut rewound: BTreeMap<i32, Vec<(String, i64)>> = BTreeMap::new();
         for event in self.consumer.context().take() {
             match event {
                 RebalanceEvent::Revoked(ps) => {
@@ -283,13 +311,21 @@ impl Worker {
                     abandoned.extend(ps);
                 }
                 RebalanceEvent::Assigned(ps) => assigned.extend(ps),
+                RebalanceEvent::Rewind(ps) => rewound.extend(ps),
             }
         }
-        if assigned.is_empty() {
+        if assigned.is_empty() && rewound.is_empty() {
             return Ok(abandoned);
         }
         self.ready.store(false, Ordering::Relaxed);
         let mut positions = TopicPartitionList::new();
+        for (p, starts) in rewound.iter().filter(|(p, _)| !assigned.contains(p)) {
+            for topic in &self.inputs {
+                let offset = starts.iter().find(|(t, _)| t == topic).map(|(_, o)| Offset::Offset(*o)).unwrap_or(Offset::Stored);
+                positions.add_partition_offset(topic, *p, offset)?;
+            }
+            self.owned.insert(*p);
+        }
         for p in &assigned {
             let shard = self.store.shard(*p)?;
             let (broker, topic, inputs, s) = (self.broker.clone(), self.changelog_topic.clone(), self.inputs.clone(), shard.clone());
@@ -428,8 +464,14 @@ impl Worker {
             return Ok(());
         }
 
-        // 3. Produce outputs and dead letters; wait for every acknowledgement.
+        // 3. Produce outputs, dead letters and changelog records; wait for every acknowledgement
+        //    (under exactly_once, inside one transaction that also commits the input offsets).
         let commit_started = Instant::now();
+        if let Some(txn) = &self.txn {
+            if let Err(e) = txn.begin().await {
+                return self.transaction_failed(e, &batch).await;
+            }
+        }
         let mut encoded = Vec::with_capacity(records.len());
         for r in &records {
             let topic = &self.outputs[&r.port];
@@ -475,6 +517,26 @@ impl Worker {
             async move { (*p, join_all(sends).await) }
         });
         let (acks, dlq_acks, changelog_acks) = futures::join!(join_all(sends), join_all(dlq_sends), join_all(changelog_sends));
+        if let Some(txn) = &self.txn {
+            // A failed send inside a transaction makes it abortable: abort, rewind, reprocess.
+            let failed = acks.iter().chain(&dlq_acks).chain(changelog_acks.iter().flat_map(|(_, a)| a)).find_map(|a| a.as_ref().err());
+            if let Some((error, _)) = failed {
+                warn!(worker = %self.name, %error, "send failed inside the transaction; aborting the unit");
+                let class = crate::txn::classify(error);
+                let e = crate::txn::TxnError { class: if class == TxnErrorClass::Fatal { class } else { TxnErrorClass::Abortable }, source: error.clone(), step: "produce" };
+                return self.transaction_failed(e, &batch).await;
+            }
+            let mut tpl = TopicPartitionList::new();
+            for (p, topics) in &offsets {
+                for (topic, next) in topics {
+                    tpl.add_partition_offset(topic, *p, Offset::Offset(*next))?;
+                }
+            }
+            let group = self.consumer.group_metadata().ok_or_else(|| WorkerError::Restore("consumer has no group metadata".into()))?;
+            if let Err(e) = txn.commit(tpl, group).await {
+                return self.transaction_failed(e, &batch).await;
+            }
+        }
         let mut changelog_next: BTreeMap<i32, i64> = BTreeMap::new();
         for (p, partition_acks) in changelog_acks {
             for ack in partition_acks {
@@ -501,8 +563,9 @@ impl Worker {
             self.store.flush().await?;
         }
 
-        // 5. Input offsets to the consumer group.
-        if !offsets.is_empty() {
+        // 5. Input offsets to the consumer group (already committed by the transaction under
+        //    exactly_once).
+        if !offsets.is_empty() && self.txn.is_none() {
             let mut tpl = TopicPartitionList::new();
             for (p, topics) in &offsets {
                 for (topic, next) in topics {
@@ -516,6 +579,40 @@ impl Worker {
         }
         self.metrics.commit.with_label_values(&[self.name.as_str(), "ok"]).observe(commit_started.elapsed().as_secs_f64());
         debug!(worker = %self.name, inputs = batch.len(), outputs = encoded.len(), dead_letters = dead_letters.len(), timers = fired, "unit committed");
+        Ok(())
+    }
+
+    /// Handles a failed transactional step: fatal errors (fencing included) stop the instance;
+    /// abortable ones abort the transaction, discard the unit's staged state (never written to
+    /// sled) and rewind every owned partition to its last committed offsets, which are restored
+    /// and re-read as after an assignment.
+    async fn transaction_failed(&mut self, e: crate::txn::TxnError, batch: &[OwnedMessage]) -> Result<(), WorkerError> {
+        self.metrics.commit.with_label_values(&[self.name.as_str(), e.class.as_str()]).observe(0.0);
+        if e.class == TxnErrorClass::Fatal {
+            error!(worker = %self.name, error = %e, "fatal transactional error; stopping this instance");
+            return Err(WorkerError::Txn(e));
+        }
+        warn!(worker = %self.name, error = %e, "aborting the unit and rewinding");
+        if let Some(txn) = &self.txn {
+            txn.abort().await.map_err(WorkerError::Txn)?;
+        }
+        let owned = std::mem::take(&mut self.owned);
+        let mut tpl = TopicPartitionList::new();
+        for p in &owned {
+            for topic in &self.inputs {
+                tpl.add_partition(topic, *p);
+            }
+        }
+        self.consumer.pause(&tpl)?;
+        // Where the aborted unit started reading; partitions it read nothing from stay put.
+        let mut starts: BTreeMap<i32, Vec<(String, i64)>> = owned.iter().map(|p| (*p, Vec::new())).collect();
+        for m in batch {
+            let entry = starts.entry(m.partition()).or_default();
+            if !entry.iter().any(|(t, _)| t == m.topic()) {
+                entry.push((m.topic().to_string(), m.offset()));
+            }
+        }
+        self.consumer.context().events.lock().expect("rebalance queue").push(RebalanceEvent::Rewind(starts));
         Ok(())
     }
 
