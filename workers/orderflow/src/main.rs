@@ -50,6 +50,10 @@ enum Command {
         /// demos use short TTLs).
         #[arg(long, value_parser = humantime::parse_duration)]
         reservation_ttl: Option<std::time::Duration>,
+        /// After SIGTERM / Ctrl-C, how long the units in flight may take to finish before the
+        /// process gives up and exits non-zero. A second signal exits at once.
+        #[arg(long, env = "ORDERFLOW_GRACE_PERIOD", default_value = "30s", value_parser = humantime::parse_duration)]
+        grace_period: std::time::Duration,
     },
     /// Check or draw the topology.
     Topology {
@@ -191,7 +195,7 @@ async fn main() -> Result<()> {
             println!("created {} topic(s): {}", created.len(), created.join(", "));
             Ok(())
         }
-        Command::Run { topology, workers, instance, metrics_addr, bootstrap, reservation_ttl } => {
+        Command::Run { topology, workers, instance, metrics_addr, bootstrap, reservation_ttl, grace_period } => {
             let mut loaded = load_topology(&topology, bootstrap.as_deref())?;
             if let Some(ttl) = reservation_ttl {
                 override_ttl(&mut loaded, ttl);
@@ -213,13 +217,25 @@ async fn main() -> Result<()> {
             let mut joins: futures::stream::FuturesUnordered<_> = handles.into_iter().map(|(n, h)| async move { (n, h.await) }).collect();
             use futures::StreamExt;
             tokio::select! {
-                _ = terminate_signal() => info!("signal received; finishing the units in flight"),
+                _ = terminate_signal() => info!(grace = %humantime::format_duration(grace_period), "signal received; finishing the units in flight"),
                 Some((name, r)) = joins.next() => { failed = Some((name, r)); }
             }
             let _ = tx.send(true);
-            while let Some((name, r)) = joins.next().await {
-                if failed.is_none() && !matches!(r, Ok(Ok(()))) {
-                    failed = Some((name, r));
+            let drain = async {
+                while let Some((name, r)) = joins.next().await {
+                    if failed.is_none() && !matches!(r, Ok(Ok(()))) {
+                        failed = Some((name, r));
+                    }
+                }
+            };
+            tokio::select! {
+                _ = drain => {}
+                _ = terminate_signal() => {
+                    tracing::warn!("second signal: exiting at once");
+                    std::process::exit(130);
+                }
+                _ = tokio::time::sleep(grace_period) => {
+                    bail!("workers did not stop within the grace period of {}", humantime::format_duration(grace_period));
                 }
             }
             match failed {

@@ -1,7 +1,35 @@
 //! Prometheus metrics of the runtime, named `orderflow_<name>_<unit>` (`_total` for counters),
 //! with low-cardinality labels only (worker, topic, outcome, measure, label, error class).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// Every metric name the runtime exports (kept equal to `deploy/metrics.txt`, which the
+/// Grafana dashboard and alert rules are checked against).
+pub const NAMES: &[&str] = &[
+    "orderflow_events_consumed_total",
+    "orderflow_events_produced_total",
+    "orderflow_unit_processing_seconds",
+    "orderflow_commit_seconds",
+    "orderflow_processing_delay_seconds",
+    "orderflow_consumer_lag_records",
+    "orderflow_business_events_total",
+    "orderflow_dlq_records_total",
+    "orderflow_timers_fired_total",
+    "orderflow_assigned_partitions",
+    "orderflow_guarantee_info",
+    "orderflow_state_restore_seconds",
+    "orderflow_state_restored_records_total",
+    "orderflow_out_of_stock_top",
+    "orderflow_stock_conservation_mismatches_total",
+];
+
+/// How many products `orderflow_out_of_stock_top` shows.
+pub const TOP_N: usize = 10;
+/// How many products the top-N tracker remembers before it evicts the smallest counts.
+const TOP_N_CAPACITY: usize = 10_000;
 
 /// Every metric the runtime exports; one instance per process, shared by its workers.
 #[derive(Clone)]
@@ -33,6 +61,16 @@ pub struct Metrics {
     pub restore: HistogramVec,
     /// `orderflow_state_restored_records_total{worker}`: changelog records replayed.
     pub restored_records: IntCounterVec,
+    /// `orderflow_processing_delay_seconds{worker}`: record timestamp → processed.
+    pub delay: HistogramVec,
+    /// `orderflow_consumer_lag_records{worker,topic,partition}`: from librdkafka statistics.
+    pub lag: IntGaugeVec,
+    /// `orderflow_out_of_stock_top{rank,product}`: the top N products by out-of-stock failures
+    /// (bounded: a label per product would be unbounded cardinality).
+    pub out_of_stock: IntGaugeVec,
+    /// `orderflow_stock_conservation_mismatches_total{worker}`.
+    pub conservation: IntCounterVec,
+    out_of_stock_counts: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl Default for Metrics {
@@ -85,7 +123,35 @@ impl Metrics {
             guarantee: gauge("orderflow_guarantee_info", "Processing guarantee in force (1).", &["worker", "guarantee"]),
             restore: histogram("orderflow_state_restore_seconds", "Time to restore one partition's state.", &["worker", "source"]),
             restored_records: counter("orderflow_state_restored_records_total", "Changelog records replayed while restoring.", &["worker"]),
+            delay: histogram("orderflow_processing_delay_seconds", "Record timestamp to processed.", &["worker"]),
+            lag: gauge("orderflow_consumer_lag_records", "Records behind the high watermark, per input partition.", &["worker", "topic", "partition"]),
+            out_of_stock: gauge("orderflow_out_of_stock_top", "Top products by out-of-stock reservation failures.", &["rank", "product"]),
+            conservation: counter("orderflow_stock_conservation_mismatches_total", "Stock records written that break on hand >= reserved >= 0.", &["worker"]),
+            out_of_stock_counts: Arc::new(Mutex::new(HashMap::new())),
             registry,
+        }
+    }
+
+    /// Counts out-of-stock failures of `products` and republishes the top N.
+    pub fn out_of_stock(&self, products: &[String]) {
+        if products.is_empty() {
+            return;
+        }
+        let mut counts = self.out_of_stock_counts.lock().expect("top-n counts");
+        for p in products {
+            *counts.entry(p.clone()).or_default() += 1;
+        }
+        if counts.len() > TOP_N_CAPACITY {
+            // Keep the larger half: a product that matters keeps coming back.
+            let mut all: Vec<(String, u64)> = counts.drain().collect();
+            all.sort_by(|a, b| b.1.cmp(&a.1));
+            counts.extend(all.into_iter().take(TOP_N_CAPACITY / 2));
+        }
+        let mut top: Vec<(&String, &u64)> = counts.iter().collect();
+        top.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+        self.out_of_stock.reset();
+        for (rank, (product, n)) in top.into_iter().take(TOP_N).enumerate() {
+            self.out_of_stock.with_label_values(&[&(rank + 1).to_string(), product]).set(*n as i64);
         }
     }
 
@@ -95,5 +161,64 @@ impl Metrics {
         use prometheus::Encoder;
         prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
         String::from_utf8(buf).expect("utf-8 exposition")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_stock_keeps_a_bounded_top_n() {
+        let m = Metrics::new();
+        let products: Vec<String> = (0..50).map(|i| format!("P-{i}")).collect();
+        m.out_of_stock(&products);
+        m.out_of_stock(&["P-7".to_string(), "P-7".to_string(), "P-3".to_string()]);
+        let text = m.render();
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("orderflow_out_of_stock_top{")).collect();
+        assert_eq!(lines.len(), TOP_N, "{text}");
+        assert!(lines.iter().any(|l| l.contains("rank=\"1\"") && l.contains("product=\"P-7\"") && l.ends_with(" 3")), "{lines:?}");
+        assert!(lines.iter().any(|l| l.contains("rank=\"2\"") && l.contains("product=\"P-3\"") && l.ends_with(" 2")), "{lines:?}");
+    }
+
+    #[test]
+    fn every_exported_name_is_listed_for_the_dashboards() {
+        let listed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/metrics.txt")).expect("deploy/metrics.txt");
+        // `<name> <type>` per line.
+        let listed: Vec<(String, String)> = listed
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                let mut parts = l.split_whitespace();
+                (parts.next().unwrap_or_default().to_string(), parts.next().unwrap_or_default().to_string())
+            })
+            .collect();
+        let mut names = NAMES.to_vec();
+        names.sort_unstable();
+        let mut listed_names: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
+        listed_names.sort_unstable();
+        assert_eq!(names, listed_names, "deploy/metrics.txt and metrics::NAMES differ");
+        // And every listed name is really exported (vector metrics show once they have a child).
+        let m = Metrics::new();
+        m.consumed.with_label_values(&["w", "t", "o"]);
+        m.produced.with_label_values(&["w", "t"]);
+        m.processing.with_label_values(&["w"]);
+        m.commit.with_label_values(&["w", "o"]);
+        m.delay.with_label_values(&["w"]);
+        m.lag.with_label_values(&["w", "t", "0"]);
+        m.business.with_label_values(&["w", "m", "l"]);
+        m.dlq.with_label_values(&["w", "c"]);
+        m.timers_fired.with_label_values(&["w"]);
+        m.assigned.with_label_values(&["w"]);
+        m.guarantee.with_label_values(&["w", "g"]);
+        m.restore.with_label_values(&["w", "s"]);
+        m.restored_records.with_label_values(&["w"]);
+        m.out_of_stock.with_label_values(&["1", "p"]);
+        m.conservation.with_label_values(&["w"]);
+        let text = m.render();
+        for (n, kind) in &listed {
+            assert!(text.lines().any(|l| l == format!("# TYPE {n} {kind}")), "{n} is not exported as a {kind}");
+        }
     }
 }

@@ -26,7 +26,8 @@ fn default_avro_dir() -> PathBuf {
 }
 
 /// `[broker]`: where the cluster is and which librdkafka properties every client gets.
-#[derive(Debug, Clone, Deserialize)]
+/// Its `Debug` output redacts secrets (keys naming a password, secret or key).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
     /// `host:port[,host:port]`; overridden by `ORDERFLOW_BOOTSTRAP`.
@@ -44,6 +45,27 @@ pub struct BrokerConfig {
     /// librdkafka properties for consumers only.
     #[serde(default)]
     pub consumer: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |m: &BTreeMap<String, String>| -> BTreeMap<String, String> {
+            m.iter().map(|(k, v)| (k.clone(), if is_secret(k) { "***".to_string() } else { v.clone() })).collect()
+        };
+        f.debug_struct("BrokerConfig")
+            .field("bootstrap", &self.bootstrap)
+            .field("registry_url", &self.registry_url)
+            .field("properties", &redact(&self.properties))
+            .field("producer", &redact(&self.producer))
+            .field("consumer", &redact(&self.consumer))
+            .finish()
+    }
+}
+
+/// Whether a librdkafka property holds a secret (never logged).
+pub fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password") || k.contains("secret") || k.ends_with(".key") || k.contains("key.pem") || k.contains("token")
 }
 
 /// Processing guarantee of a worker (README "Guarantees"). Never silently downgraded.
@@ -273,7 +295,8 @@ impl Loaded {
 
 /// Reads and parses `path`, collecting every unknown key instead of stopping at the first, then
 /// applies environment overrides (`ORDERFLOW_BOOTSTRAP`, `ORDERFLOW_REGISTRY_URL`,
-/// `ORDERFLOW_STATE_DIR`).
+/// `ORDERFLOW_STATE_DIR`, and `ORDERFLOW_KAFKA_<PROPERTY>` for any librdkafka property, e.g.
+/// `ORDERFLOW_KAFKA_SASL_PASSWORD` → `sasl.password`).
 ///
 /// Errors: unreadable file, TOML syntax or type errors (with line and column).
 pub fn load(path: &Path) -> Result<Loaded, TopologyError> {
@@ -287,6 +310,13 @@ pub fn load(path: &Path) -> Result<Loaded, TopologyError> {
     }
     if let Ok(v) = std::env::var("ORDERFLOW_STATE_DIR") {
         loaded.topology.defaults.state_dir = PathBuf::from(v);
+    }
+    // Per-environment librdkafka properties, credentials included, without putting them in
+    // the file: ORDERFLOW_KAFKA_SASL_PASSWORD=... sets `sasl.password` for every client.
+    for (k, v) in std::env::vars() {
+        if let Some(prop) = k.strip_prefix("ORDERFLOW_KAFKA_") {
+            loaded.topology.broker.properties.insert(prop.to_ascii_lowercase().replace('_', "."), v);
+        }
     }
     Ok(loaded)
 }
@@ -605,6 +635,20 @@ inputs = ["ghost"]
         for e in expect {
             assert!(problems.iter().any(|p| p.starts_with(e)), "missing `{e}` in {problems:#?}");
         }
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_debug_output() {
+        let b = BrokerConfig {
+            bootstrap: "b:1".into(),
+            registry_url: None,
+            properties: BTreeMap::from([("sasl.password".into(), "hunter2".into()), ("sasl.username".into(), "svc".into())]),
+            producer: BTreeMap::new(),
+            consumer: BTreeMap::from([("ssl.key.password".into(), "pw".into())]),
+        };
+        let text = format!("{b:?}");
+        assert!(!text.contains("hunter2") && !text.contains("\"pw\""), "{text}");
+        assert!(text.contains("svc"), "{text}");
     }
 
     #[test]

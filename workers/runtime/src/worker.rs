@@ -131,16 +131,29 @@ enum RebalanceEvent {
 
 /// Consumer context: pauses newly assigned partitions (they are restored before they are read)
 /// and queues the rebalance for the worker loop.
-#[derive(Default)]
 pub struct WorkerContext {
     events: Mutex<Vec<RebalanceEvent>>,
+    worker: String,
+    metrics: Metrics,
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> BTreeSet<i32> {
     tpl.elements().iter().map(|e| e.partition()).collect()
 }
 
-impl ClientContext for WorkerContext {}
+impl ClientContext for WorkerContext {
+    /// librdkafka statistics (every `statistics.interval.ms`): exports consumer lag per input
+    /// partition.
+    fn stats(&self, stats: rdkafka::Statistics) {
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    self.metrics.lag.with_label_values(&[self.worker.as_str(), topic, &partition.to_string()]).set(p.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for WorkerContext {
     fn pre_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -215,7 +228,11 @@ impl Worker {
             // hit its coordinator stalling when a member expires during a join).
             consumer_config.set("group.instance.id", format!("{}-{}", setup.name, setup.instance));
         }
-        let consumer: StreamConsumer<WorkerContext> = consumer_config.create_with_context(WorkerContext::default())?;
+        if consumer_config.get("statistics.interval.ms").is_none() {
+            consumer_config.set("statistics.interval.ms", "5000");
+        }
+        let context = WorkerContext { events: Mutex::new(Vec::new()), worker: setup.name.clone(), metrics: setup.metrics.clone() };
+        let consumer: StreamConsumer<WorkerContext> = consumer_config.create_with_context(context)?;
         let inputs: Vec<&str> = spec.inputs.iter().map(String::as_str).collect();
         consumer.subscribe(&inputs)?;
         let mut producer_config = client_config(&t.broker, Side::Producer);
@@ -424,6 +441,9 @@ impl Worker {
                         continue;
                     }
                 };
+                if let Some(ts) = m.timestamp().to_millis() {
+                    self.metrics.delay.with_label_values(&[self.name.as_str()]).observe((now - ts).max(0) as f64 / 1000.0);
+                }
                 let ctx = Context { topic: topic.to_string(), partition: m.partition(), offset: m.offset(), now_ms: now };
                 let txn = txns.get_mut(&m.partition()).expect("shard opened for every partition in the batch");
                 let outcome = match handle(self.processor.as_mut(), &ctx, &event, txn, &mut out) {
@@ -454,9 +474,19 @@ impl Worker {
             let changes: BTreeMap<i32, orderflow_api::Changes> = txns.into_iter().map(|(p, t)| (p, t.into_changes())).collect();
             (changes, out.take_records(), out.take_notes(), fired)
         };
+        let mut out_of_stock = Vec::new();
         for n in &notes {
-            self.metrics.business.with_label_values(&[self.name.as_str(), n.measure, &n.label]).inc();
+            match n.measure {
+                // Unbounded label (a product id): only a bounded top N is exported.
+                "out_of_stock" => out_of_stock.push(n.label.clone()),
+                "conservation_mismatch" => {
+                    error!(worker = %self.name, kind = %n.label, "stock conservation mismatch");
+                    self.metrics.conservation.with_label_values(&[self.name.as_str()]).inc();
+                }
+                _ => self.metrics.business.with_label_values(&[self.name.as_str(), n.measure, &n.label]).inc(),
+            }
         }
+        self.metrics.out_of_stock(&out_of_stock);
         self.metrics.timers_fired.with_label_values(&[&self.name]).inc_by(fired as u64);
         self.metrics.processing.with_label_values(&[&self.name]).observe(started.elapsed().as_secs_f64());
         let nothing_to_commit = batch.is_empty() && changes.values().all(|c| c.is_empty());

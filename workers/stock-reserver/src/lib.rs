@@ -182,7 +182,7 @@ impl StockReserver {
             changes.push((key, product_id, delta, before, StockRecord { on_hand, reserved: before.reserved }));
         }
         for (key, product_id, delta, before, after) in changes {
-            state.put_json(key, &after);
+            store_stock(state, key, &after, out);
             out.emit(
                 PORT_UPDATED,
                 product_id.clone(),
@@ -264,6 +264,10 @@ impl StockReserver {
         };
 
         if !short.is_empty() {
+            for item in &short {
+                // High-cardinality label: the runtime keeps only a bounded top N of it.
+                out.note("out_of_stock", item.product_id.clone());
+            }
             // Seed 000: reserve nothing, name only the short products.
             state.put_json(rkey, &reservation);
             out.emit(
@@ -285,7 +289,7 @@ impl StockReserver {
 
         for ((key, mut rec), (_, qty)) in levels.into_iter().zip(&wanted) {
             rec.reserved += qty;
-            state.put_json(key, &rec);
+            store_stock(state, key, &rec, out);
         }
         reservation.items = wanted.iter().map(|(p, q)| ReservationItem { product_id: p.clone(), quantity: to_i32(*q) }).collect();
         reservation.status = ReservationStatus::Live;
@@ -383,7 +387,7 @@ impl StockReserver {
                 });
             }
             let after = StockRecord { on_hand: before.on_hand - q, reserved: before.reserved - q };
-            state.put_json(key, &after);
+            store_stock(state, key, &after, out);
             out.emit(
                 PORT_UPDATED,
                 item.product_id.clone(),
@@ -449,7 +453,7 @@ fn release(
             });
         }
         rec.reserved -= q;
-        state.put_json(key, &rec);
+        store_stock(state, key, &rec, out);
     }
     r.status = ReservationStatus::Released;
     state.put_json(reservation_key(&r.order_id), &*r);
@@ -483,6 +487,15 @@ fn close_before_reservation(order_id: &str, hq_id: &str, store_id: &str, state: 
         expires_at: 0,
     };
     state.put_json(reservation_key(order_id), &tombstone);
+}
+
+/// Writes a stock record, reporting `conservation_mismatch` (a seed-004 monitoring alarm) when
+/// it breaks domain rule 2: on hand or reserved below zero, or more reserved than on hand.
+fn store_stock(state: &mut StateTxn, key: Vec<u8>, rec: &StockRecord, out: &mut Outputs) {
+    if rec.on_hand < 0 || rec.reserved < 0 || rec.reserved > rec.on_hand {
+        out.note("conservation_mismatch", if rec.on_hand < 0 { "negative_on_hand" } else if rec.reserved < 0 { "negative_reserved" } else { "reserved_above_on_hand" });
+    }
+    state.put_json(key, rec);
 }
 
 fn load_stock(state: &StateTxn, key: &[u8]) -> Result<StockRecord, ProcessError> {
