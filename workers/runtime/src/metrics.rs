@@ -88,8 +88,10 @@ impl Metrics {
             registry.register(Box::new(c.clone())).expect("unique metric");
             c
         };
+        // Buckets from 0.5 ms to 10 minutes: unit times are milliseconds, but processing delay
+        // must show the seed's 10 s alarm and a changelog rebuild can take minutes.
         let histogram = |name: &str, help: &str, labels: &[&str]| {
-            let buckets = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+            let buckets = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0];
             let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
             registry.register(Box::new(h.clone())).expect("unique metric");
             h
