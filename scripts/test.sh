@@ -50,6 +50,12 @@ for arg in "${bin_args[@]+"${bin_args[@]}"}"; do
 done
 [ "$threads_given" = 1 ] || bin_args=(--test-threads=1 "${bin_args[@]+"${bin_args[@]}"}")
 
+# The deployment artefacts (manifests, alert rules, dashboard) are checked on a whole-suite run.
+if [ "${#scope[@]}" -gt 0 ]; then
+  say "validating deploy/ (scripts/validate-deploy.sh)"
+  "$ROOT/scripts/validate-deploy.sh"
+fi
+
 # Build first, so compile errors fail fast and the broker does not idle through the build.
 say "building tests: cargo test ${scope[*]+"${scope[*]}"} --release --no-run ${cargo_args[*]+"${cargo_args[*]}"}"
 cargo test "${scope[@]+"${scope[@]}"}" --release --no-run "${cargo_args[@]+"${cargo_args[@]}"}"
