@@ -1,0 +1,883 @@
+//! Operability (issue 6): what the platform team relies on to run orderflow as worker pods.
+//!
+//! - `metrics_are_exported_and_move_as_events_flow`: the five workers in one process; `/metrics`
+//!   scraped once ready and again after 500 TPC-H orders went through the saga (driven by
+//!   `orderflow demo --external-workers`); every family of `deploy/metrics.txt` that can move in
+//!   a healthy run is present and moved, the rest are absent or zero, labels stay low-cardinality.
+//! - `readyz_turns_ready_only_after_restore`: the stock reserver's changelog is filled with
+//!   thousands of records, its sled directory deleted, and the restarted worker's `/readyz`
+//!   polled every 20 ms from spawn: 503 first, 200 only once every partition of its "worker
+//!   ready" line logged "state restored".
+//! - `sigterm_under_load_exits_cleanly_with_nothing_lost_or_doubled`: one process per worker,
+//!   2,000 orders; the stock reserver and then the order confirmer are SIGTERMed while events
+//!   flow, must exit 0 within the grace period logging "worker stopped", and are restarted; the
+//!   driver then finds one terminal outcome per order, no payload conflict, stock conserved.
+//!
+//! Each test starts its own broker and runs from the repository's `topology.toml` with
+//! `--reservation-ttl` / `--ttl` overriding the TTL. `ORDERFLOW_KEEP_OPERABILITY_DIR=1` keeps the
+//! logs, state and summaries (they are always kept, with their path printed, when a test fails).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+/// Reservation TTL of every run (workers' `--reservation-ttl`, the driver's `--ttl`).
+const TTL: &str = "20s";
+/// Grace period of every worker process (`--grace-period`).
+const GRACE: Duration = Duration::from_secs(30);
+const WORKERS: [&str; 5] = ["deduplicator", "stock-reserver", "order-confirmer", "canceller", "reservation-expirer"];
+/// The driver adds the two seed 000 scenarios to the TPC-H orders.
+const SEED_ORDERS: u64 = 2;
+const DRIVER_CAP: Duration = Duration::from_secs(180);
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
+// ------------------------------------------------------------------------------------------
+// Processes.
+
+/// A child process that is SIGKILLed and reaped when dropped, so a failing assertion never
+/// leaves a worker or the driver behind.
+struct Guarded(Child);
+
+impl Guarded {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.0.try_wait().ok().flatten()
+    }
+    /// Waits until the child exits or `timeout` passes.
+    fn wait_for(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    /// SIGTERM, then waits up to `within`; returns the exit status and how long it took.
+    fn terminate(&mut self, within: Duration) -> (Option<ExitStatus>, Duration) {
+        let sent = Instant::now();
+        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        let status = self.wait_for(within);
+        (status, sent.elapsed())
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if self.try_wait().is_none() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// The test's directory (logs, state, summaries): removed after a passing test, kept and
+/// printed after a failing one or with ORDERFLOW_KEEP_OPERABILITY_DIR=1.
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var("ORDERFLOW_KEEP_OPERABILITY_DIR").is_ok_and(|v| v == "1") {
+            eprintln!("operability: logs, state and summaries kept in {}", self.0.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Everything a test needs to start workers and the driver against its broker.
+struct Ctx {
+    bin: PathBuf,
+    root: PathBuf,
+    topology: PathBuf,
+    bootstrap: String,
+    dir: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl Ctx {
+    /// Creates the run directory and the topics on `broker`.
+    fn new(broker: &common::Broker, name: &str) -> (Ctx, RunDir) {
+        let dir = tempfile::Builder::new().prefix(&format!("orderflow-{name}-")).tempdir().expect("temp dir").keep();
+        let run_dir = RunDir(dir.clone());
+        let root = common::repo_root();
+        let ctx = Ctx {
+            bin: common::orderflow_bin(),
+            topology: root.join("topology.toml"),
+            root,
+            bootstrap: broker.bootstrap.clone(),
+            state_dir: dir.join("state"),
+            dir,
+        };
+        fs::create_dir_all(ctx.dir.join("logs")).unwrap();
+        fs::create_dir_all(&ctx.state_dir).unwrap();
+        let out = Command::new(&ctx.bin)
+            .current_dir(&ctx.root)
+            .arg("topics")
+            .arg("--topology")
+            .arg(&ctx.topology)
+            .args(["--bootstrap", &ctx.bootstrap])
+            .env_remove("ORDERFLOW_BOOTSTRAP")
+            .output()
+            .expect("run orderflow topics");
+        assert!(out.status.success(), "orderflow topics failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        (ctx, run_dir)
+    }
+
+    /// `orderflow --log-json run` of `workers` (all when empty) as instance `instance`, with
+    /// its endpoints on `port`; stderr (the JSON log) goes to `logs/<log_name>.log`.
+    fn spawn_workers(&self, workers: &[&str], instance: &str, port: u16, log_name: &str) -> (Guarded, PathBuf) {
+        let log = self.dir.join("logs").join(format!("{log_name}.log"));
+        let mut cmd = Command::new(&self.bin);
+        cmd.current_dir(&self.root)
+            .args(["--log-json", "run", "--topology"])
+            .arg(&self.topology)
+            .args(["--bootstrap", &self.bootstrap, "--instance", instance])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(["--reservation-ttl", TTL, "--grace-period", &format!("{}s", GRACE.as_secs())]);
+        for w in workers {
+            cmd.args(["--worker", w]);
+        }
+        let child = cmd
+            .env("RUST_BACKTRACE", "0")
+            .env("ORDERFLOW_STATE_DIR", &self.state_dir)
+            .env_remove("ORDERFLOW_BOOTSTRAP")
+            .env_remove("ORDERFLOW_INSTANCE")
+            .env_remove("ORDERFLOW_METRICS_ADDR")
+            .env_remove("ORDERFLOW_GRACE_PERIOD")
+            .env_remove("ORDERFLOW_TOPOLOGY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(File::create(&log).expect("create log file")))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn orderflow run {workers:?}: {e}"));
+        (Guarded(child), log)
+    }
+
+    /// `orderflow demo --external-workers` on `orders` TPC-H orders; returns the child and the
+    /// paths of its summary, stdout and stderr.
+    fn spawn_driver(&self, orders: u64, name: &str) -> (Guarded, PathBuf, PathBuf, PathBuf) {
+        let summary = self.dir.join(format!("{name}-summary.json"));
+        let out = self.dir.join(format!("{name}.stdout"));
+        let err = self.dir.join(format!("{name}.stderr"));
+        let driver_state = self.dir.join(format!("{name}-state"));
+        let child = Command::new(&self.bin)
+            .current_dir(&self.root)
+            .args(["demo", "--external-workers", "--topology"])
+            .arg(&self.topology)
+            .args(["--bootstrap", &self.bootstrap])
+            .args(["--orders", &orders.to_string(), "--stock-scale", "0.07", "--ttl", TTL, "--settle-timeout", "120s"])
+            .arg("--state-dir")
+            .arg(&driver_state)
+            .arg("--json")
+            .arg(&summary)
+            .env("RUST_BACKTRACE", "0")
+            .env("ORDERFLOW_STATE_DIR", &driver_state)
+            .env_remove("ORDERFLOW_BOOTSTRAP")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(File::create(&out).unwrap()))
+            .stderr(Stdio::from(File::create(&err).unwrap()))
+            .spawn()
+            .expect("spawn orderflow demo");
+        (Guarded(child), summary, out, err)
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the worker binds it right after).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
+}
+
+/// A plain HTTP/1.0 GET on 127.0.0.1:`port`: (status, body), or None when nothing answers.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.lines().next()?.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
+fn scrape(port: u16) -> Scrape {
+    match http_get(port, "/metrics") {
+        Some((200, body)) => Scrape::parse(&body),
+        other => panic!("GET /metrics on port {port}: {other:?}"),
+    }
+}
+
+/// Polls `/readyz` until it answers 200; panics (with the log's tail) if the process exits or
+/// `within` passes first. Returns the time it took.
+fn wait_ready(child: &mut Guarded, port: u16, log: &Path, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait() {
+            panic!("worker process exited ({s}) before it was ready; log {}:\n{}", log.display(), tail(log, 15));
+        }
+        if matches!(http_get(port, "/readyz"), Some((200, _))) {
+            return started.elapsed();
+        }
+        if started.elapsed() > within {
+            panic!("/readyz on port {port} not 200 within {}s; log {}:\n{}", within.as_secs(), log.display(), tail(log, 15));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ------------------------------------------------------------------------------------------
+// The Prometheus text format.
+
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+#[derive(Debug, Default)]
+struct Scrape {
+    samples: Vec<Sample>,
+    /// `# TYPE` lines: family → type.
+    types: BTreeMap<String, String>,
+}
+
+impl Scrape {
+    fn parse(text: &str) -> Scrape {
+        let mut s = Scrape::default();
+        for line in text.lines() {
+            let line = line.trim();
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut p = rest.split_whitespace();
+                if let (Some(n), Some(t)) = (p.next(), p.next()) {
+                    s.types.insert(n.to_string(), t.to_string());
+                }
+                continue;
+            }
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            s.samples.push(parse_sample(line).unwrap_or_else(|| panic!("unparsable exposition line: {line}")));
+        }
+        s
+    }
+
+    /// The family a sample belongs to (a histogram's `_bucket`, `_sum`, `_count` → its name).
+    fn family_of<'a>(&self, name: &'a str) -> &'a str {
+        for suffix in ["_bucket", "_sum", "_count"] {
+            if let Some(base) = name.strip_suffix(suffix) {
+                if self.types.get(base).is_some_and(|t| t == "histogram") {
+                    return base;
+                }
+            }
+        }
+        name
+    }
+
+    /// Samples named `name` whose labels include every pair of `filter`.
+    fn series<'a>(&'a self, name: &'a str, filter: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples
+            .iter()
+            .filter(move |s| s.name == name && filter.iter().all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v)))
+    }
+
+    /// Sum of the matching samples (0 when there is none).
+    fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
+        self.series(name, filter).map(|s| s.value).sum()
+    }
+
+    fn count(&self, name: &str, filter: &[(&str, &str)]) -> usize {
+        self.series(name, filter).count()
+    }
+
+    /// Whether the family has a `# TYPE` line and at least one sample.
+    fn has_family(&self, family: &str) -> bool {
+        self.types.contains_key(family) && self.samples.iter().any(|s| self.family_of(&s.name) == family)
+    }
+}
+
+/// `name{k="v",...} value [timestamp]` or `name value`.
+fn parse_sample(line: &str) -> Option<Sample> {
+    let name_end = line.find(['{', ' '])?;
+    let name = line[..name_end].to_string();
+    let mut labels = BTreeMap::new();
+    let mut rest = &line[name_end..];
+    if let Some(r) = rest.strip_prefix('{') {
+        let mut chars = r.char_indices().peekable();
+        let mut key = String::new();
+        let mut consumed = None;
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '}' => {
+                    consumed = Some(i + 1);
+                    break;
+                }
+                ',' | ' ' => {}
+                '=' => {
+                    if chars.next()?.1 != '"' {
+                        return None;
+                    }
+                    let mut value = String::new();
+                    loop {
+                        let (_, c) = chars.next()?;
+                        match c {
+                            '\\' => match chars.next()?.1 {
+                                'n' => value.push('\n'),
+                                other => value.push(other),
+                            },
+                            '"' => break,
+                            other => value.push(other),
+                        }
+                    }
+                    labels.insert(std::mem::take(&mut key), value);
+                }
+                other => key.push(other),
+            }
+        }
+        rest = &r[consumed?..];
+    }
+    let value = rest.split_whitespace().next()?;
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().ok()?,
+    };
+    Some(Sample { name, labels, value })
+}
+
+/// `deploy/metrics.txt`: (family, type).
+fn listed_families() -> Vec<(String, String)> {
+    let text = fs::read_to_string(common::repo_root().join("deploy/metrics.txt")).expect("deploy/metrics.txt");
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let mut p = l.split_whitespace();
+            (p.next().unwrap_or_default().to_string(), p.next().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------
+// JSON logs.
+
+fn log_lines(path: &Path) -> Vec<Value> {
+    fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    v.get("fields").and_then(|f| f.get(name)).or_else(|| v.get(name))
+}
+
+fn message(v: &Value) -> &str {
+    field(v, "message").and_then(Value::as_str).unwrap_or("")
+}
+
+fn num(v: Option<&Value>) -> Option<f64> {
+    match v? {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim_end_matches('s').parse().ok(),
+        _ => None,
+    }
+}
+
+/// The partition numbers of a `partitions = ?set` field (`"{0, 1, 2}"` or a JSON array).
+fn partitions_of(v: Option<&Value>) -> BTreeSet<i64> {
+    match v {
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
+        Some(Value::String(s)) => s.split(|c: char| !c.is_ascii_digit() && c != '-').filter_map(|x| x.parse().ok()).collect(),
+        _ => BTreeSet::new(),
+    }
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC timestamp as tracing-subscriber writes it.
+fn parse_utc(ts: &str) -> Option<f64> {
+    let ts = ts.strip_suffix('Z').or_else(|| ts.strip_suffix("+00:00"))?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.splitn(3, ':');
+    let (h, mi, s) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?, t.next()?.parse::<f64>().ok()?);
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3_600 + mi * 60) as f64 + s)
+}
+
+fn timestamp(v: &Value) -> Option<f64> {
+    v.get("timestamp").and_then(Value::as_str).and_then(parse_utc)
+}
+
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+// ------------------------------------------------------------------------------------------
+// The driver.
+
+/// Waits for the driver (at most `DRIVER_CAP`) and asserts the domain invariants from its
+/// summary: one terminal outcome per order, nothing doubled, no payload conflict, stock conserved.
+fn assert_driver_passed(driver: &mut Guarded, summary: &Path, out: &Path, err: &Path, orders: u64, context: &dyn Fn() -> String) -> Value {
+    let status = driver.wait_for(DRIVER_CAP);
+    let Some(status) = status else {
+        panic!(
+            "the driver did not finish within {}s\n--- stdout:\n{}\n--- stderr:\n{}\n{}",
+            DRIVER_CAP.as_secs(),
+            tail(out, 30),
+            tail(err, 20),
+            context()
+        );
+    };
+    assert!(status.success(), "the driver failed ({status}):\n--- stdout:\n{}\n--- stderr:\n{}\n{}", tail(out, 40), tail(err, 20), context());
+    let s: Value = serde_json::from_slice(&fs::read(summary).expect("the driver wrote its summary")).expect("summary is JSON");
+    let expected = orders + SEED_ORDERS;
+    let len = |k: &str| s[k].as_array().map(Vec::len).unwrap_or_else(|| panic!("summary has no list {k}"));
+    assert_eq!(s["orders"], expected, "orders in the summary");
+    assert_eq!(len("without_terminal_outcome"), 0, "orders without a terminal outcome: {}", s["without_terminal_outcome"]);
+    assert_eq!(len("with_several_outcomes"), 0, "orders with several outcomes: {}", s["with_several_outcomes"]);
+    let by = &s["by_outcome"];
+    let outcome = |k: &str| by[k].as_u64().unwrap_or(0);
+    let terminal = outcome("ORDER_COMPLETED")
+        + outcome("ORDER_CANCELLED/INSUFFICIENT_STOCK")
+        + outcome("ORDER_CANCELLED/PAYMENT_FAILED")
+        + outcome("ORDER_CANCELLED/RESERVATION_EXPIRED");
+    assert_eq!(terminal, expected, "one terminal outcome per order (no CONFLICT, none pending): {by}");
+    assert_eq!(len("payload_conflicts"), 0, "eventIds with two payloads: {}", s["payload_conflicts"]);
+    assert_eq!(len("conservation_violations"), 0, "{}", s["conservation_violations"]);
+    assert_eq!(len("negative_stock"), 0, "{}", s["negative_stock"]);
+    for st in s["stores"].as_array().expect("stores") {
+        assert_eq!(st["conserved"], true, "{st}");
+    }
+    for seed in s["seed_scenarios"].as_array().expect("seed_scenarios") {
+        assert_eq!(seed["pass"], true, "{seed}");
+    }
+    let raw = &s["events_per_topic"];
+    assert_eq!(raw["order.created"], expected, "order.created records: {raw}");
+    for (topic, n) in raw.as_object().expect("events_per_topic") {
+        if topic.ends_with(".dlq") {
+            assert_eq!(n, 0, "{topic} holds records");
+        }
+    }
+    if let Some(d) = s.get("distinct_events_per_topic").and_then(Value::as_object) {
+        let n = |t: &str| d.get(t).and_then(Value::as_u64).unwrap_or(0);
+        assert_eq!(n("stock.reserved") + n("stock.reservation.failed"), expected, "one stock answer per order: {d:?}");
+        assert_eq!(outcome("ORDER_CANCELLED/INSUFFICIENT_STOCK"), n("stock.reservation.failed"), "a cancellation per failed reservation");
+        assert!(n("order.confirmed") <= n("stock.reserved"), "more order.confirmed than stock.reserved: {d:?}");
+    }
+    s
+}
+
+// ------------------------------------------------------------------------------------------
+// 1. Metrics.
+
+#[test]
+fn metrics_are_exported_and_move_as_events_flow() {
+    const ORDERS: u64 = 500;
+    let started = Instant::now();
+    let broker = common::Broker::start();
+    let (ctx, _run_dir) = Ctx::new(&broker, "metrics");
+    let port = free_port();
+    let (mut workers, log) = ctx.spawn_workers(&[], "0", port, "all-workers");
+    let to_ready = wait_ready(&mut workers, port, &log, READY_WITHIN);
+    println!("metrics: five workers in one process ready after {:.1}s (port {port})", to_ready.as_secs_f64());
+    let ready_lines = log_lines(&log).iter().filter(|v| message(v) == "worker ready").count();
+    assert!(ready_lines >= WORKERS.len(), "{ready_lines} \"worker ready\" lines for {} workers", WORKERS.len());
+
+    let before = scrape(port);
+    let (mut driver, summary, out, err) = ctx.spawn_driver(ORDERS, "driver");
+    let driver_started = Instant::now();
+    assert_driver_passed(&mut driver, &summary, &out, &err, ORDERS, &|| format!("worker log {}:\n{}", log.display(), tail(&log, 10)));
+    println!("metrics: driver passed in {:.1}s", driver_started.elapsed().as_secs_f64());
+    // Consumer lag comes from librdkafka statistics every 5 s: let one more round land.
+    std::thread::sleep(Duration::from_secs(6));
+    let after = scrape(port);
+
+    // Every listed family is declared with its type once it has a child.
+    let listed = listed_families();
+    assert_eq!(listed.len(), 15, "deploy/metrics.txt lists {} families", listed.len());
+    let cannot_move_when_healthy = ["orderflow_dlq_records_total", "orderflow_stock_conservation_mismatches_total"];
+    for (family, kind) in &listed {
+        if cannot_move_when_healthy.contains(&family.as_str()) {
+            if after.has_family(family) {
+                assert_eq!(after.types[family], *kind, "{family} type");
+                assert_eq!(after.sum(family, &[]), 0.0, "{family} moved in a healthy run");
+                println!("metrics: {family} present, 0");
+            } else {
+                println!("metrics: {family} has no child (nothing to count in a healthy run): absent, i.e. zero");
+            }
+            continue;
+        }
+        assert!(after.has_family(family), "{family} is not exported after {ORDERS} orders");
+        assert_eq!(after.types.get(family), Some(kind), "{family} is not exported as a {kind}");
+    }
+    // Families the binary exports that deploy/metrics.txt does not list (the dashboards could not use them).
+    let unlisted: Vec<&String> =
+        after.types.keys().filter(|n| n.starts_with("orderflow_") && !listed.iter().any(|(l, _)| l == *n)).collect();
+    assert!(unlisted.is_empty(), "exported but not in deploy/metrics.txt: {unlisted:?}");
+
+    // Per worker: consumed, produced, processing/commit/delay histograms moved; guarantee,
+    // assignment, restore and lag present.
+    let grew = |name: &str, filter: &[(&str, &str)]| {
+        let (b, a) = (before.sum(name, filter), after.sum(name, filter));
+        assert!(a > b, "{name}{filter:?} did not grow: {b} → {a}");
+        a - b
+    };
+    for w in WORKERS {
+        let f = [("worker", w)];
+        let consumed = grew("orderflow_events_consumed_total", &f);
+        let processed = after.sum("orderflow_events_consumed_total", &[("worker", w), ("outcome", "processed")]);
+        let produced = grew("orderflow_events_produced_total", &f);
+        let units = grew("orderflow_unit_processing_seconds_count", &f);
+        let commits = grew("orderflow_commit_seconds_count", &f);
+        let delays = grew("orderflow_processing_delay_seconds_count", &f);
+        assert!(processed > 0.0, "{w}: no event consumed with outcome=processed");
+        assert_eq!(
+            after.sum("orderflow_guarantee_info", &[("worker", w), ("guarantee", "effectively_once")]),
+            1.0,
+            "{w}: orderflow_guarantee_info{{guarantee=\"effectively_once\"}}"
+        );
+        assert_eq!(after.count("orderflow_guarantee_info", &f), 1, "{w}: one guarantee in force");
+        let assigned = after.sum("orderflow_assigned_partitions", &f);
+        assert!(assigned > 0.0, "{w}: orderflow_assigned_partitions = {assigned}");
+        let restores = after.sum("orderflow_state_restore_seconds_count", &f);
+        assert!(restores >= 1.0, "{w}: no orderflow_state_restore_seconds observation");
+        assert!(after.count("orderflow_state_restored_records_total", &f) >= 1, "{w}: orderflow_state_restored_records_total absent");
+        let lag_series = after.count("orderflow_consumer_lag_records", &f);
+        assert!(lag_series > 0, "{w}: no orderflow_consumer_lag_records series");
+        println!(
+            "metrics: {w:<20} consumed +{consumed} (processed {processed}), produced +{produced}, units +{units}, commits +{commits}, \
+             delays +{delays}, assigned {assigned}, restores {restores}, lag series {lag_series}"
+        );
+    }
+    // Lag for every input partition of the deduplicator's order.created (6 partitions).
+    let lag_partitions: BTreeSet<&str> = after
+        .series("orderflow_consumer_lag_records", &[("worker", "deduplicator"), ("topic", "order.created")])
+        .filter_map(|s| s.labels.get("partition").map(String::as_str))
+        .collect();
+    assert_eq!(lag_partitions.len(), 6, "lag gauges of order.created partitions: {lag_partitions:?}");
+    let commit_outcomes: BTreeSet<&str> =
+        after.series("orderflow_commit_seconds_count", &[]).filter_map(|s| s.labels.get("outcome").map(String::as_str)).collect();
+    println!("metrics: commit outcomes {commit_outcomes:?}");
+    grew("orderflow_timers_fired_total", &[("worker", "reservation-expirer")]);
+
+    // Business measures.
+    let business = "orderflow_business_events_total";
+    for (measure, label) in [
+        ("reservation", Some("reserved")),
+        ("reservation", Some("INSUFFICIENT_STOCK")),
+        ("confirmed", None),
+        ("compensation", None),
+        ("expiration", None),
+        ("deduction", None),
+        ("release", None),
+    ] {
+        let mut f = vec![("measure", measure)];
+        if let Some(l) = label {
+            f.push(("label", l));
+        }
+        let n = grew(business, &f);
+        println!("metrics: business {measure}{} +{n}", label.map(|l| format!("[{l}]")).unwrap_or_default());
+    }
+    let compensations: BTreeSet<&str> =
+        after.series(business, &[("measure", "compensation")]).filter_map(|s| s.labels.get("label").map(String::as_str)).collect();
+    println!("metrics: compensation reasons {compensations:?}");
+    let reserved = after.sum(business, &[("measure", "reservation"), ("label", "reserved")]);
+    let confirmed = after.sum(business, &[("measure", "confirmed")]);
+    assert!(confirmed <= reserved, "more confirmations ({confirmed}) than reservations ({reserved})");
+    println!("metrics: reserved → confirmed conversion {confirmed}/{reserved} = {:.2}", confirmed / reserved);
+
+    // Out-of-stock: a bounded top N.
+    let top: Vec<&Sample> = after.series("orderflow_out_of_stock_top", &[]).collect();
+    assert!(!top.is_empty() && top.len() <= 10, "orderflow_out_of_stock_top has {} series", top.len());
+    for s in &top {
+        assert!(s.value > 0.0, "{s:?}");
+        assert!(s.labels.get("product").is_some_and(|p| p.starts_with("P-")), "{s:?}");
+    }
+
+    // Low cardinality: no order, customer or event id in any label; products only in the top N.
+    let mut distinct: BTreeSet<(String, String)> = BTreeSet::new();
+    for s in &after.samples {
+        let family = after.family_of(&s.name).to_string();
+        for (k, v) in &s.labels {
+            assert!(!v.starts_with("O-") && !v.starts_with("C-"), "{family} has an order/customer id label {k}={v}");
+            assert!(!looks_like_uuid(v) && !v.starts_with("tpch-"), "{family} has an event id label {k}={v}");
+            if v.starts_with("P-") {
+                assert!(family == "orderflow_out_of_stock_top" && k == "product", "{family} has a product label {k}={v}");
+            }
+            if k != "le" {
+                distinct.insert((k.clone(), v.clone()));
+            }
+        }
+    }
+    let series = after.samples.iter().filter(|s| !s.name.ends_with("_bucket")).count();
+    assert!(series < 1_000, "{series} series (buckets excluded) after {ORDERS} orders");
+    println!("metrics: {series} series (buckets excluded), {} distinct label pairs", distinct.len());
+
+    // A clean stop.
+    let (status, took) = workers.terminate(GRACE + Duration::from_secs(5));
+    assert!(status.is_some_and(|s| s.success()), "SIGTERM: {status:?} after {took:?}; log:\n{}", tail(&log, 10));
+    println!("metrics: passed in {:.1}s", started.elapsed().as_secs_f64());
+}
+
+fn looks_like_uuid(v: &str) -> bool {
+    v.len() == 36 && v.chars().filter(|&c| c == '-').count() == 4 && v.chars().all(|c| c == '-' || c.is_ascii_hexdigit())
+}
+
+// ------------------------------------------------------------------------------------------
+// 2. Readiness.
+
+#[test]
+fn readyz_turns_ready_only_after_restore() {
+    const ORDERS: u64 = 1_000;
+    const MIN_RECORDS: u64 = 1_000;
+    let started = Instant::now();
+    let broker = common::Broker::start();
+    let (ctx, _run_dir) = Ctx::new(&broker, "readyz");
+
+    // 1. Fill the stock reserver's changelog: the deduplicator and the reserver on 1,000 orders
+    //    and their restocks (nothing else runs, so the driver is stopped once they are through).
+    let port = free_port();
+    let (mut fill, fill_log) = ctx.spawn_workers(&["deduplicator", "stock-reserver"], "0", port, "fill");
+    wait_ready(&mut fill, port, &fill_log, READY_WITHIN);
+    let (mut driver, _, out, err) = ctx.spawn_driver(ORDERS, "driver");
+    let expected = (ORDERS + SEED_ORDERS) as f64;
+    let fill_started = Instant::now();
+    let answered = loop {
+        let m = scrape(port);
+        let n = m.sum("orderflow_business_events_total", &[("worker", "stock-reserver"), ("measure", "reservation")]);
+        if n >= expected {
+            break n;
+        }
+        if let Some(s) = driver.try_wait() {
+            panic!("the driver exited ({s}) early:\n{}\n{}", tail(&out, 20), tail(&err, 20));
+        }
+        assert!(
+            fill_started.elapsed() < Duration::from_secs(90),
+            "the stock reserver answered {n} of {expected} orders in 90s; log:\n{}",
+            tail(&fill_log, 10)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    drop(driver); // it would wait for outcomes that workers not running here produce
+    let (status, took) = fill.terminate(GRACE + Duration::from_secs(5));
+    assert!(status.is_some_and(|s| s.success()), "fill process SIGTERM: {status:?} after {took:?}:\n{}", tail(&fill_log, 10));
+    println!("readyz: stock reserver answered {answered} orders in {:.1}s; stopped in {:.1}s", fill_started.elapsed().as_secs_f64(), took.as_secs_f64());
+
+    // 2. A new node: the sled directory is gone.
+    let sled = ctx.state_dir.join("stock-reserver").join("0");
+    assert!(sled.exists(), "no sled directory at {}", sled.display());
+    fs::remove_dir_all(&sled).unwrap();
+
+    // 3. Restart and poll from spawn.
+    let port = free_port();
+    let spawned = Instant::now();
+    let (mut reserver, log) = ctx.spawn_workers(&["stock-reserver"], "0", port, "restarted");
+    let mut first_readyz: Option<u16> = None;
+    let mut readyz_503 = 0usize;
+    let mut healthz_ok_while_not_ready: Option<Duration> = None;
+    let mut polls = 0usize;
+    let (ready_after, ready_at, snapshot) = loop {
+        if let Some(s) = reserver.try_wait() {
+            panic!("the restarted stock reserver exited ({s}); log:\n{}", tail(&log, 15));
+        }
+        assert!(spawned.elapsed() < READY_WITHIN, "/readyz not 200 within {}s; log:\n{}", READY_WITHIN.as_secs(), tail(&log, 15));
+        polls += 1;
+        let health = http_get(port, "/healthz");
+        if let Some((code, body)) = &health {
+            assert_eq!((*code, body.trim()), (200, "ok"), "/healthz");
+        }
+        match http_get(port, "/readyz") {
+            Some((200, _)) => {
+                let at = SystemTime::now();
+                // The log as it was when readiness was first reported.
+                let snapshot = fs::read_to_string(&log).unwrap_or_default();
+                break (spawned.elapsed(), at, snapshot);
+            }
+            Some((503, _)) => {
+                readyz_503 += 1;
+                first_readyz.get_or_insert(503);
+                if health.is_some() && healthz_ok_while_not_ready.is_none() {
+                    healthz_ok_while_not_ready = Some(spawned.elapsed());
+                }
+            }
+            Some((code, body)) => panic!("/readyz answered {code}: {body}"),
+            None => {}
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!(
+        "readyz: {polls} polls; /healthz 200 while not ready at {:?}; /readyz 503 ×{readyz_503}, then 200 after {:.3}s",
+        healthz_ok_while_not_ready.map(|d| format!("{:.3}s", d.as_secs_f64())),
+        ready_after.as_secs_f64()
+    );
+    assert_eq!(first_readyz, Some(503), "/readyz answered 200 at its first answer: not ready was never reported");
+    assert!(healthz_ok_while_not_ready.is_some(), "/healthz never answered 200 while /readyz said 503");
+
+    // The "worker ready" line is written just after the flag flips: wait for it.
+    let until = Instant::now() + Duration::from_secs(5);
+    let ready_line = loop {
+        if let Some(v) = log_lines(&log).into_iter().find(|v| message(v) == "worker ready") {
+            break v;
+        }
+        assert!(Instant::now() < until, "no \"worker ready\" line; log:\n{}", tail(&log, 15));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let ready_partitions = partitions_of(field(&ready_line, "partitions"));
+    assert!(!ready_partitions.is_empty(), "\"worker ready\" names no partition: {ready_line}");
+    // Every partition of that line logged "state restored" before /readyz said 200.
+    let restored_then: Vec<Value> =
+        snapshot.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|v| message(v) == "state restored").collect();
+    let restored_partitions: BTreeSet<i64> = restored_then.iter().filter_map(|v| num(field(v, "partition")).map(|p| p as i64)).collect();
+    assert!(
+        ready_partitions.is_subset(&restored_partitions),
+        "/readyz said 200 when partitions {:?} of {ready_partitions:?} had not logged \"state restored\"; log then:\n{snapshot}",
+        ready_partitions.difference(&restored_partitions).collect::<Vec<_>>()
+    );
+    let ready_at = unix_secs(ready_at);
+    for v in &restored_then {
+        if let Some(ts) = timestamp(v) {
+            assert!(ts <= ready_at + 0.001, "\"state restored\" logged at {ts} after /readyz 200 at {ready_at}: {v}");
+        }
+    }
+    // The restore really replayed the changelog (thousands of records, source "changelog").
+    let all = log_lines(&log);
+    let restores: Vec<&Value> = all.iter().filter(|v| message(v) == "state restored").collect();
+    let records: u64 = restores.iter().filter_map(|v| num(field(v, "records"))).map(|r| r as u64).sum();
+    let seconds: f64 = restores.iter().filter_map(|v| num(field(v, "seconds"))).sum();
+    let sources: BTreeSet<&str> = restores.iter().filter_map(|v| field(v, "source").and_then(Value::as_str)).collect();
+    println!(
+        "readyz: ready partitions {ready_partitions:?}; {} restores from {sources:?}, {records} records, {seconds:.3}s restoring",
+        restores.len()
+    );
+    assert!(sources.contains("changelog"), "no restore from the changelog after the sled directory was deleted: {sources:?}");
+    assert!(records >= MIN_RECORDS, "only {records} changelog records restored (want ≥ {MIN_RECORDS})");
+    let m = scrape(port);
+    let f = [("worker", "stock-reserver")];
+    assert!(m.sum("orderflow_state_restored_records_total", &f) >= MIN_RECORDS as f64, "orderflow_state_restored_records_total");
+    assert!(m.sum("orderflow_state_restore_seconds_count", &[("worker", "stock-reserver"), ("source", "changelog")]) >= 1.0);
+
+    let (status, took) = reserver.terminate(GRACE + Duration::from_secs(5));
+    assert!(status.is_some_and(|s| s.success()), "SIGTERM: {status:?} after {took:?}:\n{}", tail(&log, 10));
+    println!("readyz: passed in {:.1}s", started.elapsed().as_secs_f64());
+}
+
+// ------------------------------------------------------------------------------------------
+// 3. Graceful shutdown under load.
+
+struct Proc {
+    worker: &'static str,
+    child: Guarded,
+    port: u16,
+    log: PathBuf,
+}
+
+#[test]
+fn sigterm_under_load_exits_cleanly_with_nothing_lost_or_doubled() {
+    const ORDERS: u64 = 2_000;
+    let started = Instant::now();
+    let broker = common::Broker::start();
+    let (ctx, _run_dir) = Ctx::new(&broker, "sigterm");
+    let mut procs: Vec<Proc> = WORKERS
+        .iter()
+        .map(|w| {
+            let port = free_port();
+            let (child, log) = ctx.spawn_workers(&[w], "p0", port, &format!("{w}-00"));
+            Proc { worker: w, child, port, log }
+        })
+        .collect();
+    for p in procs.iter_mut() {
+        wait_ready(&mut p.child, p.port, &p.log, READY_WITHIN);
+    }
+    println!("sigterm: {} worker processes ready after {:.1}s", procs.len(), started.elapsed().as_secs_f64());
+
+    let (mut driver, summary, out, err) = ctx.spawn_driver(ORDERS, "driver");
+    let driver_started = Instant::now();
+    let mut stops = Vec::new();
+    for (victim, at) in [("stock-reserver", Duration::from_secs(5)), ("order-confirmer", Duration::from_secs(10))] {
+        while driver_started.elapsed() < at {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let i = procs.iter().position(|p| p.worker == victim).unwrap();
+        // Under load: the worker is consuming, and the driver still waits for outcomes.
+        let consumed = |port| scrape(port).sum("orderflow_events_consumed_total", &[]);
+        let c0 = consumed(procs[i].port);
+        std::thread::sleep(Duration::from_millis(500));
+        let c1 = consumed(procs[i].port);
+        assert!(driver.try_wait().is_none(), "the driver finished before {victim} was stopped: no load left");
+        assert!(c1 > 0.0, "{victim} consumed nothing before SIGTERM");
+        let t = driver_started.elapsed();
+        let (status, took) = procs[i].child.terminate(GRACE + Duration::from_secs(5));
+        let log = procs[i].log.clone();
+        let lines = log_lines(&log);
+        let stopped = lines.iter().any(|v| message(v) == "worker stopped");
+        println!(
+            "sigterm: t={:.1}s SIGTERM {victim} (consumed {c0} → {c1} in the last 0.5 s): {status:?} after {:.2}s, \"worker stopped\" {stopped}",
+            t.as_secs_f64(),
+            took.as_secs_f64()
+        );
+        assert!(
+            status.is_some_and(|s| s.success()) && took <= GRACE,
+            "{victim} did not exit 0 within the {}s grace period: {status:?} after {took:?}; log:\n{}",
+            GRACE.as_secs(),
+            tail(&log, 15)
+        );
+        assert!(stopped, "{victim} logged no \"worker stopped\"; log:\n{}", tail(&log, 15));
+        assert!(!lines.iter().any(|v| v.get("level").and_then(Value::as_str) == Some("ERROR")), "{victim} logged errors:\n{}", tail(&log, 15));
+        stops.push((victim, took));
+
+        // The pod restarts under its name.
+        let port = free_port();
+        let (child, log) = ctx.spawn_workers(&[victim], "p0", port, &format!("{victim}-01-restarted"));
+        procs[i] = Proc { worker: victim, child, port, log };
+        let to_ready = wait_ready(&mut procs[i].child, port, &procs[i].log, READY_WITHIN);
+        println!("sigterm: {victim} restarted, ready after {:.1}s", to_ready.as_secs_f64());
+    }
+
+    let context = || {
+        procs.iter().map(|p| format!("\n--- {} ({}):\n{}", p.worker, p.log.display(), tail(&p.log, 5))).collect::<String>()
+    };
+    let s = assert_driver_passed(&mut driver, &summary, &out, &err, ORDERS, &context);
+    println!(
+        "sigterm: driver passed in {:.1}s: {} (duplicate records re-read {})",
+        driver_started.elapsed().as_secs_f64(),
+        s["by_outcome"],
+        s["duplicate_records"]
+    );
+    let mut unclean = Vec::new();
+    for p in procs.iter_mut() {
+        let (status, took) = p.child.terminate(GRACE + Duration::from_secs(5));
+        if !status.is_some_and(|s| s.success()) {
+            unclean.push(format!("{}: {status:?} after {took:?}", p.worker));
+        }
+    }
+    assert!(unclean.is_empty(), "workers did not exit 0 on SIGTERM at the end: {unclean:?}");
+    for (victim, took) in stops {
+        println!("sigterm: {victim} stopped in {:.2}s", took.as_secs_f64());
+    }
+    println!("sigterm: passed in {:.1}s", started.elapsed().as_secs_f64());
+}
