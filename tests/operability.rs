@@ -853,8 +853,8 @@ fn sigterm_under_load_exits_cleanly_with_nothing_lost_or_doubled() {
         // The pod restarts under its name.
         let port = free_port();
         let (child, log) = ctx.spawn_workers(&[victim], "p0", port, &format!("{victim}-01-restarted"));
-        procs[i] = Proc { worker: victim, child, port, log };
-        let to_ready = wait_ready(&mut procs[i].child, port, &procs[i].log, READY_WITHIN);
+        procs[i] = Proc { worker: victim, child, port, log: log.clone() };
+        let to_ready = wait_ready(&mut procs[i].child, port, &log, READY_WITHIN);
         println!("sigterm: {victim} restarted, ready after {:.1}s", to_ready.as_secs_f64());
     }
 

@@ -139,6 +139,18 @@ pub trait Processor: Send {
     }
 }
 
+/// Checks that a required id field of an event is not empty.
+///
+/// Errors: [`ProcessError::Invalid`] naming the event kind, its `eventId` and the field, e.g.
+/// `OrderCreated e-1: empty storeId`.
+pub fn require(kind: &str, event_id: &str, field: &str, value: &str) -> Result<(), ProcessError> {
+    if value.is_empty() {
+        Err(ProcessError::Invalid(format!("{kind} {event_id}: empty {field}")))
+    } else {
+        Ok(())
+    }
+}
+
 /// What [`handle`] did with an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handled {

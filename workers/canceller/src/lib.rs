@@ -97,13 +97,13 @@ impl Canceller {
     }
 
     fn failed(&self, e: &StockReservationFailed, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        require("StockReservationFailed", &e.event_id, "orderId", &e.order_id)?;
+        orderflow_api::require("StockReservationFailed", &e.event_id, "orderId", &e.order_id)?;
         // Every failure reason the reserver emits is a stock shortage (seed 000).
         self.compensate(&e.order_id, &e.hq_id, &e.store_id, cancel_reason::INSUFFICIENT_STOCK, None, e.occurred_at, state, out)
     }
 
     fn released(&self, e: &StockReservationReleased, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        require("StockReservationReleased", &e.event_id, "orderId", &e.order_id)?;
+        orderflow_api::require("StockReservationReleased", &e.event_id, "orderId", &e.order_id)?;
         match e.reason.as_str() {
             release_reason::EXPIRED => self.compensate(
                 &e.order_id,
@@ -125,7 +125,7 @@ impl Canceller {
     }
 
     fn cancelled(&self, e: &OrderCancelled, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        require("OrderCancelled", &e.event_id, "orderId", &e.order_id)?;
+        orderflow_api::require("OrderCancelled", &e.event_id, "orderId", &e.order_id)?;
         let own_echo = e.event_id == cancellation_event_id(&e.order_id);
         if !mark_observed(&e.order_id, &e.reason, state)? && !own_echo {
             out.note("late_event", "cancelled_twice");
@@ -170,13 +170,6 @@ impl Processor for Canceller {
     }
 }
 
-fn require(kind: &str, event_id: &str, field: &str, value: &str) -> Result<(), ProcessError> {
-    if value.is_empty() {
-        Err(ProcessError::Invalid(format!("{kind} {event_id}: empty {field}")))
-    } else {
-        Ok(())
-    }
-}
 
 #[cfg(test)]
 mod tests {

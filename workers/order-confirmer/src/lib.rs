@@ -88,8 +88,8 @@ impl OrderConfirmer {
     }
 
     fn reserved(&self, e: &StockReserved, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        require("StockReserved", &e.event_id, "orderId", &e.order_id)?;
-        require("StockReserved", &e.event_id, "reservationId", &e.reservation_id)?;
+        orderflow_api::require("StockReserved", &e.event_id, "orderId", &e.order_id)?;
+        orderflow_api::require("StockReserved", &e.event_id, "reservationId", &e.reservation_id)?;
         let key = order_key(&e.order_id);
         if let Some(s) = state.get_json::<OrderState>(&key)? {
             // Never confirm twice, and never confirm a cancelled (or failed/completed) order.
@@ -116,7 +116,7 @@ impl OrderConfirmer {
     }
 
     fn failed(&self, e: &StockReservationFailed, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        require("StockReservationFailed", &e.event_id, "orderId", &e.order_id)?;
+        orderflow_api::require("StockReservationFailed", &e.event_id, "orderId", &e.order_id)?;
         let key = order_key(&e.order_id);
         let current = state.get_json::<OrderState>(&key)?;
         if let Some(s) = current.as_ref().filter(|s| s.status.is_terminal()) {
@@ -130,7 +130,7 @@ impl OrderConfirmer {
     }
 
     fn cancelled(&self, e: &OrderCancelled, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        require("OrderCancelled", &e.event_id, "orderId", &e.order_id)?;
+        orderflow_api::require("OrderCancelled", &e.event_id, "orderId", &e.order_id)?;
         let key = order_key(&e.order_id);
         let current = state.get_json::<OrderState>(&key)?;
         if let Some(s) = current.as_ref().filter(|s| s.status.is_terminal()) {
@@ -144,7 +144,7 @@ impl OrderConfirmer {
     }
 
     fn completed(&self, e: &OrderCompleted, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        require("OrderCompleted", &e.event_id, "orderId", &e.order_id)?;
+        orderflow_api::require("OrderCompleted", &e.event_id, "orderId", &e.order_id)?;
         let key = order_key(&e.order_id);
         match state.get_json::<OrderState>(&key)? {
             Some(s) if s.status == OrderStatus::PaymentWait => {
@@ -180,13 +180,6 @@ impl Processor for OrderConfirmer {
     }
 }
 
-fn require(kind: &str, event_id: &str, field: &str, value: &str) -> Result<(), ProcessError> {
-    if value.is_empty() {
-        Err(ProcessError::Invalid(format!("{kind} {event_id}: empty {field}")))
-    } else {
-        Ok(())
-    }
-}
 
 #[cfg(test)]
 mod tests {

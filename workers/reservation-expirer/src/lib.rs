@@ -77,8 +77,8 @@ impl ReservationExpirer {
     }
 
     fn reserved(&self, e: &StockReserved, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        require("StockReserved", &e.event_id, "orderId", &e.order_id)?;
-        require("StockReserved", &e.event_id, "reservationId", &e.reservation_id)?;
+        orderflow_api::require("StockReserved", &e.event_id, "orderId", &e.order_id)?;
+        orderflow_api::require("StockReserved", &e.event_id, "reservationId", &e.reservation_id)?;
         if state.get(&closed_key(&e.order_id)).is_some() {
             out.note("late_event", "reserved_after_close");
             return Ok(());
@@ -123,7 +123,7 @@ impl Processor for ReservationExpirer {
             Event::StockReserved(e) => self.reserved(e, state, out),
             Event::OrderCompleted(OrderCompleted { event_id, order_id, .. })
             | Event::OrderCancelled(OrderCancelled { event_id, order_id, .. }) => {
-                require(event.schema_name(), event_id, "orderId", order_id)?;
+                orderflow_api::require(event.schema_name(), event_id, "orderId", order_id)?;
                 self.close(order_id, state);
                 Ok(())
             }
@@ -169,13 +169,6 @@ impl Processor for ReservationExpirer {
     }
 }
 
-fn require(kind: &str, event_id: &str, field: &str, value: &str) -> Result<(), ProcessError> {
-    if value.is_empty() {
-        Err(ProcessError::Invalid(format!("{kind} {event_id}: empty {field}")))
-    } else {
-        Ok(())
-    }
-}
 
 #[cfg(test)]
 mod tests {

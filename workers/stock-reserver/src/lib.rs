@@ -146,15 +146,15 @@ impl StockReserver {
     }
 
     fn adjust(&self, e: &InventoryAdjusted, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        require("InventoryAdjusted", &e.event_id, "hqId", &e.hq_id)?;
-        require("InventoryAdjusted", &e.event_id, "storeId", &e.store_id)?;
+        orderflow_api::require("InventoryAdjusted", &e.event_id, "hqId", &e.hq_id)?;
+        orderflow_api::require("InventoryAdjusted", &e.event_id, "storeId", &e.store_id)?;
         if e.items.is_empty() {
             return Err(invalid("InventoryAdjusted", &e.event_id, "has no items"));
         }
         // Repeated products are summed so each product gets one `stock.updated` (unique id).
         let mut deltas: Vec<(String, i64)> = Vec::new();
         for AdjustedItem { product_id, delta } in &e.items {
-            require("InventoryAdjusted", &e.event_id, "productId", product_id)?;
+            orderflow_api::require("InventoryAdjusted", &e.event_id, "productId", product_id)?;
             match deltas.iter_mut().find(|(p, _)| p == product_id) {
                 Some((_, d)) => *d = d.checked_add(*delta).ok_or_else(|| invalid("InventoryAdjusted", &e.event_id, "delta overflows"))?,
                 None => deltas.push((product_id.clone(), *delta)),
@@ -205,15 +205,15 @@ impl StockReserver {
     }
 
     fn reserve(&self, e: &OrderCreated, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        require("OrderCreated", &e.event_id, "orderId", &e.order_id)?;
-        require("OrderCreated", &e.event_id, "hqId", &e.hq_id)?;
-        require("OrderCreated", &e.event_id, "storeId", &e.store_id)?;
+        orderflow_api::require("OrderCreated", &e.event_id, "orderId", &e.order_id)?;
+        orderflow_api::require("OrderCreated", &e.event_id, "hqId", &e.hq_id)?;
+        orderflow_api::require("OrderCreated", &e.event_id, "storeId", &e.store_id)?;
         if e.items.is_empty() {
             return Err(invalid("OrderCreated", &e.event_id, "has no items"));
         }
         let mut wanted: Vec<(String, i64)> = Vec::new();
         for item in &e.items {
-            require("OrderCreated", &e.event_id, "productId", &item.product_id)?;
+            orderflow_api::require("OrderCreated", &e.event_id, "productId", &item.product_id)?;
             if item.quantity <= 0 || item.quantity > MAX_QUANTITY {
                 return Err(invalid(
                     "OrderCreated",
@@ -313,7 +313,7 @@ impl StockReserver {
     }
 
     fn cancelled(&self, e: &OrderCancelled, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        require("OrderCancelled", &e.event_id, "orderId", &e.order_id)?;
+        orderflow_api::require("OrderCancelled", &e.event_id, "orderId", &e.order_id)?;
         let rkey = reservation_key(&e.order_id);
         match state.get_json::<Reservation>(&rkey)? {
             Some(mut r) if r.status == ReservationStatus::Live => {
@@ -338,7 +338,7 @@ impl StockReserver {
     }
 
     fn expired(&self, e: &StockReservationExpired, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        require("StockReservationExpired", &e.event_id, "orderId", &e.order_id)?;
+        orderflow_api::require("StockReservationExpired", &e.event_id, "orderId", &e.order_id)?;
         match state.get_json::<Reservation>(&reservation_key(&e.order_id))? {
             Some(mut r) if r.status == ReservationStatus::Live && r.reservation_id == e.reservation_id => {
                 release(&mut r, release_reason::EXPIRED, &e.event_id, e.occurred_at, state, out)
@@ -359,7 +359,7 @@ impl StockReserver {
     }
 
     fn completed(&self, e: &OrderCompleted, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        require("OrderCompleted", &e.event_id, "orderId", &e.order_id)?;
+        orderflow_api::require("OrderCompleted", &e.event_id, "orderId", &e.order_id)?;
         let rkey = reservation_key(&e.order_id);
         let mut r = match state.get_json::<Reservation>(&rkey)? {
             Some(r) if r.status == ReservationStatus::Live => r,
@@ -531,13 +531,6 @@ fn invalid(kind: &str, event_id: &str, what: &str) -> ProcessError {
     ProcessError::Invalid(format!("{kind} {event_id}: {what}"))
 }
 
-fn require(kind: &str, event_id: &str, field: &str, value: &str) -> Result<(), ProcessError> {
-    if value.is_empty() {
-        Err(invalid(kind, event_id, &format!("empty {field}")))
-    } else {
-        Ok(())
-    }
-}
 
 #[cfg(test)]
 mod tests {
