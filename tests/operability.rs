@@ -298,9 +298,7 @@ impl Scrape {
 
     /// Samples named `name` whose labels include every pair of `filter`.
     fn series<'a>(&'a self, name: &'a str, filter: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = &'a Sample> + 'a {
-        self.samples
-            .iter()
-            .filter(move |s| s.name == name && filter.iter().all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v)))
+        self.samples.iter().filter(move |s| s.name == name && filter.iter().all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v)))
     }
 
     /// Sum of the matching samples (0 when there is none).
@@ -453,7 +451,13 @@ fn assert_driver_passed(driver: &mut Guarded, summary: &Path, out: &Path, err: &
             context()
         );
     };
-    assert!(status.success(), "the driver failed ({status}):\n--- stdout:\n{}\n--- stderr:\n{}\n{}", tail(out, 40), tail(err, 20), context());
+    assert!(
+        status.success(),
+        "the driver failed ({status}):\n--- stdout:\n{}\n--- stderr:\n{}\n{}",
+        tail(out, 40),
+        tail(err, 20),
+        context()
+    );
     let s: Value = serde_json::from_slice(&fs::read(summary).expect("the driver wrote its summary")).expect("summary is JSON");
     let expected = orders + SEED_ORDERS;
     let len = |k: &str| s[k].as_array().map(Vec::len).unwrap_or_else(|| panic!("summary has no list {k}"));
@@ -686,7 +690,11 @@ fn readyz_turns_ready_only_after_restore() {
     drop(driver); // it would wait for outcomes that workers not running here produce
     let (status, took) = fill.terminate(GRACE + Duration::from_secs(5));
     assert!(status.is_some_and(|s| s.success()), "fill process SIGTERM: {status:?} after {took:?}:\n{}", tail(&fill_log, 10));
-    println!("readyz: stock reserver answered {answered} orders in {:.1}s; stopped in {:.1}s", fill_started.elapsed().as_secs_f64(), took.as_secs_f64());
+    println!(
+        "readyz: stock reserver answered {answered} orders in {:.1}s; stopped in {:.1}s",
+        fill_started.elapsed().as_secs_f64(),
+        took.as_secs_f64()
+    );
 
     // 2. A new node: the sled directory is gone.
     let sled = ctx.state_dir.join("stock-reserver").join("0");
@@ -847,7 +855,11 @@ fn sigterm_under_load_exits_cleanly_with_nothing_lost_or_doubled() {
             tail(&log, 15)
         );
         assert!(stopped, "{victim} logged no \"worker stopped\"; log:\n{}", tail(&log, 15));
-        assert!(!lines.iter().any(|v| v.get("level").and_then(Value::as_str) == Some("ERROR")), "{victim} logged errors:\n{}", tail(&log, 15));
+        assert!(
+            !lines.iter().any(|v| v.get("level").and_then(Value::as_str) == Some("ERROR")),
+            "{victim} logged errors:\n{}",
+            tail(&log, 15)
+        );
         stops.push((victim, took));
 
         // The pod restarts under its name.
@@ -858,9 +870,7 @@ fn sigterm_under_load_exits_cleanly_with_nothing_lost_or_doubled() {
         println!("sigterm: {victim} restarted, ready after {:.1}s", to_ready.as_secs_f64());
     }
 
-    let context = || {
-        procs.iter().map(|p| format!("\n--- {} ({}):\n{}", p.worker, p.log.display(), tail(&p.log, 5))).collect::<String>()
-    };
+    let context = || procs.iter().map(|p| format!("\n--- {} ({}):\n{}", p.worker, p.log.display(), tail(&p.log, 5))).collect::<String>();
     let s = assert_driver_passed(&mut driver, &summary, &out, &err, ORDERS, &context);
     println!(
         "sigterm: driver passed in {:.1}s: {} (duplicate records re-read {})",

@@ -170,7 +170,6 @@ impl Processor for Canceller {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -180,7 +180,6 @@ impl Processor for OrderConfirmer {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -169,7 +169,6 @@ impl Processor for ReservationExpirer {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -220,7 +220,12 @@ pub fn restore(broker: &BrokerConfig, topic: &str, inputs: &[String], shard: &Sh
             }
         }
         if !pending.is_empty() {
-            tracing::info!(topic, partition = p, dropped = pending.writes.len() + pending.timers.len(), "discarded changelog records of an unfinished unit");
+            tracing::info!(
+                topic,
+                partition = p,
+                dropped = pending.writes.len() + pending.timers.len(),
+                "discarded changelog records of an unfinished unit"
+            );
         }
     }
     report.offsets = shard.offsets()?;

@@ -91,7 +91,8 @@ impl Metrics {
         // Buckets from 0.5 ms to 10 minutes: unit times are milliseconds, but processing delay
         // must show the seed's 10 s alarm and a changelog rebuild can take minutes.
         let histogram = |name: &str, help: &str, labels: &[&str]| {
-            let buckets = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0];
+            let buckets =
+                vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0];
             let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
             registry.register(Box::new(h.clone())).expect("unique metric");
             h
@@ -126,9 +127,17 @@ impl Metrics {
             restore: histogram("orderflow_state_restore_seconds", "Time to restore one partition's state.", &["worker", "source"]),
             restored_records: counter("orderflow_state_restored_records_total", "Changelog records replayed while restoring.", &["worker"]),
             delay: histogram("orderflow_processing_delay_seconds", "Record timestamp to processed.", &["worker"]),
-            lag: gauge("orderflow_consumer_lag_records", "Records behind the high watermark, per input partition.", &["worker", "topic", "partition"]),
+            lag: gauge(
+                "orderflow_consumer_lag_records",
+                "Records behind the high watermark, per input partition.",
+                &["worker", "topic", "partition"],
+            ),
             out_of_stock: gauge("orderflow_out_of_stock_top", "Top products by out-of-stock reservation failures.", &["rank", "product"]),
-            conservation: counter("orderflow_stock_conservation_mismatches_total", "Stock records written that break on hand >= reserved >= 0.", &["worker"]),
+            conservation: counter(
+                "orderflow_stock_conservation_mismatches_total",
+                "Stock records written that break on hand >= reserved >= 0.",
+                &["worker"],
+            ),
             out_of_stock_counts: Arc::new(Mutex::new(HashMap::new())),
             registry,
         }
@@ -146,7 +155,7 @@ impl Metrics {
         if counts.len() > TOP_N_CAPACITY {
             // Keep the larger half: a product that matters keeps coming back.
             let mut all: Vec<(String, u64)> = counts.drain().collect();
-            all.sort_by(|a, b| b.1.cmp(&a.1));
+            all.sort_by_key(|e| std::cmp::Reverse(e.1));
             counts.extend(all.into_iter().take(TOP_N_CAPACITY / 2));
         }
         let mut top: Vec<(&String, &u64)> = counts.iter().collect();

@@ -82,7 +82,8 @@ impl Store {
             Err(e) => {
                 let aside = path.with_extension(format!("corrupt-{}", crate::worker::now_ms()));
                 tracing::error!(path = %path.display(), error = %e, aside = %aside.display(), "state store unusable; rebuilding from the changelog");
-                std::fs::rename(path, &aside).map_err(|io| StoreError::Open { path: path.display().to_string(), source: sled::Error::Io(io) })?;
+                std::fs::rename(path, &aside)
+                    .map_err(|io| StoreError::Open { path: path.display().to_string(), source: sled::Error::Io(io) })?;
                 Ok((Store::open(path)?, true))
             }
         }

@@ -31,10 +31,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::future::join_all;
 use orderflow_api::{fire_timers, handle, Context, Event, Handled, Outputs, ProcessError, Processor, StateTxn};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::ClientContext;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
+use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
@@ -206,7 +206,11 @@ impl Worker {
         if guarantee == Guarantee::ExactlyOnce {
             // Never silently downgraded: refuse to start on a broker without transactions.
             let support = crate::probe::broker_supports_transactions(&t.broker.bootstrap, Duration::from_secs(10)).await.map_err(|e| {
-                WorkerError::Guarantee { worker: setup.name.clone(), guarantee: guarantee.as_str(), reason: format!("cannot ask the broker which APIs it has: {e}") }
+                WorkerError::Guarantee {
+                    worker: setup.name.clone(),
+                    guarantee: guarantee.as_str(),
+                    reason: format!("cannot ask the broker which APIs it has: {e}"),
+                }
             })?;
             if !support.supported {
                 return Err(WorkerError::Guarantee {
@@ -394,7 +398,11 @@ impl Worker {
         loop {
             let result = self.consumer.seek_partitions(tpl.clone(), Timeout::After(Duration::from_secs(5)));
             let failed: Vec<String> = match &result {
-                Ok(out) => out.elements().iter().filter_map(|e| e.error().err().map(|err| format!("{}[{}]: {err}", e.topic(), e.partition()))).collect(),
+                Ok(out) => out
+                    .elements()
+                    .iter()
+                    .filter_map(|e| e.error().err().map(|err| format!("{}[{}]: {err}", e.topic(), e.partition())))
+                    .collect(),
                 Err(e) => vec![e.to_string()],
             };
             if failed.is_empty() {
@@ -553,7 +561,11 @@ impl Worker {
             if let Some((error, _)) = failed {
                 warn!(worker = %self.name, %error, "send failed inside the transaction; aborting the unit");
                 let class = crate::txn::classify(error);
-                let e = crate::txn::TxnError { class: if class == TxnErrorClass::Fatal { class } else { TxnErrorClass::Abortable }, source: error.clone(), step: "produce" };
+                let e = crate::txn::TxnError {
+                    class: if class == TxnErrorClass::Fatal { class } else { TxnErrorClass::Abortable },
+                    source: error.clone(),
+                    step: "produce",
+                };
                 return self.transaction_failed(e, &batch).await;
             }
             let mut tpl = TopicPartitionList::new();

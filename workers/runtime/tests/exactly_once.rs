@@ -147,7 +147,11 @@ fn distinct_outputs(s: &Setup, topic: &str) -> BTreeSet<String> {
 async fn wait_for(metrics: &Metrics, outputs: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while metrics.produced.with_label_values(&["deduplicator", "stock.commands"]).get() < outputs {
-        assert!(Instant::now() < deadline, "worker produced {} of {outputs}", metrics.produced.with_label_values(&["deduplicator", "stock.commands"]).get());
+        assert!(
+            Instant::now() < deadline,
+            "worker produced {} of {outputs}",
+            metrics.produced.with_label_values(&["deduplicator", "stock.commands"]).get()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -175,7 +179,8 @@ async fn transactional_units_commit_outputs_changelog_and_offsets_and_drop_dupli
 }
 
 fn distinct_changelog_markers(s: &Setup) -> Vec<i64> {
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", s.mock.bootstrap_servers()).set("group.id", "cl").create().unwrap();
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", s.mock.bootstrap_servers()).set("group.id", "cl").create().unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..2 {
         tpl.add_partition_offset("orderflow-deduplicator-changelog", p, Offset::Beginning).unwrap();
@@ -205,7 +210,12 @@ async fn an_abortable_commit_error_rewinds_and_reprocesses_without_double_effect
         assert!(
             Instant::now() < deadline,
             "the unit was not redone after the abort:\n{}",
-            metrics.render().lines().filter(|l| !l.starts_with('#') && (l.contains("commit_seconds_count") || l.contains("consumed") || l.contains("produced"))).collect::<Vec<_>>().join("\n")
+            metrics
+                .render()
+                .lines()
+                .filter(|l| !l.starts_with('#') && (l.contains("commit_seconds_count") || l.contains("consumed") || l.contains("produced")))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -216,7 +226,11 @@ async fn an_abortable_commit_error_rewinds_and_reprocesses_without_double_effect
     // Every input processed exactly once in the committed state: no event was remembered twice
     // and the next offsets are exact.
     assert_eq!(stored_offsets(&s), 5);
-    assert_eq!(metrics.consumed.with_label_values(&["deduplicator", "order.created", "duplicate"]).get(), 0, "the redo started from clean state");
+    assert_eq!(
+        metrics.consumed.with_label_values(&["deduplicator", "order.created", "duplicate"]).get(),
+        0,
+        "the redo started from clean state"
+    );
     assert_eq!(distinct_outputs(&s, "stock.commands").len(), 5);
 }
 

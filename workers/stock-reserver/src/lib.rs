@@ -493,7 +493,16 @@ fn close_before_reservation(order_id: &str, hq_id: &str, store_id: &str, state: 
 /// it breaks domain rule 2: on hand or reserved below zero, or more reserved than on hand.
 fn store_stock(state: &mut StateTxn, key: Vec<u8>, rec: &StockRecord, out: &mut Outputs) {
     if rec.on_hand < 0 || rec.reserved < 0 || rec.reserved > rec.on_hand {
-        out.note("conservation_mismatch", if rec.on_hand < 0 { "negative_on_hand" } else if rec.reserved < 0 { "negative_reserved" } else { "reserved_above_on_hand" });
+        out.note(
+            "conservation_mismatch",
+            if rec.on_hand < 0 {
+                "negative_on_hand"
+            } else if rec.reserved < 0 {
+                "negative_reserved"
+            } else {
+                "reserved_above_on_hand"
+            },
+        );
     }
     state.put_json(key, rec);
 }
@@ -530,7 +539,6 @@ fn to_i32(v: i64) -> i32 {
 fn invalid(kind: &str, event_id: &str, what: &str) -> ProcessError {
     ProcessError::Invalid(format!("{kind} {event_id}: {what}"))
 }
-
 
 #[cfg(test)]
 mod tests {
