@@ -709,6 +709,8 @@ fn readyz_turns_ready_only_after_restore() {
     let mut readyz_503 = 0usize;
     let mut healthz_ok_while_not_ready: Option<Duration> = None;
     let mut polls = 0usize;
+    // Wall-clock times at which a /readyz request was sent that was answered 503.
+    let mut not_ready_at: Vec<f64> = Vec::new();
     let (ready_after, ready_at, snapshot) = loop {
         if let Some(s) = reserver.try_wait() {
             panic!("the restarted stock reserver exited ({s}); log:\n{}", tail(&log, 15));
@@ -719,6 +721,7 @@ fn readyz_turns_ready_only_after_restore() {
         if let Some((code, body)) = &health {
             assert_eq!((*code, body.trim()), (200, "ok"), "/healthz");
         }
+        let asked_at = unix_secs(SystemTime::now());
         match http_get(port, "/readyz") {
             Some((200, _)) => {
                 let at = SystemTime::now();
@@ -728,6 +731,7 @@ fn readyz_turns_ready_only_after_restore() {
             }
             Some((503, _)) => {
                 readyz_503 += 1;
+                not_ready_at.push(asked_at);
                 first_readyz.get_or_insert(503);
                 if health.is_some() && healthz_ok_while_not_ready.is_none() {
                     healthz_ok_while_not_ready = Some(spawned.elapsed());
@@ -772,6 +776,18 @@ fn readyz_turns_ready_only_after_restore() {
             assert!(ts <= ready_at + 0.001, "\"state restored\" logged at {ts} after /readyz 200 at {ready_at}: {v}");
         }
     }
+    // /readyz said 503 while the partitions were being restored (not only before assignment).
+    let restore_started =
+        restored_then.iter().filter_map(|v| Some(timestamp(v)? - num(field(v, "seconds")).unwrap_or(0.0))).fold(f64::INFINITY, f64::min);
+    let first_restored = restored_then.iter().filter_map(timestamp).fold(f64::INFINITY, f64::min);
+    let during_restore = not_ready_at.iter().filter(|&&t| t >= restore_started).count();
+    let after_a_partition = not_ready_at.iter().filter(|&&t| t >= first_restored).count();
+    println!(
+        "readyz: restore began {:.3}s before the first 200; 503 answers to requests sent during the restore: {during_restore}, \
+         after a partition was already restored: {after_a_partition}",
+        ready_at - restore_started
+    );
+    assert!(during_restore > 0, "no /readyz 503 seen while the state was being restored");
     // The restore really replayed the changelog (thousands of records, source "changelog").
     let all = log_lines(&log);
     let restores: Vec<&Value> = all.iter().filter(|v| message(v) == "state restored").collect();
@@ -826,25 +842,38 @@ fn sigterm_under_load_exits_cleanly_with_nothing_lost_or_doubled() {
     let (mut driver, summary, out, err) = ctx.spawn_driver(ORDERS, "driver");
     let driver_started = Instant::now();
     let mut stops = Vec::new();
-    for (victim, at) in [("stock-reserver", Duration::from_secs(5)), ("order-confirmer", Duration::from_secs(10))] {
+    // Both victims are stopped in the first wave of events (orders and restocks flowing through
+    // the reserver, reservations through the confirmer), each at a moment its consumed counter
+    // is seen growing, and restarted under the same instance id right after its exit.
+    for (victim, at) in [("stock-reserver", Duration::from_secs(3)), ("order-confirmer", Duration::from_secs(3))] {
         while driver_started.elapsed() < at {
             std::thread::sleep(Duration::from_millis(50));
         }
         let i = procs.iter().position(|p| p.worker == victim).unwrap();
-        // Under load: the worker is consuming, and the driver still waits for outcomes.
+        // Under load: the worker's consumed counter grows over the last 250 ms, and the driver
+        // still waits for outcomes.
         let consumed = |port| scrape(port).sum("orderflow_events_consumed_total", &[]);
-        let c0 = consumed(procs[i].port);
-        std::thread::sleep(Duration::from_millis(500));
-        let c1 = consumed(procs[i].port);
+        let (c0, c1) = loop {
+            let c0 = consumed(procs[i].port);
+            std::thread::sleep(Duration::from_millis(250));
+            let c1 = consumed(procs[i].port);
+            if c1 > c0 {
+                break (c0, c1);
+            }
+            assert!(driver.try_wait().is_none(), "the driver finished before {victim} was seen under load");
+            assert!(
+                driver_started.elapsed() < at + Duration::from_secs(30),
+                "{victim} consumed nothing in any 250 ms window for 30 s (last {c1}): no load to stop it under"
+            );
+        };
         assert!(driver.try_wait().is_none(), "the driver finished before {victim} was stopped: no load left");
-        assert!(c1 > 0.0, "{victim} consumed nothing before SIGTERM");
         let t = driver_started.elapsed();
         let (status, took) = procs[i].child.terminate(GRACE + Duration::from_secs(5));
         let log = procs[i].log.clone();
         let lines = log_lines(&log);
         let stopped = lines.iter().any(|v| message(v) == "worker stopped");
         println!(
-            "sigterm: t={:.1}s SIGTERM {victim} (consumed {c0} → {c1} in the last 0.5 s): {status:?} after {:.2}s, \"worker stopped\" {stopped}",
+            "sigterm: t={:.1}s SIGTERM {victim} (consumed {c0} → {c1} in the last 0.25 s): {status:?} after {:.2}s, \"worker stopped\" {stopped}",
             t.as_secs_f64(),
             took.as_secs_f64()
         );
@@ -860,14 +889,22 @@ fn sigterm_under_load_exits_cleanly_with_nothing_lost_or_doubled() {
             "{victim} logged errors:\n{}",
             tail(&log, 15)
         );
-        stops.push((victim, took));
+        stops.push((victim, t, took));
 
-        // The pod restarts under its name.
+        // The pod restarts under its name (readiness is awaited below, so the other victim is
+        // stopped while events still flow).
         let port = free_port();
         let (child, log) = ctx.spawn_workers(&[victim], "p0", port, &format!("{victim}-01-restarted"));
-        procs[i] = Proc { worker: victim, child, port, log: log.clone() };
-        let to_ready = wait_ready(&mut procs[i].child, port, &log, READY_WITHIN);
-        println!("sigterm: {victim} restarted, ready after {:.1}s", to_ready.as_secs_f64());
+        procs[i] = Proc { worker: victim, child, port, log };
+    }
+    for (victim, _, _) in &stops {
+        let p = procs.iter_mut().find(|p| p.worker == *victim).unwrap();
+        let to_ready = wait_ready(&mut p.child, p.port, &p.log, READY_WITHIN);
+        println!(
+            "sigterm: {victim} restarted, ready at t={:.1}s (waited {:.1}s more)",
+            driver_started.elapsed().as_secs_f64(),
+            to_ready.as_secs_f64()
+        );
     }
 
     let context = || procs.iter().map(|p| format!("\n--- {} ({}):\n{}", p.worker, p.log.display(), tail(&p.log, 5))).collect::<String>();
@@ -886,8 +923,8 @@ fn sigterm_under_load_exits_cleanly_with_nothing_lost_or_doubled() {
         }
     }
     assert!(unclean.is_empty(), "workers did not exit 0 on SIGTERM at the end: {unclean:?}");
-    for (victim, took) in stops {
-        println!("sigterm: {victim} stopped in {:.2}s", took.as_secs_f64());
+    for (victim, t, took) in stops {
+        println!("sigterm: {victim} SIGTERMed at t={:.1}s, exited 0 in {:.2}s", t.as_secs_f64(), took.as_secs_f64());
     }
     println!("sigterm: passed in {:.1}s", started.elapsed().as_secs_f64());
 }

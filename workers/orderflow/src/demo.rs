@@ -486,14 +486,18 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         order.occurred_at = now_ms();
         let bytes = codec.encode("order.created", &Event::OrderCreated(order.clone())).await?;
         let producer = producer.clone();
-        in_flight.push(async move {
+        // A task per send, so records leave at the pace of this loop (`--rate`), not when the
+        // futures are first polled after it.
+        in_flight.push(tokio::spawn(async move {
             producer
                 .send(FutureRecord::to("order.created").key(&order.order_id).payload(&bytes), Timeout::Never)
                 .await
                 .map_err(|(e, _)| anyhow::anyhow!("producing order.created: {e}"))
-        });
+        }));
         if in_flight.len() >= 10_000 {
-            in_flight.next().await.transpose()?;
+            if let Some(r) = in_flight.next().await {
+                r??;
+            }
         }
         bar.set_position(i as u64 + 1);
         if let Some(p) = pace {
@@ -504,7 +508,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     }
     while let Some(r) = in_flight.next().await {
-        r?;
+        r??;
     }
     bar.finish_and_clear();
     println!("produced {order_count} order.created in {:.1}s", produce_started.elapsed().as_secs_f64());
