@@ -102,7 +102,12 @@ async fn produce(s: &Setup, events: &[Event]) {
 }
 
 async fn start(s: &Setup) -> (watch::Sender<bool>, tokio::task::JoinHandle<Result<(), WorkerError>>, Metrics) {
-    let loaded = Arc::new(topology::load_checked(&s.dir.path().join("topology.toml"), KINDS).expect("topology"));
+    let mut loaded = topology::load_checked(&s.dir.path().join("topology.toml"), KINDS).expect("topology");
+    // The environment may point at another broker (scripts/test.sh exports ORDERFLOW_BOOTSTRAP
+    // and ORDERFLOW_STATE_DIR); this test runs against its own mock cluster and state dir.
+    loaded.topology.broker.bootstrap = s.mock.bootstrap_servers();
+    loaded.topology.defaults.state_dir = s.dir.path().join("state");
+    let loaded = Arc::new(loaded);
     let metrics = Metrics::new();
     let worker = Worker::new(WorkerSetup {
         name: "deduplicator".into(),
