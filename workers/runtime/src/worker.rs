@@ -331,7 +331,14 @@ impl Worker {
                     info!(worker = %self.name, partitions = ?ps, "partitions revoked");
                     abandoned.extend(ps);
                 }
-                RebalanceEvent::Assigned(ps) => assigned.extend(ps),
+                RebalanceEvent::Assigned(ps) => {
+                    if ps.is_empty() && self.owned.is_empty() {
+                        // More members than partitions: an idle member is still a ready one.
+                        self.ready.store(true, Ordering::Relaxed);
+                        info!(worker = %self.name, "worker ready with no partitions assigned");
+                    }
+                    assigned.extend(ps)
+                }
                 RebalanceEvent::Rewind(ps) => rewound.extend(ps),
             }
         }
