@@ -8,6 +8,7 @@
 //! and for shadow replays.
 
 pub mod events;
+pub mod fixtures;
 mod harness;
 mod state;
 

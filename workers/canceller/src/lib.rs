@@ -173,7 +173,7 @@ impl Processor for Canceller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use orderflow_api::events::{FailedItem, ReleasedItem};
+    use orderflow_api::fixtures::*;
     use orderflow_api::Harness;
 
     fn harness() -> Harness<Canceller> {
@@ -181,40 +181,18 @@ mod tests {
     }
 
     fn failed(id: &str, order_id: &str) -> StockReservationFailed {
-        StockReservationFailed {
-            event_id: id.into(),
-            occurred_at: 1_000,
-            order_id: order_id.into(),
-            hq_id: "HQ-1".into(),
-            store_id: "S-1".into(),
-            reason: "INSUFFICIENT_STOCK".into(),
-            items: vec![FailedItem { product_id: "P-001".into(), requested: 10, available: 5 }],
-        }
+        stock_reservation_failed(id, order_id, 1_000, &[("P-001", 10, 5)])
     }
 
     fn released(id: &str, order_id: &str, reason: &str) -> StockReservationReleased {
-        StockReservationReleased {
-            event_id: id.into(),
-            occurred_at: 301_000,
-            order_id: order_id.into(),
-            reservation_id: "R-1".into(),
-            hq_id: "HQ-1".into(),
-            store_id: "S-1".into(),
-            reason: reason.into(),
-            items: vec![ReleasedItem { product_id: "P-001".into(), released: 2 }],
-        }
+        stock_reservation_released(id, order_id, "R-1", reason, 301_000, &[("P-001", 2)])
     }
 
     fn pos_cancel(id: &str, order_id: &str) -> OrderCancelled {
         OrderCancelled {
-            event_id: id.into(),
-            occurred_at: 2_000,
-            order_id: order_id.into(),
-            hq_id: "HQ-1".into(),
-            store_id: "S-1".into(),
-            reason: "PAYMENT_FAILED".into(),
             reservation_id: Some("R-1".into()),
             customer_message: customer_message("PAYMENT_FAILED").into(),
+            ..order_cancelled(id, order_id, "PAYMENT_FAILED", 2_000)
         }
     }
 
@@ -317,15 +295,7 @@ mod tests {
     fn empty_order_id_is_invalid_and_other_events_ignored() {
         let mut h = harness();
         assert!(matches!(h.feed("t", failed("f1", ""), 0), Err(ProcessError::Invalid(_))));
-        let ev = orderflow_api::events::StockReservationExpired {
-            event_id: "x".into(),
-            occurred_at: 0,
-            order_id: "O-1".into(),
-            reservation_id: "R".into(),
-            hq_id: "HQ-1".into(),
-            store_id: "S-1".into(),
-            expires_at: 0,
-        };
+        let ev = stock_reservation_expired("x", "O-1", "R", 0);
         assert!(h.feed("stock.reservation.failed", ev, 0).unwrap().is_empty());
         assert!(h.store.get_json::<CancelRecord>(&cancel_key("O-1")).is_none());
     }

@@ -68,6 +68,7 @@ impl Processor for Deduplicator {
 mod tests {
     use super::*;
     use orderflow_api::events::*;
+    use orderflow_api::fixtures::*;
     use orderflow_api::Harness;
 
     fn harness() -> Harness<Deduplicator> {
@@ -75,62 +76,16 @@ mod tests {
     }
 
     fn created(id: &str, store: &str) -> OrderCreated {
-        OrderCreated {
-            event_id: id.into(),
-            occurred_at: 1_000,
-            order_id: "O-1".into(),
-            customer_id: "C-1".into(),
-            hq_id: "HQ-1".into(),
-            store_id: store.into(),
-            items: vec![OrderItem { product_id: "P-001".into(), quantity: 1, unit_price: 100 }],
-        }
+        OrderCreated { store_id: store.into(), ..order_created(id, "O-1", 1_000, &[("P-001", 1)]) }
     }
 
     fn forwarded_events() -> Vec<Event> {
         vec![
             created("e1", "S-1").into(),
-            OrderCompleted {
-                event_id: "e2".into(),
-                occurred_at: 2,
-                order_id: "O-1".into(),
-                reservation_id: "R".into(),
-                hq_id: "HQ-1".into(),
-                store_id: "S-1".into(),
-                items: vec![],
-                total_amount: 0,
-            }
-            .into(),
-            OrderCancelled {
-                event_id: "e3".into(),
-                occurred_at: 3,
-                order_id: "O-1".into(),
-                hq_id: "HQ-1".into(),
-                store_id: "S-1".into(),
-                reason: "PAYMENT_FAILED".into(),
-                reservation_id: None,
-                customer_message: String::new(),
-            }
-            .into(),
-            StockReservationExpired {
-                event_id: "e4".into(),
-                occurred_at: 4,
-                order_id: "O-1".into(),
-                reservation_id: "R".into(),
-                hq_id: "HQ-1".into(),
-                store_id: "S-1".into(),
-                expires_at: 4,
-            }
-            .into(),
-            InventoryAdjusted {
-                event_id: "e5".into(),
-                occurred_at: 5,
-                hq_id: "HQ-1".into(),
-                store_id: "S-1".into(),
-                adjustment_type: "RESTOCK".into(),
-                reference_id: "ADJ-1".into(),
-                items: vec![AdjustedItem { product_id: "P-001".into(), delta: 3 }],
-            }
-            .into(),
+            order_completed("e2", "O-1", "R", 2).into(),
+            order_cancelled("e3", "O-1", "PAYMENT_FAILED", 3).into(),
+            stock_reservation_expired("e4", "O-1", "R", 4).into(),
+            InventoryAdjusted { reference_id: "ADJ-1".into(), ..inventory_adjusted("e5", 5, &[("P-001", 3)]) }.into(),
         ]
     }
 
@@ -149,16 +104,7 @@ mod tests {
     #[test]
     fn ignores_other_event_types() {
         let mut h = harness();
-        let ev = StockReserved {
-            event_id: "x".into(),
-            occurred_at: 1,
-            order_id: "O-1".into(),
-            reservation_id: "R".into(),
-            hq_id: "HQ-1".into(),
-            store_id: "S-1".into(),
-            expires_at: 2,
-            items: vec![],
-        };
+        let ev = stock_reserved("x", "O-1", "R", 1, 2, &[]);
         assert!(h.feed("order.created", ev, 0).unwrap().is_empty(), "dispatch is on the variant, not the topic");
     }
 

@@ -183,7 +183,7 @@ impl Processor for OrderConfirmer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use orderflow_api::events::{FailedItem, ReservedItem};
+    use orderflow_api::fixtures::*;
     use orderflow_api::Harness;
 
     fn harness() -> Harness<OrderConfirmer> {
@@ -191,54 +191,19 @@ mod tests {
     }
 
     fn reserved(id: &str, order_id: &str) -> StockReserved {
-        StockReserved {
-            event_id: id.into(),
-            occurred_at: 1_000,
-            order_id: order_id.into(),
-            reservation_id: format!("R-{order_id}"),
-            hq_id: "HQ-1".into(),
-            store_id: "S-1".into(),
-            expires_at: 301_000,
-            items: vec![ReservedItem { product_id: "P-001".into(), reserved: 2 }],
-        }
+        stock_reserved(id, order_id, &format!("R-{order_id}"), 1_000, 301_000, &[("P-001", 2)])
     }
 
     fn failed(id: &str, order_id: &str) -> StockReservationFailed {
-        StockReservationFailed {
-            event_id: id.into(),
-            occurred_at: 1_000,
-            order_id: order_id.into(),
-            hq_id: "HQ-1".into(),
-            store_id: "S-1".into(),
-            reason: "INSUFFICIENT_STOCK".into(),
-            items: vec![FailedItem { product_id: "P-001".into(), requested: 10, available: 5 }],
-        }
+        stock_reservation_failed(id, order_id, 1_000, &[("P-001", 10, 5)])
     }
 
     fn cancelled(id: &str, order_id: &str) -> OrderCancelled {
-        OrderCancelled {
-            event_id: id.into(),
-            occurred_at: 2_000,
-            order_id: order_id.into(),
-            hq_id: "HQ-1".into(),
-            store_id: "S-1".into(),
-            reason: "INSUFFICIENT_STOCK".into(),
-            reservation_id: None,
-            customer_message: String::new(),
-        }
+        order_cancelled(id, order_id, "INSUFFICIENT_STOCK", 2_000)
     }
 
     fn completed(id: &str, order_id: &str) -> OrderCompleted {
-        OrderCompleted {
-            event_id: id.into(),
-            occurred_at: 3_000,
-            order_id: order_id.into(),
-            reservation_id: format!("R-{order_id}"),
-            hq_id: "HQ-1".into(),
-            store_id: "S-1".into(),
-            items: vec![],
-            total_amount: 0,
-        }
+        order_completed(id, order_id, &format!("R-{order_id}"), 3_000)
     }
 
     fn status(h: &Harness<OrderConfirmer>, order_id: &str) -> Option<OrderStatus> {
@@ -358,15 +323,7 @@ mod tests {
         let mut h = harness();
         assert!(matches!(h.feed("t", reserved("e1", ""), 0), Err(ProcessError::Invalid(_))));
         assert!(matches!(h.feed("t", cancelled("k1", ""), 0), Err(ProcessError::Invalid(_))));
-        let ev = orderflow_api::events::OrderCreated {
-            event_id: "x".into(),
-            occurred_at: 0,
-            order_id: "O-1".into(),
-            customer_id: "C".into(),
-            hq_id: "HQ-1".into(),
-            store_id: "S-1".into(),
-            items: vec![],
-        };
+        let ev = order_created("x", "O-1", 0, &[]);
         assert!(h.feed("stock.reserved", ev, 0).unwrap().is_empty());
         assert_eq!(status(&h, "O-1"), None);
     }

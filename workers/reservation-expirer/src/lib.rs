@@ -172,7 +172,7 @@ impl Processor for ReservationExpirer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use orderflow_api::events::ReservedItem;
+    use orderflow_api::fixtures::*;
     use orderflow_api::Harness;
 
     const TTL: i64 = DEFAULT_RESERVATION_TTL_MS;
@@ -183,42 +183,15 @@ mod tests {
     }
 
     fn reserved(id: &str, order_id: &str) -> StockReserved {
-        StockReserved {
-            event_id: id.into(),
-            occurred_at: T0,
-            order_id: order_id.into(),
-            reservation_id: format!("R-{order_id}"),
-            hq_id: "HQ-1".into(),
-            store_id: "S-1".into(),
-            expires_at: T0 + TTL,
-            items: vec![ReservedItem { product_id: "P-001".into(), reserved: 2 }],
-        }
+        stock_reserved(id, order_id, &format!("R-{order_id}"), T0, T0 + TTL, &[("P-001", 2)])
     }
 
     fn completed(id: &str, order_id: &str) -> OrderCompleted {
-        OrderCompleted {
-            event_id: id.into(),
-            occurred_at: T0 + 10,
-            order_id: order_id.into(),
-            reservation_id: format!("R-{order_id}"),
-            hq_id: "HQ-1".into(),
-            store_id: "S-1".into(),
-            items: vec![],
-            total_amount: 0,
-        }
+        order_completed(id, order_id, &format!("R-{order_id}"), T0 + 10)
     }
 
     fn cancelled(id: &str, order_id: &str) -> OrderCancelled {
-        OrderCancelled {
-            event_id: id.into(),
-            occurred_at: T0 + 10,
-            order_id: order_id.into(),
-            hq_id: "HQ-1".into(),
-            store_id: "S-1".into(),
-            reason: "PAYMENT_FAILED".into(),
-            reservation_id: None,
-            customer_message: String::new(),
-        }
+        order_cancelled(id, order_id, "PAYMENT_FAILED", T0 + 10)
     }
 
     #[test]
@@ -311,15 +284,7 @@ mod tests {
         ev.reservation_id.clear();
         assert!(matches!(h.feed("t", ev, T0), Err(ProcessError::Invalid(_))));
         assert!(h.store.timers.is_empty());
-        let ev = orderflow_api::events::StockReservationExpired {
-            event_id: "x".into(),
-            occurred_at: 0,
-            order_id: "O-1".into(),
-            reservation_id: "R".into(),
-            hq_id: "HQ-1".into(),
-            store_id: "S-1".into(),
-            expires_at: 0,
-        };
+        let ev = stock_reservation_expired("x", "O-1", "R", 0);
         assert!(h.feed("stock.reserved", ev, T0).unwrap().is_empty());
         assert!(h.store.data.keys().all(|k| k.starts_with(b"\x00")));
     }

@@ -543,12 +543,10 @@ fn invalid(kind: &str, event_id: &str, what: &str) -> ProcessError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use orderflow_api::events::OrderItem;
+    use orderflow_api::fixtures::*;
     use orderflow_api::{Harness, Output};
 
     const TTL: i64 = 300_000;
-    const HQ: &str = "HQ-1";
-    const STORE: &str = "S-1";
 
     fn harness() -> Harness<StockReserver> {
         Harness::new(StockReserver::new(TTL), PORTS)
@@ -559,65 +557,23 @@ mod tests {
     }
 
     fn adjust_ev(id: &str, items: &[(&str, i64)]) -> InventoryAdjusted {
-        InventoryAdjusted {
-            event_id: id.into(),
-            occurred_at: 500,
-            hq_id: HQ.into(),
-            store_id: STORE.into(),
-            adjustment_type: "RESTOCK".into(),
-            reference_id: format!("ref-{id}"),
-            items: items.iter().map(|(p, d)| AdjustedItem { product_id: p.to_string(), delta: *d }).collect(),
-        }
+        InventoryAdjusted { reference_id: format!("ref-{id}"), ..inventory_adjusted(id, 500, items) }
     }
 
     fn order(id: &str, order_id: &str, items: &[(&str, i32)]) -> OrderCreated {
-        OrderCreated {
-            event_id: id.into(),
-            occurred_at: 1_000,
-            order_id: order_id.into(),
-            customer_id: "C-1".into(),
-            hq_id: HQ.into(),
-            store_id: STORE.into(),
-            items: items.iter().map(|(p, q)| OrderItem { product_id: p.to_string(), quantity: *q, unit_price: 1000 }).collect(),
-        }
+        order_created(id, order_id, 1_000, items)
     }
 
     fn cancel(id: &str, order_id: &str) -> OrderCancelled {
-        OrderCancelled {
-            event_id: id.into(),
-            occurred_at: 2_000,
-            order_id: order_id.into(),
-            hq_id: HQ.into(),
-            store_id: STORE.into(),
-            reason: "PAYMENT_FAILED".into(),
-            reservation_id: None,
-            customer_message: String::new(),
-        }
+        order_cancelled(id, order_id, "PAYMENT_FAILED", 2_000)
     }
 
     fn complete(id: &str, order_id: &str) -> OrderCompleted {
-        OrderCompleted {
-            event_id: id.into(),
-            occurred_at: 3_000,
-            order_id: order_id.into(),
-            reservation_id: String::new(),
-            hq_id: HQ.into(),
-            store_id: STORE.into(),
-            items: vec![],
-            total_amount: 0,
-        }
+        order_completed(id, order_id, "", 3_000)
     }
 
     fn expire(id: &str, order_id: &str, reservation_id: &str) -> StockReservationExpired {
-        StockReservationExpired {
-            event_id: id.into(),
-            occurred_at: 1_000 + TTL,
-            order_id: order_id.into(),
-            reservation_id: reservation_id.into(),
-            hq_id: HQ.into(),
-            store_id: STORE.into(),
-            expires_at: 1_000 + TTL,
-        }
+        stock_reservation_expired(id, order_id, reservation_id, 1_000 + TTL)
     }
 
     fn stock(h: &Harness<StockReserver>, product: &str) -> StockRecord {
@@ -959,16 +915,7 @@ mod tests {
     #[test]
     fn ignores_unrelated_events() {
         let mut h = harness();
-        let ev = StockReservationReleased {
-            event_id: "r".into(),
-            occurred_at: 0,
-            order_id: "O-1".into(),
-            reservation_id: "R".into(),
-            hq_id: HQ.into(),
-            store_id: STORE.into(),
-            reason: "EXPIRED".into(),
-            items: vec![],
-        };
+        let ev = stock_reservation_released("r", "O-1", "R", "EXPIRED", 0, &[]);
         assert!(h.feed("order.created", ev, 0).unwrap().is_empty());
         assert!(h.notes.is_empty());
     }
