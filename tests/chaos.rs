@@ -22,9 +22,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::{sigterm, tail, unix_secs, Guarded, RunDir};
 use serde_json::{json, Value};
 
 const ORDERS: u64 = 5_000;
@@ -43,6 +44,8 @@ const SESSION_TIMEOUT_MS: u64 = 6_000;
 /// A SIGTERM that lands before the worker installed its handler kills it like SIGKILL, so
 /// clean stops wait until the incarnation logged "worker ready" or is at least this old.
 const MIN_AGE_BEFORE_SIGTERM: Duration = Duration::from_secs(10);
+/// How often a child process is checked while waiting for its exit.
+const EXIT_POLL: Duration = Duration::from_millis(50);
 
 /// The initial fleet: (worker, processes).
 const FLEET: &[(&str, usize)] =
@@ -50,7 +53,7 @@ const FLEET: &[(&str, usize)] =
 const SCALED: &str = "order-confirmer";
 
 // ------------------------------------------------------------------------------------------
-// Small utilities: RNG, signals, child guard, run directory, timestamps.
+// Small utilities: RNG, figures.
 
 /// splitmix64: a seeded, dependency-free RNG (the schedule only needs to be replayable).
 struct Rng(u64);
@@ -71,92 +74,6 @@ impl Rng {
         let f = 0.8 + (self.next() % 401) as f64 / 1000.0;
         base.mul_f64(f)
     }
-}
-
-fn sigterm(pid: u32) {
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-}
-
-/// A child process that is SIGKILLed and reaped when dropped, so a failing assertion never
-/// leaves a worker or the driver behind.
-struct Guarded(Child);
-
-impl Guarded {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-    fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.0.try_wait().ok().flatten()
-    }
-    fn kill_and_wait(&mut self) -> ExitStatus {
-        let _ = self.0.kill();
-        self.0.wait().expect("wait for killed child")
-    }
-    /// Waits until the child exits or `timeout` passes.
-    fn wait_for(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let until = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.try_wait() {
-                return Some(s);
-            }
-            if Instant::now() >= until {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        if self.try_wait().is_none() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-/// The run's directory (logs, state, topology copy, summary): removed after a passing run,
-/// kept and printed after a failing one or with ORDERFLOW_KEEP_CHAOS_DIR=1.
-struct RunDir(PathBuf);
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() || std::env::var("ORDERFLOW_KEEP_CHAOS_DIR").is_ok_and(|v| v == "1") {
-            eprintln!("chaos: logs, state and summary kept in {}", self.0.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-fn unix_secs(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
-/// Seconds since the epoch of an RFC 3339 UTC timestamp as tracing-subscriber writes it
-/// (`2025-11-21T09:26:01.123456Z`; a `+00:00` suffix is accepted too).
-fn parse_utc(ts: &str) -> Option<f64> {
-    let ts = ts.strip_suffix('Z').or_else(|| ts.strip_suffix("+00:00"))?;
-    let (date, time) = ts.split_once('T')?;
-    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let mut t = time.splitn(3, ':');
-    let (h, mi, s) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?, t.next()?.parse::<f64>().ok()?);
-    // Days from civil (Howard Hinnant).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some((days * 86_400 + h * 3_600 + mi * 60) as f64 + s)
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn stats(mut v: Vec<f64>) -> Value {
@@ -265,13 +182,17 @@ impl Fleet {
         let idx = self.incarnations.len() - 1;
         match self.slots.iter_mut().find(|s| s.worker == worker && s.instance == instance) {
             Some(slot) => {
-                slot.child = Some(Guarded(child));
+                slot.child = Some(Guarded::new(child, EXIT_POLL));
                 slot.current = idx;
                 slot.retired = false;
             }
-            None => {
-                self.slots.push(Slot { worker, instance: instance.to_string(), child: Some(Guarded(child)), current: idx, retired: false })
-            }
+            None => self.slots.push(Slot {
+                worker,
+                instance: instance.to_string(),
+                child: Some(Guarded::new(child, EXIT_POLL)),
+                current: idx,
+                retired: false,
+            }),
         }
         idx
     }
@@ -395,10 +316,7 @@ struct LogFacts {
     errors: usize,
 }
 
-fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
-    v.get("fields").and_then(|f| f.get(name)).or_else(|| v.get(name))
-}
-
+/// A count field: a JSON number or a numeric string (0 otherwise).
 fn as_u64(v: Option<&Value>) -> u64 {
     match v {
         Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
@@ -407,31 +325,21 @@ fn as_u64(v: Option<&Value>) -> u64 {
     }
 }
 
-fn as_f64(v: Option<&Value>) -> f64 {
-    match v {
-        Some(Value::Number(n)) => n.as_f64().unwrap_or(0.0),
-        Some(Value::String(s)) => s.trim_end_matches('s').parse().unwrap_or(0.0),
-        _ => 0.0,
-    }
-}
-
 fn parse_log(path: &Path) -> LogFacts {
     let mut facts = LogFacts::default();
-    let text = fs::read_to_string(path).unwrap_or_default();
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+    for v in common::log_lines(path) {
         facts.lines += 1;
-        if v.get("level").and_then(Value::as_str) == Some("ERROR") {
+        if common::is_error(&v) {
             facts.errors += 1;
         }
-        match field(&v, "message").and_then(Value::as_str) {
-            Some("state restored") => facts.restored.push((
-                field(&v, "source").and_then(Value::as_str).unwrap_or("?").to_string(),
-                as_u64(field(&v, "records")),
-                as_f64(field(&v, "seconds")),
+        match common::message(&v) {
+            "state restored" => facts.restored.push((
+                common::field(&v, "source").and_then(Value::as_str).unwrap_or("?").to_string(),
+                as_u64(common::field(&v, "records")),
+                common::num(common::field(&v, "seconds")).unwrap_or(0.0),
             )),
-            Some("worker ready") if facts.ready_at.is_none() => {
-                facts.ready_at = v.get("timestamp").and_then(Value::as_str).and_then(parse_utc);
+            "worker ready" if facts.ready_at.is_none() => {
+                facts.ready_at = common::timestamp(&v);
             }
             _ => {}
         }
@@ -644,8 +552,8 @@ fn chaos_kills_restarts_and_scaling_keep_every_invariant() {
     // Dropped in reverse order: the fleet (SIGKILL of every child) first, then the run
     // directory, then the broker.
     let broker = common::Broker::start();
-    let run_dir = RunDir(tempfile::Builder::new().prefix("orderflow-chaos-").tempdir().expect("temp dir").keep());
-    let dir = run_dir.0.clone();
+    let run_dir = RunDir::create("orderflow-chaos-", "ORDERFLOW_KEEP_CHAOS_DIR", "chaos: logs, state and summary");
+    let dir = run_dir.path().to_path_buf();
     let logs = dir.join("logs");
     let state_dir = dir.join("state");
     fs::create_dir_all(&logs).unwrap();
@@ -689,7 +597,7 @@ fn chaos_kills_restarts_and_scaling_keep_every_invariant() {
     let summary_path = dir.join("summary.json");
     let driver_out = dir.join("driver.stdout");
     let driver_err = dir.join("driver.stderr");
-    let mut driver = Guarded(
+    let mut driver = Guarded::new(
         Command::new(&bin)
             .current_dir(&root)
             .args(["demo", "--external-workers", "--topology"])
@@ -708,6 +616,7 @@ fn chaos_kills_restarts_and_scaling_keep_every_invariant() {
             .stderr(Stdio::from(File::create(&driver_err).unwrap()))
             .spawn()
             .expect("spawn orderflow demo"),
+        EXIT_POLL,
     );
     let chaos_started = Instant::now();
 
@@ -800,36 +709,10 @@ fn chaos_kills_restarts_and_scaling_keep_every_invariant() {
     );
     assert!(unclean.is_empty(), "workers did not exit 0 within {}s of SIGTERM: {unclean:?}", CLEAN_EXIT_WITHIN.as_secs());
     let s = summary.expect("the driver wrote a JSON summary");
-    let len = |k: &str| s[k].as_array().map(Vec::len).unwrap_or_else(|| panic!("summary has no list {k}"));
-    assert_eq!(s["orders"], EXPECTED_ORDERS, "orders in the summary");
-    assert_eq!(len("without_terminal_outcome"), 0, "orders without a terminal outcome: {}", s["without_terminal_outcome"]);
-    assert_eq!(len("with_several_outcomes"), 0, "orders with several outcomes: {}", s["with_several_outcomes"]);
-    let by = &s["by_outcome"];
-    let outcome = |k: &str| by[k].as_u64().unwrap_or(0);
-    let terminal = outcome("ORDER_COMPLETED")
-        + outcome("ORDER_CANCELLED/INSUFFICIENT_STOCK")
-        + outcome("ORDER_CANCELLED/PAYMENT_FAILED")
-        + outcome("ORDER_CANCELLED/RESERVATION_EXPIRED");
-    assert_eq!(terminal, EXPECTED_ORDERS, "one terminal outcome per order (no CONFLICT, none pending): {by}");
-    assert_eq!(len("payload_conflicts"), 0, "eventIds with two payloads: {}", s["payload_conflicts"]);
-    assert_eq!(len("conservation_violations"), 0, "{}", s["conservation_violations"]);
-    assert_eq!(len("negative_stock"), 0, "{}", s["negative_stock"]);
-    for st in s["stores"].as_array().expect("stores") {
-        assert_eq!(st["conserved"], true, "{st}");
-    }
-    let seeds = s["seed_scenarios"].as_array().expect("seed_scenarios");
-    assert_eq!(seeds.len(), 2, "seed scenarios");
-    for seed_result in seeds {
-        assert_eq!(seed_result["pass"], true, "{seed_result}");
-    }
+    common::assert_summary_invariants(&s, EXPECTED_ORDERS);
+    assert_eq!(s["seed_scenarios"].as_array().expect("seed_scenarios").len(), 2, "seed scenarios");
+    let outcome = |k: &str| common::outcome(&s, k);
     let raw = &s["events_per_topic"];
-    // Only the driver produces order.created (once, idempotently): the raw count is exact.
-    assert_eq!(raw["order.created"], EXPECTED_ORDERS, "order.created records: {raw}");
-    for (topic, n) in raw.as_object().expect("events_per_topic") {
-        if topic.ends_with(".dlq") {
-            assert_eq!(n, 0, "{topic} holds records");
-        }
-    }
     // No record lost: every order got exactly one stock answer and every reservation one
     // confirmation; every input event of the deduplicator reached the repartition topic.
     match s.get("distinct_events_per_topic").and_then(Value::as_object) {

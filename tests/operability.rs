@@ -24,9 +24,10 @@ use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
 
+use common::{field, log_lines, message, num, tail, timestamp, unix_secs, Guarded, RunDir};
 use serde_json::Value;
 
 /// Reservation TTL of every run (workers' `--reservation-ttl`, the driver's `--ttl`).
@@ -38,65 +39,11 @@ const WORKERS: [&str; 5] = ["deduplicator", "stock-reserver", "order-confirmer",
 const SEED_ORDERS: u64 = 2;
 const DRIVER_CAP: Duration = Duration::from_secs(180);
 const READY_WITHIN: Duration = Duration::from_secs(60);
+/// How often a child process is checked while waiting for its exit.
+const EXIT_POLL: Duration = Duration::from_millis(20);
 
 // ------------------------------------------------------------------------------------------
 // Processes.
-
-/// A child process that is SIGKILLed and reaped when dropped, so a failing assertion never
-/// leaves a worker or the driver behind.
-struct Guarded(Child);
-
-impl Guarded {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-    fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.0.try_wait().ok().flatten()
-    }
-    /// Waits until the child exits or `timeout` passes.
-    fn wait_for(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let until = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.try_wait() {
-                return Some(s);
-            }
-            if Instant::now() >= until {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    /// SIGTERM, then waits up to `within`; returns the exit status and how long it took.
-    fn terminate(&mut self, within: Duration) -> (Option<ExitStatus>, Duration) {
-        let sent = Instant::now();
-        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
-        let status = self.wait_for(within);
-        (status, sent.elapsed())
-    }
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        if self.try_wait().is_none() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-/// The test's directory (logs, state, summaries): removed after a passing test, kept and
-/// printed after a failing one or with ORDERFLOW_KEEP_OPERABILITY_DIR=1.
-struct RunDir(PathBuf);
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() || std::env::var("ORDERFLOW_KEEP_OPERABILITY_DIR").is_ok_and(|v| v == "1") {
-            eprintln!("operability: logs, state and summaries kept in {}", self.0.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-}
 
 /// Everything a test needs to start workers and the driver against its broker.
 struct Ctx {
@@ -111,8 +58,9 @@ struct Ctx {
 impl Ctx {
     /// Creates the run directory and the topics on `broker`.
     fn new(broker: &common::Broker, name: &str) -> (Ctx, RunDir) {
-        let dir = tempfile::Builder::new().prefix(&format!("orderflow-{name}-")).tempdir().expect("temp dir").keep();
-        let run_dir = RunDir(dir.clone());
+        let run_dir =
+            RunDir::create(&format!("orderflow-{name}-"), "ORDERFLOW_KEEP_OPERABILITY_DIR", "operability: logs, state and summaries");
+        let dir = run_dir.path().to_path_buf();
         let root = common::repo_root();
         let ctx = Ctx {
             bin: common::orderflow_bin(),
@@ -164,7 +112,7 @@ impl Ctx {
             .stderr(Stdio::from(File::create(&log).expect("create log file")))
             .spawn()
             .unwrap_or_else(|e| panic!("spawn orderflow run {workers:?}: {e}"));
-        (Guarded(child), log)
+        (Guarded::new(child, EXIT_POLL), log)
     }
 
     /// `orderflow demo --external-workers` on `orders` TPC-H orders; returns the child and the
@@ -192,7 +140,7 @@ impl Ctx {
             .stderr(Stdio::from(File::create(&err).unwrap()))
             .spawn()
             .expect("spawn orderflow demo");
-        (Guarded(child), summary, out, err)
+        (Guarded::new(child, EXIT_POLL), summary, out, err)
     }
 }
 
@@ -239,12 +187,6 @@ fn wait_ready(child: &mut Guarded, port: u16, log: &Path, within: Duration) -> D
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 // ------------------------------------------------------------------------------------------
@@ -381,26 +323,6 @@ fn listed_families() -> Vec<(String, String)> {
 // ------------------------------------------------------------------------------------------
 // JSON logs.
 
-fn log_lines(path: &Path) -> Vec<Value> {
-    fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-}
-
-fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
-    v.get("fields").and_then(|f| f.get(name)).or_else(|| v.get(name))
-}
-
-fn message(v: &Value) -> &str {
-    field(v, "message").and_then(Value::as_str).unwrap_or("")
-}
-
-fn num(v: Option<&Value>) -> Option<f64> {
-    match v? {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim_end_matches('s').parse().ok(),
-        _ => None,
-    }
-}
-
 /// The partition numbers of a `partitions = ?set` field (`"{0, 1, 2}"` or a JSON array).
 fn partitions_of(v: Option<&Value>) -> BTreeSet<i64> {
     match v {
@@ -408,31 +330,6 @@ fn partitions_of(v: Option<&Value>) -> BTreeSet<i64> {
         Some(Value::String(s)) => s.split(|c: char| !c.is_ascii_digit() && c != '-').filter_map(|x| x.parse().ok()).collect(),
         _ => BTreeSet::new(),
     }
-}
-
-/// Seconds since the epoch of an RFC 3339 UTC timestamp as tracing-subscriber writes it.
-fn parse_utc(ts: &str) -> Option<f64> {
-    let ts = ts.strip_suffix('Z').or_else(|| ts.strip_suffix("+00:00"))?;
-    let (date, time) = ts.split_once('T')?;
-    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let mut t = time.splitn(3, ':');
-    let (h, mi, s) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?, t.next()?.parse::<f64>().ok()?);
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some((days * 86_400 + h * 3_600 + mi * 60) as f64 + s)
-}
-
-fn timestamp(v: &Value) -> Option<f64> {
-    v.get("timestamp").and_then(Value::as_str).and_then(parse_utc)
-}
-
-fn unix_secs(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 // ------------------------------------------------------------------------------------------
@@ -460,33 +357,8 @@ fn assert_driver_passed(driver: &mut Guarded, summary: &Path, out: &Path, err: &
     );
     let s: Value = serde_json::from_slice(&fs::read(summary).expect("the driver wrote its summary")).expect("summary is JSON");
     let expected = orders + SEED_ORDERS;
-    let len = |k: &str| s[k].as_array().map(Vec::len).unwrap_or_else(|| panic!("summary has no list {k}"));
-    assert_eq!(s["orders"], expected, "orders in the summary");
-    assert_eq!(len("without_terminal_outcome"), 0, "orders without a terminal outcome: {}", s["without_terminal_outcome"]);
-    assert_eq!(len("with_several_outcomes"), 0, "orders with several outcomes: {}", s["with_several_outcomes"]);
-    let by = &s["by_outcome"];
-    let outcome = |k: &str| by[k].as_u64().unwrap_or(0);
-    let terminal = outcome("ORDER_COMPLETED")
-        + outcome("ORDER_CANCELLED/INSUFFICIENT_STOCK")
-        + outcome("ORDER_CANCELLED/PAYMENT_FAILED")
-        + outcome("ORDER_CANCELLED/RESERVATION_EXPIRED");
-    assert_eq!(terminal, expected, "one terminal outcome per order (no CONFLICT, none pending): {by}");
-    assert_eq!(len("payload_conflicts"), 0, "eventIds with two payloads: {}", s["payload_conflicts"]);
-    assert_eq!(len("conservation_violations"), 0, "{}", s["conservation_violations"]);
-    assert_eq!(len("negative_stock"), 0, "{}", s["negative_stock"]);
-    for st in s["stores"].as_array().expect("stores") {
-        assert_eq!(st["conserved"], true, "{st}");
-    }
-    for seed in s["seed_scenarios"].as_array().expect("seed_scenarios") {
-        assert_eq!(seed["pass"], true, "{seed}");
-    }
-    let raw = &s["events_per_topic"];
-    assert_eq!(raw["order.created"], expected, "order.created records: {raw}");
-    for (topic, n) in raw.as_object().expect("events_per_topic") {
-        if topic.ends_with(".dlq") {
-            assert_eq!(n, 0, "{topic} holds records");
-        }
-    }
+    common::assert_summary_invariants(&s, expected);
+    let outcome = |k: &str| common::outcome(&s, k);
     if let Some(d) = s.get("distinct_events_per_topic").and_then(Value::as_object) {
         let n = |t: &str| d.get(t).and_then(Value::as_u64).unwrap_or(0);
         assert_eq!(n("stock.reserved") + n("stock.reservation.failed"), expected, "one stock answer per order: {d:?}");
@@ -762,8 +634,7 @@ fn readyz_turns_ready_only_after_restore() {
     let ready_partitions = partitions_of(field(&ready_line, "partitions"));
     assert!(!ready_partitions.is_empty(), "\"worker ready\" names no partition: {ready_line}");
     // Every partition of that line logged "state restored" before /readyz said 200.
-    let restored_then: Vec<Value> =
-        snapshot.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|v| message(v) == "state restored").collect();
+    let restored_then: Vec<Value> = common::json_lines(&snapshot).into_iter().filter(|v| message(v) == "state restored").collect();
     let restored_partitions: BTreeSet<i64> = restored_then.iter().filter_map(|v| num(field(v, "partition")).map(|p| p as i64)).collect();
     assert!(
         ready_partitions.is_subset(&restored_partitions),
@@ -884,11 +755,7 @@ fn sigterm_under_load_exits_cleanly_with_nothing_lost_or_doubled() {
             tail(&log, 15)
         );
         assert!(stopped, "{victim} logged no \"worker stopped\"; log:\n{}", tail(&log, 15));
-        assert!(
-            !lines.iter().any(|v| v.get("level").and_then(Value::as_str) == Some("ERROR")),
-            "{victim} logged errors:\n{}",
-            tail(&log, 15)
-        );
+        assert!(!lines.iter().any(common::is_error), "{victim} logged errors:\n{}", tail(&log, 15));
         stops.push((victim, t, took));
 
         // The pod restarts under its name (readiness is awaited below, so the other victim is

@@ -1,10 +1,16 @@
 //! Helpers shared by the integration tests: a private tansu broker per test (fresh SQLite
-//! database, free port), started and stopped through `scripts/broker.sh`.
+//! database, free port), started and stopped through `scripts/broker.sh`; child processes that
+//! die with the test; run directories kept when a test fails; the workers' JSON logs
+//! (tracing-subscriber output) and the driver's summary.
 
 #![allow(dead_code)]
 
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
 
 /// Repository root (two levels above the orderflow crate).
 pub fn repo_root() -> PathBuf {
@@ -47,4 +53,212 @@ impl Drop for Broker {
 /// The release or debug `orderflow` binary built for this test run.
 pub fn orderflow_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_orderflow"))
+}
+
+// ------------------------------------------------------------------------------------------
+// Processes.
+
+/// Sends SIGTERM to the process with id `pid` (through `kill -TERM <pid>`; never by name).
+pub fn sigterm(pid: u32) {
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+}
+
+/// A child process that is SIGKILLed and reaped when dropped, so a failing assertion never
+/// leaves a worker or the driver behind.
+pub struct Guarded {
+    child: Child,
+    /// How often [`Guarded::wait_for`] and [`Guarded::terminate`] check whether it exited.
+    poll: Duration,
+}
+
+impl Guarded {
+    /// Guards `child`; waits for its exit check every `poll`.
+    pub fn new(child: Child, poll: Duration) -> Guarded {
+        Guarded { child, poll }
+    }
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// The exit status if the child has exited (None while it runs, or if it cannot be asked).
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+    /// SIGKILL, then waits for the exit.
+    pub fn kill_and_wait(&mut self) -> ExitStatus {
+        let _ = self.child.kill();
+        self.child.wait().expect("wait for killed child")
+    }
+    /// Waits until the child exits or `timeout` passes.
+    pub fn wait_for(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(self.poll);
+        }
+    }
+    /// SIGTERM, then waits up to `within`; returns the exit status and how long it took.
+    pub fn terminate(&mut self, within: Duration) -> (Option<ExitStatus>, Duration) {
+        let sent = Instant::now();
+        sigterm(self.pid());
+        let status = self.wait_for(within);
+        (status, sent.elapsed())
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if self.try_wait().is_none() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A test's run directory (logs, state, summaries): removed after a passing test, kept and
+/// printed after a failing one or when the environment variable `keep_var` is `1`.
+pub struct RunDir {
+    path: PathBuf,
+    keep_var: &'static str,
+    /// Printed before " kept in <path>" when the directory is kept.
+    kept_note: &'static str,
+}
+
+impl RunDir {
+    /// Creates a fresh temp directory whose name starts with `prefix`.
+    pub fn create(prefix: &str, keep_var: &'static str, kept_note: &'static str) -> RunDir {
+        let path = tempfile::Builder::new().prefix(prefix).tempdir().expect("temp dir").keep();
+        RunDir { path, keep_var, kept_note }
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var(self.keep_var).is_ok_and(|v| v == "1") {
+            eprintln!("{} kept in {}", self.kept_note, self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// The last `lines` lines of the file at `path` (empty if it cannot be read).
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ------------------------------------------------------------------------------------------
+// JSON logs (tracing-subscriber's JSON format) and timestamps.
+
+/// The lines of `text` that parse as JSON (other lines are skipped).
+pub fn json_lines(text: &str) -> Vec<Value> {
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// The JSON lines of the log file at `path` (none if it cannot be read).
+pub fn log_lines(path: &Path) -> Vec<Value> {
+    json_lines(&fs::read_to_string(path).unwrap_or_default())
+}
+
+/// Field `name` of a log line: under `fields`, else at the top level.
+pub fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    v.get("fields").and_then(|f| f.get(name)).or_else(|| v.get(name))
+}
+
+/// The log line's message ("" when it has none).
+pub fn message(v: &Value) -> &str {
+    field(v, "message").and_then(Value::as_str).unwrap_or("")
+}
+
+/// Whether the log line is at level ERROR.
+pub fn is_error(v: &Value) -> bool {
+    v.get("level").and_then(Value::as_str) == Some("ERROR")
+}
+
+/// A numeric field: a JSON number, or a string such as `"1.5"` or `"1.5s"`.
+pub fn num(v: Option<&Value>) -> Option<f64> {
+    match v? {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim_end_matches('s').parse().ok(),
+        _ => None,
+    }
+}
+
+/// The log line's `timestamp` in seconds since the epoch.
+pub fn timestamp(v: &Value) -> Option<f64> {
+    v.get("timestamp").and_then(Value::as_str).and_then(parse_utc)
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC timestamp as tracing-subscriber writes it
+/// (`2025-11-21T09:26:01.123456Z`; a `+00:00` suffix is accepted too).
+pub fn parse_utc(ts: &str) -> Option<f64> {
+    let ts = ts.strip_suffix('Z').or_else(|| ts.strip_suffix("+00:00"))?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.splitn(3, ':');
+    let (h, mi, s) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?, t.next()?.parse::<f64>().ok()?);
+    // Days from civil (Howard Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3_600 + mi * 60) as f64 + s)
+}
+
+/// Seconds since the epoch of `t` (0 before the epoch).
+pub fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+// ------------------------------------------------------------------------------------------
+// The driver's summary (`orderflow demo --json`).
+
+/// Asserts the domain invariants every driver summary `s` of `expected` orders must show: one
+/// terminal outcome per order, no payload conflict, stock conserved, the seed scenarios pass,
+/// `order.created` holds exactly one record per order and no dead-letter topic holds any.
+pub fn assert_summary_invariants(s: &Value, expected: u64) {
+    let len = |k: &str| s[k].as_array().map(Vec::len).unwrap_or_else(|| panic!("summary has no list {k}"));
+    assert_eq!(s["orders"], expected, "orders in the summary");
+    assert_eq!(len("without_terminal_outcome"), 0, "orders without a terminal outcome: {}", s["without_terminal_outcome"]);
+    assert_eq!(len("with_several_outcomes"), 0, "orders with several outcomes: {}", s["with_several_outcomes"]);
+    let by = &s["by_outcome"];
+    let terminal = outcome(s, "ORDER_COMPLETED")
+        + outcome(s, "ORDER_CANCELLED/INSUFFICIENT_STOCK")
+        + outcome(s, "ORDER_CANCELLED/PAYMENT_FAILED")
+        + outcome(s, "ORDER_CANCELLED/RESERVATION_EXPIRED");
+    assert_eq!(terminal, expected, "one terminal outcome per order (no CONFLICT, none pending): {by}");
+    assert_eq!(len("payload_conflicts"), 0, "eventIds with two payloads: {}", s["payload_conflicts"]);
+    assert_eq!(len("conservation_violations"), 0, "{}", s["conservation_violations"]);
+    assert_eq!(len("negative_stock"), 0, "{}", s["negative_stock"]);
+    for st in s["stores"].as_array().expect("stores") {
+        assert_eq!(st["conserved"], true, "{st}");
+    }
+    for seed in s["seed_scenarios"].as_array().expect("seed_scenarios") {
+        assert_eq!(seed["pass"], true, "{seed}");
+    }
+    let raw = &s["events_per_topic"];
+    // Only the driver produces order.created (once, idempotently): the raw count is exact.
+    assert_eq!(raw["order.created"], expected, "order.created records: {raw}");
+    for (topic, n) in raw.as_object().expect("events_per_topic") {
+        if topic.ends_with(".dlq") {
+            assert_eq!(n, 0, "{topic} holds records");
+        }
+    }
+}
+
+/// How many orders of summary `s` ended with outcome `k` (`by_outcome`; 0 when absent).
+pub fn outcome(s: &Value, k: &str) -> u64 {
+    s["by_outcome"][k].as_u64().unwrap_or(0)
 }
