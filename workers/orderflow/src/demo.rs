@@ -112,7 +112,6 @@ struct Observed {
     /// (storeKey, productId) → units sold.
     sold: BTreeMap<(String, String), i64>,
     inventory_updates: usize,
-    records: BTreeMap<String, u64>,
     distinct: BTreeMap<String, u64>,
     duplicates: u64,
     seen_ids: HashMap<String, Vec<u8>>,
@@ -229,7 +228,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let codec = Arc::new(Codec::load(&loaded.avro_dir(), t.broker.registry_url.as_deref())?);
     // The summary reads the topics back from the beginning: a broker holding an earlier run
     // would mix two runs (same TPC-H order ids), so insist on an empty one.
-    let previous = records_in(t, "order.created")?;
+    let previous = records_in(&watermark_client(t)?, t, "order.created")?;
     if previous > 0 {
         bail!("order.created already holds {previous} records: the demo needs an empty broker (scripts/demo.sh starts a fresh one)");
     }
@@ -340,7 +339,6 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 let mut pos_action = None;
                 {
                     let mut o = observed.lock().unwrap();
-                    *o.records.entry(topic.clone()).or_default() += 1;
                     match o.seen_ids.get(event.event_id()) {
                         Some(prev) if prev.as_slice() != payload => o.payload_conflicts.push(event.event_id().to_string()),
                         Some(_) => {
@@ -663,8 +661,9 @@ fn summarize(
     let mut events_per_topic = BTreeMap::new();
     let mut topics: Vec<String> = t.topics.keys().cloned().collect();
     topics.extend(t.workers.values().flat_map(|w| w.inputs.iter().map(|i| dlq_topic(i))).collect::<BTreeSet<_>>());
+    let watermarks = watermark_client(t)?;
     for topic in topics {
-        let n = records_in(t, &topic)?;
+        let n = records_in(&watermarks, t, &topic)?;
         events_per_topic.insert(topic, n);
     }
 
@@ -727,11 +726,14 @@ fn summarize(
     })
 }
 
+/// A client for [`records_in`].
+fn watermark_client(t: &orderflow_runtime::topology::Topology) -> Result<rdkafka::consumer::BaseConsumer> {
+    Ok(client_config(&t.broker, Side::Consumer).set("group.id", "orderflow-demo-watermarks").create()?)
+}
+
 /// Records in `topic` (sum of high − low watermarks over its declared partitions; a `.dlq`
 /// topic has its source's partitions).
-fn records_in(t: &orderflow_runtime::topology::Topology, topic: &str) -> Result<i64> {
-    let consumer: rdkafka::consumer::BaseConsumer =
-        client_config(&t.broker, Side::Consumer).set("group.id", "orderflow-demo-watermarks").create()?;
+fn records_in(consumer: &rdkafka::consumer::BaseConsumer, t: &orderflow_runtime::topology::Topology, topic: &str) -> Result<i64> {
     let partitions = t.topics.get(topic).or_else(|| t.topics.get(topic.trim_end_matches(".dlq"))).map(|s| s.partitions).unwrap_or(1);
     let mut total = 0;
     for p in 0..partitions {

@@ -430,7 +430,6 @@ impl Worker {
         let now = now_ms();
         let assigned = self.owned.clone();
         self.metrics.assigned.with_label_values(&[self.name.as_str()]).set(assigned.len() as i64);
-        let partitions = &assigned;
 
         // 1. Decode.
         let mut decoded = Vec::with_capacity(batch.len());
@@ -442,7 +441,7 @@ impl Worker {
         let mut dead_letters = Vec::new();
         let mut offsets: BTreeMap<i32, BTreeMap<String, i64>> = BTreeMap::new();
         let (changes, records, notes, fired) = {
-            let mut txns: BTreeMap<i32, StateTxn> = partitions.iter().map(|p| (*p, StateTxn::new(&self.shards[p]))).collect();
+            let mut txns: BTreeMap<i32, StateTxn> = assigned.iter().map(|p| (*p, StateTxn::new(&self.shards[p]))).collect();
             let mut out = Outputs::new(self.ports.iter().filter(|p| self.outputs.contains_key(*p)).cloned());
             for (m, event) in batch.iter().zip(decoded) {
                 let topic = m.topic();
@@ -686,11 +685,6 @@ impl Worker {
             h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
         }
         h
-    }
-
-    /// The input topics.
-    pub fn inputs(&self) -> &[String] {
-        &self.inputs
     }
 }
 
