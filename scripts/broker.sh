@@ -6,6 +6,7 @@
 #   scripts/broker.sh stop      stop it (SIGTERM, SIGKILL after 10 s) and wait for the port to be free
 #   scripts/broker.sh status    exit 0 and print the bootstrap address if running, else exit 1
 #   scripts/broker.sh restart   stop, then start on the same port, same engine, keeping the data
+#   scripts/broker.sh install   install tansu into the tools folder if it is missing
 #
 # Environment:
 #   ORDERFLOW_BROKER_DIR     state directory (default: $PWD/.broker); holds tansu.pid, port,
@@ -322,6 +323,7 @@ cmd_restart() {
 
 case "${1:-}" in
   start) cmd_start ;;
+  install) find_tansu >/dev/null ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
   restart) cmd_restart ;;

@@ -25,11 +25,8 @@ cd "$ROOT"
 
 say() { echo "test.sh: $*" >&2; }
 
-TOOLS="${ORDERFLOW_TOOLS:-$HOME/.cache/orderflow/tools}"
-if [ -z "${ORDERFLOW_TANSU:-}" ] && [ ! -x "$TOOLS/bin/tansu" ]; then
-  say "tansu missing; running scripts/install-tools.sh"
-  ORDERFLOW_SKIP_JUST=1 "$ROOT/scripts/install-tools.sh" >/dev/null
-fi
+# Install tansu now if it is missing, before the long build (broker.sh knows where it goes).
+"$ROOT/scripts/broker.sh" install
 
 # Split the arguments: those before `--` go to cargo, those after to the test binaries.
 cargo_args=()
