@@ -38,6 +38,11 @@ pub enum ProcessError {
     /// Permanent: reprocessing cannot help.
     #[error("invalid event: {0}")]
     Invalid(String),
+    /// A failure that may pass by itself (a dependency briefly unavailable). The runtime retries
+    /// the event with the worker's retry policy (staged changes of the failed attempt are
+    /// discarded), then dead-letters it with class `transient`.
+    #[error("transient failure: {0}")]
+    Transient(String),
     /// The processor emitted on a port the topology did not wire. A deployment error.
     #[error("output port `{0}` is not wired in the topology")]
     UnwiredPort(String),

@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use orderflow_api::events::*;
 use orderflow_api::Event;
 use orderflow_runtime::codec::Codec;
-use orderflow_runtime::kafka::{client_config, create_topics, dlq_topic, Side};
+use orderflow_runtime::kafka::{client_config, create_topics, Side};
 use orderflow_runtime::metrics::Metrics;
 use orderflow_runtime::store::Store;
 use orderflow_runtime::worker::now_ms;
@@ -660,7 +660,7 @@ fn summarize(
     // Events per topic from the high watermarks (the SQLite engine reports them correctly).
     let mut events_per_topic = BTreeMap::new();
     let mut topics: Vec<String> = t.topics.keys().cloned().collect();
-    topics.extend(t.workers.values().flat_map(|w| w.inputs.iter().map(|i| dlq_topic(i))).collect::<BTreeSet<_>>());
+    topics.extend(t.dead_letter_topics().into_keys());
     let watermarks = watermark_client(t)?;
     for topic in topics {
         let n = records_in(&watermarks, t, &topic)?;

@@ -5,11 +5,11 @@ use orderflow_runtime::topology::{KindInfo, WorkerSpec};
 
 /// Every kind, as `topology check` knows them.
 pub const KINDS: &[KindInfo] = &[
-    KindInfo { name: "deduplicator", ports: deduplicator::PORTS, uses_ttl: false },
-    KindInfo { name: "stock-reserver", ports: stock_reserver::PORTS, uses_ttl: true },
-    KindInfo { name: "order-confirmer", ports: order_confirmer::PORTS, uses_ttl: false },
-    KindInfo { name: "canceller", ports: canceller::PORTS, uses_ttl: false },
-    KindInfo { name: "reservation-expirer", ports: reservation_expirer::PORTS, uses_ttl: true },
+    KindInfo { name: "deduplicator", ports: deduplicator::PORTS, uses_ttl: false, uses_saga_timeouts: false },
+    KindInfo { name: "stock-reserver", ports: stock_reserver::PORTS, uses_ttl: true, uses_saga_timeouts: false },
+    KindInfo { name: "order-confirmer", ports: order_confirmer::PORTS, uses_ttl: false, uses_saga_timeouts: false },
+    KindInfo { name: "canceller", ports: canceller::PORTS, uses_ttl: false, uses_saga_timeouts: true },
+    KindInfo { name: "reservation-expirer", ports: reservation_expirer::PORTS, uses_ttl: true, uses_saga_timeouts: false },
 ];
 
 /// The ports of `kind`, if known.

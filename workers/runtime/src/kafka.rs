@@ -83,7 +83,7 @@ pub async fn create_topics(topology: &Topology) -> Result<Vec<String>, AdminErro
         }
         for input in &w.inputs {
             if let Some(t) = topology.topics.get(input) {
-                let dlq = dlq_topic(input);
+                let dlq = topology.dead_letter_of(input);
                 if !specs.iter().any(|s| s.0 == dlq) {
                     specs.push((dlq, t.partitions, t.replication_factor, "delete".into()));
                 }

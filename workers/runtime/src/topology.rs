@@ -21,6 +21,24 @@ pub struct Topology {
     pub avro_dir: PathBuf,
 }
 
+impl Topology {
+    /// The dead-letter topic of records read from `topic` (its `dead_letter`, or `<topic>.dlq`).
+    pub fn dead_letter_of(&self, topic: &str) -> String {
+        self.topics.get(topic).map(|t| t.dead_letter_topic(topic)).unwrap_or_else(|| crate::kafka::dlq_topic(topic))
+    }
+
+    /// Every dead-letter topic of the workers' inputs, with the input topics that feed it.
+    pub fn dead_letter_topics(&self) -> BTreeMap<String, BTreeSet<String>> {
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for w in self.workers.values() {
+            for input in &w.inputs {
+                out.entry(self.dead_letter_of(input)).or_default().insert(input.clone());
+            }
+        }
+        out
+    }
+}
+
 fn default_avro_dir() -> PathBuf {
     PathBuf::from("avro")
 }
@@ -111,6 +129,87 @@ pub struct Defaults {
     /// restarted under the same instance id takes its partitions back without a rebalance.
     #[serde(default = "default_true")]
     pub static_membership: bool,
+    /// Retry policy for transient failures (seed 004: 3 retries with exponential backoff).
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Largest input record value, in bytes, a worker processes; a larger one is dead-lettered
+    /// as `oversized` without being decoded. Default 1 MiB.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
+    /// How far in the future an event's `occurredAt` may lie (clock skew between producers and
+    /// workers); an event further ahead is dead-lettered as `future_timestamp`. Default 1 hour.
+    #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+}
+
+/// How transient failures are retried (`[defaults.retry]`, or `[workers.<name>.retry]`).
+///
+/// Attempt `n` (1-based) after the first waits `min(initial_backoff × multiplier^(n-1),
+/// max_backoff)`. Applies to failures that can pass by themselves (schema registry unreachable,
+/// a processor's [`orderflow_api::ProcessError::Transient`]); permanent failures (undecodable
+/// or invalid records) go straight to the dead-letter topic. A record still failing after
+/// `attempts` retries is dead-lettered with its attempt count. The partition waits while a
+/// record is retried, so per-key order holds (domain rule 8). Broker unavailability is not
+/// counted against `attempts`: produce and commit are retried until the broker returns.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (seed 004: 3).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// Wait before the first retry. Default 100 ms.
+    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Factor between consecutive waits (≥ 1). Default 2.
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+    /// Cap on one wait. Default 5 s.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: default_attempts(),
+            initial_backoff: default_initial_backoff(),
+            multiplier: default_multiplier(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry `retry` (1-based): `min(initial × multiplier^(retry-1), max)`.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let factor = self.multiplier.max(1.0).powi(retry.saturating_sub(1).min(64) as i32);
+        let wait = self.initial_backoff.as_secs_f64() * factor;
+        Duration::from_secs_f64(wait.min(self.max_backoff.as_secs_f64()))
+    }
+
+    /// The longest a record can hold its partition: the sum of every wait.
+    pub fn worst_case(&self) -> Duration {
+        (1..=self.attempts).map(|r| self.backoff(r)).sum()
+    }
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+fn default_initial_backoff() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_record_bytes() -> usize {
+    1 << 20
+}
+fn default_max_clock_skew() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_true() -> bool {
@@ -125,6 +224,9 @@ impl Default for Defaults {
             max_batch: default_max_batch(),
             state_dir: default_state_dir(),
             static_membership: true,
+            retry: RetryPolicy::default(),
+            max_record_bytes: default_max_record_bytes(),
+            max_clock_skew: default_max_clock_skew(),
         }
     }
 }
@@ -179,6 +281,16 @@ pub struct TopicSpec {
     /// Name of the producer outside this topology, for topics fed from outside.
     #[serde(default)]
     pub external: Option<String>,
+    /// Dead-letter topic of records read from this topic; default `<topic>.dlq`.
+    #[serde(default)]
+    pub dead_letter: Option<String>,
+}
+
+impl TopicSpec {
+    /// The dead-letter topic of records read from topic `name`: `dead_letter`, or `<name>.dlq`.
+    pub fn dead_letter_topic(&self, name: &str) -> String {
+        self.dead_letter.clone().unwrap_or_else(|| crate::kafka::dlq_topic(name))
+    }
 }
 
 fn default_cleanup() -> String {
@@ -212,7 +324,25 @@ pub struct WorkerSpec {
     /// Seed 004: reservation TTL, default 5 minutes (stock reserver and reservation expirer).
     #[serde(default, with = "humantime_serde")]
     pub reservation_ttl: Option<Duration>,
+    /// Retry policy of this worker; default `[defaults.retry]`.
+    #[serde(default)]
+    pub retry: Option<RetryPolicy>,
+    /// Seed 001: how long an order may wait for its stock answer (`stock.reserved` or
+    /// `stock.reservation.failed`) before the canceller cancels it with `SAGA_TIMEOUT`.
+    /// Default 3 minutes (canceller only).
+    #[serde(default, with = "humantime_serde")]
+    pub stock_answer_timeout: Option<Duration>,
+    /// Seed 001: bound on the whole saga; an order still open this long after the canceller saw
+    /// it created is cancelled with `SAGA_TIMEOUT` and reported. Default 10 minutes (canceller
+    /// only).
+    #[serde(default, with = "humantime_serde")]
+    pub saga_timeout: Option<Duration>,
 }
+
+/// Seed 001: the stock answer is due within 3 minutes.
+pub const DEFAULT_STOCK_ANSWER_TIMEOUT: Duration = Duration::from_secs(180);
+/// Seed 001: the whole saga is bounded at 10 minutes.
+pub const DEFAULT_SAGA_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Seed 004: a reservation lives 5 minutes unless the topology says otherwise.
 pub const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(300);
@@ -238,6 +368,18 @@ impl WorkerSpec {
     pub fn reservation_ttl(&self) -> Duration {
         self.reservation_ttl.unwrap_or(DEFAULT_RESERVATION_TTL)
     }
+    /// Effective retry policy.
+    pub fn retry(&self, d: &Defaults) -> RetryPolicy {
+        self.retry.unwrap_or(d.retry)
+    }
+    /// Effective stock answer timeout (seed 001 default 3 minutes).
+    pub fn stock_answer_timeout(&self) -> Duration {
+        self.stock_answer_timeout.unwrap_or(DEFAULT_STOCK_ANSWER_TIMEOUT)
+    }
+    /// Effective saga bound (seed 001 default 10 minutes).
+    pub fn saga_timeout(&self) -> Duration {
+        self.saga_timeout.unwrap_or(DEFAULT_SAGA_TIMEOUT)
+    }
 }
 
 /// What the checker knows of a worker kind.
@@ -249,6 +391,8 @@ pub struct KindInfo {
     pub ports: &'static [&'static str],
     /// Whether `reservation_ttl` applies.
     pub uses_ttl: bool,
+    /// Whether `stock_answer_timeout` and `saga_timeout` apply.
+    pub uses_saga_timeouts: bool,
 }
 
 /// One problem found in the topology, with what it concerns.
@@ -336,9 +480,23 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, TopologyError> {
 
 const TOP_KEYS: &[&str] = &["broker", "defaults", "topics", "workers", "avro_dir"];
 const BROKER_KEYS: &[&str] = &["bootstrap", "registry_url", "properties", "producer", "consumer"];
-const DEFAULT_KEYS: &[&str] = &["guarantee", "commit_interval", "max_batch", "state_dir", "static_membership"];
-const TOPIC_KEYS: &[&str] = &["partitions", "key", "schema", "cleanup_policy", "replication_factor", "external"];
-const WORKER_KEYS: &[&str] = &["kind", "inputs", "outputs", "group", "guarantee", "commit_interval", "max_batch", "reservation_ttl"];
+const DEFAULT_KEYS: &[&str] =
+    &["guarantee", "commit_interval", "max_batch", "state_dir", "static_membership", "retry", "max_record_bytes", "max_clock_skew"];
+const TOPIC_KEYS: &[&str] = &["partitions", "key", "schema", "cleanup_policy", "replication_factor", "external", "dead_letter"];
+const WORKER_KEYS: &[&str] = &[
+    "kind",
+    "inputs",
+    "outputs",
+    "group",
+    "guarantee",
+    "commit_interval",
+    "max_batch",
+    "reservation_ttl",
+    "retry",
+    "stock_answer_timeout",
+    "saga_timeout",
+];
+const RETRY_KEYS: &[&str] = &["attempts", "initial_backoff", "multiplier", "max_backoff"];
 
 fn retain(v: &mut toml::Value, keys: &[&str]) {
     if let Some(t) = v.as_table_mut() {
@@ -353,11 +511,17 @@ fn strip_unknown(v: &mut toml::Value) {
     }
     if let Some(d) = v.get_mut("defaults") {
         retain(d, DEFAULT_KEYS);
+        if let Some(r) = d.get_mut("retry") {
+            retain(r, RETRY_KEYS);
+        }
     }
     for (section, keys) in [("topics", TOPIC_KEYS), ("workers", WORKER_KEYS)] {
         if let Some(t) = v.get_mut(section).and_then(|t| t.as_table_mut()) {
             for (_, item) in t.iter_mut() {
                 retain(item, keys);
+                if let Some(r) = item.get_mut("retry") {
+                    retain(r, RETRY_KEYS);
+                }
             }
         }
     }
@@ -378,10 +542,12 @@ fn unknown_keys(v: &toml::Value) -> Vec<String> {
     scan("", Some(v), TOP_KEYS);
     scan("broker", v.get("broker"), BROKER_KEYS);
     scan("defaults", v.get("defaults"), DEFAULT_KEYS);
+    scan("defaults.retry", v.get("defaults").and_then(|d| d.get("retry")), RETRY_KEYS);
     for (section, keys) in [("topics", TOPIC_KEYS), ("workers", WORKER_KEYS)] {
         if let Some(t) = v.get(section).and_then(|t| t.as_table()) {
             for (name, item) in t {
                 scan(&format!("{section}.\"{name}\""), Some(item), keys);
+                scan(&format!("{section}.\"{name}\".retry"), item.get("retry"), RETRY_KEYS);
             }
         }
     }
@@ -473,6 +639,25 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
                 p(subject.clone(), format!("reservation_ttl does not apply to kind `{}`", k.name));
             }
         }
+        if let Some(k) = kind {
+            if k.uses_saga_timeouts {
+                if w.stock_answer_timeout().is_zero() || w.stock_answer_timeout() >= w.saga_timeout() {
+                    p(
+                        subject.clone(),
+                        format!(
+                            "stock_answer_timeout {} must be > 0 and shorter than saga_timeout {}",
+                            humantime::format_duration(w.stock_answer_timeout()),
+                            humantime::format_duration(w.saga_timeout())
+                        ),
+                    );
+                }
+            } else if w.stock_answer_timeout.is_some() || w.saga_timeout.is_some() {
+                p(subject.clone(), format!("stock_answer_timeout and saga_timeout do not apply to kind `{}`", k.name));
+            }
+        }
+        if let Some(r) = &w.retry {
+            check_retry(&t.broker, r, &mut |m| p(subject.clone(), m));
+        }
         if w.max_batch == Some(0) {
             p(subject.clone(), "max_batch must be ≥ 1".into());
         }
@@ -502,7 +687,44 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
     if t.defaults.max_batch == 0 {
         p("defaults".into(), "max_batch must be ≥ 1".into());
     }
+    if t.defaults.max_record_bytes == 0 {
+        p("defaults".into(), "max_record_bytes must be ≥ 1".into());
+    }
+    check_retry(&t.broker, &t.defaults.retry, &mut |m| p("defaults".into(), m));
+    for (name, topic) in &t.topics {
+        if let Some(dlq) = &topic.dead_letter {
+            if dlq.is_empty() || t.topics.contains_key(dlq) {
+                p(format!("topic {name}"), format!("dead_letter `{dlq}` must be a topic of its own, not empty nor a declared topic"));
+            }
+        }
+    }
     problems
+}
+
+/// A retry policy must be finite and short enough that a record being retried never holds the
+/// consumer past `max.poll.interval.ms` (which would make the group evict the member).
+fn check_retry(broker: &BrokerConfig, r: &RetryPolicy, p: &mut dyn FnMut(String)) {
+    if r.attempts > 20 {
+        p(format!("retry.attempts must be ≤ 20, got {}", r.attempts));
+    }
+    if !(r.multiplier.is_finite() && r.multiplier >= 1.0) {
+        p(format!("retry.multiplier must be ≥ 1, got {}", r.multiplier));
+    }
+    if r.initial_backoff > r.max_backoff {
+        p("retry.initial_backoff must not exceed retry.max_backoff".into());
+    }
+    let poll = broker
+        .consumer
+        .get("max.poll.interval.ms")
+        .or_else(|| broker.properties.get("max.poll.interval.ms"))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(300_000);
+    if r.multiplier.is_finite() && r.worst_case() * 2 > Duration::from_millis(poll) {
+        p(format!(
+            "retry waits up to {} per record, more than half of max.poll.interval.ms ({poll} ms): the group would evict the member",
+            humantime::format_duration(r.worst_case())
+        ));
+    }
 }
 
 /// Loads and checks; the error lists every problem.
@@ -548,7 +770,7 @@ mod tests {
     use super::*;
 
     const KINDS: &[KindInfo] =
-        &[KindInfo { name: "a", ports: &["out"], uses_ttl: false }, KindInfo { name: "ttl", ports: &["out"], uses_ttl: true }];
+        &[KindInfo { name: "a", ports: &["out"], uses_ttl: false, uses_saga_timeouts: false }, KindInfo { name: "ttl", ports: &["out"], uses_ttl: true, uses_saga_timeouts: false }];
 
     fn write(dir: &Path, text: &str) -> PathBuf {
         std::fs::create_dir_all(dir.join("avro")).unwrap();
