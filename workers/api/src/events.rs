@@ -13,14 +13,40 @@ pub mod cancel_reason {
     pub const RESERVATION_EXPIRED: &str = "RESERVATION_EXPIRED";
     /// POS reported a failed payment (seed 004).
     pub const PAYMENT_FAILED: &str = "PAYMENT_FAILED";
-    /// No stock answer or no saga end in time (seed 001).
+    /// No stock answer or no saga end in time (seed 001): no `stock.reserved` /
+    /// `stock.reservation.failed` within the stock answer timeout (3 minutes), or the saga still
+    /// open at its bound (10 minutes), both counted from when the canceller processed
+    /// `order.created`.
     pub const SAGA_TIMEOUT: &str = "SAGA_TIMEOUT";
+    /// The order's content cannot be served as written (issue 4): the stock reserver answered
+    /// with one of the [`super::failure_reason::INVALID_CONTENT`] reasons.
+    pub const INVALID_ORDER: &str = "INVALID_ORDER";
 }
 
-/// Reason codes of `stock.reservation.failed`.
+/// Reason codes of `stock.reservation.failed`. Every failure reserves nothing and is final for
+/// the order (one reservation per order, domain rule 5).
 pub mod failure_reason {
-    /// At least one item has `requested > available` (seed 000).
+    /// At least one item has `requested > available` (seed 000). `items`: the short products,
+    /// `available = on hand − reserved` (≥ 0).
     pub const INSUFFICIENT_STOCK: &str = "INSUFFICIENT_STOCK";
+    /// A line's quantity is ≤ 0 or above the reserver's `MAX_QUANTITY` (issue 4). `items`: each
+    /// offending line, `requested` = its quantity, `available` = the product's available units.
+    pub const INVALID_QUANTITY: &str = "INVALID_QUANTITY";
+    /// The order has no items (issue 4). `items` is empty.
+    pub const EMPTY_ORDER: &str = "EMPTY_ORDER";
+    /// The same productId is on two or more lines (issue 4; rejected, not merged). `items`: each
+    /// repeated product once, `requested` = the sum of its lines (saturating at `i32::MAX`),
+    /// `available` = its available units.
+    pub const DUPLICATE_PRODUCT: &str = "DUPLICATE_PRODUCT";
+    /// The store never received inventory: no `inventory.adjusted` was ever applied to this
+    /// `hqId:storeId` (issue 4). `items`: every line, `available` = 0.
+    pub const UNKNOWN_STORE: &str = "UNKNOWN_STORE";
+    /// A line has an empty productId (issue 4). `items`: each such line, `available` = 0.
+    pub const INVALID_PRODUCT: &str = "INVALID_PRODUCT";
+
+    /// The reasons that mean "the order's content is invalid", as opposed to a stock shortage:
+    /// the canceller cancels these with [`super::cancel_reason::INVALID_ORDER`].
+    pub const INVALID_CONTENT: &[&str] = &[INVALID_QUANTITY, EMPTY_ORDER, DUPLICATE_PRODUCT, UNKNOWN_STORE, INVALID_PRODUCT];
 }
 
 /// Reasons of `stock.reservation.released`.

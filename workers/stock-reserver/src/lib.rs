@@ -7,6 +7,13 @@
 //! - `InventoryAdjusted` changes on-hand stock (seed 004) and reports `stock.updated`.
 //! - `OrderCreated` reserves **all or nothing** (seed 000, rule 1) against
 //!   `available = on hand − reserved` (rule 2), at most **one reservation per order** (rule 5).
+//!   An order whose ids (`eventId`, `orderId`, `hqId`, `storeId`) are present but whose content
+//!   cannot be served is answered with `stock.reservation.failed` (issue 4) so it reaches a
+//!   terminal outcome: `EMPTY_ORDER`, `INVALID_PRODUCT` (empty productId), `INVALID_QUANTITY`
+//!   (≤ 0 or > [`MAX_QUANTITY`]), `DUPLICATE_PRODUCT` (a product on two lines), `UNKNOWN_STORE`
+//!   (no `inventory.adjusted` ever applied to the store, see [`store_registry_key`]); checked in
+//!   that order, before the stock. An order without those ids is dead-lettered: there is no
+//!   order to answer.
 //! - `OrderCancelled` / `StockReservationExpired` release a live reservation.
 //! - `OrderCompleted` turns a live reservation into a deduction (seed 004); never below zero and
 //!   never without a live reservation (rule 2).
@@ -14,7 +21,8 @@
 //! Every output is deterministic in its input (rule 7): ids come from
 //! [`derive_event_id`]`(input eventId, tag)` and `occurredAt` is the input's `occurredAt`.
 //!
-//! State (JSON): [`stock_key`] → [`StockRecord`], [`reservation_key`] → [`Reservation`].
+//! State (JSON): [`stock_key`] → [`StockRecord`], [`reservation_key`] → [`Reservation`],
+//! [`store_registry_key`] → [`StoreRecord`].
 
 use orderflow_api::events::{
     change_reason, failure_reason, release_reason, AdjustedItem, FailedItem, InventoryAdjusted, OrderCancelled, OrderCompleted,
@@ -36,7 +44,8 @@ pub const PORT_UPDATED: &str = "updated";
 /// Output ports this worker emits on (wire every one in `topology.toml`).
 pub const PORTS: &[&str] = &[PORT_RESERVED, PORT_FAILED, PORT_RELEASED, PORT_UPDATED];
 
-/// Largest quantity one order line may ask for (units). Larger is rejected as invalid.
+/// Largest quantity one order line may ask for (units). A larger one fails the order with
+/// `INVALID_QUANTITY` (issue 4).
 pub const MAX_QUANTITY: i32 = 1_000_000;
 
 /// Prefix of every stock record key (see [`stock_key`]); scan it to list a shard's stock.
@@ -48,6 +57,26 @@ pub const RESERVATION_PREFIX: &[u8] = b"res/";
 /// State key of one product's stock in one store: `stock/{hqId}:{storeId}/{productId}`.
 pub fn stock_key(hq_id: &str, store_id: &str, product_id: &str) -> Vec<u8> {
     format!("stock/{hq_id}:{store_id}/{product_id}").into_bytes()
+}
+
+/// Prefix of every store registry key (see [`store_registry_key`]).
+pub const STORE_PREFIX: &[u8] = b"store/";
+
+/// State key marking a store known: `store/{hqId}:{storeId}`, written by the first
+/// `inventory.adjusted` applied to the store (value: JSON `{"firstAdjustment": eventId}`). An
+/// order for a store without it fails with `UNKNOWN_STORE` (issue 4). Distinct from
+/// [`STOCK_PREFIX`], so a scan of stock records never sees it.
+pub fn store_registry_key(hq_id: &str, store_id: &str) -> Vec<u8> {
+    format!("store/{hq_id}:{store_id}").into_bytes()
+}
+
+/// What [`store_registry_key`] holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreRecord {
+    /// `eventId` of the adjustment that registered the store (empty when registered from stock
+    /// records older than the registry).
+    pub first_adjustment: String,
 }
 
 /// State key of an order's reservation: `res/{orderId}`.
@@ -85,14 +114,16 @@ pub enum ReservationStatus {
     Released,
     /// Stock deducted by `order.completed` (seed 004).
     Deducted,
-    /// Nothing reserved: at least one item was short (seed 000).
+    /// Nothing reserved: at least one item was short (seed 000), or the order's content was
+    /// invalid (issue 4). Final: the order never reserves later.
     Failed,
     /// Tombstone: the order was cancelled or completed before any reservation was made; holds
     /// nothing and stops a late `order.created` from reserving for a closed order.
     Closed,
 }
 
-/// One reserved line: `quantity` units of `product_id` (repeated order lines summed).
+/// One reserved line: `quantity` units of `product_id` (an order names each product once:
+/// repeated products fail with `DUPLICATE_PRODUCT`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReservationItem {
@@ -200,35 +231,17 @@ impl StockReserver {
                 },
             )?;
         }
+        register_store(&e.hq_id, &e.store_id, &e.event_id, state);
         out.note("adjustment", known_change_reason(&e.adjustment_type));
         Ok(())
     }
 
     fn reserve(&self, e: &OrderCreated, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        // Without these there is no order to answer (or no store to answer from): dead-letter.
+        orderflow_api::require("OrderCreated", &e.event_id, "eventId", &e.event_id)?;
         orderflow_api::require("OrderCreated", &e.event_id, "orderId", &e.order_id)?;
         orderflow_api::require("OrderCreated", &e.event_id, "hqId", &e.hq_id)?;
         orderflow_api::require("OrderCreated", &e.event_id, "storeId", &e.store_id)?;
-        if e.items.is_empty() {
-            return Err(invalid("OrderCreated", &e.event_id, "has no items"));
-        }
-        let mut wanted: Vec<(String, i64)> = Vec::new();
-        for item in &e.items {
-            orderflow_api::require("OrderCreated", &e.event_id, "productId", &item.product_id)?;
-            if item.quantity <= 0 || item.quantity > MAX_QUANTITY {
-                return Err(invalid(
-                    "OrderCreated",
-                    &e.event_id,
-                    &format!("quantity {} of {} is outside 1..={MAX_QUANTITY}", item.quantity, item.product_id),
-                ));
-            }
-            match wanted.iter_mut().find(|(p, _)| *p == item.product_id) {
-                Some((_, q)) => *q += i64::from(item.quantity),
-                None => wanted.push((item.product_id.clone(), i64::from(item.quantity))),
-            }
-        }
-        if let Some((p, q)) = wanted.iter().find(|(_, q)| *q > i64::from(i32::MAX)) {
-            return Err(invalid("OrderCreated", &e.event_id, &format!("total quantity {q} of {p} does not fit an int")));
-        }
 
         let rkey = reservation_key(&e.order_id);
         if let Some(existing) = state.get_json::<Reservation>(&rkey)? {
@@ -237,20 +250,6 @@ impl StockReserver {
             return Ok(());
         }
 
-        let mut levels = Vec::with_capacity(wanted.len());
-        let mut short = Vec::new();
-        for (product_id, qty) in &wanted {
-            let key = stock_key(&e.hq_id, &e.store_id, product_id);
-            let rec = load_stock(state, &key)?;
-            if rec.available() < *qty {
-                short.push(FailedItem {
-                    product_id: product_id.clone(),
-                    requested: to_i32(*qty),
-                    available: to_i32(rec.available().max(0)),
-                });
-            }
-            levels.push((key, rec));
-        }
         let reservation_id = derive_event_id(&e.event_id, "reservation");
         let expires_at = e.occurred_at.saturating_add(self.reservation_ttl_ms);
         let mut reservation = Reservation {
@@ -263,35 +262,42 @@ impl StockReserver {
             expires_at,
         };
 
+        // Issue 4: invalid content is answered (the order gets a terminal outcome), not dead-lettered.
+        if let Some((reason, items)) = self.invalid_content(e, state)? {
+            return fail(e, &rkey, &reservation, reason, items, state, out);
+        }
+
+        // Lines are distinct products with quantities in 1..=MAX_QUANTITY from here on.
+        let wanted: Vec<(&str, i64)> = e.items.iter().map(|i| (i.product_id.as_str(), i64::from(i.quantity))).collect();
+        let mut levels = Vec::with_capacity(wanted.len());
+        let mut short = Vec::new();
+        for &(product_id, qty) in &wanted {
+            let key = stock_key(&e.hq_id, &e.store_id, product_id);
+            let rec = load_stock(state, &key)?;
+            if rec.available() < qty {
+                short.push(FailedItem {
+                    product_id: product_id.to_string(),
+                    requested: to_i32(qty),
+                    available: to_i32(rec.available().max(0)),
+                });
+            }
+            levels.push((key, rec));
+        }
+
         if !short.is_empty() {
             for item in &short {
                 // High-cardinality label: the runtime keeps only a bounded top N of it.
                 out.note("out_of_stock", item.product_id.clone());
             }
             // Seed 000: reserve nothing, name only the short products.
-            state.put_json(rkey, &reservation);
-            out.emit(
-                PORT_FAILED,
-                e.order_id.clone(),
-                StockReservationFailed {
-                    event_id: derive_event_id(&e.event_id, "stock.reservation.failed"),
-                    occurred_at: e.occurred_at,
-                    order_id: e.order_id.clone(),
-                    hq_id: e.hq_id.clone(),
-                    store_id: e.store_id.clone(),
-                    reason: failure_reason::INSUFFICIENT_STOCK.to_string(),
-                    items: short,
-                },
-            )?;
-            out.note("reservation", failure_reason::INSUFFICIENT_STOCK);
-            return Ok(());
+            return fail(e, &rkey, &reservation, failure_reason::INSUFFICIENT_STOCK, short, state, out);
         }
 
-        for ((key, mut rec), (_, qty)) in levels.into_iter().zip(&wanted) {
+        for ((key, mut rec), &(_, qty)) in levels.into_iter().zip(&wanted) {
             rec.reserved += qty;
             store_stock(state, key, &rec, out);
         }
-        reservation.items = wanted.iter().map(|(p, q)| ReservationItem { product_id: p.clone(), quantity: to_i32(*q) }).collect();
+        reservation.items = wanted.iter().map(|&(p, q)| ReservationItem { product_id: p.to_string(), quantity: to_i32(q) }).collect();
         reservation.status = ReservationStatus::Live;
         state.put_json(rkey, &reservation);
         out.emit(
@@ -310,6 +316,80 @@ impl StockReserver {
         )?;
         out.note("reservation", "reserved");
         Ok(())
+    }
+
+    /// The first content problem of an order whose ids are present, as `(failure reason, items
+    /// to report)`, checked in this order (issue 4): `EMPTY_ORDER`, `INVALID_PRODUCT`,
+    /// `INVALID_QUANTITY`, `DUPLICATE_PRODUCT`, `UNKNOWN_STORE`. `None` when the order can be
+    /// tried against the stock. Registers the store (see [`store_registry_key`]) when it is known only
+    /// from stock records written before the registry existed.
+    fn invalid_content(&self, e: &OrderCreated, state: &mut StateTxn) -> Result<Option<(&'static str, Vec<FailedItem>)>, ProcessError> {
+        let available = |state: &StateTxn, product_id: &str| -> Result<i32, ProcessError> {
+            if product_id.is_empty() {
+                return Ok(0);
+            }
+            Ok(to_i32(load_stock(state, &stock_key(&e.hq_id, &e.store_id, product_id))?.available().max(0)))
+        };
+        if e.items.is_empty() {
+            return Ok(Some((failure_reason::EMPTY_ORDER, Vec::new())));
+        }
+        let no_product: Vec<FailedItem> = e
+            .items
+            .iter()
+            .filter(|i| i.product_id.is_empty())
+            .map(|i| FailedItem { product_id: String::new(), requested: i.quantity, available: 0 })
+            .collect();
+        if !no_product.is_empty() {
+            return Ok(Some((failure_reason::INVALID_PRODUCT, no_product)));
+        }
+        let mut bad_quantity = Vec::new();
+        for i in e.items.iter().filter(|i| i.quantity <= 0 || i.quantity > MAX_QUANTITY) {
+            bad_quantity.push(FailedItem {
+                product_id: i.product_id.clone(),
+                requested: i.quantity,
+                available: available(state, &i.product_id)?,
+            });
+        }
+        if !bad_quantity.is_empty() {
+            return Ok(Some((failure_reason::INVALID_QUANTITY, bad_quantity)));
+        }
+        let mut repeated: Vec<FailedItem> = Vec::new();
+        for (n, i) in e.items.iter().enumerate() {
+            let first = e.items.iter().position(|x| x.product_id == i.product_id) == Some(n);
+            let lines = e.items.iter().filter(|x| x.product_id == i.product_id);
+            if first && lines.clone().count() > 1 {
+                let total: i64 = lines.map(|x| i64::from(x.quantity)).sum();
+                repeated.push(FailedItem {
+                    product_id: i.product_id.clone(),
+                    requested: to_i32(total),
+                    available: available(state, &i.product_id)?,
+                });
+            }
+        }
+        if !repeated.is_empty() {
+            return Ok(Some((failure_reason::DUPLICATE_PRODUCT, repeated)));
+        }
+        if !self.store_known(e, state)? {
+            let items =
+                e.items.iter().map(|i| FailedItem { product_id: i.product_id.clone(), requested: i.quantity, available: 0 }).collect();
+            return Ok(Some((failure_reason::UNKNOWN_STORE, items)));
+        }
+        Ok(None)
+    }
+
+    /// Whether `e`'s store ever received inventory: its [`store_registry_key`] is set, or (state written
+    /// before the registry existed) one of the ordered products has a stock record there, in
+    /// which case the registry key is written now.
+    fn store_known(&self, e: &OrderCreated, state: &mut StateTxn) -> Result<bool, ProcessError> {
+        let key = store_registry_key(&e.hq_id, &e.store_id);
+        if state.get(&key).is_some() {
+            return Ok(true);
+        }
+        let stocked = e.items.iter().any(|i| state.get(&stock_key(&e.hq_id, &e.store_id, &i.product_id)).is_some());
+        if stocked {
+            register_store(&e.hq_id, &e.store_id, "", state);
+        }
+        Ok(stocked)
     }
 
     fn cancelled(&self, e: &OrderCancelled, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
@@ -416,8 +496,10 @@ impl Processor for StockReserver {
     /// Dispatches on the event variant: `InventoryAdjusted`, `OrderCreated`, `OrderCancelled`,
     /// `StockReservationExpired`, `OrderCompleted`; every other event is ignored.
     ///
-    /// Errors: [`ProcessError::Invalid`] for shape errors (empty ids, no items, quantity outside
-    /// `1..=MAX_QUANTITY`, an adjustment that would drive on hand below zero or below reserved);
+    /// Errors: [`ProcessError::Invalid`] for shape errors (an `order.created` with an empty
+    /// `eventId`, `orderId`, `hqId` or `storeId`; other events with empty ids; an adjustment with
+    /// no items or one that would drive on hand below zero or below reserved). An `order.created`
+    /// with invalid content is not an error: it is answered with `stock.reservation.failed`;
     /// [`ProcessError::CorruptState`] when stored stock cannot cover a release or deduction of a
     /// live reservation (an invariant broke); [`ProcessError::UnwiredPort`] for a missing port.
     fn process(&mut self, _ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
@@ -472,6 +554,45 @@ fn release(
         },
     )?;
     out.note("release", reason.to_string());
+    Ok(())
+}
+
+/// Writes the [`store_registry_key`] of a store unless it is there already.
+fn register_store(hq_id: &str, store_id: &str, cause: &str, state: &mut StateTxn) {
+    let key = store_registry_key(hq_id, store_id);
+    if state.get(&key).is_none() {
+        state.put_json(key, &StoreRecord { first_adjustment: cause.to_string() });
+    }
+}
+
+/// Answers `order.created` `e` with `stock.reservation.failed` `reason` naming `items`, and stores
+/// `failed` (status [`ReservationStatus::Failed`], nothing held) at `rkey` so the order never
+/// reserves later (rule 5). Notes `reservation` with the reason as label.
+fn fail(
+    e: &OrderCreated,
+    rkey: &[u8],
+    failed: &Reservation,
+    reason: &'static str,
+    items: Vec<FailedItem>,
+    state: &mut StateTxn,
+    out: &mut Outputs,
+) -> Result<(), ProcessError> {
+    debug_assert_eq!(failed.status, ReservationStatus::Failed);
+    state.put_json(rkey.to_vec(), failed);
+    out.emit(
+        PORT_FAILED,
+        e.order_id.clone(),
+        StockReservationFailed {
+            event_id: derive_event_id(&e.event_id, "stock.reservation.failed"),
+            occurred_at: e.occurred_at,
+            order_id: e.order_id.clone(),
+            hq_id: e.hq_id.clone(),
+            store_id: e.store_id.clone(),
+            reason: reason.to_string(),
+            items,
+        },
+    )?;
+    out.note("reservation", reason);
     Ok(())
 }
 
@@ -672,7 +793,7 @@ mod tests {
     fn reserves_all_items_and_available_is_on_hand_minus_reserved() {
         let mut h = harness();
         restock(&mut h, "a1", &[("P-001", 10), ("P-002", 3)]);
-        let outs = h.feed("t", order("o1", "O-1", &[("P-001", 4), ("P-002", 3), ("P-001", 2)]), 0).unwrap();
+        let outs = h.feed("t", order("o1", "O-1", &[("P-001", 6), ("P-002", 3)]), 0).unwrap();
         assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_RESERVED, "O-1"));
         let Event::StockReserved(r) = &outs[0].event else { panic!() };
         assert_eq!(r.event_id, derive_event_id("o1", "stock.reserved"));
@@ -681,8 +802,7 @@ mod tests {
         assert_eq!(r.occurred_at, 1_000);
         assert_eq!(
             r.items,
-            vec![ReservedItem { product_id: "P-001".into(), reserved: 6 }, ReservedItem { product_id: "P-002".into(), reserved: 3 }],
-            "repeated products summed"
+            vec![ReservedItem { product_id: "P-001".into(), reserved: 6 }, ReservedItem { product_id: "P-002".into(), reserved: 3 }]
         );
         assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 6 });
         assert_eq!(stock(&h, "P-001").available(), 4);
@@ -701,31 +821,214 @@ mod tests {
     #[test]
     fn unknown_products_have_no_stock() {
         let mut h = harness();
+        restock(&mut h, "a1", &[("P-001", 1)]);
         let outs = h.feed("t", order("o1", "O-1", &[("P-404", 1)]), 0).unwrap();
         let Event::StockReservationFailed(f) = &outs[0].event else { panic!() };
         assert_eq!(f.items, vec![FailedItem { product_id: "P-404".into(), requested: 1, available: 0 }]);
     }
 
     #[test]
-    fn invalid_orders_are_rejected_without_effect() {
+    fn orders_without_ids_are_dead_lettered_without_effect() {
         let mut h = harness();
         restock(&mut h, "a1", &[("P-001", 10)]);
+        let blank = |f: fn(&mut OrderCreated)| {
+            let mut ev = order("x1", "O-1", &[("P-001", 1)]);
+            f(&mut ev);
+            ev
+        };
         for (ev, what) in [
-            (order("x1", "O-1", &[]), "no items"),
-            (order("x2", "O-1", &[("P-001", 0)]), "quantity"),
-            (order("x3", "O-1", &[("P-001", -1)]), "quantity"),
-            (order("x4", "O-1", &[("P-001", MAX_QUANTITY + 1)]), "quantity"),
-            (order("x5", "", &[("P-001", 1)]), "orderId"),
-            (order("x6", "O-1", &[("", 1)]), "productId"),
+            (blank(|e| e.order_id.clear()), "orderId"),
+            (blank(|e| e.hq_id.clear()), "hqId"),
+            (blank(|e| e.store_id.clear()), "storeId"),
+            (blank(|e| e.event_id.clear()), "eventId"),
+            // No ids and bad content: still dead-lettered, there is no order to answer.
+            (OrderCreated { items: vec![], ..blank(|e| e.store_id.clear()) }, "storeId"),
         ] {
             let err = h.feed("t", ev, 0).unwrap_err();
             assert!(matches!(err, ProcessError::Invalid(ref m) if m.contains(what)), "{err}");
         }
-        let mut ev = order("x7", "O-1", &[("P-001", 1)]);
-        ev.store_id.clear();
-        assert!(matches!(h.feed("t", ev, 0), Err(ProcessError::Invalid(_))));
         assert!(reservation(&h, "O-1").is_none());
+        assert!(reservation(&h, "").is_none());
         assert_eq!(stock(&h, "P-001").reserved, 0);
+        assert!(notes(&h, "reservation").is_empty());
+    }
+
+    /// Feeds `ev` to a harness whose store holds P-001 ×10 and P-002 ×3 (2 of them reserved by
+    /// O-0), and returns the failure it answers with.
+    fn invalid_answer(ev: OrderCreated) -> (Harness<StockReserver>, StockReservationFailed) {
+        let mut h = harness();
+        restock(&mut h, "a1", &[("P-001", 10), ("P-002", 3)]);
+        h.feed("t", order("o0", "O-0", &[("P-002", 2)]), 0).unwrap();
+        let outs = h.feed("t", ev.clone(), 0).unwrap();
+        assert_eq!(outs.len(), 1, "{outs:?}");
+        assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_FAILED, ev.order_id.as_str()));
+        let Event::StockReservationFailed(f) = outs[0].event.clone() else { panic!("{outs:?}") };
+        assert_eq!(f.event_id, derive_event_id(&ev.event_id, "stock.reservation.failed"));
+        assert_eq!((f.occurred_at, &f.hq_id, &f.store_id), (ev.occurred_at, &ev.hq_id, &ev.store_id));
+        // Nothing reserved, and the order is closed for good (rule 5), like a stock failure.
+        assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
+        assert_eq!(stock(&h, "P-002"), StockRecord { on_hand: 3, reserved: 2 });
+        let r = reservation(&h, &ev.order_id).expect("failure recorded");
+        assert_eq!((r.status, r.items.len()), (ReservationStatus::Failed, 0));
+        assert_eq!(r.reservation_id, derive_event_id(&ev.event_id, "reservation"));
+        assert_eq!(notes(&h, "reservation"), vec!["reserved".to_string(), f.reason.clone()]);
+        (h, f)
+    }
+
+    fn item(p: &str, requested: i32, available: i32) -> FailedItem {
+        FailedItem { product_id: p.into(), requested, available }
+    }
+
+    #[test]
+    fn invalid_quantity_is_answered_naming_the_offending_lines() {
+        for q in [0, -1, MAX_QUANTITY + 1, i32::MIN, i32::MAX] {
+            let (_, f) = invalid_answer(order("x1", "O-1", &[("P-001", 1), ("P-002", q)]));
+            assert_eq!(f.reason, "INVALID_QUANTITY");
+            assert_eq!(f.items, vec![item("P-002", q, 1)], "requested = the quantity, available = the real available");
+        }
+        let (_, f) = invalid_answer(order("x1", "O-1", &[("P-001", 0), ("P-002", 1), ("P-404", -5)]));
+        assert_eq!(f.items, vec![item("P-001", 0, 10), item("P-404", -5, 0)]);
+        // The bound itself is valid.
+        let mut h = harness();
+        restock(&mut h, "a1", &[("P-001", i64::from(MAX_QUANTITY))]);
+        let outs = h.feed("t", order("o1", "O-1", &[("P-001", MAX_QUANTITY)]), 0).unwrap();
+        assert!(matches!(outs[0].event, Event::StockReserved(_)), "{outs:?}");
+    }
+
+    #[test]
+    fn empty_order_is_answered() {
+        let (_, f) = invalid_answer(order("x1", "O-1", &[]));
+        assert_eq!(f.reason, "EMPTY_ORDER");
+        assert!(f.items.is_empty());
+    }
+
+    #[test]
+    fn duplicate_product_is_rejected_not_merged() {
+        let (_, f) = invalid_answer(order("x1", "O-1", &[("P-001", 4), ("P-002", 1), ("P-001", 2)]));
+        assert_eq!(f.reason, "DUPLICATE_PRODUCT");
+        assert_eq!(f.items, vec![item("P-001", 6, 10)], "each repeated product once, requested = its lines summed");
+        let (_, f) = invalid_answer(order("x1", "O-1", &[("P-002", 1), ("P-001", 1), ("P-002", 1), ("P-001", 1), ("P-002", 1)]));
+        assert_eq!(f.items, vec![item("P-002", 3, 1), item("P-001", 2, 10)]);
+        let (_, f) = invalid_answer(order("x1", "O-1", &[("P-001", MAX_QUANTITY), ("P-001", MAX_QUANTITY), ("P-001", MAX_QUANTITY)]));
+        assert_eq!(f.items, vec![item("P-001", 3 * MAX_QUANTITY, 10)]);
+    }
+
+    #[test]
+    fn invalid_product_is_answered() {
+        let (_, f) = invalid_answer(order("x1", "O-1", &[("P-001", 1), ("", 3)]));
+        assert_eq!(f.reason, "INVALID_PRODUCT");
+        assert_eq!(f.items, vec![item("", 3, 0)]);
+    }
+
+    #[test]
+    fn content_checks_apply_in_the_documented_order() {
+        // EMPTY_ORDER, INVALID_PRODUCT, INVALID_QUANTITY, DUPLICATE_PRODUCT, UNKNOWN_STORE, stock.
+        let (_, f) = invalid_answer(order("x1", "O-1", &[("", 0), ("P-001", 0)]));
+        assert_eq!(f.reason, "INVALID_PRODUCT");
+        let (_, f) = invalid_answer(order("x1", "O-1", &[("P-001", 1), ("P-001", 0)]));
+        assert_eq!((f.reason.as_str(), f.items.clone()), ("INVALID_QUANTITY", vec![item("P-001", 0, 10)]));
+        let unknown = |items: &[(&str, i32)]| OrderCreated { store_id: "S-NEW".into(), ..order("x1", "O-1", items) };
+        let (_, f) = invalid_answer(unknown(&[("P-001", 1), ("P-001", 1)]));
+        assert_eq!(f.reason, "DUPLICATE_PRODUCT");
+        let (_, f) = invalid_answer(unknown(&[("P-001", 1_000)]));
+        assert_eq!(f.reason, "UNKNOWN_STORE", "the store is checked before the stock");
+    }
+
+    #[test]
+    fn order_for_a_store_never_adjusted_fails_with_unknown_store() {
+        let mut h = harness();
+        let outs = h.feed("t", order("o1", "O-1", &[("P-001", 1), ("P-002", 2)]), 0).unwrap();
+        let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
+        assert_eq!(f.reason, "UNKNOWN_STORE");
+        assert_eq!(f.items, vec![item("P-001", 1, 0), item("P-002", 2, 0)]);
+        assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Failed);
+        assert_eq!(notes(&h, "reservation"), vec!["UNKNOWN_STORE"]);
+        // Stock arriving later does not revive the order (one answer per order), but the store
+        // is known from then on, also for products it never stocked.
+        let outs = restock(&mut h, "a1", &[("P-001", 10)]);
+        assert_eq!(outs.len(), 1);
+        assert_eq!(h.store.get_json::<StoreRecord>(&store_registry_key(HQ, STORE)).unwrap().first_adjustment, "a1");
+        assert!(h.feed("t", order("o1b", "O-1", &[("P-001", 1)]), 0).unwrap().is_empty());
+        assert_eq!(notes(&h, "late_event"), vec!["duplicate_order"]);
+        let outs = h.feed("t", order("o2", "O-2", &[("P-002", 1)]), 0).unwrap();
+        let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
+        assert_eq!(f.reason, "INSUFFICIENT_STOCK");
+        // Another store of the same HQ is still unknown.
+        let other = OrderCreated { store_id: "S-2".into(), ..order("o3", "O-3", &[("P-001", 1)]) };
+        let outs = h.feed("t", other, 0).unwrap();
+        let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
+        assert_eq!(f.reason, "UNKNOWN_STORE");
+    }
+
+    #[test]
+    fn every_adjustment_keeps_the_store_registered_and_a_rejected_one_registers_nothing() {
+        let mut h = harness();
+        assert!(h.feed("t", adjust_ev("a0", &[("P-001", -1)]), 0).is_err());
+        assert!(!h.store.data.contains_key(&store_registry_key(HQ, STORE)), "rejected adjustment");
+        restock(&mut h, "a1", &[("P-001", 1)]);
+        restock(&mut h, "a2", &[("P-001", -1)]);
+        assert_eq!(stock(&h, "P-001").on_hand, 0);
+        assert_eq!(h.store.get_json::<StoreRecord>(&store_registry_key(HQ, STORE)).unwrap().first_adjustment, "a1");
+        // Known, even with nothing on hand: a stock failure, not UNKNOWN_STORE.
+        let outs = h.feed("t", order("o1", "O-1", &[("P-001", 1)]), 0).unwrap();
+        let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
+        assert_eq!(f.reason, "INSUFFICIENT_STOCK");
+        assert_eq!(store_registry_key("H", "S"), b"store/H:S".to_vec());
+        assert!(!store_registry_key("H", "S").starts_with(STOCK_PREFIX));
+    }
+
+    #[test]
+    fn stock_written_before_the_store_registry_existed_counts_as_known() {
+        let mut h = harness();
+        h.store.data.insert(stock_key(HQ, STORE, "P-001"), serde_json::to_vec(&StockRecord { on_hand: 5, reserved: 0 }).unwrap());
+        let outs = h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap();
+        assert!(matches!(outs[0].event, Event::StockReserved(_)), "{outs:?}");
+        assert_eq!(h.store.get_json::<StoreRecord>(&store_registry_key(HQ, STORE)).unwrap().first_adjustment, "");
+        // Now registered: a product it never stocked is a stock failure.
+        let outs = h.feed("t", order("o2", "O-2", &[("P-009", 1)]), 0).unwrap();
+        let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
+        assert_eq!(f.reason, "INSUFFICIENT_STOCK");
+    }
+
+    #[test]
+    fn invalid_order_after_close_is_late_not_answered() {
+        let mut h = harness();
+        restock(&mut h, "a1", &[("P-001", 10)]);
+        h.feed("t", cancel("k1", "O-1"), 0).unwrap();
+        assert!(h.feed("t", order("o1", "O-1", &[("P-001", 0)]), 0).unwrap().is_empty());
+        assert_eq!(notes(&h, "late_event"), vec!["cancel_before_reservation", "created_after_close"]);
+        assert!(notes(&h, "reservation").is_empty());
+    }
+
+    /// The canceller's `SAGA_TIMEOUT` cancellation (seed 001) as it arrives on `stock.commands`.
+    fn saga_timeout_cancel(id: &str, order_id: &str) -> OrderCancelled {
+        order_cancelled(id, order_id, "SAGA_TIMEOUT", 180_000)
+    }
+
+    #[test]
+    fn saga_timeout_after_a_late_reservation_releases_it() {
+        let mut h = harness();
+        restock(&mut h, "a1", &[("P-001", 10)]);
+        // The reserver was down past the stock answer timeout: it reserves late, then reads the
+        // SAGA_TIMEOUT cancellation that followed the order on the store's partition.
+        let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
+        assert_eq!(stock(&h, "P-001").reserved, 4);
+        let outs = h.feed("t", saga_timeout_cancel("k1", "O-1"), 0).unwrap();
+        let Event::StockReservationReleased(r) = &outs[0].event else { panic!("{outs:?}") };
+        assert_eq!((r.reason.as_str(), r.reservation_id.as_str()), ("CANCELLED", res_id.as_str()));
+        assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
+        assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Released);
+    }
+
+    #[test]
+    fn saga_timeout_before_the_order_reaches_the_reserver_blocks_it() {
+        let mut h = harness();
+        restock(&mut h, "a1", &[("P-001", 10)]);
+        assert!(h.feed("t", saga_timeout_cancel("k1", "O-1"), 0).unwrap().is_empty());
+        assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Closed);
+        assert!(h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap().is_empty(), "tombstone: never reserves");
+        assert_eq!(stock(&h, "P-001").reserved, 0);
+        assert_eq!(notes(&h, "late_event"), vec!["cancel_before_reservation", "created_after_close"]);
     }
 
     #[test]
