@@ -1,6 +1,7 @@
 //! `orderflow`: run saga workers, check and draw the topology, create topics, run the demo.
 
 mod demo;
+mod dlq;
 mod kinds;
 mod serve;
 mod tpch;
@@ -69,6 +70,8 @@ enum Command {
     },
     /// The main job: TPC-H orders and the seed scenarios through the whole saga, with a summary.
     Demo(demo::DemoArgs),
+    /// Dead-letter records: list them, show one, redrive them once the cause is fixed.
+    Dlq(dlq::DlqArgs),
 }
 
 #[derive(Subcommand)]
@@ -245,5 +248,6 @@ async fn main() -> Result<()> {
             }
         }
         Command::Demo(args) => demo::run(args).await,
+        Command::Dlq(args) => dlq::run(args).await,
     }
 }
