@@ -9,13 +9,16 @@
 //! Record layout (key / value):
 //! - state write: `d<key>` / `[1][offsets][value]`; state delete: `d<key>` / null (tombstone);
 //! - timer set: `t<key>` / `[1][offsets][deadline i64 BE]`; timer cancel: `t<key>` / null;
+//! - begin marker: `b` / `[1]`, first of every unit's records in a partition;
 //! - commit marker: `m` / `[1][offsets]`.
 //!
 //! `[offsets]` is the unit's input position in this partition, `u8 n` then n × (`u8` index of
 //! the input topic in the worker's `inputs`, `i64 BE` next offset): every non-tombstone record
-//! carries the input offsets it came from. Restore applies records only up to the last marker:
-//! records after it belong to a unit whose outputs were never all acknowledged, and that unit's
-//! inputs will be processed again.
+//! carries the input offsets it came from. Restore applies a unit's records when it reaches the
+//! unit's commit marker. Records of a unit that never committed (a crash, or a broker that did
+//! not take all of them) are dropped at the next begin marker, or left pending after the last
+//! marker: that unit's inputs are processed again, so its records must not be merged into a later
+//! unit.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -33,6 +36,7 @@ const VERSION: u8 = 1;
 const TAG_DATA: u8 = b'd';
 const TAG_TIMER: u8 = b't';
 const MARKER_KEY: &[u8] = b"m";
+const BEGIN_KEY: &[u8] = b"b";
 
 /// Name of worker `worker`'s changelog topic.
 pub fn topic(worker: &str) -> String {
@@ -77,7 +81,8 @@ fn decode_offsets<'a>(inputs: &[String], value: &'a [u8]) -> Result<(BTreeMap<St
     Ok((offsets, &body[n * 9..]))
 }
 
-/// The records of one partition's unit: every state write and timer change, then the marker.
+/// The records of one partition's unit: the begin marker, every state write and timer change,
+/// then the commit marker.
 pub fn records(inputs: &[String], changes: &Changes, offsets: &BTreeMap<String, i64>) -> Vec<Record> {
     let prefix = encode_offsets(inputs, offsets);
     let with_prefix = |payload: &[u8]| {
@@ -85,7 +90,8 @@ pub fn records(inputs: &[String], changes: &Changes, offsets: &BTreeMap<String, 
         v.extend_from_slice(payload);
         v
     };
-    let mut out = Vec::with_capacity(changes.writes.len() + changes.timers.len() + 1);
+    let mut out = Vec::with_capacity(changes.writes.len() + changes.timers.len() + 2);
+    out.push(Record { key: BEGIN_KEY.to_vec(), value: Some(vec![VERSION]) });
     for (k, v) in &changes.writes {
         let mut key = vec![TAG_DATA];
         key.extend_from_slice(k);
@@ -211,6 +217,18 @@ pub fn restore(broker: &BrokerConfig, topic: &str, inputs: &[String], shard: &Sh
                     };
                     pending.timers.insert(key[1..].to_vec(), at);
                 }
+                _ if key == BEGIN_KEY => {
+                    if !pending.is_empty() {
+                        tracing::info!(
+                            topic,
+                            partition = p,
+                            offset = msg.offset(),
+                            dropped = pending.writes.len() + pending.timers.len(),
+                            "discarded changelog records of a unit that never committed"
+                        );
+                        pending = Changes::default();
+                    }
+                }
                 _ if key == MARKER_KEY => {
                     let (offsets, _) = decode_offsets(inputs, value.unwrap_or_default()).map_err(corrupt)?;
                     shard.commit(&std::mem::take(&mut pending), &offsets, Some(msg.offset() + 1))?;
@@ -246,7 +264,9 @@ mod tests {
         changes.timers.insert(b"t1".to_vec(), Some(99));
         let offsets = BTreeMap::from([("b".to_string(), 7)]);
         let recs = records(&inputs, &changes, &offsets);
-        assert_eq!(recs.len(), 4);
+        assert_eq!(recs.len(), 5);
+        assert_eq!(recs[0], Record { key: b"b".to_vec(), value: Some(vec![VERSION]) });
+        let recs = &recs[1..];
         assert_eq!(recs[0].key, b"dk1");
         let (o, rest) = decode_offsets(&inputs, recs[0].value.as_ref().unwrap()).unwrap();
         assert_eq!((o, rest), (offsets.clone(), &b"v1"[..]));

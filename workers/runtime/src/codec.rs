@@ -122,6 +122,31 @@ impl CodecError {
     pub fn is_permanent(&self) -> bool {
         !matches!(self, CodecError::Registry(_))
     }
+
+    /// The dead-letter error class of a decode failure (`orderflow.dlq.error-class` header and
+    /// the `error_class` label of `orderflow_dlq_records_total`): `not_avro`, `truncated` (a
+    /// header or a datum cut short, or no value at all), `unknown_schema` (fingerprint or
+    /// registry id unknown, or Confluent framing without a registry), `malformed` (the datum
+    /// does not decode with its schema), `registry_unavailable` (transient) or `codec` (schema
+    /// files or encoding: not a property of the record).
+    pub fn class(&self) -> &'static str {
+        match self {
+            CodecError::NotAvro => "not_avro",
+            CodecError::Truncated => "truncated",
+            CodecError::UnknownFingerprint(_) | CodecError::UnknownSchemaId(_) | CodecError::NoRegistry => "unknown_schema",
+            CodecError::Malformed { message, .. } if is_eof(message) => "truncated",
+            CodecError::Malformed { .. } => "malformed",
+            CodecError::Registry(_) => "registry_unavailable",
+            CodecError::Schema { .. } | CodecError::Encode { .. } => "codec",
+        }
+    }
+}
+
+/// Whether an Avro read error says the datum ended early (I/O `UnexpectedEof` as apache-avro
+/// words it).
+fn is_eof(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("fill whole buffer") || m.contains("unexpectedeof") || m.contains("unexpected end")
 }
 
 /// One loaded event schema.
@@ -688,6 +713,23 @@ mod tests {
             }
             .into(),
         ]
+    }
+
+    #[test]
+    fn decode_failures_are_classified() {
+        let c = codec();
+        let good = c.encode_local(&samples()[0]).unwrap();
+        assert_eq!(c.decode_local(b"{\"orderId\": 1}").unwrap_err().class(), "not_avro");
+        assert_eq!(c.decode_local(&[]).unwrap_err().class(), "truncated");
+        assert_eq!(c.decode_local(&good[..6]).unwrap_err().class(), "truncated");
+        assert_eq!(c.decode_local(&good[..good.len() - 3]).unwrap_err().class(), "truncated");
+        let mut unknown = good.clone();
+        unknown[2] ^= 0xFF;
+        assert_eq!(c.decode_local(&unknown).unwrap_err().class(), "unknown_schema");
+        assert_eq!(c.decode_local(&[0, 0, 0, 0, 7, 2, 4]).unwrap_err().class(), "unknown_schema");
+        let mut trailing = good.clone();
+        trailing.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(c.decode_local(&trailing).unwrap_err().class(), "malformed");
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub const NAMES: &[&str] = &[
     "orderflow_state_restored_records_total",
     "orderflow_out_of_stock_top",
     "orderflow_stock_conservation_mismatches_total",
+    "orderflow_retries_total",
+    "orderflow_broker_connected",
 ];
 
 /// How many products `orderflow_out_of_stock_top` shows.
@@ -50,6 +52,12 @@ pub struct Metrics {
     pub business: IntCounterVec,
     /// `orderflow_dlq_records_total{worker,error_class}`.
     pub dlq: IntCounterVec,
+    /// `orderflow_retries_total{worker,cause}`: retries of transient failures; cause is
+    /// `registry` (schema registry unreachable), `processor` (a processor's Transient error) or
+    /// `produce` (the broker did not take a unit's records).
+    pub retries: IntCounterVec,
+    /// `orderflow_broker_connected{worker}`: 1 while librdkafka holds a broker connection.
+    pub broker_connected: IntGaugeVec,
     /// `orderflow_timers_fired_total{worker}`.
     pub timers_fired: IntCounterVec,
     /// `orderflow_assigned_partitions{worker}`.
@@ -121,6 +129,8 @@ impl Metrics {
                 &["worker", "measure", "label"],
             ),
             dlq: counter("orderflow_dlq_records_total", "Records sent to a dead-letter topic.", &["worker", "error_class"]),
+            retries: counter("orderflow_retries_total", "Retries of transient failures, by cause.", &["worker", "cause"]),
+            broker_connected: gauge("orderflow_broker_connected", "1 while the worker holds a broker connection.", &["worker"]),
             timers_fired: counter("orderflow_timers_fired_total", "Durable timers fired (punctuations).", &["worker"]),
             assigned: gauge("orderflow_assigned_partitions", "Input partitions assigned to this instance.", &["worker"]),
             guarantee: gauge("orderflow_guarantee_info", "Processing guarantee in force (1).", &["worker", "guarantee"]),
@@ -227,6 +237,8 @@ mod tests {
         m.restored_records.with_label_values(&["w"]);
         m.out_of_stock.with_label_values(&["1", "p"]);
         m.conservation.with_label_values(&["w"]);
+        m.retries.with_label_values(&["w", "c"]);
+        m.broker_connected.with_label_values(&["w"]);
         let text = m.render();
         for (n, kind) in &listed {
             assert!(text.lines().any(|l| l == format!("# TYPE {n} {kind}")), "{n} is not exported as a {kind}");

@@ -769,8 +769,10 @@ pub fn mermaid(t: &Topology) -> String {
 mod tests {
     use super::*;
 
-    const KINDS: &[KindInfo] =
-        &[KindInfo { name: "a", ports: &["out"], uses_ttl: false, uses_saga_timeouts: false }, KindInfo { name: "ttl", ports: &["out"], uses_ttl: true, uses_saga_timeouts: false }];
+    const KINDS: &[KindInfo] = &[
+        KindInfo { name: "a", ports: &["out"], uses_ttl: false, uses_saga_timeouts: false },
+        KindInfo { name: "ttl", ports: &["out"], uses_ttl: true, uses_saga_timeouts: false },
+    ];
 
     fn write(dir: &Path, text: &str) -> PathBuf {
         std::fs::create_dir_all(dir.join("avro")).unwrap();

@@ -41,10 +41,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::changelog;
 use crate::codec::Codec;
-use crate::kafka::{client_config, dlq_topic, Side};
+use crate::kafka::{client_config, Side};
 use crate::metrics::Metrics;
 use crate::store::{Shard, Store, StoreError};
-use crate::topology::{BrokerConfig, Guarantee, Loaded};
+use crate::topology::{BrokerConfig, Guarantee, Loaded, RetryPolicy};
 use crate::txn::{TxnErrorClass, TxnProducer};
 
 /// Errors that stop a worker instance. All are fatal: the process exits non-zero so the pod
@@ -87,7 +87,8 @@ pub struct WorkerSetup {
     pub metrics: Metrics,
     /// Instance id within the worker's group (pod name); names the state directory.
     pub instance: String,
-    /// Set while every assigned partition is restored and being processed (`/readyz`).
+    /// Set while every assigned partition is restored and being processed, the broker is
+    /// reachable and outputs are being acknowledged (`/readyz`).
     pub ready: Arc<AtomicBool>,
 }
 
@@ -107,16 +108,82 @@ pub struct Worker {
     changelog_topic: String,
     /// Partitions restored and being processed.
     owned: BTreeSet<i32>,
-    ready: Arc<AtomicBool>,
+    health: Arc<Health>,
     store: Store,
     shards: BTreeMap<i32, Shard>,
     codec: Arc<Codec>,
     metrics: Metrics,
     commit_interval: Duration,
     max_batch: usize,
+    /// Transient failures: how often and how long to retry.
+    retry: RetryPolicy,
+    /// Admission rules for input records.
+    admission: Admission,
+    /// Consecutive units whose outputs the broker did not acknowledge (backoff exponent).
+    produce_failures: u32,
     /// Where this instance keeps its sled store.
     pub state_path: PathBuf,
 }
+
+/// What an input record must satisfy before its event reaches the processor; a record that
+/// does not is dead-lettered with the class named on each rule.
+#[derive(Debug, Clone)]
+struct Admission {
+    /// `oversized`: value longer than this many bytes (`max_record_bytes`).
+    max_record_bytes: usize,
+    /// `future_timestamp`: `occurredAt` more than this many ms after the worker's clock.
+    max_clock_skew_ms: i64,
+    /// `wrong_schema`: input topic → Avro record names it carries (topology `schema`).
+    schemas: BTreeMap<String, Vec<String>>,
+    /// Input topic → its dead-letter topic.
+    dead_letter: BTreeMap<String, String>,
+    /// Longest value a dead-letter record carries; a longer one is left out (header
+    /// `orderflow.dlq.value-dropped` = its length) so the record can still be produced.
+    max_dead_letter_value: usize,
+}
+
+/// Why an input record was not processed.
+#[derive(Debug, Clone)]
+struct Rejection {
+    /// Dead-letter error class (see [`crate::codec::CodecError::class`] and [`Admission`]).
+    class: &'static str,
+    message: String,
+    /// Attempts made, retries included.
+    attempts: u32,
+}
+
+impl Rejection {
+    fn new(class: &'static str, message: impl Into<String>) -> Rejection {
+        Rejection { class, message: message.into(), attempts: 1 }
+    }
+}
+
+/// Readiness of one worker instance as `/readyz` reports it: its partitions restored, the broker
+/// reachable (librdkafka statistics and error callbacks) and the last unit's outputs not stuck
+/// waiting for acknowledgements (`ACK_STALL`).
+struct Health {
+    restored: AtomicBool,
+    broker_up: AtomicBool,
+    stalled: AtomicBool,
+    /// The flag the HTTP endpoint reads.
+    published: Arc<AtomicBool>,
+}
+
+impl Health {
+    fn new(published: Arc<AtomicBool>) -> Health {
+        Health { restored: AtomicBool::new(false), broker_up: AtomicBool::new(true), stalled: AtomicBool::new(false), published }
+    }
+    fn set(&self, flag: &AtomicBool, value: bool) {
+        flag.store(value, Ordering::Relaxed);
+        let ready =
+            self.restored.load(Ordering::Relaxed) && self.broker_up.load(Ordering::Relaxed) && !self.stalled.load(Ordering::Relaxed);
+        self.published.store(ready, Ordering::Relaxed);
+    }
+}
+
+/// How long a unit may wait for the broker's acknowledgements before the instance reports
+/// not-ready (it keeps waiting: librdkafka retries until `message.timeout.ms`).
+const ACK_STALL: Duration = Duration::from_secs(5);
 
 /// What the consumer's rebalance callbacks saw, for the loop to act on between units.
 #[derive(Debug)]
@@ -135,6 +202,7 @@ pub struct WorkerContext {
     events: Mutex<Vec<RebalanceEvent>>,
     worker: String,
     metrics: Metrics,
+    health: Arc<Health>,
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> BTreeSet<i32> {
@@ -142,15 +210,46 @@ fn partitions_of(tpl: &TopicPartitionList) -> BTreeSet<i32> {
 }
 
 impl ClientContext for WorkerContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.broker_error(&error, reason);
+    }
+
     /// librdkafka statistics (every `statistics.interval.ms`): exports consumer lag per input
     /// partition.
     fn stats(&self, stats: rdkafka::Statistics) {
+        // Reachable when librdkafka holds an open connection to at least one broker.
+        let up = stats.brokers.values().any(|b| b.state == "UP");
+        if up != self.health.broker_up.load(Ordering::Relaxed) {
+            if up {
+                info!(worker = %self.worker, "broker reachable again");
+            } else {
+                warn!(worker = %self.worker, "no broker connection; not ready");
+            }
+        }
+        self.health.set(&self.health.broker_up, up);
+        self.metrics.broker_connected.with_label_values(&[self.worker.as_str()]).set(i64::from(up));
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
                 if *partition >= 0 && p.consumer_lag >= 0 {
                     self.metrics.lag.with_label_values(&[self.worker.as_str(), topic, &partition.to_string()]).set(p.consumer_lag);
                 }
             }
+        }
+    }
+}
+
+impl WorkerContext {
+    /// librdkafka error callback: `AllBrokersDown` marks the broker unreachable until a
+    /// statistics report shows a connection again.
+    fn broker_error(&self, error: &rdkafka::error::KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+            if self.health.broker_up.load(Ordering::Relaxed) {
+                warn!(worker = %self.worker, %reason, "all brokers down; not ready, retrying");
+            }
+            self.health.set(&self.health.broker_up, false);
+            self.metrics.broker_connected.with_label_values(&[self.worker.as_str()]).set(0);
+        } else {
+            warn!(worker = %self.worker, error = %error, %reason, "librdkafka error");
         }
     }
 }
@@ -184,8 +283,28 @@ impl WorkerContext {
 /// One dead-letter record to write.
 struct DeadLetter {
     source: OwnedMessage,
-    class: &'static str,
-    message: String,
+    rejection: Rejection,
+}
+
+/// Waits `d` on the current thread (a processor retry, whose staged state cannot cross an
+/// `.await`); on a multi-threaded runtime the thread's other tasks move elsewhere meanwhile.
+fn wait_blocking(d: Duration) {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| std::thread::sleep(d)),
+        _ => std::thread::sleep(d),
+    }
+}
+
+/// The longest value a dead-letter record may carry: the producer's `message.max.bytes`
+/// (librdkafka default 1,000,000) less 64 KiB for the key and headers.
+fn max_dead_letter_value(broker: &BrokerConfig) -> usize {
+    let limit = broker
+        .producer
+        .get("message.max.bytes")
+        .or_else(|| broker.properties.get("message.max.bytes"))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1_000_000);
+    limit.saturating_sub(64 * 1024)
 }
 
 /// Milliseconds since the Unix epoch: the runtime's clock.
@@ -233,9 +352,16 @@ impl Worker {
             consumer_config.set("group.instance.id", format!("{}-{}", setup.name, setup.instance));
         }
         if consumer_config.get("statistics.interval.ms").is_none() {
-            consumer_config.set("statistics.interval.ms", "5000");
+            // Consumer lag and broker reachability (readiness) are read from these reports.
+            consumer_config.set("statistics.interval.ms", "1000");
         }
-        let context = WorkerContext { events: Mutex::new(Vec::new()), worker: setup.name.clone(), metrics: setup.metrics.clone() };
+        let health = Arc::new(Health::new(setup.ready.clone()));
+        let context = WorkerContext {
+            events: Mutex::new(Vec::new()),
+            worker: setup.name.clone(),
+            metrics: setup.metrics.clone(),
+            health: health.clone(),
+        };
         let consumer: StreamConsumer<WorkerContext> = consumer_config.create_with_context(context)?;
         let inputs: Vec<&str> = spec.inputs.iter().map(String::as_str).collect();
         consumer.subscribe(&inputs)?;
@@ -269,13 +395,26 @@ impl Worker {
             guarantee,
             changelog_topic: changelog::topic(&setup.name),
             owned: BTreeSet::new(),
-            ready: setup.ready,
+            health,
             store,
             shards: BTreeMap::new(),
             codec: setup.codec,
             metrics: setup.metrics,
             commit_interval: spec.commit_interval(&t.defaults),
             max_batch: spec.max_batch(&t.defaults),
+            retry: spec.retry(&t.defaults),
+            admission: Admission {
+                max_record_bytes: t.defaults.max_record_bytes,
+                max_clock_skew_ms: t.defaults.max_clock_skew.as_millis() as i64,
+                schemas: spec
+                    .inputs
+                    .iter()
+                    .filter_map(|i| Some((i.clone(), t.topics.get(i)?.schema.as_ref()?.names().iter().map(|n| n.to_string()).collect())))
+                    .collect(),
+                dead_letter: spec.inputs.iter().map(|i| (i.clone(), t.dead_letter_of(i))).collect(),
+                max_dead_letter_value: max_dead_letter_value(&t.broker),
+            },
+            produce_failures: 0,
             state_path,
         })
     }
@@ -308,7 +447,7 @@ impl Worker {
             batch.retain(|m| self.owned.contains(&m.partition()) && !abandoned.contains(&m.partition()));
             self.unit(batch).await?;
         }
-        self.ready.store(false, Ordering::Relaxed);
+        self.health.set(&self.health.restored, false);
         info!(worker = %self.name, "worker stopped");
         Ok(())
     }
@@ -334,7 +473,7 @@ impl Worker {
                 RebalanceEvent::Assigned(ps) => {
                     if ps.is_empty() && self.owned.is_empty() {
                         // More members than partitions: an idle member is still a ready one.
-                        self.ready.store(true, Ordering::Relaxed);
+                        self.health.set(&self.health.restored, true);
                         info!(worker = %self.name, "worker ready with no partitions assigned");
                     }
                     assigned.extend(ps)
@@ -345,7 +484,7 @@ impl Worker {
         if assigned.is_empty() && rewound.is_empty() {
             return Ok(abandoned);
         }
-        self.ready.store(false, Ordering::Relaxed);
+        self.health.set(&self.health.restored, false);
         let mut positions = TopicPartitionList::new();
         for (p, starts) in rewound.iter().filter(|(p, _)| !assigned.contains(p)) {
             for topic in &self.inputs {
@@ -394,7 +533,7 @@ impl Worker {
             self.seek(seeks).await?;
         }
         self.consumer.resume(&positions)?;
-        self.ready.store(true, Ordering::Relaxed);
+        self.health.set(&self.health.restored, true);
         info!(worker = %self.name, partitions = ?self.owned, "worker ready");
         Ok(abandoned)
     }
@@ -424,6 +563,11 @@ impl Worker {
         }
     }
 
+    /// The dead-letter topic of records read from `input`.
+    fn dead_letter_topic(&self, input: &str) -> String {
+        self.admission.dead_letter.get(input).cloned().unwrap_or_else(|| crate::kafka::dlq_topic(input))
+    }
+
     /// Processes one unit of work and commits it (see the module docs for the order of steps).
     async fn unit(&mut self, batch: Vec<OwnedMessage>) -> Result<(), WorkerError> {
         let started = Instant::now();
@@ -431,10 +575,10 @@ impl Worker {
         let assigned = self.owned.clone();
         self.metrics.assigned.with_label_values(&[self.name.as_str()]).set(assigned.len() as i64);
 
-        // 1. Decode.
+        // 1. Decode and admit (transient decode failures retried with the retry policy).
         let mut decoded = Vec::with_capacity(batch.len());
         for m in &batch {
-            decoded.push(self.codec.decode(m.payload().unwrap_or_default()).await);
+            decoded.push(admit(&self.codec, &self.admission, &self.retry, &self.metrics, &self.name, m, now).await);
         }
 
         // 2. Process and fire timers, staging changes per partition.
@@ -448,9 +592,9 @@ impl Worker {
                 offsets.entry(m.partition()).or_default().insert(topic.to_string(), m.offset() + 1);
                 let event: Event = match event {
                     Ok(e) => e,
-                    Err(e) => {
-                        warn!(worker = %self.name, topic, partition = m.partition(), offset = m.offset(), error = %e, "undecodable record sent to the dead-letter topic");
-                        dead_letters.push(DeadLetter { source: m.clone(), class: "decode", message: e.to_string() });
+                    Err(r) => {
+                        warn!(worker = %self.name, topic, partition = m.partition(), offset = m.offset(), class = r.class, attempts = r.attempts, error = %r.message, "record sent to the dead-letter topic");
+                        dead_letters.push(DeadLetter { source: m.clone(), rejection: r });
                         self.metrics.consumed.with_label_values(&[self.name.as_str(), topic, "dead_lettered"]).inc();
                         continue;
                     }
@@ -460,12 +604,34 @@ impl Worker {
                 }
                 let ctx = Context { topic: topic.to_string(), partition: m.partition(), offset: m.offset(), now_ms: now };
                 let txn = txns.get_mut(&m.partition()).expect("shard opened for every partition in the batch");
-                let outcome = match handle(self.processor.as_mut(), &ctx, &event, txn, &mut out) {
+                // A transient failure is retried in place (the failed attempt's staged changes and
+                // outputs are discarded by `handle`); the partition waits, so per-key order holds.
+                let mut attempts = 1;
+                let result = loop {
+                    match handle(self.processor.as_mut(), &ctx, &event, txn, &mut out) {
+                        Err(ProcessError::Transient(msg)) if attempts <= self.retry.attempts => {
+                            let wait = self.retry.backoff(attempts);
+                            warn!(worker = %self.name, topic, partition = m.partition(), offset = m.offset(), attempt = attempts, wait_ms = wait.as_millis() as u64, error = %msg, "transient processing failure; retrying");
+                            self.metrics.retries.with_label_values(&[self.name.as_str(), "processor"]).inc();
+                            wait_blocking(wait);
+                            attempts += 1;
+                        }
+                        other => break other,
+                    }
+                };
+                let outcome = match result {
                     Ok(Handled::Processed) => "processed",
                     Ok(Handled::Duplicate) => "duplicate",
                     Err(ProcessError::Invalid(msg)) => {
                         warn!(worker = %self.name, topic, partition = m.partition(), offset = m.offset(), event_id = event.event_id(), error = %msg, "invalid event sent to the dead-letter topic");
-                        dead_letters.push(DeadLetter { source: m.clone(), class: "invalid", message: msg });
+                        dead_letters
+                            .push(DeadLetter { source: m.clone(), rejection: Rejection { class: "invalid", message: msg, attempts } });
+                        "dead_lettered"
+                    }
+                    Err(ProcessError::Transient(msg)) => {
+                        warn!(worker = %self.name, topic, partition = m.partition(), offset = m.offset(), event_id = event.event_id(), attempts, error = %msg, "retries exhausted; event sent to the dead-letter topic");
+                        dead_letters
+                            .push(DeadLetter { source: m.clone(), rejection: Rejection { class: "transient", message: msg, attempts } });
                         "dead_lettered"
                     }
                     Err(error) => {
@@ -478,12 +644,28 @@ impl Worker {
             for p in &assigned {
                 let ctx = Context { topic: String::new(), partition: *p, offset: -1, now_ms: now };
                 let txn = txns.get_mut(p).expect("shard opened for every assigned partition");
-                fired += fire_timers(self.processor.as_mut(), &ctx, txn, &mut out).map_err(|error| WorkerError::Process {
-                    topic: "<timer>".into(),
-                    partition: *p,
-                    offset: -1,
-                    error,
-                })?;
+                // A timer cannot be dead-lettered: after the retries the instance stops and the
+                // timer, still durable, fires again after the restart.
+                let mut attempts = 1;
+                fired += loop {
+                    match fire_timers(self.processor.as_mut(), &ctx, txn, &mut out) {
+                        Err(ProcessError::Transient(msg)) if attempts <= self.retry.attempts => {
+                            let wait = self.retry.backoff(attempts);
+                            warn!(worker = %self.name, partition = p, attempt = attempts, error = %msg, "transient timer failure; retrying");
+                            self.metrics.retries.with_label_values(&[self.name.as_str(), "processor"]).inc();
+                            wait_blocking(wait);
+                            attempts += 1;
+                        }
+                        other => {
+                            break other.map_err(|error| WorkerError::Process {
+                                topic: "<timer>".into(),
+                                partition: *p,
+                                offset: -1,
+                                error,
+                            })?
+                        }
+                    }
+                };
             }
             let changes: BTreeMap<i32, orderflow_api::Changes> = txns.into_iter().map(|(p, t)| (p, t.into_changes())).collect();
             (changes, out.take_records(), out.take_notes(), fired)
@@ -496,6 +678,11 @@ impl Worker {
                 "conservation_mismatch" => {
                     error!(worker = %self.name, kind = %n.label, "stock conservation mismatch");
                     self.metrics.conservation.with_label_values(&[self.name.as_str()]).inc();
+                }
+                "saga_timeout" => {
+                    // Seed 001: a saga cancelled at its timeout is reported, not only counted.
+                    warn!(worker = %self.name, timeout = %n.label, "saga timed out; order cancelled with SAGA_TIMEOUT");
+                    self.metrics.business.with_label_values(&[self.name.as_str(), n.measure, &n.label]).inc();
                 }
                 _ => self.metrics.business.with_label_values(&[self.name.as_str(), n.measure, &n.label]).inc(),
             }
@@ -527,13 +714,13 @@ impl Worker {
             self.producer.send(record, Timeout::Never)
         });
         let dlq_payloads: Vec<(String, OwnedHeaders)> =
-            dead_letters.iter().map(|d| (dlq_topic(d.source.topic()), self.dlq_headers(d, now))).collect();
+            dead_letters.iter().map(|d| (self.dead_letter_topic(d.source.topic()), self.dlq_headers(d, now))).collect();
         let dlq_sends = dead_letters.iter().zip(&dlq_payloads).map(|(d, (topic, headers))| {
             let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers.clone());
             if let Some(k) = d.source.key() {
                 record = record.key(k);
             }
-            if let Some(p) = d.source.payload() {
+            if let Some(p) = d.source.payload().filter(|p| p.len() <= self.admission.max_dead_letter_value) {
                 record = record.payload(p);
             }
             self.producer.send(record, Timeout::Never)
@@ -560,7 +747,8 @@ impl Worker {
                 .collect();
             async move { (*p, join_all(sends).await) }
         });
-        let (acks, dlq_acks, changelog_acks) = futures::join!(join_all(sends), join_all(dlq_sends), join_all(changelog_sends));
+        let all_acks = async { futures::join!(join_all(sends), join_all(dlq_sends), join_all(changelog_sends)) };
+        let (acks, dlq_acks, changelog_acks) = await_acks(&self.health, &self.name, all_acks).await;
         if let Some(txn) = &self.txn {
             // A failed send inside a transaction makes it abortable: abort, rewind, reprocess.
             let failed = acks.iter().chain(&dlq_acks).chain(changelog_acks.iter().flat_map(|(_, a)| a)).find_map(|a| a.as_ref().err());
@@ -585,21 +773,33 @@ impl Worker {
                 return self.transaction_failed(e, &batch).await;
             }
         }
+        // Outside a transaction, a record the broker did not take (librdkafka gave up after
+        // `message.timeout.ms`, e.g. a long broker outage) fails the whole unit: nothing of it is
+        // written to sled or committed, and it is processed again after a backoff. What was
+        // delivered is absorbed downstream by eventId, and its changelog records by the next
+        // unit's begin marker.
+        let failed = acks
+            .iter()
+            .zip(encoded.iter().map(|(t, ..)| t.to_string()))
+            .chain(dlq_acks.iter().zip(dlq_payloads.iter().map(|(t, _)| t.clone())))
+            .chain(changelog_acks.iter().flat_map(|(_, a)| a.iter().map(|a| (a, self.changelog_topic.clone()))))
+            .find_map(|(a, topic)| a.as_ref().err().map(|(error, _)| (topic, error.clone())));
+        if let Some((topic, error)) = failed {
+            return self.produce_failed(topic, error, &batch).await;
+        }
+        self.produce_failures = 0;
         let mut changelog_next: BTreeMap<i32, i64> = BTreeMap::new();
         for (p, partition_acks) in changelog_acks {
-            for ack in partition_acks {
-                let delivery = ack.map_err(|(error, _)| WorkerError::Delivery { topic: self.changelog_topic.clone(), error })?;
+            for delivery in partition_acks.into_iter().flatten() {
                 let next = changelog_next.entry(p).or_insert(0);
                 *next = (*next).max(delivery.offset + 1);
             }
         }
-        for (ack, (topic, ..)) in acks.into_iter().zip(&encoded) {
-            ack.map_err(|(error, _)| WorkerError::Delivery { topic: topic.to_string(), error })?;
+        for (topic, ..) in &encoded {
             self.metrics.produced.with_label_values(&[self.name.as_str(), topic]).inc();
         }
-        for (ack, d) in dlq_acks.into_iter().zip(&dead_letters) {
-            ack.map_err(|(error, _)| WorkerError::Delivery { topic: dlq_topic(d.source.topic()), error })?;
-            self.metrics.dlq.with_label_values(&[self.name.as_str(), d.class]).inc();
+        for d in &dead_letters {
+            self.metrics.dlq.with_label_values(&[self.name.as_str(), d.rejection.class]).inc();
         }
 
         // 4. State, seen eventIds, timers, next offsets and changelog position: one sled batch
@@ -644,6 +844,36 @@ impl Worker {
         if let Some(txn) = &self.txn {
             txn.abort().await.map_err(WorkerError::Txn)?;
         }
+        self.rewind(batch)
+    }
+
+    /// Handles an output the broker did not acknowledge outside a transaction: a fatal producer
+    /// error stops the instance; anything else waits a backoff (the retry policy's, growing with
+    /// consecutive failures, never giving up: the broker is expected back) and rewinds the unit.
+    async fn produce_failed(
+        &mut self,
+        topic: String,
+        error: rdkafka::error::KafkaError,
+        batch: &[OwnedMessage],
+    ) -> Result<(), WorkerError> {
+        use rdkafka::producer::Producer;
+        self.metrics.commit.with_label_values(&[self.name.as_str(), "produce_failed"]).observe(0.0);
+        if let Some(fatal) = self.producer.client().fatal_error() {
+            error!(worker = %self.name, %topic, error = %error, fatal = ?fatal, "fatal producer error; stopping this instance");
+            return Err(WorkerError::Delivery { topic, error });
+        }
+        self.produce_failures += 1;
+        let wait = self.retry.backoff(self.produce_failures);
+        warn!(worker = %self.name, %topic, error = %error, failures = self.produce_failures, wait_ms = wait.as_millis() as u64, "broker did not take the unit's records; rewinding and retrying");
+        self.metrics.retries.with_label_values(&[self.name.as_str(), "produce"]).inc();
+        self.health.set(&self.health.stalled, true);
+        tokio::time::sleep(wait).await;
+        self.rewind(batch)
+    }
+
+    /// Pauses every owned partition and queues a [`RebalanceEvent::Rewind`] to where `batch`
+    /// started reading: the next loop turn re-reads the unit from the last committed state.
+    fn rewind(&mut self, batch: &[OwnedMessage]) -> Result<(), WorkerError> {
         let owned = std::mem::take(&mut self.owned);
         let mut tpl = TopicPartitionList::new();
         for p in &owned {
@@ -676,15 +906,107 @@ impl Worker {
             ("orderflow.dlq.source-partition", d.source.partition().to_string()),
             ("orderflow.dlq.source-offset", d.source.offset().to_string()),
             ("orderflow.dlq.worker", self.name.clone()),
-            ("orderflow.dlq.error-class", d.class.to_string()),
-            ("orderflow.dlq.error-message", d.message.clone()),
-            ("orderflow.dlq.attempts", "1".to_string()),
+            ("orderflow.dlq.error-class", d.rejection.class.to_string()),
+            ("orderflow.dlq.error-message", d.rejection.message.clone()),
+            ("orderflow.dlq.attempts", d.rejection.attempts.to_string()),
             ("orderflow.dlq.time", now.to_string()),
         ];
         for (k, v) in fields {
             h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
         }
+        if let Some(p) = d.source.payload().filter(|p| p.len() > self.admission.max_dead_letter_value) {
+            h = h.insert(Header { key: "orderflow.dlq.value-dropped", value: Some(p.len().to_string().as_bytes()) });
+        }
         h
+    }
+}
+
+/// Decodes `m` and checks it against the admission rules. Errors name the dead-letter class:
+/// a missing value is `truncated`; longer than `max_record_bytes` is `oversized`; a decode
+/// failure has its [`crate::codec::CodecError::class`] (a registry failure is retried with the
+/// retry policy first); an event the topic does not carry is `wrong_schema`; an empty
+/// `eventId` is `invalid` (idempotency needs it, domain rule 7); `occurredAt` beyond the
+/// allowed clock skew is `future_timestamp`.
+async fn admit(
+    codec: &Codec,
+    a: &Admission,
+    retry: &RetryPolicy,
+    metrics: &Metrics,
+    worker: &str,
+    m: &OwnedMessage,
+    now: i64,
+) -> Result<Event, Rejection> {
+    let Some(payload) = m.payload() else {
+        return Err(Rejection::new("truncated", "record has no value (a tombstone on an event topic)"));
+    };
+    if payload.len() > a.max_record_bytes {
+        return Err(Rejection::new(
+            "oversized",
+            format!("value of {} bytes exceeds max_record_bytes {}", payload.len(), a.max_record_bytes),
+        ));
+    }
+    let mut attempts = 1;
+    let event = loop {
+        match codec.decode(payload).await {
+            Ok(e) => break e,
+            Err(e) if !e.is_permanent() && attempts <= retry.attempts => {
+                let wait = retry.backoff(attempts);
+                warn!(%worker, topic = m.topic(), partition = m.partition(), offset = m.offset(), attempt = attempts, wait_ms = wait.as_millis() as u64, error = %e, "transient decode failure; retrying");
+                metrics.retries.with_label_values(&[worker, "registry"]).inc();
+                tokio::time::sleep(wait).await;
+                attempts += 1;
+            }
+            Err(e) => return Err(Rejection { class: e.class(), message: e.to_string(), attempts }),
+        }
+    };
+    if let Some(allowed) = a.schemas.get(m.topic()) {
+        if !allowed.iter().any(|n| n == event.schema_name()) {
+            return Err(Rejection::new(
+                "wrong_schema",
+                format!("{} event on topic {}, which carries {}", event.schema_name(), m.topic(), allowed.join(", ")),
+            ));
+        }
+    }
+    if event.event_id().is_empty() {
+        return Err(Rejection::new("invalid", format!("{} with an empty eventId", event.schema_name())));
+    }
+    if event.occurred_at() > now.saturating_add(a.max_clock_skew_ms) {
+        return Err(Rejection::new(
+            "future_timestamp",
+            format!(
+                "{} {}: occurredAt {} is {} s ahead of the worker clock (max_clock_skew {} s)",
+                event.schema_name(),
+                event.event_id(),
+                event.occurred_at(),
+                (event.occurred_at() - now) / 1000,
+                a.max_clock_skew_ms / 1000
+            ),
+        ));
+    }
+    Ok(event)
+}
+
+/// Awaits the unit's acknowledgements; while they take longer than [`ACK_STALL`] the
+/// instance reports not-ready (librdkafka keeps retrying until `message.timeout.ms`).
+async fn await_acks<F: std::future::Future>(health: &Health, worker: &str, acks: F) -> F::Output {
+    tokio::pin!(acks);
+    let started = Instant::now();
+    let mut stalled = false;
+    loop {
+        tokio::select! {
+            out = &mut acks => {
+                if stalled {
+                    info!(%worker, waited_s = started.elapsed().as_secs_f64(), "broker acknowledged the unit; ready");
+                }
+                health.set(&health.stalled, false);
+                return out;
+            }
+            _ = tokio::time::sleep(ACK_STALL), if !stalled => {
+                stalled = true;
+                warn!(%worker, "no acknowledgement from the broker for {} s; not ready, still waiting", ACK_STALL.as_secs());
+                health.set(&health.stalled, true);
+            }
+        }
     }
 }
 
