@@ -25,7 +25,10 @@ pub fn build(spec: &WorkerSpec) -> Option<Box<dyn Processor>> {
         "deduplicator" => Box::new(deduplicator::Deduplicator::new()),
         "stock-reserver" => Box::new(stock_reserver::StockReserver::new(ttl_ms)),
         "order-confirmer" => Box::new(order_confirmer::OrderConfirmer::new()),
-        "canceller" => Box::new(canceller::Canceller::new()),
+        // Seed 001 clocks (3 and 10 minutes unless the topology says otherwise).
+        "canceller" => {
+            Box::new(canceller::Canceller::new(spec.stock_answer_timeout().as_millis() as i64, spec.saga_timeout().as_millis() as i64))
+        }
         "reservation-expirer" => Box::new(reservation_expirer::ReservationExpirer::new(ttl_ms)),
         _ => return None,
     })
