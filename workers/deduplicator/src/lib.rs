@@ -119,6 +119,30 @@ mod tests {
     }
 
     #[test]
+    fn orders_with_invalid_content_are_forwarded_for_the_reserver_to_answer() {
+        // Issue 4: only what routing needs (hqId, storeId) is checked here; the stock reserver
+        // answers bad content with stock.reservation.failed.
+        let mut h = harness();
+        let base = || created("x", "S-1");
+        for (i, ev) in [
+            OrderCreated { items: vec![], ..base() },
+            order_created("x", "O-1", 1, &[("P-001", 0)]),
+            order_created("x", "O-1", 1, &[("P-001", -3), ("P-002", i32::MAX)]),
+            order_created("x", "O-1", 1, &[("P-001", 1), ("P-001", 2)]),
+            order_created("x", "O-1", 1, &[("", 1)]),
+            OrderCreated { store_id: "S-NEVER-STOCKED".into(), ..base() },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let ev = OrderCreated { event_id: format!("bad-{i}"), ..ev };
+            let outs = h.feed("order.created", ev.clone(), 0).unwrap();
+            assert_eq!(outs.len(), 1, "{ev:?}");
+            assert_eq!((outs[0].key.as_str(), &outs[0].event), (format!("HQ-1:{}", ev.store_id).as_str(), &Event::from(ev)));
+        }
+    }
+
+    #[test]
     fn repeated_event_id_is_forwarded_once() {
         let mut h = harness();
         assert_eq!(h.feed("t", created("e1", "S-1"), 0).unwrap().len(), 1);

@@ -262,6 +262,43 @@ mod tests {
         assert_eq!(late(&h), vec!["stock_reserved_when_ORDER_CANCELLED", "completed_when_ORDER_CANCELLED"]);
     }
 
+    /// The canceller's `SAGA_TIMEOUT` cancellation (seed 001), with the reservation it ends if
+    /// the stock was reserved.
+    fn saga_timeout(order_id: &str, reservation_id: Option<&str>) -> OrderCancelled {
+        OrderCancelled {
+            reservation_id: reservation_id.map(Into::into),
+            customer_message: "주문 처리 시간이 초과되어 주문이 취소되었습니다.".into(),
+            ..order_cancelled(&derive_event_id(order_id, "order.cancelled"), order_id, "SAGA_TIMEOUT", 181_000)
+        }
+    }
+
+    #[test]
+    fn a_saga_timeout_is_never_followed_by_a_confirmation() {
+        // No stock answer within 3 minutes: cancelled; the reservation made late is not confirmed.
+        let mut h = harness();
+        assert!(h.feed("order.cancelled", saga_timeout("O-1", None), 0).unwrap().is_empty());
+        assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
+        assert!(h.feed("stock.reserved", reserved("e1", "O-1"), 0).unwrap().is_empty(), "never confirmed");
+        assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
+        assert!(h.feed("order.completed", completed("c1", "O-1"), 0).unwrap().is_empty());
+        assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
+        assert_eq!(late(&h), vec!["stock_reserved_when_ORDER_CANCELLED", "completed_when_ORDER_CANCELLED"]);
+        assert!(!h.notes.iter().any(|n| n.measure == "confirmed"));
+    }
+
+    #[test]
+    fn the_saga_bound_cancels_an_order_waiting_for_payment() {
+        let mut h = harness();
+        assert_eq!(h.feed("stock.reserved", reserved("e1", "O-1"), 0).unwrap().len(), 1);
+        assert!(h.feed("order.cancelled", saga_timeout("O-1", Some("R-O-1")), 0).unwrap().is_empty());
+        let s: OrderState = h.store.get_json(&order_key("O-1")).unwrap();
+        assert_eq!((s.status, s.reservation_id.as_deref()), (OrderStatus::Cancelled, Some("R-O-1")));
+        // POS completing after the bound is late, never applied.
+        h.feed("order.completed", completed("c1", "O-1"), 0).unwrap();
+        assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
+        assert_eq!(late(&h), vec!["completed_when_ORDER_CANCELLED"]);
+    }
+
     #[test]
     fn payment_wait_can_be_cancelled() {
         let mut h = harness();
