@@ -486,6 +486,11 @@ fn decode_datum(entry: &Entry, writer: &Schema, datum: &[u8]) -> Result<Event, C
     let reader = if std::ptr::eq(writer, &entry.schema) { builder.build() } else { builder.reader_schema(&entry.schema).build() }
         .map_err(|e| malformed(format!("schema: {e}")))?;
     let value = reader.read_value(&mut rest).map_err(|e| malformed(format!("datum: {e}")))?;
+    // apache-avro returns a null instead of an error when the datum ends inside a string or a
+    // boolean: a value that does not fit the schema can only come from a datum cut short there.
+    if !value.validate(&entry.schema) {
+        return Err(malformed("datum: unexpected end of data inside a string or boolean".to_string()));
+    }
     if !rest.is_empty() {
         return Err(malformed(format!("{} trailing byte(s) after the datum", rest.len())));
     }
@@ -892,6 +897,20 @@ mod tests {
         assert_eq!(&bytes[union_at..], &[0, 0]);
         bytes[union_at] = 8; // branch 4
         assert!(matches!(codec.decode_local(&bytes), Err(CodecError::Malformed { .. })));
+    }
+
+    #[test]
+    fn every_cut_of_a_datum_is_truncated() {
+        // Found by the fuzz target `decode`: a cut inside the last string (OrderCancelled's
+        // customerMessage) decoded as null and was classified malformed.
+        let codec = codec();
+        for event in samples() {
+            let full = codec.encode_local(&event).unwrap();
+            for cut in SINGLE_OBJECT_HEADER_LEN..full.len() {
+                let err = codec.decode_local(&full[..cut]).unwrap_err();
+                assert_eq!(err.class(), "truncated", "{} cut to {cut} of {}: {err}", event.schema_name(), full.len());
+            }
+        }
     }
 
     #[tokio::test]
