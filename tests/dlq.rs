@@ -1,0 +1,474 @@
+//! Dead-letter tooling on a real broker (issue 4): `orderflow dlq list | show | redrive`.
+//!
+//! `redrive_after_fixing_the_cause_is_processed_once`: the five workers run in one
+//! `orderflow run` process. A store is restocked (`inventory.adjusted`), an order reserved
+//! (`order.created`), and then the POS's `OrderCompleted` of that order is produced by mistake
+//! onto `order.created`: both workers reading that topic (deduplicator and canceller) dead-letter
+//! it as `wrong_schema`, and no sale is applied. `dlq list` shows the two records, `dlq show`
+//! decodes one, the CLI's errors are checked, a `--dry-run` redrive sends nothing, and
+//! `dlq redrive --into order.completed` sends the event once (the two dead-letter records share a
+//! source record): the sale is applied exactly once. A second redrive is absorbed by the
+//! workers' `eventId` dedupe: still exactly one sale once the pipeline settled.
+//!
+//! `ORDERFLOW_KEEP_DLQ_DIR=1` keeps the worker log and state (always kept, with their path
+//! printed, when the test fails).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{tail, Guarded, RunDir};
+use orderflow_api::events::*;
+use orderflow_api::Event;
+use orderflow_runtime::codec::Codec;
+use orderflow_runtime::kafka::{client_config, Side};
+use orderflow_runtime::topology::BrokerConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+
+const HQ: &str = "HQ-DLQ";
+const STORE: &str = "ST-DLQ";
+const PRODUCT: &str = "P-DLQ-1";
+const ORDER: &str = "O-DLQ-1";
+const RESTOCK: i64 = 10;
+const QUANTITY: i32 = 3;
+/// Partitions of every saga topic in `topology.toml`.
+const PARTITIONS: i32 = 6;
+/// How long each step may take to show its effect.
+const STEP: Duration = Duration::from_secs(90);
+
+// ------------------------------------------------------------------------------------------
+// The broker from the test's side: producing events, reading topics.
+
+struct Kafka {
+    rt: tokio::runtime::Runtime,
+    broker: BrokerConfig,
+    producer: FutureProducer,
+    codec: Codec,
+}
+
+/// One record read back: its value decoded (if it decodes), its headers as text.
+struct Record {
+    event: Option<Event>,
+    headers: Vec<(String, String)>,
+}
+
+impl Kafka {
+    fn new(bootstrap: &str) -> Kafka {
+        let root = common::repo_root();
+        let mut loaded = orderflow_runtime::topology::load(&root.join("topology.toml")).expect("topology loads");
+        loaded.topology.broker.bootstrap = bootstrap.to_string();
+        let broker = loaded.topology.broker.clone();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let producer = {
+            let _guard = rt.enter();
+            client_config(&broker, Side::Producer).create().expect("producer")
+        };
+        let codec = Codec::load(&root.join("avro"), None).expect("schemas load");
+        Kafka { rt, broker, producer, codec }
+    }
+
+    /// Produces `event` (Avro single-object encoding) to `topic` with `key`; returns where it landed.
+    fn produce(&self, topic: &str, key: &str, event: &Event) -> (i32, i64) {
+        let bytes = self.codec.encode_local(event).expect("event encodes");
+        let delivery = self
+            .rt
+            .block_on(self.producer.send(FutureRecord::to(topic).key(key).payload(&bytes), Timeout::After(Duration::from_secs(30))))
+            .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
+        (delivery.partition, delivery.offset)
+    }
+
+    /// Every record of `topic`, from the low to the high watermark of each partition.
+    fn read_all(&self, topic: &str) -> Vec<Record> {
+        let mut config = client_config(&self.broker, Side::Consumer);
+        config.set("group.id", format!("orderflow-dlq-test-{}", std::process::id()));
+        let consumer: BaseConsumer = config.create().expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        let mut ends = std::collections::BTreeMap::new();
+        for p in 0..PARTITIONS {
+            let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
+            if high > low {
+                tpl.add_partition_offset(topic, p, Offset::Offset(low)).unwrap();
+                ends.insert(p, high);
+            }
+        }
+        let mut out = Vec::new();
+        if ends.is_empty() {
+            return out;
+        }
+        consumer.assign(&tpl).unwrap();
+        let until = Instant::now() + Duration::from_secs(30);
+        while !ends.is_empty() {
+            assert!(Instant::now() < until, "reading {topic} did not reach the high watermarks {ends:?}");
+            let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
+            let m = m.expect("consume");
+            let Some(&end) = ends.get(&m.partition()) else { continue };
+            if m.offset() < end {
+                let headers = m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect()
+                    })
+                    .unwrap_or_default();
+                let event = m.payload().and_then(|v| self.codec.decode_local(v).ok());
+                out.push(Record { event, headers });
+            }
+            if m.offset() >= end - 1 {
+                ends.remove(&m.partition());
+            }
+        }
+        out
+    }
+
+    /// `stock.updated` SALE records of [`ORDER`].
+    fn sales(&self) -> Vec<StockUpdated> {
+        self.read_all("stock.updated")
+            .into_iter()
+            .filter_map(|r| match r.event {
+                Some(Event::StockUpdated(u)) if u.change_reason == change_reason::SALE && u.reference_id == ORDER => Some(u),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn count(&self, topic: &str) -> usize {
+        self.read_all(topic).len()
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Processes and endpoints.
+
+/// `orderflow dlq <args>` against the test's broker.
+fn dlq(bootstrap: &str, args: &[&str]) -> Output {
+    let root = common::repo_root();
+    let (action, rest) = args.split_first().expect("an action");
+    Command::new(common::orderflow_bin())
+        .current_dir(&root)
+        .args(["dlq", action, "--topology"])
+        .arg(root.join("topology.toml"))
+        .args(["--bootstrap", bootstrap])
+        .args(rest)
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("ORDERFLOW_BOOTSTRAP")
+        .env_remove("ORDERFLOW_TOPOLOGY")
+        .output()
+        .expect("run orderflow dlq")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs `orderflow dlq <args>`, asserts it succeeded, returns its stdout.
+fn dlq_ok(bootstrap: &str, args: &[&str]) -> String {
+    let o = dlq(bootstrap, args);
+    assert!(o.status.success(), "orderflow dlq {args:?} failed ({}):\n{}\n{}", o.status, stdout(&o), stderr(&o));
+    stdout(&o)
+}
+
+/// Runs `orderflow dlq <args>`, asserts it failed with `expected` in its stderr.
+fn dlq_fails(bootstrap: &str, args: &[&str], expected: &str) {
+    let o = dlq(bootstrap, args);
+    assert!(!o.status.success(), "orderflow dlq {args:?} should fail:\n{}", stdout(&o));
+    assert!(stderr(&o).contains(expected), "orderflow dlq {args:?}: expected `{expected}` in stderr:\n{}", stderr(&o));
+}
+
+/// The redrive summary: the last line of stdout.
+fn summary(out: &str) -> Value {
+    serde_json::from_str(out.lines().last().expect("a summary line")).unwrap_or_else(|e| panic!("summary is not JSON ({e}):\n{out}"))
+}
+
+/// The `dlq list --json` record lines (the last line holds the counts).
+fn listed(out: &str) -> Vec<Value> {
+    common::json_lines(out).into_iter().filter(|v| v.get("dlq_topic").is_some()).collect()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
+}
+
+/// A plain HTTP/1.0 GET on 127.0.0.1:`port`: (status, body), or None when nothing answers.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.split_whitespace().nth(1)?.parse().ok()?, body.to_string()))
+}
+
+/// Sum of the samples of `name` whose labels include every `key="value"` of `labels`.
+fn metric(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let Some((200, body)) = http_get(port, "/metrics") else { return 0.0 };
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Polls `check` every 300 ms until it returns `Some`, panicking with `what` and the worker
+/// log's tail after [`STEP`].
+fn wait_for<T>(what: &str, log: &Path, workers: &mut Guarded, mut check: impl FnMut() -> Option<T>) -> T {
+    let until = Instant::now() + STEP;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if let Some(s) = workers.try_wait() {
+            panic!("the workers exited ({s}) while waiting for {what}; log {}:\n{}", log.display(), tail(log, 30));
+        }
+        assert!(Instant::now() < until, "no {what} within {}s; log {}:\n{}", STEP.as_secs(), log.display(), tail(log, 30));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The five workers in one `orderflow --log-json run` process with endpoints on `port`.
+fn spawn_workers(bootstrap: &str, dir: &Path, port: u16) -> (Guarded, PathBuf) {
+    let root = common::repo_root();
+    let log = dir.join("workers.log");
+    let child = Command::new(common::orderflow_bin())
+        .current_dir(&root)
+        .args(["--log-json", "run", "--topology"])
+        .arg(root.join("topology.toml"))
+        .args(["--bootstrap", bootstrap, "--instance", "dlq-test", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .args(["--reservation-ttl", "10m"])
+        .env("RUST_BACKTRACE", "0")
+        .env("ORDERFLOW_STATE_DIR", dir.join("state"))
+        .env_remove("ORDERFLOW_BOOTSTRAP")
+        .env_remove("ORDERFLOW_INSTANCE")
+        .env_remove("ORDERFLOW_METRICS_ADDR")
+        .env_remove("ORDERFLOW_TOPOLOGY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(File::create(&log).expect("create log file")))
+        .spawn()
+        .expect("spawn orderflow run");
+    (Guarded::new(child, Duration::from_millis(50)), log)
+}
+
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn redrive_after_fixing_the_cause_is_processed_once() {
+    let broker = common::Broker::start();
+    let b = broker.bootstrap.as_str();
+    let run_dir = RunDir::create("orderflow-dlq-", "ORDERFLOW_KEEP_DLQ_DIR", "dlq: worker log and state");
+    let root = common::repo_root();
+    let out = Command::new(common::orderflow_bin())
+        .current_dir(&root)
+        .args(["topics", "--topology"])
+        .arg(root.join("topology.toml"))
+        .args(["--bootstrap", b])
+        .env_remove("ORDERFLOW_BOOTSTRAP")
+        .output()
+        .expect("run orderflow topics");
+    assert!(out.status.success(), "orderflow topics failed:\n{}", stderr(&out));
+    let port = free_port();
+    let (mut workers, log) = spawn_workers(b, run_dir.path(), port);
+    wait_for("ready workers (/readyz 200)", &log, &mut workers, || matches!(http_get(port, "/readyz"), Some((200, _))).then_some(()));
+    let k = Kafka::new(b);
+    let t0 = orderflow_runtime::worker::now_ms();
+
+    // A restocked store and a reserved order.
+    let restock = InventoryAdjusted {
+        event_id: "dlq-test-restock".into(),
+        occurred_at: t0,
+        hq_id: HQ.into(),
+        store_id: STORE.into(),
+        adjustment_type: change_reason::RESTOCK.into(),
+        reference_id: "dlq-test".into(),
+        items: vec![AdjustedItem { product_id: PRODUCT.into(), delta: RESTOCK }],
+    };
+    k.produce("inventory.adjusted", &store_key(HQ, STORE), &restock.into());
+    // Inputs of different topics are not ordered: the order waits until the stock is there.
+    wait_for("the restock (stock.updated RESTOCK)", &log, &mut workers, || {
+        k.read_all("stock.updated").into_iter().find(
+            |r| matches!(&r.event, Some(Event::StockUpdated(u)) if u.change_reason == change_reason::RESTOCK && u.product_id == PRODUCT),
+        )
+    });
+    let created = OrderCreated {
+        event_id: "dlq-test-order".into(),
+        occurred_at: t0,
+        order_id: ORDER.into(),
+        customer_id: "C-DLQ".into(),
+        hq_id: HQ.into(),
+        store_id: STORE.into(),
+        items: vec![OrderItem { product_id: PRODUCT.into(), quantity: QUANTITY, unit_price: 1000 }],
+    };
+    k.produce("order.created", ORDER, &created.into());
+    let reservation_id = wait_for("stock.reserved for the order", &log, &mut workers, || {
+        if let Some(Event::StockReservationFailed(f)) = k.read_all("stock.reservation.failed").into_iter().find_map(|r| r.event) {
+            panic!("the order was not reserved: {f:?}");
+        }
+        k.read_all("stock.reserved").into_iter().find_map(|r| match r.event {
+            Some(Event::StockReserved(e)) if e.order_id == ORDER => Some(e.reservation_id),
+            _ => None,
+        })
+    });
+
+    // The POS's completion, produced onto the wrong topic.
+    let completed = OrderCompleted {
+        event_id: "dlq-test-pos-complete".into(),
+        occurred_at: orderflow_runtime::worker::now_ms(),
+        order_id: ORDER.into(),
+        reservation_id,
+        hq_id: HQ.into(),
+        store_id: STORE.into(),
+        items: vec![SoldItem { product_id: PRODUCT.into(), quantity: QUANTITY, actual_price: 1000 }],
+        total_amount: 3000,
+    };
+    let (src_partition, src_offset) = k.produce("order.created", ORDER, &completed.into());
+
+    // Both readers of order.created dead-letter it as wrong_schema.
+    let records = wait_for("two dead-letter records of the misplaced OrderCompleted", &log, &mut workers, || {
+        let recs = listed(&dlq_ok(b, &["list", "--json"]));
+        let ours: Vec<Value> =
+            recs.into_iter().filter(|r| r["source_offset"] == src_offset && r["source_topic"] == "order.created").collect();
+        (ours.len() >= 2).then_some(ours)
+    });
+    assert_eq!(records.len(), 2, "{records:#?}");
+    let by: BTreeSet<&str> = records.iter().map(|r| r["worker"].as_str().unwrap()).collect();
+    assert_eq!(by, BTreeSet::from(["canceller", "deduplicator"]), "{records:#?}");
+    for r in &records {
+        assert_eq!(r["dlq_topic"], "order.created.dlq", "{r}");
+        assert_eq!(r["class"], "wrong_schema", "{r}");
+        assert_eq!(r["source_partition"], src_partition, "{r}");
+        assert_eq!(r["key"], ORDER, "{r}");
+        assert!(r["attempts"].as_u64().is_some_and(|n| n >= 1), "{r}");
+        assert!(r["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{r}");
+    }
+    assert!(k.sales().is_empty(), "the misplaced completion must not be applied");
+
+    // The table and the filters.
+    let table = dlq_ok(b, &["list"]);
+    println!("$ orderflow dlq list\n{table}");
+    assert!(table.contains(&format!("order.created[{src_partition}]@{src_offset}")) && table.contains("wrong_schema"), "{table}");
+    assert!(table.contains("2 dead-letter record(s)"), "{table}");
+    let only = listed(&dlq_ok(b, &["list", "--json", "--topic", "order.created.dlq", "--worker", "canceller", "--class", "wrong_schema"]));
+    assert_eq!(only.len(), 1, "{only:#?}");
+    assert!(listed(&dlq_ok(b, &["list", "--json", "--class", "invalid"])).is_empty());
+
+    // One record in full, its value decoded.
+    let (dp, doff) = (records[0]["partition"].as_i64().unwrap().to_string(), records[0]["offset"].as_i64().unwrap().to_string());
+    let shown: Value = serde_json::from_str(dlq_ok(b, &["show", "order.created.dlq", &dp, &doff, "--json"]).trim()).expect("show --json");
+    assert_eq!(shown["schema"], "OrderCompleted", "{shown}");
+    assert_eq!(shown["event"]["orderId"], ORDER, "{shown}");
+    let headers: Vec<&str> = shown["headers"].as_array().unwrap().iter().map(|h| h["key"].as_str().unwrap()).collect();
+    for h in ["orderflow.dlq.source-topic", "orderflow.dlq.worker", "orderflow.dlq.error-class", "orderflow.dlq.time"] {
+        assert!(headers.contains(&h), "{h} missing from {headers:?}");
+    }
+    println!("$ orderflow dlq show order.created.dlq {dp} {doff}\n{}", dlq_ok(b, &["show", "order.created.dlq", &dp, &doff]));
+
+    // Clear errors.
+    dlq_fails(b, &["list", "--topic", "nope.dlq"], "unknown dead-letter topic nope.dlq");
+    dlq_fails(b, &["redrive", "--topic", "order.created", "--all"], "not a dead-letter topic");
+    dlq_fails(b, &["redrive", "--topic", "order.created.dlq", "--partition", &dp, "--from", "5", "--to", "2"], "--from 5 is after --to 2");
+    dlq_fails(
+        b,
+        &["redrive", "--topic", "order.created.dlq", "--partition", &dp, "--from", "999"],
+        "--from 999 is outside order.created.dlq",
+    );
+    dlq_fails(b, &["redrive", "--topic", "order.created.dlq", "--all", "--class", "invalid"], "empty selection");
+    dlq_fails(b, &["show", "order.created.dlq", &dp, "999"], "offset 999 is outside");
+    dlq_fails(
+        b,
+        &["redrive", "--topic", "order.created.dlq", "--all", "--into", "no.such.topic"],
+        "target topic no.such.topic does not exist",
+    );
+
+    // A dry run sends nothing.
+    let redrive = ["redrive", "--topic", "order.created.dlq", "--all", "--class", "wrong_schema", "--into", "order.completed"];
+    let dry = dlq_ok(b, &[&redrive[..], &["--dry-run"]].concat());
+    println!("$ orderflow dlq {} --dry-run\n{dry}", redrive.join(" "));
+    let s = summary(&dry);
+    assert_eq!(
+        (s["dry_run"].as_bool(), s["selected"].as_u64(), s["planned"].as_u64(), s["sent"].as_u64()),
+        (Some(true), Some(2), Some(1), Some(0)),
+        "{s}"
+    );
+    assert_eq!(s["skipped_same_source"], 1, "{s}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(k.count("order.completed"), 0, "a dry run produced something");
+
+    // The redrive: one record for the two dead letters of one source record; one sale.
+    let sent = dlq_ok(b, &redrive);
+    println!("$ orderflow dlq {}\n{sent}", redrive.join(" "));
+    let s = summary(&sent);
+    assert_eq!(
+        (s["dry_run"].as_bool(), s["selected"].as_u64(), s["sent"].as_u64(), s["failed"].as_u64()),
+        (Some(false), Some(2), Some(1), Some(0)),
+        "{s}"
+    );
+    assert_eq!((s["skipped_same_source"].as_u64(), s["refused"].as_u64()), (Some(1), Some(0)), "{s}");
+    assert_eq!(s["by_target"]["order.completed"], 1, "{s}");
+    let sale = wait_for("the sale (stock.updated SALE)", &log, &mut workers, || k.sales().into_iter().next());
+    assert_eq!(
+        (sale.store_stock.previous, sale.store_stock.current, sale.change_amount),
+        (RESTOCK, RESTOCK - QUANTITY as i64, -(QUANTITY as i64)),
+        "{sale:?}"
+    );
+    let redriven = k.read_all("order.completed");
+    assert_eq!(redriven.len(), 1);
+    let h = &redriven[0].headers;
+    assert!(h.iter().any(|(k, v)| k == "orderflow.redrive.from" && v.starts_with("order.created.dlq/")), "{h:?}");
+    assert!(h.iter().any(|(k, _)| k == "orderflow.redrive.time"), "{h:?}");
+    assert!(!h.iter().any(|(k, _)| k.starts_with("orderflow.dlq.")), "dead-letter headers must not be re-produced: {h:?}");
+    assert!(matches!(&redriven[0].event, Some(Event::OrderCompleted(e)) if e.order_id == ORDER));
+    settle(&k, port, &log, &mut workers);
+    assert_eq!(k.sales().len(), 1, "exactly one sale after the first redrive");
+    let commands = k.count("stock.commands");
+
+    // Again: re-produced, and absorbed by the eventId dedupe.
+    let again = summary(&dlq_ok(b, &redrive));
+    assert_eq!((again["sent"].as_u64(), again["skipped_same_source"].as_u64()), (Some(1), Some(1)), "{again}");
+    assert_eq!(k.count("order.completed"), 2);
+    settle(&k, port, &log, &mut workers);
+    std::thread::sleep(Duration::from_secs(2));
+    let sales = k.sales();
+    assert_eq!(sales.len(), 1, "still exactly one sale after the second redrive: {sales:?}");
+    assert_eq!(k.count("stock.commands"), commands, "the deduplicator forwarded the repeated completion");
+    assert_eq!(
+        metric(
+            port,
+            "orderflow_events_consumed_total",
+            &[("worker", "deduplicator"), ("topic", "order.completed"), ("outcome", "duplicate")]
+        ),
+        1.0
+    );
+    let dead = listed(&dlq_ok(b, &["list", "--json"]));
+    assert_eq!(dead.len(), 2, "nothing else was dead-lettered: {dead:#?}");
+
+    let (status, _) = workers.terminate(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "workers did not stop cleanly ({status:?}); log:\n{}", tail(&log, 20));
+}
+
+/// Waits until every worker consumed every record of its inputs that matter here: the
+/// deduplicator all of `order.completed`, the stock reserver all of `stock.commands` (counted by
+/// `orderflow_events_consumed_total`, any outcome).
+fn settle(k: &Kafka, port: u16, log: &Path, workers: &mut Guarded) {
+    for (worker, topic) in [("deduplicator", "order.completed"), ("stock-reserver", "stock.commands")] {
+        let n = k.count(topic) as f64;
+        wait_for(&format!("{worker} consuming all {n} record(s) of {topic}"), log, workers, || {
+            (metric(port, "orderflow_events_consumed_total", &[("worker", worker), ("topic", topic)]) >= n).then_some(())
+        });
+    }
+}
