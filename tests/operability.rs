@@ -13,6 +13,12 @@
 //!   flow, must exit 0 within the grace period logging "worker stopped", and are restarted; the
 //!   driver then finds one terminal outcome per order, no payload conflict, stock conserved.
 //!
+//! - `broker_outage_workers_report_not_ready_and_resume_without_loss`: the five workers in one
+//!   process and 2,000 orders; the broker (SQLite engine) is stopped for 20 s mid-run and started
+//!   again on the same port and database. `/readyz` must turn 503 during the outage and 200 after
+//!   it, the worker process must stay up, and the driver must find every order with one terminal
+//!   outcome, nothing lost or doubled.
+//!
 //! Each test starts its own broker and runs from the repository's `topology.toml` with
 //! `--reservation-ttl` / `--ttl` overriding the TTL. `ORDERFLOW_KEEP_OPERABILITY_DIR=1` keeps the
 //! logs, state and summaries (they are always kept, with their path printed, when a test fails).
@@ -53,6 +59,8 @@ struct Ctx {
     bootstrap: String,
     dir: PathBuf,
     state_dir: PathBuf,
+    /// Extra environment of every worker and driver process.
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl Ctx {
@@ -69,6 +77,7 @@ impl Ctx {
             bootstrap: broker.bootstrap.clone(),
             state_dir: dir.join("state"),
             dir,
+            env: Vec::new(),
         };
         fs::create_dir_all(ctx.dir.join("logs")).unwrap();
         fs::create_dir_all(&ctx.state_dir).unwrap();
@@ -99,6 +108,7 @@ impl Ctx {
         for w in workers {
             cmd.args(["--worker", w]);
         }
+        cmd.envs(self.env.iter().copied());
         let child = cmd
             .env("RUST_BACKTRACE", "0")
             .env("ORDERFLOW_STATE_DIR", &self.state_dir)
@@ -123,6 +133,7 @@ impl Ctx {
         let err = self.dir.join(format!("{name}.stderr"));
         let driver_state = self.dir.join(format!("{name}-state"));
         let child = Command::new(&self.bin)
+            .envs(self.env.iter().copied())
             .current_dir(&self.root)
             .args(["demo", "--external-workers", "--topology"])
             .arg(&self.topology)
@@ -794,4 +805,69 @@ fn sigterm_under_load_exits_cleanly_with_nothing_lost_or_doubled() {
         println!("sigterm: {victim} SIGTERMed at t={:.1}s, exited 0 in {:.2}s", t.as_secs_f64(), took.as_secs_f64());
     }
     println!("sigterm: passed in {:.1}s", started.elapsed().as_secs_f64());
+}
+
+// ------------------------------------------------------------------------------------------
+// 4. Broker outage.
+
+#[test]
+fn broker_outage_workers_report_not_ready_and_resume_without_loss() {
+    const ORDERS: u64 = 2_000;
+    const OUTAGE: Duration = Duration::from_secs(20);
+    let broker = common::Broker::start();
+    let (mut ctx, _run_dir) = Ctx::new(&broker, "outage");
+    // tansu 0.6.0's SQLite engine panics (and stops serving) when an idempotent producer from
+    // before its restart produces again (README "Broker findings"), so this run's clients are
+    // not idempotent; orderflow then keeps one request in flight per connection, which keeps
+    // send order, and absorbs the duplicates retries may write (eventId dedupe, changelog begin
+    // markers).
+    ctx.env = vec![("ORDERFLOW_KAFKA_ENABLE_IDEMPOTENCE", "false")];
+    let port = free_port();
+    let (mut workers, log) = ctx.spawn_workers(&[], "0", port, "workers");
+    wait_ready(&mut workers, port, &log, READY_WITHIN);
+    let (mut driver, summary, out, err) = ctx.spawn_driver(ORDERS, "driver");
+
+    // Mid-run: once the saga is moving (orders confirmed), take the broker away.
+    let moving = Instant::now();
+    loop {
+        let confirmed = scrape(port).sum("orderflow_events_produced_total", &[("topic", "order.confirmed")]);
+        if confirmed >= 100.0 {
+            break;
+        }
+        assert!(moving.elapsed() < Duration::from_secs(90), "no 100 orders confirmed within 90 s; log:\n{}", tail(&log, 15));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = scrape(port).sum("orderflow_events_consumed_total", &[]);
+    broker.stop();
+    let stopped = Instant::now();
+    let mut not_ready_after: Option<Duration> = None;
+    while stopped.elapsed() < OUTAGE {
+        if let Some(s) = workers.try_wait() {
+            panic!("the worker process exited ({s}) during the outage; log:\n{}", tail(&log, 20));
+        }
+        if not_ready_after.is_none() && matches!(http_get(port, "/readyz"), Some((503, _))) {
+            not_ready_after = Some(stopped.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let not_ready_after =
+        not_ready_after.unwrap_or_else(|| panic!("/readyz stayed 200 through a {OUTAGE:?} outage; log:\n{}", tail(&log, 20)));
+    let during = scrape(port);
+    assert_eq!(during.sum("orderflow_broker_connected", &[]), 0.0, "broker_connected while the broker is down");
+
+    broker.start_again();
+    let ready_after = wait_ready(&mut workers, port, &log, Duration::from_secs(120));
+    let s = assert_driver_passed(&mut driver, &summary, &out, &err, ORDERS, &|| format!("workers log:\n{}", tail(&log, 30)));
+    let after = scrape(port);
+    assert!(after.sum("orderflow_events_consumed_total", &[]) > before, "nothing consumed after the outage");
+    assert!(workers.try_wait().is_none(), "the worker process exited; log:\n{}", tail(&log, 20));
+    let retries = after.sum("orderflow_retries_total", &[]);
+    println!(
+        "outage: broker down {:.0} s; /readyz 503 after {:.1} s, ready again {:.1} s after the broker; {} orders, outcomes {}; produce retries {retries}",
+        OUTAGE.as_secs_f64(),
+        not_ready_after.as_secs_f64(),
+        ready_after.as_secs_f64(),
+        s["orders"],
+        s["by_outcome"]
+    );
 }

@@ -42,6 +42,31 @@ impl Broker {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Stops the broker process (SIGTERM, then SIGKILL after 10 s); its SQLite database stays.
+    pub fn stop(&self) {
+        let out = Command::new(repo_root().join("scripts/broker.sh"))
+            .arg("stop")
+            .env("ORDERFLOW_BROKER_DIR", self.dir.path())
+            .output()
+            .expect("run scripts/broker.sh stop");
+        assert!(out.status.success(), "broker did not stop:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Starts the stopped broker again on the same port with the same SQLite database, so every
+    /// topic, record and committed offset is still there.
+    pub fn start_again(&self) {
+        let port = self.bootstrap.rsplit(':').next().expect("bootstrap host:port");
+        let out = Command::new(repo_root().join("scripts/broker.sh"))
+            .arg("start")
+            .env("ORDERFLOW_BROKER_DIR", self.dir.path())
+            .env("ORDERFLOW_BROKER_PORT", port)
+            .env("ORDERFLOW_BROKER_ENGINE", "sqlite")
+            .env("ORDERFLOW_BROKER_KEEP", "1")
+            .output()
+            .expect("run scripts/broker.sh start");
+        assert!(out.status.success(), "broker did not start again:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 impl Drop for Broker {

@@ -56,6 +56,17 @@ pub fn client_config(broker: &BrokerConfig, side: Side) -> ClientConfig {
     for (k, v) in side_props {
         c.set(k, v);
     }
+    if side == Side::Producer
+        && c.get("enable.idempotence") == Some("false")
+        && c.get("max.in.flight.requests.per.connection").is_none()
+        && c.get("max.in.flight").is_none()
+    {
+        // Without idempotence a retried request can land after a later one; one request in
+        // flight keeps each partition in send order (a unit's changelog records before its
+        // commit marker, per-key order of outputs). Retries may then duplicate records, which
+        // eventId dedupe and the changelog's begin markers absorb.
+        c.set("max.in.flight.requests.per.connection", "1");
+    }
     c
 }
 

@@ -53,8 +53,9 @@ pub struct Metrics {
     /// `orderflow_dlq_records_total{worker,error_class}`.
     pub dlq: IntCounterVec,
     /// `orderflow_retries_total{worker,cause}`: retries of transient failures; cause is
-    /// `registry` (schema registry unreachable), `processor` (a processor's Transient error) or
-    /// `produce` (the broker did not take a unit's records).
+    /// `registry` (schema registry unreachable), `processor` (a processor's Transient error),
+    /// `produce` (the broker did not take a unit's records) or `restore` (the broker was not
+    /// reachable for a state restore).
     pub retries: IntCounterVec,
     /// `orderflow_broker_connected{worker}`: 1 while librdkafka holds a broker connection.
     pub broker_connected: IntGaugeVec,

@@ -181,6 +181,9 @@ impl Health {
     }
 }
 
+/// How long a restore keeps retrying a broker it cannot reach before the instance gives up.
+const RESTORE_BROKER_WAIT: Duration = Duration::from_secs(600);
+
 /// How long a unit may wait for the broker's acknowledgements before the instance reports
 /// not-ready (it keeps waiting: librdkafka retries until `message.timeout.ms`).
 const ACK_STALL: Duration = Duration::from_secs(5);
@@ -495,11 +498,28 @@ impl Worker {
         }
         for p in &assigned {
             let shard = self.store.shard(*p)?;
-            let (broker, topic, inputs, s) = (self.broker.clone(), self.changelog_topic.clone(), self.inputs.clone(), shard.clone());
-            let report = tokio::task::spawn_blocking(move || changelog::restore(&broker, &topic, &inputs, &s, Duration::from_secs(600)))
-                .await
-                .map_err(|e| WorkerError::Restore(format!("restore task panicked: {e}")))?
-                .map_err(|e| WorkerError::Restore(e.to_string()))?;
+            // A broker that is away (restarting, unreachable) is waited for with the retry
+            // policy's backoff, up to RESTORE_BROKER_WAIT; a corrupt changelog fails at once.
+            let waiting_since = Instant::now();
+            let mut attempt = 0;
+            let report = loop {
+                let (broker, topic, inputs, s) = (self.broker.clone(), self.changelog_topic.clone(), self.inputs.clone(), shard.clone());
+                let result =
+                    tokio::task::spawn_blocking(move || changelog::restore(&broker, &topic, &inputs, &s, Duration::from_secs(600)))
+                        .await
+                        .map_err(|e| WorkerError::Restore(format!("restore task panicked: {e}")))?;
+                match result {
+                    Ok(report) => break report,
+                    Err(e @ changelog::RestoreError::Kafka { .. }) if waiting_since.elapsed() < RESTORE_BROKER_WAIT => {
+                        attempt += 1;
+                        let wait = self.retry.backoff(attempt);
+                        warn!(worker = %self.name, partition = p, attempt, wait_ms = wait.as_millis() as u64, error = %e, "restore cannot reach the broker; retrying");
+                        self.metrics.retries.with_label_values(&[self.name.as_str(), "restore"]).inc();
+                        tokio::time::sleep(wait).await;
+                    }
+                    Err(e) => return Err(WorkerError::Restore(e.to_string())),
+                }
+            };
             info!(
                 worker = %self.name,
                 partition = p,
