@@ -1,0 +1,546 @@
+//! Fuzz checks of orderflow: what must hold whatever bytes arrive on an input topic.
+//!
+//! [`Fuzz::decode`] and [`Fuzz::process`] are the bodies of the cargo-fuzz targets
+//! `fuzz_targets/decode.rs` and `fuzz_targets/process.rs` (nightly and libFuzzer, run by
+//! `scripts/fuzz.sh`), and of the stable test `tests/fuzz_corpus.rs`, which compiles this file as
+//! a module and runs every file of `fuzz/corpus/<target>/` through them on every `cargo test`. A
+//! broken property panics with a message naming it; libFuzzer then saves the input as a crash.
+//!
+//! This file is both the crate root of `orderflow-fuzz` and a module of that test: it names only
+//! its own items and the external crates `orderflow_api`, `orderflow_runtime`, `serde_json` and
+//! the five worker crates (all dependencies of the `orderflow` package too).
+//!
+//! # `decode`: one record value
+//!
+//! `Codec::decode_local` (single-object encoding, schemas from `avro/`, no registry) must not
+//! panic, and:
+//! * every failure has a dead-letter class ([`CodecError::class`]) among [`DECODE_CLASSES`], and
+//!   the one the header alone decides when it does ([`header_class`]): `not_avro` for a first
+//!   byte other than `C3`/`00` or `C3` not followed by `01`, `truncated` for a payload shorter
+//!   than its header, `unknown_schema` for an unknown fingerprint or any Confluent-framed payload
+//!   (no registry);
+//! * a decoded event has the schema its fingerprint names, re-encodes (a worker that forwards it
+//!   must be able to), and decodes back equal;
+//! * every strict prefix of a decodable payload that keeps the 10-byte header is `truncated`,
+//!   and the payload with one more byte is `malformed` (trailing bytes).
+//!
+//! # `process`: a sequence of records through the five processors
+//!
+//! The input is split into records by [`split_records`]: each is a control byte (the clock
+//! advance before it, [`advance_ms`]), a little-endian `u16` length and that many value bytes
+//! (fewer at the end of the input). Starting at [`BASE_TIME_MS`], for each record the clock
+//! moves, every processor's due timers fire, and then, as the runtime would:
+//! * a value above `max_record_bytes` (`[defaults]` of `topology.toml`) is dropped (`oversized`),
+//!   one that does not decode is dropped (its class checked as in `decode`), an event whose
+//!   `occurredAt` is more than `max_clock_skew` ahead of the clock is dropped
+//!   (`future_timestamp`);
+//! * the event is fed to **each of the five processors** (an `orderflow_api::Harness` each,
+//!   built from `topology.toml`), whatever their inputs, as read from the topic that carries its
+//!   schema: a superset of what the wiring delivers;
+//! * what they emit is routed through the topology's wiring to every worker reading the output
+//!   topic, until nothing is left (bounded by [`MAX_DELIVERIES`]).
+//!
+//! After the last record the clock moves a day ahead so every timer fires. Properties:
+//! * no processor panics, and none returns [`ProcessError::CorruptState`] or
+//!   [`ProcessError::UnwiredPort`] (both stop a worker for good: a poison record would crash-loop
+//!   it); a timer handler returns no error at all (the runtime treats any as fatal);
+//!   [`ProcessError::Invalid`] and [`ProcessError::Transient`] are allowed (dead-lettered);
+//! * stock reserver (after every record): every stock record has on hand ≥ 0, reserved ≥ 0 and
+//!   available = on hand − reserved ≥ 0, and its reserved units equal the units held by the live
+//!   reservations of that store and product; no processor reports `conservation_mismatch`;
+//! * every emitted event encodes with its schema and decodes back equal, carries the record key
+//!   its topic declares (`orderId`, `hqId:storeId`, `productId`), and no `eventId` is emitted
+//!   with two different payloads;
+//! * the whole run is deterministic: a second run from empty state emits the same records.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::Path;
+
+use orderflow_api::events::store_key;
+use orderflow_api::{Context, Event, Harness, Output, Outputs, ProcessError, Processor, StateTxn};
+use orderflow_runtime::codec::{Codec, CodecError, SINGLE_OBJECT_HEADER_LEN, SINGLE_OBJECT_MARKER};
+use orderflow_runtime::topology::{Topology, WorkerSpec};
+
+/// The dead-letter classes a failed `decode_local` may have (no registry configured).
+pub const DECODE_CLASSES: &[&str] = &["not_avro", "truncated", "unknown_schema", "malformed"];
+
+/// Clock of the first record of a `process` run, ms since the epoch (2026-01-01T00:00:00Z).
+/// The seed corpus stamps its events around it.
+pub const BASE_TIME_MS: i64 = 1_767_225_600_000;
+
+/// Upper bound on the deliveries (an event fed to one processor) of one record's cascade; more
+/// means two workers keep answering each other.
+pub const MAX_DELIVERIES: usize = 100_000;
+
+/// Clock advance before a record with control byte `control`: `control² × 100` ms, so 0 … 255
+/// covers 0 to 108 minutes (fine steps near 0, every reservation TTL and saga timeout near 255).
+pub fn advance_ms(control: u8) -> i64 {
+    let c = i64::from(control);
+    c * c * 100
+}
+
+/// Splits a `process` input into `(control byte, value)` records: control byte, `u16`
+/// little-endian length `n`, `n` value bytes (what is left when fewer remain). A trailing control
+/// byte without a length gives an empty value; an empty input gives no record.
+pub fn split_records(mut data: &[u8]) -> Vec<(u8, &[u8])> {
+    let mut records = Vec::new();
+    while let Some((&control, rest)) = data.split_first() {
+        let (n, rest) = match rest {
+            [lo, hi, rest @ ..] => (usize::from(u16::from_le_bytes([*lo, *hi])), rest),
+            _ => (0, &[][..]),
+        };
+        let n = n.min(rest.len());
+        records.push((control, &rest[..n]));
+        data = &rest[n..];
+    }
+    records
+}
+
+/// The inverse of [`split_records`], for writing seed inputs.
+///
+/// # Panics
+/// If a value is longer than `u16::MAX` bytes.
+pub fn frame(records: &[(u8, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (control, value) in records {
+        let n = u16::try_from(value.len()).expect("a framed record value is at most 65535 bytes");
+        out.push(*control);
+        out.extend_from_slice(&n.to_le_bytes());
+        out.extend_from_slice(value);
+    }
+    out
+}
+
+/// The dead-letter class the header of `bytes` decides on its own, for a codec without a
+/// registry that knows the fingerprints `known`; `None` when the header is a known single-object
+/// header and only the datum decides.
+pub fn header_class(bytes: &[u8], known: impl Fn(u64) -> bool) -> Option<&'static str> {
+    match bytes {
+        [] | [0xC3] => Some("truncated"),
+        [0xC3, second, ..] if *second != SINGLE_OBJECT_MARKER[1] => Some("not_avro"),
+        [0xC3, ..] if bytes.len() < SINGLE_OBJECT_HEADER_LEN => Some("truncated"),
+        [0xC3, ..] => {
+            let fp = u64::from_le_bytes(bytes[2..SINGLE_OBJECT_HEADER_LEN].try_into().expect("8 bytes"));
+            if known(fp) {
+                None
+            } else {
+                Some("unknown_schema")
+            }
+        }
+        [0x00, ..] if bytes.len() < 5 => Some("truncated"),
+        [0x00, ..] => Some("unknown_schema"),
+        _ => Some("not_avro"),
+    }
+}
+
+/// What one `process` run saw, for reports (the properties are asserted, not returned).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProcessReport {
+    /// Records the input split into.
+    pub records: usize,
+    /// Records dropped before any processor, by dead-letter class (`oversized`,
+    /// `future_timestamp` and the decode classes).
+    pub dropped: BTreeMap<&'static str, usize>,
+    /// Records decoded and fed to the processors, by schema name.
+    pub fed: BTreeMap<&'static str, usize>,
+    /// Events a processor rejected as invalid (dead-lettered by the runtime), by worker.
+    pub invalid: BTreeMap<String, usize>,
+    /// Events a processor failed transiently on, by worker.
+    pub transient: BTreeMap<String, usize>,
+    /// Emitted records, by topic.
+    pub emitted: BTreeMap<String, usize>,
+    /// Events fed to a processor (external records times five, plus routed outputs).
+    pub deliveries: usize,
+}
+
+/// The loaded codec and topology the checks run against.
+pub struct Fuzz {
+    codec: Codec,
+    topology: Topology,
+    /// Schema name → the topic that carries only that schema (`OrderCreated` → `order.created`).
+    home: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Fuzz {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fuzz").field("codec", &self.codec).field("home", &self.home).finish()
+    }
+}
+
+/// A processor behind a box, so harnesses of different kinds share one type.
+struct Boxed(Box<dyn Processor>);
+
+impl Processor for Boxed {
+    fn process(&mut self, ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        self.0.process(ctx, event, state, out)
+    }
+    fn on_timer(&mut self, ctx: &Context, key: &[u8], due_ms: i64, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        self.0.on_timer(ctx, key, due_ms, state, out)
+    }
+}
+
+/// One worker of the topology in memory.
+struct Stage {
+    name: String,
+    kind: String,
+    inputs: Vec<String>,
+    /// Port → topic.
+    outputs: BTreeMap<String, String>,
+    harness: Harness<Boxed>,
+}
+
+/// Builds the processor of a worker the way the `orderflow` binary does (`kinds::build`).
+fn build_processor(spec: &WorkerSpec) -> Option<(Box<dyn Processor>, &'static [&'static str])> {
+    let ttl_ms = i64::try_from(spec.reservation_ttl().as_millis()).unwrap_or(i64::MAX);
+    Some(match spec.kind.as_str() {
+        "deduplicator" => (Box::new(deduplicator::Deduplicator::new()), deduplicator::PORTS),
+        "stock-reserver" => (Box::new(stock_reserver::StockReserver::new(ttl_ms)), stock_reserver::PORTS),
+        "order-confirmer" => (Box::new(order_confirmer::OrderConfirmer::new()), order_confirmer::PORTS),
+        "canceller" => {
+            let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+            (Box::new(canceller::Canceller::new(ms(spec.stock_answer_timeout()), ms(spec.saga_timeout()))), canceller::PORTS)
+        }
+        "reservation-expirer" => (Box::new(reservation_expirer::ReservationExpirer::new(ttl_ms)), reservation_expirer::PORTS),
+        _ => return None,
+    })
+}
+
+/// One run of the pipeline: the stages, the clock and what was emitted.
+struct Run<'a> {
+    fuzz: &'a Fuzz,
+    stages: Vec<Stage>,
+    now: i64,
+    /// Every emitted record, in order: (topic, key, event).
+    log: Vec<(String, String, Event)>,
+    /// eventId → encoded payload of the first emission.
+    payloads: BTreeMap<String, Vec<u8>>,
+    report: ProcessReport,
+}
+
+impl Fuzz {
+    /// Loads `topology.toml` and the schemas of its `avro_dir` under `repo_root`.
+    ///
+    /// Errors: a message naming the file that does not load, or a schema no topic carries alone.
+    pub fn load(repo_root: &Path) -> Result<Fuzz, String> {
+        let path = repo_root.join("topology.toml");
+        let loaded = orderflow_runtime::topology::load(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let codec = Codec::load(&loaded.avro_dir(), None).map_err(|e| e.to_string())?;
+        let topology = loaded.topology;
+        let mut home = BTreeMap::new();
+        for (name, spec) in &topology.topics {
+            if let Some(schema) = &spec.schema {
+                if let [only] = schema.names()[..] {
+                    home.insert(only.to_string(), name.clone());
+                }
+            }
+        }
+        for name in Event::SCHEMA_NAMES {
+            if !home.contains_key(*name) {
+                return Err(format!("no topic of {} carries {name} alone", path.display()));
+            }
+        }
+        for (name, spec) in &topology.workers {
+            if build_processor(spec).is_none() {
+                return Err(format!("worker {name}: unknown kind {}", spec.kind));
+            }
+        }
+        Ok(Fuzz { codec, topology, home })
+    }
+
+    /// The codec (single-object encoding, no registry).
+    pub fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    /// The topic that carries only `schema` (e.g. `order.created` for `OrderCreated`).
+    pub fn home_topic(&self, schema: &str) -> Option<&str> {
+        self.home.get(schema).map(String::as_str)
+    }
+
+    /// The `decode` check of one record value (see the crate docs): returns the event, or the
+    /// dead-letter class of the failure.
+    ///
+    /// # Panics
+    /// When a property is broken.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Event, &'static str> {
+        let result = self.decode_once(bytes);
+        if let Ok(event) = &result {
+            self.check_prefixes(bytes, event);
+        }
+        result
+    }
+
+    /// Decodes and checks the class and the round trip, without the prefix properties.
+    fn decode_once(&self, bytes: &[u8]) -> Result<Event, &'static str> {
+        let known = |fp: u64| self.codec.schema_name_of(&[&SINGLE_OBJECT_MARKER[..], &fp.to_le_bytes()[..]].concat()).is_some();
+        let expected = header_class(bytes, known);
+        match self.codec.decode_local(bytes) {
+            Err(e) => {
+                let class = class_of(&e);
+                assert!(DECODE_CLASSES.contains(&class), "decode failure without a dead-letter class of a record: {class} ({e})");
+                match expected {
+                    Some(want) => assert_eq!(class, want, "the header decides the class: {e}"),
+                    None => assert!(class == "truncated" || class == "malformed", "a known header, then {class}: {e}"),
+                }
+                Err(class)
+            }
+            Ok(event) => {
+                assert_eq!(expected, None, "decoded although the header says {expected:?}: {event:?}");
+                assert_eq!(self.codec.schema_name_of(bytes), Some(event.schema_name()), "schema of the fingerprint");
+                let again =
+                    self.codec.encode_local(&event).unwrap_or_else(|e| panic!("a decoded event does not re-encode: {e}: {event:?}"));
+                match self.codec.decode_local(&again) {
+                    Ok(back) => assert_eq!(back, event, "re-encoded event decodes differently"),
+                    Err(e) => panic!("re-encoded event does not decode: {e}: {event:?}"),
+                }
+                Ok(event)
+            }
+        }
+    }
+
+    /// Every strict prefix keeping the header is `truncated`; one byte more is `malformed`.
+    /// Long payloads are cut at 64 spread points plus the last 8.
+    fn check_prefixes(&self, bytes: &[u8], event: &Event) {
+        let len = bytes.len();
+        let cuts: BTreeSet<usize> = if len <= 256 {
+            (SINGLE_OBJECT_HEADER_LEN..len).collect()
+        } else {
+            let span = len - SINGLE_OBJECT_HEADER_LEN;
+            (0..64).map(|i| SINGLE_OBJECT_HEADER_LEN + i * span / 64).chain(len.saturating_sub(8)..len).collect()
+        };
+        for cut in cuts {
+            match self.decode_once(&bytes[..cut]) {
+                Err("truncated") => {}
+                other => panic!("{} cut to {cut} of {len} bytes: expected truncated, got {other:?}", event.schema_name()),
+            }
+        }
+        let mut longer = bytes.to_vec();
+        longer.push(0);
+        match self.decode_once(&longer) {
+            Err("malformed") => {}
+            other => panic!("{} with a trailing byte: expected malformed, got {other:?}", event.schema_name()),
+        }
+    }
+
+    /// The `process` check of a record sequence (see the crate docs).
+    ///
+    /// # Panics
+    /// When a property is broken.
+    pub fn process(&self, data: &[u8]) -> ProcessReport {
+        let first = self.run(data);
+        let second = self.run(data);
+        assert!(first.log == second.log, "two runs of the same input emitted different records");
+        first.report
+    }
+
+    fn stages(&self) -> Vec<Stage> {
+        self.topology
+            .workers
+            .iter()
+            .map(|(name, spec)| {
+                let (processor, ports) = build_processor(spec).expect("kinds checked by load");
+                let wired: Vec<&str> = ports.iter().copied().filter(|p| spec.outputs.contains_key(*p)).collect();
+                Stage {
+                    name: name.clone(),
+                    kind: spec.kind.clone(),
+                    inputs: spec.inputs.clone(),
+                    outputs: spec.outputs.clone(),
+                    harness: Harness::new(Boxed(processor), &wired),
+                }
+            })
+            .collect()
+    }
+
+    fn run(&self, data: &[u8]) -> Run<'_> {
+        let mut run = Run {
+            fuzz: self,
+            stages: self.stages(),
+            now: BASE_TIME_MS,
+            log: Vec::new(),
+            payloads: BTreeMap::new(),
+            report: ProcessReport::default(),
+        };
+        let defaults = &self.topology.defaults;
+        let skew_ms = i64::try_from(defaults.max_clock_skew.as_millis()).unwrap_or(i64::MAX);
+        let records = split_records(data);
+        run.report.records = records.len();
+        for (control, bytes) in records {
+            run.advance(advance_ms(control));
+            if bytes.len() > defaults.max_record_bytes {
+                *run.report.dropped.entry("oversized").or_default() += 1;
+                continue;
+            }
+            let event = match self.decode_once(bytes) {
+                Ok(event) => event,
+                Err(class) => {
+                    *run.report.dropped.entry(class).or_default() += 1;
+                    continue;
+                }
+            };
+            if event.occurred_at() > run.now.saturating_add(skew_ms) {
+                *run.report.dropped.entry("future_timestamp").or_default() += 1;
+                continue;
+            }
+            *run.report.fed.entry(event.schema_name()).or_default() += 1;
+            let topic = self.home[event.schema_name()].clone();
+            let mut queue = VecDeque::new();
+            for i in 0..run.stages.len() {
+                queue.extend(run.feed(i, &topic, &event));
+            }
+            run.drain(queue);
+            run.check_state();
+        }
+        // Let every timer fire (reservation TTLs, saga timeouts), twice: a timer's outputs may
+        // schedule more.
+        for _ in 0..2 {
+            run.advance(24 * 3_600_000);
+            run.check_state();
+        }
+        run
+    }
+}
+
+/// The dead-letter class of a codec error.
+fn class_of(e: &CodecError) -> &'static str {
+    e.class()
+}
+
+/// The value of the record key a topic declares (`key` in `topology.toml`) for `event`, if the
+/// key names fields this checker knows.
+fn declared_key(key: &str, event: &Event) -> Option<String> {
+    match (key, event) {
+        ("orderId", e) => e.order_id().map(str::to_string),
+        ("hqId:storeId", e) => {
+            let (hq, store) = e.store();
+            Some(store_key(hq, store))
+        }
+        ("productId", Event::StockUpdated(u)) => Some(u.product_id.clone()),
+        _ => None,
+    }
+}
+
+impl Run<'_> {
+    /// Moves the clock by `by_ms` and fires every processor's due timers, routing their outputs.
+    fn advance(&mut self, by_ms: i64) {
+        self.now = self.now.saturating_add(by_ms);
+        let mut queue = VecDeque::new();
+        for i in 0..self.stages.len() {
+            let stage = &mut self.stages[i];
+            match stage.harness.advance(self.now) {
+                Ok(outputs) => {
+                    let outputs: Vec<(String, Output)> = outputs.into_iter().map(|o| (stage.outputs[&o.port].clone(), o)).collect();
+                    queue.extend(outputs);
+                }
+                Err(e) => panic!("{}: a timer handler failed (fatal for the worker): {e}", stage.name),
+            }
+        }
+        self.drain(queue);
+    }
+
+    /// Feeds `event` read from `topic` to stage `i`; returns what it emitted, with the topics.
+    fn feed(&mut self, i: usize, topic: &str, event: &Event) -> Vec<(String, Output)> {
+        self.report.deliveries += 1;
+        let now = self.now;
+        let stage = &mut self.stages[i];
+        match stage.harness.feed(topic, event.clone(), now) {
+            Ok(outputs) => outputs.into_iter().map(|o| (stage.outputs[&o.port].clone(), o)).collect(),
+            Err(ProcessError::Invalid(_)) => {
+                *self.report.invalid.entry(stage.name.clone()).or_default() += 1;
+                Vec::new()
+            }
+            Err(ProcessError::Transient(_)) => {
+                *self.report.transient.entry(stage.name.clone()).or_default() += 1;
+                Vec::new()
+            }
+            Err(e) => panic!("{} on {} from {topic}: {e} (fatal for the worker)", stage.name, event.schema_name()),
+        }
+    }
+
+    /// Delivers emitted records to every worker reading their topic, until none is left.
+    fn drain(&mut self, mut queue: VecDeque<(String, Output)>) {
+        let start = self.report.deliveries;
+        while let Some((topic, output)) = queue.pop_front() {
+            assert!(self.report.deliveries - start <= MAX_DELIVERIES, "more than {MAX_DELIVERIES} deliveries for one record");
+            self.check_output(&topic, &output);
+            *self.report.emitted.entry(topic.clone()).or_default() += 1;
+            for i in 0..self.stages.len() {
+                if self.stages[i].inputs.iter().any(|t| *t == topic) {
+                    let more = self.feed(i, &topic, &output.event);
+                    queue.extend(more);
+                }
+            }
+            self.log.push((topic, output.key, output.event));
+        }
+    }
+
+    /// An emitted record encodes, decodes back, has its topic's key, and its eventId is not
+    /// reused with another payload.
+    fn check_output(&mut self, topic: &str, output: &Output) {
+        let codec = &self.fuzz.codec;
+        let event = &output.event;
+        let bytes = codec.encode_local(event).unwrap_or_else(|e| panic!("output on {topic} does not encode: {e}: {event:?}"));
+        match codec.decode_local(&bytes) {
+            Ok(back) => assert_eq!(&back, event, "output on {topic} decodes differently"),
+            Err(e) => panic!("output on {topic} does not decode: {e}"),
+        }
+        let spec = self.fuzz.topology.topics.get(topic).unwrap_or_else(|| panic!("output topic {topic} is not declared"));
+        if let Some(schema) = &spec.schema {
+            assert!(schema.names().contains(&event.schema_name()), "{} emitted on {topic}, which does not carry it", event.schema_name());
+        }
+        if let Some(want) = declared_key(&spec.key, event) {
+            assert_eq!(output.key, want, "record key of {} on {topic} (declared key {})", event.schema_name(), spec.key);
+        }
+        match self.payloads.get(event.event_id()) {
+            Some(first) => {
+                assert!(first == &bytes, "eventId {:?} emitted with two payloads (second on {topic}: {event:?})", event.event_id())
+            }
+            None => {
+                self.payloads.insert(event.event_id().to_string(), bytes);
+            }
+        }
+    }
+
+    /// Stock reserver state and notes of every processor.
+    fn check_state(&mut self) {
+        for stage in &mut self.stages {
+            for note in std::mem::take(&mut stage.harness.notes) {
+                assert_ne!(note.measure, "conservation_mismatch", "{} reported a conservation mismatch: {}", stage.name, note.label);
+            }
+            if stage.kind == "stock-reserver" {
+                check_reserver_state(&stage.name, &stage.harness.store.data);
+            }
+        }
+    }
+}
+
+/// Domain rule 2 on one stock reserver's state: every stock record has on hand ≥ 0, reserved ≥ 0,
+/// available ≥ 0, and reserved = the units of the live reservations of its store and product.
+fn check_reserver_state(worker: &str, data: &BTreeMap<Vec<u8>, Vec<u8>>) {
+    use stock_reserver::{Reservation, ReservationStatus, StockRecord, RESERVATION_PREFIX, STOCK_PREFIX};
+    let mut held: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+    for (key, value) in data.range(RESERVATION_PREFIX.to_vec()..).take_while(|(k, _)| k.starts_with(RESERVATION_PREFIX)) {
+        let r: Reservation = serde_json::from_slice(value)
+            .unwrap_or_else(|e| panic!("{worker}: reservation {} is not JSON of a Reservation: {e}", String::from_utf8_lossy(key)));
+        if r.status == ReservationStatus::Live {
+            for item in &r.items {
+                assert!(item.quantity > 0, "{worker}: live reservation of {} holds {} of {}", r.order_id, item.quantity, item.product_id);
+                *held.entry(stock_reserver::stock_key(&r.hq_id, &r.store_id, &item.product_id)).or_default() += i64::from(item.quantity);
+            }
+        }
+    }
+    for (key, value) in data.range(STOCK_PREFIX.to_vec()..).take_while(|(k, _)| k.starts_with(STOCK_PREFIX)) {
+        let name = String::from_utf8_lossy(key);
+        let s: StockRecord =
+            serde_json::from_slice(value).unwrap_or_else(|e| panic!("{worker}: stock record {name} is not JSON of a StockRecord: {e}"));
+        assert!(s.on_hand >= 0, "{worker}: {name} on hand {} < 0", s.on_hand);
+        assert!(s.reserved >= 0, "{worker}: {name} reserved {} < 0", s.reserved);
+        assert!(s.available() >= 0, "{worker}: {name} available {} < 0 (on hand {}, reserved {})", s.available(), s.on_hand, s.reserved);
+        let live = held.remove(key).unwrap_or(0);
+        assert_eq!(s.reserved, live, "{worker}: {name} reserved {} but its live reservations hold {live}", s.reserved);
+    }
+    assert!(
+        held.is_empty(),
+        "{worker}: live reservations hold stock that has no stock record: {:?}",
+        held.keys().map(|k| String::from_utf8_lossy(k)).collect::<Vec<_>>()
+    );
+}
