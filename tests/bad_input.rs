@@ -1,0 +1,1208 @@
+//! Bad input (issue 4): records no well-behaved producer writes, interleaved with good orders on a
+//! real broker, must each land where they belong while the good orders flow untouched.
+//!
+//! The corpus is `tests/corpus/bad_input/`: one `<nn>-<case>.bin` per case (the record value;
+//! none for the tombstone) and `cases.json` naming each case's input topic, record key and
+//! expected outcome. [`generate`] makes every file from code with the codec; regenerate them
+//! with
+//!
+//! ```text
+//! cargo test --release -p orderflow --test bad_input -- --ignored write_bad_input_corpus
+//! ```
+//!
+//! and `bad_input_corpus_matches_its_generator` (no broker) keeps the committed files equal to
+//! what the generator makes. Expected outcomes:
+//!
+//! * a record the runtime must refuse goes to the input topic's dead-letter topic (`<topic>.dlq`)
+//!   once **per worker reading that topic**, with the original key and value and the
+//!   `orderflow.dlq.*` headers (source topic, partition and offset of the record as delivered,
+//!   worker, error class, message, attempts, time), counted in
+//!   `orderflow_dlq_records_total{worker,error_class}`, and has no other effect. Classes:
+//!   `not_avro`, `unknown_schema`, `truncated`, `malformed`, `wrong_schema`, `invalid`,
+//!   `future_timestamp`, `oversized`;
+//! * an `order.created` whose ids are present but whose content cannot be served is not
+//!   dead-lettered: the stock reserver answers `stock.reservation.failed` with a reason
+//!   (`INVALID_QUANTITY`, `EMPTY_ORDER`, `DUPLICATE_PRODUCT`, `UNKNOWN_STORE`,
+//!   `INVALID_PRODUCT`) and the canceller cancels the order with `INVALID_ORDER`.
+//!
+//! The run (`bad_input_lands_where_it_should_and_good_orders_flow`): a private broker, the five
+//! workers in one `orderflow run` process on a copy of `topology.toml` with an absolute
+//! `avro_dir` and `max_record_bytes = 4096` (so the oversized case stays small for the broker),
+//! a restock of store `HQ-BADIN:ST-BADIN`, then [`GOOD_ORDERS`] good orders with the bad records
+//! spread between them (undecodable ones keyed like good orders, so they share their
+//! partitions), while the test plays the POS (complete, or `PAYMENT_FAILED` for every fifth
+//! confirmed order). Every expectation is checked and all failures are reported together.
+//! `ORDERFLOW_KEEP_BAD_INPUT_DIR=1` keeps the run directory (logs, state, topology copy).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{Guarded, RunDir};
+use orderflow_api::events::{
+    cancel_reason, change_reason, failure_reason, store_key, AdjustedItem, InventoryAdjusted, OrderCancelled, OrderCompleted, OrderCreated,
+    OrderItem, SoldItem,
+};
+use orderflow_api::fixtures;
+use orderflow_api::Event;
+use orderflow_runtime::codec::{Codec, SINGLE_OBJECT_HEADER_LEN};
+use orderflow_runtime::kafka::{client_config, Side};
+use orderflow_runtime::topology::{self, Topology};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{json, Value};
+
+/// Where the corpus lives, relative to the repository root.
+const CORPUS_DIR: &str = "tests/corpus/bad_input";
+/// `max_record_bytes` of the run's topology copy; the oversized case is larger.
+const MAX_RECORD_BYTES: usize = 4096;
+/// `occurredAt` of every decodable case (2025-01-01T00:00:00Z): in the past, as a late outbox
+/// relay could deliver.
+const PAST_MS: i64 = 1_735_689_600_000;
+/// `occurredAt` the future-timestamp case carries in its file (2100-01-01T00:00:00Z); the run
+/// re-stamps it to send time + [`FUTURE_BY`].
+const FAR_FUTURE_MS: i64 = 4_102_444_800_000;
+/// How far ahead the future-timestamp case is sent (the topology allows 1 h of clock skew).
+const FUTURE_BY: Duration = Duration::from_secs(2 * 24 * 3600);
+/// The store of the run: restocked before the orders.
+const HQ: &str = "HQ-BADIN";
+const STORE: &str = "ST-BADIN";
+/// A store that never receives inventory.
+const UNKNOWN_STORE: &str = "ST-NOWHERE";
+/// Products of the store and the units each gets.
+const PRODUCTS: [&str; 5] = ["P-B1", "P-B2", "P-B3", "P-B4", "P-B5"];
+const STOCK_PER_PRODUCT: i64 = 40;
+/// Good orders of the run.
+const GOOD_ORDERS: usize = 50;
+/// Reservation TTL of the run (the POS answers long before).
+const TTL: &str = "60s";
+/// How long the run may take once the records are sent.
+const SETTLE_WITHIN: Duration = Duration::from_secs(240);
+/// Extra time after everything expected arrived, to catch doubles.
+const QUIET: Duration = Duration::from_secs(5);
+
+/// The record key of good order `k` (also the key of the undecodable cases, so that they share
+/// partitions with good orders).
+fn good_order_id(k: usize) -> String {
+    format!("O-GOOD-{k:02}")
+}
+
+// ------------------------------------------------------------------------------------------
+// The corpus.
+
+/// What a case must lead to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Expect {
+    /// Dead-lettered with this class by every worker reading the case's topic.
+    DeadLetter(String),
+    /// `stock.reservation.failed` with this reason, then `order.cancelled` `INVALID_ORDER`.
+    Rejected(String),
+}
+
+/// One bad record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Case {
+    /// `<nn>-<name>`: also the file stem.
+    name: String,
+    topic: String,
+    key: String,
+    /// The record value; `None` is a tombstone (null value).
+    value: Option<Vec<u8>>,
+    expect: Expect,
+    /// Sent with `occurredAt` = send time + [`FUTURE_BY`] instead of the file's.
+    restamp_future: bool,
+    /// What is wrong with it.
+    why: String,
+}
+
+impl Case {
+    fn file(&self) -> Option<String> {
+        self.value.as_ref().map(|_| format!("{}.bin", self.name))
+    }
+
+    fn to_json(&self) -> Value {
+        let expect = match &self.expect {
+            Expect::DeadLetter(class) => json!({ "dead_letter": class }),
+            Expect::Rejected(reason) => json!({ "reservation_failed": reason, "order_cancelled": cancel_reason::INVALID_ORDER }),
+        };
+        let mut v = json!({
+            "name": self.name,
+            "file": self.file(),
+            "topic": self.topic,
+            "key": self.key,
+            "expect": expect,
+            "why": self.why,
+        });
+        if self.restamp_future {
+            v["occurred_at"] = json!(format!("send time + {}", humantime::format_duration(FUTURE_BY)));
+        }
+        v
+    }
+
+    /// The case from its `cases.json` entry and the corpus directory.
+    fn from_json(v: &Value, dir: &Path) -> Case {
+        let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("cases.json: {k} missing in {v}")).to_string();
+        let expect = if let Some(class) = v["expect"]["dead_letter"].as_str() {
+            Expect::DeadLetter(class.to_string())
+        } else {
+            Expect::Rejected(v["expect"]["reservation_failed"].as_str().unwrap_or_else(|| panic!("cases.json: expect of {v}")).to_string())
+        };
+        let value = v["file"].as_str().map(|f| fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(f).display())));
+        Case {
+            name: s("name"),
+            topic: s("topic"),
+            key: s("key"),
+            value,
+            expect,
+            restamp_future: v.get("occurred_at").is_some(),
+            why: s("why"),
+        }
+    }
+
+    /// The order id inside a decodable case (`O-BAD-<name>`), if any.
+    fn order_id(&self, codec: &Codec) -> Option<String> {
+        self.value.as_deref().and_then(|b| codec.decode_local(b).ok()).and_then(|e| e.order_id().map(str::to_string))
+    }
+}
+
+/// splitmix64, for the random-bytes case.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `order.created` of case `name`: eventId `ev-bad-<name>`, orderId `O-BAD-<name>`, the run's
+/// store, one line of 1 × `P-B1`, at [`PAST_MS`].
+fn bad_order(name: &str) -> OrderCreated {
+    OrderCreated {
+        event_id: format!("ev-bad-{name}"),
+        occurred_at: PAST_MS,
+        order_id: format!("O-BAD-{name}"),
+        customer_id: "C-BAD".into(),
+        hq_id: HQ.into(),
+        store_id: STORE.into(),
+        items: vec![OrderItem { product_id: PRODUCTS[0].into(), quantity: 1, unit_price: 1_000 }],
+    }
+}
+
+fn lines(items: &[(&str, i32)]) -> Vec<OrderItem> {
+    items.iter().map(|&(p, quantity)| OrderItem { product_id: p.into(), quantity, unit_price: 1_000 }).collect()
+}
+
+/// Every case, made with the codec. Asserts that each undecodable value fails to decode with
+/// the class it is meant to have and that each other one decodes.
+fn generate(codec: &Codec) -> Vec<Case> {
+    let enc = |e: Event| codec.encode_local(&e).expect("corpus events encode");
+    let mut cases: Vec<Case> = Vec::new();
+    let mut add = |name: &str, topic: &str, key: Option<String>, value: Option<Vec<u8>>, expect: Expect, why: &str| {
+        let n = cases.len() + 1;
+        let key = key.unwrap_or_else(|| good_order_id((n * 13) % GOOD_ORDERS));
+        cases.push(Case {
+            name: format!("{n:02}-{name}"),
+            topic: topic.into(),
+            key,
+            value,
+            restamp_future: name == "future-timestamp",
+            expect,
+            why: why.into(),
+        });
+    };
+    let dead = |c: &str| Expect::DeadLetter(c.to_string());
+    let rejected = |r: &str| Expect::Rejected(r.to_string());
+    let own = |name: &str| Some(format!("O-BAD-{name}"));
+
+    // Not Avro at all.
+    let json_text = br#"{"eventId":"ev-bad-json","orderId":"O-BAD-json","items":[{"productId":"P-B1","quantity":1}]}"#;
+    add("not-avro-json", "order.created", None, Some(json_text.to_vec()), dead("not_avro"), "JSON text instead of Avro");
+    let mut seed = 0x0BAD_1A9E_u64;
+    let mut random: Vec<u8> = (0..8).flat_map(|_| splitmix(&mut seed).to_le_bytes()).collect();
+    if matches!(random[0], 0x00 | 0xC3) {
+        random[0] = 0x5A;
+    }
+    add("not-avro-random", "order.completed", None, Some(random), dead("not_avro"), "64 random bytes (first byte neither C3 nor 00)");
+
+    // Unknown schema.
+    let mut unknown = enc(bad_order("unknown-fingerprint").into());
+    unknown[2..SINGLE_OBJECT_HEADER_LEN].copy_from_slice(&0x0123_4567_89ab_cdef_u64.to_le_bytes());
+    add(
+        "unknown-fingerprint",
+        "order.created",
+        None,
+        Some(unknown),
+        dead("unknown_schema"),
+        "single-object header with a fingerprint of no schema (0x0123456789abcdef), then an OrderCreated datum",
+    );
+    let cancel = OrderCancelled {
+        event_id: "ev-bad-confluent".into(),
+        order_id: "O-BAD-confluent".into(),
+        hq_id: HQ.into(),
+        store_id: STORE.into(),
+        ..fixtures::order_cancelled("x", "x", cancel_reason::PAYMENT_FAILED, PAST_MS)
+    };
+    let mut confluent = vec![0x00, 0, 0, 0, 7];
+    confluent.extend_from_slice(&enc(cancel.into())[SINGLE_OBJECT_HEADER_LEN..]);
+    add(
+        "confluent-framed",
+        "order.cancelled",
+        None,
+        Some(confluent),
+        dead("unknown_schema"),
+        "Confluent framing (00, schema id 7) while no schema registry is configured",
+    );
+
+    // Truncated.
+    let full = enc(bad_order("truncated").into());
+    add("truncated-header", "order.created", None, Some(full[..6].to_vec()), dead("truncated"), "C3 01 and 4 of the 8 fingerprint bytes");
+    add(
+        "truncated-datum",
+        "order.created",
+        None,
+        Some(full[..full.len() / 2].to_vec()),
+        dead("truncated"),
+        "a valid OrderCreated cut in the middle of its datum",
+    );
+
+    // Malformed.
+    let mut trailing = enc(bad_order("trailing-bytes").into());
+    trailing.extend_from_slice(&[0x01, 0x02, 0x03]);
+    add("malformed-trailing-bytes", "order.created", None, Some(trailing), dead("malformed"), "a valid OrderCreated followed by 3 bytes");
+    let mut varint = full[..SINGLE_OBJECT_HEADER_LEN].to_vec();
+    varint.extend_from_slice(&[0xFF; 11]);
+    varint.extend_from_slice(b"\x02O");
+    add(
+        "malformed-bad-varint",
+        "order.created",
+        None,
+        Some(varint),
+        dead("malformed"),
+        "OrderCreated header, then a varint of 11 continuation bytes (longer than any long) as the eventId length",
+    );
+
+    // Valid Avro, wrong schema for the topic.
+    let reserved = orderflow_api::events::StockReserved {
+        hq_id: HQ.into(),
+        store_id: STORE.into(),
+        ..fixtures::stock_reserved(
+            "ev-bad-wrong-schema-1",
+            "O-BAD-wrong-schema-1",
+            "R-BAD",
+            PAST_MS,
+            PAST_MS + 300_000,
+            &[(PRODUCTS[0], 1)],
+        )
+    };
+    add(
+        "wrong-schema-stock-reserved",
+        "order.created",
+        own("wrong-schema-1"),
+        Some(enc(reserved.into())),
+        dead("wrong_schema"),
+        "a valid StockReserved on order.created",
+    );
+    let completed = OrderCompleted {
+        hq_id: HQ.into(),
+        store_id: STORE.into(),
+        items: vec![SoldItem { product_id: PRODUCTS[0].into(), quantity: 1, actual_price: 1_000 }],
+        total_amount: 1_000,
+        ..fixtures::order_completed("ev-bad-wrong-schema-2", "O-BAD-wrong-schema-2", "R-BAD", PAST_MS)
+    };
+    add(
+        "wrong-schema-order-completed",
+        "order.created",
+        own("wrong-schema-2"),
+        Some(enc(completed.into())),
+        dead("wrong_schema"),
+        "a valid OrderCompleted on order.created",
+    );
+    add(
+        "wrong-schema-order-created",
+        "inventory.adjusted",
+        Some(store_key(HQ, STORE)),
+        Some(enc(bad_order("wrong-schema-3").into())),
+        dead("wrong_schema"),
+        "a valid OrderCreated on inventory.adjusted",
+    );
+
+    // Valid Avro, invalid business content: answered, not dead-lettered.
+    let business: [(&str, Vec<OrderItem>, &str, &str); 7] = [
+        ("quantity-zero", lines(&[(PRODUCTS[0], 0)]), failure_reason::INVALID_QUANTITY, "a line of quantity 0"),
+        ("quantity-negative", lines(&[(PRODUCTS[0], -3)]), failure_reason::INVALID_QUANTITY, "a line of quantity -3"),
+        ("quantity-huge", lines(&[(PRODUCTS[0], 2_000_000_000)]), failure_reason::INVALID_QUANTITY, "a line of quantity 2,000,000,000"),
+        ("empty-items", Vec::new(), failure_reason::EMPTY_ORDER, "no lines at all"),
+        (
+            "duplicate-product",
+            lines(&[(PRODUCTS[0], 1), (PRODUCTS[1], 1), (PRODUCTS[0], 2)]),
+            failure_reason::DUPLICATE_PRODUCT,
+            "P-B1 on two lines",
+        ),
+        ("unknown-store", lines(&[(PRODUCTS[0], 1)]), failure_reason::UNKNOWN_STORE, "store ST-NOWHERE never received inventory"),
+        ("empty-product-id", lines(&[("", 1)]), failure_reason::INVALID_PRODUCT, "a line with an empty productId"),
+    ];
+    for (name, items, reason, why) in business {
+        let mut order = OrderCreated { items, ..bad_order(name) };
+        if name == "unknown-store" {
+            order.store_id = UNKNOWN_STORE.into();
+        }
+        add(name, "order.created", own(name), Some(enc(order.into())), rejected(reason), why);
+    }
+
+    // Missing ids: nothing to answer, dead-lettered.
+    add(
+        "empty-order-id",
+        "order.created",
+        Some(String::new()),
+        Some(enc(OrderCreated { order_id: String::new(), ..bad_order("empty-order-id") }.into())),
+        dead("invalid"),
+        "an order.created with an empty orderId (and so an empty key)",
+    );
+    add(
+        "empty-event-id",
+        "order.created",
+        own("empty-event-id"),
+        Some(enc(OrderCreated { event_id: String::new(), ..bad_order("empty-event-id") }.into())),
+        dead("invalid"),
+        "an order.created with an empty eventId",
+    );
+    add(
+        "empty-store-id",
+        "order.created",
+        own("empty-store-id"),
+        Some(enc(OrderCreated { store_id: String::new(), ..bad_order("empty-store-id") }.into())),
+        dead("invalid"),
+        "an order.created with an empty storeId",
+    );
+
+    // Runtime limits.
+    add(
+        "future-timestamp",
+        "order.created",
+        own("future-timestamp"),
+        Some(enc(OrderCreated { occurred_at: FAR_FUTURE_MS, ..bad_order("future-timestamp") }.into())),
+        dead("future_timestamp"),
+        "occurredAt 2 days ahead of the clock (sent re-stamped; the file holds 2100-01-01)",
+    );
+    let oversized = OrderCreated { customer_id: format!("C-{}", "X".repeat(5_000)), ..bad_order("oversized") };
+    add(
+        "oversized",
+        "order.created",
+        own("oversized"),
+        Some(enc(oversized.into())),
+        dead("oversized"),
+        "a valid OrderCreated of ~5 KB, above the run's max_record_bytes (4096)",
+    );
+    add("tombstone", "order.completed", None, None, dead("truncated"), "a null value (tombstone)");
+
+    // Self-check: each value fails to decode as meant, or decodes.
+    for c in &cases {
+        let Some(value) = &c.value else { continue };
+        let decoded = codec.decode_local(value);
+        match (&c.expect, decoded) {
+            (Expect::DeadLetter(class), Err(e)) => assert_eq!(e.class(), class, "{}: {e}", c.name),
+            (Expect::DeadLetter(class), Ok(_)) => {
+                assert!(["wrong_schema", "invalid", "future_timestamp", "oversized"].contains(&class.as_str()), "{} decodes", c.name)
+            }
+            (Expect::Rejected(_), Err(e)) => panic!("{} does not decode: {e}", c.name),
+            (Expect::Rejected(_), Ok(_)) => {}
+        }
+    }
+    let oversized = cases.iter().find(|c| c.name.ends_with("oversized")).and_then(|c| c.value.as_ref()).expect("oversized case");
+    assert!(oversized.len() > MAX_RECORD_BYTES && oversized.len() < 2 * MAX_RECORD_BYTES, "oversized case is {} bytes", oversized.len());
+    cases
+}
+
+fn codec() -> Codec {
+    Codec::load(&common::repo_root().join("avro"), None).expect("schemas load")
+}
+
+/// The committed corpus.
+fn load_corpus(root: &Path) -> Vec<Case> {
+    let dir = root.join(CORPUS_DIR);
+    let manifest: Value =
+        serde_json::from_slice(&fs::read(dir.join("cases.json")).expect("tests/corpus/bad_input/cases.json")).expect("JSON");
+    manifest["cases"].as_array().expect("cases").iter().map(|v| Case::from_json(v, &dir)).collect()
+}
+
+fn manifest(cases: &[Case]) -> String {
+    let v = json!({
+        "generated_by": "tests/bad_input.rs (cargo test --release -p orderflow --test bad_input -- --ignored write_bad_input_corpus)",
+        "requires": { "max_record_bytes": MAX_RECORD_BYTES, "store_with_inventory": store_key(HQ, STORE) },
+        "cases": cases.iter().map(Case::to_json).collect::<Vec<_>>(),
+    });
+    serde_json::to_string_pretty(&v).expect("JSON") + "\n"
+}
+
+/// (Re)writes `tests/corpus/bad_input/` from [`generate`].
+#[test]
+#[ignore = "writes the committed corpus; run by hand after changing the generator"]
+fn write_bad_input_corpus() {
+    let dir = common::repo_root().join(CORPUS_DIR);
+    if dir.exists() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "bin" || e == "json") {
+                fs::remove_file(path).unwrap();
+            }
+        }
+    }
+    fs::create_dir_all(&dir).unwrap();
+    let cases = generate(&codec());
+    for c in &cases {
+        if let (Some(file), Some(value)) = (c.file(), &c.value) {
+            fs::write(dir.join(file), value).unwrap();
+        }
+    }
+    fs::write(dir.join("cases.json"), manifest(&cases)).unwrap();
+    println!("wrote {} cases to {}", cases.len(), dir.display());
+}
+
+#[test]
+fn bad_input_corpus_matches_its_generator() {
+    let root = common::repo_root();
+    let generated = generate(&codec());
+    let committed = load_corpus(&root);
+    assert_eq!(
+        fs::read_to_string(root.join(CORPUS_DIR).join("cases.json")).unwrap(),
+        manifest(&generated),
+        "cases.json differs from the generator: run write_bad_input_corpus"
+    );
+    assert_eq!(committed, generated, "corpus files differ from the generator: run write_bad_input_corpus");
+    let files: BTreeSet<String> =
+        fs::read_dir(root.join(CORPUS_DIR)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let expected: BTreeSet<String> = generated.iter().filter_map(Case::file).chain(["cases.json".to_string()]).collect();
+    assert_eq!(files, expected, "files in {CORPUS_DIR}");
+}
+
+// ------------------------------------------------------------------------------------------
+// The run.
+
+/// `topology.toml` with an absolute `avro_dir` and `max_record_bytes = 4096`.
+fn run_topology(root: &Path, dir: &Path) -> PathBuf {
+    let original = fs::read_to_string(root.join("topology.toml")).expect("read topology.toml");
+    assert!(!original.lines().any(|l| l.trim_start().starts_with("avro_dir")), "topology.toml sets avro_dir: update run_topology");
+    let mut replaced = 0;
+    let body: Vec<String> = original
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("max_record_bytes") {
+                replaced += 1;
+                format!("max_record_bytes = {MAX_RECORD_BYTES}   # bad input test: small, so the oversized case stays small")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    assert_eq!(replaced, 1, "topology.toml should set max_record_bytes once in [defaults]: update run_topology");
+    let text = format!(
+        "# Copy of topology.toml for the bad input test (absolute avro_dir, max_record_bytes {MAX_RECORD_BYTES}).\navro_dir = {:?}\n\n{}\n",
+        root.join("avro").display().to_string(),
+        body.join("\n")
+    );
+    let path = dir.join("topology.toml");
+    fs::write(&path, text).expect("write topology copy");
+    path
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// A plain HTTP/1.0 GET on 127.0.0.1:`port`: (status, body), or None when nothing answers.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.split_whitespace().nth(1)?.parse().ok()?, body.to_string()))
+}
+
+/// `orderflow_dlq_records_total` samples: (worker, error_class) → value.
+fn dlq_metric(body: &str) -> BTreeMap<(String, String), u64> {
+    let mut out = BTreeMap::new();
+    for line in body.lines().filter(|l| l.starts_with("orderflow_dlq_records_total{")) {
+        let (labels, value) = line["orderflow_dlq_records_total{".len()..].split_once('}').expect("labels");
+        let get = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.split_once('=').filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().trim_matches('"').to_string()))
+        };
+        let value: f64 = value.trim().parse().expect("sample value");
+        out.insert((get("worker").unwrap_or_default(), get("error_class").unwrap_or_default()), value as u64);
+    }
+    out
+}
+
+/// One record read back from the broker.
+#[derive(Debug, Clone)]
+struct Rec {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: BTreeMap<String, String>,
+}
+
+impl Rec {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// What was sent: a good order or a case, where it landed.
+#[derive(Debug, Clone)]
+struct Sent {
+    what: String,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: String,
+    value: Option<Vec<u8>>,
+}
+
+struct Io {
+    rt: tokio::runtime::Runtime,
+    producer: FutureProducer,
+    observer: BaseConsumer,
+    records: Vec<Rec>,
+}
+
+impl Io {
+    fn send(&self, topic: &str, key: &str, value: Option<&[u8]>) -> (i32, i64) {
+        let mut record = FutureRecord::<str, [u8]>::to(topic).key(key);
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        match self.rt.block_on(self.producer.send(record, Timeout::After(Duration::from_secs(30)))) {
+            Ok(d) => (d.partition, d.offset),
+            Err((e, _)) => panic!("producing to {topic}: {e}"),
+        }
+    }
+
+    fn send_event(&self, codec: &Codec, topic: &str, key: &str, event: Event) -> (i32, i64) {
+        self.send(topic, key, Some(&codec.encode_local(&event).expect("encode")))
+    }
+
+    /// Reads what arrived for up to `wait`; returns the index of the first new record.
+    fn poll(&mut self, wait: Duration) -> usize {
+        let first = self.records.len();
+        let until = Instant::now() + wait;
+        while let Some(m) = self.observer.poll(until.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))) {
+            let m = m.expect("observer consumer");
+            let mut headers = BTreeMap::new();
+            if let Some(h) = m.headers() {
+                for header in h.iter() {
+                    headers
+                        .insert(header.key.to_string(), header.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default());
+                }
+            }
+            self.records.push(Rec {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+            if Instant::now() >= until {
+                break;
+            }
+        }
+        first
+    }
+}
+
+/// The saga records read back, decoded.
+struct Saga<'a> {
+    /// (topic, event) of every decodable record of a non-dead-letter topic, in read order.
+    events: Vec<(&'a str, Event)>,
+}
+
+impl<'a> Saga<'a> {
+    fn new(records: &'a [Rec], codec: &Codec) -> Saga<'a> {
+        let events = records
+            .iter()
+            .filter(|r| !r.topic.ends_with(".dlq") && !r.topic.starts_with("orderflow-"))
+            .filter_map(|r| r.value.as_deref().and_then(|v| codec.decode_local(v).ok()).map(|e| (r.topic.as_str(), e)))
+            .collect();
+        Saga { events }
+    }
+
+    /// Distinct cancellations (eventId → reason) of `order_id`.
+    fn cancellations(&self, order_id: &str) -> BTreeMap<String, String> {
+        self.events
+            .iter()
+            .filter_map(|(t, e)| match e {
+                Event::OrderCancelled(c) if *t == "order.cancelled" && c.order_id == order_id => {
+                    Some((c.event_id.clone(), c.reason.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Distinct `stock.reservation.failed` reasons (eventId → reason) of `order_id`.
+    fn failures(&self, order_id: &str) -> BTreeMap<String, String> {
+        self.events
+            .iter()
+            .filter_map(|(t, e)| match e {
+                Event::StockReservationFailed(f) if *t == "stock.reservation.failed" && f.order_id == order_id => {
+                    Some((f.event_id.clone(), f.reason.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sold(&self, order_id: &str) -> bool {
+        self.events.iter().any(|(t, e)| {
+            *t == "stock.updated"
+                && matches!(e, Event::StockUpdated(u) if u.change_reason == change_reason::SALE && u.reference_id == order_id)
+        })
+    }
+
+    /// Terminal outcomes of an order: its distinct cancellations, plus `ORDER_COMPLETED` once
+    /// stock was deducted for it.
+    fn outcomes(&self, order_id: &str) -> Vec<String> {
+        let mut out: Vec<String> = self.cancellations(order_id).into_values().map(|r| format!("ORDER_CANCELLED/{r}")).collect();
+        if self.sold(order_id) {
+            out.push("ORDER_COMPLETED".into());
+        }
+        out
+    }
+
+    /// Output events mentioning `order_id` or carrying `event_id` on a topic the workers write.
+    fn effects(&self, order_id: Option<&str>, event_id: Option<&str>) -> Vec<String> {
+        const WRITTEN: [&str; 7] = [
+            "stock.commands",
+            "stock.reserved",
+            "stock.reservation.failed",
+            "stock.reservation.released",
+            "order.confirmed",
+            "order.cancelled",
+            "stock.reservation.expired",
+        ];
+        self.events
+            .iter()
+            .filter(|(t, e)| {
+                WRITTEN.contains(t) && (order_id.is_some_and(|o| e.order_id() == Some(o)) || event_id.is_some_and(|i| e.event_id() == i))
+            })
+            .map(|(t, e)| format!("{} on {t}", e.schema_name()))
+            .collect()
+    }
+}
+
+/// Order `k` of the run: 1 to 3 lines of 1 to 4 units.
+fn good_order(k: usize, occurred_at: i64) -> OrderCreated {
+    let n = 1 + k % 3;
+    OrderCreated {
+        event_id: format!("ev-good-{k:02}"),
+        occurred_at,
+        order_id: good_order_id(k),
+        customer_id: format!("C-{k}"),
+        hq_id: HQ.into(),
+        store_id: STORE.into(),
+        items: (0..n)
+            .map(|j| OrderItem {
+                product_id: PRODUCTS[(k + j) % PRODUCTS.len()].into(),
+                quantity: 1 + ((k * 7 + j * 3) % 4) as i32,
+                unit_price: 1_000,
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn bad_input_lands_where_it_should_and_good_orders_flow() {
+    let started = Instant::now();
+    let root = common::repo_root();
+    let codec = codec();
+    let cases = load_corpus(&root);
+    assert!(!cases.is_empty(), "empty corpus");
+
+    let broker = common::Broker::start();
+    let run_dir = RunDir::create("orderflow-bad-input-", "ORDERFLOW_KEEP_BAD_INPUT_DIR", "bad input: logs, state and topology");
+    let dir = run_dir.path().to_path_buf();
+    let topology_path = run_topology(&root, &dir);
+    let mut loaded = topology::load(&topology_path).expect("topology copy loads");
+    loaded.topology.broker.bootstrap = broker.bootstrap.clone();
+    let t: &Topology = &loaded.topology;
+    println!("bad input: {} cases, broker {}, run directory {}", cases.len(), broker.bootstrap, dir.display());
+
+    let bin = common::orderflow_bin();
+    let out = Command::new(&bin)
+        .args(["topics", "--topology"])
+        .arg(&topology_path)
+        .args(["--bootstrap", &broker.bootstrap])
+        .env_remove("ORDERFLOW_BOOTSTRAP")
+        .output()
+        .expect("run orderflow topics");
+    assert!(out.status.success(), "orderflow topics failed:\n{}", String::from_utf8_lossy(&out.stderr));
+
+    // The five workers in one process.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = dir.join("workers.log");
+    let mut workers = Guarded::new(
+        Command::new(&bin)
+            .args(["--log-json", "run", "--topology"])
+            .arg(&topology_path)
+            .args(["--bootstrap", &broker.bootstrap, "--instance", "bad-input", "--reservation-ttl", TTL])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .env("RUST_BACKTRACE", "0")
+            .env("ORDERFLOW_STATE_DIR", dir.join("state"))
+            .env_remove("ORDERFLOW_BOOTSTRAP")
+            .env_remove("ORDERFLOW_INSTANCE")
+            .env_remove("ORDERFLOW_METRICS_ADDR")
+            .env_remove("ORDERFLOW_TOPOLOGY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(File::create(&log).unwrap()))
+            .spawn()
+            .expect("spawn orderflow run"),
+        Duration::from_millis(50),
+    );
+    let ready_by = Instant::now() + Duration::from_secs(90);
+    while !matches!(http_get(port, "/readyz"), Some((200, _))) {
+        if let Some(s) = workers.try_wait() {
+            panic!("workers exited ({s}) before they were ready:\n{}", common::tail(&log, 30));
+        }
+        assert!(Instant::now() < ready_by, "workers not ready within 90 s:\n{}", common::tail(&log, 30));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("bad input: workers ready after {:.1}s", started.elapsed().as_secs_f64());
+
+    // Observer of every topic (dead-letter topics included) from the beginning; producer.
+    let mut consumer_cfg = client_config(&t.broker, Side::Consumer);
+    consumer_cfg.set("group.id", format!("bad-input-observer-{}", now_ms()));
+    let observer: BaseConsumer = consumer_cfg.create().expect("observer");
+    let mut tpl = TopicPartitionList::new();
+    let dead_letter_topics = t.dead_letter_topics();
+    for (topic, spec) in &t.topics {
+        for p in 0..spec.partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        }
+    }
+    for (dlq, sources) in &dead_letter_topics {
+        let partitions = sources.iter().map(|s| t.topics[s].partitions).max().unwrap_or(1);
+        for p in 0..partitions {
+            tpl.add_partition_offset(dlq, p, Offset::Beginning).unwrap();
+        }
+    }
+    observer.assign(&tpl).expect("assign");
+    let producer: FutureProducer = client_config(&t.broker, Side::Producer).create().expect("producer");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut io = Io { rt, producer, observer, records: Vec::new() };
+
+    // Stock first, applied before any order.
+    let restock = InventoryAdjusted {
+        event_id: "ev-restock-badin".into(),
+        occurred_at: now_ms(),
+        hq_id: HQ.into(),
+        store_id: STORE.into(),
+        adjustment_type: change_reason::RESTOCK.into(),
+        reference_id: "restock-badin".into(),
+        items: PRODUCTS.iter().map(|p| AdjustedItem { product_id: (*p).into(), delta: STOCK_PER_PRODUCT }).collect(),
+    };
+    io.send_event(&codec, "inventory.adjusted", &store_key(HQ, STORE), restock.into());
+    let stocked_by = Instant::now() + Duration::from_secs(60);
+    loop {
+        io.poll(Duration::from_millis(200));
+        let updates = io.records.iter().filter(|r| r.topic == "stock.updated").count();
+        if updates >= PRODUCTS.len() {
+            break;
+        }
+        assert!(Instant::now() < stocked_by, "the restock was not applied within 60 s:\n{}", common::tail(&log, 30));
+    }
+
+    // Good orders with the bad records spread between them.
+    let mut sent: Vec<Sent> = Vec::new();
+    let mut case_at: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for i in 0..cases.len() {
+        case_at.entry((i + 1) * GOOD_ORDERS / (cases.len() + 1)).or_default().push(i);
+    }
+    for k in 0..=GOOD_ORDERS {
+        for &i in case_at.get(&k).map(Vec::as_slice).unwrap_or(&[]) {
+            let c = &cases[i];
+            let value = match (&c.value, c.restamp_future) {
+                (Some(v), true) => {
+                    let Ok(Event::OrderCreated(mut e)) = codec.decode_local(v) else { panic!("{}: not an OrderCreated", c.name) };
+                    e.occurred_at = now_ms() + FUTURE_BY.as_millis() as i64;
+                    Some(codec.encode_local(&e.into()).unwrap())
+                }
+                (v, _) => v.clone(),
+            };
+            let (partition, offset) = io.send(&c.topic, &c.key, value.as_deref());
+            sent.push(Sent { what: c.name.clone(), topic: c.topic.clone(), partition, offset, key: c.key.clone(), value });
+        }
+        if k < GOOD_ORDERS {
+            let order = good_order(k, now_ms());
+            let value = codec.encode_local(&order.clone().into()).unwrap();
+            let (partition, offset) = io.send("order.created", &order.order_id, Some(&value));
+            sent.push(Sent {
+                what: order.order_id.clone(),
+                topic: "order.created".into(),
+                partition,
+                offset,
+                key: order.order_id,
+                value: Some(value),
+            });
+        }
+    }
+    println!("bad input: sent {} good orders and {} bad records in {:.1}s", GOOD_ORDERS, cases.len(), started.elapsed().as_secs_f64());
+
+    // Expected dead letters: (case index, dead-letter topic, worker, class).
+    let readers = |topic: &str| -> Vec<String> {
+        t.workers.iter().filter(|(_, w)| w.inputs.iter().any(|i| i == topic)).map(|(n, _)| n.clone()).collect()
+    };
+    let mut expected_dlq: Vec<(usize, String, String, String)> = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        if let Expect::DeadLetter(class) = &c.expect {
+            for w in readers(&c.topic) {
+                expected_dlq.push((i, t.dead_letter_of(&c.topic), w, class.clone()));
+            }
+        }
+    }
+    let good_ids: Vec<String> = (0..GOOD_ORDERS).map(good_order_id).collect();
+    let rejected: Vec<(usize, String)> = cases
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| match &c.expect {
+            Expect::Rejected(_) => Some((i, c.order_id(&codec).expect("rejected cases decode"))),
+            _ => None,
+        })
+        .collect();
+
+    // Play the POS until every order has an outcome and every dead letter arrived.
+    let orders: BTreeMap<String, OrderCreated> = (0..GOOD_ORDERS).map(|k| (good_order_id(k), good_order(k, 0))).collect();
+    let mut paid: BTreeSet<String> = BTreeSet::new();
+    let mut confirmed_count = 0usize;
+    let deadline = Instant::now() + SETTLE_WITHIN;
+    let mut quiet_until: Option<Instant> = None;
+    loop {
+        let first = io.poll(Duration::from_millis(250));
+        let new: Vec<Rec> = io.records[first..].to_vec();
+        for r in new.iter().filter(|r| r.topic == "order.confirmed") {
+            let Some(Ok(Event::OrderConfirmed(c))) = r.value.as_deref().map(|v| codec.decode_local(v)) else { continue };
+            let Some(order) = orders.get(&c.order_id) else { continue };
+            if !paid.insert(c.order_id.clone()) {
+                continue;
+            }
+            confirmed_count += 1;
+            let k: usize = c.order_id["O-GOOD-".len()..].parse().unwrap();
+            let event: Event = if k % 5 == 4 {
+                OrderCancelled {
+                    event_id: format!("pos-fail-{}", c.order_id),
+                    occurred_at: now_ms(),
+                    order_id: c.order_id.clone(),
+                    hq_id: HQ.into(),
+                    store_id: STORE.into(),
+                    reason: cancel_reason::PAYMENT_FAILED.into(),
+                    reservation_id: Some(c.reservation_id.clone()),
+                    customer_message: "결제에 실패하여 주문이 취소되었습니다.".into(),
+                }
+                .into()
+            } else {
+                OrderCompleted {
+                    event_id: format!("pos-complete-{}", c.order_id),
+                    occurred_at: now_ms(),
+                    order_id: c.order_id.clone(),
+                    reservation_id: c.reservation_id.clone(),
+                    hq_id: HQ.into(),
+                    store_id: STORE.into(),
+                    items: order
+                        .items
+                        .iter()
+                        .map(|i| SoldItem { product_id: i.product_id.clone(), quantity: i.quantity, actual_price: i.unit_price })
+                        .collect(),
+                    total_amount: order.items.iter().map(|i| i64::from(i.quantity) * i.unit_price).sum(),
+                }
+                .into()
+            };
+            let topic = if matches!(event, Event::OrderCancelled(_)) { "order.cancelled" } else { "order.completed" };
+            let (partition, offset) = io.send_event(&codec, topic, &c.order_id, event);
+            sent.push(Sent {
+                what: format!("pos {}", c.order_id),
+                topic: topic.into(),
+                partition,
+                offset,
+                key: c.order_id.clone(),
+                value: None,
+            });
+        }
+        if let Some(until) = quiet_until {
+            if Instant::now() >= until {
+                break;
+            }
+            continue;
+        }
+        let saga = Saga::new(&io.records, &codec);
+        let dlq_count = io.records.iter().filter(|r| dead_letter_topics.contains_key(&r.topic)).count();
+        let outcomes_done = good_ids.iter().all(|o| !saga.outcomes(o).is_empty())
+            && rejected.iter().all(|(_, o)| !saga.failures(o).is_empty() && !saga.cancellations(o).is_empty());
+        if outcomes_done && dlq_count >= expected_dlq.len() {
+            println!(
+                "bad input: everything expected arrived after {:.1}s; {}s more for doubles",
+                started.elapsed().as_secs_f64(),
+                QUIET.as_secs()
+            );
+            quiet_until = Some(Instant::now() + QUIET);
+        } else if Instant::now() >= deadline {
+            println!(
+                "bad input: gave up waiting after {}s (outcomes complete: {outcomes_done}, dead letters {dlq_count}/{})",
+                SETTLE_WITHIN.as_secs(),
+                expected_dlq.len()
+            );
+            break;
+        }
+    }
+    println!("bad input: POS answered {confirmed_count} confirmed orders");
+
+    // ---------------------------------------------------------------- checks
+    let mut failures: Vec<String> = Vec::new();
+    let case_sent = |i: usize| sent.iter().find(|s| s.what == cases[i].name).expect("case sent");
+    let saga = Saga::new(&io.records, &codec);
+    let dlq_records: Vec<&Rec> = io.records.iter().filter(|r| dead_letter_topics.contains_key(&r.topic)).collect();
+    let describe_source = |topic: &str, partition: &str, offset: &str| -> String {
+        sent.iter()
+            .find(|s| s.topic == topic && s.partition.to_string() == partition && s.offset.to_string() == offset)
+            .map(|s| s.what.clone())
+            .unwrap_or_else(|| format!("{topic}[{partition}]@{offset} (not sent by the test)"))
+    };
+
+    // 1. Dead letters: each expected one exactly once, with its headers, key and value.
+    let mut matched: BTreeSet<(String, i32, i64)> = BTreeSet::new();
+    for (i, dlq_topic, worker, class) in &expected_dlq {
+        let s = case_sent(*i);
+        let name = &cases[*i].name;
+        let found: Vec<&&Rec> = dlq_records
+            .iter()
+            .filter(|r| {
+                r.header("orderflow.dlq.source-topic") == Some(s.topic.as_str())
+                    && r.header("orderflow.dlq.source-partition") == Some(s.partition.to_string().as_str())
+                    && r.header("orderflow.dlq.source-offset") == Some(s.offset.to_string().as_str())
+                    && r.header("orderflow.dlq.worker") == Some(worker.as_str())
+            })
+            .collect();
+        for r in &found {
+            matched.insert((r.topic.clone(), r.partition, r.offset));
+        }
+        let Some(r) = found.first() else {
+            let effects = saga.effects(cases[*i].order_id(&codec).as_deref(), None);
+            failures.push(format!(
+                "{name} ({} on {}[{}]@{}): no dead letter from {worker} on {dlq_topic} (expected class {class}){}",
+                cases[*i].why,
+                s.topic,
+                s.partition,
+                s.offset,
+                if effects.is_empty() { String::new() } else { format!("; it was processed instead: {}", effects.join(", ")) }
+            ));
+            continue;
+        };
+        if found.len() > 1 {
+            failures.push(format!("{name}: {} dead letters from {worker} (expected one)", found.len()));
+        }
+        if r.topic != *dlq_topic {
+            failures.push(format!("{name}: {worker} dead-lettered to {} (expected {dlq_topic})", r.topic));
+        }
+        let got = r.header("orderflow.dlq.error-class").unwrap_or("<none>");
+        if got != class {
+            failures.push(format!(
+                "{name}: {worker} dead-lettered with class {got} (expected {class}): {}",
+                r.header("orderflow.dlq.error-message").unwrap_or("<no message>")
+            ));
+        }
+        for h in ["orderflow.dlq.error-message", "orderflow.dlq.attempts", "orderflow.dlq.time"] {
+            if r.header(h).is_none_or(str::is_empty) {
+                failures.push(format!("{name}: dead letter from {worker} lacks header {h}"));
+            }
+        }
+        if r.header("orderflow.dlq.attempts").and_then(|a| a.parse::<u32>().ok()).is_none_or(|a| a < 1) {
+            failures.push(format!("{name}: dead letter from {worker}: attempts header {:?}", r.header("orderflow.dlq.attempts")));
+        }
+        if r.value.as_deref().unwrap_or_default() != s.value.as_deref().unwrap_or_default() || r.value.is_some() != s.value.is_some() {
+            failures.push(format!("{name}: dead letter from {worker} does not carry the original value"));
+        }
+        if r.key.as_deref().unwrap_or_default() != s.key.as_bytes() {
+            failures.push(format!(
+                "{name}: dead letter from {worker} has key {:?} (original {:?})",
+                r.key.as_deref().map(String::from_utf8_lossy),
+                s.key
+            ));
+        }
+        // Dead-lettered means no effect downstream.
+        let event_id = s.value.as_deref().and_then(|v| codec.decode_local(v).ok()).map(|e| e.event_id().to_string());
+        let effects = saga.effects(cases[*i].order_id(&codec).filter(|o| !o.is_empty()).as_deref(), event_id.as_deref());
+        if !effects.is_empty() {
+            failures.push(format!("{name}: dead-lettered by {worker} but also processed: {}", effects.join(", ")));
+        }
+    }
+    // Unexpected dead letters.
+    for r in &dlq_records {
+        if !matched.contains(&(r.topic.clone(), r.partition, r.offset)) {
+            failures.push(format!(
+                "unexpected dead letter on {} from {} of {}: class {}, {}",
+                r.topic,
+                r.header("orderflow.dlq.worker").unwrap_or("<no worker>"),
+                describe_source(
+                    r.header("orderflow.dlq.source-topic").unwrap_or("?"),
+                    r.header("orderflow.dlq.source-partition").unwrap_or("?"),
+                    r.header("orderflow.dlq.source-offset").unwrap_or("?")
+                ),
+                r.header("orderflow.dlq.error-class").unwrap_or("<none>"),
+                r.header("orderflow.dlq.error-message").unwrap_or("<no message>")
+            ));
+        }
+    }
+
+    // 2. Orders with invalid content: answered, cancelled INVALID_ORDER, nothing reserved.
+    for (i, order_id) in &rejected {
+        let Expect::Rejected(reason) = &cases[*i].expect else { unreachable!() };
+        let name = &cases[*i].name;
+        let failed = saga.failures(order_id);
+        let reasons: Vec<&String> = failed.values().collect();
+        if reasons != vec![reason] {
+            failures
+                .push(format!("{name} ({}): stock.reservation.failed reasons {reasons:?} (expected exactly [{reason}])", cases[*i].why));
+        }
+        let cancelled = saga.cancellations(order_id);
+        let reasons: Vec<&String> = cancelled.values().collect();
+        if reasons != vec![cancel_reason::INVALID_ORDER] {
+            failures.push(format!("{name}: order.cancelled reasons {reasons:?} (expected exactly [INVALID_ORDER])"));
+        }
+        if saga.events.iter().any(|(t, e)| *t == "stock.reserved" && matches!(e, Event::StockReserved(r) if &r.order_id == order_id)) {
+            failures.push(format!("{name}: stock was reserved for it"));
+        }
+    }
+
+    // 3. Good orders: exactly one terminal outcome each.
+    let mut by_outcome: BTreeMap<String, usize> = BTreeMap::new();
+    for o in &good_ids {
+        let outcomes = saga.outcomes(o);
+        match outcomes.as_slice() {
+            [one] => *by_outcome.entry(one.clone()).or_default() += 1,
+            [] => failures.push(format!("good order {o}: no terminal outcome")),
+            several => failures.push(format!("good order {o}: several terminal outcomes {several:?}")),
+        }
+        if !saga.failures(o).values().all(|r| r == failure_reason::INSUFFICIENT_STOCK) {
+            failures.push(format!("good order {o}: reservation failed with {:?}", saga.failures(o)));
+        }
+    }
+    println!("bad input: good orders by outcome {by_outcome:?}");
+
+    // 4. No eventId with two payloads.
+    let mut payloads: BTreeMap<String, BTreeSet<Vec<u8>>> = BTreeMap::new();
+    for r in io.records.iter().filter(|r| !dead_letter_topics.contains_key(&r.topic) && !r.topic.starts_with("orderflow-")) {
+        if let Some(Ok(e)) = r.value.as_deref().map(|v| codec.decode_local(v)) {
+            payloads.entry(e.event_id().to_string()).or_default().insert(r.value.clone().unwrap());
+        }
+    }
+    for (id, p) in &payloads {
+        if p.len() > 1 {
+            failures.push(format!("eventId {id:?} carries {} different payloads", p.len()));
+        }
+    }
+
+    // 5. Stock of the store: initial = on hand + sold, reservations all settled, nothing negative.
+    for product in PRODUCTS {
+        let mut on_hand = None;
+        let (mut sold, mut reserved, mut released) = (0i64, 0i64, 0i64);
+        // Each event read from its own topic only (a misplaced one is a bad record, not stock).
+        for (t, e) in &saga.events {
+            match (*t, e) {
+                ("stock.updated", Event::StockUpdated(u)) if u.hq_id == HQ && u.store_id == STORE && u.product_id == product => {
+                    on_hand = Some(u.store_stock.current);
+                    if u.store_stock.current < 0 {
+                        failures.push(format!("{product}: on hand {} < 0 ({})", u.store_stock.current, u.event_id));
+                    }
+                    if u.change_reason == change_reason::SALE {
+                        sold += -u.change_amount;
+                    }
+                }
+                ("stock.reserved", Event::StockReserved(r)) if r.hq_id == HQ && r.store_id == STORE => {
+                    reserved += r.items.iter().filter(|i| i.product_id == product).map(|i| i64::from(i.reserved)).sum::<i64>()
+                }
+                ("stock.reservation.released", Event::StockReservationReleased(r)) if r.hq_id == HQ && r.store_id == STORE => {
+                    released += r.items.iter().filter(|i| i.product_id == product).map(|i| i64::from(i.released)).sum::<i64>()
+                }
+                _ => {}
+            }
+        }
+        let on_hand = on_hand.unwrap_or(STOCK_PER_PRODUCT);
+        if STOCK_PER_PRODUCT != on_hand + sold {
+            failures.push(format!("{product}: initial {STOCK_PER_PRODUCT} ≠ on hand {on_hand} + sold {sold}"));
+        }
+        if reserved - released - sold != 0 {
+            failures.push(format!("{product}: reserved {reserved} − released {released} − sold {sold} ≠ 0 (reservations left open)"));
+        }
+    }
+
+    // 6. The workers stayed up, and counted each dead letter by class.
+    let alive = workers.try_wait().is_none();
+    if !alive {
+        failures.push(format!("the workers' process exited: {:?}", workers.try_wait()));
+    }
+    let exits: Vec<String> = common::log_lines(&log)
+        .iter()
+        .filter(|l| common::is_error(l) || common::message(l).contains("worker failed"))
+        .map(|l| format!("{} {}", common::message(l), common::field(l, "error").map(|e| e.to_string()).unwrap_or_default()))
+        .collect();
+    if !exits.is_empty() {
+        failures.push(format!("ERROR lines in the workers' log: {exits:?}"));
+    }
+    if alive {
+        let mut want: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for (_, _, worker, class) in &expected_dlq {
+            *want.entry((worker.clone(), class.clone())).or_default() += 1;
+        }
+        let got = match http_get(port, "/metrics") {
+            Some((200, body)) => dlq_metric(&body),
+            other => {
+                failures.push(format!("GET /metrics: {other:?}"));
+                BTreeMap::new()
+            }
+        };
+        let got: BTreeMap<(String, String), u64> = got.into_iter().filter(|(_, v)| *v > 0).collect();
+        for (k, n) in &want {
+            let g = got.get(k).copied().unwrap_or(0);
+            if g != *n {
+                failures.push(format!("orderflow_dlq_records_total{{worker={:?},error_class={:?}}} = {g} (expected {n})", k.0, k.1));
+            }
+        }
+        for (k, g) in &got {
+            if !want.contains_key(k) {
+                failures.push(format!("orderflow_dlq_records_total{{worker={:?},error_class={:?}}} = {g} (expected none)", k.0, k.1));
+            }
+        }
+        let (status, took) = workers.terminate(Duration::from_secs(40));
+        match status {
+            Some(s) if s.success() => println!("bad input: workers stopped cleanly in {:.1}s", took.as_secs_f64()),
+            other => failures.push(format!("workers did not stop cleanly after SIGTERM: {other:?}")),
+        }
+    }
+
+    println!(
+        "bad input: {} records read back, {} dead letters ({} expected), {} failure(s), {:.1}s",
+        io.records.len(),
+        dlq_records.len(),
+        expected_dlq.len(),
+        failures.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if !failures.is_empty() {
+        panic!("{} expectation(s) failed:\n  - {}\nworkers' log: {}", failures.len(), failures.join("\n  - "), log.display());
+    }
+}
