@@ -395,6 +395,12 @@ fn redrive_after_fixing_the_cause_is_processed_once() {
         "target topic no.such.topic does not exist",
     );
 
+    // Back to the source topic it would only be dead-lettered again: the redrive says so.
+    let o = dlq(b, &["redrive", "--topic", "order.created.dlq", "--all", "--dry-run"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("OrderCompleted is not a schema order.created carries"), "{}", stderr(&o));
+    assert_eq!(summary(&stdout(&o))["by_target"]["order.created"], 1, "{}", stdout(&o));
+
     // A dry run sends nothing.
     let redrive = ["redrive", "--topic", "order.created.dlq", "--all", "--class", "wrong_schema", "--into", "order.completed"];
     let dry = dlq_ok(b, &[&redrive[..], &["--dry-run"]].concat());

@@ -995,8 +995,11 @@ async fn redrive(a: RedriveArgs) -> Result<()> {
     .await?;
     let filter = Filter { worker: a.worker, class: a.class };
     let selected: Vec<DeadLetter> = records.iter().filter(|d| filter.matches(d)).cloned().collect();
+    if records.is_empty() {
+        bail!("empty selection: {what} holds no record");
+    }
     if selected.is_empty() {
-        bail!("empty selection: no record of {what}{} ({} record(s) read)", filter.describe(), records.len());
+        bail!("empty selection: {} record(s) in {what}, none{}", records.len(), filter.describe());
     }
     let plan = plan(&selected, a.into.as_deref(), now_ms());
     let targets: BTreeSet<&str> = plan.sends.iter().map(|s| s.target.as_str()).collect();
@@ -1041,7 +1044,7 @@ async fn redrive(a: RedriveArgs) -> Result<()> {
         } else {
             println!(
                 "{} {} -> {} key {} ({}, {} bytes)",
-                if a.dry_run { "would send" } else { "send" },
+                if a.dry_run { "would send" } else { "sending" },
                 s.from,
                 s.target,
                 key.as_deref().unwrap_or("(null)"),
