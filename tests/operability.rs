@@ -819,8 +819,8 @@ fn broker_outage_workers_report_not_ready_and_resume_without_loss() {
     // tansu 0.6.0's SQLite engine panics (and stops serving) when an idempotent producer from
     // before its restart produces again (README "Broker findings"), so this run's clients are
     // not idempotent; orderflow then keeps one request in flight per connection, which keeps
-    // send order, and absorbs the duplicates retries may write (eventId dedupe, changelog begin
-    // markers).
+    // send order, and absorbs the duplicates retries may write (eventId dedupe; the changelog
+    // is applied per commit marker).
     ctx.env = vec![("ORDERFLOW_KAFKA_ENABLE_IDEMPOTENCE", "false")];
     let port = free_port();
     let (mut workers, log) = ctx.spawn_workers(&[], "0", port, "workers");

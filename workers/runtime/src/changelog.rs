@@ -9,16 +9,21 @@
 //! Record layout (key / value):
 //! - state write: `d<key>` / `[1][offsets][value]`; state delete: `d<key>` / null (tombstone);
 //! - timer set: `t<key>` / `[1][offsets][deadline i64 BE]`; timer cancel: `t<key>` / null;
-//! - begin marker: `b` / `[1]`, first of every unit's records in a partition;
 //! - commit marker: `m` / `[1][offsets]`.
 //!
 //! `[offsets]` is the unit's input position in this partition, `u8 n` then n × (`u8` index of
 //! the input topic in the worker's `inputs`, `i64 BE` next offset): every non-tombstone record
-//! carries the input offsets it came from. Restore applies a unit's records when it reaches the
-//! unit's commit marker. Records of a unit that never committed (a crash, or a broker that did
-//! not take all of them) are dropped at the next begin marker, or left pending after the last
-//! marker: that unit's inputs are processed again, so its records must not be merged into a later
-//! unit.
+//! carries the input offsets it came from. Restore applies records when it reaches a commit
+//! marker; records after the last marker are dropped and reported as *orphans*.
+//!
+//! Orphans are the records of a unit that never committed (the instance crashed, or the broker did
+//! not take all of the unit's records): that unit's inputs are processed again, so its writes must
+//! not survive. They are neutralised by *compensation*: the next unit the worker commits for that
+//! partition also writes, for every orphan key it does not write itself, the key's committed value
+//! (or a tombstone / timer cancel). Those records come after the orphans and before the next
+//! marker, so a later restore applies the committed value over the orphan, and log compaction
+//! (the topic is compacted) keeps the later record. A per-unit begin marker would not survive
+//! compaction, which keeps only the newest record of each key.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -36,7 +41,6 @@ const VERSION: u8 = 1;
 const TAG_DATA: u8 = b'd';
 const TAG_TIMER: u8 = b't';
 const MARKER_KEY: &[u8] = b"m";
-const BEGIN_KEY: &[u8] = b"b";
 
 /// Name of worker `worker`'s changelog topic.
 pub fn topic(worker: &str) -> String {
@@ -81,8 +85,7 @@ fn decode_offsets<'a>(inputs: &[String], value: &'a [u8]) -> Result<(BTreeMap<St
     Ok((offsets, &body[n * 9..]))
 }
 
-/// The records of one partition's unit: the begin marker, every state write and timer change,
-/// then the commit marker.
+/// The records of one partition's unit: every state write and timer change, then the marker.
 pub fn records(inputs: &[String], changes: &Changes, offsets: &BTreeMap<String, i64>) -> Vec<Record> {
     let prefix = encode_offsets(inputs, offsets);
     let with_prefix = |payload: &[u8]| {
@@ -90,8 +93,7 @@ pub fn records(inputs: &[String], changes: &Changes, offsets: &BTreeMap<String, 
         v.extend_from_slice(payload);
         v
     };
-    let mut out = Vec::with_capacity(changes.writes.len() + changes.timers.len() + 2);
-    out.push(Record { key: BEGIN_KEY.to_vec(), value: Some(vec![VERSION]) });
+    let mut out = Vec::with_capacity(changes.writes.len() + changes.timers.len() + 1);
     for (k, v) in &changes.writes {
         let mut key = vec![TAG_DATA];
         key.extend_from_slice(k);
@@ -153,6 +155,42 @@ pub struct Report {
     pub elapsed: Duration,
     /// Input offsets the partition resumes from (`topic → next offset`).
     pub offsets: BTreeMap<String, i64>,
+    /// Keys written after the last commit marker (a unit that never committed); the worker's
+    /// next unit must compensate them (module docs).
+    pub orphans: Orphans,
+}
+
+/// Keys of changelog records a unit wrote without committing (state keys and timer keys, without
+/// the changelog's tag byte).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Orphans {
+    pub writes: std::collections::BTreeSet<Vec<u8>>,
+    pub timers: std::collections::BTreeSet<Vec<u8>>,
+}
+
+impl Orphans {
+    /// True when there is nothing to compensate.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.timers.is_empty()
+    }
+
+    /// Adds every key `changes` writes or schedules.
+    pub fn extend_from(&mut self, changes: &Changes) {
+        self.writes.extend(changes.writes.keys().cloned());
+        self.timers.extend(changes.timers.keys().cloned());
+    }
+
+    /// Adds to `changes` the committed value (read from `committed`) of every orphan key that
+    /// `changes` does not already write: a deletion when the key holds nothing, a timer cancel
+    /// when no timer is scheduled.
+    pub fn compensate(&self, committed: &dyn orderflow_api::StateRead, changes: &mut Changes) {
+        for k in &self.writes {
+            changes.writes.entry(k.clone()).or_insert_with(|| committed.get(k));
+        }
+        for k in &self.timers {
+            changes.timers.entry(k.clone()).or_insert_with(|| committed.timer(k));
+        }
+    }
 }
 
 /// Brings `shard` up to date with changelog partition `shard.partition` of `topic`: keeps the
@@ -181,7 +219,15 @@ pub fn restore(broker: &BrokerConfig, topic: &str, inputs: &[String], shard: &Sh
             (Some(low), Source::Changelog)
         }
     };
-    let mut report = Report { partition: p, source, records: 0, units: 0, elapsed: Duration::ZERO, offsets: BTreeMap::new() };
+    let mut report = Report {
+        partition: p,
+        source,
+        records: 0,
+        units: 0,
+        elapsed: Duration::ZERO,
+        offsets: BTreeMap::new(),
+        orphans: Orphans::default(),
+    };
     if let Some(start) = start.filter(|s| *s < high) {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, p, Offset::Offset(start)).map_err(kafka)?;
@@ -217,18 +263,6 @@ pub fn restore(broker: &BrokerConfig, topic: &str, inputs: &[String], shard: &Sh
                     };
                     pending.timers.insert(key[1..].to_vec(), at);
                 }
-                _ if key == BEGIN_KEY => {
-                    if !pending.is_empty() {
-                        tracing::info!(
-                            topic,
-                            partition = p,
-                            offset = msg.offset(),
-                            dropped = pending.writes.len() + pending.timers.len(),
-                            "discarded changelog records of a unit that never committed"
-                        );
-                        pending = Changes::default();
-                    }
-                }
                 _ if key == MARKER_KEY => {
                     let (offsets, _) = decode_offsets(inputs, value.unwrap_or_default()).map_err(corrupt)?;
                     shard.commit(&std::mem::take(&mut pending), &offsets, Some(msg.offset() + 1))?;
@@ -242,8 +276,9 @@ pub fn restore(broker: &BrokerConfig, topic: &str, inputs: &[String], shard: &Sh
                 topic,
                 partition = p,
                 dropped = pending.writes.len() + pending.timers.len(),
-                "discarded changelog records of an unfinished unit"
+                "discarded changelog records of an unfinished unit; the next unit compensates them"
             );
+            report.orphans = Orphans { writes: pending.writes.into_keys().collect(), timers: pending.timers.into_keys().collect() };
         }
     }
     report.offsets = shard.offsets()?;
@@ -264,9 +299,7 @@ mod tests {
         changes.timers.insert(b"t1".to_vec(), Some(99));
         let offsets = BTreeMap::from([("b".to_string(), 7)]);
         let recs = records(&inputs, &changes, &offsets);
-        assert_eq!(recs.len(), 5);
-        assert_eq!(recs[0], Record { key: b"b".to_vec(), value: Some(vec![VERSION]) });
-        let recs = &recs[1..];
+        assert_eq!(recs.len(), 4);
         assert_eq!(recs[0].key, b"dk1");
         let (o, rest) = decode_offsets(&inputs, recs[0].value.as_ref().unwrap()).unwrap();
         assert_eq!((o, rest), (offsets.clone(), &b"v1"[..]));
@@ -275,6 +308,31 @@ mod tests {
         assert_eq!(decode_offsets(&inputs, recs[2].value.as_ref().unwrap()).unwrap().1, &99i64.to_be_bytes()[..]);
         assert_eq!(recs[3].key, b"m");
         assert_eq!(decode_offsets(&inputs, recs[3].value.as_ref().unwrap()).unwrap(), (offsets, &b""[..]));
+    }
+
+    #[test]
+    fn compensation_writes_committed_values_of_orphan_keys_not_rewritten() {
+        let mut committed = orderflow_api::MemoryStore::default();
+        let mut base = Changes::default();
+        base.writes.insert(b"kept".to_vec(), Some(b"committed".to_vec()));
+        base.timers.insert(b"t-kept".to_vec(), Some(42));
+        committed.apply(base);
+        let mut orphan = Changes::default();
+        orphan.writes.insert(b"kept".to_vec(), Some(b"orphan".to_vec()));
+        orphan.writes.insert(b"new".to_vec(), Some(b"orphan".to_vec()));
+        orphan.writes.insert(b"mine".to_vec(), Some(b"orphan".to_vec()));
+        orphan.timers.insert(b"t-kept".to_vec(), None);
+        orphan.timers.insert(b"t-new".to_vec(), Some(7));
+        let mut orphans = Orphans::default();
+        orphans.extend_from(&orphan);
+        let mut next = Changes::default();
+        next.writes.insert(b"mine".to_vec(), Some(b"redo".to_vec()));
+        orphans.compensate(&committed, &mut next);
+        assert_eq!(next.writes[&b"kept"[..]], Some(b"committed".to_vec()));
+        assert_eq!(next.writes[&b"new"[..]], None, "a key that held nothing is deleted");
+        assert_eq!(next.writes[&b"mine"[..]], Some(b"redo".to_vec()), "the unit's own write wins");
+        assert_eq!(next.timers[&b"t-kept"[..]], Some(42));
+        assert_eq!(next.timers[&b"t-new"[..]], None);
     }
 
     #[test]

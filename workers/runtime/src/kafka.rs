@@ -64,7 +64,7 @@ pub fn client_config(broker: &BrokerConfig, side: Side) -> ClientConfig {
         // Without idempotence a retried request can land after a later one; one request in
         // flight keeps each partition in send order (a unit's changelog records before its
         // commit marker, per-key order of outputs). Retries may then duplicate records, which
-        // eventId dedupe and the changelog's begin markers absorb.
+        // eventId dedupe and changelog compensation absorb.
         c.set("max.in.flight.requests.per.connection", "1");
     }
     c

@@ -121,6 +121,9 @@ pub struct Worker {
     admission: Admission,
     /// Consecutive units whose outputs the broker did not acknowledge (backoff exponent).
     produce_failures: u32,
+    /// Per partition, changelog keys written by a unit that never committed; the next unit
+    /// committed for the partition compensates them ([`changelog`] module docs).
+    orphans: BTreeMap<i32, changelog::Orphans>,
     /// Where this instance keeps its sled store.
     pub state_path: PathBuf,
 }
@@ -418,6 +421,7 @@ impl Worker {
                 max_dead_letter_value: max_dead_letter_value(&t.broker),
             },
             produce_failures: 0,
+            orphans: BTreeMap::new(),
             state_path,
         })
     }
@@ -468,6 +472,8 @@ impl Worker {
                     for p in &ps {
                         self.owned.remove(p);
                         self.shards.remove(p);
+                        // The next owner finds them after the last marker and compensates them.
+                        self.orphans.remove(p);
                         assigned.remove(p);
                     }
                     info!(worker = %self.name, partitions = ?ps, "partitions revoked");
@@ -531,6 +537,11 @@ impl Worker {
             );
             self.metrics.restore.with_label_values(&[self.name.as_str(), report.source.as_str()]).observe(report.elapsed.as_secs_f64());
             self.metrics.restored_records.with_label_values(&[self.name.as_str()]).inc_by(report.records);
+            if !report.orphans.is_empty() {
+                let o = self.orphans.entry(*p).or_default();
+                o.writes.extend(report.orphans.writes);
+                o.timers.extend(report.orphans.timers);
+            }
             for topic in &self.inputs {
                 let offset = match report.offsets.get(topic) {
                     Some(next) if self.guarantee != Guarantee::AtLeastOnce => Offset::Offset(*next),
@@ -687,7 +698,14 @@ impl Worker {
                     }
                 };
             }
-            let changes: BTreeMap<i32, orderflow_api::Changes> = txns.into_iter().map(|(p, t)| (p, t.into_changes())).collect();
+            let mut changes: BTreeMap<i32, orderflow_api::Changes> = txns.into_iter().map(|(p, t)| (p, t.into_changes())).collect();
+            // Neutralise the changelog records of units that never committed (module docs of
+            // `changelog`): this unit also writes their keys' committed values.
+            for (p, orphans) in &self.orphans {
+                if let (Some(c), Some(shard)) = (changes.get_mut(p), self.shards.get(p)) {
+                    orphans.compensate(shard, c);
+                }
+            }
             (changes, out.take_records(), out.take_notes(), fired)
         };
         let mut out_of_stock = Vec::new();
@@ -796,8 +814,8 @@ impl Worker {
         // Outside a transaction, a record the broker did not take (librdkafka gave up after
         // `message.timeout.ms`, e.g. a long broker outage) fails the whole unit: nothing of it is
         // written to sled or committed, and it is processed again after a backoff. What was
-        // delivered is absorbed downstream by eventId, and its changelog records by the next
-        // unit's begin marker.
+        // delivered is absorbed downstream by eventId, and its changelog records are compensated by
+        // the next unit committed for their partition.
         let failed = acks
             .iter()
             .zip(encoded.iter().map(|(t, ..)| t.to_string()))
@@ -805,7 +823,7 @@ impl Worker {
             .chain(changelog_acks.iter().flat_map(|(_, a)| a.iter().map(|a| (a, self.changelog_topic.clone()))))
             .find_map(|(a, topic)| a.as_ref().err().map(|(error, _)| (topic, error.clone())));
         if let Some((topic, error)) = failed {
-            return self.produce_failed(topic, error, &batch).await;
+            return self.produce_failed(topic, error, &batch, &changes).await;
         }
         self.produce_failures = 0;
         let mut changelog_next: BTreeMap<i32, i64> = BTreeMap::new();
@@ -826,6 +844,7 @@ impl Worker {
         //    per partition, flushed before the offsets are committed.
         for (p, next) in &changelog_next {
             self.shards[p].commit(&changes[p], offsets.get(p).unwrap_or(&empty_offsets), Some(*next))?;
+            self.orphans.remove(p);
         }
         if self.guarantee != Guarantee::AtLeastOnce {
             self.store.flush().await?;
@@ -875,6 +894,7 @@ impl Worker {
         topic: String,
         error: rdkafka::error::KafkaError,
         batch: &[OwnedMessage],
+        changes: &BTreeMap<i32, orderflow_api::Changes>,
     ) -> Result<(), WorkerError> {
         use rdkafka::producer::Producer;
         self.metrics.commit.with_label_values(&[self.name.as_str(), "produce_failed"]).observe(0.0);
@@ -887,6 +907,10 @@ impl Worker {
         warn!(worker = %self.name, %topic, error = %error, failures = self.produce_failures, wait_ms = wait.as_millis() as u64, "broker did not take the unit's records; rewinding and retrying");
         self.metrics.retries.with_label_values(&[self.name.as_str(), "produce"]).inc();
         self.health.set(&self.health.stalled, true);
+        // Some of the unit's changelog records may have been written: compensate them.
+        for (p, c) in changes {
+            self.orphans.entry(*p).or_default().extend_from(c);
+        }
         tokio::time::sleep(wait).await;
         self.rewind(batch)
     }
