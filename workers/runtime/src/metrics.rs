@@ -54,8 +54,8 @@ pub struct Metrics {
     pub dlq: IntCounterVec,
     /// `orderflow_retries_total{worker,cause}`: retries of transient failures; cause is
     /// `registry` (schema registry unreachable), `processor` (a processor's Transient error),
-    /// `produce` (the broker did not take a unit's records) or `restore` (the broker was not
-    /// reachable for a state restore).
+    /// `produce` (the broker did not take a unit's records), `restore` (the broker was not
+    /// reachable for a state restore) or `rejoin` (no assignment after a revocation).
     pub retries: IntCounterVec,
     /// `orderflow_broker_connected{worker}`: 1 while librdkafka holds a broker connection.
     pub broker_connected: IntGaugeVec,

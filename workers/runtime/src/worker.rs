@@ -124,6 +124,8 @@ pub struct Worker {
     /// Per partition, changelog keys written by a unit that never committed; the next unit
     /// committed for the partition compensates them ([`changelog`] module docs).
     orphans: BTreeMap<i32, changelog::Orphans>,
+    /// Since when the group revoked this instance's partitions without assigning any since.
+    revoked_since: Option<Instant>,
     /// Where this instance keeps its sled store.
     pub state_path: PathBuf,
 }
@@ -183,6 +185,11 @@ impl Health {
         self.published.store(ready, Ordering::Relaxed);
     }
 }
+
+/// How long an instance waits for an assignment after a revocation before it rejoins the group
+/// (longer than a normal rebalance: tansu pauses 3 s per join round, the rebalance timeout is
+/// `max.poll.interval.ms`, 30 s in `topology.toml`).
+const REJOIN_AFTER: Duration = Duration::from_secs(45);
 
 /// How long a restore keeps retrying a broker it cannot reach before the instance gives up.
 const RESTORE_BROKER_WAIT: Duration = Duration::from_secs(600);
@@ -422,6 +429,7 @@ impl Worker {
             },
             produce_failures: 0,
             orphans: BTreeMap::new(),
+            revoked_since: None,
             state_path,
         })
     }
@@ -451,6 +459,7 @@ impl Worker {
                 }
             }
             let abandoned = self.rebalance().await?;
+            self.rejoin_if_stuck()?;
             batch.retain(|m| self.owned.contains(&m.partition()) && !abandoned.contains(&m.partition()));
             self.unit(batch).await?;
         }
@@ -478,8 +487,10 @@ impl Worker {
                     }
                     info!(worker = %self.name, partitions = ?ps, "partitions revoked");
                     abandoned.extend(ps);
+                    self.revoked_since.get_or_insert_with(Instant::now);
                 }
                 RebalanceEvent::Assigned(ps) => {
+                    self.revoked_since = None;
                     if ps.is_empty() && self.owned.is_empty() {
                         // More members than partitions: an idle member is still a ready one.
                         self.health.set(&self.health.restored, true);
@@ -567,6 +578,21 @@ impl Worker {
         self.health.set(&self.health.restored, true);
         info!(worker = %self.name, partitions = ?self.owned, "worker ready");
         Ok(abandoned)
+    }
+
+    /// Leaves and rejoins the group when a revocation was not followed by any assignment within
+    /// `REJOIN_AFTER`: seen on tansu 0.6.0 after a broker restart, whose group coordinator can
+    /// leave a rebalance unfinished. A new JoinGroup restarts it.
+    fn rejoin_if_stuck(&mut self) -> Result<(), WorkerError> {
+        if self.revoked_since.is_some_and(|t| t.elapsed() > REJOIN_AFTER) {
+            warn!(worker = %self.name, waited_s = REJOIN_AFTER.as_secs(), "no partitions assigned since a revocation; rejoining the group");
+            self.metrics.retries.with_label_values(&[self.name.as_str(), "rejoin"]).inc();
+            self.consumer.unsubscribe();
+            let inputs: Vec<&str> = self.inputs.iter().map(String::as_str).collect();
+            self.consumer.subscribe(&inputs)?;
+            self.revoked_since = Some(Instant::now());
+        }
+        Ok(())
     }
 
     /// Seeks paused partitions, retrying while librdkafka is still setting up their fetchers.
