@@ -641,11 +641,11 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
         }
         if let Some(k) = kind {
             if k.uses_saga_timeouts {
-                if w.stock_answer_timeout().is_zero() || w.stock_answer_timeout() >= w.saga_timeout() {
+                if w.stock_answer_timeout() < Duration::from_millis(1) || w.stock_answer_timeout() >= w.saga_timeout() {
                     p(
                         subject.clone(),
                         format!(
-                            "stock_answer_timeout {} must be > 0 and shorter than saga_timeout {}",
+                            "stock_answer_timeout {} must be at least 1 ms and shorter than saga_timeout {}",
                             humantime::format_duration(w.stock_answer_timeout()),
                             humantime::format_duration(w.saga_timeout())
                         ),
@@ -859,6 +859,82 @@ inputs = ["ghost"]
         for e in expect {
             assert!(problems.iter().any(|p| p.starts_with(e)), "missing `{e}` in {problems:#?}");
         }
+    }
+
+    #[test]
+    fn retry_timeouts_and_dead_letter_rules_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = r#"
+[broker]
+bootstrap = "x:1"
+[broker.consumer]
+"max.poll.interval.ms" = "10000"
+[defaults.retry]
+attempts = 3
+initial_backoff = "2s"
+multiplier = 0.5
+max_backoff = "1s"
+[topics.in]
+partitions = 2
+key = "k"
+schema = "S"
+dead_letter = "out"
+[topics.out]
+partitions = 2
+key = "k"
+schema = "S"
+[workers.w]
+kind = "saga"
+inputs = ["in"]
+outputs = { out = "out" }
+stock_answer_timeout = "10m"
+saga_timeout = "3m"
+[workers.w.retry]
+attempts = 50
+max_backoff = "30s"
+colour = "red"
+[workers.a]
+kind = "a"
+inputs = ["in"]
+outputs = {}
+saga_timeout = "3m"
+"#;
+        let kinds: &[KindInfo] = &[
+            KindInfo { name: "a", ports: &[], uses_ttl: false, uses_saga_timeouts: false },
+            KindInfo { name: "saga", ports: &["out"], uses_ttl: false, uses_saga_timeouts: true },
+        ];
+        let loaded = load(&write(dir.path(), text)).unwrap();
+        let problems: Vec<String> = check(&loaded, kinds).iter().map(|p| p.to_string()).collect();
+        let expect = [
+            "file: unknown key `workers.\"w\".retry.colour`",
+            "defaults: retry.multiplier must be ≥ 1",
+            "defaults: retry.initial_backoff must not exceed retry.max_backoff",
+            "worker w: retry.attempts must be ≤ 20",
+            "worker w: retry waits up to",
+            "worker w: stock_answer_timeout 10m must be at least 1 ms and shorter than saga_timeout 3m",
+            "worker a: stock_answer_timeout and saga_timeout do not apply to kind `a`",
+            "topic in: dead_letter `out` must be a topic of its own",
+        ];
+        for e in expect {
+            assert!(problems.iter().any(|p| p.starts_with(e)), "missing `{e}` in {problems:#?}");
+        }
+        let t = &loaded.topology;
+        assert_eq!(t.dead_letter_of("out"), "out.dlq");
+        let r = t.workers["w"].retry(&t.defaults);
+        assert_eq!((r.attempts, r.initial_backoff, r.max_backoff), (50, Duration::from_millis(100), Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_up_to_the_cap() {
+        let r = RetryPolicy {
+            attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            multiplier: 2.0,
+            max_backoff: Duration::from_millis(500),
+        };
+        let waits: Vec<u128> = (1..=5).map(|n| r.backoff(n).as_millis()).collect();
+        assert_eq!(waits, vec![100, 200, 400, 500, 500]);
+        assert_eq!(r.worst_case(), Duration::from_millis(1700));
     }
 
     #[test]
