@@ -479,7 +479,7 @@ impl Run<'_> {
             self.check_output(&topic, &output);
             *self.report.emitted.entry(topic.clone()).or_default() += 1;
             for i in 0..self.stages.len() {
-                if self.stages[i].inputs.iter().any(|t| *t == topic) {
+                if self.stages[i].inputs.contains(&topic) {
                     let more = self.feed(i, &topic, &output.event);
                     queue.extend(more);
                 }
