@@ -47,10 +47,15 @@ impl Processor for Deduplicator {
     /// `hqId:storeId`.
     ///
     /// Errors: [`ProcessError::Invalid`] when a forwarded event has an empty `hqId` or `storeId`
-    /// (it could not be routed to its store); [`ProcessError::UnwiredPort`] when `out` is not wired.
+    /// (it could not be routed to its store) or, for the order events, an empty `orderId` (it
+    /// belongs to no order; dead-lettered here, at the saga's entrance, rather than one hop
+    /// later); [`ProcessError::UnwiredPort`] when `out` is not wired.
     fn process(&mut self, _ctx: &Context, event: &Event, _state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         if !Self::forwards(event) {
             return Ok(());
+        }
+        if event.order_id() == Some("") {
+            return Err(ProcessError::Invalid(format!("{} {}: empty orderId", event.schema_name(), event.event_id())));
         }
         let (hq, store) = event.store();
         if hq.is_empty() || store.is_empty() {
@@ -87,6 +92,22 @@ mod tests {
             stock_reservation_expired("e4", "O-1", "R", 4).into(),
             InventoryAdjusted { reference_id: "ADJ-1".into(), ..inventory_adjusted("e5", 5, &[("P-001", 3)]) }.into(),
         ]
+    }
+
+    #[test]
+    fn order_events_without_an_order_id_are_invalid() {
+        let mut h = harness();
+        for ev in forwarded_events().into_iter().filter(|e| e.order_id().is_some()) {
+            let blank: Event = match ev {
+                Event::OrderCreated(e) => OrderCreated { order_id: String::new(), ..e }.into(),
+                Event::OrderCompleted(e) => OrderCompleted { order_id: String::new(), ..e }.into(),
+                Event::OrderCancelled(e) => OrderCancelled { order_id: String::new(), ..e }.into(),
+                Event::StockReservationExpired(e) => StockReservationExpired { order_id: String::new(), ..e }.into(),
+                other => panic!("unexpected {}", other.schema_name()),
+            };
+            let err = h.feed("any", blank.clone(), 0).unwrap_err();
+            assert!(matches!(&err, ProcessError::Invalid(m) if m.contains("empty orderId")), "{}: {err}", blank.schema_name());
+        }
     }
 
     #[test]
