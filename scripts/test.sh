@@ -80,7 +80,8 @@ export ORDERFLOW_BOOTSTRAP="$bootstrap"
 say "broker at $ORDERFLOW_BOOTSTRAP (dir $BROKER_DIR)"
 
 set +e
-cargo test "${scope[@]+"${scope[@]}"}" --release "${cargo_args[@]+"${cargo_args[@]}"}" -- "${bin_args[@]}"
+# --no-fail-fast: every test binary runs, so one failure does not hide the others.
+cargo test "${scope[@]+"${scope[@]}"}" --release --no-fail-fast "${cargo_args[@]+"${cargo_args[@]}"}" -- "${bin_args[@]}"
 status=$?
 set -e
 exit "$status"
