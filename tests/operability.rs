@@ -406,8 +406,9 @@ fn metrics_are_exported_and_move_as_events_flow() {
 
     // Every listed family is declared with its type once it has a child.
     let listed = listed_families();
-    assert_eq!(listed.len(), 15, "deploy/metrics.txt lists {} families", listed.len());
-    let cannot_move_when_healthy = ["orderflow_dlq_records_total", "orderflow_stock_conservation_mismatches_total"];
+    assert_eq!(listed.len(), 17, "deploy/metrics.txt lists {} families", listed.len());
+    let cannot_move_when_healthy =
+        ["orderflow_dlq_records_total", "orderflow_stock_conservation_mismatches_total", "orderflow_retries_total"];
     for (family, kind) in &listed {
         if cannot_move_when_healthy.contains(&family.as_str()) {
             if after.has_family(family) {
@@ -426,6 +427,9 @@ fn metrics_are_exported_and_move_as_events_flow() {
     let unlisted: Vec<&String> =
         after.types.keys().filter(|n| n.starts_with("orderflow_") && !listed.iter().any(|(l, _)| l == *n)).collect();
     assert!(unlisted.is_empty(), "exported but not in deploy/metrics.txt: {unlisted:?}");
+    for w in WORKERS {
+        assert_eq!(after.sum("orderflow_broker_connected", &[("worker", w)]), 1.0, "{w} reports no broker connection");
+    }
 
     // Per worker: consumed, produced, processing/commit/delay histograms moved; guarantee,
     // assignment, restore and lag present.

@@ -701,6 +701,18 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
     problems
 }
 
+/// The consumers' `max.poll.interval.ms` (librdkafka default 300 s): how long a worker may go
+/// without polling before its group evicts it.
+pub fn max_poll_interval(broker: &BrokerConfig) -> Duration {
+    let ms = broker
+        .consumer
+        .get("max.poll.interval.ms")
+        .or_else(|| broker.properties.get("max.poll.interval.ms"))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(300_000);
+    Duration::from_millis(ms)
+}
+
 /// A retry policy must be finite and short enough that a record being retried never holds the
 /// consumer past `max.poll.interval.ms` (which would make the group evict the member).
 fn check_retry(broker: &BrokerConfig, r: &RetryPolicy, p: &mut dyn FnMut(String)) {
@@ -713,13 +725,8 @@ fn check_retry(broker: &BrokerConfig, r: &RetryPolicy, p: &mut dyn FnMut(String)
     if r.initial_backoff > r.max_backoff {
         p("retry.initial_backoff must not exceed retry.max_backoff".into());
     }
-    let poll = broker
-        .consumer
-        .get("max.poll.interval.ms")
-        .or_else(|| broker.properties.get("max.poll.interval.ms"))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(300_000);
-    if r.multiplier.is_finite() && r.worst_case() * 2 > Duration::from_millis(poll) {
+    let poll = max_poll_interval(broker).as_millis();
+    if r.multiplier.is_finite() && r.worst_case() * 2 > max_poll_interval(broker) {
         p(format!(
             "retry waits up to {} per record, more than half of max.poll.interval.ms ({poll} ms): the group would evict the member",
             humantime::format_duration(r.worst_case())

@@ -117,6 +117,9 @@ pub struct Worker {
     max_batch: usize,
     /// Transient failures: how often and how long to retry.
     retry: RetryPolicy,
+    /// Most time one unit may spend in retry waits: half of `max.poll.interval.ms`. Past it a
+    /// transient record failure is dead-lettered at once and due timers wait for a later unit.
+    retry_budget: Duration,
     /// Admission rules for input records.
     admission: Admission,
     /// Consecutive units whose outputs the broker did not acknowledge (backoff exponent).
@@ -145,6 +148,13 @@ struct Admission {
     /// Longest value a dead-letter record carries; a longer one is left out (header
     /// `orderflow.dlq.value-dropped` = its length) so the record can still be produced.
     max_dead_letter_value: usize,
+}
+
+/// The retry policy of a unit with its shared wait budget.
+struct Retry<'a> {
+    policy: &'a RetryPolicy,
+    budget: Duration,
+    waited: &'a mut Duration,
 }
 
 /// Why an input record was not processed.
@@ -416,6 +426,7 @@ impl Worker {
             commit_interval: spec.commit_interval(&t.defaults),
             max_batch: spec.max_batch(&t.defaults),
             retry: spec.retry(&t.defaults),
+            retry_budget: crate::topology::max_poll_interval(&t.broker) / 2,
             admission: Admission {
                 max_record_bytes: t.defaults.max_record_bytes,
                 max_clock_skew_ms: t.defaults.max_clock_skew.as_millis() as i64,
@@ -633,9 +644,13 @@ impl Worker {
         self.metrics.assigned.with_label_values(&[self.name.as_str()]).set(assigned.len() as i64);
 
         // 1. Decode and admit (transient decode failures retried with the retry policy).
+        // Retry waits of this unit share one budget (half of max.poll.interval.ms), so a burst of
+        // transient failures cannot hold the consumer until the group evicts it.
+        let mut retry_waited = Duration::ZERO;
         let mut decoded = Vec::with_capacity(batch.len());
         for m in &batch {
-            decoded.push(admit(&self.codec, &self.admission, &self.retry, &self.metrics, &self.name, m, now).await);
+            let retry = Retry { policy: &self.retry, budget: self.retry_budget, waited: &mut retry_waited };
+            decoded.push(admit(&self.codec, &self.admission, retry, &self.metrics, &self.name, m, now).await);
         }
 
         // 2. Process and fire timers, staging changes per partition.
@@ -666,8 +681,11 @@ impl Worker {
                 let mut attempts = 1;
                 let result = loop {
                     match handle(self.processor.as_mut(), &ctx, &event, txn, &mut out) {
-                        Err(ProcessError::Transient(msg)) if attempts <= self.retry.attempts => {
+                        Err(ProcessError::Transient(msg))
+                            if attempts <= self.retry.attempts && retry_waited + self.retry.backoff(attempts) <= self.retry_budget =>
+                        {
                             let wait = self.retry.backoff(attempts);
+                            retry_waited += wait;
                             warn!(worker = %self.name, topic, partition = m.partition(), offset = m.offset(), attempt = attempts, wait_ms = wait.as_millis() as u64, error = %msg, "transient processing failure; retrying");
                             self.metrics.retries.with_label_values(&[self.name.as_str(), "processor"]).inc();
                             wait_blocking(wait);
@@ -703,14 +721,27 @@ impl Worker {
                 let txn = txns.get_mut(p).expect("shard opened for every assigned partition");
                 // A timer cannot be dead-lettered: after the retries the instance stops and the
                 // timer, still durable, fires again after the restart.
+                // Attempts count per failing timer: they restart when a call got further (fewer
+                // due timers left) than the previous one.
                 let mut attempts = 1;
+                let mut last_due = txn.due_timers(now).len();
                 fired += loop {
                     match fire_timers(self.processor.as_mut(), &ctx, txn, &mut out) {
-                        Err(ProcessError::Transient(msg)) if attempts <= self.retry.attempts => {
+                        Err(ProcessError::Transient(msg)) if attempts <= self.retry.attempts || txn.due_timers(now).len() < last_due => {
+                            let due_now = txn.due_timers(now).len();
+                            if due_now < last_due {
+                                attempts = 1;
+                                last_due = due_now;
+                            }
                             let wait = self.retry.backoff(attempts);
+                            if retry_waited + wait > self.retry_budget {
+                                warn!(worker = %self.name, partition = p, error = %msg, "retry budget of this unit spent; the due timers left fire in a later unit");
+                                break 0;
+                            }
                             warn!(worker = %self.name, partition = p, attempt = attempts, error = %msg, "transient timer failure; retrying");
                             self.metrics.retries.with_label_values(&[self.name.as_str(), "processor"]).inc();
                             wait_blocking(wait);
+                            retry_waited += wait;
                             attempts += 1;
                         }
                         other => {
@@ -1000,7 +1031,7 @@ impl Worker {
 async fn admit(
     codec: &Codec,
     a: &Admission,
-    retry: &RetryPolicy,
+    retry: Retry<'_>,
     metrics: &Metrics,
     worker: &str,
     m: &OwnedMessage,
@@ -1019,8 +1050,13 @@ async fn admit(
     let event = loop {
         match codec.decode(payload).await {
             Ok(e) => break e,
-            Err(e) if !e.is_permanent() && attempts <= retry.attempts => {
-                let wait = retry.backoff(attempts);
+            Err(e)
+                if !e.is_permanent()
+                    && attempts <= retry.policy.attempts
+                    && *retry.waited + retry.policy.backoff(attempts) <= retry.budget =>
+            {
+                let wait = retry.policy.backoff(attempts);
+                *retry.waited += wait;
                 warn!(%worker, topic = m.topic(), partition = m.partition(), offset = m.offset(), attempt = attempts, wait_ms = wait.as_millis() as u64, error = %e, "transient decode failure; retrying");
                 metrics.retries.with_label_values(&[worker, "registry"]).inc();
                 tokio::time::sleep(wait).await;
