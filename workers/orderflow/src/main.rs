@@ -3,6 +3,8 @@
 mod demo;
 mod dlq;
 mod kinds;
+mod replay;
+mod replay_through;
 mod serve;
 mod tpch;
 
@@ -72,6 +74,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Dead-letter records: list them, show one, redrive them once the cause is fixed.
     Dlq(dlq::DlqArgs),
+    /// Replay a range of a topic (by offsets or time): republish it --into a topic, or run it
+    /// --through a worker. Safe into a live topic: every worker deduplicates by eventId.
+    Replay(replay::ReplayArgs),
 }
 
 #[derive(Subcommand)]
@@ -249,5 +254,6 @@ async fn main() -> Result<()> {
         }
         Command::Demo(args) => demo::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
+        Command::Replay(args) => replay::run(args).await,
     }
 }
