@@ -1,17 +1,1610 @@
-//! `orderflow replay --through WORKER`: runs a replayed range through a worker (placeholder; its
-//! implementation is another change).
+//! `orderflow replay TOPIC ... --through WORKER (--dry-run | --diff)`: runs one worker's logic over
+//! a replayed range of one of its input topics against a *shadow* copy of its state, never the
+//! live store, and prints what it would emit (`--dry-run`) or how that compares with what was
+//! actually emitted downstream (`--diff`).
+//!
+//! # Shadow state
+//!
+//! For every replayed partition the worker's state is rebuilt in memory (a fresh
+//! [`MemoryStore`], nothing is written anywhere) from changelog partition N of
+//! `orderflow-<worker>-changelog` (see `orderflow_runtime::changelog`): records are gathered and a
+//! unit is applied at its commit marker, as long as the marker's next input offset of the
+//! replayed topic is ≤ the range start. The shadow is then the state the live worker had after its
+//! last unit that ended at or before the range start. When that unit ended before the range start
+//! (units are batches, so a marker exactly at the start rarely exists), the records between its
+//! end and the range start are *warmed up*: processed silently through the shadow (outputs, dead
+//! letters and timers of that stretch are not reported). See [`ShadowBuilder`] for the limits
+//! (compaction, retention, several inputs), which are reported in the summary as `approximate`.
+//!
+//! # Replay
+//!
+//! The range's records are processed in offset order per partition, partitions merged by record
+//! timestamp, with `orderflow_api::handle` (eventId dedupe) and `fire_timers`; the clock
+//! (`now_ms`) is the record's timestamp (never earlier than the previous one), so the replay is
+//! deterministic and timers fire as the replayed time passes (before and after each record,
+//! every partition). Timers due after the last replayed record's timestamp do not fire. The
+//! processor is built by `kinds::build` from the topology entry; `--reservation-ttl` overrides the
+//! worker's TTL so a changed configuration can be compared. Records that fail to decode, break the
+//! admission rules or are `Invalid` are reported as the dead letters the live worker would write;
+//! a processor failure the live worker would stop on (`CorruptState`, `UnwiredPort`) is reported
+//! under `failures` and the record skipped.
+//!
+//! # Diff
+//!
+//! Output `eventId`s are deterministic (`derive_event_id` of the input), so every event the
+//! replay emits is looked up by `eventId` among the records of the worker's output topics (the
+//! topology `outputs`): whole topics when they are small (≤ [`WHOLE_TOPIC_LIMIT`] records in
+//! all), else the time window of the range widened by the worker's longest timer horizon
+//! (reservation TTL, saga timeout) and [`WINDOW_MARGIN_MS`]. See [`diff`] for the classes.
 
-use anyhow::Result;
-use orderflow_runtime::topology::Loaded;
-use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use orderflow_api::{derive_event_id, handle, Context, Event, Handled, MemoryStore, ProcessError, Processor, StateRead, StateTxn};
+use orderflow_runtime::codec::Codec;
+use orderflow_runtime::kafka::{client_config, Side};
+use orderflow_runtime::topology::{BrokerConfig, Guarantee, Loaded, WorkerSpec};
+use orderflow_runtime::worker::now_ms;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+use serde_json::{json, Value};
 
 use crate::replay::{ReplayArgs, Resolved};
 
-/// Runs the records of `resolved` through worker `args.through` (`--dry-run` or `--diff`) and
-/// returns the JSON summary `orderflow replay` prints.
+/// Output topics holding at most this many records in all are read whole for `--diff`; larger
+/// ones are read within the time window of the range.
+pub const WHOLE_TOPIC_LIMIT: i64 = 200_000;
+/// Added on both sides of the `--diff` time window (ms): producer batching, commit intervals,
+/// clock differences between the input's timestamps and the outputs'.
+pub const WINDOW_MARGIN_MS: i64 = 60_000;
+/// How long a metadata or watermark request may take.
+const META_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long reading may go without progress before it gives up.
+const STALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+// ------------------------------------------------------------------------------------------
+// Admission: what the live worker would dead-letter before the processor sees an event.
+
+/// The admission rules of the live worker for one input topic (`orderflow_runtime::worker`).
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// Avro record names the topic carries (topology `schema`); empty: any.
+    pub schemas: Vec<String>,
+    /// `oversized` beyond this many bytes.
+    pub max_record_bytes: usize,
+    /// `future_timestamp` when `occurredAt` is further ahead of the replay clock (ms).
+    pub max_clock_skew_ms: i64,
+}
+
+impl Admission {
+    /// The rules of input `topic` in `loaded`.
+    pub fn of(loaded: &Loaded, topic: &str) -> Admission {
+        let t = &loaded.topology;
+        Admission {
+            schemas: t
+                .topics
+                .get(topic)
+                .and_then(|s| s.schema.as_ref())
+                .map(|s| s.names().iter().map(|n| n.to_string()).collect())
+                .unwrap_or_default(),
+            max_record_bytes: t.defaults.max_record_bytes,
+            max_clock_skew_ms: t.defaults.max_clock_skew.as_millis() as i64,
+        }
+    }
+}
+
+/// Why a record would be dead-lettered: `class` is the live worker's dead-letter class
+/// (`truncated`, `oversized`, `not_avro`, `unknown_schema`, `malformed`, `wrong_schema`,
+/// `invalid`, `future_timestamp`, `transient`, `registry_unavailable`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rejection {
+    pub class: String,
+    pub message: String,
+}
+
+impl Rejection {
+    fn new(class: &str, message: impl Into<String>) -> Rejection {
+        Rejection { class: class.to_string(), message: message.into() }
+    }
+}
+
+/// The timestamp of `m` in ms (its Kafka timestamp), if it has one.
+pub fn timestamp_of(m: &OwnedMessage) -> Option<i64> {
+    m.timestamp().to_millis()
+}
+
+/// Decodes `m` and applies the admission rules as the live worker does, with `now_ms` as the
+/// clock (the record's timestamp in a replay). A registry failure is not retried here: it is
+/// reported as `registry_unavailable`.
+pub async fn admit(codec: &Codec, rules: &Admission, m: &OwnedMessage, now_ms: i64) -> std::result::Result<Event, Rejection> {
+    let Some(payload) = m.payload() else {
+        return Err(Rejection::new("truncated", "record has no value (a tombstone on an event topic)"));
+    };
+    if payload.len() > rules.max_record_bytes {
+        return Err(Rejection::new(
+            "oversized",
+            format!("value of {} bytes exceeds max_record_bytes {}", payload.len(), rules.max_record_bytes),
+        ));
+    }
+    let event = codec.decode(payload).await.map_err(|e| Rejection::new(e.class(), e.to_string()))?;
+    check_event(rules, &event, now_ms)?;
+    Ok(event)
+}
+
+/// The admission rules that look at a decoded event: `wrong_schema`, an empty `eventId`
+/// (`invalid`), `future_timestamp`.
+pub fn check_event(rules: &Admission, event: &Event, now_ms: i64) -> std::result::Result<(), Rejection> {
+    if !rules.schemas.is_empty() && !rules.schemas.iter().any(|n| n == event.schema_name()) {
+        return Err(Rejection::new(
+            "wrong_schema",
+            format!("{} event on a topic that carries {}", event.schema_name(), rules.schemas.join(", ")),
+        ));
+    }
+    if event.event_id().is_empty() {
+        return Err(Rejection::new("invalid", format!("{} with an empty eventId", event.schema_name())));
+    }
+    if event.occurred_at() > now_ms.saturating_add(rules.max_clock_skew_ms) {
+        return Err(Rejection::new("future_timestamp", format!("occurredAt {} is ahead of the record time {now_ms}", event.occurred_at())));
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Shadow state from the changelog.
+
+const TAG_DATA: u8 = b'd';
+const TAG_TIMER: u8 = b't';
+const MARKER_KEY: &[u8] = b"m";
+
+/// Decodes a changelog value `[1][n][n × (u8 input index, i64 BE next offset)][payload]`
+/// (`orderflow_runtime::changelog`) into the offsets and the payload.
 ///
-/// Errors: always, for now: `--through` is not implemented yet.
+/// Errors: unknown version, truncated offsets, an input index the worker lacks.
+pub fn decode_changelog_value<'a>(inputs: &[String], value: &'a [u8]) -> std::result::Result<(BTreeMap<String, i64>, &'a [u8]), String> {
+    if value.len() < 2 || value[0] != 1 {
+        return Err(format!("unknown changelog record version {:?}", value.first()));
+    }
+    let n = value[1] as usize;
+    let body = &value[2..];
+    if body.len() < n * 9 {
+        return Err("truncated changelog offsets".into());
+    }
+    let mut offsets = BTreeMap::new();
+    for i in 0..n {
+        let entry = &body[i * 9..i * 9 + 9];
+        let topic = inputs.get(entry[0] as usize).ok_or_else(|| format!("changelog names input #{} the worker lacks", entry[0]))?;
+        offsets.insert(topic.clone(), i64::from_be_bytes(entry[1..9].try_into().expect("8 bytes")));
+    }
+    Ok((offsets, &body[n * 9..]))
+}
+
+/// What the rebuild of one partition's shadow did (part of the summary).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShadowReport {
+    /// Input (and changelog) partition.
+    pub partition: i32,
+    /// First replayed offset of the input topic.
+    pub range_from: i64,
+    /// Changelog offsets read, `[low, high)`.
+    pub changelog_low: i64,
+    pub changelog_high: i64,
+    /// Changelog records read.
+    pub records: u64,
+    /// Units (commit markers) applied.
+    pub units: u64,
+    /// Next input offset of the replayed topic after the last applied unit (0 when none): the
+    /// shadow is the live state just before this offset; `[position, range_from)` is warmed up.
+    pub position: i64,
+    /// Records of the replayed topic processed silently between `position` and `range_from`.
+    pub warmed_up: u64,
+    /// Records read after the last applied unit and not applied (that unit's, or later ones).
+    pub not_applied: u64,
+    /// True when the shadow may differ from the live state before the range (see `notes`).
+    pub approximate: bool,
+    /// Why the shadow is approximate, or what else the rebuild noticed.
+    pub notes: Vec<String>,
+}
+
+/// Rebuilds one partition's shadow from its changelog records, fed in offset order with
+/// [`ShadowBuilder::push`].
+///
+/// Rules: records are gathered per unit; at a commit marker, the unit is applied when the
+/// marker's next offset of the replayed topic (the previous position when the marker does not
+/// name the topic: a timer-only unit, or a unit of another input) is ≤ the range start. At the
+/// first marker past the range start the rebuild stops. Records after the last marker belong to a
+/// unit that never committed and are dropped (the live restore does the same).
+///
+/// Limits, reported as `approximate` with a note:
+/// - the changelog's low watermark is above 0, or offsets are missing between records (log
+///   compaction keeps only the newest record of each key, including the marker `m`; retention
+///   may delete the oldest): a key whose last pre-range record was superseded by a later one is
+///   missing from the shadow, and several units' records arrive without their markers. Records
+///   gathered when the rebuild stops are then applied when they carry a position ≤ the range
+///   start (every non-tombstone record carries its unit's input offsets), tombstones are not.
+///   Under `exactly_once`, transaction markers also leave offset gaps, so gaps are not reported
+///   for that guarantee;
+/// - a worker with several inputs: the warm-up replays only the replayed topic, so a unit that
+///   mixed inputs and ended past the range start is missing the other topics' records.
+pub struct ShadowBuilder {
+    inputs: Vec<String>,
+    topic: String,
+    from: i64,
+    exactly_once: bool,
+    store: MemoryStore,
+    pending: Vec<(Vec<u8>, Option<Vec<u8>>, Option<i64>)>,
+    next_expected: Option<i64>,
+    done: bool,
+    gaps: u64,
+    report: ShadowReport,
+}
+
+impl ShadowBuilder {
+    /// A builder for partition `partition` of input `topic` (one of the worker's `inputs`), whose
+    /// range starts at offset `from`; `low`/`high` are the changelog partition's watermarks.
+    pub fn new(inputs: &[String], topic: &str, partition: i32, from: i64, (low, high): (i64, i64), guarantee: Guarantee) -> ShadowBuilder {
+        let mut report = ShadowReport { partition, range_from: from, changelog_low: low, changelog_high: high, ..Default::default() };
+        if low > 0 {
+            report.approximate = true;
+            report.notes.push(format!(
+                "the changelog starts at offset {low}: its first records were removed (retention or compaction); keys last written there are missing"
+            ));
+        }
+        ShadowBuilder {
+            inputs: inputs.to_vec(),
+            topic: topic.to_string(),
+            from,
+            exactly_once: guarantee == Guarantee::ExactlyOnce,
+            store: MemoryStore::default(),
+            pending: Vec::new(),
+            next_expected: Some(low),
+            done: false,
+            gaps: 0,
+            report,
+        }
+    }
+
+    /// Feeds the changelog record at `offset` (`value == None`: a tombstone). Records after the
+    /// rebuild stopped are ignored.
+    ///
+    /// Errors: a record that does not decode (unknown key tag, bad version, bad offsets).
+    pub fn push(&mut self, offset: i64, key: &[u8], value: Option<&[u8]>) -> std::result::Result<(), String> {
+        if self.done {
+            return Ok(());
+        }
+        self.report.records += 1;
+        if let Some(expected) = self.next_expected {
+            if offset > expected && !self.exactly_once {
+                self.gaps += (offset - expected) as u64;
+            }
+        }
+        self.next_expected = Some(offset + 1);
+        let at = |e: String| format!("changelog offset {offset}: {e}");
+        let position_of = |offsets: &BTreeMap<String, i64>, current: i64| offsets.get(&self.topic).copied().unwrap_or(current);
+        match key.first() {
+            Some(&TAG_DATA) | Some(&TAG_TIMER) => {
+                let pos = match value {
+                    Some(v) => Some(position_of(&decode_changelog_value(&self.inputs, v).map_err(at)?.0, self.report.position)),
+                    None => None,
+                };
+                self.pending.push((key.to_vec(), value.map(<[u8]>::to_vec), pos));
+            }
+            _ if key == MARKER_KEY => {
+                let (offsets, _) = decode_changelog_value(&self.inputs, value.unwrap_or_default()).map_err(at)?;
+                let pos = position_of(&offsets, self.report.position);
+                if pos <= self.from {
+                    let pending = std::mem::take(&mut self.pending);
+                    self.apply(pending.into_iter().map(|(k, v, _)| (k, v)))?;
+                    self.report.units += 1;
+                    self.report.position = pos;
+                } else {
+                    self.stop()?;
+                }
+            }
+            _ => return Err(at(format!("unknown changelog key {key:?}"))),
+        }
+        Ok(())
+    }
+
+    /// Stops at the first unit past the range start; with gaps seen (compaction), applies the
+    /// gathered records that carry a position ≤ the range start.
+    fn stop(&mut self) -> std::result::Result<(), String> {
+        self.done = true;
+        let pending = std::mem::take(&mut self.pending);
+        if self.gaps > 0 || self.report.changelog_low > 0 {
+            let from = self.from;
+            let (early, late): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(_, _, pos)| pos.is_some_and(|p| p <= from));
+            self.report.not_applied += late.len() as u64;
+            if !early.is_empty() {
+                self.report.notes.push(format!(
+                    "{} record(s) of units whose markers were compacted away applied by their own input offsets",
+                    early.len()
+                ));
+                self.apply(early.into_iter().map(|(k, v, _)| (k, v)))?;
+            }
+        } else {
+            self.report.not_applied += pending.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, records: impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>)>) -> std::result::Result<(), String> {
+        let mut changes = orderflow_api::Changes::default();
+        for (key, value) in records {
+            let body = match &value {
+                Some(v) => Some(decode_changelog_value(&self.inputs, v)?.1.to_vec()),
+                None => None,
+            };
+            if key[0] == TAG_DATA {
+                changes.writes.insert(key[1..].to_vec(), body);
+            } else {
+                let at = match body {
+                    Some(b) => Some(i64::from_be_bytes(b.as_slice().try_into().map_err(|_| "timer deadline is not 8 bytes".to_string())?)),
+                    None => None,
+                };
+                changes.timers.insert(key[1..].to_vec(), at);
+            }
+        }
+        self.store.apply(changes);
+        Ok(())
+    }
+
+    /// The shadow store and the report. Records after the last marker (a unit that never
+    /// committed, or the stopping unit) are not applied.
+    pub fn finish(mut self) -> (MemoryStore, ShadowReport) {
+        if !self.done {
+            self.report.not_applied += self.pending.len() as u64;
+        }
+        if self.gaps > 0 {
+            self.report.approximate = true;
+            self.report.notes.push(format!(
+                "{} changelog offset(s) missing between records (log compaction): markers and superseded records are gone, so the shadow is approximate",
+                self.gaps
+            ));
+        }
+        (self.store, self.report)
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The replay engine.
+
+/// What caused an emitted event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Cause {
+    /// An input record.
+    Input {
+        partition: i32,
+        offset: i64,
+        #[serde(rename = "eventId")]
+        event_id: String,
+    },
+    /// A timer of the partition's state, due at `due_ms`, fired at replay time `at_ms`.
+    Timer { partition: i32, key: String, due_ms: i64, at_ms: i64 },
+}
+
+/// One event the shadow emits (one `--dry-run` line).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Emitted {
+    /// Output port.
+    pub port: String,
+    /// Topic the port is wired to.
+    pub topic: String,
+    /// Record key.
+    pub key: String,
+    /// Avro record name of the event.
+    pub event: String,
+    #[serde(rename = "eventId")]
+    pub event_id: String,
+    /// The event's fields (Avro names).
+    pub value: Value,
+    pub cause: Cause,
+}
+
+/// A record the live worker would dead-letter (or stop on, under `failures`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetter {
+    pub partition: i32,
+    pub offset: i64,
+    #[serde(rename = "eventId", skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    pub class: String,
+    pub message: String,
+}
+
+/// Counts of a replay.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    /// Records of the range.
+    pub inputs: u64,
+    /// Processed (new eventId).
+    pub processed: u64,
+    /// Skipped as a repeated eventId.
+    pub duplicates: u64,
+    /// Would be dead-lettered.
+    pub dead_letters: u64,
+    /// Processor failures the live worker would stop on.
+    pub failures: u64,
+    /// Timers fired.
+    pub timers_fired: u64,
+    /// Events emitted.
+    pub outputs: u64,
+    /// Events emitted per topic.
+    pub outputs_per_topic: BTreeMap<String, u64>,
+}
+
+/// Runs one processor over shadow shards, one record per unit of work, with the runtime's rules.
+pub struct Engine {
+    processor: Box<dyn Processor>,
+    /// The replayed input topic (`Context::topic` of its records).
+    topic: String,
+    /// Wired port → topic.
+    ports: BTreeMap<String, String>,
+    shards: BTreeMap<i32, MemoryStore>,
+    clock: i64,
+    /// Counts of the reported (non-warm-up) part.
+    pub stats: Stats,
+    /// Events emitted by the reported part, in order.
+    pub emitted: Vec<Emitted>,
+    /// Records the live worker would dead-letter.
+    pub dead_letters: Vec<DeadLetter>,
+    /// Records the live worker would stop on (`CorruptState`, `UnwiredPort`).
+    pub failures: Vec<DeadLetter>,
+}
+
+impl Engine {
+    /// An engine running `processor` on records of input `topic`, with its wired ports
+    /// `port → topic` (the kind's ports the topology wires), over `shards` (partition → shadow
+    /// state; a partition without one starts empty).
+    pub fn new(processor: Box<dyn Processor>, topic: &str, ports: BTreeMap<String, String>, shards: BTreeMap<i32, MemoryStore>) -> Engine {
+        Engine {
+            processor,
+            topic: topic.to_string(),
+            ports,
+            shards,
+            clock: i64::MIN,
+            stats: Stats::default(),
+            emitted: Vec::new(),
+            dead_letters: Vec::new(),
+            failures: Vec::new(),
+        }
+    }
+
+    /// The shadow state of `partition` (empty when it has none).
+    pub fn shard(&self, partition: i32) -> Option<&MemoryStore> {
+        self.shards.get(&partition)
+    }
+
+    /// Processes one record of `partition` at `offset`, timestamp `ts_ms`, already decoded and
+    /// admitted (or rejected). Timers due at the clock fire first on every partition (on
+    /// `partition` only during a warm-up), then the record is handled, then `partition`'s timers
+    /// due at the clock fire again (those the record scheduled in the past). `report == false`
+    /// is a warm-up: nothing is recorded, only the state moves.
+    pub fn step(&mut self, partition: i32, offset: i64, ts_ms: i64, decoded: std::result::Result<Event, Rejection>, report: bool) {
+        self.clock = self.clock.max(ts_ms);
+        let now = self.clock;
+        self.shards.entry(partition).or_default();
+        let partitions: Vec<i32> = if report { self.shards.keys().copied().collect() } else { vec![partition] };
+        for p in &partitions {
+            self.fire(*p, now, report);
+        }
+        if report {
+            self.stats.inputs += 1;
+        }
+        let event = match decoded {
+            Ok(e) => e,
+            Err(r) => {
+                if report {
+                    self.stats.dead_letters += 1;
+                    self.dead_letters.push(DeadLetter { partition, offset, event_id: None, class: r.class, message: r.message });
+                }
+                return;
+            }
+        };
+        let ctx = Context { topic: self.topic.clone(), partition, offset, now_ms: now };
+        let mut out = orderflow_api::Outputs::new(self.ports.keys().cloned());
+        let store = self.shards.get(&partition).expect("shard created above");
+        let mut txn = StateTxn::new(store);
+        let result = handle(self.processor.as_mut(), &ctx, &event, &mut txn, &mut out);
+        let changes = txn.into_changes();
+        let cause = Cause::Input { partition, offset, event_id: event.event_id().to_string() };
+        let reject = |class: &str, message: String| DeadLetter {
+            partition,
+            offset,
+            event_id: Some(event.event_id().to_string()),
+            class: class.to_string(),
+            message,
+        };
+        match result {
+            Ok(handled) => {
+                self.shards.get_mut(&partition).expect("shard").apply(changes);
+                if report {
+                    match handled {
+                        Handled::Processed => self.stats.processed += 1,
+                        Handled::Duplicate => self.stats.duplicates += 1,
+                    }
+                    self.record(out.take_records(), &cause);
+                }
+            }
+            Err(ProcessError::Invalid(m)) if report => {
+                self.stats.dead_letters += 1;
+                self.dead_letters.push(reject("invalid", m));
+            }
+            Err(ProcessError::Transient(m)) if report => {
+                self.stats.dead_letters += 1;
+                self.dead_letters.push(reject("transient", m));
+            }
+            Err(e) if report => {
+                self.stats.failures += 1;
+                self.failures.push(reject("fatal", e.to_string()));
+            }
+            Err(_) => {}
+        }
+        self.fire(partition, now, report);
+    }
+
+    /// Fires `partition`'s timers due at `now`, earliest first, each removed before its handler
+    /// runs: `orderflow_api::fire_timers`, unrolled so each emitted event names its timer. A
+    /// failing timer's changes are discarded and the timers after it wait for a later clock.
+    fn fire(&mut self, partition: i32, now: i64, report: bool) {
+        let Some(store) = self.shards.get(&partition) else { return };
+        let due = store.due_timers(now);
+        if due.is_empty() {
+            return;
+        }
+        let ctx = Context { topic: String::new(), partition, offset: -1, now_ms: now };
+        let mut out = orderflow_api::Outputs::new(self.ports.keys().cloned());
+        let mut txn = StateTxn::new(store);
+        // One timer per call so each emitted event names its timer.
+        let mut fired: Vec<(Vec<u8>, i64, Vec<orderflow_api::Output>)> = Vec::new();
+        let mut failure = None;
+        for (key, due_ms) in due {
+            let mark = txn.savepoint();
+            txn.cancel_timer(&key);
+            match self.processor.on_timer(&ctx, &key, due_ms, &mut txn, &mut out) {
+                Ok(()) => fired.push((key, due_ms, out.take_records())),
+                Err(e) => {
+                    txn.rollback_to(mark);
+                    let _ = out.take_records();
+                    failure = Some((key, e));
+                    break;
+                }
+            }
+        }
+        let changes = txn.into_changes();
+        self.shards.get_mut(&partition).expect("shard").apply(changes);
+        if report {
+            for (key, due_ms, records) in fired {
+                self.stats.timers_fired += 1;
+                let cause = Cause::Timer { partition, key: String::from_utf8_lossy(&key).into_owned(), due_ms, at_ms: now };
+                self.record(records, &cause);
+            }
+            if let Some((key, e)) = failure {
+                self.stats.failures += 1;
+                self.failures.push(DeadLetter {
+                    partition,
+                    offset: -1,
+                    event_id: None,
+                    class: "timer".into(),
+                    message: format!("timer {}: {e}", String::from_utf8_lossy(&key)),
+                });
+            }
+        }
+        // A failing timer stays scheduled (the live worker would stop and retry it); it is not
+        // retried at this clock again, as it would fail the same way.
+    }
+
+    fn record(&mut self, records: Vec<orderflow_api::Output>, cause: &Cause) {
+        for r in records {
+            let topic = self.ports.get(&r.port).cloned().unwrap_or_default();
+            *self.stats.outputs_per_topic.entry(topic.clone()).or_default() += 1;
+            self.stats.outputs += 1;
+            self.emitted.push(Emitted {
+                port: r.port,
+                topic,
+                key: r.key,
+                event: r.event.schema_name().to_string(),
+                event_id: r.event.event_id().to_string(),
+                value: r.event.to_json(),
+                cause: cause.clone(),
+            });
+        }
+    }
+}
+
+/// The order in which records of several partitions are replayed: offset order within each
+/// partition, partitions merged by timestamp (ties by partition). `items` are
+/// `(partition, offset, timestamp, payload)` in any order; returns their indices.
+pub fn replay_order(items: &[(i32, i64, i64)]) -> Vec<usize> {
+    let mut queues: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
+    for (i, (p, _, _)) in items.iter().enumerate() {
+        queues.entry(*p).or_default().push(i);
+    }
+    for q in queues.values_mut() {
+        q.sort_by_key(|i| items[*i].1);
+        q.reverse();
+    }
+    let mut order = Vec::with_capacity(items.len());
+    loop {
+        let next = queues.iter().filter_map(|(p, q)| q.last().map(|i| (items[*i].2, *p))).min();
+        let Some((_, p)) = next else { break };
+        order.push(queues.get_mut(&p).expect("queue").pop().expect("non-empty"));
+    }
+    order
+}
+
+// ------------------------------------------------------------------------------------------
+// Diff.
+
+/// An event read back from an output topic.
+#[derive(Debug, Clone)]
+pub struct Actual {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// Record timestamp, ms.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<String>,
+    pub event: Event,
+}
+
+/// One field that differs between the replay's event and the live one: `path` in the event's
+/// JSON (`expiresAt`, `items[0].reserved`, or `topic` / `key` for the record itself).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldDiff {
+    pub path: String,
+    pub replay: Value,
+    pub actual: Value,
+}
+
+/// The paths where `replay` and `actual` differ (objects by key, arrays of equal length by
+/// index, anything else as a whole).
+pub fn field_diffs(replay: &Value, actual: &Value) -> Vec<FieldDiff> {
+    fn walk(path: &str, a: &Value, b: &Value, out: &mut Vec<FieldDiff>) {
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    walk(&p, x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null), out);
+                }
+            }
+            (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+                for (i, (u, v)) in x.iter().zip(y).enumerate() {
+                    walk(&format!("{path}[{i}]"), u, v, out);
+                }
+            }
+            _ if a != b => out.push(FieldDiff { path: path.to_string(), replay: a.clone(), actual: b.clone() }),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk("", replay, actual, &mut out);
+    out
+}
+
+/// How one event compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// The replay emits it and the same event (topic, key, fields) was emitted live.
+    Same,
+    /// Same `eventId` emitted live with a different topic, key or fields.
+    Changed,
+    /// The replay emits it; nothing with its `eventId` was emitted live.
+    Missing,
+    /// Emitted live for one of the replayed inputs, not by the replay.
+    Extra,
+}
+
+/// Where a live event was read.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct At {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// One line of the `--diff` report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DiffEntry {
+    pub status: Status,
+    pub topic: String,
+    pub key: String,
+    pub event: String,
+    #[serde(rename = "eventId")]
+    pub event_id: String,
+    /// What caused the replay's event (absent for `extra`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+    /// Where the live event is (absent for `missing`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actual_at: Option<At>,
+    /// Both values, for `changed`; the one there is, for `missing` / `extra`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actual: Option<Value>,
+    /// The differing fields, for `changed`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<FieldDiff>,
+}
+
+/// Counts of a diff.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DiffCounts {
+    pub same: u64,
+    pub changed: u64,
+    pub missing: u64,
+    pub extra: u64,
+}
+
+/// The ids a replayed input can cause live outputs under: its `eventId`, its `orderId` and its
+/// `reservationId` (the workers derive output ids from these, see [`Causes::explains`]).
+#[derive(Debug, Default)]
+pub struct Causes {
+    event_ids: HashSet<String>,
+    all: Vec<String>,
+    derived: HashMap<String, HashSet<String>>,
+}
+
+impl Causes {
+    /// The causes of the replayed input events.
+    pub fn of<'a>(inputs: impl IntoIterator<Item = &'a Event>) -> Causes {
+        let mut c = Causes::default();
+        let mut all = BTreeSet::new();
+        for e in inputs {
+            c.event_ids.insert(e.event_id().to_string());
+            all.insert(e.event_id().to_string());
+            if let Some(o) = e.order_id().filter(|o| !o.is_empty()) {
+                all.insert(o.to_string());
+            }
+            let reservation = match e {
+                Event::OrderCompleted(x) => Some(&x.reservation_id),
+                Event::StockReserved(x) => Some(&x.reservation_id),
+                Event::StockReservationExpired(x) => Some(&x.reservation_id),
+                Event::StockReservationReleased(x) => Some(&x.reservation_id),
+                _ => None,
+            };
+            if let Some(r) = reservation.filter(|r| !r.is_empty()) {
+                all.insert(r.clone());
+            }
+        }
+        c.all = all.into_iter().collect();
+        c
+    }
+
+    /// Whether live event `a` was caused by a replayed input: its `eventId` is an input's (the
+    /// deduplicator forwards events as they are), or `derive_event_id(cause, tag)` of a cause,
+    /// the tag being the event's topic, its canonical topic name (`stock.reserved`, ...) or, for
+    /// `stock.updated`, `<tag>/<productId>`: the tags the workers use.
+    pub fn explains(&mut self, a: &Actual) -> bool {
+        let id = a.event.event_id();
+        if self.event_ids.contains(id) {
+            return true;
+        }
+        let canonical = match &a.event {
+            Event::StockReserved(_) => "stock.reserved",
+            Event::StockReservationFailed(_) => "stock.reservation.failed",
+            Event::StockReservationReleased(_) => "stock.reservation.released",
+            Event::StockReservationExpired(_) => "stock.reservation.expired",
+            Event::StockUpdated(_) => "stock.updated",
+            Event::OrderConfirmed(_) => "order.confirmed",
+            Event::OrderCancelled(_) => "order.cancelled",
+            Event::OrderCreated(_) => "order.created",
+            Event::OrderCompleted(_) => "order.completed",
+            Event::InventoryAdjusted(_) => "inventory.adjusted",
+        };
+        let mut tags = vec![canonical.to_string(), a.topic.clone()];
+        if let Event::StockUpdated(u) = &a.event {
+            tags = tags.iter().map(|t| format!("{t}/{}", u.product_id)).collect();
+        }
+        tags.dedup();
+        for tag in tags {
+            let all = &self.all;
+            let set = self.derived.entry(tag.clone()).or_insert_with(|| all.iter().map(|c| derive_event_id(c, &tag)).collect());
+            if set.contains(id) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Compares the replay's events with the live ones.
+///
+/// - `same`: an actual event with the same `eventId` has the same topic, key and fields;
+/// - `changed`: the `eventId` was emitted live but (every copy of it) differs: both values and
+///   the differing fields are reported (against the first copy);
+/// - `missing`: no actual event has the `eventId`;
+/// - `extra`: an actual event `in_window` whose `eventId` the replay did not emit but that
+///   [`Causes::explains`] attributes to a replayed input. Detectable: outputs derived from an
+///   input's `eventId`, `orderId` or `reservationId` with the workers' tags. Not detectable: a
+///   live output derived some other way; and an event derived from an `orderId` can be caused by
+///   an input outside the range of the same order (then it shows as `extra` too).
+///
+/// Returns one entry per replayed event (in replay order) and per extra event, and the counts.
+pub fn diff(
+    emitted: &[Emitted],
+    actual: &[Actual],
+    causes: &mut Causes,
+    in_window: impl Fn(&Actual) -> bool,
+) -> (Vec<DiffEntry>, DiffCounts) {
+    let mut by_id: HashMap<&str, Vec<&Actual>> = HashMap::new();
+    for a in actual {
+        by_id.entry(a.event.event_id()).or_default().push(a);
+    }
+    let mut entries = Vec::new();
+    let mut counts = DiffCounts::default();
+    let mut seen: HashSet<&str> = HashSet::new();
+    for e in emitted {
+        seen.insert(e.event_id.as_str());
+        let entry = |status, a: Option<&Actual>, fields: Vec<FieldDiff>| DiffEntry {
+            status,
+            topic: e.topic.clone(),
+            key: e.key.clone(),
+            event: e.event.clone(),
+            event_id: e.event_id.clone(),
+            cause: Some(e.cause.clone()),
+            actual_at: a.map(|a| At { topic: a.topic.clone(), partition: a.partition, offset: a.offset }),
+            replay: (status != Status::Same).then(|| e.value.clone()),
+            actual: a.filter(|_| status == Status::Changed).map(|a| a.event.to_json()),
+            fields,
+        };
+        let Some(copies) = by_id.get(e.event_id.as_str()) else {
+            counts.missing += 1;
+            entries.push(entry(Status::Missing, None, Vec::new()));
+            continue;
+        };
+        let compare = |a: &Actual| {
+            let mut f = Vec::new();
+            if a.topic != e.topic {
+                f.push(FieldDiff { path: "topic".into(), replay: json!(e.topic), actual: json!(a.topic) });
+            }
+            if a.key.as_deref() != Some(e.key.as_str()) {
+                f.push(FieldDiff { path: "key".into(), replay: json!(e.key), actual: json!(a.key) });
+            }
+            if a.event.schema_name() != e.event {
+                f.push(FieldDiff { path: "event".into(), replay: json!(e.event), actual: json!(a.event.schema_name()) });
+            }
+            f.extend(field_diffs(&e.value, &a.event.to_json()));
+            f
+        };
+        if let Some(a) = copies.iter().find(|a| compare(a).is_empty()) {
+            counts.same += 1;
+            entries.push(entry(Status::Same, Some(a), Vec::new()));
+        } else {
+            counts.changed += 1;
+            entries.push(entry(Status::Changed, Some(copies[0]), compare(copies[0])));
+        }
+    }
+    let mut extra_ids: HashSet<&str> = HashSet::new();
+    for a in actual {
+        let id = a.event.event_id();
+        if seen.contains(id) || extra_ids.contains(id) || !in_window(a) || !causes.explains(a) {
+            continue;
+        }
+        extra_ids.insert(id);
+        counts.extra += 1;
+        entries.push(DiffEntry {
+            status: Status::Extra,
+            topic: a.topic.clone(),
+            key: a.key.clone().unwrap_or_default(),
+            event: a.event.schema_name().to_string(),
+            event_id: id.to_string(),
+            cause: None,
+            actual_at: Some(At { topic: a.topic.clone(), partition: a.partition, offset: a.offset }),
+            replay: None,
+            actual: Some(a.event.to_json()),
+            fields: Vec::new(),
+        });
+    }
+    (entries, counts)
+}
+
+// ------------------------------------------------------------------------------------------
+// The broker side.
+
+/// A consumer that reads by assigning partitions (a throwaway `group.id`, nothing committed).
+struct Reader {
+    consumer: BaseConsumer,
+}
+
+impl Reader {
+    fn new(broker: &BrokerConfig) -> Result<Reader> {
+        let mut config = client_config(broker, Side::Consumer);
+        config.set("group.id", format!("orderflow-replay-through-{}-{}", std::process::id(), now_ms()));
+        config.set("enable.auto.commit", "false");
+        Ok(Reader { consumer: config.create().context("creating the replay reader")? })
+    }
+
+    fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64)> {
+        self.consumer.fetch_watermarks(topic, partition, META_TIMEOUT).with_context(|| format!("watermarks of {topic}[{partition}]"))
+    }
+
+    /// Partitions of `topic` on the broker.
+    fn partitions(&self, topic: &str) -> Result<i32> {
+        let md = self.consumer.fetch_metadata(Some(topic), META_TIMEOUT).with_context(|| format!("metadata of {topic}"))?;
+        let t = md.topics().first().with_context(|| format!("no metadata for {topic}"))?;
+        if let Some(e) = t.error() {
+            bail!("topic {topic}: {e:?}");
+        }
+        Ok(t.partitions().len() as i32)
+    }
+
+    /// The first offset of each partition whose timestamp is ≥ `ts_ms` (the high watermark when
+    /// none).
+    fn offsets_for_time(&self, topic: &str, partitions: i32, ts_ms: i64) -> Result<BTreeMap<i32, i64>> {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Offset(ts_ms))?;
+        }
+        let found = self.consumer.offsets_for_times(tpl, META_TIMEOUT).with_context(|| format!("offsets of {topic} by time"))?;
+        let mut out = BTreeMap::new();
+        for e in found.elements() {
+            let o = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => self.watermarks(topic, e.partition())?.1,
+            };
+            out.insert(e.partition(), o);
+        }
+        Ok(out)
+    }
+
+    /// Every record of `topic` in each `(partition, start, end)` range (end exclusive), in
+    /// offset order per partition.
+    ///
+    /// Errors: no progress for [`STALL_TIMEOUT`].
+    fn read(&self, topic: &str, ranges: &[(i32, i64, i64)]) -> Result<Vec<OwnedMessage>> {
+        let mut pending: BTreeMap<i32, (i64, i64)> = ranges.iter().filter(|r| r.1 < r.2).map(|r| (r.0, (r.1, r.2))).collect();
+        let mut out = Vec::new();
+        if pending.is_empty() {
+            return Ok(out);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, (start, _)) in &pending {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*start))?;
+        }
+        self.consumer.assign(&tpl)?;
+        let mut progress = Instant::now();
+        let mut last_error = None;
+        while !pending.is_empty() {
+            match self.consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    if let Some(&(start, end)) = pending.get(&m.partition()) {
+                        progress = Instant::now();
+                        if (start..end).contains(&m.offset()) {
+                            out.push(m.detach());
+                        }
+                        if m.offset() >= end - 1 {
+                            pending.remove(&m.partition());
+                        }
+                    }
+                }
+                Some(Err(e)) => last_error = Some(e),
+                None => {
+                    // Offsets without a record (transaction markers, compacted records) can end a
+                    // range: the position then passes its end without a message.
+                    if let Ok(pos) = self.consumer.position() {
+                        for e in pos.elements() {
+                            if let (Offset::Offset(o), Some(&(_, end))) = (e.offset(), pending.get(&e.partition())) {
+                                if o >= end {
+                                    pending.remove(&e.partition());
+                                }
+                            }
+                        }
+                    }
+                    if progress.elapsed() > STALL_TIMEOUT {
+                        bail!(
+                            "reading {topic} made no progress for {}s; still waiting for partitions {:?}{}",
+                            STALL_TIMEOUT.as_secs(),
+                            pending.keys().collect::<Vec<_>>(),
+                            last_error.map(|e| format!("; last error: {e}")).unwrap_or_default()
+                        );
+                    }
+                }
+            }
+        }
+        let _ = self.consumer.unassign();
+        out.sort_by_key(|m| (m.partition(), m.offset()));
+        Ok(out)
+    }
+}
+
+/// Runs blocking Kafka client calls off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.context("reader task panicked")?
+}
+
+/// The longest time after an input a timer of `spec` can emit (ms): its reservation TTL and
+/// saga timeouts, whichever its kind uses.
+fn timer_horizon_ms(spec: &WorkerSpec) -> i64 {
+    let mut h = Duration::ZERO;
+    for k in crate::kinds::KINDS.iter().filter(|k| k.name == spec.kind) {
+        if k.uses_ttl {
+            h = h.max(spec.reservation_ttl());
+        }
+        if k.uses_saga_timeouts {
+            h = h.max(spec.saga_timeout()).max(spec.stock_answer_timeout());
+        }
+    }
+    h.as_millis() as i64
+}
+
+/// `orderflow replay ... --through WORKER`: rebuilds the shadow state, replays the range through
+/// the worker's logic, prints one JSON line per emitted event (`--dry-run`) or per compared event
+/// (`--diff`, see [`diff`]) on stdout, and returns the summary:
+///
+/// ```json
+/// {"mode": "dry-run" | "diff", "worker", "topic", "ranges": [{"partition","from","to"}],
+///  "reservation_ttl_ms", "approximate": bool, "shadow": [ShadowReport],
+///  "inputs", "processed", "duplicates", "dead_letters", "failures", "timers_fired",
+///  "outputs", "outputs_per_topic": {topic: n}, "dead_lettered": [DeadLetter],
+///  "failed": [DeadLetter], "time_window_ms": [first, last] | null,
+///  "diff": {"same","changed","missing","extra", "read": {topic: records}, "window_ms": [from, to],
+///           "whole_topics": bool, "not_same": [DiffEntry]}}   // --diff only
+/// ```
+///
+/// Errors: no `--through` worker, a worker not in the topology or not reading the replayed
+/// topic, neither `--dry-run` nor `--diff`, broker errors, an undecodable changelog record.
+/// Differences are not errors.
 pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Result<Value> {
-    let _ = (args, loaded, resolved);
-    anyhow::bail!("--through is not implemented yet")
+    let t = &loaded.topology;
+    let worker = args.through.clone().context("--through WORKER is required here")?;
+    let Some(spec) = t.workers.get(&worker) else {
+        bail!("worker {worker} is not in the topology (workers: {})", t.workers.keys().cloned().collect::<Vec<_>>().join(", "));
+    };
+    let topic = resolved.topic.clone();
+    if !spec.inputs.contains(&topic) {
+        bail!("worker {worker} does not read {topic} (its inputs: {})", spec.inputs.join(", "));
+    }
+    let mode = match (args.dry_run, args.diff) {
+        (_, true) => "diff",
+        (true, false) => "dry-run",
+        (false, false) => bail!("--through needs --dry-run or --diff"),
+    };
+    let mut spec = spec.clone();
+    let kind = crate::kinds::KINDS.iter().find(|k| k.name == spec.kind).with_context(|| format!("unknown kind {}", spec.kind))?;
+    if let Some(ttl) = args.reservation_ttl {
+        if kind.uses_ttl {
+            spec.reservation_ttl = Some(ttl);
+        } else {
+            tracing::warn!(%worker, kind = %spec.kind, "--reservation-ttl ignored: this kind has no reservation TTL");
+        }
+    }
+    let processor = crate::kinds::build(&spec).with_context(|| format!("worker {worker}: unknown kind {}", spec.kind))?;
+    let ports: BTreeMap<String, String> =
+        spec.outputs.iter().filter(|(p, _)| kind.ports.contains(&p.as_str())).map(|(p, t)| (p.clone(), t.clone())).collect();
+    let codec = Codec::load(&loaded.avro_dir(), t.broker.registry_url.as_deref())?;
+    let rules = Admission::of(loaded, &topic);
+    let broker = t.broker.clone();
+
+    // 1. The range's records.
+    let inputs = {
+        let (broker, resolved) = (broker.clone(), resolved.clone());
+        blocking(move || {
+            let mut v = Vec::new();
+            crate::replay::read_range(&broker, &resolved, &mut |m| {
+                v.push(m);
+                Ok(())
+            })?;
+            Ok(v)
+        })
+        .await?
+    };
+
+    // 2. The shadow of every replayed partition.
+    let changelog = orderflow_runtime::changelog::topic(&worker);
+    let guarantee = spec.guarantee(&t.defaults);
+    let ranges: Vec<(i32, i64, i64)> = resolved.ranges.iter().map(|r| (r.partition, r.from, r.to)).collect();
+    let (shards, mut reports) = {
+        let (broker, changelog, inputs_of, topic, ranges) =
+            (broker.clone(), changelog.clone(), spec.inputs.clone(), topic.clone(), ranges.clone());
+        blocking(move || {
+            let reader = Reader::new(&broker)?;
+            let mut shards = BTreeMap::new();
+            let mut reports = Vec::new();
+            for (p, from, _) in ranges {
+                let marks = reader
+                    .watermarks(&changelog, p)
+                    .with_context(|| format!("the changelog {changelog} (created by `orderflow topics`)"))?;
+                let mut b = ShadowBuilder::new(&inputs_of, &topic, p, from, marks, guarantee);
+                for m in reader.read(&changelog, &[(p, marks.0, marks.1)])? {
+                    b.push(m.offset(), m.key().unwrap_or_default(), m.payload()).map_err(|e| anyhow::anyhow!("{changelog}[{p}]: {e}"))?;
+                }
+                let (store, report) = b.finish();
+                shards.insert(p, store);
+                reports.push(report);
+            }
+            Ok((shards, reports))
+        })
+        .await?
+    };
+    if spec.inputs.len() > 1 {
+        for r in reports.iter_mut().filter(|r| r.position < r.range_from) {
+            r.approximate = true;
+            r.notes.push(format!(
+                "the last unit before the range ended at offset {}; its records of other inputs than {topic} are not warmed up",
+                r.position
+            ));
+        }
+    }
+
+    // 3. Warm-up records between each shadow's position and the range start.
+    let warm: Vec<(i32, i64, i64)> =
+        reports.iter().filter(|r| r.position < r.range_from).map(|r| (r.partition, r.position, r.range_from)).collect();
+    let warm_records = if warm.is_empty() {
+        Vec::new()
+    } else {
+        let (broker, topic) = (broker.clone(), topic.clone());
+        blocking(move || {
+            let reader = Reader::new(&broker)?;
+            let mut lows = Vec::new();
+            for (p, from, to) in warm {
+                let (low, _) = reader.watermarks(&topic, p)?;
+                lows.push((p, from.max(low), to));
+            }
+            reader.read(&topic, &lows)
+        })
+        .await?
+    };
+    let mut engine = Engine::new(processor, &topic, ports.clone(), shards);
+    for m in &warm_records {
+        let ts = timestamp_of(m).unwrap_or(i64::MIN);
+        let decoded = admit(&codec, &rules, m, ts).await;
+        engine.step(m.partition(), m.offset(), ts, decoded, false);
+    }
+    for r in reports.iter_mut() {
+        r.warmed_up = warm_records.iter().filter(|m| m.partition() == r.partition).count() as u64;
+    }
+
+    // 4. The range.
+    let keys: Vec<(i32, i64, i64)> = inputs.iter().map(|m| (m.partition(), m.offset(), timestamp_of(m).unwrap_or(i64::MIN))).collect();
+    let mut decoded_inputs = Vec::new();
+    for i in replay_order(&keys) {
+        let m = &inputs[i];
+        let ts = keys[i].2;
+        let decoded = admit(&codec, &rules, m, ts).await;
+        if let Ok(e) = &decoded {
+            decoded_inputs.push(e.clone());
+        }
+        engine.step(m.partition(), m.offset(), ts, decoded, true);
+    }
+    let times: Vec<i64> = keys.iter().map(|k| k.2).filter(|t| *t != i64::MIN).collect();
+    let window = times.iter().min().zip(times.iter().max()).map(|(a, b)| (*a, *b));
+
+    let approximate = reports.iter().any(|r| r.approximate);
+    let mut summary = json!({
+        "mode": mode,
+        "worker": worker,
+        "topic": topic,
+        "ranges": resolved.ranges.iter().map(|r| json!({"partition": r.partition, "from": r.from, "to": r.to})).collect::<Vec<_>>(),
+        "reservation_ttl_ms": kind.uses_ttl.then(|| spec.reservation_ttl().as_millis() as i64),
+        "approximate": approximate,
+        "shadow": reports,
+        "time_window_ms": window.map(|(a, b)| json!([a, b])),
+    });
+    let stats = serde_json::to_value(&engine.stats)?;
+    for (k, v) in stats.as_object().expect("stats is an object") {
+        summary[k] = v.clone();
+    }
+    summary["dead_lettered"] = serde_json::to_value(&engine.dead_letters)?;
+    summary["failed"] = serde_json::to_value(&engine.failures)?;
+
+    if mode == "dry-run" {
+        for e in &engine.emitted {
+            println!("{}", serde_json::to_string(e)?);
+        }
+        return Ok(summary);
+    }
+
+    // 5. --diff: what was emitted live.
+    let horizon = timer_horizon_ms(&spec).max(spec.reservation_ttl.map(|d| d.as_millis() as i64).unwrap_or(0));
+    let (w_from, w_to) = match window {
+        Some((a, b)) => (a.saturating_sub(WINDOW_MARGIN_MS), b.saturating_add(horizon).saturating_add(WINDOW_MARGIN_MS)),
+        None => (i64::MIN, i64::MAX),
+    };
+    let out_topics: BTreeSet<String> = ports.values().cloned().collect();
+    let (records, whole) = {
+        let (broker, out_topics) = (broker.clone(), out_topics.clone());
+        blocking(move || {
+            let reader = Reader::new(&broker)?;
+            let mut marks = BTreeMap::new();
+            let mut total = 0;
+            for t in &out_topics {
+                for p in 0..reader.partitions(t)? {
+                    let m = reader.watermarks(t, p)?;
+                    total += m.1 - m.0;
+                    marks.insert((t.clone(), p), m);
+                }
+            }
+            let whole = total <= WHOLE_TOPIC_LIMIT || w_from == i64::MIN;
+            let mut records = Vec::new();
+            for t in &out_topics {
+                let parts: Vec<i32> = marks.keys().filter(|(x, _)| x == t).map(|(_, p)| *p).collect();
+                let ranges: Vec<(i32, i64, i64)> = if whole {
+                    parts.iter().map(|p| (*p, marks[&(t.clone(), *p)].0, marks[&(t.clone(), *p)].1)).collect()
+                } else {
+                    let starts = reader.offsets_for_time(t, parts.len() as i32, w_from)?;
+                    let ends = reader.offsets_for_time(t, parts.len() as i32, w_to.saturating_add(1))?;
+                    parts.iter().map(|p| (*p, starts[p], ends[p])).collect()
+                };
+                records.extend(reader.read(t, &ranges)?);
+            }
+            Ok((records, whole))
+        })
+        .await?
+    };
+    let mut read: BTreeMap<String, u64> = out_topics.iter().map(|t| (t.clone(), 0)).collect();
+    let mut actual = Vec::new();
+    let mut undecodable = 0u64;
+    for m in &records {
+        *read.entry(m.topic().to_string()).or_default() += 1;
+        let decoded = match m.payload() {
+            Some(p) => codec.decode(p).await.ok(),
+            None => None,
+        };
+        let Some(event) = decoded else {
+            undecodable += 1;
+            continue;
+        };
+        actual.push(Actual {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: timestamp_of(m),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            event,
+        });
+    }
+    let mut causes = Causes::of(&decoded_inputs);
+    let in_window = |a: &Actual| a.timestamp_ms.is_none_or(|ts| ts >= w_from && ts <= w_to);
+    let (entries, counts) = diff(&engine.emitted, &actual, &mut causes, in_window);
+    for e in &entries {
+        println!("{}", serde_json::to_string(e)?);
+    }
+    let not_same: Vec<&DiffEntry> = entries.iter().filter(|e| e.status != Status::Same).collect();
+    summary["diff"] = json!({
+        "same": counts.same,
+        "changed": counts.changed,
+        "missing": counts.missing,
+        "extra": counts.extra,
+        "read": read,
+        "undecodable": undecodable,
+        "whole_topics": whole,
+        "window_ms": window.map(|_| json!([w_from, w_to])),
+        "not_same": not_same,
+    });
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orderflow_api::events::StockUpdated;
+    use orderflow_api::fixtures::*;
+    use orderflow_api::Changes;
+    use orderflow_runtime::changelog;
+
+    const TOPIC: &str = "stock.commands";
+    const T0: i64 = 1_700_000_000_000;
+    const TTL: i64 = 60_000;
+
+    fn inputs() -> Vec<String> {
+        vec![TOPIC.to_string()]
+    }
+
+    /// Changelog records `(offset, key, value)` of `units` (changes, next input offset), from
+    /// offset 0, as the runtime writes them.
+    fn changelog_of(units: &[(Changes, i64)]) -> Vec<(i64, Vec<u8>, Option<Vec<u8>>)> {
+        let mut out = Vec::new();
+        for (changes, next) in units {
+            for r in changelog::records(&inputs(), changes, &BTreeMap::from([(TOPIC.to_string(), *next)])) {
+                out.push((out.len() as i64, r.key, r.value));
+            }
+        }
+        out
+    }
+
+    fn rebuild(records: &[(i64, Vec<u8>, Option<Vec<u8>>)], from: i64) -> (MemoryStore, ShadowReport) {
+        let low = records.first().map(|r| r.0).unwrap_or(0);
+        let high = records.last().map(|r| r.0 + 1).unwrap_or(0);
+        let mut b = ShadowBuilder::new(&inputs(), TOPIC, 0, from, (low, high), Guarantee::EffectivelyOnce);
+        for (o, k, v) in records {
+            b.push(*o, k, v.as_deref()).unwrap();
+        }
+        b.finish()
+    }
+
+    fn changes(writes: &[(&str, Option<&str>)], timers: &[(&str, Option<i64>)]) -> Changes {
+        let mut c = Changes::default();
+        for (k, v) in writes {
+            c.writes.insert(k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec()));
+        }
+        for (k, at) in timers {
+            c.timers.insert(k.as_bytes().to_vec(), *at);
+        }
+        c
+    }
+
+    /// Three committed units ending at input offsets 3, 5 and 9, then an orphan record.
+    fn three_units() -> Vec<(i64, Vec<u8>, Option<Vec<u8>>)> {
+        let mut recs = changelog_of(&[
+            (changes(&[("a", Some("1"))], &[("t", Some(100))]), 3),
+            (changes(&[("a", Some("2")), ("b", Some("1"))], &[]), 5),
+            (changes(&[("a", None)], &[]), 9),
+        ]);
+        let orphan = changelog::records(&inputs(), &changes(&[("c", Some("1"))], &[]), &BTreeMap::from([(TOPIC.to_string(), 12)]));
+        recs.push((recs.len() as i64, orphan[0].key.clone(), orphan[0].value.clone()));
+        recs
+    }
+
+    #[test]
+    fn shadow_applies_the_units_that_ended_at_or_before_the_range_start() {
+        let recs = three_units();
+        let (store, r) = rebuild(&recs, 5);
+        assert_eq!(store.data, BTreeMap::from([(b"a".to_vec(), b"2".to_vec()), (b"b".to_vec(), b"1".to_vec())]));
+        assert_eq!(store.timers, BTreeMap::from([(b"t".to_vec(), 100)]));
+        assert_eq!((r.units, r.position, r.not_applied, r.approximate), (2, 5, 1, false), "{r:?}");
+
+        // No marker at offset 4: the shadow is at 3, and 3..4 is warmed up by the caller.
+        let (store, r) = rebuild(&recs, 4);
+        assert_eq!(store.data, BTreeMap::from([(b"a".to_vec(), b"1".to_vec())]));
+        assert_eq!((r.units, r.position), (1, 3));
+
+        // Past every marker: everything committed, the orphan dropped.
+        let (store, r) = rebuild(&recs, 100);
+        assert_eq!(store.data, BTreeMap::from([(b"b".to_vec(), b"1".to_vec())]));
+        assert_eq!((r.units, r.position, r.not_applied), (3, 9, 1));
+
+        // Before every unit: empty.
+        let (store, r) = rebuild(&recs, 0);
+        assert!(store.data.is_empty() && store.timers.is_empty());
+        assert_eq!((r.units, r.position), (0, 0));
+    }
+
+    #[test]
+    fn a_compacted_changelog_gives_an_approximate_shadow_from_the_records_own_offsets() {
+        // Compaction removed unit 1's marker and its superseded `a=1`: offsets 0 and 2 are gone.
+        let recs: Vec<_> = three_units().into_iter().filter(|r| r.0 != 0 && r.0 != 2).collect();
+        let (store, r) = rebuild(&recs, 4);
+        assert_eq!(store.timers, BTreeMap::from([(b"t".to_vec(), 100)]), "the timer record carries offset 3 ≤ 4");
+        assert!(store.data.is_empty(), "a=1 was compacted away and a=2 belongs to a unit past the start");
+        assert!(r.approximate, "{r:?}");
+        assert!(r.notes.iter().any(|n| n.contains("compaction")), "{:?}", r.notes);
+
+        // A changelog starting above 0 (retention) is approximate too.
+        let recs: Vec<_> = three_units().into_iter().skip(3).collect();
+        let (_, r) = rebuild(&recs, 100);
+        assert!(r.approximate && r.notes[0].contains("starts at offset 3"), "{r:?}");
+    }
+
+    #[test]
+    fn garbage_changelog_records_are_errors() {
+        let mut b = ShadowBuilder::new(&inputs(), TOPIC, 0, 5, (0, 2), Guarantee::EffectivelyOnce);
+        assert!(b.push(0, b"x", Some(&[1, 0])).unwrap_err().contains("unknown changelog key"));
+        assert!(b.push(1, b"m", Some(&[7, 0])).unwrap_err().contains("version"));
+    }
+
+    fn reserver_ports() -> BTreeMap<String, String> {
+        [
+            ("reserved", "stock.reserved"),
+            ("failed", "stock.reservation.failed"),
+            ("released", "stock.reservation.released"),
+            ("updated", "stock.updated"),
+        ]
+        .into_iter()
+        .map(|(p, t)| (p.to_string(), t.to_string()))
+        .collect()
+    }
+
+    /// A stock reserver (TTL `ttl`) over a shadow rebuilt from a changelog holding a restock of
+    /// 10 × P-1, committed at input offset 1.
+    fn reserver_engine(ttl: i64) -> Engine {
+        let mut empty = MemoryStore::default();
+        let mut p = stock_reserver::StockReserver::new(ttl);
+        let ctx = Context { topic: TOPIC.into(), partition: 0, offset: 0, now_ms: T0 };
+        let mut out = orderflow_api::Outputs::new(reserver_ports().into_keys());
+        let mut txn = StateTxn::new(&empty);
+        handle(&mut p, &ctx, &inventory_adjusted("restock-1", T0, &[("P-1", 10)]).into(), &mut txn, &mut out).unwrap();
+        let c = txn.into_changes();
+        let (shadow, report) = rebuild(&changelog_of(&[(c.clone(), 1)]), 1);
+        assert_eq!(report.position, 1);
+        empty.apply(c);
+        assert_eq!(shadow.data, empty.data, "the shadow is the committed state");
+        Engine::new(Box::new(stock_reserver::StockReserver::new(ttl)), TOPIC, reserver_ports(), BTreeMap::from([(0, shadow)]))
+    }
+
+    /// Inputs 1..=5: an order, its repeat, an order without a store, a record that does not
+    /// decode, an order the stock cannot serve.
+    fn replay(engine: &mut Engine) {
+        let o1: Event = order_created("e-o1", "O-1", T0 + 1_000, &[("P-1", 3)]).into();
+        let no_store: Event =
+            orderflow_api::events::OrderCreated { store_id: String::new(), ..order_created("e-o3", "O-3", T0 + 3_000, &[("P-1", 1)]) }
+                .into();
+        let o2: Event = order_created("e-o2", "O-2", T0 + 5_000, &[("P-1", 20)]).into();
+        engine.step(0, 1, T0 + 1_000, Ok(o1.clone()), true);
+        engine.step(0, 2, T0 + 2_000, Ok(o1), true);
+        engine.step(0, 3, T0 + 3_000, Ok(no_store), true);
+        engine.step(0, 4, T0 + 4_000, Err(Rejection::new("not_avro", "not Avro")), true);
+        engine.step(0, 5, T0 + 5_000, Ok(o2), true);
+    }
+
+    #[test]
+    fn dry_run_emits_what_the_worker_would_with_dead_letters_and_duplicates() {
+        let mut engine = reserver_engine(TTL);
+        replay(&mut engine);
+        let got: Vec<(&str, &str, &str, &str)> =
+            engine.emitted.iter().map(|e| (e.port.as_str(), e.topic.as_str(), e.key.as_str(), e.event.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("reserved", "stock.reserved", "O-1", "StockReserved"),
+                ("failed", "stock.reservation.failed", "O-2", "StockReservationFailed")
+            ]
+        );
+        let reserved = &engine.emitted[0];
+        assert_eq!(reserved.event_id, derive_event_id("e-o1", "stock.reserved"));
+        assert_eq!(reserved.value["expiresAt"], T0 + 1_000 + TTL);
+        assert_eq!(reserved.cause, Cause::Input { partition: 0, offset: 1, event_id: "e-o1".into() });
+        assert_eq!(engine.emitted[1].value["reason"], "INSUFFICIENT_STOCK");
+        assert_eq!(engine.emitted[1].value["items"][0]["available"], 7, "the shadow's restock minus O-1's reservation");
+        let s = &engine.stats;
+        assert_eq!((s.inputs, s.processed, s.duplicates, s.dead_letters, s.failures, s.outputs), (5, 2, 1, 2, 0, 2), "{s:?}");
+        assert_eq!(s.outputs_per_topic, BTreeMap::from([("stock.reserved".into(), 1), ("stock.reservation.failed".into(), 1)]));
+        let dl: Vec<(i64, &str)> = engine.dead_letters.iter().map(|d| (d.offset, d.class.as_str())).collect();
+        assert_eq!(dl, vec![(3, "invalid"), (4, "not_avro")]);
+        let line = serde_json::to_value(reserved).unwrap();
+        for k in ["port", "topic", "key", "event", "eventId", "value", "cause"] {
+            assert!(line.get(k).is_some(), "{k} missing from {line}");
+        }
+        // The shadow moved; nothing else did.
+        let res: Value = engine.shard(0).unwrap().get_json(&stock_reserver::reservation_key("O-1")).unwrap();
+        assert_eq!(res["status"], "LIVE");
+    }
+
+    #[test]
+    fn a_warm_up_moves_the_state_without_reporting() {
+        let mut engine = reserver_engine(TTL);
+        engine.step(0, 1, T0 + 1_000, Ok(order_created("e-o1", "O-1", T0 + 1_000, &[("P-1", 9)]).into()), false);
+        assert!(engine.emitted.is_empty());
+        assert_eq!(engine.stats.inputs, 0);
+        engine.step(0, 2, T0 + 2_000, Ok(order_created("e-o2", "O-2", T0 + 2_000, &[("P-1", 2)]).into()), true);
+        assert_eq!(engine.emitted.len(), 1);
+        assert_eq!(engine.emitted[0].event, "StockReservationFailed", "9 of 10 were reserved during the warm-up");
+    }
+
+    #[test]
+    fn timers_fire_as_the_replayed_time_passes() {
+        let ports = BTreeMap::from([("expired".to_string(), "stock.reservation.expired".to_string())]);
+        let mut engine = Engine::new(Box::new(reservation_expirer::ReservationExpirer::new(TTL)), "stock.reserved", ports, BTreeMap::new());
+        let r1 = stock_reserved("e-r1", "O-1", "R-1", T0, T0 + TTL, &[("P-1", 1)]);
+        let r2 = stock_reserved("e-r2", "O-2", "R-2", T0 + TTL + 5, T0 + 2 * TTL + 5, &[("P-1", 1)]);
+        engine.step(0, 0, T0, Ok(r1.into()), true);
+        engine.step(0, 1, T0 + TTL - 1, Ok(stock_reserved("e-r3", "O-3", "R-3", T0, T0 + TTL, &[]).into()), true);
+        assert!(engine.emitted.is_empty(), "not due yet");
+        engine.step(1, 0, T0 + TTL + 5, Ok(r2.into()), true);
+        assert_eq!(engine.stats.timers_fired, 2, "O-1 and O-3 (O-3 has no items but still a timer)");
+        let e = &engine.emitted[0];
+        assert_eq!((e.event.as_str(), e.key.as_str()), ("StockReservationExpired", "O-1"));
+        assert_eq!(e.event_id, derive_event_id("R-1", "stock.reservation.expired"));
+        assert!(matches!(&e.cause, Cause::Timer { partition: 0, due_ms, at_ms, .. } if *due_ms == T0 + TTL && *at_ms == T0 + TTL + 5));
+    }
+
+    fn actual_of(e: &Emitted, offset: i64) -> Actual {
+        Actual {
+            topic: e.topic.clone(),
+            partition: 0,
+            offset,
+            timestamp_ms: Some(T0),
+            key: Some(e.key.clone()),
+            event: Event::from_json(&e.event, e.value.clone()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn diff_classifies_same_changed_missing_and_extra() {
+        // Live: the run's TTL. Replay: the same inputs with another TTL.
+        let mut live = reserver_engine(TTL);
+        replay(&mut live);
+        let mut actual: Vec<Actual> = live.emitted.iter().enumerate().map(|(i, e)| actual_of(e, i as i64)).collect();
+        let mut shadow = reserver_engine(TTL);
+        replay(&mut shadow);
+        let inputs: Vec<Event> = vec![
+            order_created("e-o1", "O-1", T0 + 1_000, &[("P-1", 3)]).into(),
+            order_created("e-o2", "O-2", T0 + 5_000, &[("P-1", 20)]).into(),
+        ];
+
+        // Identical runs: all same.
+        let (entries, counts) = diff(&shadow.emitted, &actual, &mut Causes::of(&inputs), |_| true);
+        assert_eq!(counts, DiffCounts { same: 2, changed: 0, missing: 0, extra: 0 });
+        assert!(entries.iter().all(|e| e.status == Status::Same && e.replay.is_none()));
+
+        // Another TTL: stock.reserved changed in expiresAt only.
+        let mut other = reserver_engine(2 * TTL);
+        replay(&mut other);
+        let (entries, counts) = diff(&other.emitted, &actual, &mut Causes::of(&inputs), |_| true);
+        assert_eq!(counts, DiffCounts { same: 1, changed: 1, missing: 0, extra: 0 });
+        let changed = entries.iter().find(|e| e.status == Status::Changed).unwrap();
+        assert_eq!(changed.event, "StockReserved");
+        assert_eq!(
+            changed.fields,
+            vec![FieldDiff { path: "expiresAt".into(), replay: json!(T0 + 1_000 + 2 * TTL), actual: json!(T0 + 1_000 + TTL) }]
+        );
+        assert_eq!(changed.replay.as_ref().unwrap()["expiresAt"], T0 + 1_000 + 2 * TTL);
+        assert_eq!(changed.actual.as_ref().unwrap()["expiresAt"], T0 + 1_000 + TTL);
+
+        // Nothing emitted live for O-2 (missing), a live stock.updated derived from O-1's input
+        // that the replay does not emit (extra), and an unrelated live event (ignored).
+        actual.retain(|a| a.event.order_id() != Some("O-2"));
+        let stray = |id: String| StockUpdated {
+            event_id: id,
+            occurred_at: T0,
+            product_id: "P-1".into(),
+            hq_id: HQ.into(),
+            store_id: STORE.into(),
+            hq_stock: Some(orderflow_api::events::StockLevel { previous: 0, current: 1 }),
+            store_stock: orderflow_api::events::StockLevel { previous: 0, current: 1 },
+            change_amount: 1,
+            change_reason: "CORRECTION".into(),
+            reference_id: "x".into(),
+        };
+        for (i, id) in [derive_event_id("e-o1", "stock.updated/P-1"), "unrelated".to_string()].into_iter().enumerate() {
+            actual.push(Actual {
+                topic: "stock.updated".into(),
+                partition: 1,
+                offset: i as i64,
+                timestamp_ms: Some(T0),
+                key: Some("P-1".into()),
+                event: stray(id).into(),
+            });
+        }
+        let (entries, counts) = diff(&shadow.emitted, &actual, &mut Causes::of(&inputs), |_| true);
+        assert_eq!(counts, DiffCounts { same: 1, changed: 0, missing: 1, extra: 1 });
+        let missing = entries.iter().find(|e| e.status == Status::Missing).unwrap();
+        assert_eq!((missing.key.as_str(), missing.event.as_str()), ("O-2", "StockReservationFailed"));
+        let extra = entries.iter().find(|e| e.status == Status::Extra).unwrap();
+        assert_eq!(extra.event_id, derive_event_id("e-o1", "stock.updated/P-1"));
+        // Outside the window it is not reported.
+        let (_, counts) = diff(&shadow.emitted, &actual, &mut Causes::of(&inputs), |a| a.topic != "stock.updated");
+        assert_eq!(counts.extra, 0);
+    }
+
+    #[test]
+    fn field_diffs_name_nested_paths_and_the_record_key() {
+        let a = json!({"x": 1, "items": [{"p": "A", "n": 1}, {"p": "B", "n": 2}], "y": [1]});
+        let b = json!({"x": 1, "items": [{"p": "A", "n": 1}, {"p": "B", "n": 3}], "y": [1, 2], "z": true});
+        let paths: Vec<String> = field_diffs(&a, &b).into_iter().map(|d| d.path).collect();
+        assert_eq!(paths, vec!["items[1].n", "y", "z"]);
+        let mut e = reserver_engine(TTL);
+        replay(&mut e);
+        let mut a = actual_of(&e.emitted[0], 0);
+        a.key = Some("other".into());
+        let (entries, _) = diff(&e.emitted[..1], &[a], &mut Causes::default(), |_| true);
+        assert_eq!(entries[0].status, Status::Changed);
+        assert_eq!(entries[0].fields[0].path, "key");
+    }
+
+    #[test]
+    fn records_are_replayed_in_offset_order_per_partition_merged_by_time() {
+        // (partition, offset, timestamp); partition 0 has a timestamp going backwards.
+        let items = [(0, 11, 300), (1, 5, 100), (0, 10, 200), (1, 6, 250), (0, 12, 150)];
+        let order: Vec<(i32, i64)> = replay_order(&items).into_iter().map(|i| (items[i].0, items[i].1)).collect();
+        assert_eq!(order, vec![(1, 5), (0, 10), (1, 6), (0, 11), (0, 12)]);
+    }
+
+    #[test]
+    fn admission_rules_of_decoded_events() {
+        let rules = Admission { schemas: vec!["OrderCreated".into()], max_record_bytes: 100, max_clock_skew_ms: 1_000 };
+        let ok: Event = order_created("e", "O", T0, &[("P", 1)]).into();
+        assert_eq!(check_event(&rules, &ok, T0), Ok(()));
+        assert_eq!(check_event(&rules, &ok, T0 - 1_001).unwrap_err().class, "future_timestamp");
+        let no_id: Event = order_created("", "O", T0, &[("P", 1)]).into();
+        assert_eq!(check_event(&rules, &no_id, T0).unwrap_err().class, "invalid");
+        let wrong: Event = order_cancelled("e", "O", "PAYMENT_FAILED", T0).into();
+        assert_eq!(check_event(&rules, &wrong, T0).unwrap_err().class, "wrong_schema");
+    }
 }
