@@ -2,6 +2,7 @@
 
 mod demo;
 mod dlq;
+mod inspect;
 mod kinds;
 mod replay;
 mod replay_through;
@@ -74,6 +75,10 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Dead-letter records: list them, show one, redrive them once the cause is fixed.
     Dlq(dlq::DlqArgs),
+    /// Print a topic's records as JSON lines, decoded, filtered by key and fields; --follow to tail it.
+    Tap(inspect::TapArgs),
+    /// One order's timeline across the saga's topics, with its state after each event.
+    Trace(inspect::TraceArgs),
     /// Replay a range of a topic (by offsets or time): republish it --into a topic, or run it
     /// --through a worker. Safe into a live topic: every worker deduplicates by eventId.
     Replay(replay::ReplayArgs),
@@ -254,6 +259,8 @@ async fn main() -> Result<()> {
         }
         Command::Demo(args) => demo::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
+        Command::Tap(args) => inspect::tap(args).await,
+        Command::Trace(args) => inspect::trace(args).await,
         Command::Replay(args) => replay::run(args).await,
     }
 }
