@@ -1048,7 +1048,7 @@ pub async fn trace(a: TraceArgs) -> Result<()> {
                 "  {}  {}  source {}  worker {}  class {}: {}",
                 d.time_ms().map_or("?".into(), rfc3339),
                 d.at,
-                d.source().map_or("?".into(), |s| s.to_string()),
+                d.source().map_or("?".into(), |s| format!("{}[{}]@{}", s.topic, s.partition, s.offset)),
                 d.worker().unwrap_or("?"),
                 d.class().unwrap_or("?"),
                 cut(d.message().unwrap_or(""), DETAIL_WIDTH)
@@ -1058,12 +1058,19 @@ pub async fn trace(a: TraceArgs) -> Result<()> {
     if !found.undecodable.is_empty() {
         println!("\nrecords keyed by the order that do not decode:");
         for u in &found.undecodable {
-            println!("  {}  {}: {}", u["record"].as_str().unwrap_or("?"), u["class"].as_str().unwrap_or("?"), u["message"]);
+            let text = |k: &str| u[k].as_str().unwrap_or("?").to_string();
+            println!("  {}  {}: {}", text("record"), text("class"), text("message"));
         }
     }
-    println!("\nread (partition-keyed scan):");
+    println!("\nread (partition-keyed scan; records read per partition):");
+    let mut groups: BTreeMap<(bool, &str, &str, i32), Vec<String>> = BTreeMap::new();
     for s in &found.scanned {
-        println!("  {}[{}]  {} {}  {} record(s)", s.topic, s.partition, s.keyed_by, s.key, s.records);
+        let dlq = s.keyed_by.starts_with("dead letters");
+        let by = if dlq { "dead letters, key" } else { s.keyed_by.as_str() };
+        groups.entry((dlq, by, s.key.as_str(), s.partition)).or_default().push(format!("{} {}", s.topic, s.records));
+    }
+    for ((_, by, key, partition), topics) in &groups {
+        println!("  {by} {key} -> partition {partition}: {}", topics.join(", "));
     }
     if !found.missing.is_empty() {
         println!("  not on the broker: {}", found.missing.join(", "));
