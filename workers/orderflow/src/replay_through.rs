@@ -209,6 +209,10 @@ pub struct ShadowReport {
     pub notes: Vec<String>,
 }
 
+/// A gathered changelog record: key (with its tag byte), value (`None`: tombstone) and the
+/// replayed topic's input position it carries (`None` for a tombstone).
+type Pending = (Vec<u8>, Option<Vec<u8>>, Option<i64>);
+
 /// Rebuilds one partition's shadow from its changelog records, fed in offset order with
 /// [`ShadowBuilder::push`].
 ///
@@ -235,7 +239,7 @@ pub struct ShadowBuilder {
     from: i64,
     exactly_once: bool,
     store: MemoryStore,
-    pending: Vec<(Vec<u8>, Option<Vec<u8>>, Option<i64>)>,
+    pending: Vec<Pending>,
     next_expected: Option<i64>,
     done: bool,
     gaps: u64,
@@ -472,6 +476,16 @@ impl Engine {
             dead_letters: Vec::new(),
             failures: Vec::new(),
         }
+    }
+
+    /// The replay clock (ms): the latest record timestamp seen.
+    pub fn clock_ms(&self) -> i64 {
+        self.clock
+    }
+
+    /// Timers still scheduled in the shadow (due after the clock: they did not fire).
+    pub fn pending_timers(&self) -> usize {
+        self.shards.values().map(|s| s.timers.len()).sum()
     }
 
     /// Processes one record of `partition` at `offset`, timestamp `ts_ms`, already decoded and
@@ -1036,7 +1050,7 @@ fn timer_horizon_ms(spec: &WorkerSpec) -> i64 {
 ///
 /// ```json
 /// {"mode": "dry-run" | "diff", "worker", "topic", "ranges": [{"partition","from","to"}],
-///  "reservation_ttl_ms", "approximate": bool, "shadow": [ShadowReport],
+///  "reservation_ttl_ms", "approximate": bool, "limits": [text], "shadow": [ShadowReport],
 ///  "inputs", "processed", "duplicates", "dead_letters", "failures", "timers_fired",
 ///  "outputs", "outputs_per_topic": {topic: n}, "dead_lettered": [DeadLetter],
 ///  "failed": [DeadLetter], "time_window_ms": [first, last] | null,
@@ -1174,6 +1188,21 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
     let window = times.iter().min().zip(times.iter().max()).map(|(a, b)| (*a, *b));
 
     let approximate = reports.iter().any(|r| r.approximate);
+    let mut limits = Vec::new();
+    let others: Vec<&String> = spec.inputs.iter().filter(|i| **i != topic).collect();
+    if !others.is_empty() {
+        limits.push(format!(
+            "only {topic} is replayed: records of the worker's other inputs ({}) are not, so outputs and timers that depend on them can differ from the live run",
+            others.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if engine.pending_timers() > 0 {
+        limits.push(format!(
+            "{} timer(s) due after the last replayed record's time ({}) did not fire",
+            engine.pending_timers(),
+            engine.clock_ms()
+        ));
+    }
     let mut summary = json!({
         "mode": mode,
         "worker": worker,
@@ -1181,6 +1210,7 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
         "ranges": resolved.ranges.iter().map(|r| json!({"partition": r.partition, "from": r.from, "to": r.to})).collect::<Vec<_>>(),
         "reservation_ttl_ms": kind.uses_ttl.then(|| spec.reservation_ttl().as_millis() as i64),
         "approximate": approximate,
+        "limits": limits,
         "shadow": reports,
         "time_window_ms": window.map(|(a, b)| json!([a, b])),
     });
@@ -1222,12 +1252,20 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
             let mut records = Vec::new();
             for t in &out_topics {
                 let parts: Vec<i32> = marks.keys().filter(|(x, _)| x == t).map(|(_, p)| *p).collect();
-                let ranges: Vec<(i32, i64, i64)> = if whole {
-                    parts.iter().map(|p| (*p, marks[&(t.clone(), *p)].0, marks[&(t.clone(), *p)].1)).collect()
+                let all: Vec<(i32, i64, i64)> = parts.iter().map(|p| (*p, marks[&(t.clone(), *p)].0, marks[&(t.clone(), *p)].1)).collect();
+                let ranges = if whole {
+                    all
                 } else {
-                    let starts = reader.offsets_for_time(t, parts.len() as i32, w_from)?;
-                    let ends = reader.offsets_for_time(t, parts.len() as i32, w_to.saturating_add(1))?;
-                    parts.iter().map(|p| (*p, starts[p], ends[p])).collect()
+                    let by_time = reader
+                        .offsets_for_time(t, parts.len() as i32, w_from)
+                        .and_then(|s| Ok((s, reader.offsets_for_time(t, parts.len() as i32, w_to.saturating_add(1))?)));
+                    match by_time {
+                        Ok((starts, ends)) => parts.iter().map(|p| (*p, starts[p], ends[p])).collect(),
+                        Err(e) => {
+                            eprintln!("warning: {e:#}; reading the whole of {t} instead of the time window");
+                            all
+                        }
+                    }
                 };
                 records.extend(reader.read(t, &ranges)?);
             }
@@ -1296,7 +1334,10 @@ mod tests {
 
     /// Changelog records `(offset, key, value)` of `units` (changes, next input offset), from
     /// offset 0, as the runtime writes them.
-    fn changelog_of(units: &[(Changes, i64)]) -> Vec<(i64, Vec<u8>, Option<Vec<u8>>)> {
+    /// A changelog record: offset, key, value.
+    type Rec = (i64, Vec<u8>, Option<Vec<u8>>);
+
+    fn changelog_of(units: &[(Changes, i64)]) -> Vec<Rec> {
         let mut out = Vec::new();
         for (changes, next) in units {
             for r in changelog::records(&inputs(), changes, &BTreeMap::from([(TOPIC.to_string(), *next)])) {
@@ -1306,7 +1347,7 @@ mod tests {
         out
     }
 
-    fn rebuild(records: &[(i64, Vec<u8>, Option<Vec<u8>>)], from: i64) -> (MemoryStore, ShadowReport) {
+    fn rebuild(records: &[Rec], from: i64) -> (MemoryStore, ShadowReport) {
         let low = records.first().map(|r| r.0).unwrap_or(0);
         let high = records.last().map(|r| r.0 + 1).unwrap_or(0);
         let mut b = ShadowBuilder::new(&inputs(), TOPIC, 0, from, (low, high), Guarantee::EffectivelyOnce);
@@ -1328,7 +1369,7 @@ mod tests {
     }
 
     /// Three committed units ending at input offsets 3, 5 and 9, then an orphan record.
-    fn three_units() -> Vec<(i64, Vec<u8>, Option<Vec<u8>>)> {
+    fn three_units() -> Vec<Rec> {
         let mut recs = changelog_of(&[
             (changes(&[("a", Some("1"))], &[("t", Some(100))]), 3),
             (changes(&[("a", Some("2")), ("b", Some("1"))], &[]), 5),
