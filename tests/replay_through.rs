@@ -353,10 +353,12 @@ fn replayed_stock_commands_match_what_the_reserver_emitted() {
     }
     assert_eq!(lines.len() as u64, outputs, "one line per compared event");
     assert!(lines.iter().all(|l| l["status"] == "same"), "{lines:?}");
+    println!("same line: {}", lines[0]);
 
     // 2. Another TTL: exactly the stock.reserved events change, in expiresAt.
     let (_, s) = replay_ok(b, &[&whole[..], &["--diff", "--reservation-ttl", "1h"]].concat());
     let d = &s["diff"];
+    println!("--reservation-ttl 1h: same {} changed {} missing {} extra {}", d["same"], d["changed"], d["missing"], d["extra"]);
     let reserved_n = live["stock.reserved"] as u64;
     assert_eq!((n(&d["same"]), n(&d["changed"]), n(&d["missing"]), n(&d["extra"])), (outputs - reserved_n, reserved_n, 0, 0), "{d}");
     assert_eq!(s["reservation_ttl_ms"], 3_600_000, "{s}");
