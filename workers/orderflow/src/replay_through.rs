@@ -1260,7 +1260,17 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
                         .offsets_for_time(t, parts.len() as i32, w_from)
                         .and_then(|s| Ok((s, reader.offsets_for_time(t, parts.len() as i32, w_to.saturating_add(1))?)));
                     match by_time {
-                        Ok((starts, ends)) => parts.iter().map(|p| (*p, starts[p], ends[p])).collect(),
+                        // Clamped to the watermarks; an end at or before the start (tansu answers a
+                        // time past the end with 0) reads to the high watermark: a superset, the
+                        // window filter applies afterwards.
+                        Ok((starts, ends)) => all
+                            .iter()
+                            .map(|&(p, low, high)| {
+                                let start = starts.get(&p).copied().unwrap_or(low).clamp(low, high);
+                                let end = ends.get(&p).copied().filter(|e| *e > start).map_or(high, |e| e.min(high));
+                                (p, start, end)
+                            })
+                            .collect(),
                         Err(e) => {
                             eprintln!("warning: {e:#}; reading the whole of {t} instead of the time window");
                             all
