@@ -43,7 +43,7 @@ use orderflow_runtime::kafka::{client_config, Side};
 use orderflow_runtime::topology::{BrokerConfig, Topology};
 use orderflow_runtime::worker::now_ms;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
@@ -93,8 +93,8 @@ pub const ERROR_CLASSES: &[&str] = &[
 
 /// How long a metadata or watermark request may take.
 const META_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long reading may go without progress before it gives up.
-const STALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a [`Reader`] may go without progress before it gives up (default).
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a redrive waits for the producer's queue to drain at the end.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bytes of an undecodable value `show` dumps in hex.
@@ -583,84 +583,122 @@ pub fn range(topic: &str, partition: i32, (low, high): (i64, i64), from: Option<
     Ok(Range { topic: topic.to_string(), partition, start: from.unwrap_or(low), end: to.map_or(high, |t| t + 1) })
 }
 
-/// A consumer that reads dead-letter topics by assigning partitions: no group membership, no
-/// commits.
-struct Reader {
+/// Offsets of one partition to read: `start` up to `end` (exclusive), or on forever (`None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    pub topic: String,
+    pub partition: i32,
+    pub start: i64,
+    pub end: Option<i64>,
+}
+
+impl From<&Range> for Span {
+    fn from(r: &Range) -> Span {
+        Span { topic: r.topic.clone(), partition: r.partition, start: r.start, end: Some(r.end) }
+    }
+}
+
+/// A consumer that reads partitions it assigns itself (`read_committed`, the consumer default):
+/// a throwaway `group.id`, no group membership, no commits. Shared by `dlq`, `inspect` and
+/// `replay`. Blocking: call it from [`blocking`], `spawn_blocking` or a thread.
+pub struct Reader {
     consumer: BaseConsumer,
+    stall: Duration,
 }
 
 impl Reader {
-    fn new(broker: &BrokerConfig) -> Result<Reader> {
+    /// A reader whose `group.id` is `<group>-<pid>-<now ms>`, giving up a bounded read after
+    /// [`STALL_TIMEOUT`] without progress (see [`Reader::stall_timeout`]).
+    ///
+    /// Errors: the client cannot be created (the error says `what`, e.g. `creating the reader`).
+    pub fn new(broker: &BrokerConfig, group: &str, what: &'static str) -> Result<Reader> {
         let mut config = client_config(broker, Side::Consumer);
         // Required by librdkafka, never joined: partitions are assigned and nothing is committed.
-        config.set("group.id", format!("orderflow-dlq-reader-{}-{}", std::process::id(), now_ms()));
+        config.set("group.id", format!("{group}-{}-{}", std::process::id(), now_ms()));
         config.set("enable.auto.commit", "false");
-        Ok(Reader { consumer: config.create().context("creating the dead-letter reader")? })
+        Ok(Reader { consumer: config.create().context(what)?, stall: STALL_TIMEOUT })
     }
 
-    /// Every topic on the broker with its partition count.
-    fn broker_topics(&self) -> Result<BTreeMap<String, i32>> {
+    /// The same reader giving up after `stall` without progress.
+    pub fn stall_timeout(self, stall: Duration) -> Reader {
+        Reader { stall, ..self }
+    }
+
+    /// The underlying consumer (metadata and offset queries the reader does not wrap).
+    pub fn consumer(&self) -> &BaseConsumer {
+        &self.consumer
+    }
+
+    /// Every topic on the broker with its partition count (topics with a metadata error left out).
+    ///
+    /// Errors: the metadata request fails or times out (10 s).
+    pub fn broker_topics(&self) -> Result<BTreeMap<String, i32>> {
         let md = self.consumer.fetch_metadata(None, META_TIMEOUT).context("asking the broker for its topics")?;
         Ok(md.topics().iter().filter(|t| t.error().is_none()).map(|t| (t.name().to_string(), t.partitions().len() as i32)).collect())
     }
 
-    fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64)> {
+    /// The `(low, high)` watermarks of `topic[partition]`.
+    ///
+    /// Errors: the request fails or times out (10 s), naming `topic[partition]`.
+    pub fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64)> {
         self.consumer.fetch_watermarks(topic, partition, META_TIMEOUT).with_context(|| format!("watermarks of {topic}[{partition}]"))
     }
 
-    /// The records of every range, sorted by (topic, partition, offset); values kept when
-    /// `with_values`.
+    /// Reads `spans`, giving each record in `[start, end)` to `sink` (in offset order within a
+    /// partition; partitions interleave) until every bounded span is done and no span is
+    /// unbounded, `sink` returns `false`, or `alive` returns `false` (checked between polls).
+    /// Offsets without a record (transaction markers, aborted or compacted records) can end a
+    /// span: the consumer's position passing its end ends it too.
     ///
-    /// Errors: no progress for [`STALL_TIMEOUT`] (broker unreachable, or an open transaction
-    /// holding a `read_committed` reader back).
-    fn read(&self, ranges: &[Range], with_values: bool) -> Result<Vec<DeadLetter>> {
-        let mut pending: BTreeMap<(String, i32), (i64, i64)> =
-            ranges.iter().filter(|r| r.start < r.end).map(|r| ((r.topic.clone(), r.partition), (r.start, r.end))).collect();
-        let mut out = Vec::new();
-        if pending.is_empty() {
-            return Ok(out);
+    /// Errors: assigning the partitions; no progress for the stall timeout while only bounded
+    /// spans remain (broker unreachable, or an open transaction holding a `read_committed` reader
+    /// back), naming the spans still waited for and the last consumer error.
+    pub fn scan(&self, spans: &[Span], alive: impl Fn() -> bool, mut sink: impl FnMut(&BorrowedMessage<'_>) -> bool) -> Result<()> {
+        let spans: Vec<&Span> = spans.iter().filter(|s| s.end.is_none_or(|e| s.start < e)).collect();
+        if spans.is_empty() {
+            return Ok(());
         }
+        let mut pending: BTreeMap<(String, i32), (i64, Option<i64>)> =
+            spans.iter().map(|s| ((s.topic.clone(), s.partition), (s.start, s.end))).collect();
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), (start, _)) in &pending {
-            tpl.add_partition_offset(topic, *partition, Offset::Offset(*start))?;
+        for s in &spans {
+            tpl.add_partition_offset(&s.topic, s.partition, Offset::Offset(s.start))?;
         }
         self.consumer.assign(&tpl)?;
         let mut progress = Instant::now();
         let mut last_error = None;
-        while !pending.is_empty() {
+        while !pending.is_empty() && alive() {
             match self.consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
                     let k = (m.topic().to_string(), m.partition());
-                    if let Some(&(start, end)) = pending.get(&k) {
-                        progress = Instant::now();
-                        if (start..end).contains(&m.offset()) {
-                            out.push(DeadLetter::from_message(&m, with_values));
-                        }
-                        if m.offset() >= end - 1 {
-                            pending.remove(&k);
-                        }
+                    let Some(&(start, end)) = pending.get(&k) else { continue };
+                    progress = Instant::now();
+                    if m.offset() >= start && end.is_none_or(|e| m.offset() < e) && !sink(&m) {
+                        break;
+                    }
+                    if end.is_some_and(|e| m.offset() >= e - 1) {
+                        pending.remove(&k);
                     }
                 }
                 Some(Err(e)) => last_error = Some(e),
                 None => {
-                    // Offsets without a record (transaction markers, aborted records) can end a
-                    // range: the consumer's position then passes its end without a message.
                     if let Ok(pos) = self.consumer.position() {
                         for e in pos.elements() {
                             let k = (e.topic().to_string(), e.partition());
-                            if let (Offset::Offset(o), Some(&(_, end))) = (e.offset(), pending.get(&k)) {
-                                if o >= end {
+                            if let (Offset::Offset(o), Some((_, Some(end)))) = (e.offset(), pending.get(&k)) {
+                                if o >= *end {
                                     pending.remove(&k);
                                 }
                             }
                         }
                     }
-                    if progress.elapsed() > STALL_TIMEOUT {
+                    let following = pending.values().any(|(_, end)| end.is_none());
+                    if !following && !pending.is_empty() && progress.elapsed() > self.stall {
                         let waiting: Vec<String> =
-                            pending.iter().map(|((t, p), (_, end))| format!("{t}[{p}] up to offset {}", end - 1)).collect();
+                            pending.iter().map(|((t, p), (_, end))| format!("{t}[{p}] up to offset {}", end.unwrap_or(0) - 1)).collect();
                         bail!(
                             "reading made no progress for {}s; still waiting for {} (broker unreachable, or an open transaction holds read_committed readers back){}",
-                            STALL_TIMEOUT.as_secs(),
+                            self.stall.as_secs(),
                             waiting.join(", "),
                             last_error.map(|e| format!("; last error: {e}")).unwrap_or_default()
                         );
@@ -669,13 +707,33 @@ impl Reader {
             }
         }
         let _ = self.consumer.unassign();
+        Ok(())
+    }
+
+    /// The dead-letter records of every range, sorted by (topic, partition, offset); values kept
+    /// when `with_values`.
+    ///
+    /// Errors: those of [`Reader::scan`].
+    fn read(&self, ranges: &[Range], with_values: bool) -> Result<Vec<DeadLetter>> {
+        let spans: Vec<Span> = ranges.iter().map(Span::from).collect();
+        let mut out = Vec::new();
+        self.scan(
+            &spans,
+            || true,
+            |m| {
+                out.push(DeadLetter::from_message(m, with_values));
+                true
+            },
+        )?;
         out.sort_by(|a, b| a.at.cmp(&b.at));
         Ok(out)
     }
 }
 
 /// Runs blocking Kafka client calls off the async runtime.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+///
+/// Errors: `f`'s error, or `reader task panicked`.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.context("reader task panicked")?
 }
 
@@ -713,13 +771,13 @@ pub fn hex_dump(bytes: &[u8]) -> String {
     out
 }
 
-/// Lowercase hex of `bytes`.
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex of `bytes` (`[0xab, 0x01]` → `ab01`).
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Bytes as text when they are UTF-8, else as `0x…` hex.
-fn text_or_hex(bytes: &[u8]) -> String {
+pub fn text_or_hex(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(s) => s.to_string(),
         Err(_) => format!("0x{}", hex(bytes)),
@@ -734,8 +792,9 @@ fn source_label(d: &DeadLetter) -> String {
     }
 }
 
-/// Prints rows as columns separated by two spaces (the last column unpadded).
-fn print_table(rows: &[Vec<String>]) {
+/// Prints rows (each as long as the first) to stdout as columns separated by two spaces, each
+/// padded to its widest cell in characters (the last column unpadded, lines right-trimmed).
+pub fn print_table(rows: &[Vec<String>]) {
     let cols = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     for r in rows {
@@ -770,7 +829,7 @@ async fn list(a: ListArgs) -> Result<()> {
     let topics: Vec<String> = if a.topics.is_empty() { topology.dead_letter_topics().into_keys().collect() } else { a.topics.clone() };
     let explicit = !a.topics.is_empty();
     let (records, read_topics) = blocking(move || {
-        let reader = Reader::new(&topology.broker)?;
+        let reader = Reader::new(&topology.broker, "orderflow-dlq-reader", "creating the dead-letter reader")?;
         let on_broker = reader.broker_topics()?;
         let mut ranges = Vec::new();
         for t in &topics {
@@ -848,7 +907,7 @@ async fn show(a: ShowArgs) -> Result<()> {
     let topology = loaded.topology.clone();
     let (topic, partition, offset) = (a.topic.clone(), a.partition, a.offset);
     let record = blocking(move || {
-        let reader = Reader::new(&topology.broker)?;
+        let reader = Reader::new(&topology.broker, "orderflow-dlq-reader", "creating the dead-letter reader")?;
         let on_broker = reader.broker_topics()?;
         let partitions = match find_topic(&topic, &topology, &on_broker)? {
             Found::Present(n) => n,
@@ -966,7 +1025,7 @@ async fn redrive(a: RedriveArgs) -> Result<()> {
     let topology = loaded.topology.clone();
     let (topic, partition, from, to) = (a.topic.clone(), a.partition, a.from, a.to);
     let (records, on_broker, what) = blocking(move || {
-        let reader = Reader::new(&topology.broker)?;
+        let reader = Reader::new(&topology.broker, "orderflow-dlq-reader", "creating the dead-letter reader")?;
         let on_broker = reader.broker_topics()?;
         let partitions = match find_topic(&topic, &topology, &on_broker)? {
             Found::Present(n) => n,

@@ -14,28 +14,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use orderflow_api::events::store_key;
 use orderflow_api::Event;
 use orderflow_runtime::codec::{Codec, CodecError};
-use orderflow_runtime::kafka::{client_config, Side};
 use orderflow_runtime::topology::{BrokerConfig, Topology};
-use orderflow_runtime::worker::now_ms;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::dlq::{cut, rfc3339, Coordinates, DeadLetter};
+use crate::dlq::{blocking, cut, hex, print_table, rfc3339, text_or_hex, Coordinates, DeadLetter, Reader, Span};
 
-/// How long a metadata or watermark request may take.
-const META_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long reading up to a high watermark may go without progress before it gives up.
-const STALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// Bytes of an undecodable value `tap` prints in hex.
 const HEX_BYTES: usize = 256;
 /// Characters of a timeline step's detail in the text output.
@@ -120,133 +111,39 @@ impl Raw {
     }
 }
 
-/// Offsets of one partition to read: `start` up to `end` (exclusive), or on forever (`None`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Span {
-    pub topic: String,
-    pub partition: i32,
-    pub start: i64,
-    pub end: Option<i64>,
+/// A reader for `inspect` (the shared [`Reader`] with its own `group.id` prefix).
+fn scanner(broker: &BrokerConfig) -> Result<Reader> {
+    Reader::new(broker, "orderflow-inspect", "creating the reader")
 }
 
-/// A consumer that reads partitions it assigns itself: no group membership, no commits.
-struct Scanner {
-    consumer: BaseConsumer,
+/// Every record of bounded `spans`, sorted by coordinates.
+///
+/// Errors: those of [`Reader::scan`].
+fn read_all(reader: &Reader, spans: &[Span]) -> Result<Vec<Raw>> {
+    let mut out = Vec::new();
+    reader.scan(
+        spans,
+        || true,
+        |m| {
+            out.push(Raw::from_message(m));
+            true
+        },
+    )?;
+    out.sort_by(|a, b| a.at.cmp(&b.at));
+    Ok(out)
 }
 
-impl Scanner {
-    fn new(broker: &BrokerConfig) -> Result<Scanner> {
-        let mut config = client_config(broker, Side::Consumer);
-        // Required by librdkafka, never joined: partitions are assigned and nothing is committed.
-        config.set("group.id", format!("orderflow-inspect-{}-{}", std::process::id(), now_ms()));
-        config.set("enable.auto.commit", "false");
-        Ok(Scanner { consumer: config.create().context("creating the reader")? })
-    }
-
-    /// Every topic on the broker with its partition count.
-    fn broker_topics(&self) -> Result<BTreeMap<String, i32>> {
-        let md = self.consumer.fetch_metadata(None, META_TIMEOUT).context("asking the broker for its topics")?;
-        Ok(md.topics().iter().filter(|t| t.error().is_none()).map(|t| (t.name().to_string(), t.partitions().len() as i32)).collect())
-    }
-
-    fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64)> {
-        self.consumer.fetch_watermarks(topic, partition, META_TIMEOUT).with_context(|| format!("watermarks of {topic}[{partition}]"))
-    }
-
-    /// Reads `spans`, giving each record to `sink` (in partition order; partitions interleaved)
-    /// until every bounded span is done and no span is unbounded, `sink` returns `false`, or
-    /// `alive` returns `false` (checked between polls).
-    ///
-    /// Errors: no progress for [`STALL_TIMEOUT`] while only bounded spans remain (broker
-    /// unreachable, or an open transaction holding a `read_committed` reader back).
-    fn scan(&self, spans: &[Span], alive: impl Fn() -> bool, mut sink: impl FnMut(Raw) -> bool) -> Result<()> {
-        let spans: Vec<&Span> = spans.iter().filter(|s| s.end.is_none_or(|e| s.start < e)).collect();
-        if spans.is_empty() {
-            return Ok(());
-        }
-        let mut pending: BTreeMap<(String, i32), Option<i64>> = spans.iter().map(|s| ((s.topic.clone(), s.partition), s.end)).collect();
-        let mut tpl = TopicPartitionList::new();
-        for s in &spans {
-            tpl.add_partition_offset(&s.topic, s.partition, Offset::Offset(s.start))?;
-        }
-        self.consumer.assign(&tpl)?;
-        let mut progress = Instant::now();
-        let mut last_error = None;
-        while !pending.is_empty() && alive() {
-            match self.consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => {
-                    let k = (m.topic().to_string(), m.partition());
-                    let Some(&end) = pending.get(&k) else { continue };
-                    progress = Instant::now();
-                    if end.is_none_or(|e| m.offset() < e) && !sink(Raw::from_message(&m)) {
-                        break;
-                    }
-                    if end.is_some_and(|e| m.offset() >= e - 1) {
-                        pending.remove(&k);
-                    }
-                }
-                Some(Err(e)) => last_error = Some(e),
-                None => {
-                    // Offsets without a record (transaction markers, aborted records) can end a
-                    // span: the position then passes its end without a message.
-                    if let Ok(pos) = self.consumer.position() {
-                        for e in pos.elements() {
-                            let k = (e.topic().to_string(), e.partition());
-                            if let (Offset::Offset(o), Some(Some(end))) = (e.offset(), pending.get(&k)) {
-                                if o >= *end {
-                                    pending.remove(&k);
-                                }
-                            }
-                        }
-                    }
-                    let following = pending.values().any(Option::is_none);
-                    if !following && progress.elapsed() > STALL_TIMEOUT {
-                        let waiting: Vec<String> =
-                            pending.iter().map(|((t, p), end)| format!("{t}[{p}] up to offset {}", end.unwrap_or(0) - 1)).collect();
-                        bail!(
-                            "reading made no progress for {}s; still waiting for {} (broker unreachable, or an open transaction holds read_committed readers back){}",
-                            STALL_TIMEOUT.as_secs(),
-                            waiting.join(", "),
-                            last_error.map(|e| format!("; last error: {e}")).unwrap_or_default()
-                        );
-                    }
-                }
-            }
-        }
-        let _ = self.consumer.unassign();
-        Ok(())
-    }
-
-    /// Every record of bounded `spans`, sorted by coordinates.
-    fn read_all(&self, spans: &[Span]) -> Result<Vec<Raw>> {
-        let mut out = Vec::new();
-        self.scan(
-            spans,
-            || true,
-            |r| {
-                out.push(r);
-                true
-            },
-        )?;
-        out.sort_by(|a, b| a.at.cmp(&b.at));
-        Ok(out)
-    }
-
-    /// Bounded spans of `partitions` of `topic`: from the low to the high watermark now.
-    fn to_end(&self, topic: &str, partitions: impl IntoIterator<Item = i32>) -> Result<Vec<Span>> {
-        partitions
-            .into_iter()
-            .map(|p| {
-                let (low, high) = self.watermarks(topic, p)?;
-                Ok(Span { topic: topic.to_string(), partition: p, start: low, end: Some(high) })
-            })
-            .collect()
-    }
-}
-
-/// Runs blocking Kafka client calls off the async runtime.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.context("reader task panicked")?
+/// Bounded spans of `partitions` of `topic`: from the low to the high watermark now.
+///
+/// Errors: a watermark request fails.
+fn to_end(reader: &Reader, topic: &str, partitions: impl IntoIterator<Item = i32>) -> Result<Vec<Span>> {
+    partitions
+        .into_iter()
+        .map(|p| {
+            let (low, high) = reader.watermarks(topic, p)?;
+            Ok(Span { topic: topic.to_string(), partition: p, start: low, end: Some(high) })
+        })
+        .collect()
 }
 
 /// Checks that `topic` can be read: on the broker, with its partition count.
@@ -268,19 +165,6 @@ pub fn find_topic(topic: &str, topology: &Topology, on_broker: &BTreeMap<String,
 
 // ------------------------------------------------------------------------------------------
 // Formatting helpers.
-
-/// Lowercase hex of `bytes`.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Bytes as text when they are UTF-8, else as `0x…` hex.
-fn text_or_hex(bytes: &[u8]) -> String {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => s.to_string(),
-        Err(_) => format!("0x{}", hex(bytes)),
-    }
-}
 
 /// The decode error of a record: `{"class", "message"}`; a record without a value is
 /// `truncated` (as the workers classify it).
@@ -482,7 +366,7 @@ pub async fn tap(a: TapArgs) -> Result<()> {
     let topology = loaded.topology.clone();
     let scanner = {
         let broker = topology.broker.clone();
-        blocking(move || Scanner::new(&broker)).await?
+        blocking(move || scanner(&broker)).await?
     };
     let scanner = std::sync::Arc::new(scanner);
     let (topic, chosen) = (a.topic.clone(), a.partitions.clone());
@@ -514,7 +398,7 @@ pub async fn tap(a: TapArgs) -> Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Raw>(1024);
     let reader = tokio::task::spawn_blocking(move || {
         let alive = || !tx.is_closed();
-        scanner.scan(&spans, alive, |r| tx.blocking_send(r).is_ok())
+        scanner.scan(&spans, alive, |m| tx.blocking_send(Raw::from_message(m)).is_ok())
     });
     let (mut read, mut printed, mut undecodable) = (0usize, 0usize, 0usize);
     let mut stdout = std::io::stdout().lock();
@@ -810,7 +694,7 @@ fn carries_orders(topology: &Topology, topic: &str) -> bool {
 /// belongs to `order` (`Event::order_id`: for `stock.updated`, SALE records referencing it), and
 /// undecodable records keyed by it.
 async fn trace_round(
-    scanner: std::sync::Arc<Scanner>,
+    scanner: std::sync::Arc<Reader>,
     codec: &Codec,
     order: &str,
     want: Vec<(String, i32, String, String)>,
@@ -820,9 +704,9 @@ async fn trace_round(
     let raws = blocking(move || {
         let mut spans = Vec::new();
         for (t, p) in spans_of {
-            spans.extend(scanner.to_end(&t, [p])?);
+            spans.extend(to_end(&scanner, &t, [p])?);
         }
-        scanner.read_all(&spans)
+        read_all(&scanner, &spans)
     })
     .await?;
     for (topic, partition, key, keyed_by) in want {
@@ -873,7 +757,7 @@ pub async fn trace(a: TraceArgs) -> Result<()> {
     let topology = loaded.topology.clone();
     let order = a.order_id.clone();
     let broker = topology.broker.clone();
-    let scanner = std::sync::Arc::new(blocking(move || Scanner::new(&broker)).await?);
+    let scanner = std::sync::Arc::new(blocking(move || scanner(&broker)).await?);
     let s = scanner.clone();
     let on_broker = blocking(move || s.broker_topics()).await?;
     let mut found = Found {
@@ -971,9 +855,9 @@ pub async fn trace(a: TraceArgs) -> Result<()> {
     let raws = blocking(move || {
         let mut spans = Vec::new();
         for (t, p) in spans_of {
-            spans.extend(s.to_end(&t, [p])?);
+            spans.extend(to_end(&s, &t, [p])?);
         }
-        s.read_all(&spans)
+        read_all(&s, &spans)
     })
     .await?;
     for (topic, partition, key, keyed_by) in want {
@@ -1076,23 +960,6 @@ pub async fn trace(a: TraceArgs) -> Result<()> {
         println!("  not on the broker: {}", found.missing.join(", "));
     }
     Ok(())
-}
-
-/// Prints rows as columns separated by two spaces (the last column unpadded).
-fn print_table(rows: &[Vec<String>]) {
-    let cols = rows.first().map_or(0, Vec::len);
-    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
-    for r in rows {
-        let mut line = String::new();
-        for (c, cell) in r.iter().enumerate() {
-            if c + 1 == cols {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
-            }
-        }
-        println!("{}", line.trim_end());
-    }
 }
 
 #[cfg(test)]

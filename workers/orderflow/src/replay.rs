@@ -24,7 +24,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use orderflow_runtime::kafka::{client_config, Side};
 use orderflow_runtime::topology::{BrokerConfig, Loaded};
 use orderflow_runtime::worker::now_ms;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -33,6 +33,8 @@ use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::dlq::{Reader, Span};
 
 /// How long a metadata, watermark or `offsets_for_times` request may take.
 const META_TIMEOUT: Duration = Duration::from_secs(10);
@@ -292,19 +294,12 @@ fn describe(args: &ReplayArgs, now: i64) -> String {
     }
 }
 
-/// A consumer that reads by assigning partitions: no group membership, no commits.
-fn reader(broker: &BrokerConfig) -> Result<BaseConsumer> {
-    let mut config = client_config(broker, Side::Consumer);
-    // Required by librdkafka, never joined: partitions are assigned and nothing is committed.
-    config.set("group.id", format!("orderflow-replay-reader-{}-{}", std::process::id(), now_ms()));
-    config.set("enable.auto.commit", "false");
-    config.create().context("creating the replay reader")
-}
-
-/// Every topic on the broker with its partition count.
-pub(crate) fn broker_topics(consumer: &BaseConsumer) -> Result<BTreeMap<String, i32>> {
-    let md = consumer.fetch_metadata(None, META_TIMEOUT).context("asking the broker for its topics")?;
-    Ok(md.topics().iter().filter(|t| t.error().is_none()).map(|t| (t.name().to_string(), t.partitions().len() as i32)).collect())
+/// A reader for `replay` (the shared [`Reader`] with its own `group.id` prefix), giving up after
+/// [`STALL_TIMEOUT`] without progress.
+///
+/// Errors: the client cannot be created.
+fn reader(broker: &BrokerConfig) -> Result<Reader> {
+    Ok(Reader::new(broker, "orderflow-replay-reader", "creating the replay reader")?.stall_timeout(STALL_TIMEOUT))
 }
 
 /// Resolves the command line's topic, partitions and range against the broker.
@@ -341,8 +336,8 @@ pub async fn resolve(args: &ReplayArgs, loaded: &Loaded) -> Result<Resolved> {
     let declared = loaded.topology.topics.contains_key(&args.topic);
     let a = args.clone();
     let resolved = tokio::task::spawn_blocking(move || -> Result<Resolved> {
-        let consumer = reader(&broker)?;
-        let on_broker = broker_topics(&consumer)?;
+        let reader = reader(&broker)?;
+        let on_broker = reader.broker_topics()?;
         let topic = &a.topic;
         let Some(&count) = on_broker.get(topic) else {
             if declared {
@@ -363,7 +358,7 @@ pub async fn resolve(args: &ReplayArgs, loaded: &Loaded) -> Result<Resolved> {
         };
         let mut watermarks = BTreeMap::new();
         for &p in &partitions {
-            let wm = consumer.fetch_watermarks(topic, p, META_TIMEOUT).with_context(|| format!("watermarks of {topic}[{p}]"))?;
+            let wm = reader.watermarks(topic, p)?;
             watermarks.insert(p, wm);
         }
         let mut ranges = Vec::new();
@@ -378,7 +373,7 @@ pub async fn resolve(args: &ReplayArgs, loaded: &Loaded) -> Result<Resolved> {
                 for &p in &partitions {
                     tpl.add_partition_offset(topic, p, Offset::Offset(ms))?;
                 }
-                let found = consumer.offsets_for_times(tpl, META_TIMEOUT).with_context(|| format!("offsets_for_times of {topic}"))?;
+                let found = reader.consumer().offsets_for_times(tpl, META_TIMEOUT).with_context(|| format!("offsets_for_times of {topic}"))?;
                 let mut out = BTreeMap::new();
                 for e in found.elements() {
                     if let Err(err) = e.error() {
@@ -461,61 +456,35 @@ fn first_at_or_after(broker: &BrokerConfig, topic: &str, partition: i32, start: 
 /// 30 s (broker unreachable, or an open transaction holding a `read_committed` reader back).
 pub fn read_range(broker: &BrokerConfig, resolved: &Resolved, on_record: &mut dyn FnMut(OwnedMessage) -> Result<()>) -> Result<u64> {
     let topic = resolved.topic.as_str();
-    let mut pending: BTreeMap<i32, (i64, i64)> =
-        resolved.ranges.iter().filter(|r| !r.is_empty()).map(|r| (r.partition, (r.from, r.to))).collect();
-    let mut count = 0u64;
-    if pending.is_empty() {
+    let spans: Vec<Span> = resolved
+        .ranges
+        .iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| Span { topic: topic.to_string(), partition: r.partition, start: r.from, end: Some(r.to) })
+        .collect();
+    if spans.is_empty() {
         return Ok(0);
     }
-    let consumer = reader(broker)?;
-    let mut tpl = TopicPartitionList::new();
-    for (p, (from, _)) in &pending {
-        tpl.add_partition_offset(topic, *p, Offset::Offset(*from))?;
-    }
-    consumer.assign(&tpl)?;
-    let mut progress = Instant::now();
-    let mut last_error = None;
-    while !pending.is_empty() {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                let p = m.partition();
-                let Some(&(from, to)) = pending.get(&p) else { continue };
-                progress = Instant::now();
-                if m.topic() == topic && (from..to).contains(&m.offset()) {
-                    count += 1;
-                    on_record(m.detach())?;
-                }
-                if m.offset() >= to - 1 {
-                    pending.remove(&p);
+    let mut count = 0u64;
+    let mut failed = None;
+    reader(broker)?.scan(
+        &spans,
+        || true,
+        |m| {
+            count += 1;
+            match on_record(m.detach()) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
                 }
             }
-            Some(Err(e)) => last_error = Some(e),
-            None => {
-                // Offsets without a record (transaction markers, aborted records) can end a
-                // range: the consumer's position then passes its end without a message.
-                if let Ok(pos) = consumer.position() {
-                    for e in pos.elements() {
-                        if let (Offset::Offset(o), Some(&(_, to))) = (e.offset(), pending.get(&e.partition())) {
-                            if o >= to {
-                                pending.remove(&e.partition());
-                            }
-                        }
-                    }
-                }
-                if progress.elapsed() > STALL_TIMEOUT && !pending.is_empty() {
-                    let waiting: Vec<String> = pending.iter().map(|(p, (_, to))| format!("{topic}[{p}] up to offset {}", to - 1)).collect();
-                    bail!(
-                        "reading made no progress for {}s; still waiting for {} (broker unreachable, or an open transaction holds read_committed readers back){}",
-                        STALL_TIMEOUT.as_secs(),
-                        waiting.join(", "),
-                        last_error.map(|e| format!("; last error: {e}")).unwrap_or_default()
-                    );
-                }
-            }
-        }
+        },
+    )?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(count),
     }
-    let _ = consumer.unassign();
-    Ok(count)
 }
 
 // ------------------------------------------------------------------------------------------
@@ -682,7 +651,7 @@ async fn into(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Result
     let (source_count, target_count) = {
         let (b, s, t) = (broker.clone(), resolved.topic.clone(), target.clone());
         tokio::task::spawn_blocking(move || -> Result<(Option<i32>, Option<i32>)> {
-            let topics = broker_topics(&reader(&b)?)?;
+            let topics = reader(&b)?.broker_topics()?;
             Ok((topics.get(&s).copied(), topics.get(&t).copied()))
         })
         .await

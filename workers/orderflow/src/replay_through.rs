@@ -38,20 +38,20 @@
 //! (reservation TTL, saga timeout) and [`WINDOW_MARGIN_MS`]. See [`diff`] for the classes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use orderflow_api::{derive_event_id, handle, Context, Event, Handled, MemoryStore, ProcessError, Processor, StateRead, StateTxn};
+use orderflow_runtime::changelog::{decode_offsets, decode_record, Entry, MARKER_KEY, TAG_DATA, TAG_TIMER};
 use orderflow_runtime::codec::Codec;
-use orderflow_runtime::kafka::{client_config, Side};
 use orderflow_runtime::topology::{BrokerConfig, Guarantee, Loaded, WorkerSpec};
-use orderflow_runtime::worker::now_ms;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::dlq::{blocking, Reader, Span};
 use crate::replay::{ReplayArgs, Resolved};
 
 /// Output topics holding at most this many records in all are read whole for `--diff`; larger
@@ -62,8 +62,6 @@ pub const WHOLE_TOPIC_LIMIT: i64 = 200_000;
 pub const WINDOW_MARGIN_MS: i64 = 60_000;
 /// How long a metadata or watermark request may take.
 const META_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long reading may go without progress before it gives up.
-const STALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 // ------------------------------------------------------------------------------------------
 // Admission: what the live worker would dead-letter before the processor sees an event.
@@ -154,32 +152,6 @@ pub fn check_event(rules: &Admission, event: &Event, now_ms: i64) -> std::result
 
 // ------------------------------------------------------------------------------------------
 // Shadow state from the changelog.
-
-const TAG_DATA: u8 = b'd';
-const TAG_TIMER: u8 = b't';
-const MARKER_KEY: &[u8] = b"m";
-
-/// Decodes a changelog value `[1][n][n × (u8 input index, i64 BE next offset)][payload]`
-/// (`orderflow_runtime::changelog`) into the offsets and the payload.
-///
-/// Errors: unknown version, truncated offsets, an input index the worker lacks.
-pub fn decode_changelog_value<'a>(inputs: &[String], value: &'a [u8]) -> std::result::Result<(BTreeMap<String, i64>, &'a [u8]), String> {
-    if value.len() < 2 || value[0] != 1 {
-        return Err(format!("unknown changelog record version {:?}", value.first()));
-    }
-    let n = value[1] as usize;
-    let body = &value[2..];
-    if body.len() < n * 9 {
-        return Err("truncated changelog offsets".into());
-    }
-    let mut offsets = BTreeMap::new();
-    for i in 0..n {
-        let entry = &body[i * 9..i * 9 + 9];
-        let topic = inputs.get(entry[0] as usize).ok_or_else(|| format!("changelog names input #{} the worker lacks", entry[0]))?;
-        offsets.insert(topic.clone(), i64::from_be_bytes(entry[1..9].try_into().expect("8 bytes")));
-    }
-    Ok((offsets, &body[n * 9..]))
-}
 
 /// What the rebuild of one partition's shadow did (part of the summary).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -291,13 +263,13 @@ impl ShadowBuilder {
         match key.first() {
             Some(&TAG_DATA) | Some(&TAG_TIMER) => {
                 let pos = match value {
-                    Some(v) => Some(position_of(&decode_changelog_value(&self.inputs, v).map_err(at)?.0, self.report.position)),
+                    Some(v) => Some(position_of(&decode_offsets(&self.inputs, v).map_err(at)?.0, self.report.position)),
                     None => None,
                 };
                 self.pending.push((key.to_vec(), value.map(<[u8]>::to_vec), pos));
             }
             _ if key == MARKER_KEY => {
-                let (offsets, _) = decode_changelog_value(&self.inputs, value.unwrap_or_default()).map_err(at)?;
+                let (offsets, _) = decode_offsets(&self.inputs, value.unwrap_or_default()).map_err(at)?;
                 let pos = position_of(&offsets, self.report.position);
                 if pos <= self.from {
                     let pending = std::mem::take(&mut self.pending);
@@ -338,18 +310,14 @@ impl ShadowBuilder {
     fn apply(&mut self, records: impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>)>) -> std::result::Result<(), String> {
         let mut changes = orderflow_api::Changes::default();
         for (key, value) in records {
-            let body = match &value {
-                Some(v) => Some(decode_changelog_value(&self.inputs, v)?.1.to_vec()),
-                None => None,
-            };
-            if key[0] == TAG_DATA {
-                changes.writes.insert(key[1..].to_vec(), body);
-            } else {
-                let at = match body {
-                    Some(b) => Some(i64::from_be_bytes(b.as_slice().try_into().map_err(|_| "timer deadline is not 8 bytes".to_string())?)),
-                    None => None,
-                };
-                changes.timers.insert(key[1..].to_vec(), at);
+            match decode_record(&self.inputs, &key, value.as_deref())? {
+                Entry::Data { key, value, .. } => {
+                    changes.writes.insert(key, value);
+                }
+                Entry::Timer { key, deadline, .. } => {
+                    changes.timers.insert(key, deadline);
+                }
+                Entry::Marker { .. } => return Err("a commit marker among a unit's records".into()),
             }
         }
         self.store.apply(changes);
@@ -918,115 +886,64 @@ pub fn diff(
 // ------------------------------------------------------------------------------------------
 // The broker side.
 
-/// A consumer that reads by assigning partitions (a throwaway `group.id`, nothing committed).
-struct Reader {
-    consumer: BaseConsumer,
+/// A reader for `replay --through` (the shared [`Reader`] with its own `group.id` prefix).
+///
+/// Errors: the client cannot be created.
+fn reader(broker: &BrokerConfig) -> Result<Reader> {
+    Reader::new(broker, "orderflow-replay-through", "creating the replay reader")
 }
 
-impl Reader {
-    fn new(broker: &BrokerConfig) -> Result<Reader> {
-        let mut config = client_config(broker, Side::Consumer);
-        config.set("group.id", format!("orderflow-replay-through-{}-{}", std::process::id(), now_ms()));
-        config.set("enable.auto.commit", "false");
-        Ok(Reader { consumer: config.create().context("creating the replay reader")? })
+/// Partitions of `topic` on the broker.
+///
+/// Errors: the metadata request fails, or names an error for `topic` (e.g. it does not exist).
+fn partitions(reader: &Reader, topic: &str) -> Result<i32> {
+    let md = reader.consumer().fetch_metadata(Some(topic), META_TIMEOUT).with_context(|| format!("metadata of {topic}"))?;
+    let t = md.topics().first().with_context(|| format!("no metadata for {topic}"))?;
+    if let Some(e) = t.error() {
+        bail!("topic {topic}: {e:?}");
     }
-
-    fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64)> {
-        self.consumer.fetch_watermarks(topic, partition, META_TIMEOUT).with_context(|| format!("watermarks of {topic}[{partition}]"))
-    }
-
-    /// Partitions of `topic` on the broker.
-    fn partitions(&self, topic: &str) -> Result<i32> {
-        let md = self.consumer.fetch_metadata(Some(topic), META_TIMEOUT).with_context(|| format!("metadata of {topic}"))?;
-        let t = md.topics().first().with_context(|| format!("no metadata for {topic}"))?;
-        if let Some(e) = t.error() {
-            bail!("topic {topic}: {e:?}");
-        }
-        Ok(t.partitions().len() as i32)
-    }
-
-    /// The first offset of each partition whose timestamp is ≥ `ts_ms` (the high watermark when
-    /// none).
-    fn offsets_for_time(&self, topic: &str, partitions: i32, ts_ms: i64) -> Result<BTreeMap<i32, i64>> {
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Offset(ts_ms))?;
-        }
-        let found = self.consumer.offsets_for_times(tpl, META_TIMEOUT).with_context(|| format!("offsets of {topic} by time"))?;
-        let mut out = BTreeMap::new();
-        for e in found.elements() {
-            let o = match e.offset() {
-                Offset::Offset(o) => o,
-                _ => self.watermarks(topic, e.partition())?.1,
-            };
-            out.insert(e.partition(), o);
-        }
-        Ok(out)
-    }
-
-    /// Every record of `topic` in each `(partition, start, end)` range (end exclusive), in
-    /// offset order per partition.
-    ///
-    /// Errors: no progress for [`STALL_TIMEOUT`].
-    fn read(&self, topic: &str, ranges: &[(i32, i64, i64)]) -> Result<Vec<OwnedMessage>> {
-        let mut pending: BTreeMap<i32, (i64, i64)> = ranges.iter().filter(|r| r.1 < r.2).map(|r| (r.0, (r.1, r.2))).collect();
-        let mut out = Vec::new();
-        if pending.is_empty() {
-            return Ok(out);
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (p, (start, _)) in &pending {
-            tpl.add_partition_offset(topic, *p, Offset::Offset(*start))?;
-        }
-        self.consumer.assign(&tpl)?;
-        let mut progress = Instant::now();
-        let mut last_error = None;
-        while !pending.is_empty() {
-            match self.consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => {
-                    if let Some(&(start, end)) = pending.get(&m.partition()) {
-                        progress = Instant::now();
-                        if (start..end).contains(&m.offset()) {
-                            out.push(m.detach());
-                        }
-                        if m.offset() >= end - 1 {
-                            pending.remove(&m.partition());
-                        }
-                    }
-                }
-                Some(Err(e)) => last_error = Some(e),
-                None => {
-                    // Offsets without a record (transaction markers, compacted records) can end a
-                    // range: the position then passes its end without a message.
-                    if let Ok(pos) = self.consumer.position() {
-                        for e in pos.elements() {
-                            if let (Offset::Offset(o), Some(&(_, end))) = (e.offset(), pending.get(&e.partition())) {
-                                if o >= end {
-                                    pending.remove(&e.partition());
-                                }
-                            }
-                        }
-                    }
-                    if progress.elapsed() > STALL_TIMEOUT {
-                        bail!(
-                            "reading {topic} made no progress for {}s; still waiting for partitions {:?}{}",
-                            STALL_TIMEOUT.as_secs(),
-                            pending.keys().collect::<Vec<_>>(),
-                            last_error.map(|e| format!("; last error: {e}")).unwrap_or_default()
-                        );
-                    }
-                }
-            }
-        }
-        let _ = self.consumer.unassign();
-        out.sort_by_key(|m| (m.partition(), m.offset()));
-        Ok(out)
-    }
+    Ok(t.partitions().len() as i32)
 }
 
-/// Runs blocking Kafka client calls off the async runtime.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.context("reader task panicked")?
+/// The first offset of each partition `0..partitions` of `topic` whose timestamp is ≥ `ts_ms`
+/// (the high watermark when none).
+///
+/// Errors: the `offsets_for_times` or a watermark request fails.
+fn offsets_for_time(reader: &Reader, topic: &str, partitions: i32, ts_ms: i64) -> Result<BTreeMap<i32, i64>> {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Offset(ts_ms))?;
+    }
+    let found = reader.consumer().offsets_for_times(tpl, META_TIMEOUT).with_context(|| format!("offsets of {topic} by time"))?;
+    let mut out = BTreeMap::new();
+    for e in found.elements() {
+        let o = match e.offset() {
+            Offset::Offset(o) => o,
+            _ => reader.watermarks(topic, e.partition())?.1,
+        };
+        out.insert(e.partition(), o);
+    }
+    Ok(out)
+}
+
+/// Every record of `topic` in each `(partition, start, end)` range (end exclusive), sorted by
+/// partition and offset.
+///
+/// Errors: those of [`Reader::scan`] (no progress for its stall timeout).
+fn read(reader: &Reader, topic: &str, ranges: &[(i32, i64, i64)]) -> Result<Vec<OwnedMessage>> {
+    let spans: Vec<Span> =
+        ranges.iter().map(|&(partition, start, end)| Span { topic: topic.to_string(), partition, start, end: Some(end) }).collect();
+    let mut out = Vec::new();
+    reader.scan(
+        &spans,
+        || true,
+        |m| {
+            out.push(m.detach());
+            true
+        },
+    )?;
+    out.sort_by_key(|m| (m.partition(), m.offset()));
+    Ok(out)
 }
 
 /// The longest time after an input a timer of `spec` can emit (ms): its reservation TTL and
@@ -1115,7 +1032,7 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
         let (broker, changelog, inputs_of, topic, ranges) =
             (broker.clone(), changelog.clone(), spec.inputs.clone(), topic.clone(), ranges.clone());
         blocking(move || {
-            let reader = Reader::new(&broker)?;
+            let reader = reader(&broker)?;
             let mut shards = BTreeMap::new();
             let mut reports = Vec::new();
             for (p, from, _) in ranges {
@@ -1123,7 +1040,7 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
                     .watermarks(&changelog, p)
                     .with_context(|| format!("the changelog {changelog} (created by `orderflow topics`)"))?;
                 let mut b = ShadowBuilder::new(&inputs_of, &topic, p, from, marks, guarantee);
-                for m in reader.read(&changelog, &[(p, marks.0, marks.1)])? {
+                for m in read(&reader, &changelog, &[(p, marks.0, marks.1)])? {
                     b.push(m.offset(), m.key().unwrap_or_default(), m.payload()).map_err(|e| anyhow::anyhow!("{changelog}[{p}]: {e}"))?;
                 }
                 let (store, report) = b.finish();
@@ -1152,13 +1069,13 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
     } else {
         let (broker, topic) = (broker.clone(), topic.clone());
         blocking(move || {
-            let reader = Reader::new(&broker)?;
+            let reader = reader(&broker)?;
             let mut lows = Vec::new();
             for (p, from, to) in warm {
                 let (low, _) = reader.watermarks(&topic, p)?;
                 lows.push((p, from.max(low), to));
             }
-            reader.read(&topic, &lows)
+            read(&reader, &topic, &lows)
         })
         .await?
     };
@@ -1238,11 +1155,11 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
     let (records, whole) = {
         let (broker, out_topics) = (broker.clone(), out_topics.clone());
         blocking(move || {
-            let reader = Reader::new(&broker)?;
+            let reader = reader(&broker)?;
             let mut marks = BTreeMap::new();
             let mut total = 0;
             for t in &out_topics {
-                for p in 0..reader.partitions(t)? {
+                for p in 0..partitions(&reader, t)? {
                     let m = reader.watermarks(t, p)?;
                     total += m.1 - m.0;
                     marks.insert((t.clone(), p), m);
@@ -1256,9 +1173,8 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
                 let ranges = if whole {
                     all
                 } else {
-                    let by_time = reader
-                        .offsets_for_time(t, parts.len() as i32, w_from)
-                        .and_then(|s| Ok((s, reader.offsets_for_time(t, parts.len() as i32, w_to.saturating_add(1))?)));
+                    let by_time = offsets_for_time(&reader, t, parts.len() as i32, w_from)
+                        .and_then(|s| Ok((s, offsets_for_time(&reader, t, parts.len() as i32, w_to.saturating_add(1))?)));
                     match by_time {
                         // Clamped to the watermarks; an end at or before the start (tansu answers a
                         // time past the end with 0) reads to the high watermark: a superset, the
@@ -1277,7 +1193,7 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
                         }
                     }
                 };
-                records.extend(reader.read(t, &ranges)?);
+                records.extend(read(&reader, t, &ranges)?);
             }
             Ok((records, whole))
         })

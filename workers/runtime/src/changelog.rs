@@ -37,10 +37,14 @@ use crate::kafka::{client_config, Side};
 use crate::store::{Shard, StoreError};
 use crate::topology::BrokerConfig;
 
-const VERSION: u8 = 1;
-const TAG_DATA: u8 = b'd';
-const TAG_TIMER: u8 = b't';
-const MARKER_KEY: &[u8] = b"m";
+/// Version byte every non-tombstone changelog value starts with.
+pub const VERSION: u8 = 1;
+/// First key byte of a state write / delete record: `d<key>`.
+pub const TAG_DATA: u8 = b'd';
+/// First key byte of a timer set / cancel record: `t<key>`.
+pub const TAG_TIMER: u8 = b't';
+/// Key of a commit marker.
+pub const MARKER_KEY: &[u8] = b"m";
 
 /// Name of worker `worker`'s changelog topic.
 pub fn topic(worker: &str) -> String {
@@ -66,8 +70,14 @@ fn encode_offsets(inputs: &[String], offsets: &BTreeMap<String, i64>) -> Vec<u8>
     v
 }
 
-/// Decodes `[1][offsets]` and returns the offsets and the rest of the value.
-fn decode_offsets<'a>(inputs: &[String], value: &'a [u8]) -> Result<(BTreeMap<String, i64>, &'a [u8]), String> {
+/// Decodes a changelog value `[1][n][n × (u8 input index, i64 BE next offset)][payload]` (module
+/// docs) into the input offsets (`topic → next offset`, topics named through `inputs`, the
+/// worker's input topics in topology order) and the rest of the value (the state value, the
+/// timer deadline, or nothing for a marker).
+///
+/// Errors: a first byte other than [`VERSION`] (or a value shorter than 2 bytes), offsets
+/// truncated, an input index `inputs` lacks.
+pub fn decode_offsets<'a>(inputs: &[String], value: &'a [u8]) -> Result<(BTreeMap<String, i64>, &'a [u8]), String> {
     if value.len() < 2 || value[0] != VERSION {
         return Err(format!("unknown changelog record version {:?}", value.first()));
     }
@@ -106,6 +116,52 @@ pub fn records(inputs: &[String], changes: &Changes, offsets: &BTreeMap<String, 
     }
     out.push(Record { key: MARKER_KEY.to_vec(), value: Some(prefix) });
     out
+}
+
+/// One decoded changelog record (keys without their tag byte).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// `d<key>`: a state write (`value: Some`, with the unit's input `offsets`) or a delete (a
+    /// tombstone: `value: None`, no offsets).
+    Data { key: Vec<u8>, value: Option<Vec<u8>>, offsets: Option<BTreeMap<String, i64>> },
+    /// `t<key>`: a timer set to `deadline` ms (with the unit's input `offsets`), or cancelled (a
+    /// tombstone: `deadline: None`, no offsets).
+    Timer { key: Vec<u8>, deadline: Option<i64>, offsets: Option<BTreeMap<String, i64>> },
+    /// `m`: the commit marker of a unit, with its input offsets.
+    Marker { offsets: BTreeMap<String, i64> },
+}
+
+/// Decodes the changelog record `key` / `value` (`None`: a tombstone) of a worker whose input
+/// topics are `inputs` (module docs for the layout).
+///
+/// Errors: the value does not decode ([`decode_offsets`]), a timer deadline that is not 8 bytes,
+/// or a key that is neither `d…`, `t…` nor `m` (`unknown changelog key [..]`).
+pub fn decode_record(inputs: &[String], key: &[u8], value: Option<&[u8]>) -> Result<Entry, String> {
+    match key.first() {
+        Some(&TAG_DATA) => {
+            let (value, offsets) = match value {
+                Some(v) => {
+                    let (offsets, body) = decode_offsets(inputs, v)?;
+                    (Some(body.to_vec()), Some(offsets))
+                }
+                None => (None, None),
+            };
+            Ok(Entry::Data { key: key[1..].to_vec(), value, offsets })
+        }
+        Some(&TAG_TIMER) => {
+            let (deadline, offsets) = match value {
+                Some(v) => {
+                    let (offsets, body) = decode_offsets(inputs, v)?;
+                    let deadline = i64::from_be_bytes(body.try_into().map_err(|_| "timer deadline is not 8 bytes".to_string())?);
+                    (Some(deadline), Some(offsets))
+                }
+                None => (None, None),
+            };
+            Ok(Entry::Timer { key: key[1..].to_vec(), deadline, offsets })
+        }
+        _ if key == MARKER_KEY => Ok(Entry::Marker { offsets: decode_offsets(inputs, value.unwrap_or_default())?.0 }),
+        _ => Err(format!("unknown changelog key {key:?}")),
+    }
 }
 
 /// Errors of a restore.
@@ -243,32 +299,17 @@ pub fn restore(broker: &BrokerConfig, topic: &str, inputs: &[String], shard: &Sh
             at = msg.offset() + 1;
             report.records += 1;
             let corrupt = |message: String| RestoreError::Corrupt { topic: topic.to_string(), partition: p, offset: msg.offset(), message };
-            let key = msg.key().unwrap_or_default();
-            let value = msg.payload();
-            match key.first() {
-                Some(&TAG_DATA) => {
-                    let v = match value {
-                        Some(v) => Some(decode_offsets(inputs, v).map_err(corrupt)?.1.to_vec()),
-                        None => None,
-                    };
-                    pending.writes.insert(key[1..].to_vec(), v);
+            match decode_record(inputs, msg.key().unwrap_or_default(), msg.payload()).map_err(corrupt)? {
+                Entry::Data { key, value, .. } => {
+                    pending.writes.insert(key, value);
                 }
-                Some(&TAG_TIMER) => {
-                    let at = match value {
-                        Some(v) => {
-                            let body = decode_offsets(inputs, v).map_err(corrupt)?.1;
-                            Some(i64::from_be_bytes(body.try_into().map_err(|_| corrupt("timer deadline is not 8 bytes".into()))?))
-                        }
-                        None => None,
-                    };
-                    pending.timers.insert(key[1..].to_vec(), at);
+                Entry::Timer { key, deadline, .. } => {
+                    pending.timers.insert(key, deadline);
                 }
-                _ if key == MARKER_KEY => {
-                    let (offsets, _) = decode_offsets(inputs, value.unwrap_or_default()).map_err(corrupt)?;
+                Entry::Marker { offsets } => {
                     shard.commit(&std::mem::take(&mut pending), &offsets, Some(msg.offset() + 1))?;
                     report.units += 1;
                 }
-                _ => return Err(corrupt(format!("unknown changelog key {key:?}"))),
             }
         }
         if !pending.is_empty() {
@@ -341,5 +382,32 @@ mod tests {
         assert!(decode_offsets(&inputs, &[9, 0]).is_err());
         assert!(decode_offsets(&inputs, &[1, 1, 0]).is_err());
         assert!(decode_offsets(&inputs, &[1, 1, 5, 0, 0, 0, 0, 0, 0, 0, 1]).is_err());
+        assert!(decode_record(&inputs, b"x", Some(&[1, 0])).unwrap_err().contains("unknown changelog key"));
+        assert!(decode_record(&inputs, b"tk", Some(&[1, 0, 1])).unwrap_err().contains("not 8 bytes"));
+        assert!(decode_record(&inputs, b"m", None).is_err(), "a marker needs offsets");
+    }
+
+    #[test]
+    fn records_decode_back_to_entries() {
+        let inputs = vec!["a".to_string(), "b".to_string()];
+        let mut changes = Changes::default();
+        changes.writes.insert(b"k1".to_vec(), Some(b"v1".to_vec()));
+        changes.writes.insert(b"k2".to_vec(), None);
+        changes.timers.insert(b"t1".to_vec(), Some(99));
+        changes.timers.insert(b"t2".to_vec(), None);
+        let offsets = BTreeMap::from([("a".to_string(), 3)]);
+        let got: Vec<Entry> =
+            records(&inputs, &changes, &offsets).iter().map(|r| decode_record(&inputs, &r.key, r.value.as_deref()).unwrap()).collect();
+        let o = Some(offsets.clone());
+        assert_eq!(
+            got,
+            vec![
+                Entry::Data { key: b"k1".to_vec(), value: Some(b"v1".to_vec()), offsets: o.clone() },
+                Entry::Data { key: b"k2".to_vec(), value: None, offsets: None },
+                Entry::Timer { key: b"t1".to_vec(), deadline: Some(99), offsets: o },
+                Entry::Timer { key: b"t2".to_vec(), deadline: None, offsets: None },
+                Entry::Marker { offsets },
+            ]
+        );
     }
 }
