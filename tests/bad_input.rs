@@ -37,12 +37,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-use common::{Guarded, RunDir};
+use common::{free_port, http_get, now_ms, Guarded, RunDir};
 use orderflow_api::events::{
     cancel_reason, change_reason, failure_reason, store_key, AdjustedItem, InventoryAdjusted, OrderCancelled, OrderCompleted, OrderCreated,
     OrderItem, SoldItem,
@@ -512,24 +512,6 @@ fn run_topology(root: &Path, dir: &Path) -> PathBuf {
     path
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
-}
-
-/// A plain HTTP/1.0 GET on 127.0.0.1:`port`: (status, body), or None when nothing answers.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes()).ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.split_whitespace().nth(1)?.parse().ok()?, body.to_string()))
-}
-
 /// `orderflow_dlq_records_total` samples: (worker, error_class) → value.
 fn dlq_metric(body: &str) -> BTreeMap<(String, String), u64> {
     let mut out = BTreeMap::new();
@@ -754,35 +736,18 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
     assert!(out.status.success(), "orderflow topics failed:\n{}", String::from_utf8_lossy(&out.stderr));
 
     // The five workers in one process.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let log = dir.join("workers.log");
     let mut workers = Guarded::new(
-        Command::new(&bin)
-            .args(["--log-json", "run", "--topology"])
-            .arg(&topology_path)
-            .args(["--bootstrap", &broker.bootstrap, "--instance", "bad-input", "--reservation-ttl", TTL])
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .env("RUST_BACKTRACE", "0")
-            .env("ORDERFLOW_STATE_DIR", dir.join("state"))
-            .env_remove("ORDERFLOW_BOOTSTRAP")
-            .env_remove("ORDERFLOW_INSTANCE")
-            .env_remove("ORDERFLOW_METRICS_ADDR")
-            .env_remove("ORDERFLOW_TOPOLOGY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(File::create(&log).unwrap()))
+        common::run_command(&topology_path, &broker.bootstrap, "bad-input", port, &dir.join("state"), &log)
+            .args(["--reservation-ttl", TTL])
             .spawn()
             .expect("spawn orderflow run"),
         Duration::from_millis(50),
     );
-    let ready_by = Instant::now() + Duration::from_secs(90);
-    while !matches!(http_get(port, "/readyz"), Some((200, _))) {
-        if let Some(s) = workers.try_wait() {
-            panic!("workers exited ({s}) before they were ready:\n{}", common::tail(&log, 30));
-        }
-        assert!(Instant::now() < ready_by, "workers not ready within 90 s:\n{}", common::tail(&log, 30));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_for("ready workers (/readyz 200)", &log, &mut workers, Duration::from_secs(90), Duration::from_millis(100), || {
+        matches!(http_get(port, "/readyz"), Some((200, _))).then_some(())
+    });
     println!("bad input: workers ready after {:.1}s", started.elapsed().as_secs_f64());
 
     // Observer of every topic (dead-letter topics included) from the beginning; producer.

@@ -16,14 +16,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{tail, Guarded, RunDir};
+use common::{cli, fails, free_port, http_get, metric, ok, spawn_workers, stderr, stdout, tail, wait_for, Guarded, RunDir};
 use orderflow_api::events::*;
 use orderflow_api::Event;
 use orderflow_runtime::codec::Codec;
@@ -46,6 +43,8 @@ const QUANTITY: i32 = 3;
 const PARTITIONS: i32 = 6;
 /// How long each step may take to show its effect.
 const STEP: Duration = Duration::from_secs(90);
+/// How often a step's effect is checked.
+const POLL: Duration = Duration::from_millis(300);
 
 // ------------------------------------------------------------------------------------------
 // The broker from the test's side: producing events, reading topics.
@@ -147,46 +146,7 @@ impl Kafka {
 }
 
 // ------------------------------------------------------------------------------------------
-// Processes and endpoints.
-
-/// `orderflow dlq <args>` against the test's broker.
-fn dlq(bootstrap: &str, args: &[&str]) -> Output {
-    let root = common::repo_root();
-    let (action, rest) = args.split_first().expect("an action");
-    Command::new(common::orderflow_bin())
-        .current_dir(&root)
-        .args(["dlq", action, "--topology"])
-        .arg(root.join("topology.toml"))
-        .args(["--bootstrap", bootstrap])
-        .args(rest)
-        .env("RUST_BACKTRACE", "0")
-        .env_remove("ORDERFLOW_BOOTSTRAP")
-        .env_remove("ORDERFLOW_TOPOLOGY")
-        .output()
-        .expect("run orderflow dlq")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Runs `orderflow dlq <args>`, asserts it succeeded, returns its stdout.
-fn dlq_ok(bootstrap: &str, args: &[&str]) -> String {
-    let o = dlq(bootstrap, args);
-    assert!(o.status.success(), "orderflow dlq {args:?} failed ({}):\n{}\n{}", o.status, stdout(&o), stderr(&o));
-    stdout(&o)
-}
-
-/// Runs `orderflow dlq <args>`, asserts it failed with `expected` in its stderr.
-fn dlq_fails(bootstrap: &str, args: &[&str], expected: &str) {
-    let o = dlq(bootstrap, args);
-    assert!(!o.status.success(), "orderflow dlq {args:?} should fail:\n{}", stdout(&o));
-    assert!(stderr(&o).contains(expected), "orderflow dlq {args:?}: expected `{expected}` in stderr:\n{}", stderr(&o));
-}
+// `orderflow dlq` output.
 
 /// The redrive summary: the last line of stdout.
 fn summary(out: &str) -> Value {
@@ -196,73 +156,6 @@ fn summary(out: &str) -> Value {
 /// The `dlq list --json` record lines (the last line holds the counts).
 fn listed(out: &str) -> Vec<Value> {
     common::json_lines(out).into_iter().filter(|v| v.get("dlq_topic").is_some()).collect()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
-}
-
-/// A plain HTTP/1.0 GET on 127.0.0.1:`port`: (status, body), or None when nothing answers.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.split_whitespace().nth(1)?.parse().ok()?, body.to_string()))
-}
-
-/// Sum of the samples of `name` whose labels include every `key="value"` of `labels`.
-fn metric(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let Some((200, body)) = http_get(port, "/metrics") else { return 0.0 };
-    body.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
-}
-
-/// Polls `check` every 300 ms until it returns `Some`, panicking with `what` and the worker
-/// log's tail after [`STEP`].
-fn wait_for<T>(what: &str, log: &Path, workers: &mut Guarded, mut check: impl FnMut() -> Option<T>) -> T {
-    let until = Instant::now() + STEP;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        if let Some(s) = workers.try_wait() {
-            panic!("the workers exited ({s}) while waiting for {what}; log {}:\n{}", log.display(), tail(log, 30));
-        }
-        assert!(Instant::now() < until, "no {what} within {}s; log {}:\n{}", STEP.as_secs(), log.display(), tail(log, 30));
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-/// The five workers in one `orderflow --log-json run` process with endpoints on `port`.
-fn spawn_workers(bootstrap: &str, dir: &Path, port: u16) -> (Guarded, PathBuf) {
-    let root = common::repo_root();
-    let log = dir.join("workers.log");
-    let child = Command::new(common::orderflow_bin())
-        .current_dir(&root)
-        .args(["--log-json", "run", "--topology"])
-        .arg(root.join("topology.toml"))
-        .args(["--bootstrap", bootstrap, "--instance", "dlq-test", "--metrics-addr", &format!("127.0.0.1:{port}")])
-        .args(["--reservation-ttl", "10m"])
-        .env("RUST_BACKTRACE", "0")
-        .env("ORDERFLOW_STATE_DIR", dir.join("state"))
-        .env_remove("ORDERFLOW_BOOTSTRAP")
-        .env_remove("ORDERFLOW_INSTANCE")
-        .env_remove("ORDERFLOW_METRICS_ADDR")
-        .env_remove("ORDERFLOW_TOPOLOGY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(File::create(&log).expect("create log file")))
-        .spawn()
-        .expect("spawn orderflow run");
-    (Guarded::new(child, Duration::from_millis(50)), log)
 }
 
 // ------------------------------------------------------------------------------------------
@@ -283,8 +176,10 @@ fn redrive_after_fixing_the_cause_is_processed_once() {
         .expect("run orderflow topics");
     assert!(out.status.success(), "orderflow topics failed:\n{}", stderr(&out));
     let port = free_port();
-    let (mut workers, log) = spawn_workers(b, run_dir.path(), port);
-    wait_for("ready workers (/readyz 200)", &log, &mut workers, || matches!(http_get(port, "/readyz"), Some((200, _))).then_some(()));
+    let (mut workers, log) = spawn_workers(b, run_dir.path(), port, "dlq-test", &["--reservation-ttl", "10m"]);
+    wait_for("ready workers (/readyz 200)", &log, &mut workers, STEP, POLL, || {
+        matches!(http_get(port, "/readyz"), Some((200, _))).then_some(())
+    });
     let k = Kafka::new(b);
     let t0 = orderflow_runtime::worker::now_ms();
 
@@ -300,7 +195,7 @@ fn redrive_after_fixing_the_cause_is_processed_once() {
     };
     k.produce("inventory.adjusted", &store_key(HQ, STORE), &restock.into());
     // Inputs of different topics are not ordered: the order waits until the stock is there.
-    wait_for("the restock (stock.updated RESTOCK)", &log, &mut workers, || {
+    wait_for("the restock (stock.updated RESTOCK)", &log, &mut workers, STEP, POLL, || {
         k.read_all("stock.updated").into_iter().find(
             |r| matches!(&r.event, Some(Event::StockUpdated(u)) if u.change_reason == change_reason::RESTOCK && u.product_id == PRODUCT),
         )
@@ -315,7 +210,7 @@ fn redrive_after_fixing_the_cause_is_processed_once() {
         items: vec![OrderItem { product_id: PRODUCT.into(), quantity: QUANTITY, unit_price: 1000 }],
     };
     k.produce("order.created", ORDER, &created.into());
-    let reservation_id = wait_for("stock.reserved for the order", &log, &mut workers, || {
+    let reservation_id = wait_for("stock.reserved for the order", &log, &mut workers, STEP, POLL, || {
         if let Some(Event::StockReservationFailed(f)) = k.read_all("stock.reservation.failed").into_iter().find_map(|r| r.event) {
             panic!("the order was not reserved: {f:?}");
         }
@@ -339,8 +234,8 @@ fn redrive_after_fixing_the_cause_is_processed_once() {
     let (src_partition, src_offset) = k.produce("order.created", ORDER, &completed.into());
 
     // Both readers of order.created dead-letter it as wrong_schema.
-    let records = wait_for("two dead-letter records of the misplaced OrderCompleted", &log, &mut workers, || {
-        let recs = listed(&dlq_ok(b, &["list", "--json"]));
+    let records = wait_for("two dead-letter records of the misplaced OrderCompleted", &log, &mut workers, STEP, POLL, || {
+        let recs = listed(&ok(b, "dlq", &["list", "--json"]));
         let ours: Vec<Value> =
             recs.into_iter().filter(|r| r["source_offset"] == src_offset && r["source_topic"] == "order.created").collect();
         (ours.len() >= 2).then_some(ours)
@@ -359,51 +254,60 @@ fn redrive_after_fixing_the_cause_is_processed_once() {
     assert!(k.sales().is_empty(), "the misplaced completion must not be applied");
 
     // The table and the filters.
-    let table = dlq_ok(b, &["list"]);
+    let table = ok(b, "dlq", &["list"]);
     println!("$ orderflow dlq list\n{table}");
     assert!(table.contains(&format!("order.created[{src_partition}]@{src_offset}")) && table.contains("wrong_schema"), "{table}");
     assert!(table.contains("2 dead-letter record(s)"), "{table}");
-    let only = listed(&dlq_ok(b, &["list", "--json", "--topic", "order.created.dlq", "--worker", "canceller", "--class", "wrong_schema"]));
+    let only =
+        listed(&ok(b, "dlq", &["list", "--json", "--topic", "order.created.dlq", "--worker", "canceller", "--class", "wrong_schema"]));
     assert_eq!(only.len(), 1, "{only:#?}");
-    assert!(listed(&dlq_ok(b, &["list", "--json", "--class", "invalid"])).is_empty());
+    assert!(listed(&ok(b, "dlq", &["list", "--json", "--class", "invalid"])).is_empty());
 
     // One record in full, its value decoded.
     let (dp, doff) = (records[0]["partition"].as_i64().unwrap().to_string(), records[0]["offset"].as_i64().unwrap().to_string());
-    let shown: Value = serde_json::from_str(dlq_ok(b, &["show", "order.created.dlq", &dp, &doff, "--json"]).trim()).expect("show --json");
+    let shown: Value =
+        serde_json::from_str(ok(b, "dlq", &["show", "order.created.dlq", &dp, &doff, "--json"]).trim()).expect("show --json");
     assert_eq!(shown["schema"], "OrderCompleted", "{shown}");
     assert_eq!(shown["event"]["orderId"], ORDER, "{shown}");
     let headers: Vec<&str> = shown["headers"].as_array().unwrap().iter().map(|h| h["key"].as_str().unwrap()).collect();
     for h in ["orderflow.dlq.source-topic", "orderflow.dlq.worker", "orderflow.dlq.error-class", "orderflow.dlq.time"] {
         assert!(headers.contains(&h), "{h} missing from {headers:?}");
     }
-    println!("$ orderflow dlq show order.created.dlq {dp} {doff}\n{}", dlq_ok(b, &["show", "order.created.dlq", &dp, &doff]));
+    println!("$ orderflow dlq show order.created.dlq {dp} {doff}\n{}", ok(b, "dlq", &["show", "order.created.dlq", &dp, &doff]));
 
     // Clear errors.
-    dlq_fails(b, &["list", "--topic", "nope.dlq"], "unknown dead-letter topic nope.dlq");
-    dlq_fails(b, &["redrive", "--topic", "order.created", "--all"], "not a dead-letter topic");
-    dlq_fails(b, &["redrive", "--topic", "order.created.dlq", "--partition", &dp, "--from", "5", "--to", "2"], "--from 5 is after --to 2");
-    dlq_fails(
+    fails(b, "dlq", &["list", "--topic", "nope.dlq"], "unknown dead-letter topic nope.dlq");
+    fails(b, "dlq", &["redrive", "--topic", "order.created", "--all"], "not a dead-letter topic");
+    fails(
         b,
+        "dlq",
+        &["redrive", "--topic", "order.created.dlq", "--partition", &dp, "--from", "5", "--to", "2"],
+        "--from 5 is after --to 2",
+    );
+    fails(
+        b,
+        "dlq",
         &["redrive", "--topic", "order.created.dlq", "--partition", &dp, "--from", "999"],
         "--from 999 is outside order.created.dlq",
     );
-    dlq_fails(b, &["redrive", "--topic", "order.created.dlq", "--all", "--class", "invalid"], "empty selection");
-    dlq_fails(b, &["show", "order.created.dlq", &dp, "999"], "offset 999 is outside");
-    dlq_fails(
+    fails(b, "dlq", &["redrive", "--topic", "order.created.dlq", "--all", "--class", "invalid"], "empty selection");
+    fails(b, "dlq", &["show", "order.created.dlq", &dp, "999"], "offset 999 is outside");
+    fails(
         b,
+        "dlq",
         &["redrive", "--topic", "order.created.dlq", "--all", "--into", "no.such.topic"],
         "target topic no.such.topic does not exist",
     );
 
     // Back to the source topic it would only be dead-lettered again: the redrive says so.
-    let o = dlq(b, &["redrive", "--topic", "order.created.dlq", "--all", "--dry-run"]);
+    let o = cli(b, "dlq", &["redrive", "--topic", "order.created.dlq", "--all", "--dry-run"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("OrderCompleted is not a schema order.created carries"), "{}", stderr(&o));
     assert_eq!(summary(&stdout(&o))["by_target"]["order.created"], 1, "{}", stdout(&o));
 
     // A dry run sends nothing.
     let redrive = ["redrive", "--topic", "order.created.dlq", "--all", "--class", "wrong_schema", "--into", "order.completed"];
-    let dry = dlq_ok(b, &[&redrive[..], &["--dry-run"]].concat());
+    let dry = ok(b, "dlq", &[&redrive[..], &["--dry-run"]].concat());
     println!("$ orderflow dlq {} --dry-run\n{dry}", redrive.join(" "));
     let s = summary(&dry);
     assert_eq!(
@@ -416,7 +320,7 @@ fn redrive_after_fixing_the_cause_is_processed_once() {
     assert_eq!(k.count("order.completed"), 0, "a dry run produced something");
 
     // The redrive: one record for the two dead letters of one source record; one sale.
-    let sent = dlq_ok(b, &redrive);
+    let sent = ok(b, "dlq", &redrive);
     println!("$ orderflow dlq {}\n{sent}", redrive.join(" "));
     let s = summary(&sent);
     assert_eq!(
@@ -426,7 +330,7 @@ fn redrive_after_fixing_the_cause_is_processed_once() {
     );
     assert_eq!((s["skipped_same_source"].as_u64(), s["refused"].as_u64()), (Some(1), Some(0)), "{s}");
     assert_eq!(s["by_target"]["order.completed"], 1, "{s}");
-    let sale = wait_for("the sale (stock.updated SALE)", &log, &mut workers, || k.sales().into_iter().next());
+    let sale = wait_for("the sale (stock.updated SALE)", &log, &mut workers, STEP, POLL, || k.sales().into_iter().next());
     assert_eq!(
         (sale.store_stock.previous, sale.store_stock.current, sale.change_amount),
         (RESTOCK, RESTOCK - QUANTITY as i64, -(QUANTITY as i64)),
@@ -444,7 +348,7 @@ fn redrive_after_fixing_the_cause_is_processed_once() {
     let commands = k.count("stock.commands");
 
     // Again: re-produced, and absorbed by the eventId dedupe.
-    let again = summary(&dlq_ok(b, &redrive));
+    let again = summary(&ok(b, "dlq", &redrive));
     assert_eq!((again["sent"].as_u64(), again["skipped_same_source"].as_u64()), (Some(1), Some(1)), "{again}");
     assert_eq!(k.count("order.completed"), 2);
     settle(&k, port, &log, &mut workers);
@@ -460,7 +364,7 @@ fn redrive_after_fixing_the_cause_is_processed_once() {
         ),
         1.0
     );
-    let dead = listed(&dlq_ok(b, &["list", "--json"]));
+    let dead = listed(&ok(b, "dlq", &["list", "--json"]));
     assert_eq!(dead.len(), 2, "nothing else was dead-lettered: {dead:#?}");
 
     let (status, _) = workers.terminate(Duration::from_secs(30));
@@ -473,7 +377,7 @@ fn redrive_after_fixing_the_cause_is_processed_once() {
 fn settle(k: &Kafka, port: u16, log: &Path, workers: &mut Guarded) {
     for (worker, topic) in [("deduplicator", "order.completed"), ("stock-reserver", "stock.commands")] {
         let n = k.count(topic) as f64;
-        wait_for(&format!("{worker} consuming all {n} record(s) of {topic}"), log, workers, || {
+        wait_for(&format!("{worker} consuming all {n} record(s) of {topic}"), log, workers, STEP, POLL, || {
             (metric(port, "orderflow_events_consumed_total", &[("worker", worker), ("topic", topic)]) >= n).then_some(())
         });
     }

@@ -23,14 +23,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{tail, Guarded, RunDir};
+use common::{fails, free_port, http_status, ok, spawn_workers, stderr, tail, wait_for, Guarded, RunDir};
 use orderflow_api::events::*;
 use orderflow_api::Event;
 use orderflow_runtime::codec::Codec;
@@ -156,46 +153,7 @@ impl Kafka {
 }
 
 // ------------------------------------------------------------------------------------------
-// Processes.
-
-/// `orderflow <command> <args>` against the test's broker (`--topology` and `--bootstrap` added).
-fn cli(bootstrap: &str, command: &str, args: &[&str]) -> Output {
-    let root = common::repo_root();
-    Command::new(common::orderflow_bin())
-        .current_dir(&root)
-        .arg(command)
-        .args(args)
-        .arg("--topology")
-        .arg(root.join("topology.toml"))
-        .args(["--bootstrap", bootstrap])
-        .env("RUST_BACKTRACE", "0")
-        .env_remove("ORDERFLOW_BOOTSTRAP")
-        .env_remove("ORDERFLOW_TOPOLOGY")
-        .output()
-        .unwrap_or_else(|e| panic!("run orderflow {command}: {e}"))
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Runs `orderflow <command> <args>`, asserts it succeeded, returns its stdout.
-fn ok(bootstrap: &str, command: &str, args: &[&str]) -> String {
-    let o = cli(bootstrap, command, args);
-    assert!(o.status.success(), "orderflow {command} {args:?} failed ({}):\n{}\n{}", o.status, stdout(&o), stderr(&o));
-    stdout(&o)
-}
-
-/// Runs `orderflow <command> <args>`, asserts it failed with `expected` in its stderr.
-fn fails(bootstrap: &str, command: &str, args: &[&str], expected: &str) {
-    let o = cli(bootstrap, command, args);
-    assert!(!o.status.success(), "orderflow {command} {args:?} should fail:\n{}", stdout(&o));
-    assert!(stderr(&o).contains(expected), "orderflow {command} {args:?}: expected `{expected}` in stderr:\n{}", stderr(&o));
-}
+// `orderflow tap` and `orderflow trace`.
 
 /// `orderflow tap <args>`: its JSON lines.
 fn tap(bootstrap: &str, args: &[&str]) -> Vec<Value> {
@@ -207,62 +165,6 @@ fn tap(bootstrap: &str, args: &[&str]) -> Vec<Value> {
 fn trace(bootstrap: &str, order: &str) -> Value {
     let out = ok(bootstrap, "trace", &[order, "--json"]);
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("trace --json is not JSON ({e}):\n{out}"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
-}
-
-/// HTTP status of a GET on 127.0.0.1:`port`, or None when nothing answers.
-fn http_status(port: u16, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    String::from_utf8_lossy(&buf).lines().next()?.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Polls `check` every `every` until it returns `Some`, panicking with `what` and the worker
-/// log's tail after [`STEP`].
-fn wait_for<T>(what: &str, log: &Path, workers: &mut Guarded, every: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let until = Instant::now() + STEP;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        if let Some(s) = workers.try_wait() {
-            panic!("the workers exited ({s}) while waiting for {what}; log {}:\n{}", log.display(), tail(log, 30));
-        }
-        assert!(Instant::now() < until, "no {what} within {}s; log {}:\n{}", STEP.as_secs(), log.display(), tail(log, 30));
-        std::thread::sleep(every);
-    }
-}
-
-/// The five workers in one `orderflow --log-json run` process (reservation TTL 5 s).
-fn spawn_workers(bootstrap: &str, dir: &Path, port: u16) -> (Guarded, PathBuf) {
-    let root = common::repo_root();
-    let log = dir.join("workers.log");
-    let child = Command::new(common::orderflow_bin())
-        .current_dir(&root)
-        .args(["--log-json", "run", "--topology"])
-        .arg(root.join("topology.toml"))
-        .args(["--bootstrap", bootstrap, "--instance", "inspect-test", "--metrics-addr", &format!("127.0.0.1:{port}")])
-        .args(["--reservation-ttl", "5s"])
-        .env("RUST_BACKTRACE", "0")
-        .env("ORDERFLOW_STATE_DIR", dir.join("state"))
-        .env_remove("ORDERFLOW_BOOTSTRAP")
-        .env_remove("ORDERFLOW_INSTANCE")
-        .env_remove("ORDERFLOW_METRICS_ADDR")
-        .env_remove("ORDERFLOW_TOPOLOGY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(File::create(&log).expect("create log file")))
-        .spawn()
-        .expect("spawn orderflow run");
-    (Guarded::new(child, Duration::from_millis(50)), log)
 }
 
 fn created(order: &str, store: &str, product: &str, quantity: i32, t: i64) -> Event {
@@ -323,9 +225,11 @@ fn tap_and_trace_show_the_saga() {
         .expect("run orderflow topics");
     assert!(out.status.success(), "orderflow topics failed:\n{}", stderr(&out));
     let port = free_port();
-    let (mut workers, log) = spawn_workers(b, run_dir.path(), port);
+    let (mut workers, log) = spawn_workers(b, run_dir.path(), port, "inspect-test", &["--reservation-ttl", "5s"]);
     let fast = Duration::from_millis(100);
-    wait_for("ready workers (/readyz 200)", &log, &mut workers, fast * 3, || (http_status(port, "/readyz") == Some(200)).then_some(()));
+    wait_for("ready workers (/readyz 200)", &log, &mut workers, STEP, fast * 3, || {
+        (http_status(port, "/readyz") == Some(200)).then_some(())
+    });
     let k = Kafka::new(b);
     let t0 = orderflow_runtime::worker::now_ms();
 
@@ -340,7 +244,7 @@ fn tap_and_trace_show_the_saga() {
         items: vec![AdjustedItem { product_id: P1.into(), delta: 10 }, AdjustedItem { product_id: P2.into(), delta: 1 }],
     };
     k.produce("inventory.adjusted", &store_key(HQ, STORE), &restock.into(), &[("origin", "inspect-test")]);
-    wait_for("the restock (stock.updated RESTOCK of both products)", &log, &mut workers, fast * 3, || {
+    wait_for("the restock (stock.updated RESTOCK of both products)", &log, &mut workers, STEP, fast * 3, || {
         let restocked: BTreeSet<String> = k
             .events("stock.updated")
             .into_iter()
@@ -364,7 +268,7 @@ fn tap_and_trace_show_the_saga() {
     assert_eq!(delivered[SHORT], gp, "one key, one partition");
 
     // The POS completes DONE as soon as it is confirmed (well within the 5 s TTL).
-    let reservation = wait_for("order.confirmed of DONE", &log, &mut workers, fast, || {
+    let reservation = wait_for("order.confirmed of DONE", &log, &mut workers, STEP, fast, || {
         k.events("order.confirmed").into_iter().find_map(|e| match e {
             Event::OrderConfirmed(c) if c.order_id == DONE => Some(c.reservation_id),
             _ => None,
@@ -389,7 +293,7 @@ fn tap_and_trace_show_the_saga() {
         delivered.insert(o.clone(), p);
     }
 
-    wait_for("every order's outcome", &log, &mut workers, fast * 5, || {
+    wait_for("every order's outcome", &log, &mut workers, STEP, fast * 5, || {
         let cancelled = k.events("order.cancelled");
         if let Some(c) = cancellation(&cancelled, DONE) {
             panic!("DONE was cancelled: {c:?}");
@@ -401,7 +305,9 @@ fn tap_and_trace_show_the_saga() {
         (sold && short && late && invalid).then_some(())
     });
     // Both readers of order.created dead-lettered the garbage.
-    wait_for("two dead letters of the garbage", &log, &mut workers, fast * 5, || (tap(b, &["order.created.dlq"]).len() >= 2).then_some(()));
+    wait_for("two dead letters of the garbage", &log, &mut workers, STEP, fast * 5, || {
+        (tap(b, &["order.created.dlq"]).len() >= 2).then_some(())
+    });
 
     // ---------------------------------------------------------------- tap
     let topology = orderflow_runtime::topology::load(&root.join("topology.toml")).unwrap().topology;

@@ -27,13 +27,11 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{field, log_lines, message, num, tail, timestamp, unix_secs, Guarded, RunDir};
+use common::{field, free_port, http_get, log_lines, message, num, tail, timestamp, unix_secs, Guarded, RunDir};
 use serde_json::Value;
 
 /// Reservation TTL of every run (workers' `--reservation-ttl`, the driver's `--ttl`).
@@ -98,28 +96,14 @@ impl Ctx {
     /// its endpoints on `port`; stderr (the JSON log) goes to `logs/<log_name>.log`.
     fn spawn_workers(&self, workers: &[&str], instance: &str, port: u16, log_name: &str) -> (Guarded, PathBuf) {
         let log = self.dir.join("logs").join(format!("{log_name}.log"));
-        let mut cmd = Command::new(&self.bin);
-        cmd.current_dir(&self.root)
-            .args(["--log-json", "run", "--topology"])
-            .arg(&self.topology)
-            .args(["--bootstrap", &self.bootstrap, "--instance", instance])
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--reservation-ttl", TTL, "--grace-period", &format!("{}s", GRACE.as_secs())]);
+        let mut cmd = common::run_command(&self.topology, &self.bootstrap, instance, port, &self.state_dir, &log);
+        cmd.args(["--reservation-ttl", TTL, "--grace-period", &format!("{}s", GRACE.as_secs())]);
         for w in workers {
             cmd.args(["--worker", w]);
         }
-        cmd.envs(self.env.iter().copied());
         let child = cmd
-            .env("RUST_BACKTRACE", "0")
-            .env("ORDERFLOW_STATE_DIR", &self.state_dir)
-            .env_remove("ORDERFLOW_BOOTSTRAP")
-            .env_remove("ORDERFLOW_INSTANCE")
-            .env_remove("ORDERFLOW_METRICS_ADDR")
+            .envs(self.env.iter().copied())
             .env_remove("ORDERFLOW_GRACE_PERIOD")
-            .env_remove("ORDERFLOW_TOPOLOGY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(File::create(&log).expect("create log file")))
             .spawn()
             .unwrap_or_else(|e| panic!("spawn orderflow run {workers:?}: {e}"));
         (Guarded::new(child, EXIT_POLL), log)
@@ -153,26 +137,6 @@ impl Ctx {
             .expect("spawn orderflow demo");
         (Guarded::new(child, EXIT_POLL), summary, out, err)
     }
-}
-
-/// A free TCP port on 127.0.0.1 (bound and released; the worker binds it right after).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
-}
-
-/// A plain HTTP/1.0 GET on 127.0.0.1:`port`: (status, body), or None when nothing answers.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let code = head.lines().next()?.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
 }
 
 fn scrape(port: u16) -> Scrape {

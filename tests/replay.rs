@@ -21,14 +21,10 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{tail, Guarded, RunDir};
+use common::{fails, free_port, http_get, metric, ok, rfc3339, spawn_workers, stderr, tail, wait_for, RunDir};
 use orderflow_api::events::*;
 use orderflow_api::Event;
 use orderflow_runtime::codec::Codec;
@@ -45,6 +41,8 @@ use serde_json::Value;
 
 /// How long each step may take to show its effect.
 const STEP: Duration = Duration::from_secs(90);
+/// How often a step's effect is checked.
+const POLL: Duration = Duration::from_millis(300);
 
 // ------------------------------------------------------------------------------------------
 // The broker from the test's side.
@@ -194,119 +192,19 @@ fn adjusted(id: &str, t: i64) -> Event {
 }
 
 // ------------------------------------------------------------------------------------------
-// Processes and endpoints.
-
-/// `orderflow replay <args>` against the test's broker.
-fn replay(bootstrap: &str, args: &[&str]) -> Output {
-    let root = common::repo_root();
-    Command::new(common::orderflow_bin())
-        .current_dir(&root)
-        .args(["replay", "--topology"])
-        .arg(root.join("topology.toml"))
-        .args(["--bootstrap", bootstrap])
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .env_remove("ORDERFLOW_BOOTSTRAP")
-        .env_remove("ORDERFLOW_TOPOLOGY")
-        .output()
-        .expect("run orderflow replay")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+// `orderflow replay`.
 
 /// Runs `orderflow replay <args>`, asserts it succeeded, returns its summary (last stdout line).
 fn replay_ok(bootstrap: &str, args: &[&str]) -> Value {
-    let o = replay(bootstrap, args);
-    assert!(o.status.success(), "orderflow replay {args:?} failed ({}):\n{}\n{}", o.status, stdout(&o), stderr(&o));
-    let out = stdout(&o);
+    let out = ok(bootstrap, "replay", args);
     println!("$ orderflow replay {}\n{out}", args.join(" "));
     serde_json::from_str(out.lines().last().expect("a summary line")).unwrap_or_else(|e| panic!("summary is not JSON ({e}):\n{out}"))
 }
 
 /// Runs `orderflow replay <args>`, asserts it failed with `expected` in its stderr.
 fn replay_fails(bootstrap: &str, args: &[&str], expected: &str) {
-    let o = replay(bootstrap, args);
-    assert!(!o.status.success(), "orderflow replay {args:?} should fail:\n{}", stdout(&o));
-    let err = stderr(&o);
-    assert!(err.contains(expected), "orderflow replay {args:?}: expected `{expected}` in stderr:\n{err}");
+    let err = fails(bootstrap, "replay", args, expected);
     println!("$ orderflow replay {}\n{}", args.join(" "), err.lines().filter(|l| !l.contains("librdkafka")).collect::<Vec<_>>().join("\n"));
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
-}
-
-/// A plain HTTP/1.0 GET on 127.0.0.1:`port`: (status, body), or None when nothing answers.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.split_whitespace().nth(1)?.parse().ok()?, body.to_string()))
-}
-
-/// Sum of the samples of `name` whose labels include every `key="value"` of `labels`.
-fn metric(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let Some((200, body)) = http_get(port, "/metrics") else { return 0.0 };
-    body.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
-}
-
-/// Polls `check` every 300 ms until it returns `Some`, panicking with `what` and the worker
-/// log's tail after [`STEP`].
-fn wait_for<T>(what: &str, log: &Path, workers: &mut Guarded, mut check: impl FnMut() -> Option<T>) -> T {
-    let until = Instant::now() + STEP;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        if let Some(s) = workers.try_wait() {
-            panic!("the workers exited ({s}) while waiting for {what}; log {}:\n{}", log.display(), tail(log, 30));
-        }
-        assert!(Instant::now() < until, "no {what} within {}s; log {}:\n{}", STEP.as_secs(), log.display(), tail(log, 30));
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-/// The five workers in one `orderflow --log-json run` process with endpoints on `port`.
-fn spawn_workers(bootstrap: &str, dir: &Path, port: u16) -> (Guarded, PathBuf) {
-    let root = common::repo_root();
-    let log = dir.join("workers.log");
-    let child = Command::new(common::orderflow_bin())
-        .current_dir(&root)
-        .args(["--log-json", "run", "--topology"])
-        .arg(root.join("topology.toml"))
-        .args(["--bootstrap", bootstrap, "--instance", "replay-test", "--metrics-addr", &format!("127.0.0.1:{port}")])
-        .args(["--reservation-ttl", "10m"])
-        .env("RUST_BACKTRACE", "0")
-        .env("ORDERFLOW_STATE_DIR", dir.join("state"))
-        .env_remove("ORDERFLOW_BOOTSTRAP")
-        .env_remove("ORDERFLOW_INSTANCE")
-        .env_remove("ORDERFLOW_METRICS_ADDR")
-        .env_remove("ORDERFLOW_TOPOLOGY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(File::create(&log).expect("create log file")))
-        .spawn()
-        .expect("spawn orderflow run");
-    (Guarded::new(child, Duration::from_millis(50)), log)
-}
-
-fn rfc3339(ms: i64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms as u64)).to_string()
 }
 
 // ------------------------------------------------------------------------------------------
@@ -439,8 +337,10 @@ fn replay_of_the_stock_reservers_live_input_is_absorbed() {
         .expect("run orderflow topics");
     assert!(out.status.success(), "orderflow topics failed:\n{}", stderr(&out));
     let port = free_port();
-    let (mut workers, log) = spawn_workers(b, run_dir.path(), port);
-    wait_for("ready workers (/readyz 200)", &log, &mut workers, || matches!(http_get(port, "/readyz"), Some((200, _))).then_some(()));
+    let (mut workers, log) = spawn_workers(b, run_dir.path(), port, "replay-test", &["--reservation-ttl", "10m"]);
+    wait_for("ready workers (/readyz 200)", &log, &mut workers, STEP, POLL, || {
+        matches!(http_get(port, "/readyz"), Some((200, _))).then_some(())
+    });
     let k = Kafka::new(b);
     let t0 = orderflow_runtime::worker::now_ms();
 
@@ -454,7 +354,7 @@ fn replay_of_the_stock_reservers_live_input_is_absorbed() {
         items: vec![AdjustedItem { product_id: PRODUCT.into(), delta: 10 }],
     };
     k.produce("inventory.adjusted", &store_key(HQ, STORE), &restock.into(), &[], None);
-    wait_for("the restock (stock.updated RESTOCK)", &log, &mut workers, || {
+    wait_for("the restock (stock.updated RESTOCK)", &log, &mut workers, STEP, POLL, || {
         k.read_all("stock.updated").into_iter().find(|r| {
             matches!(k.codec.decode_local(&r.value), Ok(Event::StockUpdated(u)) if u.change_reason == change_reason::RESTOCK && u.product_id == PRODUCT)
         })
@@ -472,7 +372,7 @@ fn replay_of_the_stock_reservers_live_input_is_absorbed() {
         };
         k.produce("order.created", &created.order_id.clone(), &created.into(), &[], None);
         // One at a time, so which order fails is fixed.
-        wait_for(&format!("a stock answer for O-RP-{i}"), &log, &mut workers, || {
+        wait_for(&format!("a stock answer for O-RP-{i}"), &log, &mut workers, STEP, POLL, || {
             let answered = |topic| k.read_all(topic).iter().any(|r| r.key.as_deref() == Some(&format!("O-RP-{i}")));
             (answered("stock.reserved") || answered("stock.reservation.failed")).then_some(())
         });
@@ -481,7 +381,7 @@ fn replay_of_the_stock_reservers_live_input_is_absorbed() {
     let counts = || outputs.iter().map(|t| (*t, k.count(t))).collect::<BTreeMap<_, _>>();
     // Settled: the reserver processed every record of its input and the outputs stand still.
     let commands = k.count("stock.commands");
-    let before = wait_for("the stock reserver to process all of stock.commands", &log, &mut workers, || {
+    let before = wait_for("the stock reserver to process all of stock.commands", &log, &mut workers, STEP, POLL, || {
         let done = metric(port, "orderflow_events_consumed_total", &[("worker", "stock-reserver")]) as usize >= commands;
         let c = counts();
         std::thread::sleep(Duration::from_secs(1));
@@ -503,7 +403,7 @@ fn replay_of_the_stock_reservers_live_input_is_absorbed() {
     assert_eq!(s["partitioning"], "same-partition", "{s}");
     assert_eq!(k.count("stock.commands"), 2 * commands);
 
-    let dup_after = wait_for("every replayed record counted as a duplicate by the stock reserver", &log, &mut workers, || {
+    let dup_after = wait_for("every replayed record counted as a duplicate by the stock reserver", &log, &mut workers, STEP, POLL, || {
         let d = metric(port, "orderflow_events_consumed_total", &[("worker", "stock-reserver"), ("outcome", "duplicate")]);
         (d - dup_before >= commands as f64).then_some(d)
     });

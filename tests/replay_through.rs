@@ -19,14 +19,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{tail, Guarded, RunDir};
+use common::{cli, free_port, http_get, metric, ok, spawn_workers, tail, wait_for, Guarded, RunDir};
 use orderflow_api::events::*;
 use orderflow_api::fixtures::{inventory_adjusted, order_cancelled, order_created, HQ, STORE};
 use orderflow_api::Event;
@@ -44,6 +41,8 @@ use serde_json::Value;
 const PARTITIONS: i32 = 6;
 /// How long each step may take to show its effect.
 const STEP: Duration = Duration::from_secs(120);
+/// How often a step's effect is checked.
+const POLL: Duration = Duration::from_millis(300);
 const ORDERS: usize = 20;
 /// The stock reserver's reservation TTL in `topology.toml` (the run uses it).
 const RUN_TTL_MS: i64 = 300_000;
@@ -129,97 +128,12 @@ impl Kafka {
 }
 
 // ------------------------------------------------------------------------------------------
-// Processes and endpoints.
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
-}
-
-/// A plain HTTP/1.0 GET on 127.0.0.1:`port`: (status, body), or None when nothing answers.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.split_whitespace().nth(1)?.parse().ok()?, body.to_string()))
-}
-
-/// Sum of the samples of `name` whose labels include every `key="value"` of `labels`.
-fn metric(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let Some((200, body)) = http_get(port, "/metrics") else { return 0.0 };
-    body.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
-}
-
-/// Polls `check` every 300 ms until it returns `Some`, panicking with `what` and the worker
-/// log's tail after [`STEP`].
-fn wait_for<T>(what: &str, log: &Path, workers: &mut Guarded, mut check: impl FnMut() -> Option<T>) -> T {
-    let until = Instant::now() + STEP;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        if let Some(s) = workers.try_wait() {
-            panic!("the workers exited ({s}) while waiting for {what}; log {}:\n{}", log.display(), tail(log, 30));
-        }
-        assert!(Instant::now() < until, "no {what} within {}s; log {}:\n{}", STEP.as_secs(), log.display(), tail(log, 30));
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-/// The five workers in one `orderflow --log-json run` process with endpoints on `port`.
-fn spawn_workers(bootstrap: &str, dir: &Path, port: u16) -> (Guarded, PathBuf) {
-    let root = common::repo_root();
-    let log = dir.join("workers.log");
-    let child = Command::new(common::orderflow_bin())
-        .current_dir(&root)
-        .args(["--log-json", "run", "--topology"])
-        .arg(root.join("topology.toml"))
-        .args(["--bootstrap", bootstrap, "--instance", "replay-through-test", "--metrics-addr", &format!("127.0.0.1:{port}")])
-        .env("RUST_BACKTRACE", "0")
-        .env("ORDERFLOW_STATE_DIR", dir.join("state"))
-        .env_remove("ORDERFLOW_BOOTSTRAP")
-        .env_remove("ORDERFLOW_INSTANCE")
-        .env_remove("ORDERFLOW_METRICS_ADDR")
-        .env_remove("ORDERFLOW_TOPOLOGY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(File::create(&log).expect("create log file")))
-        .spawn()
-        .expect("spawn orderflow run");
-    (Guarded::new(child, Duration::from_millis(50)), log)
-}
-
-/// `orderflow replay <args>` against the test's broker.
-fn replay(bootstrap: &str, args: &[&str]) -> Output {
-    let root = common::repo_root();
-    Command::new(common::orderflow_bin())
-        .current_dir(&root)
-        .arg("replay")
-        .args(args)
-        .arg("--topology")
-        .arg(root.join("topology.toml"))
-        .args(["--bootstrap", bootstrap])
-        .env("RUST_BACKTRACE", "0")
-        .env_remove("ORDERFLOW_BOOTSTRAP")
-        .env_remove("ORDERFLOW_TOPOLOGY")
-        .output()
-        .expect("run orderflow replay")
-}
+// `orderflow replay` and waiting for the workers.
 
 /// Runs `orderflow replay <args>`, asserts it succeeded; returns the JSON lines before the
 /// summary and the summary (the last line).
 fn replay_ok(bootstrap: &str, args: &[&str]) -> (Vec<Value>, Value) {
-    let o = replay(bootstrap, args);
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(o.status.success(), "orderflow replay {args:?} failed ({}):\n{out}\n{}", o.status, String::from_utf8_lossy(&o.stderr));
+    let out = ok(bootstrap, "replay", args);
     let mut lines = common::json_lines(&out);
     let summary = lines.pop().unwrap_or_else(|| panic!("no summary line:\n{out}"));
     (lines, summary)
@@ -234,7 +148,7 @@ fn n(v: &Value) -> u64 {
 /// the deduplicator).
 fn settle(k: &Kafka, port: u16, log: &Path, workers: &mut Guarded) -> usize {
     let mut stable_since: Option<(usize, Instant)> = None;
-    wait_for("stock.commands to settle", log, workers, || {
+    wait_for("stock.commands to settle", log, workers, STEP, POLL, || {
         let count = k.read_all("stock.commands").len();
         let consumed = metric(port, "orderflow_events_consumed_total", &[("worker", "stock-reserver"), ("topic", "stock.commands")]);
         if consumed < count as f64 {
@@ -270,15 +184,17 @@ fn replayed_stock_commands_match_what_the_reserver_emitted() {
         .expect("run orderflow topics");
     assert!(out.status.success(), "orderflow topics failed:\n{}", String::from_utf8_lossy(&out.stderr));
     let port = free_port();
-    let (mut workers, log) = spawn_workers(b, run_dir.path(), port);
-    wait_for("ready workers (/readyz 200)", &log, &mut workers, || matches!(http_get(port, "/readyz"), Some((200, _))).then_some(()));
+    let (mut workers, log) = spawn_workers(b, run_dir.path(), port, "replay-through-test", &[]);
+    wait_for("ready workers (/readyz 200)", &log, &mut workers, STEP, POLL, || {
+        matches!(http_get(port, "/readyz"), Some((200, _))).then_some(())
+    });
     let k = Kafka::new(b);
     let now = orderflow_runtime::worker::now_ms;
 
     // A restocked store: P-3 is short, so some orders fail.
     let restock = inventory_adjusted("rt-restock", now(), &[("P-1", 40), ("P-2", 40), ("P-3", 6)]);
     k.produce("inventory.adjusted", &store_key(HQ, STORE), &restock.into());
-    wait_for("the restock", &log, &mut workers, || (k.events("stock.updated").len() >= 3).then_some(()));
+    wait_for("the restock", &log, &mut workers, STEP, POLL, || (k.events("stock.updated").len() >= 3).then_some(()));
 
     // 20 orders: order i asks 2 + i % 3 units of P-(i % 3 + 1).
     for i in 0..ORDERS {
@@ -286,7 +202,7 @@ fn replayed_stock_commands_match_what_the_reserver_emitted() {
         let order = order_created(&format!("rt-order-{i}"), &format!("O-RT-{i}"), now(), &[(&product, 2 + (i % 3) as i32)]);
         k.produce("order.created", &order.order_id.clone(), &order.into());
     }
-    let reserved: Vec<StockReserved> = wait_for("an answer for every order", &log, &mut workers, || {
+    let reserved: Vec<StockReserved> = wait_for("an answer for every order", &log, &mut workers, STEP, POLL, || {
         let reserved: Vec<StockReserved> = k
             .events("stock.reserved")
             .into_iter()
@@ -322,7 +238,7 @@ fn replayed_stock_commands_match_what_the_reserver_emitted() {
         let cancelled = order_cancelled(&format!("rt-payfail-{}", r.order_id), &r.order_id, "PAYMENT_FAILED", now());
         k.produce("order.cancelled", &r.order_id, &cancelled.into());
     }
-    wait_for("4 sales and 3 releases", &log, &mut workers, || {
+    wait_for("4 sales and 3 releases", &log, &mut workers, STEP, POLL, || {
         let sales = k.events("stock.updated").iter().filter(|e| matches!(e, Event::StockUpdated(u) if u.change_reason == "SALE")).count();
         let released = k.events("stock.reservation.released").len();
         (sales >= 4 && released >= 3).then_some(())
@@ -421,7 +337,7 @@ fn replayed_stock_commands_match_what_the_reserver_emitted() {
     assert_eq!((n(&d["same"]), n(&d["changed"]), n(&d["missing"]), n(&d["extra"])), (n(&s["outputs"]), 0, 0, 0), "{d}");
 
     // 5. A worker that does not read the topic.
-    let o = replay(b, &["stock.commands", "--from-offset", "0", "--through", "deduplicator", "--diff"]);
+    let o = cli(b, "replay", &["stock.commands", "--from-offset", "0", "--through", "deduplicator", "--diff"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("does not read stock.commands"), "{}", String::from_utf8_lossy(&o.stderr));
 

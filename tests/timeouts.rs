@@ -19,14 +19,12 @@
 
 mod common;
 
-use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-use common::{tail, Guarded, RunDir};
+use common::{free_port, http_get, now_ms, tail, Guarded, RunDir};
 use orderflow_api::events::{
     AdjustedItem, InventoryAdjusted, OrderCancelled, OrderCompleted, OrderConfirmed, OrderCreated, OrderItem, SoldItem,
     StockReservationReleased, StockReserved, StockUpdated,
@@ -72,16 +70,10 @@ const OBSERVED: &[&str] = &[
     "order.cancelled",
 ];
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after the epoch").as_millis() as i64
-}
-
 // ------------------------------------------------------------------------------------------
 // The run: broker, topology copy, topics, worker processes.
 
 struct Run {
-    bin: PathBuf,
-    root: PathBuf,
     topology: PathBuf,
     bootstrap: String,
     dir: PathBuf,
@@ -113,7 +105,7 @@ impl Run {
             .expect("run orderflow topics");
         assert!(out.status.success(), "orderflow topics failed:\n{}", String::from_utf8_lossy(&out.stderr));
         fs::create_dir_all(dir.join("logs")).unwrap();
-        Run { bin, root, topology, bootstrap: broker.bootstrap.clone(), dir: dir.to_path_buf(), processes: Vec::new() }
+        Run { topology, bootstrap: broker.bootstrap.clone(), dir: dir.to_path_buf(), processes: Vec::new() }
     }
 
     /// Starts one `orderflow run` process with `workers` (instance `instance`) and waits until its
@@ -121,27 +113,11 @@ impl Run {
     fn start(&mut self, workers: &[&str], instance: &str) {
         let port = free_port();
         let log = self.dir.join("logs").join(format!("{instance}.log"));
-        let mut cmd = Command::new(&self.bin);
-        cmd.current_dir(&self.root)
-            .args(["--log-json", "run", "--topology"])
-            .arg(&self.topology)
-            .args(["--bootstrap", &self.bootstrap, "--instance", instance])
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")]);
+        let mut cmd = common::run_command(&self.topology, &self.bootstrap, instance, port, &self.dir.join("state"), &log);
         for w in workers {
             cmd.args(["--worker", w]);
         }
-        let child = cmd
-            .env("RUST_BACKTRACE", "0")
-            .env("ORDERFLOW_STATE_DIR", self.dir.join("state"))
-            .env_remove("ORDERFLOW_BOOTSTRAP")
-            .env_remove("ORDERFLOW_INSTANCE")
-            .env_remove("ORDERFLOW_METRICS_ADDR")
-            .env_remove("ORDERFLOW_TOPOLOGY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(File::create(&log).expect("create log file")))
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn orderflow run {workers:?}: {e}"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn orderflow run {workers:?}: {e}"));
         let mut child = Guarded::new(child, EXIT_POLL);
         let started = Instant::now();
         loop {
@@ -168,15 +144,11 @@ impl Run {
     /// The value of `orderflow_business_events_total{worker="canceller",measure,label}` on the
     /// process that runs the canceller (0 when absent).
     fn canceller_measure(&self, measure: &str, label: &str) -> f64 {
-        let wanted = ["worker=\"canceller\"".to_string(), format!("measure=\"{measure}\""), format!("label=\"{label}\"")];
+        let wanted = [("worker", "canceller"), ("measure", measure), ("label", label)];
         let mut total = 0.0;
         for (_, port, _) in &self.processes {
             let Some((200, body)) = http_get(*port, "/metrics") else { panic!("GET /metrics on port {port} failed") };
-            for line in body.lines().filter(|l| l.starts_with("orderflow_business_events_total{")) {
-                if wanted.iter().all(|w| line.contains(w.as_str())) {
-                    total += line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-                }
-            }
+            total += common::metric_in(&body, "orderflow_business_events_total", &wanted);
         }
         total
     }
@@ -220,25 +192,6 @@ fn timeouts_topology(root: &Path, dir: &Path) -> PathBuf {
     let path = dir.join("topology.toml");
     fs::write(&path, text).expect("write topology copy");
     path
-}
-
-/// A free TCP port on 127.0.0.1 (bound and released; the worker binds it right after).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
-}
-
-/// A plain HTTP/1.0 GET on 127.0.0.1:`port`: (status, body), or None when nothing answers.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let code = head.lines().next()?.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
 }
 
 // ------------------------------------------------------------------------------------------

@@ -5,9 +5,11 @@
 
 #![allow(dead_code)]
 
-use std::fs;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -182,6 +184,167 @@ pub fn tail(path: &Path, lines: usize) -> String {
 }
 
 // ------------------------------------------------------------------------------------------
+// The `orderflow` CLI.
+
+/// `orderflow <command> <args> --topology <repo>/topology.toml --bootstrap <bootstrap>`, run from
+/// the repository root without `ORDERFLOW_BOOTSTRAP`/`ORDERFLOW_TOPOLOGY` from the environment
+/// and with `RUST_BACKTRACE=0`; waits for it and returns its output. Panics if it cannot be run.
+pub fn cli(bootstrap: &str, command: &str, args: &[&str]) -> Output {
+    let root = repo_root();
+    Command::new(orderflow_bin())
+        .current_dir(&root)
+        .arg(command)
+        .args(args)
+        .arg("--topology")
+        .arg(root.join("topology.toml"))
+        .args(["--bootstrap", bootstrap])
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("ORDERFLOW_BOOTSTRAP")
+        .env_remove("ORDERFLOW_TOPOLOGY")
+        .output()
+        .unwrap_or_else(|e| panic!("run orderflow {command}: {e}"))
+}
+
+/// The stdout of `o` as text (invalid UTF-8 replaced).
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The stderr of `o` as text (invalid UTF-8 replaced).
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs [`cli`]`(bootstrap, command, args)`, asserts it succeeded (panicking with its status,
+/// stdout and stderr otherwise) and returns its stdout.
+pub fn ok(bootstrap: &str, command: &str, args: &[&str]) -> String {
+    let o = cli(bootstrap, command, args);
+    assert!(o.status.success(), "orderflow {command} {args:?} failed ({}):\n{}\n{}", o.status, stdout(&o), stderr(&o));
+    stdout(&o)
+}
+
+/// Runs [`cli`]`(bootstrap, command, args)`, asserts it failed with `expected` in its stderr
+/// (panicking with its stdout or stderr otherwise) and returns its stderr.
+pub fn fails(bootstrap: &str, command: &str, args: &[&str], expected: &str) -> String {
+    let o = cli(bootstrap, command, args);
+    assert!(!o.status.success(), "orderflow {command} {args:?} should fail:\n{}", stdout(&o));
+    let err = stderr(&o);
+    assert!(err.contains(expected), "orderflow {command} {args:?}: expected `{expected}` in stderr:\n{err}");
+    err
+}
+
+// ------------------------------------------------------------------------------------------
+// Worker processes and their endpoints.
+
+/// A free TCP port on 127.0.0.1 (bound and released; the worker binds it right after). Panics
+/// if no ephemeral port can be bound.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
+}
+
+/// A plain HTTP/1.0 GET of `path` on 127.0.0.1:`port` (connect timeout 500 ms, read and write
+/// timeouts 5 s): (status, body), or None when nothing answers or the answer is not HTTP.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.lines().next()?.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
+/// The HTTP status of a GET of `path` on 127.0.0.1:`port` ([`http_get`]), or None when nothing
+/// answers.
+pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_get(port, path).map(|(code, _)| code)
+}
+
+/// Sum of the samples of `name` in the Prometheus text `body` whose labels include every
+/// `key="value"` of `labels` (0 when none; unparsable values are skipped).
+pub fn metric_in(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let prefix = format!("{name}{{");
+    body.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// [`metric_in`] of the `/metrics` scrape on 127.0.0.1:`port`; 0 when the scrape does not
+/// answer 200.
+pub fn metric(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let Some((200, body)) = http_get(port, "/metrics") else { return 0.0 };
+    metric_in(&body, name, labels)
+}
+
+/// Polls `check` every `every` until it returns `Some`, and returns that value. Panics (with
+/// `what` and the last 30 lines of the worker log `log`) if `workers` exits first or `within`
+/// passes.
+pub fn wait_for<T>(
+    what: &str,
+    log: &Path,
+    workers: &mut Guarded,
+    within: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let until = Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if let Some(s) = workers.try_wait() {
+            panic!("the workers exited ({s}) while waiting for {what}; log {}:\n{}", log.display(), tail(log, 30));
+        }
+        assert!(Instant::now() < until, "no {what} within {}s; log {}:\n{}", within.as_secs(), log.display(), tail(log, 30));
+        std::thread::sleep(every);
+    }
+}
+
+/// The command `orderflow --log-json run --topology <topology> --bootstrap <bootstrap>
+/// --instance <instance> --metrics-addr 127.0.0.1:<port>`, from the repository root, with state
+/// in `state_dir`, stdin and stdout null, stderr (the JSON log) to a new file `log`, and
+/// `RUST_BACKTRACE=0` but none of `ORDERFLOW_BOOTSTRAP`, `ORDERFLOW_INSTANCE`,
+/// `ORDERFLOW_METRICS_ADDR`, `ORDERFLOW_TOPOLOGY` from the environment. Add `--worker` and other
+/// arguments, then spawn it. Panics if `log` cannot be created.
+pub fn run_command(topology: &Path, bootstrap: &str, instance: &str, port: u16, state_dir: &Path, log: &Path) -> Command {
+    let mut cmd = Command::new(orderflow_bin());
+    cmd.current_dir(repo_root())
+        .args(["--log-json", "run", "--topology"])
+        .arg(topology)
+        .args(["--bootstrap", bootstrap, "--instance", instance])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .env("RUST_BACKTRACE", "0")
+        .env("ORDERFLOW_STATE_DIR", state_dir)
+        .env_remove("ORDERFLOW_BOOTSTRAP")
+        .env_remove("ORDERFLOW_INSTANCE")
+        .env_remove("ORDERFLOW_METRICS_ADDR")
+        .env_remove("ORDERFLOW_TOPOLOGY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(File::create(log).expect("create log file")));
+    cmd
+}
+
+/// All the workers of `<repo>/topology.toml` in one [`run_command`] process (instance
+/// `instance`, endpoints on `port`, state in `dir/state`, log `dir/workers.log`) with `extra`
+/// arguments such as `["--reservation-ttl", "10m"]`; returns the guarded child (exit checks
+/// every 50 ms) and the log's path. Panics if it cannot be spawned.
+pub fn spawn_workers(bootstrap: &str, dir: &Path, port: u16, instance: &str, extra: &[&str]) -> (Guarded, PathBuf) {
+    let log = dir.join("workers.log");
+    let child = run_command(&repo_root().join("topology.toml"), bootstrap, instance, port, &dir.join("state"), &log)
+        .args(extra)
+        .spawn()
+        .expect("spawn orderflow run");
+    (Guarded::new(child, Duration::from_millis(50)), log)
+}
+
+// ------------------------------------------------------------------------------------------
 // JSON logs (tracing-subscriber's JSON format) and timestamps.
 
 /// The lines of `text` that parse as JSON (other lines are skipped).
@@ -240,6 +403,18 @@ pub fn parse_utc(ts: &str) -> Option<f64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     Some((days * 86_400 + h * 3_600 + mi * 60) as f64 + s)
+}
+
+/// Milliseconds since the epoch now. Panics if the clock is before the epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after the epoch").as_millis() as i64
+}
+
+/// `ms` milliseconds since the epoch as RFC 3339 UTC with milliseconds
+/// (`2025-11-21T09:26:01.123Z`). Panics if `ms` is negative.
+pub fn rfc3339(ms: i64) -> String {
+    let ms = u64::try_from(ms).expect("a time after the epoch");
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 /// Seconds since the epoch of `t` (0 before the epoch).
