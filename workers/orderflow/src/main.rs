@@ -1,5 +1,6 @@
 //! `orderflow`: run saga workers, check and draw the topology, create topics, run the demo.
 
+mod bench;
 mod demo;
 mod dlq;
 mod inspect;
@@ -82,6 +83,9 @@ enum Command {
     /// Replay a range of a topic (by offsets or time): republish it --into a topic, or run it
     /// --through a worker. Safe into a live topic: every worker deduplicates by eventId.
     Replay(replay::ReplayArgs),
+    /// Throughput benchmarks against the local broker (raw baseline, one worker); one JSON
+    /// object per scenario on stdout. `scripts/bench` runs them all.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -262,5 +266,6 @@ async fn main() -> Result<()> {
         Command::Tap(args) => inspect::tap(args).await,
         Command::Trace(args) => inspect::trace(args).await,
         Command::Replay(args) => replay::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }
