@@ -153,7 +153,24 @@ pub struct RawResult {
     pub produce_records_per_s: f64,
     /// The consume → produce passthrough.
     pub passthrough: Window,
+    /// How the passthrough's units went (whole run, warm-up included).
+    pub units: Units,
+    /// The settings of the run.
     pub settings: Settings,
+}
+
+/// Units of work of a whole run (warm-up included): where the time went.
+#[derive(Debug, Serialize, Default)]
+pub struct Units {
+    /// Units committed.
+    pub count: u64,
+    /// Mean input records per unit.
+    pub mean_records: f64,
+    /// Mean time to decode and process one unit, milliseconds (0 for the raw passthrough).
+    pub mean_processing_ms: f64,
+    /// Mean time from the first send of a unit to its last acknowledgement, sled flush and
+    /// offset commit, milliseconds.
+    pub mean_commit_ms: f64,
 }
 
 /// `bench worker` result (one JSON object on stdout).
@@ -182,6 +199,9 @@ pub struct WorkerResult {
     pub writes_per_input: f64,
     /// Changelog records per input record (part of `writes_per_input`).
     pub changelog_writes_per_input: f64,
+    /// How the worker's units went (its `unit_processing_seconds` and `commit_seconds`).
+    pub units: Units,
+    /// The settings of the run.
     pub settings: Settings,
 }
 
@@ -420,6 +440,7 @@ async fn raw(args: RawArgs) -> Result<RawResult> {
     consumer.subscribe(&[&source])?;
     let mut meter = Meter::new(c.warmup, c.duration, records);
     let mut processed = 0u64;
+    let (mut units, mut commit_s) = (0u64, 0f64);
     let window = loop {
         let deadline = tokio::time::Instant::now() + commit_interval;
         let mut batch = Vec::new();
@@ -432,6 +453,7 @@ async fn raw(args: RawArgs) -> Result<RawResult> {
         if batch.is_empty() {
             continue;
         }
+        let commit_started = Instant::now();
         let sends = batch.iter().map(|m| {
             let mut r = FutureRecord::<[u8], [u8]>::to(&sink);
             if let Some(k) = m.key() {
@@ -455,6 +477,8 @@ async fn raw(args: RawArgs) -> Result<RawResult> {
             tpl.add_partition_offset(&source, p, Offset::Offset(o))?;
         }
         consumer.commit(&tpl, CommitMode::Async)?;
+        commit_s += commit_started.elapsed().as_secs_f64();
+        units += 1;
         processed += batch.len() as u64;
         if let Some(w) = meter.observe(Instant::now(), processed) {
             break w;
@@ -466,6 +490,12 @@ async fn raw(args: RawArgs) -> Result<RawResult> {
         value_bytes: bytes as f64 / records.max(1) as f64,
         produce_records_per_s,
         passthrough: window,
+        units: Units {
+            count: units,
+            mean_records: processed as f64 / units.max(1) as f64,
+            mean_processing_ms: 0.0,
+            mean_commit_ms: commit_s * 1000.0 / units.max(1) as f64,
+        },
         settings: settings(t, commit_interval, max_batch, partitions),
     })
 }
@@ -518,6 +548,21 @@ fn consumed(metrics: &Metrics, name: &str, inputs: &[String]) -> u64 {
         }
     }
     n
+}
+
+/// The worker's unit statistics from its metrics.
+fn worker_units(metrics: &Metrics, name: &str, processed: u64) -> Units {
+    let processing = metrics.processing.with_label_values(&[name]);
+    let commit = metrics.commit.with_label_values(&[name, "ok"]);
+    let count = commit.get_sample_count();
+    let mean = |sum: f64, n: u64| if n > 0 { sum * 1000.0 / n as f64 } else { 0.0 };
+    Units {
+        count,
+        mean_records: processed as f64 / count.max(1) as f64,
+        // Idle units (nothing read) are observed too but take ~0: divide by the committed ones.
+        mean_processing_ms: mean(processing.get_sample_sum(), count),
+        mean_commit_ms: mean(commit.get_sample_sum(), count),
+    }
 }
 
 async fn worker(args: WorkerArgs) -> Result<WorkerResult> {
@@ -631,6 +676,7 @@ async fn worker(args: WorkerArgs) -> Result<WorkerResult> {
         writes_per_input: per(all),
         changelog_writes_per_input: per(writes[&changelog]),
         writes,
+        units: worker_units(&metrics, &args.name, processed_total),
         settings: settings(t, commit_interval, max_batch, partitions),
     })
 }
