@@ -404,7 +404,7 @@ async fn raw(args: RawArgs) -> Result<RawResult> {
     let c = &args.common;
     let loaded = crate::load_topology(&c.topology, c.bootstrap.as_deref())?;
     let t = &loaded.topology;
-    let records = c.records.unwrap_or(200_000);
+    let records = c.records.unwrap_or(1_000_000);
     let partitions = args.partitions.unwrap_or_else(|| t.topics.get("order.created").map(|s| s.partitions).unwrap_or(6));
     let commit_interval = c.commit_interval.unwrap_or(t.defaults.commit_interval);
     let max_batch = t.defaults.max_batch;
@@ -587,7 +587,7 @@ async fn worker(args: WorkerArgs) -> Result<WorkerResult> {
         info!("exactly_once: the broker must support transactions (tansu 0.6.0 does not)");
     }
     let partitions = spec.inputs.first().and_then(|i| t.topics.get(i)).map(|s| s.partitions).unwrap_or(6);
-    let records = c.records.unwrap_or(300_000);
+    let records = c.records.unwrap_or(600_000);
 
     create_topics(t).await.context("creating topics")?;
     let changelog = orderflow_runtime::changelog::topic(&name);
