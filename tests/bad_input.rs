@@ -39,7 +39,6 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{free_port, http_get, now_ms, Guarded, RunDir};
@@ -725,15 +724,8 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
     let t: &Topology = &loaded.topology;
     println!("bad input: {} cases, broker {}, run directory {}", cases.len(), broker.bootstrap, dir.display());
 
-    let bin = common::orderflow_bin();
-    let out = Command::new(&bin)
-        .args(["topics", "--topology"])
-        .arg(&topology_path)
-        .args(["--bootstrap", &broker.bootstrap])
-        .env_remove("ORDERFLOW_BOOTSTRAP")
-        .output()
-        .expect("run orderflow topics");
-    assert!(out.status.success(), "orderflow topics failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let _bin = common::orderflow_bin();
+    common::create_topics(&topology_path, &broker.bootstrap);
 
     // The five workers in one process.
     let port = free_port();

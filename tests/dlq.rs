@@ -17,8 +17,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{cli, fails, free_port, http_get, metric, ok, spawn_workers, stderr, stdout, tail, wait_for, Guarded, RunDir};
 use orderflow_api::events::*;
@@ -26,11 +25,9 @@ use orderflow_api::Event;
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::kafka::{client_config, Side};
 use orderflow_runtime::topology::BrokerConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 
 const HQ: &str = "HQ-DLQ";
@@ -89,44 +86,10 @@ impl Kafka {
 
     /// Every record of `topic`, from the low to the high watermark of each partition.
     fn read_all(&self, topic: &str) -> Vec<Record> {
-        let mut config = client_config(&self.broker, Side::Consumer);
-        config.set("group.id", format!("orderflow-dlq-test-{}", std::process::id()));
-        let consumer: BaseConsumer = config.create().expect("consumer");
-        let mut tpl = TopicPartitionList::new();
-        let mut ends = std::collections::BTreeMap::new();
-        for p in 0..PARTITIONS {
-            let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
-            if high > low {
-                tpl.add_partition_offset(topic, p, Offset::Offset(low)).unwrap();
-                ends.insert(p, high);
-            }
-        }
-        let mut out = Vec::new();
-        if ends.is_empty() {
-            return out;
-        }
-        consumer.assign(&tpl).unwrap();
-        let until = Instant::now() + Duration::from_secs(30);
-        while !ends.is_empty() {
-            assert!(Instant::now() < until, "reading {topic} did not reach the high watermarks {ends:?}");
-            let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
-            let m = m.expect("consume");
-            let Some(&end) = ends.get(&m.partition()) else { continue };
-            if m.offset() < end {
-                let headers = m
-                    .headers()
-                    .map(|hs| {
-                        hs.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect()
-                    })
-                    .unwrap_or_default();
-                let event = m.payload().and_then(|v| self.codec.decode_local(v).ok());
-                out.push(Record { event, headers });
-            }
-            if m.offset() >= end - 1 {
-                ends.remove(&m.partition());
-            }
-        }
-        out
+        common::read_topic(&self.broker, topic, PARTITIONS)
+            .iter()
+            .map(|m| Record { event: m.payload().and_then(|v| self.codec.decode_local(v).ok()), headers: common::header_pairs(m) })
+            .collect()
     }
 
     /// `stock.updated` SALE records of [`ORDER`].
@@ -165,16 +128,7 @@ fn redrive_after_fixing_the_cause_is_processed_once() {
     let broker = common::Broker::start();
     let b = broker.bootstrap.as_str();
     let run_dir = RunDir::create("orderflow-dlq-", "ORDERFLOW_KEEP_DLQ_DIR", "dlq: worker log and state");
-    let root = common::repo_root();
-    let out = Command::new(common::orderflow_bin())
-        .current_dir(&root)
-        .args(["topics", "--topology"])
-        .arg(root.join("topology.toml"))
-        .args(["--bootstrap", b])
-        .env_remove("ORDERFLOW_BOOTSTRAP")
-        .output()
-        .expect("run orderflow topics");
-    assert!(out.status.success(), "orderflow topics failed:\n{}", stderr(&out));
+    common::create_topics(&common::repo_root().join("topology.toml"), b);
     let port = free_port();
     let (mut workers, log) = spawn_workers(b, run_dir.path(), port, "dlq-test", &["--reservation-ttl", "10m"]);
     wait_for("ready workers (/readyz 200)", &log, &mut workers, STEP, POLL, || {

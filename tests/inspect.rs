@@ -25,19 +25,17 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{fails, free_port, http_status, ok, spawn_workers, stderr, tail, wait_for, Guarded, RunDir};
+use common::{fails, free_port, http_status, ok, spawn_workers, tail, wait_for, Guarded, RunDir};
 use orderflow_api::events::*;
 use orderflow_api::Event;
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::kafka::{client_config, Side};
 use orderflow_runtime::topology::BrokerConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 
 const HQ: &str = "HQ-INS";
@@ -118,37 +116,10 @@ impl Kafka {
 
     /// Every decodable event of `topic`.
     fn events(&self, topic: &str) -> Vec<Event> {
-        let mut config = client_config(&self.broker, Side::Consumer);
-        config.set("group.id", format!("orderflow-inspect-test-{}", std::process::id()));
-        let consumer: BaseConsumer = config.create().expect("consumer");
-        let mut tpl = TopicPartitionList::new();
-        let mut ends = BTreeMap::new();
-        for p in 0..PARTITIONS {
-            let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
-            if high > low {
-                tpl.add_partition_offset(topic, p, Offset::Offset(low)).unwrap();
-                ends.insert(p, high);
-            }
-        }
-        let mut out = Vec::new();
-        if ends.is_empty() {
-            return out;
-        }
-        consumer.assign(&tpl).unwrap();
-        let until = Instant::now() + Duration::from_secs(30);
-        while !ends.is_empty() {
-            assert!(Instant::now() < until, "reading {topic} did not reach the high watermarks {ends:?}");
-            let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };
-            let m = m.expect("consume");
-            let Some(&end) = ends.get(&m.partition()) else { continue };
-            if m.offset() < end {
-                out.extend(m.payload().and_then(|v| self.codec.decode_local(v).ok()));
-            }
-            if m.offset() >= end - 1 {
-                ends.remove(&m.partition());
-            }
-        }
-        out
+        common::read_topic(&self.broker, topic, PARTITIONS)
+            .iter()
+            .filter_map(|m| m.payload().and_then(|v| self.codec.decode_local(v).ok()))
+            .collect()
     }
 }
 
@@ -215,15 +186,7 @@ fn tap_and_trace_show_the_saga() {
     let b = broker.bootstrap.as_str();
     let run_dir = RunDir::create("orderflow-inspect-", "ORDERFLOW_KEEP_INSPECT_DIR", "inspect: worker log and state");
     let root = common::repo_root();
-    let out = Command::new(common::orderflow_bin())
-        .current_dir(&root)
-        .args(["topics", "--topology"])
-        .arg(root.join("topology.toml"))
-        .args(["--bootstrap", b])
-        .env_remove("ORDERFLOW_BOOTSTRAP")
-        .output()
-        .expect("run orderflow topics");
-    assert!(out.status.success(), "orderflow topics failed:\n{}", stderr(&out));
+    common::create_topics(&root.join("topology.toml"), b);
     let port = free_port();
     let (mut workers, log) = spawn_workers(b, run_dir.path(), port, "inspect-test", &["--reservation-ttl", "5s"]);
     let fast = Duration::from_millis(100);

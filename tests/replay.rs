@@ -21,10 +21,9 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{fails, free_port, http_get, metric, ok, rfc3339, spawn_workers, stderr, tail, wait_for, RunDir};
+use common::{fails, free_port, http_get, metric, ok, rfc3339, spawn_workers, tail, wait_for, RunDir};
 use orderflow_api::events::*;
 use orderflow_api::Event;
 use orderflow_runtime::codec::Codec;
@@ -33,10 +32,9 @@ use orderflow_runtime::topology::BrokerConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 
 /// How long each step may take to show its effect.
@@ -128,47 +126,17 @@ impl Kafka {
 
     /// Records in `topic` (every partition, low to high watermark).
     fn read_all(&self, topic: &str) -> Vec<Record> {
-        let consumer = self.consumer();
-        let mut tpl = TopicPartitionList::new();
-        let mut ends = BTreeMap::new();
-        for p in 0..self.partitions(topic) {
-            let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
-            if high > low {
-                tpl.add_partition_offset(topic, p, Offset::Offset(low)).unwrap();
-                ends.insert(p, high);
-            }
-        }
-        let mut out = Vec::new();
-        if ends.is_empty() {
-            return out;
-        }
-        consumer.assign(&tpl).unwrap();
-        let until = Instant::now() + Duration::from_secs(30);
-        while !ends.is_empty() {
-            assert!(Instant::now() < until, "reading {topic} did not reach the high watermarks {ends:?}");
-            let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
-            let m = m.expect("consume");
-            let Some(&end) = ends.get(&m.partition()) else { continue };
-            if m.offset() < end {
-                let headers = m
-                    .headers()
-                    .map(|hs| {
-                        hs.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect()
-                    })
-                    .unwrap_or_default();
-                out.push(Record {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    value: m.payload().unwrap_or_default().to_vec(),
-                    timestamp: m.timestamp().to_millis(),
-                    headers,
-                });
-            }
-            if m.offset() >= end - 1 {
-                ends.remove(&m.partition());
-            }
-        }
+        let mut out: Vec<Record> = common::read_topic(&self.broker, topic, self.partitions(topic))
+            .iter()
+            .map(|m| Record {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                value: m.payload().unwrap_or_default().to_vec(),
+                timestamp: m.timestamp().to_millis(),
+                headers: common::header_pairs(m),
+            })
+            .collect();
         out.sort_by_key(|r| (r.partition, r.offset));
         out
     }
@@ -326,16 +294,7 @@ fn replay_of_the_stock_reservers_live_input_is_absorbed() {
     let broker = common::Broker::start();
     let b = broker.bootstrap.as_str();
     let run_dir = RunDir::create("orderflow-replay-", "ORDERFLOW_KEEP_REPLAY_DIR", "replay: worker log and state");
-    let root = common::repo_root();
-    let out = Command::new(common::orderflow_bin())
-        .current_dir(&root)
-        .args(["topics", "--topology"])
-        .arg(root.join("topology.toml"))
-        .args(["--bootstrap", b])
-        .env_remove("ORDERFLOW_BOOTSTRAP")
-        .output()
-        .expect("run orderflow topics");
-    assert!(out.status.success(), "orderflow topics failed:\n{}", stderr(&out));
+    common::create_topics(&common::repo_root().join("topology.toml"), b);
     let port = free_port();
     let (mut workers, log) = spawn_workers(b, run_dir.path(), port, "replay-test", &["--reservation-ttl", "10m"]);
     wait_for("ready workers (/readyz 200)", &log, &mut workers, STEP, POLL, || {

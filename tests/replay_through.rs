@@ -20,7 +20,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{cli, free_port, http_get, metric, ok, spawn_workers, tail, wait_for, Guarded, RunDir};
@@ -30,11 +29,9 @@ use orderflow_api::Event;
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::kafka::{client_config, Side};
 use orderflow_runtime::topology::BrokerConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 
 /// Partitions of every saga topic in `topology.toml`.
@@ -88,38 +85,14 @@ impl Kafka {
 
     /// Every record of `topic`, from the low to the high watermark of each partition.
     fn read_all(&self, topic: &str) -> Vec<Record> {
-        let mut config = client_config(&self.broker, Side::Consumer);
-        config.set("group.id", format!("orderflow-replay-through-test-{}", std::process::id()));
-        let consumer: BaseConsumer = config.create().expect("consumer");
-        let mut tpl = TopicPartitionList::new();
-        let mut ends = BTreeMap::new();
-        for p in 0..PARTITIONS {
-            let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
-            if high > low {
-                tpl.add_partition_offset(topic, p, Offset::Offset(low)).unwrap();
-                ends.insert(p, high);
-            }
-        }
-        let mut out = Vec::new();
-        if ends.is_empty() {
-            return out;
-        }
-        consumer.assign(&tpl).unwrap();
-        let until = Instant::now() + Duration::from_secs(30);
-        while !ends.is_empty() {
-            assert!(Instant::now() < until, "reading {topic} did not reach the high watermarks {ends:?}");
-            let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
-            let m = m.expect("consume");
-            let Some(&end) = ends.get(&m.partition()) else { continue };
-            if m.offset() < end {
-                let event = m.payload().and_then(|v| self.codec.decode_local(v).ok());
-                out.push(Record { partition: m.partition(), offset: m.offset(), event });
-            }
-            if m.offset() >= end - 1 {
-                ends.remove(&m.partition());
-            }
-        }
-        out
+        common::read_topic(&self.broker, topic, PARTITIONS)
+            .iter()
+            .map(|m| Record {
+                partition: m.partition(),
+                offset: m.offset(),
+                event: m.payload().and_then(|v| self.codec.decode_local(v).ok()),
+            })
+            .collect()
     }
 
     fn events(&self, topic: &str) -> Vec<Event> {
@@ -174,15 +147,7 @@ fn replayed_stock_commands_match_what_the_reserver_emitted() {
     let b = broker.bootstrap.as_str();
     let run_dir = RunDir::create("orderflow-replay-through-", "ORDERFLOW_KEEP_REPLAY_THROUGH_DIR", "replay-through: worker log and state");
     let root = common::repo_root();
-    let out = Command::new(common::orderflow_bin())
-        .current_dir(&root)
-        .args(["topics", "--topology"])
-        .arg(root.join("topology.toml"))
-        .args(["--bootstrap", b])
-        .env_remove("ORDERFLOW_BOOTSTRAP")
-        .output()
-        .expect("run orderflow topics");
-    assert!(out.status.success(), "orderflow topics failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    common::create_topics(&root.join("topology.toml"), b);
     let port = free_port();
     let (mut workers, log) = spawn_workers(b, run_dir.path(), port, "replay-through-test", &[]);
     wait_for("ready workers (/readyz 200)", &log, &mut workers, STEP, POLL, || {

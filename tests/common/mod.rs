@@ -462,3 +462,68 @@ pub fn assert_summary_invariants(s: &Value, expected: u64) {
 pub fn outcome(s: &Value, k: &str) -> u64 {
     s["by_outcome"][k].as_u64().unwrap_or(0)
 }
+
+// ------------------------------------------------------------------------------------------
+// Reading topics and creating them.
+
+/// Every record of `topic` from the low to the high watermark (as seen at the call) of each of
+/// its `partitions`, in arrival order per partition. Reads by assignment (no group commits).
+/// Panics if the high watermarks are not reached within 30 s.
+pub fn read_topic(broker: &orderflow_runtime::topology::BrokerConfig, topic: &str, partitions: i32) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let mut config = orderflow_runtime::kafka::client_config(broker, orderflow_runtime::kafka::Side::Consumer);
+    config.set("group.id", format!("orderflow-test-read-{}", std::process::id()));
+    let consumer: BaseConsumer = config.create().expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = std::collections::BTreeMap::new();
+    for p in 0..partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Offset(low)).unwrap();
+            ends.insert(p, high);
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return out;
+    }
+    consumer.assign(&tpl).unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while !ends.is_empty() {
+        assert!(Instant::now() < until, "reading {topic} did not reach the high watermarks {ends:?}");
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let m = m.expect("consume");
+        let Some(&end) = ends.get(&m.partition()) else { continue };
+        if m.offset() < end {
+            out.push(m.detach());
+        }
+        if m.offset() >= end - 1 {
+            ends.remove(&m.partition());
+        }
+    }
+    out
+}
+
+/// The headers of `m` as `(key, value as lossy UTF-8)` pairs, in order.
+pub fn header_pairs(m: &rdkafka::message::OwnedMessage) -> Vec<(String, String)> {
+    use rdkafka::message::{Headers, Message};
+    m.headers()
+        .map(|hs| hs.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+        .unwrap_or_default()
+}
+
+/// `orderflow topics` for the topology file `topology` on `bootstrap`; panics with its stderr if
+/// it fails.
+pub fn create_topics(topology: &Path, bootstrap: &str) {
+    let out = Command::new(orderflow_bin())
+        .current_dir(repo_root())
+        .args(["topics", "--topology"])
+        .arg(topology)
+        .args(["--bootstrap", bootstrap])
+        .env_remove("ORDERFLOW_BOOTSTRAP")
+        .output()
+        .expect("run orderflow topics");
+    assert!(out.status.success(), "orderflow topics failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
