@@ -22,11 +22,8 @@ use std::time::Duration;
 use common::{cli, fails, free_port, http_get, metric, ok, spawn_workers, stderr, stdout, tail, wait_for, Guarded, RunDir};
 use orderflow_api::events::*;
 use orderflow_api::Event;
-use orderflow_runtime::codec::Codec;
-use orderflow_runtime::kafka::{client_config, Side};
-use orderflow_runtime::topology::BrokerConfig;
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use serde_json::Value;
 
@@ -46,12 +43,8 @@ const POLL: Duration = Duration::from_millis(300);
 // ------------------------------------------------------------------------------------------
 // The broker from the test's side: producing events, reading topics.
 
-struct Kafka {
-    rt: tokio::runtime::Runtime,
-    broker: BrokerConfig,
-    producer: FutureProducer,
-    codec: Codec,
-}
+/// The test's broker clients (see `common::Kafka`).
+type Kafka = common::Kafka;
 
 /// One record read back: its value decoded (if it decodes), its headers as text.
 struct Record {
@@ -60,20 +53,6 @@ struct Record {
 }
 
 impl Kafka {
-    fn new(bootstrap: &str) -> Kafka {
-        let root = common::repo_root();
-        let mut loaded = orderflow_runtime::topology::load(&root.join("topology.toml")).expect("topology loads");
-        loaded.topology.broker.bootstrap = bootstrap.to_string();
-        let broker = loaded.topology.broker.clone();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let producer = {
-            let _guard = rt.enter();
-            client_config(&broker, Side::Producer).create().expect("producer")
-        };
-        let codec = Codec::load(&root.join("avro"), None).expect("schemas load");
-        Kafka { rt, broker, producer, codec }
-    }
-
     /// Produces `event` (Avro single-object encoding) to `topic` with `key`; returns where it landed.
     fn produce(&self, topic: &str, key: &str, event: &Event) -> (i32, i64) {
         let bytes = self.codec.encode_local(event).expect("event encodes");

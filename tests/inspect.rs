@@ -30,11 +30,8 @@ use std::time::Duration;
 use common::{fails, free_port, http_status, ok, spawn_workers, tail, wait_for, Guarded, RunDir};
 use orderflow_api::events::*;
 use orderflow_api::Event;
-use orderflow_runtime::codec::Codec;
-use orderflow_runtime::kafka::{client_config, Side};
-use orderflow_runtime::topology::BrokerConfig;
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use serde_json::Value;
 
@@ -73,28 +70,10 @@ const SCHEMAS: [&str; 10] = [
 // ------------------------------------------------------------------------------------------
 // The broker from the test's side.
 
-struct Kafka {
-    rt: tokio::runtime::Runtime,
-    broker: BrokerConfig,
-    producer: FutureProducer,
-    codec: Codec,
-}
+/// The test's broker clients (see `common::Kafka`).
+type Kafka = common::Kafka;
 
 impl Kafka {
-    fn new(bootstrap: &str) -> Kafka {
-        let root = common::repo_root();
-        let mut loaded = orderflow_runtime::topology::load(&root.join("topology.toml")).expect("topology loads");
-        loaded.topology.broker.bootstrap = bootstrap.to_string();
-        let broker = loaded.topology.broker.clone();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let producer = {
-            let _guard = rt.enter();
-            client_config(&broker, Side::Producer).create().expect("producer")
-        };
-        let codec = Codec::load(&root.join("avro"), None).expect("schemas load");
-        Kafka { rt, broker, producer, codec }
-    }
-
     /// Produces `bytes` to `topic` with `key` and `headers` (the topology's producer: idempotent,
     /// `murmur2_random`); returns (partition, offset).
     fn produce_bytes(&self, topic: &str, key: &str, bytes: &[u8], headers: &[(&str, &str)]) -> (i32, i64) {

@@ -26,14 +26,12 @@ use std::time::Duration;
 use common::{fails, free_port, http_get, metric, ok, rfc3339, spawn_workers, tail, wait_for, RunDir};
 use orderflow_api::events::*;
 use orderflow_api::Event;
-use orderflow_runtime::codec::Codec;
 use orderflow_runtime::kafka::{client_config, Side};
-use orderflow_runtime::topology::BrokerConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use serde_json::Value;
 
@@ -45,12 +43,8 @@ const POLL: Duration = Duration::from_millis(300);
 // ------------------------------------------------------------------------------------------
 // The broker from the test's side.
 
-struct Kafka {
-    rt: tokio::runtime::Runtime,
-    broker: BrokerConfig,
-    producer: FutureProducer,
-    codec: Codec,
-}
+/// The test's broker clients (see `common::Kafka`).
+type Kafka = common::Kafka;
 
 /// One record read back.
 #[derive(Debug, Clone)]
@@ -70,20 +64,6 @@ impl Record {
 }
 
 impl Kafka {
-    fn new(bootstrap: &str) -> Kafka {
-        let root = common::repo_root();
-        let mut loaded = orderflow_runtime::topology::load(&root.join("topology.toml")).expect("topology loads");
-        loaded.topology.broker.bootstrap = bootstrap.to_string();
-        let broker = loaded.topology.broker.clone();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let producer = {
-            let _guard = rt.enter();
-            client_config(&broker, Side::Producer).create().expect("producer")
-        };
-        let codec = Codec::load(&root.join("avro"), None).expect("schemas load");
-        Kafka { rt, broker, producer, codec }
-    }
-
     fn create_topic(&self, name: &str, partitions: i32) {
         let admin: AdminClient<DefaultClientContext> = client_config(&self.broker, Side::Admin).create().expect("admin");
         let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));

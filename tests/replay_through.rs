@@ -26,11 +26,8 @@ use common::{cli, free_port, http_get, metric, ok, spawn_workers, tail, wait_for
 use orderflow_api::events::*;
 use orderflow_api::fixtures::{inventory_adjusted, order_cancelled, order_created, HQ, STORE};
 use orderflow_api::Event;
-use orderflow_runtime::codec::Codec;
-use orderflow_runtime::kafka::{client_config, Side};
-use orderflow_runtime::topology::BrokerConfig;
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use serde_json::Value;
 
@@ -47,12 +44,8 @@ const RUN_TTL_MS: i64 = 300_000;
 // ------------------------------------------------------------------------------------------
 // The broker from the test's side.
 
-struct Kafka {
-    rt: tokio::runtime::Runtime,
-    broker: BrokerConfig,
-    producer: FutureProducer,
-    codec: Codec,
-}
+/// The test's broker clients (see `common::Kafka`).
+type Kafka = common::Kafka;
 
 /// One record read back.
 struct Record {
@@ -62,20 +55,6 @@ struct Record {
 }
 
 impl Kafka {
-    fn new(bootstrap: &str) -> Kafka {
-        let root = common::repo_root();
-        let mut loaded = orderflow_runtime::topology::load(&root.join("topology.toml")).expect("topology loads");
-        loaded.topology.broker.bootstrap = bootstrap.to_string();
-        let broker = loaded.topology.broker.clone();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let producer = {
-            let _guard = rt.enter();
-            client_config(&broker, Side::Producer).create().expect("producer")
-        };
-        let codec = Codec::load(&root.join("avro"), None).expect("schemas load");
-        Kafka { rt, broker, producer, codec }
-    }
-
     fn produce(&self, topic: &str, key: &str, event: &Event) {
         let bytes = self.codec.encode_local(event).expect("event encodes");
         self.rt

@@ -527,3 +527,30 @@ pub fn create_topics(topology: &Path, bootstrap: &str) {
         .expect("run orderflow topics");
     assert!(out.status.success(), "orderflow topics failed:\n{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A test's clients of one broker: the topology's producer (idempotent, `murmur2_random`) on a
+/// current-thread runtime to block on, its broker configuration (for [`read_topic`]) and the codec
+/// of the repository's `avro/`. Test files add their own produce/read helpers with `impl Kafka`.
+pub struct Kafka {
+    pub rt: tokio::runtime::Runtime,
+    pub broker: orderflow_runtime::topology::BrokerConfig,
+    pub producer: rdkafka::producer::FutureProducer,
+    pub codec: orderflow_runtime::codec::Codec,
+}
+
+impl Kafka {
+    /// Clients of the broker at `bootstrap`, configured from the repository's `topology.toml`.
+    pub fn new(bootstrap: &str) -> Kafka {
+        let root = repo_root();
+        let mut loaded = orderflow_runtime::topology::load(&root.join("topology.toml")).expect("topology loads");
+        loaded.topology.broker.bootstrap = bootstrap.to_string();
+        let broker = loaded.topology.broker.clone();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let producer = {
+            let _guard = rt.enter();
+            orderflow_runtime::kafka::client_config(&broker, orderflow_runtime::kafka::Side::Producer).create().expect("producer")
+        };
+        let codec = orderflow_runtime::codec::Codec::load(&root.join("avro"), None).expect("schemas load");
+        Kafka { rt, broker, producer, codec }
+    }
+}
