@@ -50,26 +50,13 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-/// Prefix of every header the runtime adds to a dead-letter record (dropped on redrive).
-pub const DLQ_HEADER_PREFIX: &str = "orderflow.dlq.";
-/// Topic the dead-lettered record was read from.
-pub const H_SOURCE_TOPIC: &str = "orderflow.dlq.source-topic";
-/// Partition the dead-lettered record was read from (decimal).
-pub const H_SOURCE_PARTITION: &str = "orderflow.dlq.source-partition";
-/// Offset of the dead-lettered record in its source partition (decimal).
-pub const H_SOURCE_OFFSET: &str = "orderflow.dlq.source-offset";
-/// Worker (consumer group) that dead-lettered the record.
-pub const H_WORKER: &str = "orderflow.dlq.worker";
-/// Error class, one of [`ERROR_CLASSES`].
-pub const H_ERROR_CLASS: &str = "orderflow.dlq.error-class";
-/// Human-readable error message.
-pub const H_ERROR_MESSAGE: &str = "orderflow.dlq.error-message";
-/// Processing attempts before the record was dead-lettered (decimal).
-pub const H_ATTEMPTS: &str = "orderflow.dlq.attempts";
-/// When the record was dead-lettered, ms since the Unix epoch (decimal).
-pub const H_TIME: &str = "orderflow.dlq.time";
-/// Present when the value was left out (too large to re-produce): its original length in bytes.
-pub const H_VALUE_DROPPED: &str = "orderflow.dlq.value-dropped";
+/// The headers the runtime adds to a dead-letter record (`orderflow_runtime::kafka::dlq_header`;
+/// the prefix's ones are dropped on redrive).
+pub use orderflow_runtime::kafka::dlq_header::{
+    ATTEMPTS as H_ATTEMPTS, ERROR_CLASS as H_ERROR_CLASS, ERROR_MESSAGE as H_ERROR_MESSAGE, PREFIX as DLQ_HEADER_PREFIX,
+    SOURCE_OFFSET as H_SOURCE_OFFSET, SOURCE_PARTITION as H_SOURCE_PARTITION, SOURCE_TOPIC as H_SOURCE_TOPIC, TIME as H_TIME,
+    VALUE_DROPPED as H_VALUE_DROPPED, WORKER as H_WORKER,
+};
 /// Prefix of the headers a redrive adds (replaced, not accumulated, when a record is redriven again).
 pub const REDRIVE_HEADER_PREFIX: &str = "orderflow.redrive.";
 /// Added on redrive: the dead-letter record it came from, `<dlq topic>/<partition>/<offset>`.

@@ -17,6 +17,30 @@ pub enum Side {
     Admin,
 }
 
+/// Headers the runtime adds to every dead-letter record, beside the original record's own.
+pub mod dlq_header {
+    /// Prefix of every header the runtime adds to a dead-letter record.
+    pub const PREFIX: &str = "orderflow.dlq.";
+    /// Topic the dead-lettered record was read from.
+    pub const SOURCE_TOPIC: &str = "orderflow.dlq.source-topic";
+    /// Partition the dead-lettered record was read from (decimal).
+    pub const SOURCE_PARTITION: &str = "orderflow.dlq.source-partition";
+    /// Offset of the dead-lettered record in its source partition (decimal).
+    pub const SOURCE_OFFSET: &str = "orderflow.dlq.source-offset";
+    /// Worker (consumer group) that dead-lettered the record.
+    pub const WORKER: &str = "orderflow.dlq.worker";
+    /// Error class (`CodecError::class`, or an admission / processor class).
+    pub const ERROR_CLASS: &str = "orderflow.dlq.error-class";
+    /// Human-readable error message.
+    pub const ERROR_MESSAGE: &str = "orderflow.dlq.error-message";
+    /// Processing attempts before the record was dead-lettered (decimal).
+    pub const ATTEMPTS: &str = "orderflow.dlq.attempts";
+    /// When the record was dead-lettered, ms since the Unix epoch (decimal).
+    pub const TIME: &str = "orderflow.dlq.time";
+    /// Present when the value was left out (too large to re-produce): its original length in bytes.
+    pub const VALUE_DROPPED: &str = "orderflow.dlq.value-dropped";
+}
+
 /// Name of the dead-letter topic of `topic` (`<topic>.dlq`, domain contract).
 pub fn dlq_topic(topic: &str) -> String {
     format!("{topic}.dlq")

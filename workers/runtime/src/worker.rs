@@ -41,7 +41,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::changelog;
 use crate::codec::Codec;
-use crate::kafka::{client_config, Side};
+use crate::kafka::{client_config, dlq_header, Side};
 use crate::metrics::Metrics;
 use crate::store::{Shard, Store, StoreError};
 use crate::topology::{BrokerConfig, Guarantee, Loaded, RetryPolicy};
@@ -1003,20 +1003,20 @@ impl Worker {
             }
         }
         let fields = [
-            ("orderflow.dlq.source-topic", d.source.topic().to_string()),
-            ("orderflow.dlq.source-partition", d.source.partition().to_string()),
-            ("orderflow.dlq.source-offset", d.source.offset().to_string()),
-            ("orderflow.dlq.worker", self.name.clone()),
-            ("orderflow.dlq.error-class", d.rejection.class.to_string()),
-            ("orderflow.dlq.error-message", d.rejection.message.clone()),
-            ("orderflow.dlq.attempts", d.rejection.attempts.to_string()),
-            ("orderflow.dlq.time", now.to_string()),
+            (dlq_header::SOURCE_TOPIC, d.source.topic().to_string()),
+            (dlq_header::SOURCE_PARTITION, d.source.partition().to_string()),
+            (dlq_header::SOURCE_OFFSET, d.source.offset().to_string()),
+            (dlq_header::WORKER, self.name.clone()),
+            (dlq_header::ERROR_CLASS, d.rejection.class.to_string()),
+            (dlq_header::ERROR_MESSAGE, d.rejection.message.clone()),
+            (dlq_header::ATTEMPTS, d.rejection.attempts.to_string()),
+            (dlq_header::TIME, now.to_string()),
         ];
         for (k, v) in fields {
             h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
         }
         if let Some(p) = d.source.payload().filter(|p| p.len() > self.admission.max_dead_letter_value) {
-            h = h.insert(Header { key: "orderflow.dlq.value-dropped", value: Some(p.len().to_string().as_bytes()) });
+            h = h.insert(Header { key: dlq_header::VALUE_DROPPED, value: Some(p.len().to_string().as_bytes()) });
         }
         h
     }
