@@ -60,28 +60,34 @@ enum Scenario {
     /// One worker of the topology, in-process, over pre-produced input; prints events/s, the
     /// ratio to `--baseline` and the broker writes per input record as JSON.
     Worker(WorkerArgs),
+    /// The whole saga on TPC-H orders: throughput to a terminal state (all workers in one
+    /// process, or one process per worker) and latency percentiles at fixed offered loads.
+    Saga(crate::bench_saga::SagaArgs),
+    /// Recovery after SIGKILL (local state, and sled deleted: changelog rebuild) and peak RSS of
+    /// a worker holding many state keys.
+    Recovery(crate::bench_recovery::RecoveryArgs),
 }
 
 /// Flags every scenario shares.
 #[derive(clap::Args, Debug)]
-struct Common {
+pub(crate) struct Common {
     #[arg(long, default_value = "topology.toml")]
-    topology: PathBuf,
+    pub(crate) topology: PathBuf,
     /// Bootstrap servers of the broker (e.g. started by scripts/broker.sh).
     #[arg(long, env = "ORDERFLOW_BOOTSTRAP")]
-    bootstrap: Option<String>,
+    pub(crate) bootstrap: Option<String>,
     /// Records produced into the input before the measurement starts.
     #[arg(long)]
-    records: Option<u64>,
+    pub(crate) records: Option<u64>,
     /// Time after the first processed record that is not measured.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    warmup: Duration,
+    pub(crate) warmup: Duration,
     /// Longest measurement window after the warm-up (it ends earlier when the input is drained).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    duration: Duration,
+    pub(crate) duration: Duration,
     /// Commit interval of the units (default: the topology's `commit_interval` for the worker).
     #[arg(long, value_parser = humantime::parse_duration)]
-    commit_interval: Option<Duration>,
+    pub(crate) commit_interval: Option<Duration>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -210,12 +216,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let json = match args.scenario {
         Scenario::Raw(a) => serde_json::to_string(&raw(a).await?)?,
         Scenario::Worker(a) => serde_json::to_string(&worker(a).await?)?,
+        Scenario::Saga(a) => serde_json::to_string(&crate::bench_saga::run(a).await?)?,
+        Scenario::Recovery(a) => serde_json::to_string(&crate::bench_recovery::run(a).await?)?,
     };
     println!("{json}");
     Ok(())
 }
 
-fn settings(t: &Topology, commit_interval: Duration, max_batch: usize, partitions: i32) -> Settings {
+pub(crate) fn settings(t: &Topology, commit_interval: Duration, max_batch: usize, partitions: i32) -> Settings {
     let get = |side: &BTreeMap<String, String>, k: &str| side.get(k).or_else(|| t.broker.properties.get(k)).cloned();
     Settings {
         max_batch,
@@ -230,33 +238,33 @@ fn settings(t: &Topology, commit_interval: Duration, max_batch: usize, partition
 // ------------------------------------------------------------------ synthetic input
 
 /// Stores of the synthetic input: 25 (as TPC-H's nations), under 5 HQs.
-const STORES: usize = 25;
+pub(crate) const STORES: usize = 25;
 /// Products each store stocks.
-const PRODUCTS: usize = 200;
+pub(crate) const PRODUCTS: usize = 200;
 
 /// A small deterministic generator (splitmix64), so every run offers the same records.
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
         z ^ (z >> 31)
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
 
-fn store(i: usize) -> (String, String) {
+pub(crate) fn store(i: usize) -> (String, String) {
     (format!("HQ-B{}", i % 5), format!("ST-B{i:02}"))
 }
 
 /// Order `i` of the synthetic input: one of [`STORES`] stores, 1–4 distinct products of
 /// [`PRODUCTS`], 1–5 units each.
-fn order(i: u64, rng: &mut Rng, now: i64) -> OrderCreated {
+pub(crate) fn order(i: u64, rng: &mut Rng, now: i64) -> OrderCreated {
     let (hq_id, store_id) = store(rng.below(STORES as u64) as usize);
     let n = 1 + rng.below(4) as usize;
     let mut products: Vec<u64> = Vec::with_capacity(n);
@@ -285,7 +293,7 @@ fn order(i: u64, rng: &mut Rng, now: i64) -> OrderCreated {
 }
 
 /// One restock per store: every product, enough units that no order of the run fails for stock.
-fn inventory(now: i64) -> Vec<InventoryAdjusted> {
+pub(crate) fn inventory(now: i64) -> Vec<InventoryAdjusted> {
     (0..STORES)
         .map(|s| {
             let (hq_id, store_id) = store(s);
@@ -303,7 +311,7 @@ fn inventory(now: i64) -> Vec<InventoryAdjusted> {
 }
 
 /// A `stock.reserved` answer for order `o` (input of the order confirmer).
-fn reserved(o: &OrderCreated, now: i64) -> StockReserved {
+pub(crate) fn reserved(o: &OrderCreated, now: i64) -> StockReserved {
     StockReserved {
         event_id: format!("bench-reserved-{}", o.order_id),
         occurred_at: now,
@@ -318,7 +326,7 @@ fn reserved(o: &OrderCreated, now: i64) -> StockReserved {
 
 /// Produces `records` (topic, key, value) with every send in flight at once (bounded), and
 /// waits for every acknowledgement. Returns records/s.
-async fn produce_all(producer: &FutureProducer, records: impl Iterator<Item = (String, String, Vec<u8>)>) -> Result<f64> {
+pub(crate) async fn produce_all(producer: &FutureProducer, records: impl Iterator<Item = (String, String, Vec<u8>)>) -> Result<f64> {
     let started = Instant::now();
     let mut in_flight = futures::stream::FuturesUnordered::new();
     let mut n = 0u64;
@@ -344,7 +352,7 @@ async fn produce_all(producer: &FutureProducer, records: impl Iterator<Item = (S
 }
 
 /// Sum over partitions of the high watermarks of `topic` (records written since it was created).
-fn high_watermarks(client: &BaseConsumer, topic: &str, partitions: i32) -> Result<i64> {
+pub(crate) fn high_watermarks(client: &BaseConsumer, topic: &str, partitions: i32) -> Result<i64> {
     let mut total = 0;
     for p in 0..partitions {
         let (_, high) =
@@ -357,7 +365,7 @@ fn high_watermarks(client: &BaseConsumer, topic: &str, partitions: i32) -> Resul
 // ------------------------------------------------------------------ measurement
 
 /// Tracks processed counts over time and decides the measurement window.
-struct Meter {
+pub(crate) struct Meter {
     warmup: Duration,
     duration: Duration,
     total: u64,
@@ -367,12 +375,12 @@ struct Meter {
 }
 
 impl Meter {
-    fn new(warmup: Duration, duration: Duration, total: u64) -> Meter {
+    pub(crate) fn new(warmup: Duration, duration: Duration, total: u64) -> Meter {
         Meter { warmup, duration, total, first: None, start: None }
     }
 
     /// Records `count` processed at `now`; returns the window once it is over.
-    fn observe(&mut self, now: Instant, count: u64) -> Option<Window> {
+    pub(crate) fn observe(&mut self, now: Instant, count: u64) -> Option<Window> {
         if count == 0 {
             return None;
         }

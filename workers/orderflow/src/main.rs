@@ -1,6 +1,8 @@
 //! `orderflow`: run saga workers, check and draw the topology, create topics, run the demo.
 
 mod bench;
+mod bench_recovery;
+mod bench_saga;
 mod demo;
 mod dlq;
 mod inspect;
