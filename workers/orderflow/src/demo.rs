@@ -191,7 +191,10 @@ fn seed_inputs(now: i64) -> (Vec<InventoryAdjusted>, Vec<OrderCreated>) {
     )
 }
 
-fn pos_decision(order_id: &str, complete_pct: u32, fail_pct: u32) -> &'static str {
+/// What the POS does with a confirmed order: `"complete"` for `complete_pct` % of the order
+/// ids, `"payment_failed"` for the next `fail_pct` %, else `"leave"` (to expire). A stable
+/// share: a hash of the id, independent of arrival order.
+pub(crate) fn pos_decision(order_id: &str, complete_pct: u32, fail_pct: u32) -> &'static str {
     // FNV-1a: a stable share, independent of arrival order.
     let h = order_id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
     let bucket = (h % 100) as u32;
@@ -204,7 +207,62 @@ fn pos_decision(order_id: &str, complete_pct: u32, fail_pct: u32) -> &'static st
     }
 }
 
-async fn send(producer: &FutureProducer, codec: &Codec, topic: &str, key: &str, event: &Event) -> Result<()> {
+/// The POS's answer to a confirmed `order` for `decision` (of [`pos_decision`]): `(topic,
+/// event)`, an `OrderCompleted` (payment taken, on `completed_topic`) or an `OrderCancelled`
+/// `PAYMENT_FAILED` (on `cancelled_topic`); `None` for `"leave"` / `"late"`.
+pub(crate) fn pos_answer(
+    decision: &str,
+    order: &OrderCreated,
+    confirmed: &OrderConfirmed,
+    completed_topic: &str,
+    cancelled_topic: &str,
+) -> Option<(String, Event)> {
+    match decision {
+        "complete" => Some((
+            completed_topic.to_string(),
+            Event::OrderCompleted(OrderCompleted {
+                event_id: format!("pos-complete-{}", order.order_id),
+                occurred_at: now_ms(),
+                order_id: order.order_id.clone(),
+                reservation_id: confirmed.reservation_id.clone(),
+                hq_id: order.hq_id.clone(),
+                store_id: order.store_id.clone(),
+                items: order
+                    .items
+                    .iter()
+                    .map(|i| SoldItem { product_id: i.product_id.clone(), quantity: i.quantity, actual_price: i.unit_price })
+                    .collect(),
+                total_amount: order.items.iter().map(|i| i.unit_price * i.quantity as i64).sum(),
+            }),
+        )),
+        "payment_failed" => Some((
+            cancelled_topic.to_string(),
+            Event::OrderCancelled(OrderCancelled {
+                event_id: format!("pos-payment-failed-{}", order.order_id),
+                occurred_at: now_ms(),
+                order_id: order.order_id.clone(),
+                hq_id: order.hq_id.clone(),
+                store_id: order.store_id.clone(),
+                reason: cancel_reason::PAYMENT_FAILED.into(),
+                reservation_id: Some(confirmed.reservation_id.clone()),
+                customer_message: canceller::customer_message(cancel_reason::PAYMENT_FAILED).into(),
+            }),
+        )),
+        _ => None,
+    }
+}
+
+/// The topic the topology wires to port `port` of the (first) worker of kind `kind`.
+pub(crate) fn port_topic(t: &orderflow_runtime::topology::Topology, kind: &str, port: &str) -> Result<String> {
+    t.workers
+        .values()
+        .find(|w| w.kind == kind)
+        .and_then(|w| w.outputs.get(port).cloned())
+        .with_context(|| format!("the topology wires no {kind} port {port}"))
+}
+
+/// Encodes `event` for `topic` and produces it keyed by `key`; waits for the acknowledgement.
+pub(crate) async fn send(producer: &FutureProducer, codec: &Codec, topic: &str, key: &str, event: &Event) -> Result<()> {
     let bytes = codec.encode(topic, event).await?;
     producer
         .send(FutureRecord::to(topic).key(key).payload(&bytes), Timeout::Never)
@@ -269,13 +327,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     };
 
     // Observer: reads every saga topic from the beginning; the POS simulator reacts to it.
-    let topic_of = |port_kind: &str, port: &str| -> Result<String> {
-        t.workers
-            .values()
-            .find(|w| w.kind == port_kind)
-            .and_then(|w| w.outputs.get(port).cloned())
-            .with_context(|| format!("the topology wires no {port_kind} port {port}"))
-    };
+    let topic_of = |port_kind: &str, port: &str| -> Result<String> { port_topic(t, port_kind, port) };
     let completed_topic = "order.completed".to_string();
     let cancelled_topic = topic_of("canceller", "cancelled")?;
     let observed_topics = [
@@ -400,43 +452,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 }
                 if let Some((decision, confirmed)) = pos_action {
                     let order = &orders_by_id[&confirmed.order_id];
-                    let event: Option<(String, Event)> = match decision {
-                        "complete" => Some((
-                            completed_topic.clone(),
-                            Event::OrderCompleted(OrderCompleted {
-                                event_id: format!("pos-complete-{}", order.order_id),
-                                occurred_at: now_ms(),
-                                order_id: order.order_id.clone(),
-                                reservation_id: confirmed.reservation_id.clone(),
-                                hq_id: order.hq_id.clone(),
-                                store_id: order.store_id.clone(),
-                                items: order
-                                    .items
-                                    .iter()
-                                    .map(|i| SoldItem {
-                                        product_id: i.product_id.clone(),
-                                        quantity: i.quantity,
-                                        actual_price: i.unit_price,
-                                    })
-                                    .collect(),
-                                total_amount: order.items.iter().map(|i| i.unit_price * i.quantity as i64).sum(),
-                            }),
-                        )),
-                        "payment_failed" => Some((
-                            cancelled_topic.clone(),
-                            Event::OrderCancelled(OrderCancelled {
-                                event_id: format!("pos-payment-failed-{}", order.order_id),
-                                occurred_at: now_ms(),
-                                order_id: order.order_id.clone(),
-                                hq_id: order.hq_id.clone(),
-                                store_id: order.store_id.clone(),
-                                reason: cancel_reason::PAYMENT_FAILED.into(),
-                                reservation_id: Some(confirmed.reservation_id.clone()),
-                                customer_message: canceller::customer_message(cancel_reason::PAYMENT_FAILED).into(),
-                            }),
-                        )),
-                        _ => None,
-                    };
+                    let event = pos_answer(decision, order, &confirmed, &completed_topic, &cancelled_topic);
                     if let Some((topic, event)) = event {
                         // Produced in the background so that reading confirmations never waits
                         // for the broker's acknowledgement of the POS's answer.
