@@ -14,7 +14,7 @@
 //! The test runs its workers and driver from a copy of `topology.toml` that differs in three
 //! places only: the reservation TTL is the run's `--ttl` (10 s instead of 5 minutes, so the
 //! expiry branch is taken within the run: the driver overrides the TTL only for itself), the
-//! consumers' session timeout is 6 s (unless `topology.toml` sets one; see `SESSION_TIMEOUT_MS`),
+//! consumers' session timeout is 10 s (replacing `topology.toml`'s; see `SESSION_TIMEOUT_MS`),
 //! and `avro_dir` is absolute (the copy lives in a temp dir).
 
 mod common;
@@ -38,9 +38,11 @@ const SCALE_DOWN_AT: Duration = Duration::from_secs(30);
 const CLEAN_EXIT_WITHIN: Duration = Duration::from_secs(30);
 const HARD_CAP: Duration = Duration::from_secs(300);
 /// Consumer session timeout of the run. A SIGKILLed member stays in its group until its session
-/// expires, and the group's next rebalance waits for it: with librdkafka's default (45 s) and a
-/// kill every ~3 s the groups would spend most of the run waiting for dead members.
-const SESSION_TIMEOUT_MS: u64 = 6_000;
+/// expires, and the group's next rebalance waits for it: with the topology's 30 s and a kill
+/// every ~4 s the groups would spend most of the run waiting for dead members. Not shorter: on 2
+/// busy cores a live member can miss a 6 s session, and tansu 0.6.0 can then strand the group
+/// (README "Broker findings").
+const SESSION_TIMEOUT_MS: u64 = 10_000;
 /// A SIGTERM that lands before the worker installed its handler kills it like SIGKILL, so
 /// clean stops wait until the incarnation logged "worker ready" or is at least this old.
 const MIN_AGE_BEFORE_SIGTERM: Duration = Duration::from_secs(10);
@@ -355,7 +357,6 @@ fn chaos_topology(root: &Path, dir: &Path) -> PathBuf {
     let original = fs::read_to_string(root.join("topology.toml")).expect("read topology.toml");
     let mut ttl_lines = 0;
     let mut consumer_table = false;
-    let sets_session = original.contains("session.timeout.ms");
     let mut body: Vec<String> = Vec::new();
     for l in original.lines() {
         if l.trim_start().starts_with("reservation_ttl") {
@@ -363,15 +364,20 @@ fn chaos_topology(root: &Path, dir: &Path) -> PathBuf {
             body.push(format!("reservation_ttl = \"{TTL}\"   # chaos test: the run's --ttl"));
             continue;
         }
+        // The run's own session timeout and heartbeat replace the topology's.
+        let property = l.trim_start();
+        if property.starts_with("\"session.timeout.ms\"") || property.starts_with("\"heartbeat.interval.ms\"") {
+            continue;
+        }
         body.push(l.to_string());
-        if l.trim() == "[broker.consumer]" && !sets_session {
+        if l.trim() == "[broker.consumer]" {
             consumer_table = true;
             body.push(format!("\"session.timeout.ms\" = \"{SESSION_TIMEOUT_MS}\"   # chaos test: see SESSION_TIMEOUT_MS"));
             body.push("\"heartbeat.interval.ms\" = \"1000\"".into());
         }
     }
     assert!(ttl_lines > 0, "topology.toml sets no reservation_ttl: the chaos test's copy needs updating");
-    assert!(consumer_table || sets_session, "topology.toml has no [broker.consumer] table: the chaos test's copy needs updating");
+    assert!(consumer_table, "topology.toml has no [broker.consumer] table: the chaos test's copy needs updating");
     assert!(!original.lines().any(|l| l.trim_start().starts_with("avro_dir")), "topology.toml sets avro_dir: update chaos_topology");
     let text = format!(
         "# Copy of topology.toml for the chaos test (reservation TTL {TTL}, absolute avro_dir).\navro_dir = {:?}\n\n{}\n",
