@@ -166,7 +166,14 @@ pub enum Handled {
     Duplicate,
 }
 
-const SEEN_PREFIX: &[u8] = b"\x00seen/";
+/// Prefix of the state keys under which `eventId`s are remembered ([`seen_key`]); the runtime
+/// recognises them to write them compactly (in the changelog's commit markers).
+pub const SEEN_PREFIX: &[u8] = b"\x00seen/";
+
+/// Whether `key` is a remembered-`eventId` key ([`seen_key`]).
+pub fn is_seen_key(key: &[u8]) -> bool {
+    key.starts_with(SEEN_PREFIX)
+}
 
 /// State key under which an `eventId` is remembered.
 pub fn seen_key(event_id: &str) -> Vec<u8> {

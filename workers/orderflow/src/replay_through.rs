@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use orderflow_api::{derive_event_id, handle, Context, Event, Handled, MemoryStore, ProcessError, Processor, StateRead, StateTxn};
-use orderflow_runtime::changelog::{decode_offsets, decode_record, Entry, MARKER_KEY, TAG_DATA, TAG_TIMER};
+use orderflow_runtime::changelog::{decode_offsets, decode_record, Entry, TAG_DATA, TAG_MARKER, TAG_TIMER};
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::topology::{BrokerConfig, Guarantee, Loaded, WorkerSpec};
 use rdkafka::consumer::Consumer;
@@ -268,12 +268,18 @@ impl ShadowBuilder {
                 };
                 self.pending.push((key.to_vec(), value.map(<[u8]>::to_vec), pos));
             }
-            _ if key == MARKER_KEY => {
-                let (offsets, _) = decode_offsets(&self.inputs, value.unwrap_or_default()).map_err(at)?;
+            Some(&TAG_MARKER) => {
+                let Entry::Marker { offsets, seen } = decode_record(&self.inputs, key, value).map_err(at)? else {
+                    return Err(at("an m… key that is not a commit marker".into()));
+                };
                 let pos = position_of(&offsets, self.report.position);
                 if pos <= self.from {
                     let pending = std::mem::take(&mut self.pending);
                     self.apply(pending.into_iter().map(|(k, v, _)| (k, v)))?;
+                    self.store.apply(orderflow_api::Changes {
+                        writes: seen.into_iter().map(|(k, v)| (k, Some(v))).collect(),
+                        ..Default::default()
+                    });
                     self.report.units += 1;
                     self.report.position = pos;
                 } else {

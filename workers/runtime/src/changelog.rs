@@ -9,12 +9,26 @@
 //! Record layout (key / value):
 //! - state write: `d<key>` / `[1][offsets][value]`; state delete: `d<key>` / null (tombstone);
 //! - timer set: `t<key>` / `[1][offsets][deadline i64 BE]`; timer cancel: `t<key>` / null;
-//! - commit marker: `m` / `[1][offsets]`.
+//! - commit marker: `m[1][offsets]` / `[1][offsets][seen]`, where `[seen]` is the `eventId`s the
+//!   unit remembered in this partition (state keys under [`orderflow_api::SEEN_PREFIX`]): `u32 BE
+//!   n` then n × (`u16 BE` length, key without the prefix, `u16 BE` length, value); a unit that
+//!   remembered none writes `m` / `[1][offsets]` (the one marker key compaction may thin out, as
+//!   every marker was before markers carried `eventId`s).
 //!
 //! `[offsets]` is the unit's input position in this partition, `u8 n` then n × (`u8` index of
 //! the input topic in the worker's `inputs`, `i64 BE` next offset): every non-tombstone record
 //! carries the input offsets it came from. Restore applies records when it reaches a commit
 //! marker; records after the last marker are dropped and reported as *orphans*.
+//!
+//! Why remembered `eventId`s ride in the marker: each input remembers its `eventId` (domain rule
+//! 7), and as a record of its own that was one broker write per input on top of the outputs and
+//! the state it changed (issue 7 measured it: the deduplicator wrote 2.0 records per input, the
+//! order confirmer 3.0). In the marker they cost one write per unit and partition. Such a
+//! marker's key carries the unit's offsets, so markers of different units are different keys and
+//! compaction keeps every one of them (as it kept every remembered `eventId` record before; a
+//! redone unit over the same range rewrites the same key with the same `eventId`s); a unit that
+//! never committed has no marker, so its `eventId`s are never remembered. A marker
+//! whose `[seen]` would pass [`MAX_MARKER_SEEN_BYTES`] leaves the rest as ordinary `d` records.
 //!
 //! Orphans are the records of a unit that never committed (the instance crashed, or the broker did
 //! not take all of the unit's records): that unit's inputs are processed again, so its writes must
@@ -43,8 +57,11 @@ pub const VERSION: u8 = 1;
 pub const TAG_DATA: u8 = b'd';
 /// First key byte of a timer set / cancel record: `t<key>`.
 pub const TAG_TIMER: u8 = b't';
-/// Key of a commit marker.
-pub const MARKER_KEY: &[u8] = b"m";
+/// First key byte of a commit marker (`m[1][offsets]`; a bare `m` in older changelogs).
+pub const TAG_MARKER: u8 = b'm';
+/// Largest `[seen]` part of one marker, bytes; remembered `eventId`s past it are written as `d`
+/// records (module docs). Keeps markers well under the broker's `message.max.bytes` (1 MiB).
+pub const MAX_MARKER_SEEN_BYTES: usize = 512 * 1024;
 
 /// Name of worker `worker`'s changelog topic.
 pub fn topic(worker: &str) -> String {
@@ -95,7 +112,8 @@ pub fn decode_offsets<'a>(inputs: &[String], value: &'a [u8]) -> Result<(BTreeMa
     Ok((offsets, &body[n * 9..]))
 }
 
-/// The records of one partition's unit: every state write and timer change, then the marker.
+/// The records of one partition's unit: every state write and timer change, then the marker,
+/// which carries the unit's remembered `eventId`s (module docs).
 pub fn records(inputs: &[String], changes: &Changes, offsets: &BTreeMap<String, i64>) -> Vec<Record> {
     let prefix = encode_offsets(inputs, offsets);
     let with_prefix = |payload: &[u8]| {
@@ -104,7 +122,17 @@ pub fn records(inputs: &[String], changes: &Changes, offsets: &BTreeMap<String, 
         v
     };
     let mut out = Vec::with_capacity(changes.writes.len() + changes.timers.len() + 1);
+    let mut seen: Vec<(&[u8], &[u8])> = Vec::new();
+    let mut seen_bytes = 4;
     for (k, v) in &changes.writes {
+        if let (Some(v), Some(id)) = (v, k.strip_prefix(orderflow_api::SEEN_PREFIX)) {
+            let size = 4 + id.len() + v.len();
+            if id.len() <= u16::MAX as usize && v.len() <= u16::MAX as usize && seen_bytes + size <= MAX_MARKER_SEEN_BYTES {
+                seen.push((id, v));
+                seen_bytes += size;
+                continue;
+            }
+        }
         let mut key = vec![TAG_DATA];
         key.extend_from_slice(k);
         out.push(Record { key, value: v.as_deref().map(with_prefix) });
@@ -114,8 +142,49 @@ pub fn records(inputs: &[String], changes: &Changes, offsets: &BTreeMap<String, 
         key.extend_from_slice(k);
         out.push(Record { key, value: at.map(|at| with_prefix(&at.to_be_bytes())) });
     }
-    out.push(Record { key: MARKER_KEY.to_vec(), value: Some(prefix) });
+    let mut key = vec![TAG_MARKER];
+    if !seen.is_empty() {
+        key.extend_from_slice(&prefix);
+    }
+    let mut marker = prefix;
+    if !seen.is_empty() {
+        marker.reserve(seen_bytes);
+        marker.extend_from_slice(&(seen.len() as u32).to_be_bytes());
+        for (id, v) in seen {
+            marker.extend_from_slice(&(id.len() as u16).to_be_bytes());
+            marker.extend_from_slice(id);
+            marker.extend_from_slice(&(v.len() as u16).to_be_bytes());
+            marker.extend_from_slice(v);
+        }
+    }
+    out.push(Record { key, value: Some(marker) });
     out
+}
+
+/// Decodes the `[seen]` part of a marker value (module docs) into full state keys and values.
+fn decode_seen(mut body: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+    if body.is_empty() {
+        return Ok(Vec::new());
+    }
+    let truncated = || "truncated remembered eventIds in a commit marker".to_string();
+    let mut take = |n: usize| -> Result<&[u8], String> {
+        let (head, rest) = body.split_at_checked(n).ok_or_else(truncated)?;
+        body = rest;
+        Ok(head)
+    };
+    let n = u32::from_be_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+    let mut seen = Vec::with_capacity(n.min(1 << 16));
+    for _ in 0..n {
+        let len = u16::from_be_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
+        let mut key = orderflow_api::SEEN_PREFIX.to_vec();
+        key.extend_from_slice(take(len)?);
+        let len = u16::from_be_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
+        seen.push((key, take(len)?.to_vec()));
+    }
+    if !body.is_empty() {
+        return Err("trailing bytes after the remembered eventIds of a commit marker".into());
+    }
+    Ok(seen)
 }
 
 /// One decoded changelog record (keys without their tag byte).
@@ -127,15 +196,18 @@ pub enum Entry {
     /// `t<key>`: a timer set to `deadline` ms (with the unit's input `offsets`), or cancelled (a
     /// tombstone: `deadline: None`, no offsets).
     Timer { key: Vec<u8>, deadline: Option<i64>, offsets: Option<BTreeMap<String, i64>> },
-    /// `m`: the commit marker of a unit, with its input offsets.
-    Marker { offsets: BTreeMap<String, i64> },
+    /// `m…`: the commit marker of a unit, with its input offsets and the `eventId`s it
+    /// remembered (full state keys under [`orderflow_api::SEEN_PREFIX`] → values), to be written
+    /// with the unit's other records.
+    Marker { offsets: BTreeMap<String, i64>, seen: Vec<(Vec<u8>, Vec<u8>)> },
 }
 
 /// Decodes the changelog record `key` / `value` (`None`: a tombstone) of a worker whose input
 /// topics are `inputs` (module docs for the layout).
 ///
 /// Errors: the value does not decode ([`decode_offsets`]), a timer deadline that is not 8 bytes,
-/// or a key that is neither `d…`, `t…` nor `m` (`unknown changelog key [..]`).
+/// a marker's remembered `eventId`s truncated, or a key that is neither `d…`, `t…` nor `m…`
+/// (`unknown changelog key [..]`).
 pub fn decode_record(inputs: &[String], key: &[u8], value: Option<&[u8]>) -> Result<Entry, String> {
     match key.first() {
         Some(&TAG_DATA) => {
@@ -159,7 +231,10 @@ pub fn decode_record(inputs: &[String], key: &[u8], value: Option<&[u8]>) -> Res
             };
             Ok(Entry::Timer { key: key[1..].to_vec(), deadline, offsets })
         }
-        _ if key == MARKER_KEY => Ok(Entry::Marker { offsets: decode_offsets(inputs, value.unwrap_or_default())?.0 }),
+        Some(&TAG_MARKER) => {
+            let (offsets, body) = decode_offsets(inputs, value.unwrap_or_default())?;
+            Ok(Entry::Marker { offsets, seen: decode_seen(body)? })
+        }
         _ => Err(format!("unknown changelog key {key:?}")),
     }
 }
@@ -306,7 +381,8 @@ pub fn restore(broker: &BrokerConfig, topic: &str, inputs: &[String], shard: &Sh
                 Entry::Timer { key, deadline, .. } => {
                     pending.timers.insert(key, deadline);
                 }
-                Entry::Marker { offsets } => {
+                Entry::Marker { offsets, seen } => {
+                    pending.writes.extend(seen.into_iter().map(|(k, v)| (k, Some(v))));
                     shard.commit(&std::mem::take(&mut pending), &offsets, Some(msg.offset() + 1))?;
                     report.units += 1;
                 }
@@ -406,8 +482,60 @@ mod tests {
                 Entry::Data { key: b"k2".to_vec(), value: None, offsets: None },
                 Entry::Timer { key: b"t1".to_vec(), deadline: Some(99), offsets: o },
                 Entry::Timer { key: b"t2".to_vec(), deadline: None, offsets: None },
-                Entry::Marker { offsets },
+                Entry::Marker { offsets, seen: vec![] },
             ]
         );
+    }
+
+    #[test]
+    fn remembered_event_ids_ride_in_a_marker_keyed_by_the_units_offsets() {
+        let inputs = vec!["a".to_string()];
+        let mut changes = Changes::default();
+        changes.writes.insert(orderflow_api::seen_key("e1"), Some(7i64.to_be_bytes().to_vec()));
+        changes.writes.insert(orderflow_api::seen_key("e2"), Some(8i64.to_be_bytes().to_vec()));
+        changes.writes.insert(orderflow_api::seen_key("gone"), None);
+        changes.writes.insert(b"order/1".to_vec(), Some(b"v".to_vec()));
+        let recs = records(&inputs, &changes, &BTreeMap::from([("a".to_string(), 5)]));
+        // The tombstone of a remembered id and the state write are records; e1 and e2 are not.
+        assert_eq!(recs.len(), 3, "{recs:?}");
+        let marker = recs.last().unwrap();
+        assert_eq!(marker.key[0], TAG_MARKER);
+        assert!(marker.key.len() > 1, "a marker with eventIds is keyed by its unit");
+        let Entry::Marker { offsets, seen } = decode_record(&inputs, &marker.key, marker.value.as_deref()).unwrap() else {
+            panic!("not a marker")
+        };
+        assert_eq!(offsets, BTreeMap::from([("a".to_string(), 5)]));
+        assert_eq!(
+            seen,
+            vec![(orderflow_api::seen_key("e1"), 7i64.to_be_bytes().to_vec()), (orderflow_api::seen_key("e2"), 8i64.to_be_bytes().to_vec())]
+        );
+        // Another unit's marker is another key (compaction keeps both).
+        let next = records(&inputs, &changes, &BTreeMap::from([("a".to_string(), 9)]));
+        assert_ne!(next.last().unwrap().key, marker.key);
+        // A truncated marker is an error, not a shorter list.
+        let mut cut = marker.value.clone().unwrap();
+        cut.truncate(cut.len() - 3);
+        assert!(decode_record(&inputs, &marker.key, Some(&cut)).unwrap_err().contains("truncated"));
+        // An older changelog's bare `m` marker still decodes.
+        let old = encode_offsets(&inputs, &BTreeMap::from([("a".to_string(), 5)]));
+        assert_eq!(decode_record(&inputs, b"m", Some(&old)).unwrap(), Entry::Marker { offsets, seen: vec![] });
+    }
+
+    #[test]
+    fn remembered_event_ids_past_the_marker_limit_stay_data_records() {
+        let inputs = vec!["a".to_string()];
+        let mut changes = Changes::default();
+        let id = "x".repeat(1000);
+        let n = MAX_MARKER_SEEN_BYTES / 1000 + 10;
+        for i in 0..n {
+            changes.writes.insert(orderflow_api::seen_key(&format!("{i:05}{id}")), Some(vec![0; 8]));
+        }
+        let recs = records(&inputs, &changes, &BTreeMap::from([("a".to_string(), 1)]));
+        let marker = recs.last().unwrap();
+        assert!(marker.value.as_ref().unwrap().len() <= MAX_MARKER_SEEN_BYTES + 16);
+        let Entry::Marker { seen, .. } = decode_record(&inputs, &marker.key, marker.value.as_deref()).unwrap() else { panic!() };
+        let data = recs.len() - 1;
+        assert!(data > 0, "the overflow is written as data records");
+        assert_eq!(seen.len() + data, n, "every remembered id is written once");
     }
 }

@@ -195,7 +195,7 @@ fn distinct_changelog_markers(s: &Setup) -> Vec<i64> {
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            if m.key() == Some(b"m") {
+            if m.key().and_then(|k| k.first()) == Some(&orderflow_runtime::changelog::TAG_MARKER) {
                 markers.push(m.offset());
             }
         }
