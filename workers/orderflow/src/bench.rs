@@ -243,7 +243,7 @@ pub(crate) const STORES: usize = 25;
 pub(crate) const PRODUCTS: usize = 200;
 
 /// A small deterministic generator (splitmix64), so every run offers the same records.
-pub(crate) struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     pub(crate) fn next(&mut self) -> u64 {
