@@ -161,8 +161,12 @@ pub fn records(inputs: &[String], changes: &Changes, offsets: &BTreeMap<String, 
     out
 }
 
+/// Remembered `eventId`s of a marker: full state keys (under [`orderflow_api::SEEN_PREFIX`]) and
+/// their values, in key order.
+pub type Seen = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Decodes the `[seen]` part of a marker value (module docs) into full state keys and values.
-fn decode_seen(mut body: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+fn decode_seen(mut body: &[u8]) -> Result<Seen, String> {
     if body.is_empty() {
         return Ok(Vec::new());
     }
@@ -199,7 +203,7 @@ pub enum Entry {
     /// `m…`: the commit marker of a unit, with its input offsets and the `eventId`s it
     /// remembered (full state keys under [`orderflow_api::SEEN_PREFIX`] → values), to be written
     /// with the unit's other records.
-    Marker { offsets: BTreeMap<String, i64>, seen: Vec<(Vec<u8>, Vec<u8>)> },
+    Marker { offsets: BTreeMap<String, i64>, seen: Seen },
 }
 
 /// Decodes the changelog record `key` / `value` (`None`: a tombstone) of a worker whose input
@@ -331,12 +335,27 @@ impl Orphans {
 ///
 /// Errors: broker errors, a changelog record that does not decode, or `timeout` passing.
 pub fn restore(broker: &BrokerConfig, topic: &str, inputs: &[String], shard: &Shard, timeout: Duration) -> Result<Report, RestoreError> {
+    let consumer = restore_consumer(broker, topic)
+        .map_err(|source| RestoreError::Kafka { topic: topic.to_string(), partition: shard.partition, source })?;
+    restore_with(&consumer, topic, inputs, shard, timeout)
+}
+
+/// A consumer for [`restore_with`]: assigned by hand, never subscribed, commits nothing. One can
+/// serve every partition of a rebalance (creating and closing one per partition cost ~0.1 s
+/// each, measured by `orderflow bench recovery`).
+///
+/// Errors: librdkafka refusing the configuration.
+pub fn restore_consumer(broker: &BrokerConfig, topic: &str) -> Result<BaseConsumer, rdkafka::error::KafkaError> {
+    let mut cfg = client_config(broker, Side::Consumer);
+    cfg.set("group.id", format!("{topic}-restore")).set("enable.auto.commit", "false");
+    cfg.create()
+}
+
+/// [`restore`] with a consumer from [`restore_consumer`] (its assignment is replaced).
+pub fn restore_with(consumer: &BaseConsumer, topic: &str, inputs: &[String], shard: &Shard, timeout: Duration) -> Result<Report, RestoreError> {
     let started = Instant::now();
     let p = shard.partition;
     let kafka = |source| RestoreError::Kafka { topic: topic.to_string(), partition: p, source };
-    let mut cfg = client_config(broker, Side::Consumer);
-    cfg.set("group.id", format!("{topic}-restore")).set("enable.auto.commit", "false");
-    let consumer: BaseConsumer = cfg.create().map_err(kafka)?;
     let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(kafka)?;
     let local = shard.changelog_next()?;
     let (start, source) = match local {

@@ -116,7 +116,10 @@ impl Guarantee {
 pub struct Defaults {
     #[serde(default = "default_guarantee")]
     pub guarantee: Guarantee,
-    /// How long a unit of work gathers input before outputs are flushed and offsets committed.
+    /// Longest a unit of work waits for its first input record (and so how often timers are
+    /// checked while idle). A unit then takes the records already fetched, up to `max_batch`, and
+    /// is committed (outputs acknowledged, state flushed, offsets committed) as soon as no further
+    /// record is at hand: records are never held back to fill a unit.
     #[serde(default = "default_commit_interval", with = "humantime_serde")]
     pub commit_interval: Duration,
     /// Most input records in one unit of work.

@@ -1,12 +1,16 @@
 //! The consume → process → produce loop of one worker instance.
 //!
-//! A *unit of work* gathers up to `max_batch` input records or one `commit_interval`, then:
+//! A *unit of work* gathers the input records already fetched, waiting for the first one at most
+//! one `commit_interval` and ending at `max_batch` records or when no further record is at hand
+//! (so at low load a record is processed as soon as it arrives, and under load units grow while
+//! the previous one commits), then:
 //! 1. decodes each record (undecodable ones are dead-lettered),
 //! 2. runs the processor on each event with `eventId` dedupe (`orderflow_api::handle`), staging
 //!    state writes per input partition, then fires the due timers of every assigned partition,
-//! 3. produces every output, dead-letter record and changelog record (each touched partition's
-//!    state changes followed by a commit marker carrying the input offsets) and waits until the
-//!    broker acknowledged all,
+//! 3. produces every output, dead-letter record and changelog record of a state change and waits
+//!    until the broker acknowledged all, then produces each touched partition's commit marker
+//!    (carrying the input offsets and remembered `eventId`s) and waits for those (under
+//!    `exactly_once` the markers go with the rest: the transaction commits all or nothing),
 //! 4. writes each partition's staged state, remembered `eventId`s, timers, next input offsets and
 //!    changelog position to sled in one batch and flushes it,
 //! 5. commits the input offsets to the consumer group (advisory: restore resumes from the
@@ -29,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
+use futures::FutureExt as _;
 use orderflow_api::{fire_timers, handle, Context, Event, Handled, Outputs, ProcessError, Processor, StateTxn};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
@@ -193,6 +198,24 @@ impl Health {
         let ready =
             self.restored.load(Ordering::Relaxed) && self.broker_up.load(Ordering::Relaxed) && !self.stalled.load(Ordering::Relaxed);
         self.published.store(ready, Ordering::Relaxed);
+    }
+}
+
+/// Holds a restore consumer and closes it on a blocking thread when dropped: closing a
+/// librdkafka client blocks (~0.1 s), which must not stall the async worker threads.
+struct CloseOffThread(Option<Arc<BaseConsumer>>);
+
+impl CloseOffThread {
+    fn consumer(&self) -> Arc<BaseConsumer> {
+        self.0.clone().expect("held until dropped")
+    }
+}
+
+impl Drop for CloseOffThread {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            tokio::task::spawn_blocking(move || drop(consumer));
+        }
     }
 }
 
@@ -457,6 +480,23 @@ impl Worker {
             let deadline = tokio::time::Instant::now() + self.commit_interval;
             let mut batch = Vec::new();
             while batch.len() < self.max_batch && !self.consumer.context().has_events() {
+                if !batch.is_empty() {
+                    // The unit closes as soon as no further record is already fetched: at low
+                    // load a record is not held back for the rest of the commit interval (every
+                    // hop of the saga would add it to an order's latency); under load records
+                    // pile up while a unit commits, so units grow by themselves.
+                    match self.consumer.recv().now_or_never() {
+                        Some(Ok(m)) => {
+                            batch.push(m.detach());
+                            continue;
+                        }
+                        Some(Err(e)) => {
+                            warn!(worker = %self.name, error = %e, "consumer error");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
                 tokio::select! {
                     msg = self.consumer.recv() => match msg {
                         Ok(m) => batch.push(m.detach()),
@@ -524,6 +564,12 @@ impl Worker {
             }
             self.owned.insert(*p);
         }
+        // One restore consumer serves every partition of this rebalance; it is closed off the
+        // async threads (closing takes librdkafka ~0.1 s).
+        let restorer = CloseOffThread(Some(Arc::new(
+            changelog::restore_consumer(&self.broker, &self.changelog_topic)
+                .map_err(|e| WorkerError::Restore(format!("cannot create the restore consumer: {e}")))?,
+        )));
         for p in &assigned {
             let shard = self.store.shard(*p)?;
             // A broker that is away (restarting, unreachable) is waited for with the retry
@@ -531,9 +577,9 @@ impl Worker {
             let waiting_since = Instant::now();
             let mut attempt = 0;
             let report = loop {
-                let (broker, topic, inputs, s) = (self.broker.clone(), self.changelog_topic.clone(), self.inputs.clone(), shard.clone());
+                let (consumer, topic, inputs, s) = (restorer.consumer(), self.changelog_topic.clone(), self.inputs.clone(), shard.clone());
                 let result =
-                    tokio::task::spawn_blocking(move || changelog::restore(&broker, &topic, &inputs, &s, Duration::from_secs(600)))
+                    tokio::task::spawn_blocking(move || changelog::restore_with(&consumer, &topic, &inputs, &s, Duration::from_secs(600)))
                         .await
                         .map_err(|e| WorkerError::Restore(format!("restore task panicked: {e}")))?;
                 match result {
@@ -828,22 +874,19 @@ impl Worker {
             .map(|(p, c)| (*p, changelog::records(&self.inputs, c, offsets.get(p).unwrap_or(&empty_offsets))))
             .collect();
         let changelog_topic = self.changelog_topic.as_str();
+        // Outside a transaction the commit markers wait until everything else of the unit is
+        // acknowledged: a marker commits its unit for a restore, which resumes after the unit's
+        // inputs, so a marker taken before the outputs would lose them if the instance died in
+        // between. Inside a transaction all of it commits or none, so the markers go along.
+        let markers_last = self.txn.is_none();
         let changelog_sends = changelog_records.iter().map(|(p, recs)| {
             // One partition's records in order; the marker is the last one.
-            let sends: Vec<_> = recs
-                .iter()
-                .map(|r| {
-                    let mut record = FutureRecord::<[u8], [u8]>::to(changelog_topic).partition(*p).key(r.key.as_slice());
-                    if let Some(v) = &r.value {
-                        record = record.payload(v.as_slice());
-                    }
-                    self.producer.send(record, Timeout::Never)
-                })
-                .collect();
+            let n = if markers_last { recs.len() - 1 } else { recs.len() };
+            let sends: Vec<_> = recs[..n].iter().map(|r| send_changelog(&self.producer, changelog_topic, *p, r)).collect();
             async move { (*p, join_all(sends).await) }
         });
         let all_acks = async { futures::join!(join_all(sends), join_all(dlq_sends), join_all(changelog_sends)) };
-        let (acks, dlq_acks, changelog_acks) = await_acks(&self.health, &self.name, all_acks).await;
+        let (acks, dlq_acks, mut changelog_acks) = await_acks(&self.health, &self.name, all_acks).await;
         if let Some(txn) = &self.txn {
             // A failed send inside a transaction makes it abortable: abort, rewind, reprocess.
             let failed = acks.iter().chain(&dlq_acks).chain(changelog_acks.iter().flat_map(|(_, a)| a)).find_map(|a| a.as_ref().err());
@@ -881,6 +924,21 @@ impl Worker {
             .find_map(|(a, topic)| a.as_ref().err().map(|(error, _)| (topic, error.clone())));
         if let Some((topic, error)) = failed {
             return self.produce_failed(topic, error, &batch, &changes).await;
+        }
+        if markers_last {
+            let marker_sends = changelog_records.iter().map(|(p, recs)| {
+                let send = send_changelog(&self.producer, changelog_topic, *p, recs.last().expect("every partition's records end with a marker"));
+                async move { (*p, send.await) }
+            });
+            let marker_acks = await_acks(&self.health, &self.name, join_all(marker_sends)).await;
+            if let Some((_, Err((error, _)))) = marker_acks.iter().find(|(_, a)| a.is_err()) {
+                let error = error.clone();
+                return self.produce_failed(self.changelog_topic.clone(), error, &batch, &changes).await;
+            }
+            for ((p, acks), (q, marker)) in changelog_acks.iter_mut().zip(marker_acks) {
+                debug_assert_eq!(*p, q);
+                acks.push(marker);
+            }
         }
         self.produce_failures = 0;
         let mut changelog_next: BTreeMap<i32, i64> = BTreeMap::new();
@@ -1094,6 +1152,20 @@ async fn admit(
 
 /// Awaits the unit's acknowledgements; while they take longer than [`ACK_STALL`] the
 /// instance reports not-ready (librdkafka keeps retrying until `message.timeout.ms`).
+/// Sends changelog record `r` to partition `p` of `topic` (a tombstone when it has no value).
+fn send_changelog<'a>(
+    producer: &'a FutureProducer,
+    topic: &'a str,
+    p: i32,
+    r: &'a changelog::Record,
+) -> impl std::future::Future<Output = rdkafka::producer::future_producer::OwnedDeliveryResult> + 'a {
+    let mut record = FutureRecord::<[u8], [u8]>::to(topic).partition(p).key(r.key.as_slice());
+    if let Some(v) = &r.value {
+        record = record.payload(v.as_slice());
+    }
+    producer.send(record, Timeout::Never)
+}
+
 async fn await_acks<F: std::future::Future>(health: &Health, worker: &str, acks: F) -> F::Output {
     tokio::pin!(acks);
     let started = Instant::now();
