@@ -638,8 +638,10 @@ impl Worker {
     }
 
     /// Leaves and rejoins the group when a revocation was not followed by any assignment within
-    /// `REJOIN_AFTER`: seen on tansu 0.6.0 after a broker restart, whose group coordinator can
-    /// leave a rebalance unfinished. A new JoinGroup restarts it.
+    /// `REJOIN_AFTER`: a new JoinGroup restarts a rebalance a coordinator left unfinished. (On
+    /// tansu 0.6.0 the stall seen after an outage longer than the session timeout is a dangling
+    /// group leader that no client action clears, README "Broker findings"; the warning and the
+    /// `rejoin` retry count still say that it happens.)
     fn rejoin_if_stuck(&mut self) -> Result<(), WorkerError> {
         if self.revoked_since.is_some_and(|t| t.elapsed() > REJOIN_AFTER) {
             warn!(worker = %self.name, waited_s = REJOIN_AFTER.as_secs(), "no partitions assigned since a revocation; rejoining the group");
