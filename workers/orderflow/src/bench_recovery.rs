@@ -44,10 +44,15 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{info, warn};
 
-use crate::bench::{high_watermarks, order, produce_all, settings, store, Common, Rng, STORES};
+use crate::bench::{
+    free_port, high_watermarks, http_get, log_tail, metric_by_label, metric_sum, order, produce_all, settings, store, watermark_sums,
+    Common, Rng, STORES,
+};
+
+/// How long a `/readyz` or `/metrics` request to a worker may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `orderflow bench recovery` flags.
 #[derive(clap::Args, Debug)]
@@ -521,16 +526,10 @@ fn stop(proc: &mut Proc) {
     let _ = proc.child.wait();
 }
 
-/// A port nothing listens on now.
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
-}
-
 /// Fails when the process exited.
 fn check_alive(proc: &mut Proc) -> Result<()> {
     if let Some(status) = proc.child.try_wait()? {
-        bail!("worker process exited ({status}); log {}:\n{}", proc.log.display(), tail(&proc.log, 15));
+        bail!("worker process exited ({status}); log {}:\n{}", proc.log.display(), log_tail(&proc.log, 15));
     }
     Ok(())
 }
@@ -539,11 +538,11 @@ async fn wait_ready(ctx: &Ctx, proc: &mut Proc) -> Result<()> {
     let until = Instant::now() + ctx.restart_timeout;
     loop {
         check_alive(proc)?;
-        if matches!(http_get(proc.port, "/readyz").await, Some((200, _))) {
+        if matches!(http_get(proc.port, "/readyz", HTTP_TIMEOUT).await, Some((200, _))) {
             return Ok(());
         }
         if Instant::now() > until {
-            bail!("worker not ready within {:?}; log {}:\n{}", ctx.restart_timeout, proc.log.display(), tail(&proc.log, 15));
+            bail!("worker not ready within {:?}; log {}:\n{}", ctx.restart_timeout, proc.log.display(), log_tail(&proc.log, 15));
         }
         tokio::time::sleep(POLL * 5).await;
     }
@@ -551,7 +550,7 @@ async fn wait_ready(ctx: &Ctx, proc: &mut Proc) -> Result<()> {
 
 /// Records the worker process consumed (every input and outcome), from its `/metrics`.
 async fn consumed(proc: &Proc) -> Option<f64> {
-    match http_get(proc.port, "/metrics").await {
+    match http_get(proc.port, "/metrics", HTTP_TIMEOUT).await {
         Some((200, body)) => Some(metric_sum(&body, "orderflow_events_consumed_total")),
         _ => None,
     }
@@ -700,15 +699,10 @@ async fn wait_consumed(proc: &mut Proc, name: &str, target: f64, give_up: Instan
     }
 }
 
-/// Σ (high − low) watermarks: records the topic holds now (after compaction and retention).
+/// Records `topic` holds now: Σ (high − low) over its partitions.
 fn topic_records(client: &BaseConsumer, topic: &str, partitions: i32) -> Result<i64> {
-    let mut total = 0;
-    for p in 0..partitions {
-        let (low, high) =
-            client.fetch_watermarks(topic, p, Duration::from_secs(10)).with_context(|| format!("watermarks of {topic}[{p}]"))?;
-        total += high - low;
-    }
-    Ok(total)
+    let (low, high) = watermark_sums(client, topic, partitions)?;
+    Ok(high - low)
 }
 
 /// One bare `BaseConsumer` reading every partition of `topic` from the beginning to the high
@@ -832,7 +826,7 @@ async fn restart(ctx: &mut Ctx, mut proc: Proc, name: &str, kind: Kind, state_di
     let mut ready: Option<(Instant, SystemTime)> = None;
     let processed = loop {
         check_alive(&mut p)?;
-        if ready.is_none() && matches!(http_get(p.port, "/readyz").await, Some((200, _))) {
+        if ready.is_none() && matches!(http_get(p.port, "/readyz", HTTP_TIMEOUT).await, Some((200, _))) {
             ready = Some((Instant::now(), SystemTime::now()));
         }
         if ready.is_some() && consumed(&p).await.is_some_and(|n| n >= 1.0) {
@@ -844,7 +838,7 @@ async fn restart(ctx: &mut Ctx, mut proc: Proc, name: &str, kind: Kind, state_di
                 ready.is_some(),
                 ctx.restart_timeout,
                 p.log.display(),
-                tail(&p.log, 15)
+                log_tail(&p.log, 15)
             );
         }
         tokio::time::sleep(POLL).await;
@@ -860,7 +854,7 @@ async fn restart(ctx: &mut Ctx, mut proc: Proc, name: &str, kind: Kind, state_di
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let text = match http_get(p.port, "/metrics").await {
+    let text = match http_get(p.port, "/metrics", HTTP_TIMEOUT).await {
         Some((200, body)) => body,
         _ => String::new(),
     };
@@ -924,13 +918,6 @@ fn read_log(path: &Path) -> Vec<LogLine> {
     std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(parse_log_line).collect()
 }
 
-/// The last `n` lines of a log, for error messages.
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// Splits spawn (`spawned`) → `/readyz` 200 (`ready`), both seconds since the epoch, at the log
 /// lines of the first time the worker got ready.
 fn phases(lines: &[LogLine], spawned: f64, ready: f64) -> Phases {
@@ -987,64 +974,6 @@ fn memory(pid: u32) -> Result<Memory> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     parse_status(&text).with_context(|| format!("no VmRSS/VmHWM in {path}"))
-}
-
-/// Splits a Prometheus sample line into (name, labels, value).
-fn parse_sample(line: &str) -> Option<(&str, BTreeMap<String, String>, f64)> {
-    let line = line.trim();
-    if line.is_empty() || line.starts_with('#') {
-        return None;
-    }
-    let name_end = line.find(['{', ' '])?;
-    let name = &line[..name_end];
-    let mut labels = BTreeMap::new();
-    let mut rest = &line[name_end..];
-    if let Some(r) = rest.strip_prefix('{') {
-        let close = r.find('}')?;
-        for pair in r[..close].split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=')?;
-            labels.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
-        }
-        rest = &r[close + 1..];
-    }
-    Some((name, labels, rest.split_whitespace().next()?.parse().ok()?))
-}
-
-/// Σ of every sample of `name` in a Prometheus text exposition (0 when none).
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines().filter_map(parse_sample).filter(|(n, _, _)| *n == name).map(|(_, _, v)| v).sum()
-}
-
-/// Σ of the samples of `name` per value of `label`.
-fn metric_by_label(text: &str, name: &str, label: &str) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    for (n, labels, v) in text.lines().filter_map(parse_sample) {
-        if n == name {
-            *out.entry(labels.get(label).cloned().unwrap_or_default()).or_default() += v;
-        }
-    }
-    out
-}
-
-/// `GET path` on 127.0.0.1:`port`: (status, body), `None` when it does not answer within 2 s.
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let get = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        parse_http(&String::from_utf8_lossy(&buf))
-    };
-    tokio::time::timeout(Duration::from_secs(2), get).await.ok().flatten()
-}
-
-/// (status, body) of an HTTP/1.x response (the body as sent: `Connection: close` answers are
-/// not chunked by axum for these small bodies; a chunked one keeps its chunk sizes, which the
-/// Prometheus parser skips as unparsable lines).
-fn parse_http(text: &str) -> Option<(u16, String)> {
-    let status = text.lines().next()?.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((status, body))
 }
 
 #[cfg(test)]
@@ -1135,30 +1064,6 @@ mod tests {
         assert!((p.group_join_s.unwrap() - 6.0).abs() < 1e-3, "{p:?}");
         assert!((p.restore_s.unwrap() - 0.5).abs() < 1e-3, "{p:?}");
         assert_eq!(p.assignments, Some(2));
-    }
-
-    #[test]
-    fn metrics_are_summed_over_labels() {
-        let text = "# HELP orderflow_events_consumed_total x\n# TYPE orderflow_events_consumed_total counter\n\
-            orderflow_events_consumed_total{outcome=\"processed\",topic=\"a\",worker=\"w\"} 3\n\
-            orderflow_events_consumed_total{outcome=\"duplicate\",topic=\"a\",worker=\"w\"} 2\n\
-            orderflow_events_consumed_totalx 100\n\
-            orderflow_state_restore_seconds_sum{source=\"local\",worker=\"w\"} 0.5\n\
-            orderflow_state_restore_seconds_sum{source=\"changelog\",worker=\"w\"} 1.5\n\
-            orderflow_state_restore_seconds_sum{source=\"changelog\",worker=\"v\"} 1\n\
-            orderflow_state_restored_records_total{worker=\"w\"} 1e6\n";
-        assert_eq!(metric_sum(text, "orderflow_events_consumed_total"), 5.0);
-        assert_eq!(metric_sum(text, "orderflow_state_restored_records_total"), 1_000_000.0);
-        assert_eq!(metric_sum(text, "missing"), 0.0);
-        let by = metric_by_label(text, "orderflow_state_restore_seconds_sum", "source");
-        assert_eq!(by, BTreeMap::from([("changelog".to_string(), 2.5), ("local".to_string(), 0.5)]));
-    }
-
-    #[test]
-    fn http_status_and_body() {
-        assert_eq!(parse_http("HTTP/1.1 503 Service Unavailable\r\ncontent-length: 9\r\n\r\nnot ready"), Some((503, "not ready".into())));
-        assert_eq!(parse_http("HTTP/1.1 200 OK\r\n\r\n"), Some((200, String::new())));
-        assert_eq!(parse_http(""), None);
     }
 
     #[test]

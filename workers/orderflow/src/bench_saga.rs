@@ -60,10 +60,14 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::{info, warn};
 
-use crate::bench::{high_watermarks, produce_all, settings, Common, Meter, Settings, Units, Window};
+use crate::bench::{
+    free_port, high_watermarks, http_get, log_tail, metric_samples, produce_all, settings, Common, Meter, Settings, Units, Window,
+};
+
+/// How long a `/readyz` or `/metrics` request to a worker process may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 use crate::demo::{port_topic, pos_answer, pos_decision, send};
 use crate::tpch;
 
@@ -436,34 +440,10 @@ pub fn topology_copy(text: &str, commit_interval: Duration, avro_dir: &Path) -> 
     out.join("\n") + "\n"
 }
 
-/// Values of `metric` in a Prometheus text exposition, with their labels.
-fn prom_values(text: &str, metric: &str) -> Vec<(BTreeMap<String, String>, f64)> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(metric) else { continue };
-        let (labels, value) = match rest.strip_prefix('{') {
-            Some(r) => match r.split_once('}') {
-                Some((l, v)) => (l, v),
-                None => continue,
-            },
-            None if rest.starts_with(' ') => ("", rest),
-            None => continue,
-        };
-        let Ok(value) = value.trim().parse::<f64>() else { continue };
-        let labels = labels
-            .split("\",")
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
-            .collect();
-        out.push((labels, value));
-    }
-    out
-}
-
 /// Per worker of `text` (one process's `/metrics`): consumed records and unit statistics.
 fn worker_stats(text: &str, process: &str, workers: &[String]) -> BTreeMap<String, WorkerStats> {
     let sum = |metric: &str, worker: &str, extra: Option<(&str, &str)>| -> f64 {
-        prom_values(text, metric)
+        metric_samples(text, metric)
             .iter()
             .filter(|(l, _)| l.get("worker").map(String::as_str) == Some(worker))
             .filter(|(l, _)| extra.is_none_or(|(k, v)| l.get(k).map(String::as_str) == Some(v)))
@@ -740,31 +720,6 @@ struct Proc {
     child: tokio::process::Child,
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?.local_addr()?.port())
-}
-
-/// `GET path` on 127.0.0.1:`port`: (status, body), `None` if it cannot connect or answer.
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        Some(buf)
-    };
-    let buf = tokio::time::timeout(Duration::from_secs(10), io).await.ok()??;
-    let text = String::from_utf8_lossy(&buf);
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
-}
-
-fn log_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 /// Spawns the workers as children (`current_exe() run …`), in `mode`, and waits for each
 /// `/readyz` to answer 200.
 async fn spawn_procs(mode: Mode, topology: &Path, t: &Topology, run_dir: &Path) -> Result<Vec<Proc>> {
@@ -801,7 +756,7 @@ async fn spawn_procs(mode: Mode, topology: &Path, t: &Topology, run_dir: &Path) 
     let deadline = Instant::now() + Duration::from_secs(180);
     for p in &mut procs {
         loop {
-            if matches!(http_get(p.port, "/readyz").await, Some((200, _))) {
+            if matches!(http_get(p.port, "/readyz", HTTP_TIMEOUT).await, Some((200, _))) {
                 break;
             }
             if let Some(status) = p.child.try_wait()? {
@@ -825,7 +780,7 @@ async fn spawn_procs(mode: Mode, topology: &Path, t: &Topology, run_dir: &Path) 
 async fn stop_procs(procs: Vec<Proc>) -> Result<BTreeMap<String, WorkerStats>> {
     let mut stats = BTreeMap::new();
     for p in &procs {
-        match http_get(p.port, "/metrics").await {
+        match http_get(p.port, "/metrics", HTTP_TIMEOUT).await {
             Some((200, text)) => stats.extend(worker_stats(&text, &p.name, &p.workers)),
             other => warn!(process = %p.name, answer = ?other.map(|(c, _)| c), "could not read /metrics"),
         }

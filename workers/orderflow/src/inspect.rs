@@ -689,17 +689,9 @@ fn carries_orders(topology: &Topology, topic: &str) -> bool {
     topology.topics.get(topic).and_then(|t| t.schema.as_ref()).is_none_or(|s| s.names().iter().any(|n| *n != "InventoryAdjusted"))
 }
 
-/// Reads the partitions of one round of the trace and decodes what it read. `want`: for each
-/// (topic, partition) the key and `keyed_by` label. Keeps the records whose decoded event
-/// belongs to `order` (`Event::order_id`: for `stock.updated`, SALE records referencing it), and
-/// undecodable records keyed by it.
-async fn trace_round(
-    scanner: std::sync::Arc<Reader>,
-    codec: &Codec,
-    order: &str,
-    want: Vec<(String, i32, String, String)>,
-    found: &mut Found,
-) -> Result<()> {
+/// Reads each wanted (topic, partition, key, `keyed_by` label) partition of a trace round to its
+/// end, records it in `found.scanned` with its record count, and returns the records read.
+async fn read_round(scanner: std::sync::Arc<Reader>, want: Vec<(String, i32, String, String)>, found: &mut Found) -> Result<Vec<Raw>> {
     let spans_of = want.iter().map(|(t, p, _, _)| (t.clone(), *p)).collect::<Vec<_>>();
     let raws = blocking(move || {
         let mut spans = Vec::new();
@@ -713,7 +705,21 @@ async fn trace_round(
         let records = raws.iter().filter(|r| r.at.topic == topic && r.at.partition == partition).count();
         found.scanned.push(Scanned { topic, partition, keyed_by, key, records });
     }
-    for r in raws {
+    Ok(raws)
+}
+
+/// Reads the partitions of one round of the trace and decodes what it read. `want`: for each
+/// (topic, partition) the key and `keyed_by` label. Keeps the records whose decoded event
+/// belongs to `order` (`Event::order_id`: for `stock.updated`, SALE records referencing it), and
+/// undecodable records keyed by it.
+async fn trace_round(
+    scanner: std::sync::Arc<Reader>,
+    codec: &Codec,
+    order: &str,
+    want: Vec<(String, i32, String, String)>,
+    found: &mut Found,
+) -> Result<()> {
+    for r in read_round(scanner, want, found).await? {
         match decode(codec, &r).await {
             Ok(e) if e.order_id() == Some(order) => found.events.push((r, e)),
             Ok(_) => {}
@@ -850,21 +856,7 @@ pub async fn trace(a: TraceArgs) -> Result<()> {
             want.push((dlq.clone(), p, ks.join(","), by.clone()));
         }
     }
-    let spans_of: Vec<(String, i32)> = want.iter().map(|(t, p, _, _)| (t.clone(), *p)).collect();
-    let s = scanner.clone();
-    let raws = blocking(move || {
-        let mut spans = Vec::new();
-        for (t, p) in spans_of {
-            spans.extend(to_end(&s, &t, [p])?);
-        }
-        read_all(&s, &spans)
-    })
-    .await?;
-    for (topic, partition, key, keyed_by) in want {
-        let records = raws.iter().filter(|r| r.at.topic == topic && r.at.partition == partition).count();
-        found.scanned.push(Scanned { topic, partition, keyed_by, key, records });
-    }
-    for r in raws {
+    for r in read_round(scanner.clone(), want, &mut found).await? {
         let ours =
             r.key.as_deref() == Some(order.as_bytes()) || matches!(decode(&codec, &r).await, Ok(e) if e.order_id() == Some(order.as_str()));
         if ours {
