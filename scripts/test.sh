@@ -1,22 +1,20 @@
 #!/usr/bin/env bash
-# The project's test command: runs the whole workspace's tests against a fresh local broker.
+# The project's test command: runs the whole workspace's tests, each integration test on a private
+# broker of its own.
 #
 #   scripts/test.sh [CARGO TEST ARGS...] [-- TEST BINARY ARGS...]
 #
-# Installs the tools if missing (scripts/install-tools.sh), builds the tests, starts a fresh
-# SQLite-backed tansu broker on a free port in its own directory under target/, and runs
+# Installs the brokers if missing (scripts/install-tools.sh kafka tansu: Apache Kafka from Maven
+# Central, tansu from crates.io), validates deploy/, builds the tests and runs
 #   cargo test --workspace --release [ARGS...] -- --test-threads=1 [TEST BINARY ARGS...]
 # (without --workspace when ARGS select packages with -p/--package; --test-threads=1 is left out
-# when the test binary args set --test-threads themselves)
-# with these variables exported for the tests:
-#   ORDERFLOW_BOOTSTRAP      127.0.0.1:PORT of the broker
-#   ORDERFLOW_BROKER_DIR     the broker's state directory (tansu.log, tansu.db, port, pid)
-#   ORDERFLOW_BROKER_SCRIPT  absolute path of scripts/broker.sh; with ORDERFLOW_BROKER_DIR
-#                            set, `$ORDERFLOW_BROKER_SCRIPT restart` restarts this broker on the
-#                            same port keeping its data (outage tests)
-# The broker is always stopped on exit; the exit status is cargo's. The broker directory is
-# removed after a passing run and kept (its path is printed) after a failing one, unless
-# ORDERFLOW_KEEP_BROKER_DIR=1 keeps it always.
+# when the test binary args set --test-threads themselves). The exit status is cargo's.
+#
+# Each integration test starts its own broker through scripts/broker.sh (tests/common): Apache
+# Kafka under exactly_once unless ORDERFLOW_BROKER=tansu is set, which runs the broker-neutral
+# tests on tansu under its profile (effectively_once). The tests that exist for one broker (the
+# chaos test's tansu variant, fencing, broker restart mid-transaction, the transaction probe)
+# start that broker whatever ORDERFLOW_BROKER says. README "Tests" lists which run where.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,8 +23,8 @@ cd "$ROOT"
 
 say() { echo "test.sh: $*" >&2; }
 
-# Install tansu now if it is missing, before the long build (broker.sh knows where it goes).
-"$ROOT/scripts/broker.sh" install
+# Install the brokers now if they are missing, before the long build.
+ORDERFLOW_SKIP_JUST=1 "$ROOT/scripts/install-tools.sh" kafka tansu >/dev/null
 
 # Split the arguments: those before `--` go to cargo, those after to the test binaries.
 cargo_args=()
@@ -57,27 +55,7 @@ fi
 say "building tests: cargo test ${scope[*]+"${scope[*]}"} --release --no-run ${cargo_args[*]+"${cargo_args[*]}"}"
 cargo test "${scope[@]+"${scope[@]}"}" --release --no-run "${cargo_args[@]+"${cargo_args[@]}"}"
 
-mkdir -p "$ROOT/target"
-BROKER_DIR="$(mktemp -d "$ROOT/target/test-broker.XXXXXX")"
-export ORDERFLOW_BROKER_DIR="$BROKER_DIR"
-export ORDERFLOW_BROKER_SCRIPT="$ROOT/scripts/broker.sh"
-
-status=1
-cleanup() {
-  "$ORDERFLOW_BROKER_SCRIPT" stop || true
-  if [ "$status" = 0 ] && [ "${ORDERFLOW_KEEP_BROKER_DIR:-0}" != 1 ]; then
-    rm -rf "$BROKER_DIR"
-  else
-    say "broker state and log kept in $BROKER_DIR"
-  fi
-}
-trap cleanup EXIT
-
-# A fresh SQLite broker on a free port, whatever the caller's environment says.
-bootstrap="$(env -u ORDERFLOW_BROKER_PORT -u ORDERFLOW_BROKER_KEEP ORDERFLOW_BROKER_ENGINE=sqlite \
-  "$ORDERFLOW_BROKER_SCRIPT" start | tail -n 1)"
-export ORDERFLOW_BOOTSTRAP="$bootstrap"
-say "broker at $ORDERFLOW_BOOTSTRAP (dir $BROKER_DIR)"
+say "tests run on ${ORDERFLOW_BROKER:-kafka} (ORDERFLOW_BROKER), one private broker per test"
 
 set +e
 # --no-fail-fast: every test binary runs, so one failure does not hide the others.

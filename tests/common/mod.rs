@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: a private tansu broker per test (fresh SQLite
-//! database, free port), started and stopped through `scripts/broker.sh`; child processes that
+//! Helpers shared by the integration tests: a private broker per test (Apache Kafka by default,
+//! tansu with `ORDERFLOW_BROKER=tansu` or where a test asks for it; fresh data, free port), started
+//! and stopped through `scripts/broker.sh`; child processes that
 //! die with the test; run directories kept when a test fails; the workers' JSON logs
 //! (tracing-subscriber output) and the driver's summary.
 
@@ -19,33 +20,92 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
 }
 
+/// Which local broker a test runs on (`scripts/broker.sh`'s `ORDERFLOW_BROKER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// Apache Kafka, the reference broker: transactions, `exactly_once`.
+    Kafka,
+    /// tansu 0.6.0: no transactions, `effectively_once` (the topology's `tansu` profile).
+    Tansu,
+}
+
+impl BrokerKind {
+    /// The kind `ORDERFLOW_BROKER` names in the test's environment (`kafka` when unset), so
+    /// `ORDERFLOW_BROKER=tansu scripts/test.sh` runs every broker-neutral test on tansu. Panics
+    /// on another value.
+    pub fn from_env() -> BrokerKind {
+        match std::env::var("ORDERFLOW_BROKER").as_deref() {
+            Err(_) | Ok("") | Ok("kafka") => BrokerKind::Kafka,
+            Ok("tansu") => BrokerKind::Tansu,
+            Ok(other) => panic!("ORDERFLOW_BROKER={other}: expected kafka or tansu"),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerKind::Kafka => "kafka",
+            BrokerKind::Tansu => "tansu",
+        }
+    }
+}
+
 /// A running broker; stopped when dropped.
 pub struct Broker {
     pub bootstrap: String,
+    pub kind: BrokerKind,
     dir: tempfile::TempDir,
 }
 
 impl Broker {
-    /// Starts a fresh SQLite-engine broker on a free port.
+    /// Starts a fresh broker of [`BrokerKind::from_env`] on a free port.
     pub fn start() -> Broker {
-        let dir = tempfile::Builder::new().prefix("orderflow-test-broker-").tempdir().expect("temp dir");
-        let out = Command::new(repo_root().join("scripts/broker.sh"))
-            .arg("start")
-            .env("ORDERFLOW_BROKER_DIR", dir.path())
-            .env_remove("ORDERFLOW_BROKER_PORT")
-            .output()
-            .expect("run scripts/broker.sh");
-        assert!(out.status.success(), "broker did not start:\n{}", String::from_utf8_lossy(&out.stderr));
-        let bootstrap = String::from_utf8_lossy(&out.stdout).lines().last().expect("bootstrap line").trim().to_string();
-        Broker { bootstrap, dir }
+        Broker::start_kind(BrokerKind::from_env())
     }
 
-    /// The broker's state directory.
+    /// Starts a fresh broker of `kind` on a free port (Kafka: newly formatted; tansu: a new
+    /// SQLite database), with `properties` (`k=v`, Kafka only) added to its server properties.
+    ///
+    /// The topology profile goes with the broker: for tansu this process's `ORDERFLOW_PROFILE` is
+    /// set to `tansu` (and removed for Kafka), so every client and child process the test
+    /// creates afterwards loads `topology.toml` with the profile of the broker it talks to. The
+    /// tests run one at a time (`--test-threads=1`, scripts/test.sh), which makes this safe.
+    pub fn start_with(kind: BrokerKind, properties: &[&str]) -> Broker {
+        match kind {
+            BrokerKind::Kafka => std::env::remove_var("ORDERFLOW_PROFILE"),
+            BrokerKind::Tansu => std::env::set_var("ORDERFLOW_PROFILE", "tansu"),
+        }
+        std::env::remove_var("ORDERFLOW_GUARANTEE");
+        let dir = tempfile::Builder::new().prefix(&format!("orderflow-test-{}-", kind.as_str())).tempdir().expect("temp dir");
+        let out = Command::new(repo_root().join("scripts/broker.sh"))
+            .arg("start")
+            .env("ORDERFLOW_BROKER", kind.as_str())
+            .env("ORDERFLOW_BROKER_DIR", dir.path())
+            .env("ORDERFLOW_BROKER_PROPERTIES", properties.join(" "))
+            .env_remove("ORDERFLOW_BROKER_PORT")
+            .env_remove("ORDERFLOW_BROKER_KEEP")
+            .env_remove("ORDERFLOW_BROKER_ENGINE")
+            .output()
+            .expect("run scripts/broker.sh");
+        assert!(out.status.success(), "{} did not start:\n{}", kind.as_str(), String::from_utf8_lossy(&out.stderr));
+        let bootstrap = String::from_utf8_lossy(&out.stdout).lines().last().expect("bootstrap line").trim().to_string();
+        Broker { bootstrap, kind, dir }
+    }
+
+    /// [`Broker::start_with`] without extra properties.
+    pub fn start_kind(kind: BrokerKind) -> Broker {
+        Broker::start_with(kind, &[])
+    }
+
+    /// The broker's state directory (`broker.log`, its data, `port`, `pid`).
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
 
-    /// Stops the broker process (SIGTERM, then SIGKILL after 10 s); its SQLite database stays.
+    /// The broker's log file.
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("broker.log")
+    }
+
+    /// Stops the broker process (SIGTERM, then SIGKILL after 30 s); its data stays.
     pub fn stop(&self) {
         let out = Command::new(repo_root().join("scripts/broker.sh"))
             .arg("stop")
@@ -55,16 +115,17 @@ impl Broker {
         assert!(out.status.success(), "broker did not stop:\n{}", String::from_utf8_lossy(&out.stderr));
     }
 
-    /// Starts the stopped broker again on the same port with the same SQLite database, so every
-    /// topic, record and committed offset is still there.
+    /// Starts the stopped broker again on the same port with the same data, so every topic,
+    /// record, committed offset and open transaction is still there.
     pub fn start_again(&self) {
         let port = self.bootstrap.rsplit(':').next().expect("bootstrap host:port");
         let out = Command::new(repo_root().join("scripts/broker.sh"))
             .arg("start")
+            .env("ORDERFLOW_BROKER", self.kind.as_str())
             .env("ORDERFLOW_BROKER_DIR", self.dir.path())
             .env("ORDERFLOW_BROKER_PORT", port)
-            .env("ORDERFLOW_BROKER_ENGINE", "sqlite")
             .env("ORDERFLOW_BROKER_KEEP", "1")
+            .env_remove("ORDERFLOW_BROKER_ENGINE")
             .output()
             .expect("run scripts/broker.sh start");
         assert!(out.status.success(), "broker did not start again:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -467,43 +528,152 @@ pub fn outcome(s: &Value, k: &str) -> u64 {
 // Reading topics and creating them.
 
 /// Every record of `topic` from the low to the high watermark (as seen at the call) of each of
-/// its `partitions`, in arrival order per partition. Reads by assignment (no group commits).
-/// Panics if the high watermarks are not reached within 30 s.
+/// its `partitions`, in arrival order per partition, as a `read_committed` consumer sees them.
+/// Reads by assignment (no group commits). Panics if the ends are not reached within 30 s.
 pub fn read_topic(broker: &orderflow_runtime::topology::BrokerConfig, topic: &str, partitions: i32) -> Vec<rdkafka::message::OwnedMessage> {
+    read_topic_at(broker, topic, partitions, Isolation::ReadCommitted)
+}
+
+/// The isolation level of a reader (`isolation.level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Only records of committed transactions (and non-transactional ones), up to the last
+    /// stable offset.
+    ReadCommitted,
+    /// Every record, aborted transactions and open ones included, up to the high watermark.
+    ReadUncommitted,
+}
+
+/// [`read_topic`] at `isolation`. The end of each partition is where the consumer reports
+/// end-of-partition (`enable.partition.eof`) at or beyond the high watermark seen at the call:
+/// a transactional topic ends in a control record (the commit or abort marker) that is never
+/// delivered, so "the record at high watermark − 1" cannot be waited for. Under `ReadCommitted`
+/// a partition whose transaction is still open ends at its last stable offset instead (its
+/// end-of-partition comes there) and the records after it are not returned.
+pub fn read_topic_at(
+    broker: &orderflow_runtime::topology::BrokerConfig,
+    topic: &str,
+    partitions: i32,
+    isolation: Isolation,
+) -> Vec<rdkafka::message::OwnedMessage> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::KafkaError;
     use rdkafka::message::Message;
     use rdkafka::{Offset, TopicPartitionList};
     let mut config = orderflow_runtime::kafka::client_config(broker, orderflow_runtime::kafka::Side::Consumer);
-    config.set("group.id", format!("orderflow-test-read-{}", std::process::id()));
+    config.set("group.id", format!("orderflow-test-read-{}", std::process::id())).set("enable.partition.eof", "true");
+    config.set(
+        "isolation.level",
+        match isolation {
+            Isolation::ReadCommitted => "read_committed",
+            Isolation::ReadUncommitted => "read_uncommitted",
+        },
+    );
     let consumer: BaseConsumer = config.create().expect("consumer");
     let mut tpl = TopicPartitionList::new();
-    let mut ends = std::collections::BTreeMap::new();
+    let mut pending = std::collections::BTreeMap::new();
     for p in 0..partitions {
         let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
         if high > low {
             tpl.add_partition_offset(topic, p, Offset::Offset(low)).unwrap();
-            ends.insert(p, high);
+            pending.insert(p, high);
         }
     }
     let mut out = Vec::new();
-    if ends.is_empty() {
+    if pending.is_empty() {
         return out;
     }
     consumer.assign(&tpl).unwrap();
     let until = Instant::now() + Duration::from_secs(30);
-    while !ends.is_empty() {
-        assert!(Instant::now() < until, "reading {topic} did not reach the high watermarks {ends:?}");
-        let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };
-        let m = m.expect("consume");
-        let Some(&end) = ends.get(&m.partition()) else { continue };
-        if m.offset() < end {
-            out.push(m.detach());
-        }
-        if m.offset() >= end - 1 {
-            ends.remove(&m.partition());
+    while !pending.is_empty() {
+        assert!(Instant::now() < until, "reading {topic} ({isolation:?}) did not reach the ends {pending:?}");
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                let position = consumer.position().ok().and_then(|tpl| tpl.find_partition(topic, p).map(|e| e.offset()));
+                let reached = match (position, pending.get(&p)) {
+                    (Some(Offset::Offset(at)), Some(&high)) => at >= high || isolation == Isolation::ReadCommitted,
+                    _ => isolation == Isolation::ReadCommitted,
+                };
+                if reached {
+                    pending.remove(&p);
+                }
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            Some(Ok(m)) => {
+                if pending.get(&m.partition()).is_some_and(|&high| m.offset() < high) {
+                    out.push(m.detach());
+                }
+            }
         }
     }
     out
+}
+
+/// What a `read_committed` and a `read_uncommitted` reader found in one output topic
+/// ([`exactly_once_report`]).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TopicTxnReport {
+    /// Records a `read_committed` reader sees.
+    pub committed: usize,
+    /// Records a `read_uncommitted` reader sees (aborted and open transactions included).
+    pub uncommitted: usize,
+    /// `uncommitted − committed`: records of aborted transactions.
+    pub aborted: usize,
+    /// eventIds the `read_committed` reader saw more than once, with their counts (first 10).
+    pub repeated_event_ids: Vec<(String, usize)>,
+    /// Records the `read_committed` reader could not decode.
+    pub undecodable: usize,
+}
+
+/// Reads each of `topics` (`partitions` each) at both isolation levels and decodes every
+/// committed record's eventId with `codec`: the test's own check of exactly-once output, not
+/// the driver's. Returns topic → report; the caller asserts (`repeated_event_ids` empty: each
+/// eventId once; `aborted` > 0 somewhere: kills landed mid-transaction).
+pub fn exactly_once_report(
+    broker: &orderflow_runtime::topology::BrokerConfig,
+    codec: &orderflow_runtime::codec::Codec,
+    topics: &[&str],
+    partitions: i32,
+) -> std::collections::BTreeMap<String, TopicTxnReport> {
+    use rdkafka::message::Message;
+    let mut out = std::collections::BTreeMap::new();
+    for &topic in topics {
+        let committed = read_topic_at(broker, topic, partitions, Isolation::ReadCommitted);
+        let uncommitted = read_topic_at(broker, topic, partitions, Isolation::ReadUncommitted);
+        let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        let mut undecodable = 0;
+        for m in &committed {
+            match m.payload().map(|b| codec.decode_local(b)) {
+                Some(Ok(e)) => *counts.entry(e.event_id().to_string()).or_default() += 1,
+                _ => undecodable += 1,
+            }
+        }
+        let mut repeated: Vec<(String, usize)> = counts.into_iter().filter(|(_, n)| *n > 1).collect();
+        repeated.sort();
+        repeated.truncate(10);
+        out.insert(
+            topic.to_string(),
+            TopicTxnReport {
+                committed: committed.len(),
+                uncommitted: uncommitted.len(),
+                aborted: uncommitted.len().saturating_sub(committed.len()),
+                repeated_event_ids: repeated,
+                undecodable,
+            },
+        );
+    }
+    out
+}
+
+/// The topics the workers of `topology.toml` write (their `outputs`), without dead-letter and
+/// changelog topics: where exactly-once output is checked.
+pub fn worker_output_topics() -> Vec<String> {
+    let loaded = orderflow_runtime::topology::load(&repo_root().join("topology.toml")).expect("topology loads");
+    let mut topics: Vec<String> = loaded.topology.workers.values().flat_map(|w| w.outputs.values().cloned()).collect();
+    topics.sort();
+    topics.dedup();
+    topics
 }
 
 /// The headers of `m` as `(key, value as lossy UTF-8)` pairs, in order.

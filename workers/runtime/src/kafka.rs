@@ -7,7 +7,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::topology::{BrokerConfig, Topology};
+use crate::topology::{BrokerConfig, GroupProtocol, Topology};
 
 /// Which side of a worker a client is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +94,22 @@ pub fn client_config(broker: &BrokerConfig, side: Side) -> ClientConfig {
     c
 }
 
+/// Client properties the KIP-848 consumer protocol leaves to the broker (`group.consumer.*`);
+/// librdkafka refuses a consumer that sets them with `group.protocol=consumer`.
+pub const CLASSIC_ONLY_PROPERTIES: [&str; 3] = ["session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy"];
+
+/// Sets `group.protocol` on a group member's configuration; for
+/// [`GroupProtocol::Consumer`] also removes [`CLASSIC_ONLY_PROPERTIES`], so one topology serves
+/// both protocols (its session and heartbeat settings apply to the classic protocol only).
+pub fn set_group_protocol(config: &mut ClientConfig, protocol: GroupProtocol) {
+    config.set("group.protocol", protocol.as_str());
+    if protocol == GroupProtocol::Consumer {
+        for k in CLASSIC_ONLY_PROPERTIES {
+            config.remove(k);
+        }
+    }
+}
+
 /// Errors of topic administration.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -101,12 +117,15 @@ pub enum AdminError {
     Client(#[from] rdkafka::error::KafkaError),
     #[error("cannot create topic {topic}: {code}")]
     Create { topic: String, code: RDKafkaErrorCode },
+    #[error("topic {topic} has partitions without a leader {within:?} after it was created")]
+    NotReady { topic: String, within: Duration },
 }
 
 /// Creates every topic the topology declares, plus the dead-letter topic of every worker input
 /// and the compacted changelog topic of every worker, with the declared partitions and cleanup
 /// policy. Topics that already exist are left alone.
-/// Returns the names of the topics it created.
+/// Returns the names of the topics it created, once every partition of every topic (new or
+/// existing) has a leader ([`TOPICS_READY_WITHIN`]).
 pub async fn create_topics(topology: &Topology) -> Result<Vec<String>, AdminError> {
     let admin: AdminClient<DefaultClientContext> = client_config(&topology.broker, Side::Admin).create()?;
     let mut specs: Vec<(String, i32, i32, String)> =
@@ -140,5 +159,54 @@ pub async fn create_topics(topology: &Topology) -> Result<Vec<String>, AdminErro
             Err((topic, code)) => return Err(AdminError::Create { topic, code }),
         }
     }
+    let expected: Vec<(String, i32)> = specs.iter().map(|(name, partitions, _, _)| (name.clone(), *partitions)).collect();
+    wait_for_leaders(admin, expected, TOPICS_READY_WITHIN).await?;
     Ok(created)
+}
+
+/// How long [`create_topics`] waits for every partition to have a leader.
+pub const TOPICS_READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// Waits until the broker's metadata shows every topic of `expected` (name, partitions) with all
+/// its partitions and a leader for each, and each leader answers a watermark (ListOffsets) query. Apache Kafka answers CreateTopics once the controller
+/// has recorded the topics, before the brokers have taken leadership: a client that asks for
+/// offsets in between gets `NOT_LEADER_OR_FOLLOWER` (seen on Kafka 4.1 right after `orderflow
+/// topics`). Polls the metadata every 100 ms on the blocking pool.
+///
+/// Errors: [`AdminError::NotReady`] with the first topic still without leaders after `within`.
+async fn wait_for_leaders(
+    admin: AdminClient<DefaultClientContext>,
+    expected: Vec<(String, i32)>,
+    within: Duration,
+) -> Result<(), AdminError> {
+    tokio::task::spawn_blocking(move || {
+        let until = std::time::Instant::now() + within;
+        loop {
+            let pending = match admin.inner().fetch_metadata(None, Duration::from_secs(5)) {
+                Ok(md) => expected.iter().find(|(name, partitions)| {
+                    !md.topics().iter().any(|t| {
+                        t.name() == name
+                            && t.error().is_none()
+                            && t.partitions().len() == *partitions as usize
+                            && t.partitions().iter().all(|p| p.leader() >= 0 && p.error().is_none())
+                    })
+                }),
+                Err(_) => expected.first(),
+            };
+            // Leaders in the metadata cache may still be taking over their partitions: ask
+            // each one for its offsets too (what the first consumer or tool will do).
+            let pending = pending.or_else(|| {
+                expected.iter().find(|(name, partitions)| {
+                    (0..*partitions).any(|p| admin.inner().fetch_watermarks(name, p, Duration::from_secs(5)).is_err())
+                })
+            });
+            let Some((topic, _)) = pending else { return Ok(()) };
+            if std::time::Instant::now() >= until {
+                return Err(AdminError::NotReady { topic: topic.clone(), within });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }

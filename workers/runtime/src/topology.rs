@@ -19,6 +19,73 @@ pub struct Topology {
     /// Folder holding the `.avsc` files, relative to the topology file (default `avro`).
     #[serde(default = "default_avro_dir")]
     pub avro_dir: PathBuf,
+    /// `[profiles.<name>]`: what one kind of broker needs beyond the defaults, selected with
+    /// `ORDERFLOW_PROFILE=<name>` (see [`Profile`]).
+    #[serde(default)]
+    pub profiles: BTreeMap<String, Profile>,
+}
+
+/// `[profiles.<name>]`: the per-broker differences, kept in one place. Selected with
+/// `ORDERFLOW_PROFILE=<name>` (or `orderflow --profile`), a profile is laid over `[defaults]` and
+/// `[broker.properties|producer|consumer]` by [`Topology::apply_profile`]: each field it sets
+/// replaces the base value, each librdkafka property it names replaces (or adds) that property,
+/// and a property set to `""` is removed. The repository's `topology.toml` is tuned for Apache
+/// Kafka and has a `tansu` profile for the transaction-less broker (README "The local brokers").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// Replaces `[defaults] guarantee` (a worker's own `guarantee` still wins).
+    #[serde(default)]
+    pub guarantee: Option<Guarantee>,
+    /// Replaces `[defaults] group_protocol`.
+    #[serde(default)]
+    pub group_protocol: Option<GroupProtocol>,
+    /// Replaces `[defaults] static_membership`.
+    #[serde(default)]
+    pub static_membership: Option<bool>,
+    /// librdkafka properties for every client.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for producers.
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
+    /// librdkafka properties for consumers.
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+}
+
+impl Topology {
+    /// Lays profile `name` over the defaults and broker properties (see [`Profile`]).
+    ///
+    /// Errors: [`TopologyError::UnknownProfile`] when the file has no `[profiles.<name>]`.
+    pub fn apply_profile(&mut self, name: &str) -> Result<(), TopologyError> {
+        let p = self.profiles.get(name).cloned().ok_or_else(|| TopologyError::UnknownProfile {
+            name: name.to_string(),
+            known: self.profiles.keys().cloned().collect(),
+        })?;
+        if let Some(g) = p.guarantee {
+            self.defaults.guarantee = g;
+        }
+        if let Some(g) = p.group_protocol {
+            self.defaults.group_protocol = g;
+        }
+        if let Some(s) = p.static_membership {
+            self.defaults.static_membership = s;
+        }
+        let overlay = |base: &mut BTreeMap<String, String>, over: &BTreeMap<String, String>| {
+            for (k, v) in over {
+                if v.is_empty() {
+                    base.remove(k);
+                } else {
+                    base.insert(k.clone(), v.clone());
+                }
+            }
+        };
+        overlay(&mut self.broker.properties, &p.properties);
+        overlay(&mut self.broker.producer, &p.producer);
+        overlay(&mut self.broker.consumer, &p.consumer);
+        Ok(())
+    }
 }
 
 impl Topology {
@@ -108,6 +175,40 @@ impl Guarantee {
             Guarantee::AtLeastOnce => "at_least_once",
         }
     }
+
+    /// The guarantee named `name` ([`Guarantee::as_str`]), or None.
+    pub fn parse(name: &str) -> Option<Guarantee> {
+        [Guarantee::ExactlyOnce, Guarantee::EffectivelyOnce, Guarantee::AtLeastOnce].into_iter().find(|g| g.as_str() == name)
+    }
+}
+
+/// The consumer group protocol (`group.protocol`) the workers' consumers speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupProtocol {
+    /// The classic protocol (JoinGroup/SyncGroup, client-side assignment): every broker,
+    /// session and heartbeat set by the client (`session.timeout.ms`, `heartbeat.interval.ms`).
+    #[default]
+    Classic,
+    /// KIP-848 (Kafka 4.0+, librdkafka 2.12+): incremental, broker-side assignment; session and
+    /// heartbeat are the broker's (`group.consumer.*`), so the runtime drops the client's
+    /// `session.timeout.ms`, `heartbeat.interval.ms` and `partition.assignment.strategy`.
+    Consumer,
+}
+
+impl GroupProtocol {
+    /// The `group.protocol` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupProtocol::Classic => "classic",
+            GroupProtocol::Consumer => "consumer",
+        }
+    }
+
+    /// The protocol named `name` ([`GroupProtocol::as_str`]), or None.
+    pub fn parse(name: &str) -> Option<GroupProtocol> {
+        [GroupProtocol::Classic, GroupProtocol::Consumer].into_iter().find(|g| g.as_str() == name)
+    }
 }
 
 /// `[defaults]`: values a worker inherits unless it sets its own.
@@ -132,6 +233,10 @@ pub struct Defaults {
     /// restarted under the same instance id takes its partitions back without a rebalance.
     #[serde(default = "default_true")]
     pub static_membership: bool,
+    /// Consumer group protocol: `classic` (default) or `consumer` (KIP-848); overridden by
+    /// `ORDERFLOW_GROUP_PROTOCOL`. README "Consumer group protocols" has the measured choice.
+    #[serde(default)]
+    pub group_protocol: GroupProtocol,
     /// Retry policy for transient failures (seed 004: 3 retries with exponential backoff).
     #[serde(default)]
     pub retry: RetryPolicy,
@@ -227,6 +332,7 @@ impl Default for Defaults {
             max_batch: default_max_batch(),
             state_dir: default_state_dir(),
             static_membership: true,
+            group_protocol: GroupProtocol::default(),
             retry: RetryPolicy::default(),
             max_record_bytes: default_max_record_bytes(),
             max_clock_skew: default_max_clock_skew(),
@@ -421,6 +527,12 @@ pub enum TopologyError {
     Parse { path: PathBuf, message: String },
     #[error("{path} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
     Invalid { path: PathBuf, problems: Vec<Problem> },
+    /// `ORDERFLOW_PROFILE` names a profile the file does not define.
+    #[error("ORDERFLOW_PROFILE={name}: the topology has no [profiles.{name}] (it has: {})", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    UnknownProfile { name: String, known: Vec<String> },
+    /// `ORDERFLOW_GUARANTEE` or `ORDERFLOW_GROUP_PROTOCOL` holds an unknown value.
+    #[error("{var}={value}: expected one of {expected}")]
+    BadOverride { var: &'static str, value: String, expected: &'static str },
 }
 
 /// A topology read from disk, with the folder it came from (to resolve `avro_dir`).
@@ -441,14 +553,35 @@ impl Loaded {
 }
 
 /// Reads and parses `path`, collecting every unknown key instead of stopping at the first, then
-/// applies environment overrides (`ORDERFLOW_BOOTSTRAP`, `ORDERFLOW_REGISTRY_URL`,
-/// `ORDERFLOW_STATE_DIR`, and `ORDERFLOW_KAFKA_<PROPERTY>` for any librdkafka property, e.g.
-/// `ORDERFLOW_KAFKA_SASL_PASSWORD` → `sasl.password`).
+/// applies the profile named by `ORDERFLOW_PROFILE` ([`Topology::apply_profile`]) and the
+/// environment overrides: `ORDERFLOW_BOOTSTRAP`, `ORDERFLOW_REGISTRY_URL`, `ORDERFLOW_STATE_DIR`,
+/// `ORDERFLOW_GUARANTEE` and `ORDERFLOW_GROUP_PROTOCOL` (the defaults' values), and
+/// `ORDERFLOW_KAFKA_<PROPERTY>` for any librdkafka property, e.g. `ORDERFLOW_KAFKA_SASL_PASSWORD`
+/// → `sasl.password`. Empty variables are ignored.
 ///
-/// Errors: unreadable file, TOML syntax or type errors (with line and column).
+/// Errors: unreadable file, TOML syntax or type errors (with line and column), an unknown
+/// profile, an unknown guarantee or group protocol name.
 pub fn load(path: &Path) -> Result<Loaded, TopologyError> {
     let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read { path: path.to_path_buf(), source })?;
     let mut loaded = parse(&text, path)?;
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if let Some(name) = var("ORDERFLOW_PROFILE") {
+        loaded.topology.apply_profile(&name)?;
+    }
+    if let Some(v) = var("ORDERFLOW_GUARANTEE") {
+        loaded.topology.defaults.guarantee = Guarantee::parse(&v).ok_or(TopologyError::BadOverride {
+            var: "ORDERFLOW_GUARANTEE",
+            value: v,
+            expected: "exactly_once, effectively_once, at_least_once",
+        })?;
+    }
+    if let Some(v) = var("ORDERFLOW_GROUP_PROTOCOL") {
+        loaded.topology.defaults.group_protocol = GroupProtocol::parse(&v).ok_or(TopologyError::BadOverride {
+            var: "ORDERFLOW_GROUP_PROTOCOL",
+            value: v,
+            expected: "classic, consumer",
+        })?;
+    }
     if let Ok(v) = std::env::var("ORDERFLOW_BOOTSTRAP") {
         loaded.topology.broker.bootstrap = v;
     }
@@ -481,10 +614,20 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, TopologyError> {
     Ok(Loaded { topology, path: path.to_path_buf(), unknown_keys })
 }
 
-const TOP_KEYS: &[&str] = &["broker", "defaults", "topics", "workers", "avro_dir"];
+const TOP_KEYS: &[&str] = &["broker", "defaults", "topics", "workers", "avro_dir", "profiles"];
+const PROFILE_KEYS: &[&str] = &["guarantee", "group_protocol", "static_membership", "properties", "producer", "consumer"];
 const BROKER_KEYS: &[&str] = &["bootstrap", "registry_url", "properties", "producer", "consumer"];
-const DEFAULT_KEYS: &[&str] =
-    &["guarantee", "commit_interval", "max_batch", "state_dir", "static_membership", "retry", "max_record_bytes", "max_clock_skew"];
+const DEFAULT_KEYS: &[&str] = &[
+    "guarantee",
+    "commit_interval",
+    "max_batch",
+    "state_dir",
+    "static_membership",
+    "group_protocol",
+    "retry",
+    "max_record_bytes",
+    "max_clock_skew",
+];
 const TOPIC_KEYS: &[&str] = &["partitions", "key", "schema", "cleanup_policy", "replication_factor", "external", "dead_letter"];
 const WORKER_KEYS: &[&str] = &[
     "kind",
@@ -518,7 +661,7 @@ fn strip_unknown(v: &mut toml::Value) {
             retain(r, RETRY_KEYS);
         }
     }
-    for (section, keys) in [("topics", TOPIC_KEYS), ("workers", WORKER_KEYS)] {
+    for (section, keys) in [("topics", TOPIC_KEYS), ("workers", WORKER_KEYS), ("profiles", PROFILE_KEYS)] {
         if let Some(t) = v.get_mut(section).and_then(|t| t.as_table_mut()) {
             for (_, item) in t.iter_mut() {
                 retain(item, keys);
@@ -546,7 +689,7 @@ fn unknown_keys(v: &toml::Value) -> Vec<String> {
     scan("broker", v.get("broker"), BROKER_KEYS);
     scan("defaults", v.get("defaults"), DEFAULT_KEYS);
     scan("defaults.retry", v.get("defaults").and_then(|d| d.get("retry")), RETRY_KEYS);
-    for (section, keys) in [("topics", TOPIC_KEYS), ("workers", WORKER_KEYS)] {
+    for (section, keys) in [("topics", TOPIC_KEYS), ("workers", WORKER_KEYS), ("profiles", PROFILE_KEYS)] {
         if let Some(t) = v.get(section).and_then(|t| t.as_table()) {
             for (name, item) in t {
                 scan(&format!("{section}.\"{name}\""), Some(item), keys);

@@ -391,6 +391,7 @@ impl Worker {
         }
         let mut consumer_config = client_config(&t.broker, Side::Consumer);
         consumer_config.set("group.id", spec.group_id(&setup.name)).set("client.id", format!("{}-{}", setup.name, setup.instance));
+        crate::kafka::set_group_protocol(&mut consumer_config, t.defaults.group_protocol);
         if t.defaults.static_membership {
             // KIP-345: a restarted pod rejoins under its old identity, so a crash-restart does
             // not wait for the dead member's session to expire (and, on tansu 0.6.0, does not
