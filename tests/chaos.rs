@@ -7,6 +7,12 @@
 //! prints the chaos figures (kills, restores, records restored, time to ready after a kill)
 //! computed from the workers' JSON logs, also written to `target/chaos-figures.json`.
 //!
+//! Three variants, each on a private broker: Apache Kafka under `exactly_once` with the classic
+//! group protocol and with the KIP-848 consumer protocol, and tansu under `effectively_once` (its
+//! profile). On Kafka the test also reads every worker output topic itself at both isolation
+//! levels: a `read_committed` reader must see each eventId once, and a `read_uncommitted` reader
+//! must see records of aborted transactions (proof that kills landed mid-transaction).
+//!
 //! `CHAOS_SEED=<u64>` replays a run's kill schedule (the seed is printed at start);
 //! `ORDERFLOW_KEEP_CHAOS_DIR=1` keeps the logs, state and summary (they are always kept, with
 //! their path printed, when the test fails).
@@ -25,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{sigterm, tail, unix_secs, Guarded, RunDir};
+use common::{sigterm, tail, unix_secs, BrokerKind, Guarded, RunDir};
 use serde_json::{json, Value};
 
 const ORDERS: u64 = 5_000;
@@ -149,6 +155,8 @@ struct Fleet {
     kills: usize,
     restarts: usize,
     self_exits: Vec<String>,
+    /// Extra environment of every worker process (the variant's group protocol).
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl Fleet {
@@ -164,6 +172,7 @@ impl Fleet {
             .args(["--bootstrap", &self.bootstrap])
             .env("RUST_BACKTRACE", "0")
             .env("ORDERFLOW_STATE_DIR", &self.state_dir)
+            .envs(self.env.iter().copied())
             .env_remove("ORDERFLOW_BOOTSTRAP")
             .env_remove("ORDERFLOW_INSTANCE")
             .env_remove("ORDERFLOW_METRICS_ADDR")
@@ -389,14 +398,14 @@ fn chaos_topology(root: &Path, dir: &Path) -> PathBuf {
     path
 }
 
-fn figures_path() -> PathBuf {
+fn figures_path(variant: &str) -> PathBuf {
     let root = common::repo_root();
     let target = match std::env::var_os("CARGO_TARGET_DIR") {
         Some(t) if Path::new(&t).is_absolute() => PathBuf::from(t),
         Some(t) => root.join(t),
         None => root.join("target"),
     };
-    target.join("chaos-figures.json")
+    target.join(format!("chaos-figures-{variant}.json"))
 }
 
 // ------------------------------------------------------------------------------------------
@@ -404,6 +413,7 @@ fn figures_path() -> PathBuf {
 /// Computes the chaos figures from the workers' logs, prints them and writes them to
 /// `target/chaos-figures.json`.
 fn report_figures(
+    variant: &str,
     fleet: &Fleet,
     seed: u64,
     chaos_seconds: f64,
@@ -453,6 +463,7 @@ fn report_figures(
     let count = |s: Start| fleet.incarnations.iter().filter(|i| i.start == s).count();
     let restore_lines: u64 = restored_by_source.values().sum();
     let figures = json!({
+        "variant": variant,
         "seed": seed,
         "orders": EXPECTED_ORDERS,
         "worker_processes_started": fleet.incarnations.len(),
@@ -480,7 +491,7 @@ fn report_figures(
         "test_seconds": test_started.elapsed().as_secs_f64(),
         "incarnations": per_incarnation,
     });
-    println!("\n== chaos figures (seed {seed})");
+    println!("\n== chaos figures ({variant}, seed {seed})");
     println!("  kills (SIGKILL)                     {}", fleet.kills);
     println!("  restarts with local state           {}", count(Start::RestartLocal));
     println!("  restarts with sled deleted          {}", count(Start::RestartWiped));
@@ -500,7 +511,7 @@ fn report_figures(
     }
     println!("  ERROR log lines (all workers)       {error_lines}");
     println!("  driver ran {chaos_seconds:.1}s; test {:.1}s", test_started.elapsed().as_secs_f64());
-    let fig_path = figures_path();
+    let fig_path = figures_path(variant);
     if let Some(parent) = fig_path.parent() {
         let _ = fs::create_dir_all(parent);
     }
@@ -537,8 +548,33 @@ fn scale_down(fleet: &mut Fleet, extras: &[usize], t: Duration) -> Vec<(usize, O
     statuses
 }
 
+/// One way to run the chaos test: the broker, the workers' environment, the extra checks.
+struct Variant {
+    /// Names the figures file (`target/chaos-figures-<name>.json`).
+    name: &'static str,
+    broker: BrokerKind,
+    /// Environment of every worker and of the driver.
+    env: &'static [(&'static str, &'static str)],
+}
+
 #[test]
-fn chaos_kills_restarts_and_scaling_keep_every_invariant() {
+fn chaos_on_kafka_exactly_once_classic_protocol() {
+    run_chaos(&Variant { name: "kafka-classic", broker: BrokerKind::Kafka, env: &[("ORDERFLOW_GROUP_PROTOCOL", "classic")] });
+}
+
+#[test]
+fn chaos_on_kafka_exactly_once_consumer_protocol() {
+    run_chaos(&Variant { name: "kafka-consumer", broker: BrokerKind::Kafka, env: &[("ORDERFLOW_GROUP_PROTOCOL", "consumer")] });
+}
+
+/// tansu has no transactions: its profile runs the workers under `effectively_once`, the claim
+/// "effectively-once on any Kafka-compatible broker" rests on this variant.
+#[test]
+fn chaos_on_tansu_effectively_once() {
+    run_chaos(&Variant { name: "tansu", broker: BrokerKind::Tansu, env: &[] });
+}
+
+fn run_chaos(variant: &Variant) {
     let test_started = Instant::now();
     let seed: u64 = std::env::var("CHAOS_SEED")
         .ok()
@@ -557,8 +593,8 @@ fn chaos_kills_restarts_and_scaling_keep_every_invariant() {
 
     // Dropped in reverse order: the fleet (SIGKILL of every child) first, then the run
     // directory, then the broker.
-    let broker = common::Broker::start();
-    let run_dir = RunDir::create("orderflow-chaos-", "ORDERFLOW_KEEP_CHAOS_DIR", "chaos: logs, state and summary");
+    let broker = common::Broker::start_kind(variant.broker);
+    let run_dir = RunDir::create(&format!("orderflow-chaos-{}-", variant.name), "ORDERFLOW_KEEP_CHAOS_DIR", "chaos: logs, state and summary");
     let dir = run_dir.path().to_path_buf();
     let logs = dir.join("logs");
     let state_dir = dir.join("state");
@@ -591,6 +627,7 @@ fn chaos_kills_restarts_and_scaling_keep_every_invariant() {
         kills: 0,
         restarts: 0,
         self_exits: Vec::new(),
+        env: variant.env.to_vec(),
     };
     for (worker, n) in FLEET {
         for i in 0..*n {
@@ -616,6 +653,7 @@ fn chaos_kills_restarts_and_scaling_keep_every_invariant() {
             .arg(&summary_path)
             .env("RUST_BACKTRACE", "0")
             .env("ORDERFLOW_STATE_DIR", dir.join("driver-state"))
+            .envs(variant.env.iter().copied())
             .env_remove("ORDERFLOW_BOOTSTRAP")
             .stdin(Stdio::null())
             .stdout(Stdio::from(File::create(&driver_out).unwrap()))
@@ -638,7 +676,7 @@ fn chaos_kills_restarts_and_scaling_keep_every_invariant() {
         let t = chaos_started.elapsed();
         if t > HARD_CAP {
             driver.kill_and_wait();
-            report_figures(&fleet, seed, t.as_secs_f64(), test_started, &scale_down_statuses);
+            report_figures(variant.name, &fleet, seed, t.as_secs_f64(), test_started, &scale_down_statuses);
             panic!(
                 "the driver did not finish within {}s (seed {seed}, {} kills)\n--- driver stdout:\n{}\n--- driver stderr:\n{}\n{}",
                 HARD_CAP.as_secs(),
@@ -690,7 +728,7 @@ fn chaos_kills_restarts_and_scaling_keep_every_invariant() {
         .collect();
 
     // 5. Figures from the logs.
-    let figures = report_figures(&fleet, seed, chaos_seconds, test_started, &scale_down_statuses);
+    let figures = report_figures(variant.name, &fleet, seed, chaos_seconds, test_started, &scale_down_statuses);
 
     // The driver's view of the run goes into the figures file too (for the closing note).
     let summary: Option<Value> = fs::read(&summary_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
@@ -701,7 +739,7 @@ fn chaos_kills_restarts_and_scaling_keep_every_invariant() {
             "confirm_latency_ms": s["confirm_latency_ms"], "distinct_events_per_topic": s["distinct_events_per_topic"],
             "events_per_topic": s["events_per_topic"], "wall_seconds": s["wall_seconds"],
         });
-        fs::write(figures_path(), serde_json::to_vec_pretty(&figures).unwrap()).expect("write chaos figures");
+        fs::write(figures_path(variant.name), serde_json::to_vec_pretty(&figures).unwrap()).expect("write chaos figures");
     }
 
     // 6. The invariants, from the driver's summary.
@@ -757,6 +795,26 @@ fn chaos_kills_restarts_and_scaling_keep_every_invariant() {
                 "stock answers: {raw}"
             );
         }
+    }
+    if variant.broker == BrokerKind::Kafka {
+        // The test's own reading of every worker output topic.
+        let kafka = common::Kafka::new(&broker.bootstrap);
+        let outputs = common::worker_output_topics();
+        let outputs: Vec<&str> = outputs.iter().map(String::as_str).collect();
+        let report = common::exactly_once_report(&kafka.broker, &kafka.codec, &outputs, 6);
+        let aborted: usize = report.values().map(|r| r.aborted).sum();
+        println!("chaos: output topics at read_committed / read_uncommitted:");
+        for (topic, r) in &report {
+            println!("  {topic:30} committed {:>7}  uncommitted {:>7}  aborted {:>5}", r.committed, r.uncommitted, r.aborted);
+        }
+        let mut figures: Value = serde_json::from_slice(&fs::read(figures_path(variant.name)).unwrap()).unwrap();
+        figures["transactions"] = json!({ "aborted_records": aborted, "per_topic": report });
+        fs::write(figures_path(variant.name), serde_json::to_vec_pretty(&figures).unwrap()).expect("write chaos figures");
+        for (topic, r) in &report {
+            assert!(r.repeated_event_ids.is_empty(), "{topic}: a read_committed reader sees eventIds more than once: {r:?}");
+            assert_eq!(r.undecodable, 0, "{topic}: undecodable records at read_committed: {r:?}");
+        }
+        assert!(aborted > 0, "no aborted records in any output topic: no kill landed mid-transaction ({} kills)", fleet.kills);
     }
     assert!(fleet.kills >= 5, "too few kills to call this chaos: {}", fleet.kills);
     let wiped = fleet.incarnations.iter().filter(|i| i.start == Start::RestartWiped).count();

@@ -1,0 +1,241 @@
+//! Kafka transactions with real processes (issue 11): what `exactly_once` promises, checked on
+//! Apache Kafka, and refused where the broker cannot keep it.
+//!
+//! - `exactly_once_is_refused_on_tansu_and_accepted_on_kafka`: the start-up probe. A deduplicator
+//!   told `exactly_once` on tansu exits non-zero naming the missing transaction APIs; on Kafka the
+//!   same command becomes ready and exports `orderflow_guarantee_info{guarantee="exactly_once"}`.
+//! - `a_frozen_instance_is_fenced_and_none_of_its_records_become_visible`: zombie fencing. A
+//!   deduplicator works through a backlog of `order.created`; it is frozen (SIGSTOP) once this
+//!   test sees, with its own readers, records of an open transaction in `stock.commands` (visible
+//!   at `read_uncommitted`, not at `read_committed`). A second process with the same instance id
+//!   (so the same `transactional.id` and `group.instance.id`) and a state directory of its own
+//!   takes over and forwards everything. The frozen one is then resumed (SIGCONT): it must exit
+//!   non-zero, its log must name the fencing, and at `read_committed` none of the records of its
+//!   open transaction may appear while every order is forwarded exactly once.
+//!
+//! The broker restart mid-transaction is `operability::broker_outage_…`, which runs on Kafka under
+//! `exactly_once` and checks the output topics with the same readers.
+//! `ORDERFLOW_KEEP_TXN_DIR=1` keeps the logs and state (always kept when a test fails).
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{BrokerKind, Guarded, Isolation, RunDir};
+use orderflow_api::events::{OrderCreated, OrderItem};
+use orderflow_api::Event;
+use rdkafka::message::Message;
+use rdkafka::producer::FutureRecord;
+
+const ORDERS_PER_BATCH: usize = 20_000;
+const PARTITIONS: i32 = 6;
+
+/// Sends `signal` (`STOP`, `CONT`, `TERM`) to process `pid` with `kill`.
+fn signal(pid: u32, signal: &str) {
+    let ok = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().expect("run kill").success();
+    assert!(ok, "kill -{signal} {pid} failed");
+}
+
+/// Whether the JSON log at `path` has a line with message `msg`.
+fn logged(path: &Path, msg: &str) -> bool {
+    common::log_lines(path).iter().any(|v| common::message(v) == msg)
+}
+
+/// Waits until the JSON log at `log` says "worker ready"; panics if `child` exits first or 90 s
+/// pass.
+fn wait_ready(child: &mut Guarded, log: &Path) {
+    common::wait_for("\"worker ready\"", log, child, Duration::from_secs(90), Duration::from_millis(100), || {
+        logged(log, "worker ready").then_some(())
+    });
+}
+
+
+/// (partition, offset) of every record of `topic` a reader at `isolation` sees.
+fn positions(kafka: &common::Kafka, topic: &str, isolation: Isolation) -> BTreeSet<(i32, i64)> {
+    common::read_topic_at(&kafka.broker, topic, PARTITIONS, isolation).iter().map(|m| (m.partition(), m.offset())).collect()
+}
+
+#[test]
+fn exactly_once_is_refused_on_tansu_and_accepted_on_kafka() {
+    let run_dir = RunDir::create("orderflow-txn-probe-", "ORDERFLOW_KEEP_TXN_DIR", "transactions: logs and state");
+    let topology = common::repo_root().join("topology.toml");
+
+    // tansu: the probe refuses before the worker produces anything.
+    {
+        let tansu = common::Broker::start_kind(BrokerKind::Tansu);
+        common::create_topics(&topology, &tansu.bootstrap);
+        let log = run_dir.path().join("tansu.log");
+        let port = common::free_port();
+        let child = common::run_command(&topology, &tansu.bootstrap, "probe", port, &run_dir.path().join("tansu-state"), &log)
+            .args(["--worker", "deduplicator"])
+            .env("ORDERFLOW_GUARANTEE", "exactly_once")
+            .spawn()
+            .expect("spawn orderflow run");
+        let mut child = Guarded::new(child, Duration::from_millis(50));
+        let status = child.wait_for(Duration::from_secs(60)).expect("the worker kept running on tansu under exactly_once");
+        assert!(!status.success(), "exactly_once on tansu exited 0");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(text.contains("does not support transactions") && text.contains("EndTxn"), "no clear refusal in the log:\n{text}");
+    }
+
+    // Kafka: the same command becomes ready under exactly_once.
+    let kafka = common::Broker::start_kind(BrokerKind::Kafka);
+    common::create_topics(&topology, &kafka.bootstrap);
+    let log = run_dir.path().join("kafka.log");
+    let port = common::free_port();
+    let child = common::run_command(&topology, &kafka.bootstrap, "probe", port, &run_dir.path().join("kafka-state"), &log)
+        .args(["--worker", "deduplicator"])
+        .env("ORDERFLOW_GUARANTEE", "exactly_once")
+        .spawn()
+        .expect("spawn orderflow run");
+    let mut child = Guarded::new(child, Duration::from_millis(50));
+    wait_ready(&mut child, &log);
+    let info = common::metric(port, "orderflow_guarantee_info", &[("worker", "deduplicator"), ("guarantee", "exactly_once")]);
+    assert_eq!(info, 1.0, "orderflow_guarantee_info does not say exactly_once");
+    let (status, _) = child.terminate(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "the worker did not exit 0 on SIGTERM: {status:?}");
+}
+
+#[test]
+fn a_frozen_instance_is_fenced_and_none_of_its_records_become_visible() {
+    let broker = common::Broker::start_kind(BrokerKind::Kafka);
+    let run_dir = RunDir::create("orderflow-txn-fence-", "ORDERFLOW_KEEP_TXN_DIR", "transactions: logs and state");
+    let dir = run_dir.path();
+    let topology = common::repo_root().join("topology.toml");
+    common::create_topics(&topology, &broker.bootstrap);
+    let kafka = common::Kafka::new(&broker.bootstrap);
+
+    let zombie_log = dir.join("zombie.log");
+    let zombie_port = common::free_port();
+    let child = common::run_command(&topology, &broker.bootstrap, "z", zombie_port, &dir.join("zombie-state"), &zombie_log)
+        .args(["--worker", "deduplicator"])
+        .spawn()
+        .expect("spawn the first instance");
+    let mut zombie = Guarded::new(child, Duration::from_millis(50));
+    wait_ready(&mut zombie, &zombie_log);
+
+    // Feed a backlog and freeze the instance while a transaction of its is open with records in
+    // it: seen by this test as records a read_uncommitted reader has and a read_committed one
+    // does not (nothing has been aborted yet, so the difference is the open transaction).
+    let mut produced: Vec<String> = Vec::new();
+    let mut open_txn: BTreeSet<(i32, i64)> = BTreeSet::new();
+    for batch in 0..8 {
+        let before = produced.len() as f64;
+        produced.extend(produce_orders(&kafka, batch, ORDERS_PER_BATCH));
+        // Freeze it while it works through this batch (its consumed counter, scraped in ms).
+        let started = Instant::now();
+        loop {
+            let consumed = common::metric(zombie_port, "orderflow_events_consumed_total", &[("worker", "deduplicator")]);
+            if consumed > before + (ORDERS_PER_BATCH / 10) as f64 || consumed >= produced.len() as f64 {
+                break;
+            }
+            assert!(zombie.try_wait().is_none(), "the first instance exited:\n{}", common::tail(&zombie_log, 20));
+            assert!(started.elapsed() < Duration::from_secs(60), "the first instance consumes nothing");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The counter moves when a unit commits; the next unit's outputs follow within tens of
+        // milliseconds: freeze at a different point of it on each attempt.
+        std::thread::sleep(Duration::from_millis(10 + 20 * (batch as u64 % 5)));
+        signal(zombie.pid(), "STOP");
+        std::thread::sleep(Duration::from_millis(500));
+        let committed = positions(&kafka, "stock.commands", Isolation::ReadCommitted);
+        let uncommitted = positions(&kafka, "stock.commands", Isolation::ReadUncommitted);
+        open_txn = uncommitted.difference(&committed).copied().collect();
+        println!("fencing: attempt {batch}: stock.commands committed {} uncommitted {}", committed.len(), uncommitted.len());
+        if !open_txn.is_empty() {
+            break;
+        }
+        signal(zombie.pid(), "CONT");
+    }
+    assert!(!open_txn.is_empty(), "never froze the first instance inside an open transaction with records");
+    println!("fencing: froze pid {} with {} records of an open transaction in stock.commands", zombie.pid(), open_txn.len());
+
+    // The replacement: same instance id (transactional.id, group.instance.id), its own disk.
+    let log = dir.join("replacement.log");
+    let port = common::free_port();
+    let child = common::run_command(&topology, &broker.bootstrap, "z", port, &dir.join("replacement-state"), &log)
+        .args(["--worker", "deduplicator"])
+        .spawn()
+        .expect("spawn the replacement");
+    let mut replacement = Guarded::new(child, Duration::from_millis(50));
+    wait_ready(&mut replacement, &log);
+    let expected: BTreeSet<String> = produced.iter().cloned().collect();
+    let started = Instant::now();
+    loop {
+        let n = common::read_topic(&kafka.broker, "stock.commands", PARTITIONS).len();
+        if n >= expected.len() {
+            break;
+        }
+        assert!(replacement.try_wait().is_none(), "the replacement exited:\n{}", common::tail(&log, 20));
+        assert!(started.elapsed() < Duration::from_secs(120), "the replacement forwarded {n} of {} orders", expected.len());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // The zombie wakes up: its transaction was aborted by the replacement's InitProducerId, so
+    // whatever it does next is fenced.
+    signal(zombie.pid(), "CONT");
+    let status = zombie.wait_for(Duration::from_secs(60));
+    let zombie_text = std::fs::read_to_string(&zombie_log).unwrap_or_default();
+    let status = status.unwrap_or_else(|| panic!("the fenced instance did not exit within 60 s:\n{}", common::tail(&zombie_log, 20)));
+    assert!(!status.success(), "the fenced instance exited 0:\n{}", common::tail(&zombie_log, 20));
+    let lower = zombie_text.to_ascii_lowercase();
+    assert!(lower.contains("fenc"), "the fenced instance's log does not name the fencing:\n{}", common::tail(&zombie_log, 20));
+
+    // At read_committed: none of the zombie's records, every order exactly once.
+    let committed = common::read_topic(&kafka.broker, "stock.commands", PARTITIONS);
+    let visible: BTreeSet<(i32, i64)> = committed.iter().map(|m| (m.partition(), m.offset())).collect();
+    let leaked: Vec<_> = open_txn.intersection(&visible).collect();
+    assert!(leaked.is_empty(), "records of the fenced transaction are visible at read_committed: {leaked:?}");
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for m in &committed {
+        let e = kafka.codec.decode_local(m.payload().expect("a payload")).expect("decodes");
+        *counts.entry(e.event_id().to_string()).or_default() += 1;
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(10).collect();
+    assert!(twice.is_empty(), "eventIds forwarded more than once: {twice:?}");
+    let seen: BTreeSet<String> = counts.into_keys().collect();
+    let missing: Vec<_> = expected.difference(&seen).take(10).collect();
+    assert!(missing.is_empty(), "orders never forwarded: {missing:?}");
+    println!(
+        "fencing: the zombie exited ({status}); {} orders forwarded once each; {} records of its transaction stayed invisible",
+        expected.len(),
+        open_txn.len()
+    );
+    let (status, _) = replacement.terminate(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "the replacement did not exit 0 on SIGTERM: {status:?}");
+}
+
+/// Produces `n` `order.created` events (orderId `O-TXN-<batch>-<i>`, one line of
+/// `P-TXN` × 1) and waits for every acknowledgement. Returns their eventIds.
+fn produce_orders(kafka: &common::Kafka, batch: usize, n: usize) -> Vec<String> {
+    let now = common::now_ms();
+    let mut ids = Vec::with_capacity(n);
+    kafka.rt.block_on(async {
+        let mut acks = Vec::with_capacity(n);
+        for i in 0..n {
+            let order_id = format!("O-TXN-{batch}-{i}");
+            let event_id = format!("txn-{batch}-{i}");
+            let event: Event = OrderCreated {
+                event_id: event_id.clone(),
+                occurred_at: now,
+                order_id: order_id.clone(),
+                customer_id: "C-TXN".into(),
+                hq_id: "HQ-TXN".into(),
+                store_id: format!("ST-TXN-{}", i % 12),
+                items: vec![OrderItem { product_id: "P-TXN".into(), quantity: 1, unit_price: 1_000 }],
+            }
+            .into();
+            let payload = kafka.codec.encode_local(&event).expect("encode");
+            let record = FutureRecord::to("order.created").key(&order_id).payload(&payload);
+            acks.push(kafka.producer.send_result(record).expect("queue a record"));
+            ids.push(event_id);
+        }
+        for ack in acks {
+            ack.await.expect("delivery").expect("acknowledged");
+        }
+    });
+    ids
+}
