@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Runs the orderflow demo end to end against a fresh local broker.
+# Runs the orderflow demo (the main job) end to end against a fresh local broker.
 #
 #   scripts/demo.sh [ARGS...]
 #
-# Installs the tools if missing (scripts/install-tools.sh), builds the release binary
-# (cargo build --release -p orderflow), starts a fresh SQLite-backed tansu broker in
-# .broker/demo, and runs
+# Installs the broker if missing (Apache Kafka from Maven Central, ~10 s; with
+# ORDERFLOW_BROKER=tansu, tansu from crates.io, ~9 min), builds the release binary
+# (cargo build --release -p orderflow), starts a fresh broker in .broker/demo (Kafka: workers
+# under exactly_once; tansu: its topology profile, effectively_once), and runs
 #   target/release/orderflow demo --bootstrap 127.0.0.1:PORT --topology topology.toml [ARGS...]
 # from the repository root. The broker is stopped on exit unless ORDERFLOW_DEMO_KEEP_BROKER=1
 # (then stop it with `ORDERFLOW_BROKER_DIR=.broker/demo scripts/broker.sh stop`).
@@ -19,8 +20,14 @@ cd "$ROOT"
 
 say() { echo "demo.sh: $*" >&2; }
 
-# Install tansu now if it is missing, before the long build (broker.sh knows where it goes).
+BROKER_KIND="${ORDERFLOW_BROKER:-kafka}"
+export ORDERFLOW_BROKER="$BROKER_KIND"
+# Install the broker now if it is missing, before the long build (broker.sh knows where it goes).
 "$ROOT/scripts/broker.sh" install
+if [ "$BROKER_KIND" = tansu ]; then
+  # The per-broker settings of topology.toml's [profiles.tansu] (no transactions).
+  export ORDERFLOW_PROFILE=tansu
+fi
 
 say "building: cargo build --release -p orderflow"
 cargo build --release -p orderflow
@@ -45,8 +52,8 @@ cleanup() {
 "$BROKER" stop >/dev/null 2>&1 || true
 trap cleanup EXIT
 
-bootstrap="$(env -u ORDERFLOW_BROKER_KEEP ORDERFLOW_BROKER_ENGINE=sqlite "$BROKER" start | tail -n 1)"
-say "broker at $bootstrap (log $ORDERFLOW_BROKER_DIR/tansu.log)"
+bootstrap="$(env -u ORDERFLOW_BROKER_KEEP "$BROKER" start | tail -n 1)"
+say "$BROKER_KIND at $bootstrap (log $ORDERFLOW_BROKER_DIR/broker.log)"
 
 set +e
 "$BIN" demo --bootstrap "$bootstrap" --topology topology.toml "$@"

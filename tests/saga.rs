@@ -10,7 +10,18 @@ use serde_json::Value;
 
 #[test]
 fn saga_on_tpch_orders_and_seed_scenarios_keeps_every_invariant() {
-    let broker = common::Broker::start();
+    run_saga(common::BrokerKind::from_env());
+}
+
+/// The same run on tansu, under its profile (`effectively_once`): the whole saga on the
+/// transaction-less path, whatever broker the rest of the suite runs on.
+#[test]
+fn saga_on_tansu_effectively_once_keeps_every_invariant() {
+    run_saga(common::BrokerKind::Tansu);
+}
+
+fn run_saga(kind: common::BrokerKind) {
+    let broker = common::Broker::start_kind(kind);
     let summary_path = broker.dir().join("summary.json");
     let out = Command::new(common::orderflow_bin())
         .current_dir(common::repo_root())

@@ -389,8 +389,10 @@ fn no_stock_answer_cancels_with_saga_timeout_and_the_late_reservation_is_release
 
     // 2. An order nobody answers: SAGA_TIMEOUT, not before the 3 s answer timeout.
     let order = "O-NO-ANSWER";
-    let produced = client.order(order, 4);
+    // Taken before the send: the saga clock starts at the order's occurredAt (set inside
+    // `order`), and the acknowledgement the send waits for would shorten the measured wait.
     let produced_at = Instant::now();
+    let produced = client.order(order, 4);
     let c = observer.wait_for(&run, "order.cancelled", ANSWER_TIMEOUT + SLACK, "cancellation", for_order(order));
     let cancel = cancelled(&c.event).clone();
     let waited = c.at.duration_since(produced_at);
@@ -465,8 +467,10 @@ fn an_order_still_open_at_the_saga_bound_is_cancelled_and_its_stock_released() {
 
     // Reserved and confirmed, then POS never answers; the TTL (60 s) is past the bound (8 s).
     let order = "O-UNPAID";
-    let produced = client.order(order, 3);
+    // Taken before the send: the saga clock starts at the order's occurredAt (set inside
+    // `order`), and the acknowledgement the send waits for would shorten the measured wait.
     let produced_at = Instant::now();
+    let produced = client.order(order, 3);
     let r = observer.wait_for(&run, "stock.reserved", STEP_WITHIN, "the reservation", for_order(order));
     let res = reserved(&r.event).clone();
     observer.wait_for(&run, "order.confirmed", STEP_WITHIN, "the confirmation", for_order(order));

@@ -276,11 +276,27 @@ impl ClientContext for WorkerContext {
         self.metrics.broker_connected.with_label_values(&[self.worker.as_str()]).set(i64::from(up));
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    self.metrics.lag.with_label_values(&[self.worker.as_str(), topic, &partition.to_string()]).set(p.consumer_lag);
+                if let Some(lag) = partition_lag(p).filter(|_| *partition >= 0) {
+                    self.metrics.lag.with_label_values(&[self.worker.as_str(), topic, &partition.to_string()]).set(lag);
                 }
             }
         }
+    }
+}
+
+/// Consumer lag of one partition from a statistics report, in records: the partition's end (the
+/// last stable offset, `ls_offset`, which is what a `read_committed` consumer can reach; the high
+/// watermark when there is none) minus the next offset handed to the worker (`app_offset`).
+/// librdkafka's own `consumer_lag` counts from the offset *it* committed, which offsets
+/// committed inside a transaction (`exactly_once`) never update: it would be -1 for a new group
+/// and stale after a restart (seen on Kafka 4.1). Falls back to `consumer_lag` before the first
+/// record is fetched; None when neither is known.
+fn partition_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    let end = if p.ls_offset >= 0 { p.ls_offset } else { p.hi_offset };
+    if end >= 0 && p.app_offset >= 0 {
+        Some((end - p.app_offset).max(0))
+    } else {
+        (p.consumer_lag >= 0).then_some(p.consumer_lag)
     }
 }
 
