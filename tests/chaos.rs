@@ -1,5 +1,5 @@
 //! Chaos: the whole topology as separate OS processes (several instances per consumer group, 6
-//! partitions per input) on 5,000 TPC-H orders plus the two seed 000 scenarios, while a random
+//! partitions per input) on TPC-H orders (10,000 at 150/s on Kafka, 5,000 at once on tansu) plus the two seed 000 scenarios, while a random
 //! worker process is SIGKILLed every ~4 s (one that is up and processing) and restarted with the same instance id (its sled
 //! directory deleted on every third restart), and the order confirmer is scaled from 1 to 3
 //! processes and back. The driver (`orderflow demo --external-workers`) produces the input,
@@ -34,9 +34,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::{sigterm, tail, unix_secs, BrokerKind, Guarded, RunDir};
 use serde_json::{json, Value};
 
-const ORDERS: u64 = 5_000;
-/// TPC-H orders plus the two seed 000 scenarios.
-const EXPECTED_ORDERS: u64 = ORDERS + 2;
+/// The two seed 000 scenarios the driver adds to the TPC-H orders.
+const SEED_ORDERS: u64 = 2;
 const TTL: &str = "20s";
 const KILL_EVERY: Duration = Duration::from_secs(4);
 const SCALE_UP_AT: Duration = Duration::from_secs(10);
@@ -412,8 +411,10 @@ fn figures_path(variant: &str) -> PathBuf {
 
 /// Computes the chaos figures from the workers' logs, prints them and writes them to
 /// `target/chaos-figures.json`.
+#[allow(clippy::too_many_arguments)]
 fn report_figures(
     variant: &str,
+    expected_orders: u64,
     fleet: &Fleet,
     seed: u64,
     chaos_seconds: f64,
@@ -465,7 +466,7 @@ fn report_figures(
     let figures = json!({
         "variant": variant,
         "seed": seed,
-        "orders": EXPECTED_ORDERS,
+        "orders": expected_orders,
         "worker_processes_started": fleet.incarnations.len(),
         "kills": fleet.kills,
         "restarts_with_local_state": count(Start::RestartLocal),
@@ -555,27 +556,50 @@ struct Variant {
     broker: BrokerKind,
     /// Environment of every worker and of the driver.
     env: &'static [(&'static str, &'static str)],
+    /// TPC-H orders the driver offers (plus the two seed scenarios).
+    orders: u64,
+    /// Orders per second the driver offers (0: as fast as it can).
+    rate: u32,
 }
+
+/// On Kafka the pipeline takes 5,000 orders offered at once in a few seconds, before the kill
+/// schedule has started: offered at 150 orders/s, 10,000 orders keep every worker busy for
+/// about 70 s, so kills land while units (transactions) are in flight.
+const KAFKA_ORDERS: u64 = 10_000;
+const KAFKA_RATE: u32 = 150;
 
 #[test]
 fn chaos_on_kafka_exactly_once_classic_protocol() {
-    run_chaos(&Variant { name: "kafka-classic", broker: BrokerKind::Kafka, env: &[("ORDERFLOW_GROUP_PROTOCOL", "classic")] });
+    run_chaos(&Variant {
+        name: "kafka-classic",
+        broker: BrokerKind::Kafka,
+        env: &[("ORDERFLOW_GROUP_PROTOCOL", "classic")],
+        orders: KAFKA_ORDERS,
+        rate: KAFKA_RATE,
+    });
 }
 
 #[test]
 fn chaos_on_kafka_exactly_once_consumer_protocol() {
-    run_chaos(&Variant { name: "kafka-consumer", broker: BrokerKind::Kafka, env: &[("ORDERFLOW_GROUP_PROTOCOL", "consumer")] });
+    run_chaos(&Variant {
+        name: "kafka-consumer",
+        broker: BrokerKind::Kafka,
+        env: &[("ORDERFLOW_GROUP_PROTOCOL", "consumer")],
+        orders: KAFKA_ORDERS,
+        rate: KAFKA_RATE,
+    });
 }
 
 /// tansu has no transactions: its profile runs the workers under `effectively_once`, the claim
 /// "effectively-once on any Kafka-compatible broker" rests on this variant.
 #[test]
 fn chaos_on_tansu_effectively_once() {
-    run_chaos(&Variant { name: "tansu", broker: BrokerKind::Tansu, env: &[] });
+    run_chaos(&Variant { name: "tansu", broker: BrokerKind::Tansu, env: &[], orders: 5_000, rate: 0 });
 }
 
 fn run_chaos(variant: &Variant) {
     let test_started = Instant::now();
+    let expected_orders = variant.orders + SEED_ORDERS;
     let seed: u64 = std::env::var("CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -646,7 +670,8 @@ fn run_chaos(variant: &Variant) {
             .args(["demo", "--external-workers", "--topology"])
             .arg(&topology)
             .args(["--bootstrap", &broker.bootstrap])
-            .args(["--orders", &ORDERS.to_string(), "--stock-scale", "0.07", "--ttl", TTL, "--settle-timeout", "240s"])
+            .args(["--orders", &variant.orders.to_string(), "--stock-scale", "0.07", "--ttl", TTL, "--settle-timeout", "240s"])
+            .args(["--rate", &variant.rate.to_string()])
             .arg("--state-dir")
             .arg(dir.join("driver-state"))
             .arg("--json")
@@ -676,7 +701,7 @@ fn run_chaos(variant: &Variant) {
         let t = chaos_started.elapsed();
         if t > HARD_CAP {
             driver.kill_and_wait();
-            report_figures(variant.name, &fleet, seed, t.as_secs_f64(), test_started, &scale_down_statuses);
+            report_figures(variant.name, expected_orders, &fleet, seed, t.as_secs_f64(), test_started, &scale_down_statuses);
             panic!(
                 "the driver did not finish within {}s (seed {seed}, {} kills)\n--- driver stdout:\n{}\n--- driver stderr:\n{}\n{}",
                 HARD_CAP.as_secs(),
@@ -728,7 +753,7 @@ fn run_chaos(variant: &Variant) {
         .collect();
 
     // 5. Figures from the logs.
-    let figures = report_figures(variant.name, &fleet, seed, chaos_seconds, test_started, &scale_down_statuses);
+    let figures = report_figures(variant.name, expected_orders, &fleet, seed, chaos_seconds, test_started, &scale_down_statuses);
 
     // The driver's view of the run goes into the figures file too (for the closing note).
     let summary: Option<Value> = fs::read(&summary_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
@@ -753,7 +778,7 @@ fn run_chaos(variant: &Variant) {
     );
     assert!(unclean.is_empty(), "workers did not exit 0 within {}s of SIGTERM: {unclean:?}", CLEAN_EXIT_WITHIN.as_secs());
     let s = summary.expect("the driver wrote a JSON summary");
-    common::assert_summary_invariants(&s, EXPECTED_ORDERS);
+    common::assert_summary_invariants(&s, expected_orders);
     assert_eq!(s["seed_scenarios"].as_array().expect("seed_scenarios").len(), 2, "seed scenarios");
     let outcome = |k: &str| common::outcome(&s, k);
     let raw = &s["events_per_topic"];
@@ -764,11 +789,11 @@ fn run_chaos(variant: &Variant) {
             let n = |t: &str| d.get(t).and_then(Value::as_u64);
             let get = |t: &str| n(t).unwrap_or_else(|| panic!("distinct_events_per_topic has no {t}: {d:?}"));
             if let Some(created) = n("order.created") {
-                assert_eq!(created, EXPECTED_ORDERS, "distinct order.created");
+                assert_eq!(created, expected_orders, "distinct order.created");
             }
             assert_eq!(
                 get("stock.reserved") + get("stock.reservation.failed"),
-                EXPECTED_ORDERS,
+                expected_orders,
                 "one stock answer per order (distinct stock.reserved + stock.reservation.failed)"
             );
             assert_eq!(
@@ -789,9 +814,9 @@ fn run_chaos(variant: &Variant) {
         }
         None => {
             println!("chaos: the summary has no distinct_events_per_topic; checking raw record counts only");
-            assert!(raw["order.created"].as_u64().unwrap_or(0) >= EXPECTED_ORDERS, "order.created records: {raw}");
+            assert!(raw["order.created"].as_u64().unwrap_or(0) >= expected_orders, "order.created records: {raw}");
             assert!(
-                raw["stock.reserved"].as_u64().unwrap_or(0) + raw["stock.reservation.failed"].as_u64().unwrap_or(0) >= EXPECTED_ORDERS,
+                raw["stock.reserved"].as_u64().unwrap_or(0) + raw["stock.reservation.failed"].as_u64().unwrap_or(0) >= expected_orders,
                 "stock answers: {raw}"
             );
         }

@@ -203,10 +203,10 @@ impl Health {
 
 /// Holds a restore consumer and closes it on a blocking thread when dropped: closing a
 /// librdkafka client blocks (~0.1 s), which must not stall the async worker threads.
-struct CloseOffThread(Option<Arc<BaseConsumer>>);
+struct CloseOffThread(Option<Arc<changelog::RestoreConsumer>>);
 
 impl CloseOffThread {
-    fn consumer(&self) -> Arc<BaseConsumer> {
+    fn consumer(&self) -> Arc<changelog::RestoreConsumer> {
         self.0.clone().expect("held until dropped")
     }
 }
