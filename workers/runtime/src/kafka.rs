@@ -98,14 +98,22 @@ pub fn client_config(broker: &BrokerConfig, side: Side) -> ClientConfig {
 /// librdkafka refuses a consumer that sets them with `group.protocol=consumer`.
 pub const CLASSIC_ONLY_PROPERTIES: [&str; 3] = ["session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy"];
 
-/// Sets `group.protocol` on a group member's configuration; for
-/// [`GroupProtocol::Consumer`] also removes [`CLASSIC_ONLY_PROPERTIES`], so one topology serves
-/// both protocols (its session and heartbeat settings apply to the classic protocol only).
+/// Sets `group.protocol` on a group member's configuration. For [`GroupProtocol::Consumer`]
+/// also removes [`CLASSIC_ONLY_PROPERTIES`], so one topology serves both protocols (its session
+/// and heartbeat settings apply to the classic protocol only), and asks the broker for the
+/// `range` assignor (`group.remote.assignor`) unless the topology names one: a worker's state
+/// is kept per partition number across its co-partitioned inputs, so partition p of every input
+/// must go to the same member. The broker's default, `uniform`, does not keep that (seen on
+/// Kafka 4.1: a member got `stock.reserved[2]` without `order.cancelled[2]`); the classic
+/// protocol's client-side `range` assignor does, as does the broker-side one.
 pub fn set_group_protocol(config: &mut ClientConfig, protocol: GroupProtocol) {
     config.set("group.protocol", protocol.as_str());
     if protocol == GroupProtocol::Consumer {
         for k in CLASSIC_ONLY_PROPERTIES {
             config.remove(k);
+        }
+        if config.get("group.remote.assignor").is_none() {
+            config.set("group.remote.assignor", "range");
         }
     }
 }

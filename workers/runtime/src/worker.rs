@@ -39,6 +39,9 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
@@ -105,6 +108,10 @@ pub struct Worker {
     outputs: BTreeMap<String, String>,
     inputs: Vec<String>,
     consumer: StreamConsumer<WorkerContext>,
+    /// What `consumer` was created from (a new one replaces it after a refused join).
+    consumer_config: ClientConfig,
+    /// Consecutive joins the group refused with `UNRELEASED_INSTANCE_ID` (backoff factor).
+    refused_joins: u32,
     producer: FutureProducer,
     /// The transactional producer under `exactly_once` (then `producer` is its inner producer).
     txn: Option<TxnProducer>,
@@ -284,6 +291,23 @@ impl ClientContext for WorkerContext {
     }
 }
 
+/// A consumer from `config` with a fresh [`WorkerContext`], subscribed to `inputs`.
+///
+/// Errors: librdkafka refusing the configuration or the subscription.
+fn subscribed_consumer(
+    config: &ClientConfig,
+    worker: &str,
+    metrics: &Metrics,
+    health: &Arc<Health>,
+    inputs: &[String],
+) -> Result<StreamConsumer<WorkerContext>, KafkaError> {
+    let context = WorkerContext { events: Mutex::new(Vec::new()), worker: worker.to_string(), metrics: metrics.clone(), health: health.clone() };
+    let consumer: StreamConsumer<WorkerContext> = config.create_with_context(context)?;
+    let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    consumer.subscribe(&inputs)?;
+    Ok(consumer)
+}
+
 /// Consumer lag of one partition from a statistics report, in records: the partition's end (the
 /// last stable offset, `ls_offset`, which is what a `read_committed` consumer can reach; the high
 /// watermark when there is none) minus the next offset handed to the worker (`app_offset`).
@@ -419,15 +443,7 @@ impl Worker {
             consumer_config.set("statistics.interval.ms", "1000");
         }
         let health = Arc::new(Health::new(setup.ready.clone()));
-        let context = WorkerContext {
-            events: Mutex::new(Vec::new()),
-            worker: setup.name.clone(),
-            metrics: setup.metrics.clone(),
-            health: health.clone(),
-        };
-        let consumer: StreamConsumer<WorkerContext> = consumer_config.create_with_context(context)?;
-        let inputs: Vec<&str> = spec.inputs.iter().map(String::as_str).collect();
-        consumer.subscribe(&inputs)?;
+        let consumer = subscribed_consumer(&consumer_config, &setup.name, &setup.metrics, &health, &spec.inputs)?;
         let mut producer_config = client_config(&t.broker, Side::Producer);
         producer_config.set("client.id", format!("{}-{}", setup.name, setup.instance));
         let (producer, txn) = if guarantee == Guarantee::ExactlyOnce {
@@ -452,6 +468,8 @@ impl Worker {
             outputs: spec.outputs.clone(),
             inputs: spec.inputs.clone(),
             consumer,
+            consumer_config,
+            refused_joins: 0,
             producer,
             txn,
             broker: t.broker.clone(),
@@ -496,6 +514,7 @@ impl Worker {
             }
             let deadline = tokio::time::Instant::now() + self.commit_interval;
             let mut batch = Vec::new();
+            let mut consumer_error = None;
             while batch.len() < self.max_batch && !self.consumer.context().has_events() {
                 if !batch.is_empty() {
                     // The unit closes as soon as no further record is already fetched: at low
@@ -508,7 +527,7 @@ impl Worker {
                             continue;
                         }
                         Some(Err(e)) => {
-                            warn!(worker = %self.name, error = %e, "consumer error");
+                            consumer_error = Some(e);
                             break;
                         }
                         None => break,
@@ -518,13 +537,16 @@ impl Worker {
                     msg = self.consumer.recv() => match msg {
                         Ok(m) => batch.push(m.detach()),
                         Err(e) => {
-                            warn!(worker = %self.name, error = %e, "consumer error");
+                            consumer_error = Some(e);
                             break;
                         }
                     },
                     _ = tokio::time::sleep_until(deadline) => break,
                     _ = shutdown.changed() => break,
                 }
+            }
+            if let Some(e) = consumer_error {
+                self.on_consumer_error(e).await?;
             }
             let abandoned = self.rebalance().await?;
             self.rejoin_if_stuck()?;
@@ -669,6 +691,43 @@ impl Worker {
             self.revoked_since = Some(Instant::now());
         }
         Ok(())
+    }
+
+    /// Handles an error the consumer returned instead of a record. Most are transient (librdkafka
+    /// retries them itself) and only logged. A fatal one leaves the consumer unusable:
+    /// `UNRELEASED_INSTANCE_ID` is what the KIP-848 consumer protocol answers a static member
+    /// (`group.instance.id`) whose previous incarnation is still in the group, i.e. a pod
+    /// restarted after a SIGKILL before the broker expired the dead member's session
+    /// (`group.consumer.session.timeout.ms`). It is waited out: a new consumer joins again after
+    /// 1 s, 2 s, … (at most 5 s) while the instance owns no partition, counted in
+    /// `orderflow_retries_total{cause="rejoin"}`. Any other fatal error stops the instance.
+    ///
+    /// Errors: [`WorkerError::Kafka`] for a fatal consumer error other than the refused join, or
+    /// when a new consumer cannot be created.
+    async fn on_consumer_error(&mut self, e: KafkaError) -> Result<(), WorkerError> {
+        match e {
+            KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::UnreleasedInstanceId) if self.owned.is_empty() => {
+                self.refused_joins += 1;
+                let wait = Duration::from_secs(u64::from(self.refused_joins.min(5)));
+                warn!(
+                    worker = %self.name,
+                    wait_s = wait.as_secs(),
+                    "the group still holds this instance id (the previous incarnation's session has not expired); joining again"
+                );
+                self.metrics.retries.with_label_values(&[self.name.as_str(), "rejoin"]).inc();
+                tokio::time::sleep(wait).await;
+                self.consumer = subscribed_consumer(&self.consumer_config, &self.name, &self.metrics, &self.health, &self.inputs)?;
+                Ok(())
+            }
+            KafkaError::MessageConsumptionFatal(_) => {
+                error!(worker = %self.name, error = %e, "fatal consumer error; stopping this instance");
+                Err(WorkerError::Kafka(e))
+            }
+            e => {
+                warn!(worker = %self.name, error = %e, "consumer error");
+                Ok(())
+            }
+        }
     }
 
     /// Seeks paused partitions, retrying while librdkafka is still setting up their fetchers.
