@@ -14,7 +14,7 @@ demo *ARGS:
 test *ARGS:
     scripts/test.sh "$@"
 
-# start a local broker in .broker (ORDERFLOW_BROKER_PORT / _ENGINE / _KEEP apply)
+# start a local broker in .broker: Kafka, or tansu with ORDERFLOW_BROKER=tansu (ORDERFLOW_BROKER_PORT / _KEEP apply)
 broker-start:
     scripts/broker.sh start
 

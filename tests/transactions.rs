@@ -58,6 +58,21 @@ fn positions(kafka: &common::Kafka, topic: &str, isolation: Isolation) -> BTreeS
     common::read_topic_at(&kafka.broker, topic, PARTITIONS, isolation).iter().map(|m| (m.partition(), m.offset())).collect()
 }
 
+/// `orderflow run --worker deduplicator` as instance `instance` against `bootstrap`, with its
+/// state in `dir/<name>-state`, its JSON log in `dir/<name>.log`, `env` added: the guarded child,
+/// its log and its metrics port.
+fn spawn_deduplicator(bootstrap: &str, dir: &Path, name: &str, instance: &str, env: &[(&str, &str)]) -> (Guarded, std::path::PathBuf, u16) {
+    let topology = common::repo_root().join("topology.toml");
+    let log = dir.join(format!("{name}.log"));
+    let port = common::free_port();
+    let child = common::run_command(&topology, bootstrap, instance, port, &dir.join(format!("{name}-state")), &log)
+        .args(["--worker", "deduplicator"])
+        .envs(env.iter().copied())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn orderflow run ({name}): {e}"));
+    (Guarded::new(child, Duration::from_millis(50)), log, port)
+}
+
 #[test]
 fn exactly_once_is_refused_on_tansu_and_accepted_on_kafka() {
     let run_dir = RunDir::create("orderflow-txn-probe-", "ORDERFLOW_KEEP_TXN_DIR", "transactions: logs and state");
@@ -67,14 +82,7 @@ fn exactly_once_is_refused_on_tansu_and_accepted_on_kafka() {
     {
         let tansu = common::Broker::start_kind(BrokerKind::Tansu);
         common::create_topics(&topology, &tansu.bootstrap);
-        let log = run_dir.path().join("tansu.log");
-        let port = common::free_port();
-        let child = common::run_command(&topology, &tansu.bootstrap, "probe", port, &run_dir.path().join("tansu-state"), &log)
-            .args(["--worker", "deduplicator"])
-            .env("ORDERFLOW_GUARANTEE", "exactly_once")
-            .spawn()
-            .expect("spawn orderflow run");
-        let mut child = Guarded::new(child, Duration::from_millis(50));
+        let (mut child, log, _) = spawn_deduplicator(&tansu.bootstrap, run_dir.path(), "tansu", "probe", &[("ORDERFLOW_GUARANTEE", "exactly_once")]);
         let status = child.wait_for(Duration::from_secs(60)).expect("the worker kept running on tansu under exactly_once");
         assert!(!status.success(), "exactly_once on tansu exited 0");
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -84,14 +92,7 @@ fn exactly_once_is_refused_on_tansu_and_accepted_on_kafka() {
     // Kafka: the same command becomes ready under exactly_once.
     let kafka = common::Broker::start_kind(BrokerKind::Kafka);
     common::create_topics(&topology, &kafka.bootstrap);
-    let log = run_dir.path().join("kafka.log");
-    let port = common::free_port();
-    let child = common::run_command(&topology, &kafka.bootstrap, "probe", port, &run_dir.path().join("kafka-state"), &log)
-        .args(["--worker", "deduplicator"])
-        .env("ORDERFLOW_GUARANTEE", "exactly_once")
-        .spawn()
-        .expect("spawn orderflow run");
-    let mut child = Guarded::new(child, Duration::from_millis(50));
+    let (mut child, log, port) = spawn_deduplicator(&kafka.bootstrap, run_dir.path(), "kafka", "probe", &[("ORDERFLOW_GUARANTEE", "exactly_once")]);
     wait_ready(&mut child, &log);
     let info = common::metric(port, "orderflow_guarantee_info", &[("worker", "deduplicator"), ("guarantee", "exactly_once")]);
     assert_eq!(info, 1.0, "orderflow_guarantee_info does not say exactly_once");
@@ -108,13 +109,7 @@ fn a_frozen_instance_is_fenced_and_none_of_its_records_become_visible() {
     common::create_topics(&topology, &broker.bootstrap);
     let kafka = common::Kafka::new(&broker.bootstrap);
 
-    let zombie_log = dir.join("zombie.log");
-    let zombie_port = common::free_port();
-    let child = common::run_command(&topology, &broker.bootstrap, "z", zombie_port, &dir.join("zombie-state"), &zombie_log)
-        .args(["--worker", "deduplicator"])
-        .spawn()
-        .expect("spawn the first instance");
-    let mut zombie = Guarded::new(child, Duration::from_millis(50));
+    let (mut zombie, zombie_log, zombie_port) = spawn_deduplicator(&broker.bootstrap, dir, "zombie", "z", &[]);
     wait_ready(&mut zombie, &zombie_log);
 
     // Feed a backlog and freeze the instance while a transaction of its is open with records in
@@ -154,13 +149,7 @@ fn a_frozen_instance_is_fenced_and_none_of_its_records_become_visible() {
     println!("fencing: froze pid {} with {} records of an open transaction in stock.commands", zombie.pid(), open_txn.len());
 
     // The replacement: same instance id (transactional.id, group.instance.id), its own disk.
-    let log = dir.join("replacement.log");
-    let port = common::free_port();
-    let child = common::run_command(&topology, &broker.bootstrap, "z", port, &dir.join("replacement-state"), &log)
-        .args(["--worker", "deduplicator"])
-        .spawn()
-        .expect("spawn the replacement");
-    let mut replacement = Guarded::new(child, Duration::from_millis(50));
+    let (mut replacement, log, _) = spawn_deduplicator(&broker.bootstrap, dir, "replacement", "z", &[]);
     wait_ready(&mut replacement, &log);
     let expected: BTreeSet<String> = produced.iter().cloned().collect();
     let started = Instant::now();

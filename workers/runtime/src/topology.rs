@@ -1091,6 +1091,45 @@ saga_timeout = "3m"
     }
 
     #[test]
+    fn a_profile_replaces_what_it_names_and_removes_empty_properties() {
+        let text = format!(
+            "{GOOD}\n[broker.consumer]\n\"fetch.wait.max.ms\" = \"500\"\n\"session.timeout.ms\" = \"30000\"\n\
+             [profiles.slow]\nguarantee = \"effectively_once\"\ngroup_protocol = \"consumer\"\n\
+             [profiles.slow.consumer]\n\"fetch.wait.max.ms\" = \"50\"\n\"session.timeout.ms\" = \"\"\n\
+             [profiles.slow.producer]\n\"batch.size\" = \"65536\"\n"
+        );
+        let mut loaded = parse(&text, Path::new("t.toml")).unwrap();
+        assert!(loaded.unknown_keys.is_empty(), "{:?}", loaded.unknown_keys);
+        let t = &mut loaded.topology;
+        assert_eq!(t.defaults.guarantee, Guarantee::EffectivelyOnce, "the built-in default when [defaults] names none");
+        t.apply_profile("slow").unwrap();
+        assert_eq!(t.defaults.guarantee, Guarantee::EffectivelyOnce);
+        assert_eq!(t.defaults.group_protocol, GroupProtocol::Consumer);
+        assert_eq!(t.broker.consumer.get("fetch.wait.max.ms").map(String::as_str), Some("50"));
+        assert!(!t.broker.consumer.contains_key("session.timeout.ms"), "an empty value removes the property");
+        assert_eq!(t.broker.producer.get("batch.size").map(String::as_str), Some("65536"));
+        let err = t.apply_profile("nope").unwrap_err().to_string();
+        assert!(err.contains("[profiles.nope]") && err.contains("slow"), "{err}");
+    }
+
+    #[test]
+    fn unknown_profile_keys_are_reported() {
+        let text = format!("{GOOD}\n[profiles.p]\nguarantee = \"exactly_once\"\nsession_timeout = \"1s\"\n");
+        let loaded = parse(&text, Path::new("t.toml")).unwrap();
+        assert_eq!(loaded.unknown_keys, vec!["profiles.\"p\".session_timeout".to_string()]);
+    }
+
+    #[test]
+    fn guarantee_and_group_protocol_names_parse() {
+        assert_eq!(Guarantee::parse("exactly_once"), Some(Guarantee::ExactlyOnce));
+        assert_eq!(Guarantee::parse("effectively_once"), Some(Guarantee::EffectivelyOnce));
+        assert_eq!(Guarantee::parse("once"), None);
+        assert_eq!(GroupProtocol::parse("consumer"), Some(GroupProtocol::Consumer));
+        assert_eq!(GroupProtocol::parse("classic"), Some(GroupProtocol::Classic));
+        assert_eq!(GroupProtocol::parse("eager"), None);
+    }
+
+    #[test]
     fn secrets_are_redacted_from_debug_output() {
         let b = BrokerConfig {
             bootstrap: "b:1".into(),
