@@ -6,6 +6,14 @@
 //! (`orderflow-runtime`) owns those and decides when staged writes become durable (only after the
 //! outputs are acknowledged by the broker). [`Harness`] runs a processor in memory for unit tests
 //! and for shadow replays.
+//!
+//! # Layout
+//!
+//! - `lib.rs`: [`Processor`], [`Context`], [`Outputs`], [`ProcessError`], eventId helpers.
+//! - [`events`]: the event types of `avro/` ([`Event`] and one struct per schema).
+//! - [`fixtures`]: event builders shared by the workers' unit tests.
+//! - `harness`: [`Harness`] and [`MemoryStore`], the in-memory runner.
+//! - `state`: [`StateTxn`], [`StateRead`], [`Changes`]: staged state and timers.
 
 pub mod events;
 pub mod fixtures;

@@ -1,11 +1,20 @@
 //! The orderflow runtime: it owns Kafka, sled and the clock; workers are plain
 //! [`orderflow_api::Processor`]s.
 //!
-//! - [`topology`]: `topology.toml` parsing, checking and drawing.
+//! # Layout
+//!
+//! - [`changelog`]: changelog records of a unit (state changes, timers, commit markers) and the
+//!   restore of a partition's state from local sled and/or the compacted changelog topic.
 //! - [`codec`]: Avro encoding (Confluent wire format or single-object encoding).
+//! - [`kafka`]: client configuration per side, the group protocol, topic creation (waiting for
+//!   leaders), dead-letter header names.
+//! - [`metrics`]: the Prometheus families the binary exports.
+//! - [`probe`]: does the broker implement transactions? (one `ApiVersions` request).
 //! - [`store`]: the sled state store, sharded by input partition.
-//! - [`worker`]: the consume → process → produce loop.
-//! - [`kafka`]: client configuration and topic administration.
+//! - [`topology`]: `topology.toml` parsing, broker profiles, environment overrides, checking and
+//!   drawing.
+//! - [`txn`]: the transactional producer behind `exactly_once`.
+//! - [`worker`]: the consume → process → produce loop, rebalances, restores, commits.
 
 pub mod changelog;
 pub mod codec;
