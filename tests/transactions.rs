@@ -12,6 +12,8 @@
 //!   takes over and forwards everything. The frozen one is then resumed (SIGCONT): it must exit
 //!   non-zero, its log must name the fencing, and at `read_committed` none of the records of its
 //!   open transaction may appear while every order is forwarded exactly once.
+//! - `an_aborted_transaction_stays_invisible_and_a_committed_one_commits_its_offsets`: the
+//!   transactional producer alone (what the mock cluster of `txn.rs`'s unit tests cannot show).
 //!
 //! The broker restart mid-transaction is `operability::broker_outage_…`, which runs on Kafka under
 //! `exactly_once` and checks the output topics with the same readers.
@@ -227,4 +229,67 @@ fn produce_orders(kafka: &common::Kafka, batch: usize, n: usize) -> Vec<String> 
         }
     });
     ids
+}
+
+/// The transactional producer's own promise on a real broker (librdkafka's mock cluster shows
+/// aborted records to `read_committed` consumers and stores no transactional offsets, so
+/// `txn.rs`'s unit tests cannot check it): an aborted transaction's records stay invisible at
+/// `read_committed` (visible at `read_uncommitted`), a committed one's appear, and the input
+/// offsets sent with it become the group's committed offsets.
+#[test]
+fn an_aborted_transaction_stays_invisible_and_a_committed_one_commits_its_offsets() {
+    use orderflow_runtime::kafka::{client_config, Side};
+    use orderflow_runtime::txn::TxnProducer;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let broker = common::Broker::start_kind(BrokerKind::Kafka);
+    common::create_topics(&common::repo_root().join("topology.toml"), &broker.bootstrap);
+    let kafka = common::Kafka::new(&broker.bootstrap);
+    const GROUP: &str = "orderflow-test-txn-offsets";
+    const OUT: &str = "order.confirmed";
+
+    // A member of the group whose offsets the transaction commits (KIP-447 group metadata).
+    let mut member_config = client_config(&kafka.broker, Side::Consumer);
+    member_config.set("group.id", GROUP);
+    let member: BaseConsumer = member_config.create().expect("group member");
+    member.subscribe(&["order.created"]).expect("subscribe");
+    let joined = Instant::now();
+    while member.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
+        assert!(joined.elapsed() < Duration::from_secs(60), "the group member got no assignment");
+        let _ = member.poll(Duration::from_millis(100));
+    }
+
+    let mut config = client_config(&kafka.broker, Side::Producer);
+    config.set("transactional.id", "orderflow-test-txn-abort");
+    kafka.rt.block_on(async {
+        let txn = TxnProducer::init(config, Duration::from_secs(60)).await.expect("init_transactions");
+        let send = |payload: &'static str| {
+            let record = FutureRecord::<str, str>::to(OUT).key("k").payload(payload).partition(0);
+            txn.producer().send(record, Duration::from_secs(30))
+        };
+        txn.begin().await.expect("begin");
+        send("aborted").await.expect("sent inside the first transaction");
+        txn.abort().await.expect("abort");
+        txn.begin().await.expect("begin again");
+        send("committed").await.expect("sent inside the second transaction");
+        let mut offsets = TopicPartitionList::new();
+        offsets.add_partition_offset("order.created", 0, Offset::Offset(7)).unwrap();
+        let group = member.group_metadata().expect("group metadata");
+        txn.commit(offsets, group).await.expect("commit");
+    });
+
+    let payloads = |isolation| -> Vec<String> {
+        common::read_topic_at(&kafka.broker, OUT, 6, isolation)
+            .iter()
+            .map(|m| String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned())
+            .collect()
+    };
+    assert_eq!(payloads(Isolation::ReadCommitted), ["committed"], "read_committed");
+    assert_eq!(payloads(Isolation::ReadUncommitted), ["aborted", "committed"], "read_uncommitted");
+    let mut wanted = TopicPartitionList::new();
+    wanted.add_partition("order.created", 0);
+    let committed = member.committed_offsets(wanted, Duration::from_secs(10)).expect("committed offsets");
+    let at = committed.find_partition("order.created", 0).map(|e| e.offset());
+    assert_eq!(at, Some(Offset::Offset(7)), "the offsets sent with the transaction are the group's committed offsets");
 }

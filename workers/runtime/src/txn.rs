@@ -457,8 +457,10 @@ mod tests {
         assert_eq!(txn.retries(), 0);
     }
 
-    /// (b) begin → produce → abort. A real broker hides the aborted record from `read_committed`
-    /// consumers; the mock writes no abort marker and delivers it.
+    /// (b) begin → produce → abort → begin → produce → commit: the producer goes on after an
+    /// abort. A real broker hides the aborted record from `read_committed` consumers; the mock
+    /// writes no abort marker and delivers it, so what abort *does* is checked on Kafka
+    /// (`tests/transactions.rs`, `an_aborted_transaction_stays_invisible_…`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn abort() {
         let mock = mock();
