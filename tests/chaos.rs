@@ -46,7 +46,7 @@ const HARD_CAP: Duration = Duration::from_secs(300);
 /// expires, and the group's next rebalance waits for it: with the topology's 30 s and a kill
 /// every ~4 s the groups would spend most of the run waiting for dead members. Not shorter: on 2
 /// busy cores a live member can miss a 6 s session, and tansu 0.6.0 can then strand the group
-/// (README "Broker findings").
+/// (README "tansu 0.6.0: what we found").
 const SESSION_TIMEOUT_MS: u64 = 10_000;
 /// A SIGTERM that lands before the worker installed its handler kills it like SIGKILL, so
 /// clean stops wait until the incarnation logged "worker ready" or is at least this old.

@@ -810,7 +810,7 @@ fn broker_outage_workers_report_not_ready_and_resume_without_loss() {
     }
     if broker.kind == common::BrokerKind::Tansu {
         // tansu 0.6.0's SQLite engine panics (and stops serving) when an idempotent producer
-        // from before its restart produces again (README "Broker findings"), so this run's
+        // from before its restart produces again (README "tansu 0.6.0: what we found"), so this run's
         // clients are not idempotent; orderflow then keeps one request in flight per connection,
         // which keeps send order, and absorbs the duplicates retries may write (eventId dedupe;
         // the changelog is applied per commit marker). On Kafka the workers are transactional

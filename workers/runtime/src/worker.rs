@@ -679,7 +679,7 @@ impl Worker {
     /// Leaves and rejoins the group when a revocation was not followed by any assignment within
     /// `REJOIN_AFTER`: a new JoinGroup restarts a rebalance a coordinator left unfinished. (On
     /// tansu 0.6.0 the stall seen after an outage longer than the session timeout is a dangling
-    /// group leader that no client action clears, README "Broker findings"; the warning and the
+    /// group leader that no client action clears, README "tansu 0.6.0: what we found"; the warning and the
     /// `rejoin` retry count still say that it happens.)
     fn rejoin_if_stuck(&mut self) -> Result<(), WorkerError> {
         if self.revoked_since.is_some_and(|t| t.elapsed() > REJOIN_AFTER) {
