@@ -197,20 +197,10 @@ struct Stage {
     harness: Harness<Boxed>,
 }
 
-/// Builds the processor of a worker the way the `orderflow` binary does (`kinds::build`).
+/// Builds the processor of a worker and names its ports, from the kinds registry the `orderflow`
+/// binary uses (`orderflow_kinds`).
 fn build_processor(spec: &WorkerSpec) -> Option<(Box<dyn Processor>, &'static [&'static str])> {
-    let ttl_ms = i64::try_from(spec.reservation_ttl().as_millis()).unwrap_or(i64::MAX);
-    Some(match spec.kind.as_str() {
-        "deduplicator" => (Box::new(deduplicator::Deduplicator::new()), deduplicator::PORTS),
-        "stock-reserver" => (Box::new(stock_reserver::StockReserver::new(ttl_ms)), stock_reserver::PORTS),
-        "order-confirmer" => (Box::new(order_confirmer::OrderConfirmer::new()), order_confirmer::PORTS),
-        "canceller" => {
-            let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-            (Box::new(canceller::Canceller::new(ms(spec.stock_answer_timeout()), ms(spec.saga_timeout()))), canceller::PORTS)
-        }
-        "reservation-expirer" => (Box::new(reservation_expirer::ReservationExpirer::new(ttl_ms)), reservation_expirer::PORTS),
-        _ => return None,
-    })
+    Some((orderflow_kinds::build(spec)?, orderflow_kinds::ports(&spec.kind)?))
 }
 
 /// One run of the pipeline: the stages, the clock and what was emitted.

@@ -6,7 +6,6 @@ mod bench_saga;
 mod demo;
 mod dlq;
 mod inspect;
-mod kinds;
 mod replay;
 mod replay_through;
 mod serve;
@@ -18,6 +17,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
+use orderflow_kinds as kinds;
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::metrics::Metrics;
 use orderflow_runtime::topology::{self, Loaded};
