@@ -15,8 +15,8 @@
 //! - `an_aborted_transaction_stays_invisible_and_a_committed_one_commits_its_offsets`: the
 //!   transactional producer alone (what the mock cluster of `txn.rs`'s unit tests cannot show).
 //!
-//! The broker restart mid-transaction is `operability::broker_outage_…`, which runs on Kafka under
-//! `exactly_once` and checks the output topics with the same readers.
+//! The broker restart mid-transaction is `operability::broker_restart_on_kafka_…` (ignored in the
+//! suite for now: flaky on Kafka), which checks the output topics with the same readers.
 //! `ORDERFLOW_KEEP_TXN_DIR=1` keeps the logs and state (always kept when a test fails).
 
 mod common;
