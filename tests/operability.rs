@@ -815,6 +815,31 @@ fn broker_restart_on_kafka_mid_transaction_loses_and_doubles_nothing() {
     run_outage(common::BrokerKind::Kafka);
 }
 
+/// Where each thread of process `pid` is (gdb, when installed), written to `dir/threads.txt`;
+/// returns the frames of orderflow's own code, innermost first per thread. Diagnostics of a
+/// failed run: tells a worker loop blocked in a call from one that runs and sees nothing.
+fn thread_dump(pid: u32, dir: &Path) -> String {
+    let Ok(out) = Command::new("gdb").args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt 40"]).output() else {
+        return String::from("(no gdb: no thread dump)\n");
+    };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let path = dir.join("threads.txt");
+    let _ = fs::write(&path, &text);
+    let mut summary = format!("thread dump in {}; orderflow frames per thread:\n", path.display());
+    for thread in text.split("\nThread ").skip(1) {
+        let frames: Vec<&str> = thread
+            .lines()
+            .filter(|l| l.contains("orderflow") || l.contains("rd_kafka_commit_transaction") || l.contains("rd_kafka_send_offsets"))
+            .filter_map(|l| l.split(" in ").nth(1).map(|f| f.split(" (").next().unwrap_or(f)))
+            .take(6)
+            .collect();
+        if !frames.is_empty() {
+            summary.push_str(&format!("  {}: {}\n", thread.lines().next().unwrap_or(""), frames.join(" <- ")));
+        }
+    }
+    summary
+}
+
 fn run_outage(kind: common::BrokerKind) {
     const ORDERS: u64 = 2_000;
     const OUTAGE: Duration = Duration::from_secs(20);
@@ -889,7 +914,54 @@ fn run_outage(kind: common::BrokerKind) {
 
     broker.start_again();
     let ready_after = wait_ready(&mut workers, port, &log, Duration::from_secs(120));
-    let s = assert_driver_passed(&mut driver, &summary, &out, &err, ORDERS, &|| format!("workers log:\n{}", tail(&log, 30)));
+    let transactions = || {
+        if broker.kind != common::BrokerKind::Kafka {
+            return String::new();
+        }
+        let kafka = common::Kafka::new(&broker.bootstrap);
+        let open: Vec<String> = common::worker_output_topics()
+            .iter()
+            .map(|t| (t, common::unstable_partitions(&kafka.broker, t, 6)))
+            .filter(|(_, ps)| !ps.is_empty())
+            .map(|(t, ps)| format!("{t}: {ps:?}"))
+            .collect();
+        let outputs = common::worker_output_topics();
+        let outputs: Vec<&str> = outputs.iter().map(String::as_str).collect();
+        let counts: Vec<String> = common::exactly_once_report(&kafka.broker, &kafka.codec, &outputs, 6)
+            .iter()
+            .map(|(t, r)| format!("{t}: committed {} uncommitted {}", r.committed, r.uncommitted))
+            .collect();
+        let topology = orderflow_runtime::topology::load(&ctx.topology).expect("topology loads").topology;
+        let behind: Vec<String> = topology
+            .workers
+            .iter()
+            .map(|(name, w)| {
+                let inputs: Vec<&str> = w.inputs.iter().map(String::as_str).collect();
+                format!("{name}: {:?}", common::group_behind(&kafka.broker, &w.group_id(name), &inputs, 6))
+            })
+            .collect();
+        format!(
+            "partitions whose last stable offset lags the high watermark (partition, hw, lso): {open:?}\nthis test's own reading: {counts:?}\ngroups' committed offsets behind the last stable offset (topic, partition, committed, lso): {behind:#?}\n"
+        )
+    };
+    let s = assert_driver_passed(&mut driver, &summary, &out, &err, ORDERS, &|| {
+        let m = scrape(port);
+        let per_worker: Vec<String> = ["deduplicator", "stock-reserver", "order-confirmer", "canceller", "reservation-expirer"]
+            .iter()
+            .map(|w| {
+                let f = [("worker", *w)];
+                format!(
+                    "{w}: consumed {} produced {} lag {} assigned {} stalled partitions {}",
+                    m.sum("orderflow_events_consumed_total", &f),
+                    m.sum("orderflow_events_produced_total", &f),
+                    m.sum("orderflow_consumer_lag_records", &f),
+                    m.sum("orderflow_assigned_partitions", &f),
+                    m.sum("orderflow_stalled_partitions", &f)
+                )
+            })
+            .collect();
+        format!("{}workers' metrics: {per_worker:#?}\n{}workers log:\n{}", transactions(), thread_dump(workers.pid(), &ctx.dir), tail(&log, 30))
+    });
     let after = scrape(port);
     assert!(after.sum("orderflow_events_consumed_total", &[]) > before, "nothing consumed after the outage");
     assert!(workers.try_wait().is_none(), "the worker process exited; log:\n{}", tail(&log, 20));

@@ -610,6 +610,65 @@ pub fn read_topic_at(
     out
 }
 
+/// Partitions of `topic` (`partitions` of them) whose last stable offset (where a
+/// `read_committed` reader stops) lags their high watermark: `(partition, high watermark, last
+/// stable offset)`. Long after the producers have finished, such a partition holds a transaction
+/// that is still open (a stalled or hanging transaction) and blocks every `read_committed` reader.
+pub fn unstable_partitions(broker: &orderflow_runtime::topology::BrokerConfig, topic: &str, partitions: i32) -> Vec<(i32, i64, i64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let reader = |isolation: &str| -> BaseConsumer {
+        let mut config = orderflow_runtime::kafka::client_config(broker, orderflow_runtime::kafka::Side::Consumer);
+        config.set("group.id", format!("orderflow-test-ends-{}", std::process::id())).set("isolation.level", isolation);
+        config.create().expect("consumer")
+    };
+    let (committed, uncommitted) = (reader("read_committed"), reader("read_uncommitted"));
+    (0..partitions)
+        .filter_map(|p| {
+            let (_, hw) = uncommitted.fetch_watermarks(topic, p, Duration::from_secs(10)).ok()?;
+            let (_, lso) = committed.fetch_watermarks(topic, p, Duration::from_secs(10)).ok()?;
+            (lso < hw).then_some((p, hw, lso))
+        })
+        .collect()
+}
+
+/// For consumer group `group` and each of `topics` (`partitions` each): the partitions whose
+/// committed offset is behind the last stable offset, as `(topic, partition, committed,
+/// last stable offset)` (committed -1 when the group has none). Read without joining the group.
+pub fn group_behind(
+    broker: &orderflow_runtime::topology::BrokerConfig,
+    group: &str,
+    topics: &[&str],
+    partitions: i32,
+) -> Vec<(String, i32, i64, i64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let mut config = orderflow_runtime::kafka::client_config(broker, orderflow_runtime::kafka::Side::Consumer);
+    config.set("group.id", group).set("isolation.level", "read_committed");
+    let consumer: BaseConsumer = config.create().expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        for p in 0..partitions {
+            tpl.add_partition(t, p);
+        }
+    }
+    let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
+        return vec![(format!("(cannot read the offsets of {group})"), -1, -1, -1)];
+    };
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| {
+            let at = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => -1,
+            };
+            let (_, lso) = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10)).ok()?;
+            // A transactional partition ends in a commit marker: committed may stop one short.
+            (at < lso - 1).then(|| (e.topic().to_string(), e.partition(), at, lso))
+        })
+        .collect()
+}
+
 /// What a `read_committed` and a `read_uncommitted` reader found in one output topic
 /// ([`exactly_once_report`]).
 #[derive(Debug, Clone, Default, serde::Serialize)]

@@ -10,6 +10,7 @@
 //!   leaders), dead-letter header names.
 //! - [`metrics`]: the Prometheus families the binary exports.
 //! - [`probe`]: does the broker implement transactions? (one `ApiVersions` request).
+//! - [`stall`]: the stalled-partition watch (records waiting, position not moving).
 //! - [`store`]: the sled state store, sharded by input partition.
 //! - [`topology`]: `topology.toml` parsing, broker profiles, environment overrides, checking and
 //!   drawing.
@@ -21,6 +22,7 @@ pub mod codec;
 pub mod kafka;
 pub mod metrics;
 pub mod probe;
+pub mod stall;
 pub mod store;
 pub mod topology;
 pub mod txn;

@@ -26,6 +26,7 @@ pub const NAMES: &[&str] = &[
     "orderflow_stock_conservation_mismatches_total",
     "orderflow_retries_total",
     "orderflow_broker_connected",
+    "orderflow_stalled_partitions",
 ];
 
 /// How many products `orderflow_out_of_stock_top` shows.
@@ -57,6 +58,9 @@ pub struct Metrics {
     /// `produce` (the broker did not take a unit's records), `restore` (the broker was not
     /// reachable for a state restore) or `rejoin` (no assignment after a revocation).
     pub retries: IntCounterVec,
+    /// `orderflow_stalled_partitions{worker}`: input partitions with records waiting whose
+    /// position has not moved for `stall::STALL_AFTER` (30 s) while not paused (see `stall`).
+    pub stalled: IntGaugeVec,
     /// `orderflow_broker_connected{worker}`: 1 while librdkafka holds a broker connection.
     pub broker_connected: IntGaugeVec,
     /// `orderflow_timers_fired_total{worker}`.
@@ -132,6 +136,11 @@ impl Metrics {
             dlq: counter("orderflow_dlq_records_total", "Records sent to a dead-letter topic.", &["worker", "error_class"]),
             retries: counter("orderflow_retries_total", "Retries of transient failures, by cause.", &["worker", "cause"]),
             broker_connected: gauge("orderflow_broker_connected", "1 while the worker holds a broker connection.", &["worker"]),
+            stalled: gauge(
+                "orderflow_stalled_partitions",
+                "Input partitions with records waiting whose position has not moved for 30 s.",
+                &["worker"],
+            ),
             timers_fired: counter("orderflow_timers_fired_total", "Durable timers fired (punctuations).", &["worker"]),
             assigned: gauge("orderflow_assigned_partitions", "Input partitions assigned to this instance.", &["worker"]),
             guarantee: gauge("orderflow_guarantee_info", "Processing guarantee in force (1).", &["worker", "guarantee"]),

@@ -51,6 +51,7 @@ use crate::changelog;
 use crate::codec::Codec;
 use crate::kafka::{client_config, dlq_header, Side};
 use crate::metrics::Metrics;
+use crate::stall::{self, StallWatch};
 use crate::store::{Shard, Store, StoreError};
 use crate::topology::{BrokerConfig, Guarantee, Loaded, RetryPolicy};
 use crate::txn::{TxnErrorClass, TxnProducer};
@@ -256,6 +257,10 @@ pub struct WorkerContext {
     worker: String,
     metrics: Metrics,
     health: Arc<Health>,
+    /// Input partitions this instance paused (assigned and not yet restored, or rewinding):
+    /// not watched for stalls.
+    paused: Mutex<BTreeSet<i32>>,
+    stalls: Mutex<StallWatch>,
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> BTreeSet<i32> {
@@ -281,13 +286,39 @@ impl ClientContext for WorkerContext {
         }
         self.health.set(&self.health.broker_up, up);
         self.metrics.broker_connected.with_label_values(&[self.worker.as_str()]).set(i64::from(up));
+        let paused = self.paused.lock().expect("paused set").clone();
+        let mut samples = Vec::new();
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
                 if let Some(lag) = partition_lag(p).filter(|_| *partition >= 0) {
                     self.metrics.lag.with_label_values(&[self.worker.as_str(), topic, &partition.to_string()]).set(lag);
+                    // Assigned partitions only (librdkafka also reports the ones it merely knows).
+                    if p.fetch_state != "none" {
+                        samples.push(stall::Sample {
+                            topic,
+                            partition: *partition,
+                            position: p.app_offset,
+                            lag,
+                            fetch_state: &p.fetch_state,
+                            paused: paused.contains(partition),
+                        });
+                    }
                 }
             }
         }
+        let mut stalls = self.stalls.lock().expect("stall watch");
+        for change in stalls.observe(Instant::now(), samples) {
+            match change {
+                stall::Change::Stalled { topic, partition, position, lag, fetch_state, for_ } => warn!(
+                    worker = %self.worker, %topic, partition, position, lag, %fetch_state, stalled_s = for_.as_secs(),
+                    "input partition stalled: records waiting, position not moving"
+                ),
+                stall::Change::Resumed { topic, partition, position } => {
+                    info!(worker = %self.worker, %topic, partition, position, "input partition moving again")
+                }
+            }
+        }
+        self.metrics.stalled.with_label_values(&[self.worker.as_str()]).set(stalls.stalled() as i64);
     }
 }
 
@@ -301,7 +332,14 @@ fn subscribed_consumer(
     health: &Arc<Health>,
     inputs: &[String],
 ) -> Result<StreamConsumer<WorkerContext>, KafkaError> {
-    let context = WorkerContext { events: Mutex::new(Vec::new()), worker: worker.to_string(), metrics: metrics.clone(), health: health.clone() };
+    let context = WorkerContext {
+        events: Mutex::new(Vec::new()),
+        worker: worker.to_string(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        paused: Mutex::new(BTreeSet::new()),
+        stalls: Mutex::new(StallWatch::default()),
+    };
     let consumer: StreamConsumer<WorkerContext> = config.create_with_context(context)?;
     let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
     consumer.subscribe(&inputs)?;
@@ -343,7 +381,9 @@ impl WorkerContext {
 impl ConsumerContext for WorkerContext {
     fn pre_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            self.events.lock().expect("rebalance queue").push(RebalanceEvent::Revoked(partitions_of(tpl)));
+            let ps = partitions_of(tpl);
+            self.paused.lock().expect("paused set").retain(|p| !ps.contains(p));
+            self.events.lock().expect("rebalance queue").push(RebalanceEvent::Revoked(ps));
         }
     }
 
@@ -352,6 +392,7 @@ impl ConsumerContext for WorkerContext {
             if let Err(e) = base.pause(tpl) {
                 error!(error = %e, "cannot pause newly assigned partitions");
             }
+            self.paused.lock().expect("paused set").extend(partitions_of(tpl));
             self.events.lock().expect("rebalance queue").push(RebalanceEvent::Assigned(partitions_of(tpl)));
         }
     }
@@ -671,6 +712,7 @@ impl Worker {
             self.seek(seeks).await?;
         }
         self.consumer.resume(&positions)?;
+        self.consumer.context().paused.lock().expect("paused set").retain(|p| !self.owned.contains(p));
         self.health.set(&self.health.restored, true);
         info!(worker = %self.name, partitions = ?self.owned, "worker ready");
         Ok(abandoned)
@@ -1122,6 +1164,7 @@ impl Worker {
             }
         }
         self.consumer.pause(&tpl)?;
+        self.consumer.context().paused.lock().expect("paused set").extend(owned.iter().copied());
         // Where the aborted unit started reading; partitions it read nothing from stay put.
         let mut starts: BTreeMap<i32, Vec<(String, i64)>> = owned.iter().map(|p| (*p, Vec::new())).collect();
         for m in batch {
