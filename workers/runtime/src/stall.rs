@@ -1,11 +1,16 @@
 //! Stalled-partition watch: notices an input partition that has records waiting (consumer lag
-//! > 0) but whose position has not moved for [`STALL_AFTER`], from librdkafka's statistics
-//! reports (`statistics.interval.ms`, 1 s by default in the worker).
+//! > 0), or whose fetcher is in a state other than `active`, and whose position has not moved for
+//! [`STALL_AFTER`], from librdkafka's statistics reports (`statistics.interval.ms`, 1 s by default
+//! in the worker). The lag comes from the last fetch response, so a fetcher that stopped fetching
+//! shows a stale lag; its `fetch_state` is what tells.
 //!
 //! A stall is reported once per episode (a warning with librdkafka's `fetch_state`, which tells
 //! a fetcher stuck on its leader, `validate-epoch-wait`, `offset-wait`, from a paused one,
 //! `active` with nothing fetched) and counted in `orderflow_stalled_partitions`; it ends when the
-//! position moves or the lag drops to 0. Paused partitions (restoring, rewinding) are not watched.
+//! position moves or the lag drops to 0. Paused partitions (restoring, rewinding) are not watched,
+//! and time while the loop did not poll (reports further apart than [`REPORT_GAP`]: a unit blocked
+//! on an absent broker, which the ack stall and `orderflow_broker_connected` report) does not
+//! count.
 //!
 //! Pure logic: the caller passes the clock, so it is tested without a broker.
 
@@ -46,10 +51,16 @@ struct Track {
     reported: bool,
 }
 
+/// A gap between two reports longer than this means the worker loop did not poll its consumer
+/// (a unit blocked on the broker, reported by the ack stall and the broker gauge): the time in
+/// the gap does not count towards a stall.
+pub const REPORT_GAP: Duration = Duration::from_secs(5);
+
 /// Per-partition tracking across statistics reports.
 #[derive(Debug, Default)]
 pub struct StallWatch {
     tracks: HashMap<(String, i32), Track>,
+    last_report: Option<Instant>,
 }
 
 impl StallWatch {
@@ -58,10 +69,18 @@ impl StallWatch {
     pub fn observe<'a>(&mut self, now: Instant, samples: impl IntoIterator<Item = Sample<'a>>) -> Vec<Change> {
         let mut changes = Vec::new();
         let mut seen = std::collections::HashSet::new();
+        if self.last_report.is_some_and(|last| now.saturating_duration_since(last) > REPORT_GAP) {
+            for t in self.tracks.values_mut() {
+                t.since = now;
+            }
+        }
+        self.last_report = Some(now);
         for s in samples {
             let key = (s.topic.to_string(), s.partition);
             seen.insert(key.clone());
-            let waiting = s.lag > 0 && !s.paused;
+            // A fetcher stuck outside `active` (`offset-wait`, `validate-epoch-wait`, ...) also
+            // counts: its last stable offset, and so its lag, are stale.
+            let waiting = (s.lag > 0 || s.fetch_state != "active") && !s.paused;
             let track = self.tracks.entry(key).or_insert(Track { position: s.position, since: now, reported: false });
             if !waiting || track.position != s.position {
                 if track.reported {
@@ -101,16 +120,28 @@ mod tests {
         Sample { topic: "in", partition: 0, position, lag, fetch_state: "active", paused }
     }
 
+    /// Reports `s` every second from `from` (exclusive) to `to` (inclusive); returns the changes.
+    fn report_until(w: &mut StallWatch, from: Instant, to: Instant, s: &[Sample<'static>]) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let mut t = from;
+        while t < to {
+            t = (t + Duration::from_secs(1)).min(to);
+            changes.extend(w.observe(t, s.iter().cloned()));
+        }
+        changes
+    }
+
     #[test]
     fn a_partition_with_lag_and_a_still_position_is_reported_once_after_the_threshold() {
         let mut w = StallWatch::default();
         let t0 = Instant::now();
-        assert!(w.observe(t0, [sample(10, 5, false)]).is_empty());
-        assert!(w.observe(t0 + STALL_AFTER - Duration::from_secs(1), [sample(10, 5, false)]).is_empty());
-        let c = w.observe(t0 + STALL_AFTER, [sample(10, 5, false)]);
+        let still = [sample(10, 5, false)];
+        assert!(w.observe(t0, still.clone()).is_empty());
+        assert!(report_until(&mut w, t0, t0 + STALL_AFTER - Duration::from_secs(1), &still).is_empty());
+        let c = w.observe(t0 + STALL_AFTER, still.clone());
         assert!(matches!(&c[..], [Change::Stalled { position: 10, lag: 5, .. }]), "{c:?}");
         assert_eq!(w.stalled(), 1);
-        assert!(w.observe(t0 + STALL_AFTER * 2, [sample(10, 5, false)]).is_empty(), "reported once per episode");
+        assert!(report_until(&mut w, t0 + STALL_AFTER, t0 + STALL_AFTER * 2, &still).is_empty(), "reported once per episode");
         let c = w.observe(t0 + STALL_AFTER * 2, [sample(11, 4, false)]);
         assert!(matches!(&c[..], [Change::Resumed { position: 11, .. }]), "{c:?}");
         assert_eq!(w.stalled(), 0);
@@ -120,8 +151,8 @@ mod tests {
     fn moving_idle_or_paused_partitions_are_never_reported() {
         let mut w = StallWatch::default();
         let t0 = Instant::now();
-        for i in 0..10 {
-            let now = t0 + STALL_AFTER * i;
+        for i in 0..100 {
+            let now = t0 + Duration::from_secs(1) * i;
             let c = w.observe(
                 now,
                 [
@@ -135,13 +166,37 @@ mod tests {
     }
 
     #[test]
+    fn a_fetcher_stuck_outside_active_is_reported_even_with_a_stale_zero_lag() {
+        let mut w = StallWatch::default();
+        let t0 = Instant::now();
+        let stuck = Sample { topic: "in", partition: 0, position: 10, lag: 0, fetch_state: "validate-epoch-wait", paused: false };
+        w.observe(t0, [stuck.clone()]);
+        let c = report_until(&mut w, t0, t0 + STALL_AFTER, &[stuck]);
+        assert!(matches!(&c[..], [Change::Stalled { fetch_state, .. }] if fetch_state == "validate-epoch-wait"), "{c:?}");
+    }
+
+    #[test]
+    fn a_gap_between_reports_does_not_count_towards_a_stall() {
+        // The loop was blocked in a unit for 32 s (the broker away): the first report after it is
+        // not a stall; one that stays still for STALL_AFTER after it is.
+        let mut w = StallWatch::default();
+        let t0 = Instant::now();
+        let still = [sample(31, 122, false)];
+        w.observe(t0, still.clone());
+        let after_gap = t0 + STALL_AFTER + Duration::from_secs(2);
+        assert!(w.observe(after_gap, still.clone()).is_empty());
+        let c = report_until(&mut w, after_gap, after_gap + STALL_AFTER, &still);
+        assert!(matches!(&c[..], [Change::Stalled { .. }]), "{c:?}");
+    }
+
+    #[test]
     fn a_revoked_partition_is_forgotten() {
         let mut w = StallWatch::default();
         let t0 = Instant::now();
         w.observe(t0, [sample(10, 5, false)]);
-        w.observe(t0 + STALL_AFTER, [sample(10, 5, false)]);
+        report_until(&mut w, t0, t0 + STALL_AFTER, &[sample(10, 5, false)]);
         assert_eq!(w.stalled(), 1);
-        assert!(w.observe(t0 + STALL_AFTER * 2, []).is_empty());
+        assert!(w.observe(t0 + STALL_AFTER + Duration::from_secs(1), []).is_empty());
         assert_eq!(w.stalled(), 0);
     }
 }
