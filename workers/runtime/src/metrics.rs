@@ -249,6 +249,7 @@ mod tests {
         m.conservation.with_label_values(&["w"]);
         m.retries.with_label_values(&["w", "c"]);
         m.broker_connected.with_label_values(&["w"]);
+        m.stalled.with_label_values(&["w"]);
         let text = m.render();
         for (n, kind) in &listed {
             assert!(text.lines().any(|l| l == format!("# TYPE {n} {kind}")), "{n} is not exported as a {kind}");

@@ -22,6 +22,9 @@ pub enum StoreError {
     Open { path: String, source: sled::Error },
     #[error("state store I/O: {0}")]
     Io(#[from] sled::Error),
+    /// The blocking flush task did not complete (it panicked, or the runtime shut down).
+    #[error("state store flush task failed: {0}")]
+    Flush(String),
 }
 
 /// A `(key, value)` pair of processor state.
@@ -111,9 +114,19 @@ impl Store {
         self.db.tree_names().iter().filter_map(|n| std::str::from_utf8(n).ok()?.strip_prefix('p')?.parse().ok()).collect()
     }
 
-    /// Waits until every applied batch is on disk.
+    /// Waits until every applied batch is on disk: sled's blocking `Db::flush` on tokio's
+    /// blocking pool.
+    ///
+    /// Not `Db::flush_async`: in sled 0.34 its futures can stay pending forever when several are
+    /// awaited at once (spacejam/sled#1241, #1308: the flushes occupy sled's own I/O threads while
+    /// the writes they wait for queue behind them). Seen here: after a broker restart the workers
+    /// of one process flushed together and one of them never returned from its unit, without a
+    /// log line, its inputs never read again (issue 11).
+    ///
+    /// Errors: sled's I/O error, or [`StoreError::Flush`] when the flush task panicked.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush()).await.map_err(|e| StoreError::Flush(e.to_string()))??;
         Ok(())
     }
 }
@@ -247,7 +260,7 @@ mod tests {
             txn.schedule_timer(b"t2".to_vec(), 500);
             txn.cancel_timer(b"t1");
             shard.commit(&txn.into_changes(), &BTreeMap::new(), None).unwrap();
-            futures::executor::block_on(store.flush()).unwrap();
+            tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(store.flush()).unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.partitions(), vec![3]);
@@ -260,5 +273,35 @@ mod tests {
         assert_eq!(shard.due_timers(499), vec![]);
         assert_eq!(shard.timer(b"t1"), None);
         assert_eq!(shard.timer_count(), 1);
+    }
+
+    /// Issue 11: the stores of one process flushed at the same moment (the workers resuming
+    /// together after a broker outage) must all complete; sled's `flush_async` futures could stay
+    /// pending forever then (spacejam/sled#1241).
+    #[test]
+    fn stores_flushed_at_once_all_complete() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+        let dirs: Vec<_> = (0..8).map(|_| tempfile::tempdir().unwrap()).collect();
+        let stores: Vec<Store> = dirs.iter().map(|d| Store::open(d.path()).unwrap()).collect();
+        rt.block_on(async {
+            for round in 0..200u32 {
+                let flushes = stores.iter().map(|store| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        {
+                            let shard = store.shard(0).unwrap();
+                            let mut txn = StateTxn::new(&shard);
+                            txn.put(round.to_be_bytes().to_vec(), vec![7; 4096]);
+                            shard.commit(&txn.into_changes(), &BTreeMap::new(), None).unwrap();
+                        }
+                        store.flush().await.unwrap();
+                    })
+                });
+                let all = futures::future::join_all(flushes);
+                tokio::time::timeout(std::time::Duration::from_secs(30), all)
+                    .await
+                    .unwrap_or_else(|_| panic!("round {round}: a flush did not complete within 30 s"));
+            }
+        });
     }
 }
