@@ -220,8 +220,9 @@ pub fn handle<P: Processor + ?Sized>(
     }
 }
 
-/// Fires every timer due at `ctx.now_ms`, earliest first, each removed before its handler runs.
-/// Returns how many fired. Errors abort at the failing timer, with its changes discarded.
+/// Fires every timer due at `ctx.now_ms`, earliest first, each with [`fire_timer`]. Returns how
+/// many fired. Errors abort at the failing timer, with its changes discarded (the timers before
+/// it keep theirs).
 pub fn fire_timers<P: Processor + ?Sized>(
     processor: &mut P,
     ctx: &Context,
@@ -230,16 +231,29 @@ pub fn fire_timers<P: Processor + ?Sized>(
 ) -> Result<usize, ProcessError> {
     let due = state.due_timers(ctx.now_ms);
     for (key, due_ms) in &due {
-        let mark = state.savepoint();
-        let (records, notes) = (out.records.len(), out.notes.len());
-        state.cancel_timer(key);
-        if let Err(e) = processor.on_timer(ctx, key, *due_ms, state, out) {
-            state.rollback_to(mark);
-            out.truncate(records, notes);
-            return Err(e);
-        }
+        fire_timer(processor, ctx, key, *due_ms, state, out)?;
     }
     Ok(due.len())
+}
+
+/// Fires one due timer: removes it, then runs [`Processor::on_timer`] (which may reschedule it).
+/// On error the timer's removal, its staged writes and its outputs and notes are discarded, so
+/// the timer stays scheduled. Used by the runtime's unit step and by [`fire_timers`].
+pub fn fire_timer<P: Processor + ?Sized>(
+    processor: &mut P,
+    ctx: &Context,
+    key: &[u8],
+    due_ms: i64,
+    state: &mut StateTxn,
+    out: &mut Outputs,
+) -> Result<(), ProcessError> {
+    let mark = state.savepoint();
+    let (records, notes) = (out.records.len(), out.notes.len());
+    state.cancel_timer(key);
+    processor.on_timer(ctx, key, due_ms, state, out).inspect_err(|_| {
+        state.rollback_to(mark);
+        out.truncate(records, notes);
+    })
 }
 
 /// A deterministic event id: UUIDv5 of `cause` (the input's `eventId`, or a timer key) and a

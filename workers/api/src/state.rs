@@ -6,8 +6,9 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::ProcessError;
 
-/// Read access to the durable state of one shard (a task: one input partition number).
-pub trait StateRead {
+/// Read access to the durable state of one shard (a task: one input partition number). `Sync`,
+/// so a unit's staged transactions can be held across the runtime's waits (retry backoffs).
+pub trait StateRead: Sync {
     /// The stored value of `key`.
     fn get(&self, key: &[u8]) -> Option<Vec<u8>>;
     /// The deadline (ms since the epoch) of timer `key`, if scheduled.

@@ -47,6 +47,8 @@ use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
 
+use crate::deadletter::DeadLetterClass;
+
 /// The two marker bytes that open an Avro single-object encoded payload (format version 1).
 pub const SINGLE_OBJECT_MARKER: [u8; 2] = [0xC3, 0x01];
 /// Length of the single-object header: marker (2) + little-endian fingerprint (8).
@@ -130,14 +132,19 @@ impl CodecError {
     /// does not decode with its schema), `registry_unavailable` (transient) or `codec` (schema
     /// files or encoding: not a property of the record).
     pub fn class(&self) -> &'static str {
+        self.dead_letter_class().as_str()
+    }
+
+    /// [`CodecError::class`] as the [`DeadLetterClass`] enum.
+    pub fn dead_letter_class(&self) -> DeadLetterClass {
         match self {
-            CodecError::NotAvro => "not_avro",
-            CodecError::Truncated => "truncated",
-            CodecError::UnknownFingerprint(_) | CodecError::UnknownSchemaId(_) | CodecError::NoRegistry => "unknown_schema",
-            CodecError::Malformed { message, .. } if is_eof(message) => "truncated",
-            CodecError::Malformed { .. } => "malformed",
-            CodecError::Registry(_) => "registry_unavailable",
-            CodecError::Schema { .. } | CodecError::Encode { .. } => "codec",
+            CodecError::NotAvro => DeadLetterClass::NotAvro,
+            CodecError::Truncated => DeadLetterClass::Truncated,
+            CodecError::UnknownFingerprint(_) | CodecError::UnknownSchemaId(_) | CodecError::NoRegistry => DeadLetterClass::UnknownSchema,
+            CodecError::Malformed { message, .. } if is_eof(message) => DeadLetterClass::Truncated,
+            CodecError::Malformed { .. } => DeadLetterClass::Malformed,
+            CodecError::Registry(_) => DeadLetterClass::RegistryUnavailable,
+            CodecError::Schema { .. } | CodecError::Encode { .. } => DeadLetterClass::Codec,
         }
     }
 }

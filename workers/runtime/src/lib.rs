@@ -5,12 +5,16 @@
 //!
 //! - [`changelog`]: changelog records of a unit (state changes, timers, commit markers) and the
 //!   restore of a partition's state from local sled and/or the compacted changelog topic.
+//! - [`clock`]: the injectable wall clock ([`clock::SystemClock`], [`clock::PausedClock`] for tests).
 //! - [`codec`]: Avro encoding (Confluent wire format or single-object encoding).
+//! - [`deadletter`]: the dead-letter classes, one enum.
 //! - [`kafka`]: client configuration per side, the group protocol, topic creation (waiting for
 //!   leaders), dead-letter header names.
 //! - [`metrics`]: the Prometheus families the binary exports.
 //! - [`probe`]: does the broker implement transactions? (one `ApiVersions` request).
 //! - [`stall`]: the stalled-partition watch (records waiting, position not moving).
+//! - [`step`]: the broker-free unit step (admission, processing, timers, staged effects), shared
+//!   by the worker, replay and fuzzing.
 //! - [`store`]: the sled state store, sharded by input partition.
 //! - [`topology`]: `topology.toml` parsing, broker profiles, environment overrides, checking and
 //!   drawing.
@@ -18,11 +22,14 @@
 //! - [`worker`]: the consume → process → produce loop, rebalances, restores, commits.
 
 pub mod changelog;
+pub mod clock;
 pub mod codec;
+pub mod deadletter;
 pub mod kafka;
 pub mod metrics;
 pub mod probe;
 pub mod stall;
+pub mod step;
 pub mod store;
 pub mod topology;
 pub mod txn;
