@@ -69,13 +69,32 @@ pub struct Output {
     pub event: Event,
 }
 
-/// A business measure a processor reports (turned into a Prometheus counter by the runtime).
+/// A business measure a processor reports; [`Note::export`] declares how the runtime exports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Note {
     /// Low-cardinality measure name, e.g. `reservation_failed`.
     pub measure: &'static str,
-    /// Low-cardinality label, e.g. a reason code. Never an id.
+    /// Label, e.g. a reason code. Never an id, except under [`Export::TopN`].
     pub label: String,
+    /// How the runtime exports it.
+    pub export: Export,
+}
+
+/// How the runtime exports a [`Note`], declared by the processor that reports it (the runtime
+/// never matches measure names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Export {
+    /// `orderflow_business_events_total{worker, measure, label}` ([`Outputs::note`]).
+    Counter,
+    /// The counter, and a WARN log line with this message: something an operator should see
+    /// (e.g. seed 001's saga timeout).
+    Logged(&'static str),
+    /// An unbounded label (a product id): counted per label in the process, only a bounded top
+    /// N exported (`orderflow_out_of_stock_top`).
+    TopN,
+    /// A broken invariant (label: which): an ERROR log line and
+    /// `orderflow_stock_conservation_mismatches_total`.
+    InvariantBroken,
 }
 
 /// Collects what a processor emits while handling one event or timer.
@@ -103,9 +122,14 @@ impl Outputs {
         Ok(())
     }
 
-    /// Reports a business measure (see [`Note`]).
+    /// Reports a business measure exported as a counter (see [`Note`]).
     pub fn note(&mut self, measure: &'static str, label: impl Into<String>) {
-        self.notes.push(Note { measure, label: label.into() });
+        self.note_as(measure, label, Export::Counter);
+    }
+
+    /// Reports a business measure exported as `export` declares.
+    pub fn note_as(&mut self, measure: &'static str, label: impl Into<String>, export: Export) {
+        self.notes.push(Note { measure, label: label.into(), export });
     }
 
     /// Whether `port` is wired.

@@ -17,6 +17,18 @@ pub trait StateRead: Sync {
     fn due_timers(&self, now_ms: i64) -> Vec<(Vec<u8>, i64)>;
 }
 
+impl<T: StateRead + ?Sized> StateRead for &T {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        (**self).get(key)
+    }
+    fn timer(&self, key: &[u8]) -> Option<i64> {
+        (**self).timer(key)
+    }
+    fn due_timers(&self, now_ms: i64) -> Vec<(Vec<u8>, i64)> {
+        (**self).due_timers(now_ms)
+    }
+}
+
 /// Staged changes of one unit of work: `None` deletes.
 #[derive(Debug, Default, Clone)]
 pub struct Changes {

@@ -43,7 +43,7 @@ use orderflow_api::events::{
     cancel_reason, failure_reason, release_reason, OrderCancelled, OrderCompleted, OrderCreated, StockReservationFailed,
     StockReservationReleased, StockReserved,
 };
-use orderflow_api::{derive_event_id, Context, Event, Outputs, ProcessError, Processor, StateTxn};
+use orderflow_api::{derive_event_id, Context, Event, Export, Outputs, ProcessError, Processor, StateTxn};
 use serde::{Deserialize, Serialize};
 
 /// Port of `order.cancelled` (key orderId).
@@ -413,7 +413,8 @@ impl Canceller {
         }
         let reservation_id = open.reservation_id.clone();
         if self.compensate(order_id, &open.hq_id, &open.store_id, cancel_reason::SAGA_TIMEOUT, reservation_id, due_ms, state, out)? {
-            out.note("saga_timeout", label);
+            // Seed 001: a saga cancelled at its timeout is reported, not only counted.
+            out.note_as("saga_timeout", label, Export::Logged("saga timed out; order cancelled with SAGA_TIMEOUT"));
         }
         Ok(())
     }

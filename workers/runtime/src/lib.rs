@@ -6,6 +6,7 @@
 //! - [`changelog`]: changelog records of a unit (state changes, timers, commit markers) and the
 //!   restore of a partition's state from local sled and/or the compacted changelog topic.
 //! - [`clock`]: the injectable wall clock ([`clock::SystemClock`], [`clock::PausedClock`] for tests).
+//! - [`commit`]: the commit protocols, one per guarantee, over a narrow broker and store interface.
 //! - [`codec`]: Avro encoding (Confluent wire format or single-object encoding).
 //! - [`deadletter`]: the dead-letter classes, one enum.
 //! - [`kafka`]: client configuration per side, the group protocol, topic creation (waiting for
@@ -24,6 +25,7 @@
 pub mod changelog;
 pub mod clock;
 pub mod codec;
+pub mod commit;
 pub mod deadletter;
 pub mod kafka;
 pub mod metrics;

@@ -29,7 +29,7 @@ use orderflow_api::events::{
     OrderCreated, ReleasedItem, ReservedItem, StockLevel, StockReservationExpired, StockReservationFailed, StockReservationReleased,
     StockReserved, StockUpdated,
 };
-use orderflow_api::{derive_event_id, Context, Event, Outputs, ProcessError, Processor, StateTxn};
+use orderflow_api::{derive_event_id, Context, Event, Export, Outputs, ProcessError, Processor, StateTxn};
 use serde::{Deserialize, Serialize};
 
 /// Port of `stock.reserved` (key orderId).
@@ -287,7 +287,7 @@ impl StockReserver {
         if !short.is_empty() {
             for item in &short {
                 // High-cardinality label: the runtime keeps only a bounded top N of it.
-                out.note("out_of_stock", item.product_id.clone());
+                out.note_as("out_of_stock", item.product_id.clone(), Export::TopN);
             }
             // Seed 000: reserve nothing, name only the short products.
             return fail(e, &rkey, &reservation, failure_reason::INSUFFICIENT_STOCK, short, state, out);
@@ -614,7 +614,7 @@ fn close_before_reservation(order_id: &str, hq_id: &str, store_id: &str, state: 
 /// it breaks domain rule 2: on hand or reserved below zero, or more reserved than on hand.
 fn store_stock(state: &mut StateTxn, key: Vec<u8>, rec: &StockRecord, out: &mut Outputs) {
     if rec.on_hand < 0 || rec.reserved < 0 || rec.reserved > rec.on_hand {
-        out.note(
+        out.note_as(
             "conservation_mismatch",
             if rec.on_hand < 0 {
                 "negative_on_hand"
@@ -623,6 +623,7 @@ fn store_stock(state: &mut StateTxn, key: Vec<u8>, rec: &StockRecord, out: &mut 
             } else {
                 "reserved_above_on_hand"
             },
+            Export::InvariantBroken,
         );
     }
     state.put_json(key, rec);
