@@ -39,7 +39,8 @@ pub struct OutRecord {
     pub key: Option<Vec<u8>>,
     /// `None`: a tombstone.
     pub value: Option<Vec<u8>>,
-    pub headers: Vec<(&'static str, Vec<u8>)>,
+    /// `(name, value)`; a `None` value is a header without one.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 /// A unit of work, encoded, ready to commit.

@@ -1,5 +1,5 @@
-//! Stalled-partition watch: notices an input partition that has records waiting (consumer lag
-//! > 0), or whose fetcher is in a state other than `active`, and whose position has not moved for
+//! Stalled-partition watch: notices an input partition that has records waiting (a consumer
+//! lag above 0), or whose fetcher is in a state other than `active`, and whose position has not moved for
 //! [`STALL_AFTER`], from librdkafka's statistics reports (`statistics.interval.ms`, 1 s by default
 //! in the worker). The lag comes from the last fetch response, so a fetcher that stopped fetching
 //! shows a stale lag; its `fetch_state` is what tells.

@@ -1,0 +1,176 @@
+//! The worker's Kafka and sled sides of a commit: [`KafkaBroker`] implements the commit
+//! protocols' [`Broker`] over rdkafka (reporting not-ready while acknowledgements stall), and
+//! [`SledUnit`] their [`LocalState`] over the instance's state store. Also the dead-letter record
+//! of a rejected input.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use orderflow_api::Changes;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use super::context::{Health, WorkerContext};
+use crate::commit::{Broker, LocalState, Offsets, OutRecord};
+use crate::kafka::dlq_header;
+use crate::step::Rejection;
+use crate::store::{Shard, Store, StoreError};
+use crate::txn::{TxnError, TxnErrorClass, TxnProducer};
+
+/// How long a unit may wait for the broker's acknowledgements before the instance reports
+/// not-ready (it keeps waiting: librdkafka retries until `message.timeout.ms`).
+const ACK_STALL: Duration = Duration::from_secs(5);
+
+/// The instance's clients, as one unit's commit uses them.
+pub(super) struct KafkaBroker<'a> {
+    pub producer: &'a FutureProducer,
+    /// Under `exactly_once`.
+    pub txn: Option<&'a TxnProducer>,
+    pub consumer: &'a StreamConsumer<WorkerContext>,
+    pub health: &'a Health,
+    pub worker: &'a str,
+}
+
+impl Broker for KafkaBroker<'_> {
+    async fn send(&self, records: Vec<OutRecord>) -> Vec<Result<i64, KafkaError>> {
+        let headers: Vec<Option<OwnedHeaders>> = records.iter().map(|r| owned_headers(&r.headers)).collect();
+        let sends = records.iter().zip(&headers).map(|(r, h)| {
+            let mut record = FutureRecord::<[u8], [u8]>::to(&r.topic);
+            if let Some(p) = r.partition {
+                record = record.partition(p);
+            }
+            if let Some(k) = &r.key {
+                record = record.key(k.as_slice());
+            }
+            if let Some(v) = &r.value {
+                record = record.payload(v.as_slice());
+            }
+            if let Some(h) = h {
+                record = record.headers(h.clone());
+            }
+            self.producer.send(record, Timeout::Never)
+        });
+        let acks = await_acks(self.health, self.worker, join_all(sends)).await;
+        acks.into_iter().map(|a| a.map(|d| d.offset).map_err(|(e, _)| e)).collect()
+    }
+
+    async fn begin(&self) -> Result<(), TxnError> {
+        self.txn.expect("a transactional producer under exactly_once").begin().await
+    }
+
+    async fn commit_transaction(&self, offsets: &Offsets) -> Result<(), TxnError> {
+        let txn = self.txn.expect("a transactional producer under exactly_once");
+        let failed = |source: KafkaError| TxnError { class: TxnErrorClass::Abortable, source, step: "send_offsets_to_transaction" };
+        let tpl = offset_list(offsets).map_err(failed)?;
+        let group = self.consumer.group_metadata().ok_or_else(|| failed(KafkaError::ClientCreation("consumer has no group metadata".into())))?;
+        txn.commit(tpl, group).await
+    }
+
+    async fn abort(&self) -> Result<(), TxnError> {
+        self.txn.expect("a transactional producer under exactly_once").abort().await
+    }
+
+    fn commit_offsets(&self, offsets: &Offsets) {
+        if offsets.is_empty() {
+            return;
+        }
+        let result = offset_list(offsets).and_then(|tpl| self.consumer.commit(&tpl, CommitMode::Async));
+        if let Err(e) = result {
+            // The sled store already holds these offsets and eventIds; a replay is absorbed.
+            warn!(worker = %self.worker, error = %e, "offset commit failed; inputs will be replayed and deduplicated");
+        }
+    }
+}
+
+/// `offsets` as an rdkafka list.
+fn offset_list(offsets: &Offsets) -> Result<TopicPartitionList, KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for (p, topics) in offsets {
+        for (topic, next) in topics {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*next))?;
+        }
+    }
+    Ok(tpl)
+}
+
+fn owned_headers(headers: &[(String, Option<Vec<u8>>)]) -> Option<OwnedHeaders> {
+    (!headers.is_empty()).then(|| {
+        headers.iter().fold(OwnedHeaders::new_with_capacity(headers.len()), |h, (k, v)| h.insert(Header { key: k, value: v.as_deref() }))
+    })
+}
+
+/// Awaits a unit's acknowledgements; while they take longer than [`ACK_STALL`] the instance
+/// reports not-ready (librdkafka keeps retrying until `message.timeout.ms`).
+async fn await_acks<F: std::future::Future>(health: &Health, worker: &str, acks: F) -> F::Output {
+    tokio::pin!(acks);
+    let started = Instant::now();
+    let mut stalled = false;
+    loop {
+        tokio::select! {
+            out = &mut acks => {
+                if stalled {
+                    info!(%worker, waited_s = started.elapsed().as_secs_f64(), "broker acknowledged the unit; ready");
+                }
+                health.set(&health.stalled, false);
+                return out;
+            }
+            _ = tokio::time::sleep(ACK_STALL), if !stalled => {
+                stalled = true;
+                warn!(%worker, "no acknowledgement from the broker for {} s; not ready, still waiting", ACK_STALL.as_secs());
+                health.set(&health.stalled, true);
+            }
+        }
+    }
+}
+
+/// One unit's staged state over the instance's sled store.
+pub(super) struct SledUnit<'a> {
+    pub store: &'a Store,
+    pub shards: &'a BTreeMap<i32, Shard>,
+    pub changes: &'a BTreeMap<i32, Changes>,
+    pub offsets: &'a Offsets,
+}
+
+impl LocalState for SledUnit<'_> {
+    fn persist(&mut self, partition: i32, changelog_next: i64) -> Result<(), StoreError> {
+        let (no_changes, no_offsets) = (Changes::default(), BTreeMap::new());
+        let changes = self.changes.get(&partition).unwrap_or(&no_changes);
+        self.shards[&partition].commit(changes, self.offsets.get(&partition).unwrap_or(&no_offsets), Some(changelog_next))
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.store.flush().await
+    }
+}
+
+/// The dead-letter record of `source` rejected by `worker` at `now_ms`: its key and value (the
+/// value left out beyond `max_value` bytes, header `orderflow.dlq.value-dropped` = its length),
+/// its own headers, and the `orderflow.dlq.*` headers saying where it came from and why.
+pub(super) fn dead_letter_record(topic: String, source: &OwnedMessage, r: &Rejection, worker: &str, now_ms: i64, max_value: usize) -> OutRecord {
+    let mut headers: Vec<(String, Option<Vec<u8>>)> = source
+        .headers()
+        .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
+        .unwrap_or_default();
+    let fields = [
+        (dlq_header::SOURCE_TOPIC, source.topic().to_string()),
+        (dlq_header::SOURCE_PARTITION, source.partition().to_string()),
+        (dlq_header::SOURCE_OFFSET, source.offset().to_string()),
+        (dlq_header::WORKER, worker.to_string()),
+        (dlq_header::ERROR_CLASS, r.class.to_string()),
+        (dlq_header::ERROR_MESSAGE, r.message.clone()),
+        (dlq_header::ATTEMPTS, r.attempts.to_string()),
+        (dlq_header::TIME, now_ms.to_string()),
+    ];
+    headers.extend(fields.into_iter().map(|(k, v)| (k.to_string(), Some(v.into_bytes()))));
+    let value = source.payload().filter(|p| p.len() <= max_value).map(<[u8]>::to_vec);
+    if let Some(p) = source.payload().filter(|p| p.len() > max_value) {
+        headers.push((dlq_header::VALUE_DROPPED.to_string(), Some(p.len().to_string().into_bytes())));
+    }
+    OutRecord { topic, partition: None, key: source.key().map(<[u8]>::to_vec), value, headers }
+}

@@ -1,0 +1,382 @@
+//! The consume → process → produce loop of one worker instance.
+//!
+//! A *unit of work* gathers the input records already fetched, waiting for the first one at most
+//! one `commit_interval` and ending at `max_batch` records or when no further record is at hand
+//! (so at low load a record is processed as soon as it arrives, and under load units grow while
+//! the previous one commits), then:
+//! 1. decodes each record (undecodable ones are dead-lettered),
+//! 2. runs the broker-free [`crate::step`] on them: the processor on each event with `eventId`
+//!    dedupe, staging state writes per input partition, then the due timers of every assigned
+//!    partition,
+//! 3. commits with the guarantee's protocol ([`crate::commit`]): produces every output, dead-letter record and changelog record of a state change and waits
+//!    until the broker acknowledged all, then produces each touched partition's commit marker
+//!    (carrying the input offsets and remembered `eventId`s) and waits for those (under
+//!    `exactly_once` the markers go with the rest: the transaction commits all or nothing),
+//! 4. writes each partition's staged state, remembered `eventId`s, timers, next input offsets and
+//!    changelog position to sled in one batch and flushes it,
+//! 5. commits the input offsets to the consumer group (advisory: restore resumes from the
+//!    offsets stored with the state).
+//!
+//! Partitions are tasks: on assignment a partition is paused, its state restored
+//! ([`changelog::restore`]: local sled if consistent, changelog tail, or a rebuild from the
+//! changelog alone), its inputs positioned at the restored offsets and only then resumed. On
+//! revocation the records gathered for it are abandoned (the new owner replays them).
+//!
+//! An input is therefore never acknowledged before its outputs, and the local store is never
+//! ahead of the broker. A crash anywhere replays the unit: outputs are re-emitted with the same
+//! deterministic `eventId`s, and state effects are applied once because the `eventId`s are
+//! remembered in the same batch as the state they changed.
+
+//!
+//! # Layout
+//!
+//! - `mod.rs`: [`Worker`], [`WorkerSetup`], [`WorkerError`]; creating the clients; the loop
+//!   (gather → rebalance → unit).
+//! - `context`: readiness, the consumer context (rebalance queue, lag, broker reachability,
+//!   stall watch).
+//! - `rebalance`: restoring assigned partitions, dropping revoked ones, rewinding, rejoining.
+//! - `unit`: one unit of work: admit, step, report, encode, commit, failure handling.
+//! - `kafka_io`: the commit protocols' broker and store interfaces over rdkafka and sled; dead
+//!   letter records.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt as _;
+use orderflow_api::{ProcessError, Processor};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureProducer;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::changelog;
+use crate::clock::{Clock, SystemClock};
+use crate::codec::Codec;
+use crate::kafka::{client_config, Side};
+use crate::metrics::Metrics;
+use crate::step::Rules;
+use crate::store::{Shard, Store, StoreError};
+use crate::topology::{BrokerConfig, Guarantee, Loaded, RetryPolicy, WorkerSpec};
+use crate::txn::TxnProducer;
+
+mod context;
+mod kafka_io;
+mod rebalance;
+mod unit;
+
+use context::{subscribed_consumer, Health};
+pub use context::WorkerContext;
+
+/// Errors that stop a worker instance. All are fatal: the process exits non-zero so the pod
+/// restarts and replays from the last committed unit.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("worker {0} is not in the topology")]
+    UnknownWorker(String),
+    #[error("worker {worker}: guarantee {guarantee} is not available: {reason}")]
+    Guarantee { worker: String, guarantee: &'static str, reason: String },
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("delivery to {topic} failed: {error}")]
+    Delivery { topic: String, error: rdkafka::error::KafkaError },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("encoding an output for {topic}: {error}")]
+    Encode { topic: String, error: crate::codec::CodecError },
+    #[error(transparent)]
+    Txn(crate::txn::TxnError),
+    #[error("state restore: {0}")]
+    Restore(String),
+    #[error("processor failed on {topic}[{partition}]@{offset}: {error}")]
+    Process { topic: String, partition: i32, offset: i64, error: ProcessError },
+}
+
+/// Everything needed to start one worker instance.
+pub struct WorkerSetup {
+    /// Worker name in the topology.
+    pub name: String,
+    /// The loaded topology.
+    pub topology: Arc<Loaded>,
+    /// The business logic.
+    pub processor: Box<dyn Processor>,
+    /// Output ports the processor may emit on (its kind's ports).
+    pub ports: &'static [&'static str],
+    /// Shared codec.
+    pub codec: Arc<Codec>,
+    /// Shared metrics.
+    pub metrics: Metrics,
+    /// Instance id within the worker's group (pod name); names the state directory.
+    pub instance: String,
+    /// Set while every assigned partition is restored and being processed, the broker is
+    /// reachable and outputs are being acknowledged (`/readyz`).
+    pub ready: Arc<AtomicBool>,
+}
+
+/// A running worker instance.
+pub struct Worker {
+    name: String,
+    processor: Box<dyn Processor>,
+    /// The kind's output ports the topology wires.
+    wired: Vec<String>,
+    /// Wired port → topic.
+    outputs: BTreeMap<String, String>,
+    inputs: Vec<String>,
+    consumer: StreamConsumer<WorkerContext>,
+    /// What `consumer` was created from (a new one replaces it after a refused join).
+    consumer_config: ClientConfig,
+    /// Consecutive joins the group refused with `UNRELEASED_INSTANCE_ID` (backoff factor).
+    refused_joins: u32,
+    producer: FutureProducer,
+    /// The transactional producer under `exactly_once` (then `producer` is its inner producer).
+    txn: Option<TxnProducer>,
+    broker: BrokerConfig,
+    guarantee: Guarantee,
+    changelog_topic: String,
+    /// Partitions restored and being processed.
+    owned: BTreeSet<i32>,
+    health: Arc<Health>,
+    store: Store,
+    shards: BTreeMap<i32, Shard>,
+    codec: Arc<Codec>,
+    metrics: Metrics,
+    commit_interval: Duration,
+    max_batch: usize,
+    /// Transient failures: how often and how long to retry.
+    retry: RetryPolicy,
+    /// Most time one unit may spend in retry waits: half of `max.poll.interval.ms`. Past it a
+    /// transient record failure is dead-lettered at once and due timers wait for a later unit.
+    retry_budget: Duration,
+    /// Admission rules for input records.
+    rules: Rules,
+    /// Input topic → its dead-letter topic.
+    dead_letter: BTreeMap<String, String>,
+    /// Longest value a dead-letter record carries; a longer one is left out (header
+    /// `orderflow.dlq.value-dropped` = its length) so the record can still be produced.
+    max_dead_letter_value: usize,
+    /// The wall clock (`now_ms` of processors, timer deadlines).
+    clock: Arc<dyn Clock>,
+    /// Consecutive units whose outputs the broker did not acknowledge (backoff exponent).
+    produce_failures: u32,
+    /// Per partition, changelog keys written by a unit that never committed; the next unit
+    /// committed for the partition compensates them ([`changelog`] module docs).
+    orphans: BTreeMap<i32, changelog::Orphans>,
+    /// Since when the group revoked this instance's partitions without assigning any since.
+    revoked_since: Option<Instant>,
+    /// Where this instance keeps its sled store.
+    pub state_path: PathBuf,
+}
+
+/// The longest value a dead-letter record may carry: the producer's `message.max.bytes`
+/// (librdkafka default 1,000,000) less 64 KiB for the key and headers.
+fn max_dead_letter_value(broker: &BrokerConfig) -> usize {
+    let limit = broker
+        .producer
+        .get("message.max.bytes")
+        .or_else(|| broker.properties.get("message.max.bytes"))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1_000_000);
+    limit.saturating_sub(64 * 1024)
+}
+
+/// Milliseconds since the Unix epoch ([`SystemClock`]).
+pub fn now_ms() -> i64 {
+    SystemClock.now_ms()
+}
+
+impl Worker {
+    /// Creates the clients and opens the state store at
+    /// `<state_dir>/<worker>/<instance>`.
+    ///
+    /// Errors: unknown worker, a guarantee this build cannot honour (never silently downgraded),
+    /// client creation, state store open.
+    pub async fn new(setup: WorkerSetup) -> Result<Worker, WorkerError> {
+        let t = &setup.topology.topology;
+        let spec = t.workers.get(&setup.name).ok_or_else(|| WorkerError::UnknownWorker(setup.name.clone()))?;
+        let guarantee = spec.guarantee(&t.defaults);
+        if guarantee == Guarantee::ExactlyOnce {
+            require_transactions(&setup.name, &t.broker.bootstrap).await?;
+        }
+        let consumer_config = consumer_config(&setup, spec);
+        let health = Arc::new(Health::new(setup.ready.clone()));
+        let consumer = subscribed_consumer(&consumer_config, &setup.name, &setup.metrics, &health, &spec.inputs)?;
+        let (producer, txn) = producer(&setup, spec, guarantee).await?;
+        let state_path = t.defaults.state_dir.join(&setup.name).join(&setup.instance);
+        let (store, reset) = Store::open_or_reset(&state_path)?;
+        if reset {
+            warn!(worker = %setup.name, state = %state_path.display(), "state store was reset; partitions will be rebuilt from the changelog");
+        }
+        setup.metrics.guarantee.with_label_values(&[&setup.name, guarantee.as_str()]).set(1);
+        info!(worker = %setup.name, instance = %setup.instance, guarantee = guarantee.as_str(), state = %state_path.display(), "worker started");
+        Ok(Worker {
+            name: setup.name.clone(),
+            processor: setup.processor,
+            wired: setup.ports.iter().filter(|p| spec.outputs.contains_key(**p)).map(|s| s.to_string()).collect(),
+            outputs: spec.outputs.clone(),
+            inputs: spec.inputs.clone(),
+            consumer,
+            consumer_config,
+            refused_joins: 0,
+            producer,
+            txn,
+            broker: t.broker.clone(),
+            guarantee,
+            changelog_topic: changelog::topic(&setup.name),
+            owned: BTreeSet::new(),
+            health,
+            store,
+            shards: BTreeMap::new(),
+            codec: setup.codec,
+            metrics: setup.metrics,
+            commit_interval: spec.commit_interval(&t.defaults),
+            max_batch: spec.max_batch(&t.defaults),
+            retry: spec.retry(&t.defaults),
+            retry_budget: crate::topology::max_poll_interval(&t.broker) / 2,
+            rules: Rules::of(&setup.topology, &spec.inputs),
+            dead_letter: spec.inputs.iter().map(|i| (i.clone(), t.dead_letter_of(i))).collect(),
+            max_dead_letter_value: max_dead_letter_value(&t.broker),
+            clock: Arc::new(SystemClock),
+            produce_failures: 0,
+            orphans: BTreeMap::new(),
+            revoked_since: None,
+            state_path,
+        })
+    }
+
+    /// Replaces the wall clock (tests: [`crate::clock::PausedClock`]).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Worker {
+        self.clock = clock;
+        self
+    }
+
+    /// Runs units of work until `shutdown` turns true, then finishes the unit in flight and
+    /// returns (dropping the consumer leaves the group).
+    ///
+    /// Errors: any [`WorkerError`]; the unit in flight is then not committed and will be replayed.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let (mut batch, consumer_error) = self.gather(&mut shutdown).await;
+            if let Some(e) = consumer_error {
+                self.on_consumer_error(e).await?;
+            }
+            let abandoned = self.rebalance().await?;
+            self.rejoin_if_stuck()?;
+            batch.retain(|m| self.owned.contains(&m.partition()) && !abandoned.contains(&m.partition()));
+            self.unit(batch).await?;
+        }
+        self.health.set(&self.health.restored, false);
+        info!(worker = %self.name, "worker stopped");
+        Ok(())
+    }
+
+
+    /// Gathers the records of one unit: waits for the first at most one commit interval, then
+    /// takes the records already fetched, up to `max_batch`; stops early for a rebalance or a
+    /// shutdown. Returns the records and a consumer error that ended the gathering, if any.
+    async fn gather(&mut self, shutdown: &mut watch::Receiver<bool>) -> (Vec<OwnedMessage>, Option<KafkaError>) {
+        let deadline = tokio::time::Instant::now() + self.commit_interval;
+        let mut batch = Vec::new();
+        let mut consumer_error = None;
+        while batch.len() < self.max_batch && !self.consumer.context().has_events() {
+            if !batch.is_empty() {
+                // The unit closes as soon as no further record is already fetched: at low
+                // load a record is not held back for the rest of the commit interval (every
+                // hop of the saga would add it to an order's latency); under load records
+                // pile up while a unit commits, so units grow by themselves.
+                match self.consumer.recv().now_or_never() {
+                    Some(Ok(m)) => {
+                        batch.push(m.detach());
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        consumer_error = Some(e);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            tokio::select! {
+                msg = self.consumer.recv() => match msg {
+                    Ok(m) => batch.push(m.detach()),
+                    Err(e) => {
+                        consumer_error = Some(e);
+                        break;
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = shutdown.changed() => break,
+            }
+        }
+        (batch, consumer_error)
+    }
+
+}
+
+/// Logs and returns a worker's result (for tasks spawned per worker).
+pub fn log_exit(name: &str, result: &Result<(), WorkerError>) {
+    match result {
+        Ok(()) => info!(worker = name, "worker exited cleanly"),
+        Err(e) => error!(worker = name, error = %e, "worker failed"),
+    }
+}
+
+/// Refuses `exactly_once` on a broker without transactions (never silently downgraded).
+///
+/// Errors: [`WorkerError::Guarantee`] when the broker cannot be asked or lacks the APIs.
+async fn require_transactions(worker: &str, bootstrap: &str) -> Result<(), WorkerError> {
+    let refuse = |reason: String| WorkerError::Guarantee { worker: worker.to_string(), guarantee: Guarantee::ExactlyOnce.as_str(), reason };
+    let support = crate::probe::broker_supports_transactions(bootstrap, Duration::from_secs(10))
+        .await
+        .map_err(|e| refuse(format!("cannot ask the broker which APIs it has: {e}")))?;
+    if !support.supported {
+        return Err(refuse(format!(
+            "the broker at {bootstrap} does not support transactions (missing {}); use effectively_once (README \"Processing guarantees\")",
+            support.missing.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// The consumer configuration of one instance: the worker's group, its client id, the group
+/// protocol, static membership (KIP-345) when the topology asks for it, statistics every second.
+fn consumer_config(setup: &WorkerSetup, spec: &WorkerSpec) -> ClientConfig {
+    let t = &setup.topology.topology;
+    let mut config = client_config(&t.broker, Side::Consumer);
+    config.set("group.id", spec.group_id(&setup.name)).set("client.id", format!("{}-{}", setup.name, setup.instance));
+    crate::kafka::set_group_protocol(&mut config, t.defaults.group_protocol);
+    if t.defaults.static_membership {
+        // KIP-345: a restarted pod rejoins under its old identity, so a crash-restart does not
+        // wait for the dead member's session to expire (and, on tansu 0.6.0, does not hit its
+        // coordinator stalling when a member expires during a join).
+        config.set("group.instance.id", format!("{}-{}", setup.name, setup.instance));
+    }
+    if config.get("statistics.interval.ms").is_none() {
+        // Consumer lag and broker reachability (readiness) are read from these reports.
+        config.set("statistics.interval.ms", "1000");
+    }
+    config
+}
+
+/// The instance's producer; under `exactly_once` a transactional one with one transactional id
+/// per worker instance, so a restarted instance fences its zombie.
+///
+/// Errors: client creation, `init_transactions`.
+async fn producer(setup: &WorkerSetup, spec: &WorkerSpec, guarantee: Guarantee) -> Result<(FutureProducer, Option<TxnProducer>), WorkerError> {
+    let t = &setup.topology.topology;
+    let mut config = client_config(&t.broker, Side::Producer);
+    config.set("client.id", format!("{}-{}", setup.name, setup.instance));
+    if guarantee != Guarantee::ExactlyOnce {
+        return Ok((config.create()?, None));
+    }
+    config.set("transactional.id", format!("{}-{}", spec.group_id(&setup.name), setup.instance));
+    let txn = TxnProducer::init(config, Duration::from_secs(60)).await.map_err(WorkerError::Txn)?;
+    Ok((txn.producer().clone(), Some(txn)))
+}
