@@ -19,10 +19,11 @@
 //! # Replay
 //!
 //! The range's records are processed in offset order per partition, partitions merged by record
-//! timestamp, with `orderflow_api::handle` (eventId dedupe) and `fire_timers`; the clock
-//! (`now_ms`) is the record's timestamp (never earlier than the previous one), so the replay is
-//! deterministic and timers fire as the replayed time passes (before and after each record,
-//! every partition). Timers due after the last replayed record's timestamp do not fire. The
+//! timestamp, through the live worker's own code: admission by `orderflow_runtime::step::admit`
+//! and each record as a unit of work of `orderflow_runtime::step::step` (eventId dedupe, timers
+//! one at a time), so replay and live processing cannot drift apart. The clock (`now_ms`) is the
+//! record's timestamp (never earlier than the previous one), so the replay is deterministic and
+//! timers fire as the replayed time passes (before and after each record, every partition). Timers due after the last replayed record's timestamp do not fire. The
 //! processor is built by `kinds::build` from the topology entry; `--reservation-ttl` overrides the
 //! worker's TTL so a changed configuration can be compared. Records that fail to decode, break the
 //! admission rules or are `Invalid` are reported as the dead letters the live worker would write;
@@ -41,9 +42,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use orderflow_api::{derive_event_id, handle, Context, Event, Handled, MemoryStore, ProcessError, Processor, StateRead, StateTxn};
+use orderflow_api::{derive_event_id, Event, MemoryStore, Processor};
 use orderflow_runtime::changelog::{decode_offsets, decode_record, Entry, TAG_DATA, TAG_MARKER, TAG_TIMER};
 use orderflow_runtime::codec::Codec;
+use orderflow_runtime::step::{self, Input, Outcome, Rejection, RetryBudget, Rules};
 use orderflow_runtime::topology::{BrokerConfig, Guarantee, Loaded, WorkerSpec};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
@@ -64,90 +66,22 @@ pub const WINDOW_MARGIN_MS: i64 = 60_000;
 const META_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ------------------------------------------------------------------------------------------
-// Admission: what the live worker would dead-letter before the processor sees an event.
-
-/// The admission rules of the live worker for one input topic (`orderflow_runtime::worker`).
-#[derive(Debug, Clone)]
-pub struct Admission {
-    /// Avro record names the topic carries (topology `schema`); empty: any.
-    pub schemas: Vec<String>,
-    /// `oversized` beyond this many bytes.
-    pub max_record_bytes: usize,
-    /// `future_timestamp` when `occurredAt` is further ahead of the replay clock (ms).
-    pub max_clock_skew_ms: i64,
-}
-
-impl Admission {
-    /// The rules of input `topic` in `loaded`.
-    pub fn of(loaded: &Loaded, topic: &str) -> Admission {
-        let t = &loaded.topology;
-        Admission {
-            schemas: t
-                .topics
-                .get(topic)
-                .and_then(|s| s.schema.as_ref())
-                .map(|s| s.names().iter().map(|n| n.to_string()).collect())
-                .unwrap_or_default(),
-            max_record_bytes: t.defaults.max_record_bytes,
-            max_clock_skew_ms: t.defaults.max_clock_skew.as_millis() as i64,
-        }
-    }
-}
-
-/// Why a record would be dead-lettered: `class` is the live worker's dead-letter class
-/// (`truncated`, `oversized`, `not_avro`, `unknown_schema`, `malformed`, `wrong_schema`,
-/// `invalid`, `future_timestamp`, `transient`, `registry_unavailable`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Rejection {
-    pub class: String,
-    pub message: String,
-}
-
-impl Rejection {
-    fn new(class: &str, message: impl Into<String>) -> Rejection {
-        Rejection { class: class.to_string(), message: message.into() }
-    }
-}
+// Admission: the live worker's rules (`orderflow_runtime::step`), with the record time as clock.
 
 /// The timestamp of `m` in ms (its Kafka timestamp), if it has one.
 pub fn timestamp_of(m: &OwnedMessage) -> Option<i64> {
     m.timestamp().to_millis()
 }
 
-/// Decodes `m` and applies the admission rules as the live worker does, with `now_ms` as the
-/// clock (the record's timestamp in a replay). A registry failure is not retried here: it is
-/// reported as `registry_unavailable`.
-pub async fn admit(codec: &Codec, rules: &Admission, m: &OwnedMessage, now_ms: i64) -> std::result::Result<Event, Rejection> {
-    let Some(payload) = m.payload() else {
-        return Err(Rejection::new("truncated", "record has no value (a tombstone on an event topic)"));
-    };
-    if payload.len() > rules.max_record_bytes {
-        return Err(Rejection::new(
-            "oversized",
-            format!("value of {} bytes exceeds max_record_bytes {}", payload.len(), rules.max_record_bytes),
-        ));
-    }
-    let event = codec.decode(payload).await.map_err(|e| Rejection::new(e.class(), e.to_string()))?;
-    check_event(rules, &event, now_ms)?;
-    Ok(event)
-}
-
-/// The admission rules that look at a decoded event: `wrong_schema`, an empty `eventId`
-/// (`invalid`), `future_timestamp`.
-pub fn check_event(rules: &Admission, event: &Event, now_ms: i64) -> std::result::Result<(), Rejection> {
-    if !rules.schemas.is_empty() && !rules.schemas.iter().any(|n| n == event.schema_name()) {
-        return Err(Rejection::new(
-            "wrong_schema",
-            format!("{} event on a topic that carries {}", event.schema_name(), rules.schemas.join(", ")),
-        ));
-    }
-    if event.event_id().is_empty() {
-        return Err(Rejection::new("invalid", format!("{} with an empty eventId", event.schema_name())));
-    }
-    if event.occurred_at() > now_ms.saturating_add(rules.max_clock_skew_ms) {
-        return Err(Rejection::new("future_timestamp", format!("occurredAt {} is ahead of the record time {now_ms}", event.occurred_at())));
-    }
-    Ok(())
+/// Decodes `m` and applies the live worker's admission rules (`orderflow_runtime::step::admit`:
+/// `truncated`, `oversized`, the codec's classes, `wrong_schema`, `invalid`, `future_timestamp`)
+/// with `now_ms` as the clock (the record's timestamp in a replay). A schema registry that does
+/// not answer is not retried: it is reported as `registry_unavailable`. `worker` names the logs.
+///
+/// Errors: the [`Rejection`] naming the dead-letter class the live worker would write.
+pub async fn admit(codec: &Codec, rules: &Rules, worker: &str, m: &OwnedMessage, now_ms: i64) -> std::result::Result<Event, Rejection> {
+    let input = Input { topic: m.topic(), partition: m.partition(), offset: m.offset() };
+    step::admit(codec, rules, input, m.payload(), now_ms, &mut RetryBudget::none(), worker).await
 }
 
 // ------------------------------------------------------------------------------------------
@@ -386,10 +320,14 @@ pub struct Emitted {
 /// A record the live worker would dead-letter (or stop on, under `failures`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeadLetter {
+    /// Input partition.
     pub partition: i32,
+    /// Input offset; -1 for a timer.
     pub offset: i64,
     #[serde(rename = "eventId", skip_serializing_if = "Option::is_none")]
     pub event_id: Option<String>,
+    /// A dead letter's [`orderflow_runtime::deadletter::DeadLetterClass`] (`invalid`,
+    /// `not_avro`, ...); for a failure, `fatal` (an input) or `timer`.
     pub class: String,
     pub message: String,
 }
@@ -415,9 +353,13 @@ pub struct Stats {
     pub outputs_per_topic: BTreeMap<String, u64>,
 }
 
-/// Runs one processor over shadow shards, one record per unit of work, with the runtime's rules.
+/// Runs one processor over shadow shards through the live worker's unit step
+/// (`orderflow_runtime::step::step`), one record per unit of work, without retries (a replay
+/// reports the first failure as the live worker's last).
 pub struct Engine {
     processor: Box<dyn Processor>,
+    /// The worker replayed through (names the logs).
+    worker: String,
     /// The replayed input topic (`Context::topic` of its records).
     topic: String,
     /// Wired port → topic.
@@ -430,17 +372,19 @@ pub struct Engine {
     pub emitted: Vec<Emitted>,
     /// Records the live worker would dead-letter.
     pub dead_letters: Vec<DeadLetter>,
-    /// Records the live worker would stop on (`CorruptState`, `UnwiredPort`).
+    /// Records and timers the live worker would stop on (`CorruptState`, `UnwiredPort`, a
+    /// failing timer).
     pub failures: Vec<DeadLetter>,
 }
 
 impl Engine {
-    /// An engine running `processor` on records of input `topic`, with its wired ports
-    /// `port → topic` (the kind's ports the topology wires), over `shards` (partition → shadow
-    /// state; a partition without one starts empty).
-    pub fn new(processor: Box<dyn Processor>, topic: &str, ports: BTreeMap<String, String>, shards: BTreeMap<i32, MemoryStore>) -> Engine {
+    /// An engine running `worker`'s `processor` on records of input `topic`, with its wired
+    /// ports `port → topic` (the kind's ports the topology wires), over `shards` (partition →
+    /// shadow state; a partition without one starts empty).
+    pub fn new(worker: &str, processor: Box<dyn Processor>, topic: &str, ports: BTreeMap<String, String>, shards: BTreeMap<i32, MemoryStore>) -> Engine {
         Engine {
             processor,
+            worker: format!("replay --through {worker}"),
             topic: topic.to_string(),
             ports,
             shards,
@@ -462,140 +406,97 @@ impl Engine {
         self.shards.values().map(|s| s.timers.len()).sum()
     }
 
-    /// Processes one record of `partition` at `offset`, timestamp `ts_ms`, already decoded and
-    /// admitted (or rejected). Timers due at the clock fire first on every partition (on
-    /// `partition` only during a warm-up), then the record is handled, then `partition`'s timers
-    /// due at the clock fire again (those the record scheduled in the past). `report == false`
-    /// is a warm-up: nothing is recorded, only the state moves.
-    pub fn step(&mut self, partition: i32, offset: i64, ts_ms: i64, decoded: std::result::Result<Event, Rejection>, report: bool) {
+    /// Processes one record of `partition` at `offset`, timestamp `ts_ms`, already admitted (or
+    /// rejected, [`admit`]). The clock moves to `ts_ms` (never back). Timers due at the clock
+    /// fire first in a unit of their own, as the live worker's timer punctuation would have
+    /// fired them before the record arrived (on every partition; on `partition` only during a
+    /// warm-up); then the record is one unit over its partition, whose timers due at the clock
+    /// fire after it, as in the live worker. `report == false` is a warm-up: nothing is recorded,
+    /// only the state moves.
+    pub async fn step(&mut self, partition: i32, offset: i64, ts_ms: i64, admitted: std::result::Result<Event, Rejection>, report: bool) {
         self.clock = self.clock.max(ts_ms);
-        let now = self.clock;
         self.shards.entry(partition).or_default();
         let partitions: Vec<i32> = if report { self.shards.keys().copied().collect() } else { vec![partition] };
-        for p in &partitions {
-            self.fire(*p, now, report);
-        }
+        self.unit(&partitions, Vec::new(), report).await;
         if report {
             self.stats.inputs += 1;
         }
-        let event = match decoded {
-            Ok(e) => e,
-            Err(r) => {
-                if report {
-                    self.stats.dead_letters += 1;
-                    self.dead_letters.push(DeadLetter { partition, offset, event_id: None, class: r.class, message: r.message });
-                }
-                return;
-            }
-        };
-        let ctx = Context { topic: self.topic.clone(), partition, offset, now_ms: now };
-        let mut out = orderflow_api::Outputs::new(self.ports.keys().cloned());
-        let store = self.shards.get(&partition).expect("shard created above");
-        let mut txn = StateTxn::new(store);
-        let result = handle(self.processor.as_mut(), &ctx, &event, &mut txn, &mut out);
-        let changes = txn.into_changes();
-        let cause = Cause::Input { partition, offset, event_id: event.event_id().to_string() };
-        let reject = |class: &str, message: String| DeadLetter {
-            partition,
-            offset,
-            event_id: Some(event.event_id().to_string()),
-            class: class.to_string(),
-            message,
-        };
-        match result {
-            Ok(handled) => {
-                self.shards.get_mut(&partition).expect("shard").apply(changes);
-                if report {
-                    match handled {
-                        Handled::Processed => self.stats.processed += 1,
-                        Handled::Duplicate => self.stats.duplicates += 1,
-                    }
-                    self.record(out.take_records(), &cause);
-                }
-            }
-            Err(ProcessError::Invalid(m)) if report => {
-                self.stats.dead_letters += 1;
-                self.dead_letters.push(reject("invalid", m));
-            }
-            Err(ProcessError::Transient(m)) if report => {
-                self.stats.dead_letters += 1;
-                self.dead_letters.push(reject("transient", m));
-            }
-            Err(e) if report => {
-                self.stats.failures += 1;
-                self.failures.push(reject("fatal", e.to_string()));
-            }
-            Err(_) => {}
-        }
-        self.fire(partition, now, report);
+        let topic = self.topic.clone();
+        self.unit(&[partition], vec![(Input { topic: &topic, partition, offset }, admitted)], report).await;
     }
 
-    /// Fires `partition`'s timers due at `now`, earliest first, each removed before its handler
-    /// runs: `orderflow_api::fire_timers`, unrolled so each emitted event names its timer. A
-    /// failing timer's changes are discarded and the timers after it wait for a later clock.
-    fn fire(&mut self, partition: i32, now: i64, report: bool) {
-        let Some(store) = self.shards.get(&partition) else { return };
-        let due = store.due_timers(now);
-        if due.is_empty() {
+    /// One unit of work over `partitions` at the clock: the shared step, its state and timer
+    /// changes applied to the shadow (also after a failure: the step already discarded the
+    /// failing record's or timer's own changes), and, when `report`, its effects recorded.
+    async fn unit(&mut self, partitions: &[i32], records: Vec<(Input<'_>, std::result::Result<Event, Rejection>)>, report: bool) {
+        let now = self.clock;
+        let inputs: Vec<(i32, i64, Option<String>)> =
+            records.iter().map(|(i, r)| (i.partition, i.offset, r.as_ref().ok().map(|e| e.event_id().to_string()))).collect();
+        let wired: Vec<String> = self.ports.keys().cloned().collect();
+        let states: BTreeMap<i32, &MemoryStore> = partitions.iter().map(|p| (*p, &self.shards[p])).collect();
+        let staged = step::step(self.processor.as_mut(), &wired, &states, records, now, &mut RetryBudget::none(), &self.worker).await;
+        for (p, changes) in staged.changes {
+            self.shards.get_mut(&p).expect("a shard for every partition of the unit").apply(changes);
+        }
+        if !report {
             return;
         }
-        let ctx = Context { topic: String::new(), partition, offset: -1, now_ms: now };
-        let mut out = orderflow_api::Outputs::new(self.ports.keys().cloned());
-        let mut txn = StateTxn::new(store);
-        // One timer per call so each emitted event names its timer.
-        let mut fired: Vec<(Vec<u8>, i64, Vec<orderflow_api::Output>)> = Vec::new();
-        let mut failure = None;
-        for (key, due_ms) in due {
-            let mark = txn.savepoint();
-            txn.cancel_timer(&key);
-            match self.processor.on_timer(&ctx, &key, due_ms, &mut txn, &mut out) {
-                Ok(()) => fired.push((key, due_ms, out.take_records())),
-                Err(e) => {
-                    txn.rollback_to(mark);
-                    let _ = out.take_records();
-                    failure = Some((key, e));
-                    break;
-                }
+        for outcome in &staged.outcomes {
+            match outcome {
+                Outcome::Processed => self.stats.processed += 1,
+                Outcome::Duplicate => self.stats.duplicates += 1,
+                Outcome::DeadLettered | Outcome::NotReached => {}
             }
         }
-        let changes = txn.into_changes();
-        self.shards.get_mut(&partition).expect("shard").apply(changes);
-        if report {
-            for (key, due_ms, records) in fired {
-                self.stats.timers_fired += 1;
-                let cause = Cause::Timer { partition, key: String::from_utf8_lossy(&key).into_owned(), due_ms, at_ms: now };
-                self.record(records, &cause);
-            }
-            if let Some((key, e)) = failure {
-                self.stats.failures += 1;
-                self.failures.push(DeadLetter {
+        for (i, r) in staged.dead_letters {
+            let (partition, offset, event_id) = inputs[i].clone();
+            self.stats.dead_letters += 1;
+            self.dead_letters.push(DeadLetter { partition, offset, event_id, class: r.class.as_str().to_string(), message: r.message });
+        }
+        self.stats.timers_fired += staged.timers_fired as u64;
+        for (output, cause) in staged.outputs {
+            let cause = match cause {
+                step::Cause::Input(i) => {
+                    let (partition, offset, event_id) = inputs[i].clone();
+                    Cause::Input { partition, offset, event_id: event_id.unwrap_or_default() }
+                }
+                step::Cause::Timer { partition, key, due_ms } => {
+                    Cause::Timer { partition, key: String::from_utf8_lossy(&key).into_owned(), due_ms, at_ms: now }
+                }
+            };
+            self.record(output, cause);
+        }
+        if let Some(stop) = staged.stop {
+            self.stats.failures += 1;
+            self.failures.push(match stop.cause {
+                step::Cause::Input(i) => {
+                    let (partition, offset, event_id) = inputs[i].clone();
+                    DeadLetter { partition, offset, event_id, class: "fatal".into(), message: stop.error.to_string() }
+                }
+                step::Cause::Timer { partition, key, .. } => DeadLetter {
                     partition,
                     offset: -1,
                     event_id: None,
                     class: "timer".into(),
-                    message: format!("timer {}: {e}", String::from_utf8_lossy(&key)),
-                });
-            }
-        }
-        // A failing timer stays scheduled (the live worker would stop and retry it); it is not
-        // retried at this clock again, as it would fail the same way.
-    }
-
-    fn record(&mut self, records: Vec<orderflow_api::Output>, cause: &Cause) {
-        for r in records {
-            let topic = self.ports.get(&r.port).cloned().unwrap_or_default();
-            *self.stats.outputs_per_topic.entry(topic.clone()).or_default() += 1;
-            self.stats.outputs += 1;
-            self.emitted.push(Emitted {
-                port: r.port,
-                topic,
-                key: r.key,
-                event: r.event.schema_name().to_string(),
-                event_id: r.event.event_id().to_string(),
-                value: r.event.to_json(),
-                cause: cause.clone(),
+                    message: format!("timer {}: {}", String::from_utf8_lossy(&key), stop.error),
+                },
             });
         }
+    }
+
+    fn record(&mut self, r: orderflow_api::Output, cause: Cause) {
+        let topic = self.ports.get(&r.port).cloned().unwrap_or_default();
+        *self.stats.outputs_per_topic.entry(topic.clone()).or_default() += 1;
+        self.stats.outputs += 1;
+        self.emitted.push(Emitted {
+            port: r.port,
+            topic,
+            key: r.key,
+            event: r.event.schema_name().to_string(),
+            event_id: r.event.event_id().to_string(),
+            value: r.event.to_json(),
+            cause,
+        });
     }
 }
 
@@ -1012,7 +913,7 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
     let ports: BTreeMap<String, String> =
         spec.outputs.iter().filter(|(p, _)| kind.ports.contains(&p.as_str())).map(|(p, t)| (p.clone(), t.clone())).collect();
     let codec = Codec::load(&loaded.avro_dir(), t.broker.registry_url.as_deref())?;
-    let rules = Admission::of(loaded, &topic);
+    let rules = Rules::of(loaded, &spec.inputs);
     let broker = t.broker.clone();
 
     // 1. The range's records.
@@ -1085,11 +986,11 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
         })
         .await?
     };
-    let mut engine = Engine::new(processor, &topic, ports.clone(), shards);
+    let mut engine = Engine::new(&worker, processor, &topic, ports.clone(), shards);
     for m in &warm_records {
         let ts = timestamp_of(m).unwrap_or(i64::MIN);
-        let decoded = admit(&codec, &rules, m, ts).await;
-        engine.step(m.partition(), m.offset(), ts, decoded, false);
+        let decoded = admit(&codec, &rules, &worker, m, ts).await;
+        engine.step(m.partition(), m.offset(), ts, decoded, false).await;
     }
     for r in reports.iter_mut() {
         r.warmed_up = warm_records.iter().filter(|m| m.partition() == r.partition).count() as u64;
@@ -1101,11 +1002,11 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
     for i in replay_order(&keys) {
         let m = &inputs[i];
         let ts = keys[i].2;
-        let decoded = admit(&codec, &rules, m, ts).await;
+        let decoded = admit(&codec, &rules, &worker, m, ts).await;
         if let Ok(e) = &decoded {
             decoded_inputs.push(e.clone());
         }
-        engine.step(m.partition(), m.offset(), ts, decoded, true);
+        engine.step(m.partition(), m.offset(), ts, decoded, true).await;
     }
     let times: Vec<i64> = keys.iter().map(|k| k.2).filter(|t| *t != i64::MIN).collect();
     let window = times.iter().min().zip(times.iter().max()).map(|(a, b)| (*a, *b));
@@ -1253,7 +1154,8 @@ mod tests {
     use super::*;
     use orderflow_api::events::StockUpdated;
     use orderflow_api::fixtures::*;
-    use orderflow_api::Changes;
+    use orderflow_api::{handle, Changes, Context, StateTxn};
+    use orderflow_runtime::deadletter::DeadLetterClass;
     use orderflow_runtime::changelog;
 
     const TOPIC: &str = "stock.commands";
@@ -1385,28 +1287,28 @@ mod tests {
         assert_eq!(report.position, 1);
         empty.apply(c);
         assert_eq!(shadow.data, empty.data, "the shadow is the committed state");
-        Engine::new(Box::new(stock_reserver::StockReserver::new(ttl)), TOPIC, reserver_ports(), BTreeMap::from([(0, shadow)]))
+        Engine::new("stock-reserver", Box::new(stock_reserver::StockReserver::new(ttl)), TOPIC, reserver_ports(), BTreeMap::from([(0, shadow)]))
     }
 
     /// Inputs 1..=5: an order, its repeat, an order without a store, a record that does not
     /// decode, an order the stock cannot serve.
-    fn replay(engine: &mut Engine) {
+    async fn replay(engine: &mut Engine) {
         let o1: Event = order_created("e-o1", "O-1", T0 + 1_000, &[("P-1", 3)]).into();
         let no_store: Event =
             orderflow_api::events::OrderCreated { store_id: String::new(), ..order_created("e-o3", "O-3", T0 + 3_000, &[("P-1", 1)]) }
                 .into();
         let o2: Event = order_created("e-o2", "O-2", T0 + 5_000, &[("P-1", 20)]).into();
-        engine.step(0, 1, T0 + 1_000, Ok(o1.clone()), true);
-        engine.step(0, 2, T0 + 2_000, Ok(o1), true);
-        engine.step(0, 3, T0 + 3_000, Ok(no_store), true);
-        engine.step(0, 4, T0 + 4_000, Err(Rejection::new("not_avro", "not Avro")), true);
-        engine.step(0, 5, T0 + 5_000, Ok(o2), true);
+        engine.step(0, 1, T0 + 1_000, Ok(o1.clone()), true).await;
+        engine.step(0, 2, T0 + 2_000, Ok(o1), true).await;
+        engine.step(0, 3, T0 + 3_000, Ok(no_store), true).await;
+        engine.step(0, 4, T0 + 4_000, Err(Rejection::new(DeadLetterClass::NotAvro, "not Avro")), true).await;
+        engine.step(0, 5, T0 + 5_000, Ok(o2), true).await;
     }
 
-    #[test]
-    fn dry_run_emits_what_the_worker_would_with_dead_letters_and_duplicates() {
+    #[tokio::test]
+    async fn dry_run_emits_what_the_worker_would_with_dead_letters_and_duplicates() {
         let mut engine = reserver_engine(TTL);
-        replay(&mut engine);
+        replay(&mut engine).await;
         let got: Vec<(&str, &str, &str, &str)> =
             engine.emitted.iter().map(|e| (e.port.as_str(), e.topic.as_str(), e.key.as_str(), e.event.as_str())).collect();
         assert_eq!(
@@ -1436,27 +1338,27 @@ mod tests {
         assert_eq!(res["status"], "LIVE");
     }
 
-    #[test]
-    fn a_warm_up_moves_the_state_without_reporting() {
+    #[tokio::test]
+    async fn a_warm_up_moves_the_state_without_reporting() {
         let mut engine = reserver_engine(TTL);
-        engine.step(0, 1, T0 + 1_000, Ok(order_created("e-o1", "O-1", T0 + 1_000, &[("P-1", 9)]).into()), false);
+        engine.step(0, 1, T0 + 1_000, Ok(order_created("e-o1", "O-1", T0 + 1_000, &[("P-1", 9)]).into()), false).await;
         assert!(engine.emitted.is_empty());
         assert_eq!(engine.stats.inputs, 0);
-        engine.step(0, 2, T0 + 2_000, Ok(order_created("e-o2", "O-2", T0 + 2_000, &[("P-1", 2)]).into()), true);
+        engine.step(0, 2, T0 + 2_000, Ok(order_created("e-o2", "O-2", T0 + 2_000, &[("P-1", 2)]).into()), true).await;
         assert_eq!(engine.emitted.len(), 1);
         assert_eq!(engine.emitted[0].event, "StockReservationFailed", "9 of 10 were reserved during the warm-up");
     }
 
-    #[test]
-    fn timers_fire_as_the_replayed_time_passes() {
+    #[tokio::test]
+    async fn timers_fire_as_the_replayed_time_passes() {
         let ports = BTreeMap::from([("expired".to_string(), "stock.reservation.expired".to_string())]);
-        let mut engine = Engine::new(Box::new(reservation_expirer::ReservationExpirer::new(TTL)), "stock.reserved", ports, BTreeMap::new());
+        let mut engine = Engine::new("reservation-expirer", Box::new(reservation_expirer::ReservationExpirer::new(TTL)), "stock.reserved", ports, BTreeMap::new());
         let r1 = stock_reserved("e-r1", "O-1", "R-1", T0, T0 + TTL, &[("P-1", 1)]);
         let r2 = stock_reserved("e-r2", "O-2", "R-2", T0 + TTL + 5, T0 + 2 * TTL + 5, &[("P-1", 1)]);
-        engine.step(0, 0, T0, Ok(r1.into()), true);
-        engine.step(0, 1, T0 + TTL - 1, Ok(stock_reserved("e-r3", "O-3", "R-3", T0, T0 + TTL, &[]).into()), true);
+        engine.step(0, 0, T0, Ok(r1.into()), true).await;
+        engine.step(0, 1, T0 + TTL - 1, Ok(stock_reserved("e-r3", "O-3", "R-3", T0, T0 + TTL, &[]).into()), true).await;
         assert!(engine.emitted.is_empty(), "not due yet");
-        engine.step(1, 0, T0 + TTL + 5, Ok(r2.into()), true);
+        engine.step(1, 0, T0 + TTL + 5, Ok(r2.into()), true).await;
         assert_eq!(engine.stats.timers_fired, 2, "O-1 and O-3 (O-3 has no items but still a timer)");
         let e = &engine.emitted[0];
         assert_eq!((e.event.as_str(), e.key.as_str()), ("StockReservationExpired", "O-1"));
@@ -1475,14 +1377,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn diff_classifies_same_changed_missing_and_extra() {
+    #[tokio::test]
+    async fn diff_classifies_same_changed_missing_and_extra() {
         // Live: the run's TTL. Replay: the same inputs with another TTL.
         let mut live = reserver_engine(TTL);
-        replay(&mut live);
+        replay(&mut live).await;
         let mut actual: Vec<Actual> = live.emitted.iter().enumerate().map(|(i, e)| actual_of(e, i as i64)).collect();
         let mut shadow = reserver_engine(TTL);
-        replay(&mut shadow);
+        replay(&mut shadow).await;
         let inputs: Vec<Event> = vec![
             order_created("e-o1", "O-1", T0 + 1_000, &[("P-1", 3)]).into(),
             order_created("e-o2", "O-2", T0 + 5_000, &[("P-1", 20)]).into(),
@@ -1495,7 +1397,7 @@ mod tests {
 
         // Another TTL: stock.reserved changed in expiresAt only.
         let mut other = reserver_engine(2 * TTL);
-        replay(&mut other);
+        replay(&mut other).await;
         let (entries, counts) = diff(&other.emitted, &actual, &mut Causes::of(&inputs), |_| true);
         assert_eq!(counts, DiffCounts { same: 1, changed: 1, missing: 0, extra: 0 });
         let changed = entries.iter().find(|e| e.status == Status::Changed).unwrap();
@@ -1543,14 +1445,14 @@ mod tests {
         assert_eq!(counts.extra, 0);
     }
 
-    #[test]
-    fn field_diffs_name_nested_paths_and_the_record_key() {
+    #[tokio::test]
+    async fn field_diffs_name_nested_paths_and_the_record_key() {
         let a = json!({"x": 1, "items": [{"p": "A", "n": 1}, {"p": "B", "n": 2}], "y": [1]});
         let b = json!({"x": 1, "items": [{"p": "A", "n": 1}, {"p": "B", "n": 3}], "y": [1, 2], "z": true});
         let paths: Vec<String> = field_diffs(&a, &b).into_iter().map(|d| d.path).collect();
         assert_eq!(paths, vec!["items[1].n", "y", "z"]);
         let mut e = reserver_engine(TTL);
-        replay(&mut e);
+        replay(&mut e).await;
         let mut a = actual_of(&e.emitted[0], 0);
         a.key = Some("other".into());
         let (entries, _) = diff(&e.emitted[..1], &[a], &mut Causes::default(), |_| true);
@@ -1564,17 +1466,5 @@ mod tests {
         let items = [(0, 11, 300), (1, 5, 100), (0, 10, 200), (1, 6, 250), (0, 12, 150)];
         let order: Vec<(i32, i64)> = replay_order(&items).into_iter().map(|i| (items[i].0, items[i].1)).collect();
         assert_eq!(order, vec![(1, 5), (0, 10), (1, 6), (0, 11), (0, 12)]);
-    }
-
-    #[test]
-    fn admission_rules_of_decoded_events() {
-        let rules = Admission { schemas: vec!["OrderCreated".into()], max_record_bytes: 100, max_clock_skew_ms: 1_000 };
-        let ok: Event = order_created("e", "O", T0, &[("P", 1)]).into();
-        assert_eq!(check_event(&rules, &ok, T0), Ok(()));
-        assert_eq!(check_event(&rules, &ok, T0 - 1_001).unwrap_err().class, "future_timestamp");
-        let no_id: Event = order_created("", "O", T0, &[("P", 1)]).into();
-        assert_eq!(check_event(&rules, &no_id, T0).unwrap_err().class, "invalid");
-        let wrong: Event = order_cancelled("e", "O", "PAYMENT_FAILED", T0).into();
-        assert_eq!(check_event(&rules, &wrong, T0).unwrap_err().class, "wrong_schema");
     }
 }
