@@ -5,7 +5,9 @@
 //! through the saga: some are reserved, some fail for want of stock, some reserved ones are
 //! completed (a sale) or cancelled (a release). Once the pipeline settled:
 //! - `replay stock.commands --from-offset 0 --through stock-reserver --diff` reports every event
-//!   `same` (and as many as the live output topics hold);
+//!   `same` (and as many as the live output topics hold): the replay runs the live worker's own
+//!   step (`orderflow_runtime::step`), and `same` means the same topic, key, fields and record
+//!   value byte for byte, so this is the replay-vs-live equivalence check;
 //! - the same with `--reservation-ttl 1h` reports exactly the `stock.reserved` events as
 //!   `changed`, in `expiresAt` only, and nothing else;
 //! - `--dry-run` prints one JSON line per event the reserver would emit, then the summary;

@@ -315,6 +315,13 @@ pub struct Emitted {
     /// The event's fields (Avro names).
     pub value: Value,
     pub cause: Cause,
+    /// The event itself (not printed: `value` is its JSON).
+    #[serde(skip)]
+    pub record: Event,
+    /// The record value the live worker would write for it (`Codec::encode` for its topic),
+    /// set by `--diff` and compared byte for byte with the live record's; not printed.
+    #[serde(skip)]
+    pub payload: Option<Vec<u8>>,
 }
 
 /// A record the live worker would dead-letter (or stop on, under `failures`).
@@ -496,6 +503,8 @@ impl Engine {
             event_id: r.event.event_id().to_string(),
             value: r.event.to_json(),
             cause,
+            record: r.event,
+            payload: None,
         });
     }
 }
@@ -534,6 +543,8 @@ pub struct Actual {
     pub timestamp_ms: Option<i64>,
     pub key: Option<String>,
     pub event: Event,
+    /// The record value as read (empty when unknown).
+    pub payload: Vec<u8>,
 }
 
 /// One field that differs between the replay's event and the live one: `path` in the event's
@@ -699,11 +710,18 @@ impl Causes {
     }
 }
 
+/// Lower-case hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Compares the replay's events with the live ones.
 ///
-/// - `same`: an actual event with the same `eventId` has the same topic, key and fields;
+/// - `same`: an actual event with the same `eventId` has the same topic, key and fields, and,
+///   when the replay's event carries its encoded `payload`, the same record value byte for byte;
 /// - `changed`: the `eventId` was emitted live but (every copy of it) differs: both values and
-///   the differing fields are reported (against the first copy);
+///   the differing fields are reported (against the first copy; `payload` with both values in
+///   hex when only the encoded bytes differ);
 /// - `missing`: no actual event has the `eventId`;
 /// - `extra`: an actual event `in_window` whose `eventId` the replay did not emit but that
 ///   [`Causes::explains`] attributes to a replayed input. Detectable: outputs derived from an
@@ -756,6 +774,9 @@ pub fn diff(
                 f.push(FieldDiff { path: "event".into(), replay: json!(e.event), actual: json!(a.event.schema_name()) });
             }
             f.extend(field_diffs(&e.value, &a.event.to_json()));
+            if let Some(p) = e.payload.as_ref().filter(|p| f.is_empty() && **p != a.payload) {
+                f.push(FieldDiff { path: "payload".into(), replay: json!(hex(p)), actual: json!(hex(&a.payload)) });
+            }
             f
         };
         if let Some(a) = copies.iter().find(|a| compare(a).is_empty()) {
@@ -1126,7 +1147,12 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
             timestamp_ms: timestamp_of(m),
             key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             event,
+            payload: m.payload().unwrap_or_default().to_vec(),
         });
+    }
+    // Byte for byte: each replayed event encoded as the live worker encodes it.
+    for e in engine.emitted.iter_mut() {
+        e.payload = Some(codec.encode(&e.topic, &e.record).await.with_context(|| format!("encoding {} {}", e.event, e.event_id))?);
     }
     let mut causes = Causes::of(&decoded_inputs);
     let in_window = |a: &Actual| a.timestamp_ms.is_none_or(|ts| ts >= w_from && ts <= w_to);
@@ -1374,6 +1400,7 @@ mod tests {
             timestamp_ms: Some(T0),
             key: Some(e.key.clone()),
             event: Event::from_json(&e.event, e.value.clone()).unwrap(),
+            payload: e.payload.clone().unwrap_or_default(),
         }
     }
 
@@ -1432,6 +1459,7 @@ mod tests {
                 timestamp_ms: Some(T0),
                 key: Some("P-1".into()),
                 event: stray(id).into(),
+                payload: Vec::new(),
             });
         }
         let (entries, counts) = diff(&shadow.emitted, &actual, &mut Causes::of(&inputs), |_| true);
@@ -1458,6 +1486,21 @@ mod tests {
         let (entries, _) = diff(&e.emitted[..1], &[a], &mut Causes::default(), |_| true);
         assert_eq!(entries[0].status, Status::Changed);
         assert_eq!(entries[0].fields[0].path, "key");
+    }
+
+    #[tokio::test]
+    async fn same_fields_with_other_bytes_is_changed_in_payload() {
+        let mut e = reserver_engine(TTL);
+        replay(&mut e).await;
+        let mut emitted = e.emitted[..1].to_vec();
+        emitted[0].payload = Some(vec![0xc3, 0x01, 0xaa]);
+        let mut a = actual_of(&emitted[0], 0);
+        let (_, counts) = diff(&emitted, std::slice::from_ref(&a), &mut Causes::default(), |_| true);
+        assert_eq!(counts.same, 1, "identical bytes");
+        a.payload = vec![0xc3, 0x01, 0xab];
+        let (entries, counts) = diff(&emitted, &[a], &mut Causes::default(), |_| true);
+        assert_eq!(counts.changed, 1);
+        assert_eq!(entries[0].fields, vec![FieldDiff { path: "payload".into(), replay: json!("c301aa"), actual: json!("c301ab") }]);
     }
 
     #[test]
