@@ -39,6 +39,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand};
 use orderflow_runtime::codec::Codec;
+use orderflow_runtime::deadletter::DeadLetterClass;
 use orderflow_runtime::kafka::{client_config, Side};
 use orderflow_runtime::topology::{BrokerConfig, Topology};
 use orderflow_runtime::worker::now_ms;
@@ -64,19 +65,6 @@ pub const H_REDRIVE_FROM: &str = "orderflow.redrive.from";
 /// Added on redrive: when it was re-produced, ms since the Unix epoch (decimal).
 pub const H_REDRIVE_TIME: &str = "orderflow.redrive.time";
 
-/// The error classes the worker runtime writes in `orderflow.dlq.error-class`.
-pub const ERROR_CLASSES: &[&str] = &[
-    "not_avro",
-    "truncated",
-    "unknown_schema",
-    "malformed",
-    "wrong_schema",
-    "oversized",
-    "invalid",
-    "future_timestamp",
-    "transient",
-    "registry_unavailable",
-];
 
 /// How long a metadata or watermark request may take.
 const META_TIMEOUT: Duration = Duration::from_secs(10);
@@ -279,7 +267,7 @@ impl DeadLetter {
         self.header(H_WORKER)
     }
 
-    /// Its error class (see [`ERROR_CLASSES`]).
+    /// Its error class (an `orderflow_runtime::deadletter::DeadLetterClass`, as written).
     pub fn class(&self) -> Option<&str> {
         self.header(H_ERROR_CLASS)
     }
@@ -371,8 +359,9 @@ impl Filter {
 /// Warns (stderr) when `class` is not one the runtime writes: probably a typo.
 fn warn_unknown_class(class: Option<&str>) {
     if let Some(c) = class {
-        if !ERROR_CLASSES.contains(&c) {
-            eprintln!("warning: --class {c} is not an error class the runtime writes ({}); no record may match", ERROR_CLASSES.join(", "));
+        if c.parse::<DeadLetterClass>().is_err() {
+            let all: Vec<&str> = DeadLetterClass::ALL.iter().map(|d| d.as_str()).collect();
+            eprintln!("warning: --class {c} is not an error class the runtime writes ({}); no record may match", all.join(", "));
         }
     }
 }
