@@ -9,7 +9,8 @@
 //!
 //! # Layout
 //!
-//! - `lib.rs`: [`Processor`], [`Context`], [`Outputs`], [`ProcessError`], eventId helpers.
+//! - `lib.rs`: [`Processor`], [`Context`], [`Outputs`], [`ProcessError`], eventId helpers, the
+//!   shared setting [`DEFAULT_RESERVATION_TTL`] and [`millis`].
 //! - [`events`]: the event types of `avro/` ([`Event`] and one struct per schema).
 //! - [`fixtures`]: event builders shared by the workers' unit tests.
 //! - `harness`: [`Harness`] and [`MemoryStore`], the in-memory runner.
@@ -19,6 +20,17 @@ pub mod events;
 pub mod fixtures;
 mod harness;
 mod state;
+
+/// Seed 004: a reservation holds its units 5 minutes unless the topology says otherwise. The
+/// stock reserver and the reservation expirer share it (their `reservation_ttl` settings must
+/// agree).
+pub const DEFAULT_RESERVATION_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// `d` in whole milliseconds (the unit of `Context::now_ms` and timer deadlines), saturating
+/// at `i64::MAX`.
+pub fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
 
 pub use events::Event;
 pub use harness::{Harness, MemoryStore};

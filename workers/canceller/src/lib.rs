@@ -44,6 +44,8 @@ use orderflow_api::events::{
     StockReservationReleased, StockReserved,
 };
 use orderflow_api::{derive_event_id, Context, Event, Export, Outputs, ProcessError, Processor, StateTxn};
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 /// Port of `order.cancelled` (key orderId).
@@ -56,6 +58,53 @@ pub const PORTS: &[&str] = &[PORT_CANCELLED];
 pub const DEFAULT_STOCK_ANSWER_TIMEOUT_MS: i64 = 180_000;
 /// Seed 001: the whole saga is bounded at 10 minutes. Milliseconds.
 pub const DEFAULT_SAGA_TIMEOUT_MS: i64 = 600_000;
+
+/// The canceller's own settings: the keys of its `[workers.<name>]` entry in `topology.toml`
+/// beyond the common ones (parsed by the kinds registry, `orderflow_kinds`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `stock_answer_timeout` (seed 001): how long an order may wait for its stock answer
+    /// before it is cancelled with `SAGA_TIMEOUT`; default 3 minutes.
+    #[serde(default = "default_stock_answer_timeout", with = "humantime_serde")]
+    pub stock_answer_timeout: Duration,
+    /// `saga_timeout` (seed 001): the bound on the whole saga; default 10 minutes.
+    #[serde(default = "default_saga_timeout", with = "humantime_serde")]
+    pub saga_timeout: Duration,
+}
+
+fn default_stock_answer_timeout() -> Duration {
+    Duration::from_millis(DEFAULT_STOCK_ANSWER_TIMEOUT_MS as u64)
+}
+
+fn default_saga_timeout() -> Duration {
+    Duration::from_millis(DEFAULT_SAGA_TIMEOUT_MS as u64)
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config { stock_answer_timeout: default_stock_answer_timeout(), saga_timeout: default_saga_timeout() }
+    }
+}
+
+impl Config {
+    /// Errors: a stock answer timeout under 1 ms or not shorter than the saga bound.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.stock_answer_timeout < Duration::from_millis(1) || self.stock_answer_timeout >= self.saga_timeout {
+            return Err(format!(
+                "stock_answer_timeout {} must be at least 1 ms and shorter than saga_timeout {}",
+                humantime::format_duration(self.stock_answer_timeout),
+                humantime::format_duration(self.saga_timeout)
+            ));
+        }
+        Ok(())
+    }
+
+    /// The processor these settings configure.
+    pub fn processor(&self) -> Canceller {
+        Canceller::new(orderflow_api::millis(self.stock_answer_timeout), orderflow_api::millis(self.saga_timeout))
+    }
+}
 
 /// `saga_timeout` note label of a cancellation for a missing stock answer.
 pub const TIMEOUT_STOCK_ANSWER: &str = "stock_answer";

@@ -110,9 +110,7 @@ pub fn load_topology(path: &Path, bootstrap: Option<&str>) -> Result<Loaded> {
 /// Sets the reservation TTL of every worker whose kind uses one.
 pub fn override_ttl(loaded: &mut Loaded, ttl: std::time::Duration) {
     for w in loaded.topology.workers.values_mut() {
-        if kinds::KINDS.iter().any(|k| k.name == w.kind && k.uses_ttl) {
-            w.reservation_ttl = Some(ttl);
-        }
+        kinds::set_reservation_ttl(w, ttl);
     }
 }
 

@@ -46,7 +46,7 @@ use orderflow_api::{derive_event_id, Event, MemoryStore, Processor};
 use orderflow_runtime::changelog::{decode_offsets, decode_record, Entry, TAG_DATA, TAG_MARKER, TAG_TIMER};
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::step::{self, Input, Outcome, Rejection, RetryBudget, Rules};
-use orderflow_runtime::topology::{BrokerConfig, Guarantee, Loaded, WorkerSpec};
+use orderflow_runtime::topology::{BrokerConfig, Guarantee, Loaded};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
@@ -874,21 +874,6 @@ fn read(reader: &Reader, topic: &str, ranges: &[(i32, i64, i64)]) -> Result<Vec<
     Ok(out)
 }
 
-/// The longest time after an input a timer of `spec` can emit (ms): its reservation TTL and
-/// saga timeouts, whichever its kind uses.
-fn timer_horizon_ms(spec: &WorkerSpec) -> i64 {
-    let mut h = Duration::ZERO;
-    for k in crate::kinds::KINDS.iter().filter(|k| k.name == spec.kind) {
-        if k.uses_ttl {
-            h = h.max(spec.reservation_ttl());
-        }
-        if k.uses_saga_timeouts {
-            h = h.max(spec.saga_timeout()).max(spec.stock_answer_timeout());
-        }
-    }
-    h.as_millis() as i64
-}
-
 /// `orderflow replay ... --through WORKER`: rebuilds the shadow state, replays the range through
 /// the worker's logic, prints one JSON line per emitted event (`--dry-run`) or per compared event
 /// (`--diff`, see [`diff`]) on stdout, and returns the summary:
@@ -924,9 +909,7 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
     let mut spec = spec.clone();
     let kind = crate::kinds::KINDS.iter().find(|k| k.name == spec.kind).with_context(|| format!("unknown kind {}", spec.kind))?;
     if let Some(ttl) = args.reservation_ttl {
-        if kind.uses_ttl {
-            spec.reservation_ttl = Some(ttl);
-        } else {
+        if !crate::kinds::set_reservation_ttl(&mut spec, ttl) {
             tracing::warn!(%worker, kind = %spec.kind, "--reservation-ttl ignored: this kind has no reservation TTL");
         }
     }
@@ -1053,7 +1036,7 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
         "worker": worker,
         "topic": topic,
         "ranges": resolved.ranges.iter().map(|r| json!({"partition": r.partition, "from": r.from, "to": r.to})).collect::<Vec<_>>(),
-        "reservation_ttl_ms": kind.uses_ttl.then(|| spec.reservation_ttl().as_millis() as i64),
+        "reservation_ttl_ms": crate::kinds::reservation_ttl(&spec).map(orderflow_api::millis),
         "approximate": approximate,
         "limits": limits,
         "shadow": reports,
@@ -1074,7 +1057,7 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
     }
 
     // 5. --diff: what was emitted live.
-    let horizon = timer_horizon_ms(&spec).max(spec.reservation_ttl.map(|d| d.as_millis() as i64).unwrap_or(0));
+    let horizon = orderflow_api::millis(crate::kinds::timer_horizon(&spec));
     let (w_from, w_to) = match window {
         Some((a, b)) => (a.saturating_sub(WINDOW_MARGIN_MS), b.saturating_add(horizon).saturating_add(WINDOW_MARGIN_MS)),
         None => (i64::MIN, i64::MAX),

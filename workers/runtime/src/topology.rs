@@ -409,12 +409,12 @@ fn default_replication() -> i32 {
     1
 }
 
-/// `[workers.name]`.
+/// `[workers.name]`: the keys every worker has; the rest of the entry is its kind's own
+/// settings ([`WorkerSpec::settings`]), parsed and checked by the kind's config type beside its
+/// crate (e.g. `stock_reserver::Config`), through [`KindInfo::settings`].
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct WorkerSpec {
-    /// Which processor runs: `deduplicator`, `stock-reserver`, `order-confirmer`, `canceller`,
-    /// `reservation-expirer`.
+    /// Which processor runs: a kind of the kinds registry (`orderflow_kinds::KINDS`).
     pub kind: String,
     /// Input topics (co-partitioned).
     pub inputs: Vec<String>,
@@ -430,31 +430,14 @@ pub struct WorkerSpec {
     pub commit_interval: Option<Duration>,
     #[serde(default)]
     pub max_batch: Option<usize>,
-    /// Seed 004: reservation TTL, default 5 minutes (stock reserver and reservation expirer).
-    #[serde(default, with = "humantime_serde")]
-    pub reservation_ttl: Option<Duration>,
     /// Retry policy of this worker; default `[defaults.retry]`.
     #[serde(default)]
     pub retry: Option<RetryPolicy>,
-    /// Seed 001: how long an order may wait for its stock answer (`stock.reserved` or
-    /// `stock.reservation.failed`) before the canceller cancels it with `SAGA_TIMEOUT`.
-    /// Default 3 minutes (canceller only).
-    #[serde(default, with = "humantime_serde")]
-    pub stock_answer_timeout: Option<Duration>,
-    /// Seed 001: bound on the whole saga; an order still open this long after the canceller saw
-    /// it created is cancelled with `SAGA_TIMEOUT` and reported. Default 10 minutes (canceller
-    /// only).
-    #[serde(default, with = "humantime_serde")]
-    pub saga_timeout: Option<Duration>,
+    /// Every other key of the entry: the kind's own settings (e.g. `reservation_ttl` of the
+    /// stock reserver), unchecked here; [`check`] has the kind parse them.
+    #[serde(flatten)]
+    pub settings: toml::Table,
 }
-
-/// Seed 001: the stock answer is due within 3 minutes.
-pub const DEFAULT_STOCK_ANSWER_TIMEOUT: Duration = Duration::from_secs(180);
-/// Seed 001: the whole saga is bounded at 10 minutes.
-pub const DEFAULT_SAGA_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// Seed 004: a reservation lives 5 minutes unless the topology says otherwise.
-pub const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(300);
 
 impl WorkerSpec {
     /// The consumer group of worker `name`.
@@ -473,21 +456,14 @@ impl WorkerSpec {
     pub fn max_batch(&self, d: &Defaults) -> usize {
         self.max_batch.unwrap_or(d.max_batch)
     }
-    /// Effective reservation TTL (seed 004 default 5 minutes).
-    pub fn reservation_ttl(&self) -> Duration {
-        self.reservation_ttl.unwrap_or(DEFAULT_RESERVATION_TTL)
-    }
     /// Effective retry policy.
     pub fn retry(&self, d: &Defaults) -> RetryPolicy {
         self.retry.unwrap_or(d.retry)
     }
-    /// Effective stock answer timeout (seed 001 default 3 minutes).
-    pub fn stock_answer_timeout(&self) -> Duration {
-        self.stock_answer_timeout.unwrap_or(DEFAULT_STOCK_ANSWER_TIMEOUT)
-    }
-    /// Effective saga bound (seed 001 default 10 minutes).
-    pub fn saga_timeout(&self) -> Duration {
-        self.saga_timeout.unwrap_or(DEFAULT_SAGA_TIMEOUT)
+    /// Sets the kind setting `key` to the duration `d` (written as `humantime` text, e.g. `1h`),
+    /// as if the topology said so: the `--reservation-ttl` overrides.
+    pub fn set_duration(&mut self, key: &str, d: Duration) {
+        self.settings.insert(key.to_string(), toml::Value::String(humantime::format_duration(d).to_string()));
     }
 }
 
@@ -498,10 +474,23 @@ pub struct KindInfo {
     pub name: &'static str,
     /// Output ports the processor emits on; each must be wired.
     pub ports: &'static [&'static str],
-    /// Whether `reservation_ttl` applies.
-    pub uses_ttl: bool,
-    /// Whether `stock_answer_timeout` and `saga_timeout` apply.
-    pub uses_saga_timeouts: bool,
+    /// Parses a worker's kind settings ([`WorkerSpec::settings`]) with the kind's config type
+    /// and checks them. Returns the settings that must agree across every worker that has
+    /// them, as `(name, effective value as text)` (e.g. `("reservation_ttl", "5m")`: the stock
+    /// reserver and the reservation expirer must use one TTL, seed 004).
+    ///
+    /// Errors: a message naming the unknown key, the bad value or the broken rule.
+    pub settings: fn(&toml::Table) -> Result<Vec<(&'static str, String)>, String>,
+}
+
+impl KindInfo {
+    /// A [`KindInfo::settings`] for kinds that have no settings: any key is unknown.
+    pub fn no_settings(settings: &toml::Table) -> Result<Vec<(&'static str, String)>, String> {
+        match settings.keys().next() {
+            Some(k) => Err(format!("unknown key `{k}` (this kind has no settings of its own)")),
+            None => Ok(Vec::new()),
+        }
+    }
 }
 
 /// One problem found in the topology, with what it concerns.
@@ -629,19 +618,6 @@ const DEFAULT_KEYS: &[&str] = &[
     "max_clock_skew",
 ];
 const TOPIC_KEYS: &[&str] = &["partitions", "key", "schema", "cleanup_policy", "replication_factor", "external", "dead_letter"];
-const WORKER_KEYS: &[&str] = &[
-    "kind",
-    "inputs",
-    "outputs",
-    "group",
-    "guarantee",
-    "commit_interval",
-    "max_batch",
-    "reservation_ttl",
-    "retry",
-    "stock_answer_timeout",
-    "saga_timeout",
-];
 const RETRY_KEYS: &[&str] = &["attempts", "initial_backoff", "multiplier", "max_backoff"];
 
 fn retain(v: &mut toml::Value, keys: &[&str]) {
@@ -661,10 +637,13 @@ fn strip_unknown(v: &mut toml::Value) {
             retain(r, RETRY_KEYS);
         }
     }
-    for (section, keys) in [("topics", TOPIC_KEYS), ("workers", WORKER_KEYS), ("profiles", PROFILE_KEYS)] {
+    // A worker entry's keys beyond the common ones are its kind's settings: kept for the kind.
+    for (section, keys) in [("topics", Some(TOPIC_KEYS)), ("workers", None), ("profiles", Some(PROFILE_KEYS))] {
         if let Some(t) = v.get_mut(section).and_then(|t| t.as_table_mut()) {
             for (_, item) in t.iter_mut() {
-                retain(item, keys);
+                if let Some(keys) = keys {
+                    retain(item, keys);
+                }
                 if let Some(r) = item.get_mut("retry") {
                     retain(r, RETRY_KEYS);
                 }
@@ -689,10 +668,13 @@ fn unknown_keys(v: &toml::Value) -> Vec<String> {
     scan("broker", v.get("broker"), BROKER_KEYS);
     scan("defaults", v.get("defaults"), DEFAULT_KEYS);
     scan("defaults.retry", v.get("defaults").and_then(|d| d.get("retry")), RETRY_KEYS);
-    for (section, keys) in [("topics", TOPIC_KEYS), ("workers", WORKER_KEYS), ("profiles", PROFILE_KEYS)] {
+    // A worker entry's other keys are its kind's settings, which the kind checks ([`check`]).
+    for (section, keys) in [("topics", Some(TOPIC_KEYS)), ("workers", None), ("profiles", Some(PROFILE_KEYS))] {
         if let Some(t) = v.get(section).and_then(|t| t.as_table()) {
             for (name, item) in t {
-                scan(&format!("{section}.\"{name}\""), Some(item), keys);
+                if let Some(keys) = keys {
+                    scan(&format!("{section}.\"{name}\""), Some(item), keys);
+                }
                 scan(&format!("{section}.\"{name}\".retry"), item.get("retry"), RETRY_KEYS);
             }
         }
@@ -704,7 +686,9 @@ fn unknown_keys(v: &toml::Value) -> Vec<String> {
 /// found (empty when the topology is sound). Rules: no unknown keys; every worker kind known;
 /// every input and output names a declared topic; every port of the kind wired and no port the
 /// kind lacks; every topic has a schema whose `.avsc` exists; no topic produced by two workers;
-/// inputs of a worker co-partitioned; `reservation_ttl` equal wherever it is set; sane numbers.
+/// inputs of a worker co-partitioned; each worker's kind settings accepted by its kind
+/// ([`KindInfo::settings`]), and the settings kinds share (the reservation TTL) equal wherever
+/// they apply; sane numbers.
 pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
     let t = &loaded.topology;
     let mut problems = Vec::new();
@@ -734,7 +718,7 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
         }
     }
     let mut producers: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    let mut ttls: Vec<(&str, Duration)> = Vec::new();
+    let mut agreed: BTreeMap<&'static str, Vec<(&str, String)>> = BTreeMap::new();
     for (name, w) in &t.workers {
         let subject = format!("worker {name}");
         let kind = kinds.iter().find(|k| k.name == w.kind);
@@ -779,26 +763,13 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
                     p(subject.clone(), format!("output port `{port}` is not wired to a topic"));
                 }
             }
-            if k.uses_ttl {
-                ttls.push((name.as_str(), w.reservation_ttl()));
-            } else if w.reservation_ttl.is_some() {
-                p(subject.clone(), format!("reservation_ttl does not apply to kind `{}`", k.name));
-            }
-        }
-        if let Some(k) = kind {
-            if k.uses_saga_timeouts {
-                if w.stock_answer_timeout() < Duration::from_millis(1) || w.stock_answer_timeout() >= w.saga_timeout() {
-                    p(
-                        subject.clone(),
-                        format!(
-                            "stock_answer_timeout {} must be at least 1 ms and shorter than saga_timeout {}",
-                            humantime::format_duration(w.stock_answer_timeout()),
-                            humantime::format_duration(w.saga_timeout())
-                        ),
-                    );
+            match (k.settings)(&w.settings) {
+                Ok(shared) => {
+                    for (key, value) in shared {
+                        agreed.entry(key).or_default().push((name.as_str(), value));
+                    }
                 }
-            } else if w.stock_answer_timeout.is_some() || w.saga_timeout.is_some() {
-                p(subject.clone(), format!("stock_answer_timeout and saga_timeout do not apply to kind `{}`", k.name));
+                Err(e) => p(subject.clone(), format!("kind `{}`: {e}", k.name)),
             }
         }
         if let Some(r) = &w.retry {
@@ -816,17 +787,11 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
             p(format!("topic {topic}"), format!("has several producing workers: {}", ws.join(", ")));
         }
     }
-    if let Some((first, ttl)) = ttls.first() {
-        for (name, other) in &ttls[1..] {
-            if other != ttl {
-                p(
-                    format!("worker {name}"),
-                    format!(
-                        "reservation_ttl {} differs from worker {first}'s {}",
-                        humantime::format_duration(*other),
-                        humantime::format_duration(*ttl)
-                    ),
-                );
+    for (key, values) in &agreed {
+        let (first, value) = &values[0];
+        for (name, other) in &values[1..] {
+            if other != value {
+                p(format!("worker {name}"), format!("{key} {other} differs from worker {first}'s {value}"));
             }
         }
     }
@@ -922,9 +887,17 @@ pub fn mermaid(t: &Topology) -> String {
 mod tests {
     use super::*;
 
+    /// A kind whose one setting, `reservation_ttl` (text), must agree across workers.
+    fn ttl_settings(t: &toml::Table) -> Result<Vec<(&'static str, String)>, String> {
+        match t.iter().find(|(k, _)| *k != "reservation_ttl") {
+            Some((k, _)) => Err(format!("unknown key `{k}`")),
+            None => Ok(vec![("reservation_ttl", t.get("reservation_ttl").and_then(|v| v.as_str()).unwrap_or("5m").to_string())]),
+        }
+    }
+
     const KINDS: &[KindInfo] = &[
-        KindInfo { name: "a", ports: &["out"], uses_ttl: false, uses_saga_timeouts: false },
-        KindInfo { name: "ttl", ports: &["out"], uses_ttl: true, uses_saga_timeouts: false },
+        KindInfo { name: "a", ports: &["out"], settings: KindInfo::no_settings },
+        KindInfo { name: "ttl", ports: &["out"], settings: ttl_settings },
     ];
 
     fn write(dir: &Path, text: &str) -> PathBuf {
@@ -1037,11 +1010,10 @@ partitions = 2
 key = "k"
 schema = "S"
 [workers.w]
-kind = "saga"
+kind = "ttl"
 inputs = ["in"]
 outputs = { out = "out" }
-stock_answer_timeout = "10m"
-saga_timeout = "3m"
+reservation_ttl = "10m"
 [workers.w.retry]
 attempts = 50
 max_backoff = "30s"
@@ -1052,10 +1024,7 @@ inputs = ["in"]
 outputs = {}
 saga_timeout = "3m"
 "#;
-        let kinds: &[KindInfo] = &[
-            KindInfo { name: "a", ports: &[], uses_ttl: false, uses_saga_timeouts: false },
-            KindInfo { name: "saga", ports: &["out"], uses_ttl: false, uses_saga_timeouts: true },
-        ];
+        let kinds: &[KindInfo] = &[KindInfo { name: "a", ports: &[], settings: KindInfo::no_settings }, KINDS[1]];
         let loaded = load(&write(dir.path(), text)).unwrap();
         let problems: Vec<String> = check(&loaded, kinds).iter().map(|p| p.to_string()).collect();
         let expect = [
@@ -1064,8 +1033,7 @@ saga_timeout = "3m"
             "defaults: retry.initial_backoff must not exceed retry.max_backoff",
             "worker w: retry.attempts must be ≤ 20",
             "worker w: retry waits up to",
-            "worker w: stock_answer_timeout 10m must be at least 1 ms and shorter than saga_timeout 3m",
-            "worker a: stock_answer_timeout and saga_timeout do not apply to kind `a`",
+            "worker a: kind `a`: unknown key `saga_timeout` (this kind has no settings of its own)",
             "topic in: dead_letter `out` must be a topic of its own",
         ];
         for e in expect {
