@@ -1,0 +1,561 @@
+//! Unit tests of the processor, run in memory through `orderflow_api::Harness`.
+
+use super::*;
+use orderflow_api::fixtures::*;
+use orderflow_api::{Harness, Output};
+
+const TTL: i64 = 300_000;
+
+fn harness() -> Harness<StockReserver> {
+    Harness::new(StockReserver::new(TTL), PORTS)
+}
+
+fn restock(h: &mut Harness<StockReserver>, id: &str, items: &[(&str, i64)]) -> Vec<Output> {
+    h.feed("stock.commands", adjust_ev(id, items), 0).unwrap()
+}
+
+fn adjust_ev(id: &str, items: &[(&str, i64)]) -> InventoryAdjusted {
+    InventoryAdjusted { reference_id: format!("ref-{id}"), ..inventory_adjusted(id, 500, items) }
+}
+
+fn order(id: &str, order_id: &str, items: &[(&str, i32)]) -> OrderCreated {
+    order_created(id, order_id, 1_000, items)
+}
+
+fn cancel(id: &str, order_id: &str) -> OrderCancelled {
+    order_cancelled(id, order_id, "PAYMENT_FAILED", 2_000)
+}
+
+fn complete(id: &str, order_id: &str) -> OrderCompleted {
+    order_completed(id, order_id, "", 3_000)
+}
+
+fn expire(id: &str, order_id: &str, reservation_id: &str) -> StockReservationExpired {
+    stock_reservation_expired(id, order_id, reservation_id, 1_000 + TTL)
+}
+
+fn stock(h: &Harness<StockReserver>, product: &str) -> StockRecord {
+    h.store.get_json(&stock_key(HQ, STORE, product)).unwrap_or_default()
+}
+
+fn reservation(h: &Harness<StockReserver>, order_id: &str) -> Option<Reservation> {
+    h.store.get_json(&reservation_key(order_id))
+}
+
+fn notes(h: &Harness<StockReserver>, measure: &str) -> Vec<String> {
+    h.notes.iter().filter(|n| n.measure == measure).map(|n| n.label.clone()).collect()
+}
+
+fn reserved_id(outs: &[Output]) -> String {
+    match &outs[0].event {
+        Event::StockReserved(e) => e.reservation_id.clone(),
+        other => panic!("expected StockReserved, got {other:?}"),
+    }
+}
+
+#[test]
+fn key_helpers_have_the_documented_shape() {
+    assert_eq!(stock_key("H", "S", "P"), b"stock/H:S/P".to_vec());
+    assert!(stock_key("H", "S", "P").starts_with(STOCK_PREFIX));
+    assert_eq!(reservation_key("O-1"), b"res/O-1".to_vec());
+    assert!(reservation_key("O-1").starts_with(RESERVATION_PREFIX));
+    let json = serde_json::to_string(&StockRecord { on_hand: 3, reserved: 1 }).unwrap();
+    assert_eq!(json, r#"{"onHand":3,"reserved":1}"#);
+    assert_eq!(StockRecord { on_hand: 3, reserved: 1 }.available(), 2);
+}
+
+#[test]
+fn adjustment_updates_on_hand_and_reports_stock_updated() {
+    let mut h = harness();
+    let outs = restock(&mut h, "a1", &[("P-001", 10), ("P-002", 4)]);
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
+    assert_eq!(outs.len(), 2);
+    let Event::StockUpdated(u) = &outs[0].event else { panic!() };
+    assert_eq!(outs[0].port, PORT_UPDATED);
+    assert_eq!(outs[0].key, "P-001");
+    assert_eq!(u.event_id, derive_event_id("a1", "stock.updated/P-001"));
+    assert_eq!(u.store_stock, StockLevel { previous: 0, current: 10 });
+    assert_eq!((u.change_amount, u.change_reason.as_str(), u.reference_id.as_str()), (10, "RESTOCK", "ref-a1"));
+    assert_eq!(u.hq_stock, None);
+    assert_eq!(u.occurred_at, 500);
+    let outs = restock(&mut h, "a2", &[("P-001", -3)]);
+    let Event::StockUpdated(u) = &outs[0].event else { panic!() };
+    assert_eq!(u.store_stock, StockLevel { previous: 10, current: 7 });
+    assert_eq!(notes(&h, "adjustment"), vec!["RESTOCK", "RESTOCK"]);
+}
+
+#[test]
+fn adjustment_below_zero_or_below_reserved_is_rejected_whole() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 5), ("P-002", 5)]);
+    let err = h.feed("t", adjust_ev("a2", &[("P-001", 1), ("P-002", -6)]), 0).unwrap_err();
+    assert!(matches!(err, ProcessError::Invalid(ref m) if m.contains("P-002")), "{err}");
+    assert_eq!(stock(&h, "P-001").on_hand, 5, "nothing applied");
+    h.feed("t", order("o1", "O-1", &[("P-002", 4)]), 0).unwrap();
+    let err = h.feed("t", adjust_ev("a3", &[("P-002", -2)]), 0).unwrap_err();
+    assert!(matches!(err, ProcessError::Invalid(_)), "on hand 3 < reserved 4");
+    assert_eq!(stock(&h, "P-002"), StockRecord { on_hand: 5, reserved: 4 });
+    assert!(matches!(h.feed("t", adjust_ev("a4", &[]), 0), Err(ProcessError::Invalid(_))));
+}
+
+#[test]
+fn seed_000_scenario_1_single_item_short() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 5)]);
+    let outs = h.feed("t", order("o1", "O-1", &[("P-001", 10)]), 0).unwrap();
+    assert_eq!(outs.len(), 1);
+    assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_FAILED, "O-1"));
+    let Event::StockReservationFailed(f) = &outs[0].event else { panic!() };
+    assert_eq!(f.reason, "INSUFFICIENT_STOCK");
+    assert_eq!(f.items, vec![FailedItem { product_id: "P-001".into(), requested: 10, available: 5 }]);
+    assert_eq!(f.event_id, derive_event_id("o1", "stock.reservation.failed"));
+    assert_eq!(f.occurred_at, 1_000);
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 5, reserved: 0 }, "nothing reserved");
+    assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Failed);
+    assert_eq!(notes(&h, "reservation"), vec!["INSUFFICIENT_STOCK"]);
+}
+
+#[test]
+fn seed_000_scenario_2_all_or_nothing_names_only_short_item() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10), ("P-002", 1)]);
+    let outs = h.feed("t", order("o1", "O-1", &[("P-001", 5), ("P-002", 3)]), 0).unwrap();
+    let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
+    assert_eq!(f.items, vec![FailedItem { product_id: "P-002".into(), requested: 3, available: 1 }]);
+    assert_eq!(stock(&h, "P-001").available(), 10, "P-001 not reserved");
+    assert_eq!(stock(&h, "P-002").available(), 1);
+}
+
+#[test]
+fn reserves_all_items_and_available_is_on_hand_minus_reserved() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10), ("P-002", 3)]);
+    let outs = h.feed("t", order("o1", "O-1", &[("P-001", 6), ("P-002", 3)]), 0).unwrap();
+    assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_RESERVED, "O-1"));
+    let Event::StockReserved(r) = &outs[0].event else { panic!() };
+    assert_eq!(r.event_id, derive_event_id("o1", "stock.reserved"));
+    assert_eq!(r.reservation_id, derive_event_id("o1", "reservation"));
+    assert_eq!(r.expires_at, 1_000 + TTL);
+    assert_eq!(r.occurred_at, 1_000);
+    assert_eq!(
+        r.items,
+        vec![ReservedItem { product_id: "P-001".into(), reserved: 6 }, ReservedItem { product_id: "P-002".into(), reserved: 3 }]
+    );
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 6 });
+    assert_eq!(stock(&h, "P-001").available(), 4);
+    // A second order sees only what is available, not what is on hand.
+    let outs = h.feed("t", order("o2", "O-2", &[("P-001", 5)]), 0).unwrap();
+    let Event::StockReservationFailed(f) = &outs[0].event else { panic!() };
+    assert_eq!(f.items[0].available, 4);
+    let outs = h.feed("t", order("o3", "O-3", &[("P-002", 1)]), 0).unwrap();
+    let Event::StockReservationFailed(f) = &outs[0].event else { panic!() };
+    assert_eq!(f.items[0].available, 0, "available never negative");
+    let live = reservation(&h, "O-1").unwrap();
+    assert_eq!(live.status, ReservationStatus::Live);
+    assert_eq!(notes(&h, "reservation"), vec!["reserved", "INSUFFICIENT_STOCK", "INSUFFICIENT_STOCK"]);
+}
+
+#[test]
+fn unknown_products_have_no_stock() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 1)]);
+    let outs = h.feed("t", order("o1", "O-1", &[("P-404", 1)]), 0).unwrap();
+    let Event::StockReservationFailed(f) = &outs[0].event else { panic!() };
+    assert_eq!(f.items, vec![FailedItem { product_id: "P-404".into(), requested: 1, available: 0 }]);
+}
+
+#[test]
+fn orders_without_ids_are_dead_lettered_without_effect() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10)]);
+    let blank = |f: fn(&mut OrderCreated)| {
+        let mut ev = order("x1", "O-1", &[("P-001", 1)]);
+        f(&mut ev);
+        ev
+    };
+    for (ev, what) in [
+        (blank(|e| e.order_id.clear()), "orderId"),
+        (blank(|e| e.hq_id.clear()), "hqId"),
+        (blank(|e| e.store_id.clear()), "storeId"),
+        (blank(|e| e.event_id.clear()), "eventId"),
+        // No ids and bad content: still dead-lettered, there is no order to answer.
+        (OrderCreated { items: vec![], ..blank(|e| e.store_id.clear()) }, "storeId"),
+    ] {
+        let err = h.feed("t", ev, 0).unwrap_err();
+        assert!(matches!(err, ProcessError::Invalid(ref m) if m.contains(what)), "{err}");
+    }
+    assert!(reservation(&h, "O-1").is_none());
+    assert!(reservation(&h, "").is_none());
+    assert_eq!(stock(&h, "P-001").reserved, 0);
+    assert!(notes(&h, "reservation").is_empty());
+}
+
+/// Feeds `ev` to a harness whose store holds P-001 ×10 and P-002 ×3 (2 of them reserved by
+/// O-0), and returns the failure it answers with.
+fn invalid_answer(ev: OrderCreated) -> (Harness<StockReserver>, StockReservationFailed) {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10), ("P-002", 3)]);
+    h.feed("t", order("o0", "O-0", &[("P-002", 2)]), 0).unwrap();
+    let outs = h.feed("t", ev.clone(), 0).unwrap();
+    assert_eq!(outs.len(), 1, "{outs:?}");
+    assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_FAILED, ev.order_id.as_str()));
+    let Event::StockReservationFailed(f) = outs[0].event.clone() else { panic!("{outs:?}") };
+    assert_eq!(f.event_id, derive_event_id(&ev.event_id, "stock.reservation.failed"));
+    assert_eq!((f.occurred_at, &f.hq_id, &f.store_id), (ev.occurred_at, &ev.hq_id, &ev.store_id));
+    // Nothing reserved, and the order is closed for good (rule 5), like a stock failure.
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
+    assert_eq!(stock(&h, "P-002"), StockRecord { on_hand: 3, reserved: 2 });
+    let r = reservation(&h, &ev.order_id).expect("failure recorded");
+    assert_eq!((r.status, r.items.len()), (ReservationStatus::Failed, 0));
+    assert_eq!(r.reservation_id, derive_event_id(&ev.event_id, "reservation"));
+    assert_eq!(notes(&h, "reservation"), vec!["reserved".to_string(), f.reason.clone()]);
+    (h, f)
+}
+
+fn item(p: &str, requested: i32, available: i32) -> FailedItem {
+    FailedItem { product_id: p.into(), requested, available }
+}
+
+#[test]
+fn invalid_quantity_is_answered_naming_the_offending_lines() {
+    for q in [0, -1, MAX_QUANTITY + 1, i32::MIN, i32::MAX] {
+        let (_, f) = invalid_answer(order("x1", "O-1", &[("P-001", 1), ("P-002", q)]));
+        assert_eq!(f.reason, "INVALID_QUANTITY");
+        assert_eq!(f.items, vec![item("P-002", q, 1)], "requested = the quantity, available = the real available");
+    }
+    let (_, f) = invalid_answer(order("x1", "O-1", &[("P-001", 0), ("P-002", 1), ("P-404", -5)]));
+    assert_eq!(f.items, vec![item("P-001", 0, 10), item("P-404", -5, 0)]);
+    // The bound itself is valid.
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", i64::from(MAX_QUANTITY))]);
+    let outs = h.feed("t", order("o1", "O-1", &[("P-001", MAX_QUANTITY)]), 0).unwrap();
+    assert!(matches!(outs[0].event, Event::StockReserved(_)), "{outs:?}");
+}
+
+#[test]
+fn empty_order_is_answered() {
+    let (_, f) = invalid_answer(order("x1", "O-1", &[]));
+    assert_eq!(f.reason, "EMPTY_ORDER");
+    assert!(f.items.is_empty());
+}
+
+#[test]
+fn duplicate_product_is_rejected_not_merged() {
+    let (_, f) = invalid_answer(order("x1", "O-1", &[("P-001", 4), ("P-002", 1), ("P-001", 2)]));
+    assert_eq!(f.reason, "DUPLICATE_PRODUCT");
+    assert_eq!(f.items, vec![item("P-001", 6, 10)], "each repeated product once, requested = its lines summed");
+    let (_, f) = invalid_answer(order("x1", "O-1", &[("P-002", 1), ("P-001", 1), ("P-002", 1), ("P-001", 1), ("P-002", 1)]));
+    assert_eq!(f.items, vec![item("P-002", 3, 1), item("P-001", 2, 10)]);
+    let (_, f) = invalid_answer(order("x1", "O-1", &[("P-001", MAX_QUANTITY), ("P-001", MAX_QUANTITY), ("P-001", MAX_QUANTITY)]));
+    assert_eq!(f.items, vec![item("P-001", 3 * MAX_QUANTITY, 10)]);
+}
+
+#[test]
+fn invalid_product_is_answered() {
+    let (_, f) = invalid_answer(order("x1", "O-1", &[("P-001", 1), ("", 3)]));
+    assert_eq!(f.reason, "INVALID_PRODUCT");
+    assert_eq!(f.items, vec![item("", 3, 0)]);
+}
+
+#[test]
+fn content_checks_apply_in_the_documented_order() {
+    // EMPTY_ORDER, INVALID_PRODUCT, INVALID_QUANTITY, DUPLICATE_PRODUCT, UNKNOWN_STORE, stock.
+    let (_, f) = invalid_answer(order("x1", "O-1", &[("", 0), ("P-001", 0)]));
+    assert_eq!(f.reason, "INVALID_PRODUCT");
+    let (_, f) = invalid_answer(order("x1", "O-1", &[("P-001", 1), ("P-001", 0)]));
+    assert_eq!((f.reason.as_str(), f.items.clone()), ("INVALID_QUANTITY", vec![item("P-001", 0, 10)]));
+    let unknown = |items: &[(&str, i32)]| OrderCreated { store_id: "S-NEW".into(), ..order("x1", "O-1", items) };
+    let (_, f) = invalid_answer(unknown(&[("P-001", 1), ("P-001", 1)]));
+    assert_eq!(f.reason, "DUPLICATE_PRODUCT");
+    let (_, f) = invalid_answer(unknown(&[("P-001", 1_000)]));
+    assert_eq!(f.reason, "UNKNOWN_STORE", "the store is checked before the stock");
+}
+
+#[test]
+fn order_for_a_store_never_adjusted_fails_with_unknown_store() {
+    let mut h = harness();
+    let outs = h.feed("t", order("o1", "O-1", &[("P-001", 1), ("P-002", 2)]), 0).unwrap();
+    let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
+    assert_eq!(f.reason, "UNKNOWN_STORE");
+    assert_eq!(f.items, vec![item("P-001", 1, 0), item("P-002", 2, 0)]);
+    assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Failed);
+    assert_eq!(notes(&h, "reservation"), vec!["UNKNOWN_STORE"]);
+    // Stock arriving later does not revive the order (one answer per order), but the store
+    // is known from then on, also for products it never stocked.
+    let outs = restock(&mut h, "a1", &[("P-001", 10)]);
+    assert_eq!(outs.len(), 1);
+    assert_eq!(h.store.get_json::<StoreRecord>(&store_registry_key(HQ, STORE)).unwrap().first_adjustment, "a1");
+    assert!(h.feed("t", order("o1b", "O-1", &[("P-001", 1)]), 0).unwrap().is_empty());
+    assert_eq!(notes(&h, "late_event"), vec!["duplicate_order"]);
+    let outs = h.feed("t", order("o2", "O-2", &[("P-002", 1)]), 0).unwrap();
+    let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
+    assert_eq!(f.reason, "INSUFFICIENT_STOCK");
+    // Another store of the same HQ is still unknown.
+    let other = OrderCreated { store_id: "S-2".into(), ..order("o3", "O-3", &[("P-001", 1)]) };
+    let outs = h.feed("t", other, 0).unwrap();
+    let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
+    assert_eq!(f.reason, "UNKNOWN_STORE");
+}
+
+#[test]
+fn every_adjustment_keeps_the_store_registered_and_a_rejected_one_registers_nothing() {
+    let mut h = harness();
+    assert!(h.feed("t", adjust_ev("a0", &[("P-001", -1)]), 0).is_err());
+    assert!(!h.store.data.contains_key(&store_registry_key(HQ, STORE)), "rejected adjustment");
+    restock(&mut h, "a1", &[("P-001", 1)]);
+    restock(&mut h, "a2", &[("P-001", -1)]);
+    assert_eq!(stock(&h, "P-001").on_hand, 0);
+    assert_eq!(h.store.get_json::<StoreRecord>(&store_registry_key(HQ, STORE)).unwrap().first_adjustment, "a1");
+    // Known, even with nothing on hand: a stock failure, not UNKNOWN_STORE.
+    let outs = h.feed("t", order("o1", "O-1", &[("P-001", 1)]), 0).unwrap();
+    let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
+    assert_eq!(f.reason, "INSUFFICIENT_STOCK");
+    assert_eq!(store_registry_key("H", "S"), b"store/H:S".to_vec());
+    assert!(!store_registry_key("H", "S").starts_with(STOCK_PREFIX));
+}
+
+#[test]
+fn stock_written_before_the_store_registry_existed_counts_as_known() {
+    let mut h = harness();
+    h.store.data.insert(stock_key(HQ, STORE, "P-001"), serde_json::to_vec(&StockRecord { on_hand: 5, reserved: 0 }).unwrap());
+    let outs = h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap();
+    assert!(matches!(outs[0].event, Event::StockReserved(_)), "{outs:?}");
+    assert_eq!(h.store.get_json::<StoreRecord>(&store_registry_key(HQ, STORE)).unwrap().first_adjustment, "");
+    // Now registered: a product it never stocked is a stock failure.
+    let outs = h.feed("t", order("o2", "O-2", &[("P-009", 1)]), 0).unwrap();
+    let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
+    assert_eq!(f.reason, "INSUFFICIENT_STOCK");
+}
+
+#[test]
+fn invalid_order_after_close_is_late_not_answered() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10)]);
+    h.feed("t", cancel("k1", "O-1"), 0).unwrap();
+    assert!(h.feed("t", order("o1", "O-1", &[("P-001", 0)]), 0).unwrap().is_empty());
+    assert_eq!(notes(&h, "late_event"), vec!["cancel_before_reservation", "created_after_close"]);
+    assert!(notes(&h, "reservation").is_empty());
+}
+
+/// The canceller's `SAGA_TIMEOUT` cancellation (seed 001) as it arrives on `stock.commands`.
+fn saga_timeout_cancel(id: &str, order_id: &str) -> OrderCancelled {
+    order_cancelled(id, order_id, "SAGA_TIMEOUT", 180_000)
+}
+
+#[test]
+fn saga_timeout_after_a_late_reservation_releases_it() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10)]);
+    // The reserver was down past the stock answer timeout: it reserves late, then reads the
+    // SAGA_TIMEOUT cancellation that followed the order on the store's partition.
+    let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
+    assert_eq!(stock(&h, "P-001").reserved, 4);
+    let outs = h.feed("t", saga_timeout_cancel("k1", "O-1"), 0).unwrap();
+    let Event::StockReservationReleased(r) = &outs[0].event else { panic!("{outs:?}") };
+    assert_eq!((r.reason.as_str(), r.reservation_id.as_str()), ("CANCELLED", res_id.as_str()));
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
+    assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Released);
+}
+
+#[test]
+fn saga_timeout_before_the_order_reaches_the_reserver_blocks_it() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10)]);
+    assert!(h.feed("t", saga_timeout_cancel("k1", "O-1"), 0).unwrap().is_empty());
+    assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Closed);
+    assert!(h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap().is_empty(), "tombstone: never reserves");
+    assert_eq!(stock(&h, "P-001").reserved, 0);
+    assert_eq!(notes(&h, "late_event"), vec!["cancel_before_reservation", "created_after_close"]);
+}
+
+#[test]
+fn one_reservation_per_order() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10)]);
+    h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap();
+    // Same order, new eventId (e.g. a re-sent outbox row): not reserved again.
+    let outs = h.feed("t", order("o1-again", "O-1", &[("P-001", 2)]), 0).unwrap();
+    assert!(outs.is_empty());
+    assert_eq!(stock(&h, "P-001").reserved, 2);
+    assert_eq!(notes(&h, "late_event"), vec!["duplicate_order"]);
+    // Also after a failure: the order never reserves later.
+    h.feed("t", order("o2", "O-2", &[("P-001", 100)]), 0).unwrap();
+    assert!(h.feed("t", order("o2b", "O-2", &[("P-001", 1)]), 0).unwrap().is_empty());
+    assert_eq!(stock(&h, "P-001").reserved, 2);
+}
+
+#[test]
+fn duplicate_event_id_has_no_effect() {
+    let mut h = harness();
+    assert_eq!(restock(&mut h, "a1", &[("P-001", 10)]).len(), 1);
+    assert!(restock(&mut h, "a1", &[("P-001", 10)]).is_empty());
+    assert_eq!(stock(&h, "P-001").on_hand, 10);
+    assert_eq!(h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap().len(), 1);
+    assert!(h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap().is_empty());
+    assert_eq!(h.feed("t", complete("c1", "O-1"), 0).unwrap().len(), 1);
+    assert!(h.feed("t", complete("c1", "O-1"), 0).unwrap().is_empty());
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 8, reserved: 0 });
+    assert!(notes(&h, "late_event").is_empty(), "repeats are dropped before the worker");
+}
+
+#[test]
+fn cancel_releases_live_reservation() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10)]);
+    let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
+    let outs = h.feed("t", cancel("k1", "O-1"), 0).unwrap();
+    assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_RELEASED, "O-1"));
+    let Event::StockReservationReleased(r) = &outs[0].event else { panic!() };
+    assert_eq!(r.reason, "CANCELLED");
+    assert_eq!(r.reservation_id, res_id);
+    assert_eq!(r.event_id, derive_event_id("k1", "stock.reservation.released"));
+    assert_eq!(r.occurred_at, 2_000);
+    assert_eq!(r.items, vec![ReleasedItem { product_id: "P-001".into(), released: 4 }]);
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
+    assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Released);
+    // A second cancellation (new id) releases nothing.
+    assert!(h.feed("t", cancel("k2", "O-1"), 0).unwrap().is_empty());
+    assert_eq!(stock(&h, "P-001").reserved, 0);
+    assert_eq!(notes(&h, "compensation_echo"), vec!["cancel_after_release"]);
+    assert!(notes(&h, "late_event").is_empty());
+    assert_eq!(notes(&h, "release"), vec!["CANCELLED"]);
+}
+
+#[test]
+fn cancel_after_failure_is_a_compensation_echo_and_changes_nothing() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 1)]);
+    h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap();
+    assert!(h.feed("t", cancel("k1", "O-1"), 0).unwrap().is_empty());
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 1, reserved: 0 });
+    assert_eq!(notes(&h, "compensation_echo"), vec!["cancel_after_failure"]);
+    assert!(notes(&h, "late_event").is_empty());
+}
+
+#[test]
+fn cancel_before_reservation_blocks_a_late_order_created() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10)]);
+    assert!(h.feed("t", cancel("k1", "O-1"), 0).unwrap().is_empty());
+    assert!(h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap().is_empty());
+    assert_eq!(stock(&h, "P-001").reserved, 0);
+    assert_eq!(notes(&h, "late_event"), vec!["cancel_before_reservation", "created_after_close"]);
+}
+
+#[test]
+fn expiry_releases_matching_live_reservation_only() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10)]);
+    let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
+    assert!(h.feed("t", expire("x0", "O-1", "some-other-reservation"), 0).unwrap().is_empty());
+    assert_eq!(stock(&h, "P-001").reserved, 4);
+    let outs = h.feed("t", expire("x1", "O-1", &res_id), 0).unwrap();
+    let Event::StockReservationReleased(r) = &outs[0].event else { panic!() };
+    assert_eq!(r.reason, "EXPIRED");
+    assert_eq!(r.event_id, derive_event_id("x1", "stock.reservation.released"));
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
+    // Completion after expiry deducts nothing.
+    assert!(h.feed("t", complete("c1", "O-1"), 0).unwrap().is_empty());
+    assert_eq!(stock(&h, "P-001").on_hand, 10);
+    assert_eq!(notes(&h, "late_event"), vec!["expired_other_reservation", "completed_without_reservation"]);
+    assert_eq!(notes(&h, "release"), vec!["EXPIRED"]);
+}
+
+#[test]
+fn expiry_after_completion_is_late() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10)]);
+    let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
+    h.feed("t", complete("c1", "O-1"), 0).unwrap();
+    assert!(h.feed("t", expire("x1", "O-1", &res_id), 0).unwrap().is_empty());
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 6, reserved: 0 });
+    assert_eq!(notes(&h, "late_event"), vec!["expired_after_deduction"]);
+}
+
+#[test]
+fn completion_deducts_reserved_stock_with_previous_and_current() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10), ("P-002", 3)]);
+    h.feed("t", order("o1", "O-1", &[("P-001", 4), ("P-002", 3)]), 0).unwrap();
+    let outs = h.feed("t", complete("c1", "O-1"), 0).unwrap();
+    assert_eq!(outs.len(), 2);
+    let Event::StockUpdated(u) = &outs[0].event else { panic!() };
+    assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_UPDATED, "P-001"));
+    assert_eq!(u.store_stock, StockLevel { previous: 10, current: 6 });
+    assert_eq!((u.change_amount, u.change_reason.as_str(), u.reference_id.as_str()), (-4, "SALE", "O-1"));
+    assert_eq!(u.event_id, derive_event_id("c1", "stock.updated/P-001"));
+    assert_eq!(u.occurred_at, 3_000);
+    let Event::StockUpdated(u) = &outs[1].event else { panic!() };
+    assert_eq!(u.store_stock, StockLevel { previous: 3, current: 0 }, "down to zero, never below");
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 6, reserved: 0 });
+    assert_eq!(stock(&h, "P-002"), StockRecord { on_hand: 0, reserved: 0 });
+    assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Deducted);
+    assert_eq!(notes(&h, "deduction"), vec!["SALE"]);
+    // A second completion (new id) deducts nothing; a cancel after completion releases nothing.
+    assert!(h.feed("t", complete("c2", "O-1"), 0).unwrap().is_empty());
+    assert!(h.feed("t", cancel("k1", "O-1"), 0).unwrap().is_empty());
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 6, reserved: 0 });
+    assert_eq!(notes(&h, "late_event"), vec!["completed_without_reservation", "cancel_after_deduction"]);
+}
+
+#[test]
+fn no_deduction_without_live_reservation() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10)]);
+    assert!(h.feed("t", complete("c1", "O-9"), 0).unwrap().is_empty());
+    assert_eq!(stock(&h, "P-001").on_hand, 10);
+    assert_eq!(notes(&h, "late_event"), vec!["completed_without_reservation"]);
+    // The completed order can no longer reserve.
+    assert!(h.feed("t", order("o9", "O-9", &[("P-001", 1)]), 0).unwrap().is_empty());
+    assert_eq!(stock(&h, "P-001").reserved, 0);
+}
+
+#[test]
+fn deduction_that_would_go_negative_is_corrupt_state() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10)]);
+    h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap();
+    // Tamper with the store to break the invariant.
+    h.store.data.insert(stock_key(HQ, STORE, "P-001"), serde_json::to_vec(&StockRecord { on_hand: 2, reserved: 4 }).unwrap());
+    let err = h.feed("t", complete("c1", "O-1"), 0).unwrap_err();
+    assert!(matches!(err, ProcessError::CorruptState { .. }), "{err}");
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 2, reserved: 4 }, "nothing applied");
+    assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Live);
+}
+
+#[test]
+fn outputs_are_deterministic_in_the_input() {
+    let script: Vec<Event> = vec![
+        adjust_ev("a1", &[("P-001", 10), ("P-002", 1)]).into(),
+        order("o1", "O-1", &[("P-001", 5)]).into(),
+        order("o2", "O-2", &[("P-001", 5), ("P-002", 3)]).into(),
+        order("o3", "O-3", &[("P-001", 2)]).into(),
+        complete("c1", "O-1").into(),
+        cancel("k3", "O-3").into(),
+    ];
+    let run = || {
+        let mut h = harness();
+        let mut all = Vec::new();
+        for (i, ev) in script.iter().enumerate() {
+            // Processing time differs between runs: outputs must not depend on it.
+            all.extend(h.feed("t", ev.clone(), i as i64 * 7).unwrap());
+        }
+        (all, h.store.data)
+    };
+    let (a, sa) = run();
+    let (b, sb) = run();
+    assert_eq!(a.len(), 7);
+    assert_eq!(a, b);
+    assert_eq!(
+        sa.into_iter().filter(|(k, _)| !k.starts_with(b"\x00")).collect::<Vec<_>>(),
+        sb.into_iter().filter(|(k, _)| !k.starts_with(b"\x00")).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn ignores_unrelated_events() {
+    let mut h = harness();
+    let ev = stock_reservation_released("r", "O-1", "R", "EXPIRED", 0, &[]);
+    assert!(h.feed("order.created", ev, 0).unwrap().is_empty());
+    assert!(h.notes.is_empty());
+}
