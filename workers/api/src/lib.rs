@@ -10,7 +10,7 @@
 //! # Layout
 //!
 //! - `lib.rs`: [`Processor`], [`Context`], [`Outputs`], [`ProcessError`], eventId helpers, the
-//!   shared setting [`DEFAULT_RESERVATION_TTL`] and [`millis`].
+//!   shared setting [`ReservationTtlConfig`] ([`DEFAULT_RESERVATION_TTL`]) and [`millis`].
 //! - [`events`]: the event types of `avro/` ([`Event`] and one struct per schema).
 //! - [`fixtures`]: event builders shared by the workers' unit tests.
 //! - `harness`: [`Harness`] and [`MemoryStore`], the in-memory runner.
@@ -30,6 +30,41 @@ pub const DEFAULT_RESERVATION_TTL: std::time::Duration = std::time::Duration::fr
 /// at `i64::MAX`.
 pub fn millis(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The settings of a kind whose one setting is the reservation TTL (the stock reserver's and the
+/// reservation expirer's `Config`): the keys of its `[workers.<name>]` entry in `topology.toml`
+/// beyond the common ones, parsed by the kinds registry (`orderflow_kinds`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationTtlConfig {
+    /// `reservation_ttl` (seed 004): how long a reservation holds its units after the order's
+    /// `occurredAt`; default 5 minutes ([`DEFAULT_RESERVATION_TTL`]), at least 1 ms. The stock
+    /// reserver's and the expirer's must agree (`topology check` says so).
+    #[serde(default = "default_reservation_ttl", with = "humantime_serde")]
+    pub reservation_ttl: std::time::Duration,
+}
+
+fn default_reservation_ttl() -> std::time::Duration {
+    DEFAULT_RESERVATION_TTL
+}
+
+impl Default for ReservationTtlConfig {
+    fn default() -> ReservationTtlConfig {
+        ReservationTtlConfig { reservation_ttl: DEFAULT_RESERVATION_TTL }
+    }
+}
+
+impl ReservationTtlConfig {
+    /// The TTL in ms.
+    ///
+    /// Errors: a TTL under 1 ms.
+    pub fn ttl_ms(&self) -> Result<i64, String> {
+        if self.reservation_ttl < std::time::Duration::from_millis(1) {
+            return Err(format!("reservation_ttl {} must be at least 1 ms", humantime::format_duration(self.reservation_ttl)));
+        }
+        Ok(millis(self.reservation_ttl))
+    }
 }
 
 pub use events::Event;

@@ -19,10 +19,10 @@ use serde::de::DeserializeOwned;
 /// Every kind, as `topology check` knows them.
 pub const KINDS: &[KindInfo] = &[
     KindInfo { name: "deduplicator", ports: deduplicator::PORTS, settings: KindInfo::no_settings },
-    KindInfo { name: "stock-reserver", ports: stock_reserver::PORTS, settings: stock_reserver_settings },
+    KindInfo { name: "stock-reserver", ports: stock_reserver::PORTS, settings: ttl_settings },
     KindInfo { name: "order-confirmer", ports: order_confirmer::PORTS, settings: KindInfo::no_settings },
     KindInfo { name: "canceller", ports: canceller::PORTS, settings: canceller_settings },
-    KindInfo { name: "reservation-expirer", ports: reservation_expirer::PORTS, settings: expirer_settings },
+    KindInfo { name: "reservation-expirer", ports: reservation_expirer::PORTS, settings: ttl_settings },
 ];
 
 /// The output ports of `kind`, if it is one of [`KINDS`].
@@ -38,15 +38,10 @@ fn parse<C: DeserializeOwned>(settings: &toml::Table) -> Result<C, String> {
     toml::Value::Table(settings.clone()).try_into().map_err(|e: toml::de::Error| e.message().to_string())
 }
 
-fn stock_reserver_settings(t: &toml::Table) -> Result<Vec<(&'static str, String)>, String> {
-    let c: stock_reserver::Config = parse(t)?;
-    c.validate()?;
-    Ok(vec![("reservation_ttl", humantime::format_duration(c.reservation_ttl).to_string())])
-}
-
-fn expirer_settings(t: &toml::Table) -> Result<Vec<(&'static str, String)>, String> {
-    let c: reservation_expirer::Config = parse(t)?;
-    c.validate()?;
+/// The stock reserver's and the expirer's settings: the TTL, which both must agree on.
+fn ttl_settings(t: &toml::Table) -> Result<Vec<(&'static str, String)>, String> {
+    let c: orderflow_api::ReservationTtlConfig = parse(t)?;
+    c.ttl_ms()?;
     Ok(vec![("reservation_ttl", humantime::format_duration(c.reservation_ttl).to_string())])
 }
 
@@ -61,10 +56,10 @@ pub fn build(spec: &WorkerSpec) -> Option<Box<dyn Processor>> {
     let s = &spec.settings;
     Some(match spec.kind.as_str() {
         "deduplicator" => Box::new(deduplicator::Deduplicator::new()),
-        "stock-reserver" => Box::new(parse::<stock_reserver::Config>(s).ok()?.processor()),
+        "stock-reserver" => Box::new(stock_reserver::StockReserver::new(parse::<stock_reserver::Config>(s).ok()?.ttl_ms().ok()?)),
         "order-confirmer" => Box::new(order_confirmer::OrderConfirmer::new()),
         "canceller" => Box::new(parse::<canceller::Config>(s).ok()?.processor()),
-        "reservation-expirer" => Box::new(parse::<reservation_expirer::Config>(s).ok()?.processor()),
+        "reservation-expirer" => Box::new(reservation_expirer::ReservationExpirer::new(parse::<reservation_expirer::Config>(s).ok()?.ttl_ms().ok()?)),
         _ => return None,
     })
 }
@@ -127,7 +122,7 @@ mod tests {
     fn settings_are_parsed_and_checked_by_their_kind() {
         let reserver = spec("kind = \"stock-reserver\"\ninputs = []\nreservation_ttl = \"90s\"\n");
         assert_eq!(reservation_ttl(&reserver), Some(Duration::from_secs(90)));
-        assert_eq!(stock_reserver_settings(&reserver.settings), Ok(vec![("reservation_ttl", "1m 30s".to_string())]));
+        assert_eq!(ttl_settings(&reserver.settings), Ok(vec![("reservation_ttl", "1m 30s".to_string())]));
         let expirer = spec("kind = \"reservation-expirer\"\ninputs = []\n");
         assert_eq!(reservation_ttl(&expirer), Some(orderflow_api::DEFAULT_RESERVATION_TTL), "seed 004: 5 minutes");
         let canceller = spec("kind = \"canceller\"\ninputs = []\n");
@@ -139,10 +134,10 @@ mod tests {
         let stray = spec("kind = \"deduplicator\"\ninputs = []\nreservation_ttl = \"1m\"\n");
         assert!(KindInfo::no_settings(&stray.settings).unwrap_err().contains("reservation_ttl"));
         let typo = spec("kind = \"stock-reserver\"\ninputs = []\nreservation_tll = \"1m\"\n");
-        let e = stock_reserver_settings(&typo.settings).unwrap_err();
+        let e = ttl_settings(&typo.settings).unwrap_err();
         assert!(e.contains("reservation_tll") && e.contains("reservation_ttl"), "names the key and the known one: {e}");
         let zero = spec("kind = \"reservation-expirer\"\ninputs = []\nreservation_ttl = \"0s\"\n");
-        assert!(expirer_settings(&zero.settings).unwrap_err().contains("at least 1 ms"));
+        assert!(ttl_settings(&zero.settings).unwrap_err().contains("at least 1 ms"));
 
         let mut over = expirer.clone();
         assert!(set_reservation_ttl(&mut over, Duration::from_secs(3600)));

@@ -26,7 +26,7 @@
 //!
 //! # Layout
 //!
-//! - `lib.rs`: [`Config`] (its settings), ports, state keys ([`stock_key`], [`reservation_key`],
+//! - `lib.rs`: [`Config`] (its settings: the reservation TTL), ports, state keys ([`stock_key`], [`reservation_key`],
 //!   ...), the state records ([`StockRecord`], [`Reservation`]) and [`StockReserver`].
 //! - `tests.rs`: unit tests through `orderflow_api::Harness`.
 
@@ -36,46 +36,11 @@ use orderflow_api::events::{
     StockReserved, StockUpdated,
 };
 use orderflow_api::{derive_event_id, Context, Event, Export, Outputs, ProcessError, Processor, StateTxn};
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
 
-/// The stock reserver's own settings: the keys of its `[workers.<name>]` entry in `topology.toml`
-/// beyond the common ones (parsed by the kinds registry, `orderflow_kinds`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    /// `reservation_ttl` (seed 004): how long a reservation holds its units after the order's
-    /// `occurredAt`; default 5 minutes ([`orderflow_api::DEFAULT_RESERVATION_TTL`]), at least
-    /// 1 ms. Must equal the reservation expirer's (`topology check` says so).
-    #[serde(default = "default_ttl", with = "humantime_serde")]
-    pub reservation_ttl: Duration,
-}
-
-fn default_ttl() -> Duration {
-    orderflow_api::DEFAULT_RESERVATION_TTL
-}
-
-impl Default for Config {
-    fn default() -> Config {
-        Config { reservation_ttl: default_ttl() }
-    }
-}
-
-impl Config {
-    /// Errors: a reservation TTL under 1 ms.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.reservation_ttl < Duration::from_millis(1) {
-            return Err(format!("reservation_ttl {} must be at least 1 ms", humantime::format_duration(self.reservation_ttl)));
-        }
-        Ok(())
-    }
-
-    /// The processor these settings configure.
-    pub fn processor(&self) -> StockReserver {
-        StockReserver::new(orderflow_api::millis(self.reservation_ttl))
-    }
-}
+/// Its settings in `topology.toml`: the reservation TTL alone (seed 004), which must agree with
+/// the reservation expirer's.
+pub type Config = orderflow_api::ReservationTtlConfig;
 
 /// Port of `stock.reserved` (key orderId).
 pub const PORT_RESERVED: &str = "reserved";
