@@ -266,10 +266,7 @@ impl Fuzz {
                 return Err(format!("worker {name}: unknown kind {}", spec.kind));
             }
         }
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .map_err(|e| format!("tokio runtime: {e}"))?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(|e| format!("tokio runtime: {e}"))?;
         Ok(Fuzz { codec, topology, rules, home, runtime })
     }
 
