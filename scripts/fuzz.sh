@@ -5,8 +5,10 @@
 #
 #   decode   arbitrary bytes as one record value through the Avro codec
 #   process  arbitrary bytes split into records, through the five processors with a moving clock
+#            (admission, processing and timers through orderflow_runtime::step, as live)
 #   (what each checks: fuzz/src/lib.rs; the seed corpus also runs on stable in `cargo test`,
-#   tests/fuzz_corpus.rs)
+#   tests/fuzz_corpus.rs, and is regenerated with
+#   `cargo run --release -p orderflow --example write_fuzz_seed_corpus`)
 #
 # Installs cargo-fuzz when missing (`cargo install cargo-fuzz --locked`) and uses the nightly
 # toolchain (`cargo +nightly`; `rustup toolchain install nightly` if `cargo +nightly --version`

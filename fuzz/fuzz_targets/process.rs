@@ -1,5 +1,6 @@
-//! `process`: arbitrary bytes split into records (`orderflow_fuzz::split_records`), decoded and fed
-//! through the five processors with an advancing clock. See `orderflow_fuzz::Fuzz::process`.
+//! `process`: arbitrary bytes split into records (`orderflow_fuzz::split_records`), admitted and fed
+//! through the five processors with an advancing clock, by the runtime's step
+//! (`orderflow_runtime::step`). See `orderflow_fuzz::Fuzz::process`.
 #![no_main]
 
 use std::sync::LazyLock;

@@ -5,16 +5,26 @@
 //! `scripts/fuzz.sh`), and of the stable test `tests/fuzz_corpus.rs`, which compiles this file as
 //! a module and runs every file of `fuzz/corpus/<target>/` through them on every `cargo test`. A
 //! broken property panics with a message naming it; libFuzzer then saves the input as a crash.
+//! The seed corpus is written by [`seeds`] (`cargo run --release -p orderflow --example
+//! write_fuzz_seed_corpus`).
 //!
-//! This file is both the crate root of `orderflow-fuzz` and a module of that test: it names only
-//! its own items and the external crates `orderflow_api`, `orderflow_runtime`, `serde_json` and
-//! the five worker crates (all dependencies of the `orderflow` package too).
+//! Admission, processing and timers go through `orderflow_runtime::step`, exactly as the live
+//! worker runs them: [`Rules`] admit a record (`check_value`, the decode, `check_event`) and
+//! [`step::step`] runs each processor over its in-memory state (`orderflow_api::MemoryStore`),
+//! with `eventId` dedupe and the due timers fired after the records, on a tokio current-thread
+//! runtime. Only the Kafka side (consumer, producer, changelog, sled) is left out.
+//!
+//! This file is both the crate root of `orderflow-fuzz` and a module of that test and of the
+//! example: it names only its own items and the external crates `orderflow_api`,
+//! `orderflow_runtime`, `serde_json`, `tokio` and the five worker crates (all dependencies of the
+//! `orderflow` package too).
 //!
 //! # `decode`: one record value
 //!
 //! `Codec::decode_local` (single-object encoding, schemas from `avro/`, no registry) must not
 //! panic, and:
-//! * every failure has a dead-letter class ([`CodecError::class`]) among [`DECODE_CLASSES`], and
+//! * every failure has a dead-letter class ([`CodecError::dead_letter_class`]) among
+//!   [`DECODE_CLASSES`], and
 //!   the one the header alone decides when it does ([`header_class`]): `not_avro` for a first
 //!   byte other than `C3`/`00` or `C3` not followed by `01`, `truncated` for a payload shorter
 //!   than its header, `unknown_schema` for an unknown fingerprint or any Confluent-framed payload
@@ -29,25 +39,33 @@
 //! The input is split into records by [`split_records`]: each is a control byte (the clock
 //! advance before it, [`advance_ms`]), a little-endian `u16` length and that many value bytes
 //! (fewer at the end of the input). Starting at [`BASE_TIME_MS`], for each record the clock
-//! moves, every processor's due timers fire, and then, as the runtime would:
-//! * a value above `max_record_bytes` (`[defaults]` of `topology.toml`) is dropped (`oversized`),
-//!   one that does not decode is dropped (its class checked as in `decode`), an event whose
-//!   `occurredAt` is more than `max_clock_skew` ahead of the clock is dropped
-//!   (`future_timestamp`);
-//! * the event is fed to **each of the five processors** (an `orderflow_api::Harness` each,
-//!   built from `topology.toml`), whatever their inputs, as read from the topic that carries its
-//!   schema: a superset of what the wiring delivers;
+//! moves, every processor's due timers fire (a [`step::step`] without records), and then, as the
+//! runtime would:
+//! * the record is admitted by the topology's [`Rules`] (`[defaults]` and the topics' `schema` of
+//!   `topology.toml`), as read from the topic that carries its schema: a value above
+//!   `max_record_bytes` is dropped (`oversized`), one that does not decode is dropped (its class
+//!   checked as in `decode`), an event of a schema its topic does not carry (`wrong_schema`), with
+//!   an empty `eventId` (`invalid`) or whose `occurredAt` is more than `max_clock_skew` ahead of
+//!   the clock (`future_timestamp`) is dropped; drops are counted by [`DeadLetterClass`];
+//! * the event is fed to **each of the five processors** (one [`step::step`] each, over the
+//!   worker's `MemoryStore`, its processor built from `topology.toml` by `orderflow_kinds`),
+//!   whatever their inputs, as read from that topic: a superset of what the wiring delivers. The
+//!   step's changes are applied to the store, its due timers fire after the record (as live);
 //! * what they emit is routed through the topology's wiring to every worker reading the output
-//!   topic, until nothing is left (bounded by [`MAX_DELIVERIES`]).
+//!   topic, one step per delivery, until nothing is left (bounded by [`MAX_DELIVERIES`]).
 //!
 //! After the last record the clock moves a day ahead so every timer fires. Properties:
-//! * no processor panics, and none returns [`ProcessError::CorruptState`] or
-//!   [`ProcessError::UnwiredPort`] (both stop a worker for good: a poison record would crash-loop
-//!   it); a timer handler returns no error at all (the runtime treats any as fatal);
-//!   [`ProcessError::Invalid`] and [`ProcessError::Transient`] are allowed (dead-lettered);
+//! * no processor panics, and no step stops ([`step::Stop`]: the processor returned
+//!   [`CorruptState`](orderflow_api::ProcessError::CorruptState) or
+//!   [`UnwiredPort`](orderflow_api::ProcessError::UnwiredPort), or a timer handler failed; each
+//!   stops a worker for good, so a poison record would crash-loop it; a step without retries
+//!   treats any timer error as fatal); [`Invalid`](orderflow_api::ProcessError::Invalid) and
+//!   [`Transient`](orderflow_api::ProcessError::Transient) on an event are allowed
+//!   (dead-lettered, counted per worker);
 //! * stock reserver (after every record): every stock record has on hand ≥ 0, reserved ≥ 0 and
 //!   available = on hand − reserved ≥ 0, and its reserved units equal the units held by the live
-//!   reservations of that store and product; no processor reports `conservation_mismatch`;
+//!   reservations of that store and product; no processor reports a broken invariant (a note
+//!   exported as `Export::InvariantBroken`: the reserver's `conservation_mismatch`);
 //! * every emitted event encodes with its schema and decodes back equal, and carries the record
 //!   key its topic declares (`orderId`, `hqId:storeId`, `productId`);
 //! * no `eventId` is emitted with two different payloads, as long as the input holds only events
@@ -63,12 +81,17 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::Path;
 
 use orderflow_api::events::store_key;
-use orderflow_api::{Context, Event, Harness, Output, Outputs, ProcessError, Processor, StateTxn};
-use orderflow_runtime::codec::{Codec, CodecError, SINGLE_OBJECT_HEADER_LEN, SINGLE_OBJECT_MARKER};
+use orderflow_api::{Event, Export, MemoryStore, Output, Processor};
+use orderflow_runtime::codec::{Codec, SINGLE_OBJECT_HEADER_LEN, SINGLE_OBJECT_MARKER};
+use orderflow_runtime::deadletter::DeadLetterClass;
+use orderflow_runtime::step::{self, Cause, Input, RetryBudget, Rules, Staged};
 use orderflow_runtime::topology::{Topology, WorkerSpec};
 
+pub mod seeds;
+
 /// The dead-letter classes a failed `decode_local` may have (no registry configured).
-pub const DECODE_CLASSES: &[&str] = &["not_avro", "truncated", "unknown_schema", "malformed"];
+pub const DECODE_CLASSES: &[DeadLetterClass] =
+    &[DeadLetterClass::NotAvro, DeadLetterClass::Truncated, DeadLetterClass::UnknownSchema, DeadLetterClass::Malformed];
 
 /// Clock of the first record of a `process` run, ms since the epoch (2026-01-01T00:00:00Z).
 /// The seed corpus stamps its events around it.
@@ -120,22 +143,22 @@ pub fn frame(records: &[(u8, &[u8])]) -> Vec<u8> {
 /// The dead-letter class the header of `bytes` decides on its own, for a codec without a
 /// registry that knows the fingerprints `known`; `None` when the header is a known single-object
 /// header and only the datum decides.
-pub fn header_class(bytes: &[u8], known: impl Fn(u64) -> bool) -> Option<&'static str> {
+pub fn header_class(bytes: &[u8], known: impl Fn(u64) -> bool) -> Option<DeadLetterClass> {
     match bytes {
-        [] | [0xC3] => Some("truncated"),
-        [0xC3, second, ..] if *second != SINGLE_OBJECT_MARKER[1] => Some("not_avro"),
-        [0xC3, ..] if bytes.len() < SINGLE_OBJECT_HEADER_LEN => Some("truncated"),
+        [] | [0xC3] => Some(DeadLetterClass::Truncated),
+        [0xC3, second, ..] if *second != SINGLE_OBJECT_MARKER[1] => Some(DeadLetterClass::NotAvro),
+        [0xC3, ..] if bytes.len() < SINGLE_OBJECT_HEADER_LEN => Some(DeadLetterClass::Truncated),
         [0xC3, ..] => {
             let fp = u64::from_le_bytes(bytes[2..SINGLE_OBJECT_HEADER_LEN].try_into().expect("8 bytes"));
             if known(fp) {
                 None
             } else {
-                Some("unknown_schema")
+                Some(DeadLetterClass::UnknownSchema)
             }
         }
-        [0x00, ..] if bytes.len() < 5 => Some("truncated"),
-        [0x00, ..] => Some("unknown_schema"),
-        _ => Some("not_avro"),
+        [0x00, ..] if bytes.len() < 5 => Some(DeadLetterClass::Truncated),
+        [0x00, ..] => Some(DeadLetterClass::UnknownSchema),
+        _ => Some(DeadLetterClass::NotAvro),
     }
 }
 
@@ -144,9 +167,9 @@ pub fn header_class(bytes: &[u8], known: impl Fn(u64) -> bool) -> Option<&'stati
 pub struct ProcessReport {
     /// Records the input split into.
     pub records: usize,
-    /// Records dropped before any processor, by dead-letter class (`oversized`,
-    /// `future_timestamp` and the decode classes).
-    pub dropped: BTreeMap<&'static str, usize>,
+    /// Records dropped by admission, before any processor, by dead-letter class (`oversized`,
+    /// the decode classes, `wrong_schema`, `invalid` for an empty `eventId`, `future_timestamp`).
+    pub dropped: BTreeMap<DeadLetterClass, usize>,
     /// Records decoded and fed to the processors, by schema name.
     pub fed: BTreeMap<&'static str, usize>,
     /// How many of them are forged internal events (their topic is not `external`).
@@ -157,7 +180,7 @@ pub struct ProcessReport {
     pub transient: BTreeMap<String, usize>,
     /// Emitted records, by topic.
     pub emitted: BTreeMap<String, usize>,
-    /// Events fed to a processor (external records times five, plus routed outputs).
+    /// Events fed to a processor (admitted records times five, plus routed outputs).
     pub deliveries: usize,
 }
 
@@ -165,36 +188,33 @@ pub struct ProcessReport {
 pub struct Fuzz {
     codec: Codec,
     topology: Topology,
+    /// The admission rules of every topic of the topology.
+    rules: Rules,
     /// Schema name → the topic that carries only that schema (`OrderCreated` → `order.created`).
     home: BTreeMap<String, String>,
+    /// Runs the (async) step on the calling thread (a step without retries never waits).
+    runtime: tokio::runtime::Runtime,
 }
 
 impl std::fmt::Debug for Fuzz {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fuzz").field("codec", &self.codec).field("home", &self.home).finish()
+        f.debug_struct("Fuzz").field("codec", &self.codec).field("rules", &self.rules).field("home", &self.home).finish()
     }
 }
 
-/// A processor behind a box, so harnesses of different kinds share one type.
-struct Boxed(Box<dyn Processor>);
-
-impl Processor for Boxed {
-    fn process(&mut self, ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        self.0.process(ctx, event, state, out)
-    }
-    fn on_timer(&mut self, ctx: &Context, key: &[u8], due_ms: i64, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        self.0.on_timer(ctx, key, due_ms, state, out)
-    }
-}
-
-/// One worker of the topology in memory.
+/// One worker of the topology in memory: its processor, its state (one partition, 0) and ports.
 struct Stage {
     name: String,
     kind: String,
     inputs: Vec<String>,
     /// Port → topic.
     outputs: BTreeMap<String, String>,
-    harness: Harness<Boxed>,
+    /// The ports of its kind the topology wires, as the live worker gives them to the step.
+    wired: Vec<String>,
+    processor: Box<dyn Processor>,
+    store: MemoryStore,
+    /// Offset of the next record fed to it.
+    offset: i64,
 }
 
 /// Builds the processor of a worker and names its ports, from the kinds registry the `orderflow`
@@ -225,6 +245,8 @@ impl Fuzz {
         let path = repo_root.join("topology.toml");
         let loaded = orderflow_runtime::topology::load(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let codec = Codec::load(&loaded.avro_dir(), None).map_err(|e| e.to_string())?;
+        let topics: Vec<String> = loaded.topology.topics.keys().cloned().collect();
+        let rules = Rules::of(&loaded, &topics);
         let topology = loaded.topology;
         let mut home = BTreeMap::new();
         for (name, spec) in &topology.topics {
@@ -244,7 +266,8 @@ impl Fuzz {
                 return Err(format!("worker {name}: unknown kind {}", spec.kind));
             }
         }
-        Ok(Fuzz { codec, topology, home })
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(|e| format!("tokio runtime: {e}"))?;
+        Ok(Fuzz { codec, topology, rules, home, runtime })
     }
 
     /// The codec (single-object encoding, no registry).
@@ -262,7 +285,7 @@ impl Fuzz {
     ///
     /// # Panics
     /// When a property is broken.
-    pub fn decode(&self, bytes: &[u8]) -> Result<Event, &'static str> {
+    pub fn decode(&self, bytes: &[u8]) -> Result<Event, DeadLetterClass> {
         let result = self.decode_once(bytes);
         if let Ok(event) = &result {
             self.check_prefixes(bytes, event);
@@ -271,16 +294,19 @@ impl Fuzz {
     }
 
     /// Decodes and checks the class and the round trip, without the prefix properties.
-    fn decode_once(&self, bytes: &[u8]) -> Result<Event, &'static str> {
+    fn decode_once(&self, bytes: &[u8]) -> Result<Event, DeadLetterClass> {
         let known = |fp: u64| self.codec.schema_name_of(&[&SINGLE_OBJECT_MARKER[..], &fp.to_le_bytes()[..]].concat()).is_some();
         let expected = header_class(bytes, known);
         match self.codec.decode_local(bytes) {
             Err(e) => {
-                let class = class_of(&e);
+                let class = e.dead_letter_class();
                 assert!(DECODE_CLASSES.contains(&class), "decode failure without a dead-letter class of a record: {class} ({e})");
                 match expected {
                     Some(want) => assert_eq!(class, want, "the header decides the class: {e}"),
-                    None => assert!(class == "truncated" || class == "malformed", "a known header, then {class}: {e}"),
+                    None => assert!(
+                        matches!(class, DeadLetterClass::Truncated | DeadLetterClass::Malformed),
+                        "a known header, then {class}: {e}"
+                    ),
                 }
                 Err(class)
             }
@@ -310,14 +336,14 @@ impl Fuzz {
         };
         for cut in cuts {
             match self.decode_once(&bytes[..cut]) {
-                Err("truncated") => {}
+                Err(DeadLetterClass::Truncated) => {}
                 other => panic!("{} cut to {cut} of {len} bytes: expected truncated, got {other:?}", event.schema_name()),
             }
         }
         let mut longer = bytes.to_vec();
         longer.push(0);
         match self.decode_once(&longer) {
-            Err("malformed") => {}
+            Err(DeadLetterClass::Malformed) => {}
             other => panic!("{} with a trailing byte: expected malformed, got {other:?}", event.schema_name()),
         }
     }
@@ -333,19 +359,33 @@ impl Fuzz {
         first.report
     }
 
+    /// Admits one record value read at `now_ms`, as the worker does (`step::admit` without a
+    /// registry): [`Rules::check_value`], the decode with its checks, then
+    /// [`Rules::check_event`] as read from the topic that carries the event's schema. Returns that
+    /// topic and the event, or the dead-letter class of the drop.
+    fn admit(&self, value: &[u8], now_ms: i64) -> Result<(&str, Event), DeadLetterClass> {
+        let value = self.rules.check_value(Some(value)).map_err(|r| r.class)?;
+        let event = self.decode_once(value)?;
+        let topic = self.home[event.schema_name()].as_str();
+        self.rules.check_event(topic, &event, now_ms).map_err(|r| r.class)?;
+        Ok((topic, event))
+    }
+
     fn stages(&self) -> Vec<Stage> {
         self.topology
             .workers
             .iter()
             .map(|(name, spec)| {
                 let (processor, ports) = build_processor(spec).expect("kinds checked by load");
-                let wired: Vec<&str> = ports.iter().copied().filter(|p| spec.outputs.contains_key(*p)).collect();
                 Stage {
                     name: name.clone(),
                     kind: spec.kind.clone(),
                     inputs: spec.inputs.clone(),
                     outputs: spec.outputs.clone(),
-                    harness: Harness::new(Boxed(processor), &wired),
+                    wired: ports.iter().filter(|p| spec.outputs.contains_key(**p)).map(|p| p.to_string()).collect(),
+                    processor,
+                    store: MemoryStore::default(),
+                    offset: 0,
                 }
             })
             .collect()
@@ -361,36 +401,25 @@ impl Fuzz {
             forged: false,
             report: ProcessReport::default(),
         };
-        let defaults = &self.topology.defaults;
-        let skew_ms = i64::try_from(defaults.max_clock_skew.as_millis()).unwrap_or(i64::MAX);
         let records = split_records(data);
         run.report.records = records.len();
         for (control, bytes) in records {
             run.advance(advance_ms(control));
-            if bytes.len() > defaults.max_record_bytes {
-                *run.report.dropped.entry("oversized").or_default() += 1;
-                continue;
-            }
-            let event = match self.decode_once(bytes) {
-                Ok(event) => event,
+            let (topic, event) = match self.admit(bytes, run.now) {
+                Ok(admitted) => admitted,
                 Err(class) => {
                     *run.report.dropped.entry(class).or_default() += 1;
                     continue;
                 }
             };
-            if event.occurred_at() > run.now.saturating_add(skew_ms) {
-                *run.report.dropped.entry("future_timestamp").or_default() += 1;
-                continue;
-            }
             *run.report.fed.entry(event.schema_name()).or_default() += 1;
-            let topic = self.home[event.schema_name()].clone();
-            if self.topology.topics.get(&topic).is_some_and(|t| t.external.is_none()) {
+            if self.topology.topics.get(topic).is_some_and(|t| t.external.is_none()) {
                 run.forged = true;
                 run.report.forged += 1;
             }
             let mut queue = VecDeque::new();
             for i in 0..run.stages.len() {
-                queue.extend(run.feed(i, &topic, &event));
+                queue.extend(run.step(i, Some((topic, &event))));
             }
             run.drain(queue);
             run.check_state();
@@ -403,11 +432,6 @@ impl Fuzz {
         }
         run
     }
-}
-
-/// The dead-letter class of a codec error.
-fn class_of(e: &CodecError) -> &'static str {
-    e.class()
 }
 
 /// The value of the record key a topic declares (`key` in `topology.toml`) for `event`, if the
@@ -425,40 +449,63 @@ fn declared_key(key: &str, event: &Event) -> Option<String> {
 }
 
 impl Run<'_> {
-    /// Moves the clock by `by_ms` and fires every processor's due timers, routing their outputs.
+    /// Moves the clock by `by_ms` and fires every processor's due timers (a step without
+    /// records), routing their outputs.
     fn advance(&mut self, by_ms: i64) {
         self.now = self.now.saturating_add(by_ms);
         let mut queue = VecDeque::new();
         for i in 0..self.stages.len() {
-            let stage = &mut self.stages[i];
-            match stage.harness.advance(self.now) {
-                Ok(outputs) => {
-                    let outputs: Vec<(String, Output)> = outputs.into_iter().map(|o| (stage.outputs[&o.port].clone(), o)).collect();
-                    queue.extend(outputs);
-                }
-                Err(e) => panic!("{}: a timer handler failed (fatal for the worker): {e}", stage.name),
-            }
+            queue.extend(self.step(i, None));
         }
         self.drain(queue);
     }
 
-    /// Feeds `event` read from `topic` to stage `i`; returns what it emitted, with the topics.
-    fn feed(&mut self, i: usize, topic: &str, event: &Event) -> Vec<(String, Output)> {
-        self.report.deliveries += 1;
+    /// One [`step::step`] of stage `i` at the run's clock, over its store (partition 0) with no
+    /// retries: `record` is the event read from a topic, if any; the due timers fire after it.
+    /// Applies the staged changes, counts the dead letters, and returns the outputs with their
+    /// topics.
+    ///
+    /// # Panics
+    /// When the step stops (fatal for the worker) or a processor reports a broken invariant.
+    fn step(&mut self, i: usize, record: Option<(&str, &Event)>) -> Vec<(String, Output)> {
         let now = self.now;
         let stage = &mut self.stages[i];
-        match stage.harness.feed(topic, event.clone(), now) {
-            Ok(outputs) => outputs.into_iter().map(|o| (stage.outputs[&o.port].clone(), o)).collect(),
-            Err(ProcessError::Invalid(_)) => {
-                *self.report.invalid.entry(stage.name.clone()).or_default() += 1;
-                Vec::new()
-            }
-            Err(ProcessError::Transient(_)) => {
-                *self.report.transient.entry(stage.name.clone()).or_default() += 1;
-                Vec::new()
-            }
-            Err(e) => panic!("{} on {} from {topic}: {e} (fatal for the worker)", stage.name, event.schema_name()),
+        let mut records = Vec::new();
+        if let Some((topic, event)) = record {
+            self.report.deliveries += 1;
+            records.push((Input { topic, partition: 0, offset: stage.offset }, Ok(event.clone())));
+            stage.offset += 1;
         }
+        let staged = {
+            let states = BTreeMap::from([(0, &stage.store)]);
+            let mut retry = RetryBudget::none();
+            let step = step::step(stage.processor.as_mut(), &stage.wired, &states, records, now, &mut retry, &stage.name);
+            self.fuzz.runtime.block_on(step)
+        };
+        let Staged { outputs, dead_letters, mut changes, notes, stop, .. } = staged;
+        if let Some(stop) = stop {
+            match (stop.cause, record) {
+                (Cause::Input(_), Some((topic, event))) => {
+                    panic!("{} on {} from {topic}: {} (fatal for the worker)", stage.name, event.schema_name(), stop.error)
+                }
+                (cause, _) => panic!("{}: a timer handler failed (fatal for the worker): {} ({cause:?})", stage.name, stop.error),
+            }
+        }
+        for note in notes {
+            assert!(note.export != Export::InvariantBroken, "{} reported a broken invariant: {} {}", stage.name, note.measure, note.label);
+        }
+        for (_, rejection) in dead_letters {
+            let count = match rejection.class {
+                DeadLetterClass::Invalid => &mut self.report.invalid,
+                DeadLetterClass::Transient => &mut self.report.transient,
+                other => panic!("{}: an admitted event dead-lettered as {other}: {}", stage.name, rejection.message),
+            };
+            *count.entry(stage.name.clone()).or_default() += 1;
+        }
+        if let Some(c) = changes.remove(&0) {
+            stage.store.apply(c);
+        }
+        outputs.into_iter().map(|(o, _)| (stage.outputs[&o.port].clone(), o)).collect()
     }
 
     /// Delivers emitted records to every worker reading their topic, until none is left.
@@ -470,7 +517,7 @@ impl Run<'_> {
             *self.report.emitted.entry(topic.clone()).or_default() += 1;
             for i in 0..self.stages.len() {
                 if self.stages[i].inputs.contains(&topic) {
-                    let more = self.feed(i, &topic, &output.event);
+                    let more = self.step(i, Some((&topic, &output.event)));
                     queue.extend(more);
                 }
             }
@@ -506,15 +553,10 @@ impl Run<'_> {
         }
     }
 
-    /// Stock reserver state and notes of every processor.
-    fn check_state(&mut self) {
-        for stage in &mut self.stages {
-            for note in std::mem::take(&mut stage.harness.notes) {
-                assert_ne!(note.measure, "conservation_mismatch", "{} reported a conservation mismatch: {}", stage.name, note.label);
-            }
-            if stage.kind == "stock-reserver" {
-                check_reserver_state(&stage.name, &stage.harness.store.data);
-            }
+    /// The state of every stock reserver (notes are checked at each step).
+    fn check_state(&self) {
+        for stage in self.stages.iter().filter(|s| s.kind == "stock-reserver") {
+            check_reserver_state(&stage.name, &stage.store.data);
         }
     }
 }

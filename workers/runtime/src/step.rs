@@ -1,7 +1,8 @@
 //! The broker-free step of a unit of work: admitted records and partition states in, staged
 //! effects out. No Kafka, no sled, no wall clock: the worker loop (`worker`), `orderflow replay
-//! --through` and the fuzz targets all run their records through [`admit`] and [`step`], so
-//! live processing and replay cannot drift apart.
+//! --through` and the fuzz targets all run their records through [`admit`] (the fuzz targets
+//! through its [`Rules`] around the registry-free decode they check) and [`step`], so live
+//! processing, replay and fuzzing cannot drift apart.
 //!
 //! A step, given the unit's records (each already admitted or rejected), the states of the
 //! partitions it may touch, the clock reading `now_ms` and a [`RetryBudget`]:
