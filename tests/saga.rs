@@ -77,13 +77,16 @@ fn run_saga(kind: common::BrokerKind) {
 // ------------------------------------------------------------------------------------------
 // The topics, as this test reads them.
 
+/// Records of one topic as read: the raw payload and its event (None when it does not decode).
+type Records = Vec<(Vec<u8>, Option<Event>)>;
+
 /// Every record of every saga topic, read at `read_committed` and decoded.
 struct Topics {
     kafka: common::Kafka,
     topology: orderflow_runtime::topology::Topology,
     /// topic → records (partition, offset order within a partition), each with its raw payload
     /// and its event (None when it does not decode).
-    records: BTreeMap<String, Vec<(Vec<u8>, Option<Event>)>>,
+    records: BTreeMap<String, Records>,
 }
 
 impl Topics {
@@ -93,7 +96,7 @@ impl Topics {
         let topology = loaded.topology;
         let mut records = BTreeMap::new();
         for (topic, spec) in &topology.topics {
-            let read: Vec<(Vec<u8>, Option<Event>)> = common::read_topic(&kafka.broker, topic, spec.partitions)
+            let read: Records = common::read_topic(&kafka.broker, topic, spec.partitions)
                 .iter()
                 .map(|m| {
                     let payload = m.payload().unwrap_or_default().to_vec();
