@@ -5,8 +5,8 @@
 //!
 //! * every order of `order.created` gets exactly one stock answer (`stock.reserved` or
 //!   `stock.reservation.failed`) and ends exactly once: *sold* (`stock.updated` `SALE` records
-//!   referencing it, one per item, with the order's quantities) or *cancelled* (one
-//!   `order.cancelled`, with its reason); each branch of the saga is taken;
+//!   referencing it, one per item, with the order's quantities, after the POS's `order.completed`)
+//!   or *cancelled* (one `order.cancelled`, with its reason); each branch of the saga is taken;
 //! * no `eventId` appears with two different payloads on any topic a worker writes (on Kafka,
 //!   under `exactly_once`, none appears twice at all);
 //! * per store and product: the `stock.updated` records form one chain (each `previous` is the
@@ -125,6 +125,8 @@ struct Order {
     reserved: Option<BTreeMap<String, i64>>,
     failed: Option<StockReservationFailed>,
     released: bool,
+    /// The POS's `order.completed` (payment taken) was seen.
+    paid: bool,
     /// product → units, from `stock.updated` SALE records referencing the order.
     sold: BTreeMap<String, i64>,
     /// reasons of its distinct `order.cancelled` events.
@@ -153,7 +155,9 @@ fn orders(t: &Topics) -> BTreeMap<String, Order> {
             }
         }
     }
-    for topic in ["stock.reserved", "stock.reservation.failed", "stock.reservation.released", "stock.updated", "order.cancelled"] {
+    let topics =
+        ["stock.reserved", "stock.reservation.failed", "stock.reservation.released", "stock.updated", "order.cancelled", "order.completed"];
+    for topic in topics {
         for e in t.events(topic) {
             match e {
                 Event::StockReserved(r) => {
@@ -169,6 +173,9 @@ fn orders(t: &Topics) -> BTreeMap<String, Order> {
                 Event::StockUpdated(u) if u.change_reason == change_reason::SALE => {
                     let o = orders.entry(u.reference_id.clone()).or_insert_with(|| unknown(&u.reference_id));
                     *o.sold.entry(u.product_id.clone()).or_default() -= u.change_amount;
+                }
+                Event::OrderCompleted(c) => {
+                    orders.entry(c.order_id.clone()).or_insert_with(|| unknown(&c.order_id)).paid = true;
                 }
                 Event::OrderCancelled(c) => {
                     orders.entry(c.order_id.clone()).or_insert_with(|| unknown(&c.order_id)).cancellations.push(c.reason.clone());
@@ -209,6 +216,9 @@ fn check_outcomes(t: &Topics) -> Vec<String> {
         }
         if !o.sold.is_empty() && o.sold != o.items {
             broken.push(format!("{id}: sold {:?}, ordered {:?}", o.sold, o.items));
+        }
+        if !o.sold.is_empty() && !o.paid {
+            broken.push(format!("{id}: sold without an order.completed"));
         }
         *by_outcome.entry(outcome).or_default() += 1;
     }

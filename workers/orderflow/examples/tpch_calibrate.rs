@@ -1,7 +1,8 @@
 //! Prints, for a range of `stock_scale` values, the share of TPC-H orders that all-or-nothing
 //! reservation in list order fails for insufficient stock ([`tpch::simulate`]), for the SF 0.01
 //! orders and for the first 1,000 of them: how `DEFAULT_STOCK_SCALE` and the demo's
-//! `--stock-scale` were chosen. Slow (a minute or so in release):
+//! `--stock-scale` were chosen. 26 generations at SF 0.01 (seconds in release, far slower in a
+//! debug build):
 //!
 //! ```text
 //! cargo run --release -p orderflow --example tpch_calibrate
