@@ -3,11 +3,11 @@
 //!
 //! The corpus is `tests/corpus/bad_input/`: one `<nn>-<case>.bin` per case (the record value;
 //! none for the tombstone) and `cases.json` naming each case's input topic, record key and
-//! expected outcome. [`generate`] makes every file from code with the codec; regenerate them
-//! with
+//! expected outcome. [`generate`] (`tests/bad_input_corpus/mod.rs`) makes every file from code
+//! with the codec; regenerate them with
 //!
 //! ```text
-//! cargo test --release -p orderflow --test bad_input -- --ignored write_bad_input_corpus
+//! cargo run --release -p orderflow --example bad_input_corpus
 //! ```
 //!
 //! and `bad_input_corpus_matches_its_generator` (no broker) keeps the committed files equal to
@@ -34,6 +34,7 @@
 //! confirmed order). Every expectation is checked and all failures are reported together.
 //! `ORDERFLOW_KEEP_BAD_INPUT_DIR=1` keeps the run directory (logs, state, topology copy).
 
+mod bad_input_corpus;
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -41,14 +42,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use bad_input_corpus::*;
 use common::{free_port, http_get, now_ms, Guarded, RunDir};
 use orderflow_api::events::{
     cancel_reason, change_reason, failure_reason, store_key, AdjustedItem, InventoryAdjusted, OrderCancelled, OrderCompleted, OrderCreated,
     OrderItem, SoldItem,
 };
-use orderflow_api::fixtures;
 use orderflow_api::Event;
-use orderflow_runtime::codec::{Codec, SINGLE_OBJECT_HEADER_LEN};
+use orderflow_runtime::codec::Codec;
 use orderflow_runtime::kafka::{client_config, Side};
 use orderflow_runtime::topology::{self, Topology};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -56,30 +57,9 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::{json, Value};
 
-/// Where the corpus lives, relative to the repository root.
-const CORPUS_DIR: &str = "tests/corpus/bad_input";
-/// `max_record_bytes` of the run's topology copy; the oversized case is larger.
-const MAX_RECORD_BYTES: usize = 4096;
-/// `occurredAt` of every decodable case (2025-01-01T00:00:00Z): in the past, as a late outbox
-/// relay could deliver.
-const PAST_MS: i64 = 1_735_689_600_000;
-/// `occurredAt` the future-timestamp case carries in its file (2100-01-01T00:00:00Z); the run
-/// re-stamps it to send time + [`FUTURE_BY`].
-const FAR_FUTURE_MS: i64 = 4_102_444_800_000;
-/// How far ahead the future-timestamp case is sent (the topology allows 1 h of clock skew).
-const FUTURE_BY: Duration = Duration::from_secs(2 * 24 * 3600);
-/// The store of the run: restocked before the orders.
-const HQ: &str = "HQ-BADIN";
-const STORE: &str = "ST-BADIN";
-/// A store that never receives inventory.
-const UNKNOWN_STORE: &str = "ST-NOWHERE";
-/// Products of the store and the units each gets.
-const PRODUCTS: [&str; 5] = ["P-B1", "P-B2", "P-B3", "P-B4", "P-B5"];
+/// Units of each of [`PRODUCTS`] the store gets.
 const STOCK_PER_PRODUCT: i64 = 40;
-/// Good orders of the run.
-const GOOD_ORDERS: usize = 50;
 /// Reservation TTL of the run (the POS answers long before).
 const TTL: &str = "60s";
 /// How long the run may take once the records are sent.
@@ -87,394 +67,18 @@ const SETTLE_WITHIN: Duration = Duration::from_secs(240);
 /// Extra time after everything expected arrived, to catch doubles.
 const QUIET: Duration = Duration::from_secs(5);
 
-/// The record key of good order `k` (also the key of the undecodable cases, so that they share
-/// partitions with good orders).
-fn good_order_id(k: usize) -> String {
-    format!("O-GOOD-{k:02}")
-}
-
-// ------------------------------------------------------------------------------------------
-// The corpus.
-
-/// What a case must lead to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Expect {
-    /// Dead-lettered with this class by every worker reading the case's topic.
-    DeadLetter(String),
-    /// `stock.reservation.failed` with this reason, then `order.cancelled` `INVALID_ORDER`.
-    Rejected(String),
-}
-
-/// One bad record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Case {
-    /// `<nn>-<name>`: also the file stem.
-    name: String,
-    topic: String,
-    key: String,
-    /// The record value; `None` is a tombstone (null value).
-    value: Option<Vec<u8>>,
-    expect: Expect,
-    /// Sent with `occurredAt` = send time + [`FUTURE_BY`] instead of the file's.
-    restamp_future: bool,
-    /// What is wrong with it.
-    why: String,
-}
-
-impl Case {
-    fn file(&self) -> Option<String> {
-        self.value.as_ref().map(|_| format!("{}.bin", self.name))
-    }
-
-    fn to_json(&self) -> Value {
-        let expect = match &self.expect {
-            Expect::DeadLetter(class) => json!({ "dead_letter": class }),
-            Expect::Rejected(reason) => json!({ "reservation_failed": reason, "order_cancelled": cancel_reason::INVALID_ORDER }),
-        };
-        let mut v = json!({
-            "name": self.name,
-            "file": self.file(),
-            "topic": self.topic,
-            "key": self.key,
-            "expect": expect,
-            "why": self.why,
-        });
-        if self.restamp_future {
-            v["occurred_at"] = json!(format!("send time + {}", humantime::format_duration(FUTURE_BY)));
-        }
-        v
-    }
-
-    /// The case from its `cases.json` entry and the corpus directory.
-    fn from_json(v: &Value, dir: &Path) -> Case {
-        let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("cases.json: {k} missing in {v}")).to_string();
-        let expect = if let Some(class) = v["expect"]["dead_letter"].as_str() {
-            Expect::DeadLetter(class.to_string())
-        } else {
-            Expect::Rejected(v["expect"]["reservation_failed"].as_str().unwrap_or_else(|| panic!("cases.json: expect of {v}")).to_string())
-        };
-        let value = v["file"].as_str().map(|f| fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(f).display())));
-        Case {
-            name: s("name"),
-            topic: s("topic"),
-            key: s("key"),
-            value,
-            expect,
-            restamp_future: v.get("occurred_at").is_some(),
-            why: s("why"),
-        }
-    }
-
-    /// The order id inside a decodable case (`O-BAD-<name>`), if any.
-    fn order_id(&self, codec: &Codec) -> Option<String> {
-        self.value.as_deref().and_then(|b| codec.decode_local(b).ok()).and_then(|e| e.order_id().map(str::to_string))
-    }
-}
-
-/// splitmix64, for the random-bytes case.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// `order.created` of case `name`: eventId `ev-bad-<name>`, orderId `O-BAD-<name>`, the run's
-/// store, one line of 1 × `P-B1`, at [`PAST_MS`].
-fn bad_order(name: &str) -> OrderCreated {
-    OrderCreated {
-        event_id: format!("ev-bad-{name}"),
-        occurred_at: PAST_MS,
-        order_id: format!("O-BAD-{name}"),
-        customer_id: "C-BAD".into(),
-        hq_id: HQ.into(),
-        store_id: STORE.into(),
-        items: vec![OrderItem { product_id: PRODUCTS[0].into(), quantity: 1, unit_price: 1_000 }],
-    }
-}
-
-fn lines(items: &[(&str, i32)]) -> Vec<OrderItem> {
-    items.iter().map(|&(p, quantity)| OrderItem { product_id: p.into(), quantity, unit_price: 1_000 }).collect()
-}
-
-/// Every case, made with the codec. Asserts that each undecodable value fails to decode with
-/// the class it is meant to have and that each other one decodes.
-fn generate(codec: &Codec) -> Vec<Case> {
-    let enc = |e: Event| codec.encode_local(&e).expect("corpus events encode");
-    let mut cases: Vec<Case> = Vec::new();
-    let mut add = |name: &str, topic: &str, key: Option<String>, value: Option<Vec<u8>>, expect: Expect, why: &str| {
-        let n = cases.len() + 1;
-        let key = key.unwrap_or_else(|| good_order_id((n * 13) % GOOD_ORDERS));
-        cases.push(Case {
-            name: format!("{n:02}-{name}"),
-            topic: topic.into(),
-            key,
-            value,
-            restamp_future: name == "future-timestamp",
-            expect,
-            why: why.into(),
-        });
-    };
-    let dead = |c: &str| Expect::DeadLetter(c.to_string());
-    let rejected = |r: &str| Expect::Rejected(r.to_string());
-    let own = |name: &str| Some(format!("O-BAD-{name}"));
-
-    // Not Avro at all.
-    let json_text = br#"{"eventId":"ev-bad-json","orderId":"O-BAD-json","items":[{"productId":"P-B1","quantity":1}]}"#;
-    add("not-avro-json", "order.created", None, Some(json_text.to_vec()), dead("not_avro"), "JSON text instead of Avro");
-    let mut seed = 0x0BAD_1A9E_u64;
-    let mut random: Vec<u8> = (0..8).flat_map(|_| splitmix(&mut seed).to_le_bytes()).collect();
-    if matches!(random[0], 0x00 | 0xC3) {
-        random[0] = 0x5A;
-    }
-    add("not-avro-random", "order.completed", None, Some(random), dead("not_avro"), "64 random bytes (first byte neither C3 nor 00)");
-
-    // Unknown schema.
-    let mut unknown = enc(bad_order("unknown-fingerprint").into());
-    unknown[2..SINGLE_OBJECT_HEADER_LEN].copy_from_slice(&0x0123_4567_89ab_cdef_u64.to_le_bytes());
-    add(
-        "unknown-fingerprint",
-        "order.created",
-        None,
-        Some(unknown),
-        dead("unknown_schema"),
-        "single-object header with a fingerprint of no schema (0x0123456789abcdef), then an OrderCreated datum",
-    );
-    let cancel = OrderCancelled {
-        event_id: "ev-bad-confluent".into(),
-        order_id: "O-BAD-confluent".into(),
-        hq_id: HQ.into(),
-        store_id: STORE.into(),
-        ..fixtures::order_cancelled("x", "x", cancel_reason::PAYMENT_FAILED, PAST_MS)
-    };
-    let mut confluent = vec![0x00, 0, 0, 0, 7];
-    confluent.extend_from_slice(&enc(cancel.into())[SINGLE_OBJECT_HEADER_LEN..]);
-    add(
-        "confluent-framed",
-        "order.cancelled",
-        None,
-        Some(confluent),
-        dead("unknown_schema"),
-        "Confluent framing (00, schema id 7) while no schema registry is configured",
-    );
-
-    // Truncated.
-    let full = enc(bad_order("truncated").into());
-    add("truncated-header", "order.created", None, Some(full[..6].to_vec()), dead("truncated"), "C3 01 and 4 of the 8 fingerprint bytes");
-    add(
-        "truncated-datum",
-        "order.created",
-        None,
-        Some(full[..full.len() / 2].to_vec()),
-        dead("truncated"),
-        "a valid OrderCreated cut in the middle of its datum",
-    );
-
-    // Malformed.
-    let mut trailing = enc(bad_order("trailing-bytes").into());
-    trailing.extend_from_slice(&[0x01, 0x02, 0x03]);
-    add("malformed-trailing-bytes", "order.created", None, Some(trailing), dead("malformed"), "a valid OrderCreated followed by 3 bytes");
-    let mut varint = full[..SINGLE_OBJECT_HEADER_LEN].to_vec();
-    varint.extend_from_slice(&[0xFF; 11]);
-    varint.extend_from_slice(b"\x02O");
-    add(
-        "malformed-bad-varint",
-        "order.created",
-        None,
-        Some(varint),
-        dead("malformed"),
-        "OrderCreated header, then a varint of 11 continuation bytes (longer than any long) as the eventId length",
-    );
-
-    // Valid Avro, wrong schema for the topic.
-    let reserved = orderflow_api::events::StockReserved {
-        hq_id: HQ.into(),
-        store_id: STORE.into(),
-        ..fixtures::stock_reserved(
-            "ev-bad-wrong-schema-1",
-            "O-BAD-wrong-schema-1",
-            "R-BAD",
-            PAST_MS,
-            PAST_MS + 300_000,
-            &[(PRODUCTS[0], 1)],
-        )
-    };
-    add(
-        "wrong-schema-stock-reserved",
-        "order.created",
-        own("wrong-schema-1"),
-        Some(enc(reserved.into())),
-        dead("wrong_schema"),
-        "a valid StockReserved on order.created",
-    );
-    let completed = OrderCompleted {
-        hq_id: HQ.into(),
-        store_id: STORE.into(),
-        items: vec![SoldItem { product_id: PRODUCTS[0].into(), quantity: 1, actual_price: 1_000 }],
-        total_amount: 1_000,
-        ..fixtures::order_completed("ev-bad-wrong-schema-2", "O-BAD-wrong-schema-2", "R-BAD", PAST_MS)
-    };
-    add(
-        "wrong-schema-order-completed",
-        "order.created",
-        own("wrong-schema-2"),
-        Some(enc(completed.into())),
-        dead("wrong_schema"),
-        "a valid OrderCompleted on order.created",
-    );
-    add(
-        "wrong-schema-order-created",
-        "inventory.adjusted",
-        Some(store_key(HQ, STORE)),
-        Some(enc(bad_order("wrong-schema-3").into())),
-        dead("wrong_schema"),
-        "a valid OrderCreated on inventory.adjusted",
-    );
-
-    // Valid Avro, invalid business content: answered, not dead-lettered.
-    let business: [(&str, Vec<OrderItem>, &str, &str); 7] = [
-        ("quantity-zero", lines(&[(PRODUCTS[0], 0)]), failure_reason::INVALID_QUANTITY, "a line of quantity 0"),
-        ("quantity-negative", lines(&[(PRODUCTS[0], -3)]), failure_reason::INVALID_QUANTITY, "a line of quantity -3"),
-        ("quantity-huge", lines(&[(PRODUCTS[0], 2_000_000_000)]), failure_reason::INVALID_QUANTITY, "a line of quantity 2,000,000,000"),
-        ("empty-items", Vec::new(), failure_reason::EMPTY_ORDER, "no lines at all"),
-        (
-            "duplicate-product",
-            lines(&[(PRODUCTS[0], 1), (PRODUCTS[1], 1), (PRODUCTS[0], 2)]),
-            failure_reason::DUPLICATE_PRODUCT,
-            "P-B1 on two lines",
-        ),
-        ("unknown-store", lines(&[(PRODUCTS[0], 1)]), failure_reason::UNKNOWN_STORE, "store ST-NOWHERE never received inventory"),
-        ("empty-product-id", lines(&[("", 1)]), failure_reason::INVALID_PRODUCT, "a line with an empty productId"),
-    ];
-    for (name, items, reason, why) in business {
-        let mut order = OrderCreated { items, ..bad_order(name) };
-        if name == "unknown-store" {
-            order.store_id = UNKNOWN_STORE.into();
-        }
-        add(name, "order.created", own(name), Some(enc(order.into())), rejected(reason), why);
-    }
-
-    // Missing ids: nothing to answer, dead-lettered.
-    add(
-        "empty-order-id",
-        "order.created",
-        Some(String::new()),
-        Some(enc(OrderCreated { order_id: String::new(), ..bad_order("empty-order-id") }.into())),
-        dead("invalid"),
-        "an order.created with an empty orderId (and so an empty key)",
-    );
-    add(
-        "empty-event-id",
-        "order.created",
-        own("empty-event-id"),
-        Some(enc(OrderCreated { event_id: String::new(), ..bad_order("empty-event-id") }.into())),
-        dead("invalid"),
-        "an order.created with an empty eventId",
-    );
-    add(
-        "empty-store-id",
-        "order.created",
-        own("empty-store-id"),
-        Some(enc(OrderCreated { store_id: String::new(), ..bad_order("empty-store-id") }.into())),
-        dead("invalid"),
-        "an order.created with an empty storeId",
-    );
-
-    // Runtime limits.
-    add(
-        "future-timestamp",
-        "order.created",
-        own("future-timestamp"),
-        Some(enc(OrderCreated { occurred_at: FAR_FUTURE_MS, ..bad_order("future-timestamp") }.into())),
-        dead("future_timestamp"),
-        "occurredAt 2 days ahead of the clock (sent re-stamped; the file holds 2100-01-01)",
-    );
-    let oversized = OrderCreated { customer_id: format!("C-{}", "X".repeat(5_000)), ..bad_order("oversized") };
-    add(
-        "oversized",
-        "order.created",
-        own("oversized"),
-        Some(enc(oversized.into())),
-        dead("oversized"),
-        "a valid OrderCreated of ~5 KB, above the run's max_record_bytes (4096)",
-    );
-    add("tombstone", "order.completed", None, None, dead("truncated"), "a null value (tombstone)");
-
-    // Self-check: each value fails to decode as meant, or decodes.
-    for c in &cases {
-        let Some(value) = &c.value else { continue };
-        let decoded = codec.decode_local(value);
-        match (&c.expect, decoded) {
-            (Expect::DeadLetter(class), Err(e)) => assert_eq!(e.class(), class, "{}: {e}", c.name),
-            (Expect::DeadLetter(class), Ok(_)) => {
-                assert!(["wrong_schema", "invalid", "future_timestamp", "oversized"].contains(&class.as_str()), "{} decodes", c.name)
-            }
-            (Expect::Rejected(_), Err(e)) => panic!("{} does not decode: {e}", c.name),
-            (Expect::Rejected(_), Ok(_)) => {}
-        }
-    }
-    let oversized = cases.iter().find(|c| c.name.ends_with("oversized")).and_then(|c| c.value.as_ref()).expect("oversized case");
-    assert!(oversized.len() > MAX_RECORD_BYTES && oversized.len() < 2 * MAX_RECORD_BYTES, "oversized case is {} bytes", oversized.len());
-    cases
-}
-
-fn codec() -> Codec {
-    Codec::load(&common::repo_root().join("avro"), None).expect("schemas load")
-}
-
-/// The committed corpus.
-fn load_corpus(root: &Path) -> Vec<Case> {
-    let dir = root.join(CORPUS_DIR);
-    let manifest: Value =
-        serde_json::from_slice(&fs::read(dir.join("cases.json")).expect("tests/corpus/bad_input/cases.json")).expect("JSON");
-    manifest["cases"].as_array().expect("cases").iter().map(|v| Case::from_json(v, &dir)).collect()
-}
-
-fn manifest(cases: &[Case]) -> String {
-    let v = json!({
-        "generated_by": "tests/bad_input.rs (cargo test --release -p orderflow --test bad_input -- --ignored write_bad_input_corpus)",
-        "requires": { "max_record_bytes": MAX_RECORD_BYTES, "store_with_inventory": store_key(HQ, STORE) },
-        "cases": cases.iter().map(Case::to_json).collect::<Vec<_>>(),
-    });
-    serde_json::to_string_pretty(&v).expect("JSON") + "\n"
-}
-
-/// (Re)writes `tests/corpus/bad_input/` from [`generate`].
-#[test]
-#[ignore = "writes the committed corpus; run by hand after changing the generator"]
-fn write_bad_input_corpus() {
-    let dir = common::repo_root().join(CORPUS_DIR);
-    if dir.exists() {
-        for entry in fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "bin" || e == "json") {
-                fs::remove_file(path).unwrap();
-            }
-        }
-    }
-    fs::create_dir_all(&dir).unwrap();
-    let cases = generate(&codec());
-    for c in &cases {
-        if let (Some(file), Some(value)) = (c.file(), &c.value) {
-            fs::write(dir.join(file), value).unwrap();
-        }
-    }
-    fs::write(dir.join("cases.json"), manifest(&cases)).unwrap();
-    println!("wrote {} cases to {}", cases.len(), dir.display());
-}
-
 #[test]
 fn bad_input_corpus_matches_its_generator() {
     let root = common::repo_root();
-    let generated = generate(&codec());
+    let generated = generate(&codec(&root));
     let committed = load_corpus(&root);
+    let regenerate = "run `cargo run --release -p orderflow --example bad_input_corpus`";
     assert_eq!(
         fs::read_to_string(root.join(CORPUS_DIR).join("cases.json")).unwrap(),
         manifest(&generated),
-        "cases.json differs from the generator: run write_bad_input_corpus"
+        "cases.json differs from the generator: {regenerate}"
     );
-    assert_eq!(committed, generated, "corpus files differ from the generator: run write_bad_input_corpus");
+    assert_eq!(committed, generated, "corpus files differ from the generator: {regenerate}");
     let files: BTreeSet<String> =
         fs::read_dir(root.join(CORPUS_DIR)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     let expected: BTreeSet<String> = generated.iter().filter_map(Case::file).chain(["cases.json".to_string()]).collect();
@@ -711,7 +315,7 @@ fn good_order(k: usize, occurred_at: i64) -> OrderCreated {
 fn bad_input_lands_where_it_should_and_good_orders_flow() {
     let started = Instant::now();
     let root = common::repo_root();
-    let codec = codec();
+    let codec = codec(&root);
     let cases = load_corpus(&root);
     assert!(!cases.is_empty(), "empty corpus");
 

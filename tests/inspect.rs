@@ -343,7 +343,25 @@ fn tap_and_trace_show_the_saga() {
     fails(b, "tap", &["no.such.topic"], "unknown topic no.such.topic: not on the broker and not a topic of the topology");
     fails(b, "tap", &["order.created", "--partition", "9"], "there is no partition 9");
 
-    // --follow prints a record produced after it started, and stops on SIGINT.
+    // --follow prints a record produced after it started, and stops on SIGINT. It reads from the
+    // beginning: a record of its key produced before it started is the marker that it is reading,
+    // and only then is the record it must follow produced.
+    let follow_record = |event_id: &str| -> Event {
+        StockUpdated {
+            event_id: event_id.into(),
+            occurred_at: orderflow_runtime::worker::now_ms(),
+            hq_id: HQ.into(),
+            store_id: STORE.into(),
+            product_id: "P-INS-FOLLOW".into(),
+            hq_stock: None,
+            store_stock: StockLevel { previous: 0, current: 1 },
+            change_amount: 1,
+            change_reason: change_reason::CORRECTION.into(),
+            reference_id: "inspect-test".into(),
+        }
+        .into()
+    };
+    k.produce("stock.updated", "P-INS-FOLLOW", &follow_record("inspect-test-follow-started"), &[]);
     let mut follower = Command::new(common::orderflow_bin())
         .current_dir(&root)
         .args(["tap", "stock.updated", "--follow", "--key", "P-INS-FOLLOW", "--topology"])
@@ -362,21 +380,10 @@ fn tap_and_trace_show_the_saga() {
             let _ = tx.send(l);
         }
     });
-    std::thread::sleep(Duration::from_secs(2));
-    let follow_event: Event = StockUpdated {
-        event_id: "inspect-test-follow".into(),
-        occurred_at: orderflow_runtime::worker::now_ms(),
-        hq_id: HQ.into(),
-        store_id: STORE.into(),
-        product_id: "P-INS-FOLLOW".into(),
-        hq_stock: None,
-        store_stock: StockLevel { previous: 0, current: 1 },
-        change_amount: 1,
-        change_reason: change_reason::CORRECTION.into(),
-        reference_id: "inspect-test".into(),
-    }
-    .into();
-    k.produce("stock.updated", "P-INS-FOLLOW", &follow_event, &[]);
+    let line = rx.recv_timeout(Duration::from_secs(30)).expect("tap --follow printed the record produced before it started");
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["value"]["eventId"], "inspect-test-follow-started", "{line}");
+    k.produce("stock.updated", "P-INS-FOLLOW", &follow_record("inspect-test-follow"), &[]);
     let line = rx.recv_timeout(Duration::from_secs(30)).expect("tap --follow printed the new record");
     let line: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(line["value"]["eventId"], "inspect-test-follow", "{line}");

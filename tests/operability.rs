@@ -380,9 +380,21 @@ fn metrics_are_exported_and_move_as_events_flow() {
     let driver_started = Instant::now();
     assert_driver_passed(&mut driver, &summary, &out, &err, ORDERS, &|| format!("worker log {}:\n{}", log.display(), tail(&log, 10)));
     println!("metrics: driver passed in {:.1}s", driver_started.elapsed().as_secs_f64());
-    // Consumer lag comes from librdkafka statistics every 5 s: let one more round land.
-    std::thread::sleep(Duration::from_secs(6));
-    let after = scrape(port);
+    // Consumer lag comes from librdkafka statistics every 5 s: wait for the scrape that has a lag
+    // gauge for every worker and for each of the deduplicator's 6 order.created partitions.
+    let after = common::wait_for(
+        "consumer lag gauges of every worker",
+        &log,
+        &mut workers,
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        || {
+            let s = scrape(port);
+            let partitions = s.series("orderflow_consumer_lag_records", &[("worker", "deduplicator"), ("topic", "order.created")]).count();
+            let every = WORKERS.iter().all(|w| s.count("orderflow_consumer_lag_records", &[("worker", w)]) > 0);
+            (every && partitions >= 6).then_some(s)
+        },
+    );
 
     // Every listed family is declared with its type once it has a child.
     let listed = listed_families();
@@ -892,10 +904,7 @@ fn run_outage(kind: common::BrokerKind) {
         }
         let during = scrape(port);
         gauge_down.extend(
-            during
-                .series("orderflow_broker_connected", &[])
-                .filter(|s| s.value == 0.0)
-                .filter_map(|s| s.labels.get("worker").cloned()),
+            during.series("orderflow_broker_connected", &[]).filter(|s| s.value == 0.0).filter_map(|s| s.labels.get("worker").cloned()),
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -965,7 +974,12 @@ fn run_outage(kind: common::BrokerKind) {
                 )
             })
             .collect();
-        format!("{}workers' metrics: {per_worker:#?}\n{}workers log:\n{}", transactions(), thread_dump(workers.pid(), &ctx.dir), tail(&log, 30))
+        format!(
+            "{}workers' metrics: {per_worker:#?}\n{}workers log:\n{}",
+            transactions(),
+            thread_dump(workers.pid(), &ctx.dir),
+            tail(&log, 30)
+        )
     });
     let after = scrape(port);
     assert!(after.sum("orderflow_events_consumed_total", &[]) > before, "nothing consumed after the outage");

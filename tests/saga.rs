@@ -1,12 +1,35 @@
 //! The whole saga on a real broker: 1,000 TPC-H orders plus the two seed 000 scenarios through
-//! every worker (`orderflow demo`), then the invariants of the domain contract checked on what
-//! the topics and the stock reserver's state store hold.
+//! every worker (`orderflow demo`), then the invariants of the domain contract checked by this
+//! test from its own reading of the topics (`read_committed`, decoded with the repository's
+//! codec), not from the demo's summary:
+//!
+//! * every order of `order.created` gets exactly one stock answer (`stock.reserved` or
+//!   `stock.reservation.failed`) and ends exactly once: *sold* (`stock.updated` `SALE` records
+//!   referencing it, one per item, with the order's quantities, after the POS's `order.completed`)
+//!   or *cancelled* (one `order.cancelled`, with its reason); each branch of the saga is taken;
+//! * no `eventId` appears with two different payloads on any topic a worker writes (on Kafka,
+//!   under `exactly_once`, none appears twice at all);
+//! * per store and product: the `stock.updated` records form one chain (each `previous` is the
+//!   last `current`, `current = previous + changeAmount`, never below zero), the restocks in it
+//!   are the `inventory.adjusted` deltas, and initial stock = on hand at the end + units sold;
+//!   reservations (`stock.reserved` items, less those released by `stock.reservation.released`
+//!   or sold) never exceed what is on hand, and no order is both released and sold;
+//! * the seed 000 scenarios end as documented, nothing is dead-lettered.
+//!
+//! The demo's own summary is checked too, as a cross-check only.
 
 mod common;
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::Command;
 
+use orderflow_api::events::{cancel_reason, change_reason, store_key, StockReservationFailed};
+use orderflow_api::Event;
+use rdkafka::message::Message;
 use serde_json::Value;
+
+/// TPC-H orders of the run, plus the demo's two seed scenarios.
+const ORDERS: usize = 1000 + 2;
 
 #[test]
 fn saga_on_tpch_orders_and_seed_scenarios_keeps_every_invariant() {
@@ -36,63 +59,305 @@ fn run_saga(kind: common::BrokerKind) {
         .expect("run orderflow demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+
+    let topics = Topics::read(&broker.bootstrap);
+    let failures = [check_outcomes(&topics), check_event_ids(&topics, kind), check_stock(&topics), check_dead_letters(&topics)].concat();
+    assert!(
+        failures.is_empty(),
+        "{} invariant(s) broken, from the topics (first 50):\n{}",
+        failures.len(),
+        failures.iter().take(50).cloned().collect::<Vec<_>>().join("\n")
+    );
+
+    // Cross-check only: the demo's summary agrees.
     let s: Value = serde_json::from_slice(&std::fs::read(&summary_path).expect("summary written")).expect("summary is JSON");
+    common::assert_summary_invariants(&s, ORDERS as u64);
+}
 
-    // Every order reaches exactly one terminal outcome.
-    assert_eq!(s["orders"], 1002, "{stdout}");
-    assert_eq!(s["without_terminal_outcome"].as_array().unwrap().len(), 0, "{stdout}");
-    assert_eq!(s["with_several_outcomes"].as_array().unwrap().len(), 0, "{stdout}");
-    let by = &s["by_outcome"];
-    let count = |k: &str| by[k].as_u64().unwrap_or(0);
-    let terminal = count("ORDER_COMPLETED")
-        + count("ORDER_CANCELLED/INSUFFICIENT_STOCK")
-        + count("ORDER_CANCELLED/PAYMENT_FAILED")
-        + count("ORDER_CANCELLED/RESERVATION_EXPIRED");
-    assert_eq!(terminal, 1002, "outcomes {by}");
-    // Every branch of the saga was taken: stock failure, payment, payment failure, expiry.
-    for k in
-        ["ORDER_COMPLETED", "ORDER_CANCELLED/INSUFFICIENT_STOCK", "ORDER_CANCELLED/PAYMENT_FAILED", "ORDER_CANCELLED/RESERVATION_EXPIRED"]
-    {
-        assert!(count(k) > 0, "no order ended {k}: {by}");
+// ------------------------------------------------------------------------------------------
+// The topics, as this test reads them.
+
+/// Records of one topic as read: the raw payload and its event (None when it does not decode).
+type Records = Vec<(Vec<u8>, Option<Event>)>;
+
+/// Every record of every saga topic, read at `read_committed` and decoded.
+struct Topics {
+    kafka: common::Kafka,
+    topology: orderflow_runtime::topology::Topology,
+    /// topic → records (partition, offset order within a partition), each with its raw payload
+    /// and its event (None when it does not decode).
+    records: BTreeMap<String, Records>,
+}
+
+impl Topics {
+    fn read(bootstrap: &str) -> Topics {
+        let kafka = common::Kafka::new(bootstrap);
+        let loaded = orderflow_runtime::topology::load(&common::repo_root().join("topology.toml")).expect("topology loads");
+        let topology = loaded.topology;
+        let mut records = BTreeMap::new();
+        for (topic, spec) in &topology.topics {
+            let read: Records = common::read_topic(&kafka.broker, topic, spec.partitions)
+                .iter()
+                .map(|m| {
+                    let payload = m.payload().unwrap_or_default().to_vec();
+                    let event = kafka.codec.decode_local(&payload).ok();
+                    (payload, event)
+                })
+                .collect();
+            records.insert(topic.clone(), read);
+        }
+        Topics { kafka, topology, records }
     }
 
-    // The seed scenarios give the documented results.
-    for seed in s["seed_scenarios"].as_array().unwrap() {
-        assert_eq!(seed["pass"], true, "{seed}");
+    /// The decoded events of `topic` (records that do not decode are left out; see
+    /// [`check_event_ids`]), each eventId once (its first record).
+    fn events(&self, topic: &str) -> Vec<&Event> {
+        let mut seen = BTreeSet::new();
+        self.records[topic].iter().filter_map(|(_, e)| e.as_ref()).filter(|e| seen.insert(e.event_id().to_string())).collect()
     }
-    assert_eq!(s["seed_scenarios"].as_array().unwrap().len(), 2);
+}
 
-    // Stock conservation per store and product, nothing negative, one payload per eventId.
-    assert_eq!(s["conservation_violations"].as_array().unwrap().len(), 0, "{}", s["conservation_violations"]);
-    assert_eq!(s["negative_stock"].as_array().unwrap().len(), 0, "{}", s["negative_stock"]);
-    assert_eq!(s["payload_conflicts"].as_array().unwrap().len(), 0);
-    let stores = s["stores"].as_array().unwrap();
-    assert_eq!(stores.len(), 27, "25 TPC-H nations + 2 seed stores");
-    for st in stores {
-        let (initial, available, reserved, sold) = (
-            st["initial"].as_i64().unwrap(),
-            st["available"].as_i64().unwrap(),
-            st["reserved"].as_i64().unwrap(),
-            st["sold"].as_i64().unwrap(),
-        );
-        assert_eq!(initial, available + reserved + sold, "{st}");
-        assert_eq!(st["conserved"], true, "{st}");
-    }
+/// What happened to one order.
+#[derive(Default)]
+struct Order {
+    store: String,
+    items: BTreeMap<String, i64>,
+    reserved: Option<BTreeMap<String, i64>>,
+    failed: Option<StockReservationFailed>,
+    released: bool,
+    /// The POS's `order.completed` (payment taken) was seen.
+    paid: bool,
+    /// product → units, from `stock.updated` SALE records referencing the order.
+    sold: BTreeMap<String, i64>,
+    /// reasons of its distinct `order.cancelled` events.
+    cancellations: Vec<String>,
+}
 
-    // Nothing was dead-lettered and every order.created was consumed into the repartition topic.
-    let topics = &s["events_per_topic"];
-    for (topic, n) in topics.as_object().unwrap() {
-        if topic.ends_with(".dlq") {
-            assert_eq!(n, 0, "{topic} holds records");
+impl Order {
+    fn outcome(&self) -> String {
+        match (self.sold.is_empty(), self.cancellations.as_slice()) {
+            (false, []) => "SOLD".into(),
+            (true, [reason]) => format!("CANCELLED/{reason}"),
+            (true, []) => "NONE".into(),
+            _ => format!("SEVERAL (sold {:?}, cancelled {:?})", self.sold, self.cancellations),
         }
     }
-    assert_eq!(topics["order.created"], 1002);
-    // The stock answers, read by this test at read_committed (the raw high − low watermark counts
-    // of the summary include transaction markers on Kafka): one per order, no eventId twice.
-    let kafka = common::Kafka::new(&broker.bootstrap);
-    let report = common::exactly_once_report(&kafka.broker, &kafka.codec, &["stock.reserved", "stock.reservation.failed"], 6);
-    for (topic, r) in &report {
-        assert!(r.repeated_event_ids.is_empty() && r.undecodable == 0, "{topic}: {r:?}");
+}
+
+fn orders(t: &Topics) -> BTreeMap<String, Order> {
+    let mut orders: BTreeMap<String, Order> = BTreeMap::new();
+    for e in t.events("order.created") {
+        if let Event::OrderCreated(o) = e {
+            let order = orders.entry(o.order_id.clone()).or_default();
+            order.store = store_key(&o.hq_id, &o.store_id);
+            for i in &o.items {
+                *order.items.entry(i.product_id.clone()).or_default() += i64::from(i.quantity);
+            }
+        }
     }
-    assert_eq!(report["stock.reserved"].committed + report["stock.reservation.failed"].committed, 1002, "one stock answer per order: {report:?}");
+    let topics =
+        ["stock.reserved", "stock.reservation.failed", "stock.reservation.released", "stock.updated", "order.cancelled", "order.completed"];
+    for topic in topics {
+        for e in t.events(topic) {
+            match e {
+                Event::StockReserved(r) => {
+                    let o = orders.entry(r.order_id.clone()).or_insert_with(|| unknown(&r.order_id));
+                    o.reserved = Some(r.items.iter().map(|i| (i.product_id.clone(), i64::from(i.reserved))).collect());
+                }
+                Event::StockReservationFailed(f) => {
+                    orders.entry(f.order_id.clone()).or_insert_with(|| unknown(&f.order_id)).failed = Some(f.clone());
+                }
+                Event::StockReservationReleased(r) => {
+                    orders.entry(r.order_id.clone()).or_insert_with(|| unknown(&r.order_id)).released = true;
+                }
+                Event::StockUpdated(u) if u.change_reason == change_reason::SALE => {
+                    let o = orders.entry(u.reference_id.clone()).or_insert_with(|| unknown(&u.reference_id));
+                    *o.sold.entry(u.product_id.clone()).or_default() -= u.change_amount;
+                }
+                Event::OrderCompleted(c) => {
+                    orders.entry(c.order_id.clone()).or_insert_with(|| unknown(&c.order_id)).paid = true;
+                }
+                Event::OrderCancelled(c) => {
+                    orders.entry(c.order_id.clone()).or_insert_with(|| unknown(&c.order_id)).cancellations.push(c.reason.clone());
+                }
+                _ => {}
+            }
+        }
+    }
+    orders
+}
+
+fn unknown(id: &str) -> Order {
+    panic!("an event of order {id}, which is not in order.created")
+}
+
+// ------------------------------------------------------------------------------------------
+// The invariants. Each returns what it found broken.
+
+/// One stock answer and one terminal outcome per order, every branch taken, the seed scenarios.
+fn check_outcomes(t: &Topics) -> Vec<String> {
+    let mut broken = Vec::new();
+    let orders = orders(t);
+    if orders.len() != ORDERS || t.records["order.created"].len() != ORDERS {
+        broken.push(format!(
+            "order.created holds {} records of {} orders, expected {ORDERS}",
+            t.records["order.created"].len(),
+            orders.len()
+        ));
+    }
+    let mut by_outcome: BTreeMap<String, usize> = BTreeMap::new();
+    for (id, o) in &orders {
+        if o.reserved.is_some() == o.failed.is_some() {
+            broken.push(format!("{id}: {} stock answers", u8::from(o.reserved.is_some()) + u8::from(o.failed.is_some())));
+        }
+        let outcome = o.outcome();
+        if outcome == "NONE" || outcome.starts_with("SEVERAL") {
+            broken.push(format!("{id}: not exactly one terminal outcome: {outcome}"));
+        }
+        if !o.sold.is_empty() && o.sold != o.items {
+            broken.push(format!("{id}: sold {:?}, ordered {:?}", o.sold, o.items));
+        }
+        if !o.sold.is_empty() && !o.paid {
+            broken.push(format!("{id}: sold without an order.completed"));
+        }
+        *by_outcome.entry(outcome).or_default() += 1;
+    }
+    for branch in ["SOLD", "CANCELLED/INSUFFICIENT_STOCK", "CANCELLED/PAYMENT_FAILED", "CANCELLED/RESERVATION_EXPIRED"] {
+        if by_outcome.get(branch).copied().unwrap_or(0) == 0 {
+            broken.push(format!("no order ended {branch}: {by_outcome:?}"));
+        }
+    }
+    println!("saga: outcomes from the topics {by_outcome:?}");
+
+    // Seed 000: one product short; all or nothing with one of two products short.
+    let failed_items = |id: &str| -> Vec<(String, i32, i32)> {
+        let o = &orders[id];
+        o.failed.iter().flat_map(|f| f.items.iter().map(|i| (i.product_id.clone(), i.requested, i.available))).collect()
+    };
+    let insufficient = format!("CANCELLED/{}", cancel_reason::INSUFFICIENT_STOCK);
+    for (id, short) in [("SEED-000-1", ("P-001", 10, 5)), ("SEED-000-2", ("P-002", 3, 1))] {
+        let (outcome, items) = (orders[id].outcome(), failed_items(id));
+        if outcome != insufficient || items != [(short.0.to_string(), short.1, short.2)] {
+            broken.push(format!("{id}: {outcome}, failed items {items:?}; expected {insufficient} naming only {short:?}"));
+        }
+    }
+    broken
+}
+
+/// No eventId with two payloads on a worker's output topic; on Kafka (exactly once) none twice.
+fn check_event_ids(t: &Topics, kind: common::BrokerKind) -> Vec<String> {
+    let mut broken = Vec::new();
+    for topic in common::worker_output_topics() {
+        let mut payloads: HashMap<&str, Vec<&[u8]>> = HashMap::new();
+        for (payload, event) in &t.records[&topic] {
+            match event {
+                Some(e) => payloads.entry(e.event_id()).or_default().push(payload),
+                None => broken.push(format!("{topic}: a record that does not decode")),
+            }
+        }
+        for (id, ps) in payloads {
+            if ps.iter().any(|p| *p != ps[0]) {
+                broken.push(format!("{topic}: eventId {id} with {} different payloads", ps.iter().collect::<BTreeSet<_>>().len()));
+            } else if ps.len() > 1 && kind == common::BrokerKind::Kafka {
+                broken.push(format!("{topic}: eventId {id} {} times under exactly_once", ps.len()));
+            }
+        }
+    }
+    broken
+}
+
+/// Stock per store and product, from `inventory.adjusted`, `stock.updated` and the reservations.
+fn check_stock(t: &Topics) -> Vec<String> {
+    let mut broken = Vec::new();
+    // Initial stock: the demo's restocks.
+    let mut initial: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for e in t.events("inventory.adjusted") {
+        if let Event::InventoryAdjusted(a) = e {
+            for i in &a.items {
+                *initial.entry((store_key(&a.hq_id, &a.store_id), i.product_id.clone())).or_default() += i.delta;
+            }
+        }
+    }
+    // The on-hand chain of each store and product (all its records are on one partition, the
+    // product's, in the order the store's reserver wrote them).
+    let mut on_hand: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut restocked: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut sold: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for e in t.events("stock.updated") {
+        let Event::StockUpdated(u) = e else { continue };
+        let key = (store_key(&u.hq_id, &u.store_id), u.product_id.clone());
+        let last = on_hand.get(&key).copied().unwrap_or(0);
+        let level = u.store_stock;
+        if level.previous != last || level.current != level.previous + u.change_amount || level.current < 0 {
+            broken.push(format!("{}/{}: {} {level:?} change {} after on hand {last}", key.0, key.1, u.event_id, u.change_amount));
+        }
+        on_hand.insert(key.clone(), level.current);
+        match u.change_reason.as_str() {
+            change_reason::SALE => *sold.entry(key).or_default() -= u.change_amount,
+            _ => *restocked.entry(key).or_default() += u.change_amount,
+        }
+    }
+    if restocked != initial {
+        broken.push(format!(
+            "restocks in stock.updated differ from inventory.adjusted on {} store/product(s)",
+            initial.keys().chain(restocked.keys()).collect::<BTreeSet<_>>().iter().filter(|k| initial.get(k) != restocked.get(k)).count()
+        ));
+    }
+    // Live reservations: reserved, neither released nor sold.
+    let mut live: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for (id, o) in orders(t) {
+        let Some(reserved) = &o.reserved else {
+            if !o.sold.is_empty() || o.released {
+                broken.push(format!("{id}: sold or released without a reservation"));
+            }
+            continue;
+        };
+        if o.released && !o.sold.is_empty() {
+            broken.push(format!("{id}: its reservation was both released and sold"));
+        }
+        if !o.released && o.sold.is_empty() {
+            for (p, q) in reserved {
+                *live.entry((o.store.clone(), p.clone())).or_default() += q;
+            }
+        }
+    }
+    let stores: BTreeSet<&str> = initial.keys().map(|(s, _)| s.as_str()).collect();
+    if stores.len() != 27 {
+        broken.push(format!("{} stores restocked, expected 27 (25 TPC-H nations + 2 seed stores)", stores.len()));
+    }
+    for (key, init) in &initial {
+        let (now, out, held) =
+            (on_hand.get(key).copied().unwrap_or(0), sold.get(key).copied().unwrap_or(0), live.get(key).copied().unwrap_or(0));
+        if *init != now + out {
+            broken.push(format!("{}/{}: initial {init} != on hand {now} + sold {out}", key.0, key.1));
+        }
+        if held > now {
+            broken.push(format!("{}/{}: {held} units reserved, {now} on hand", key.0, key.1));
+        }
+    }
+    for key in sold.keys().chain(live.keys()) {
+        if !initial.contains_key(key) {
+            broken.push(format!("{}/{}: sold or reserved, never restocked", key.0, key.1));
+        }
+    }
+    // Seed 000 scenario 2: nothing of P-001 was taken from ST-SEED-2.
+    let p001 = (store_key("HQ-SEED", "ST-SEED-2"), "P-001".to_string());
+    let left = on_hand.get(&p001).copied().unwrap_or(0) - live.get(&p001).copied().unwrap_or(0);
+    if left != 10 {
+        broken.push(format!("SEED-000-2: {left} units of P-001 available at ST-SEED-2, expected 10 (all or nothing)"));
+    }
+    broken
+}
+
+/// No dead-letter topic holds a record.
+fn check_dead_letters(t: &Topics) -> Vec<String> {
+    t.topology
+        .dead_letter_topics()
+        .into_keys()
+        .filter_map(|dlq| {
+            let partitions = t.topology.topics.get(dlq.trim_end_matches(".dlq")).map(|s| s.partitions).unwrap_or(1);
+            let n = common::read_topic(&t.kafka.broker, &dlq, partitions).len();
+            (n > 0).then(|| format!("{dlq} holds {n} record(s)"))
+        })
+        .collect()
 }

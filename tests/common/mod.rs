@@ -669,6 +669,67 @@ pub fn group_behind(
         .collect()
 }
 
+/// Partitions of `topic` (`partitions` of them) on which consumer group `group` has not
+/// committed past the last record a `read_committed` reader sees now: `(partition, committed
+/// offset or -1, offset of that record)`. Exact on transactional and plain topics alike (unlike
+/// [`group_behind`], which allows for a trailing commit marker). Empty means the group's worker
+/// processed every record of `topic` there is, and, as its offsets are committed with (exactly
+/// once) or after (effectively once) its outputs, the outputs of those records are written: the
+/// positive marker a "nothing more came of it" check waits for.
+pub fn group_not_past(
+    broker: &orderflow_runtime::topology::BrokerConfig,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Vec<(i32, i64, i64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let mut last: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+    for m in read_topic(broker, topic, partitions) {
+        let at = last.entry(m.partition()).or_insert(m.offset());
+        *at = (*at).max(m.offset());
+    }
+    let mut config = orderflow_runtime::kafka::client_config(broker, orderflow_runtime::kafka::Side::Consumer);
+    config.set("group.id", group);
+    let consumer: BaseConsumer = config.create().expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in last.keys() {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap_or_default();
+    last.into_iter()
+        .filter_map(|(p, record)| {
+            let at = match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => -1,
+            };
+            (at <= record).then_some((p, at, record))
+        })
+        .collect()
+}
+
+/// Waits (see [`wait_for`]: panics when `workers` exit first or `within` passes) until, for each
+/// `(worker, topic)` of `steps` in turn, [`group_not_past`] of the worker's consumer group (as
+/// `topology.toml` names it) is empty for `topic`. List an upstream worker's input before its
+/// downstream's, so that the upstream's outputs are all there when the downstream's input is read.
+pub fn wait_group_past(
+    broker: &orderflow_runtime::topology::BrokerConfig,
+    steps: &[(&str, &str)],
+    partitions: i32,
+    log: &Path,
+    workers: &mut Guarded,
+    within: Duration,
+) {
+    let loaded = orderflow_runtime::topology::load(&repo_root().join("topology.toml")).expect("topology loads");
+    for (worker, topic) in steps {
+        let group = loaded.topology.workers.get(*worker).unwrap_or_else(|| panic!("no worker {worker} in topology.toml")).group_id(worker);
+        wait_for(&format!("{group} committing past every record of {topic}"), log, workers, within, Duration::from_millis(300), || {
+            group_not_past(broker, &group, topic, partitions).is_empty().then_some(())
+        });
+    }
+}
+
 /// What a `read_committed` and a `read_uncommitted` reader found in one output topic
 /// ([`exactly_once_report`]).
 #[derive(Debug, Clone, Default, serde::Serialize)]

@@ -23,7 +23,9 @@
 //! `max_orders` keeps the first N orders by order key, and the stock is computed for those orders
 //! only. Everything is deterministic: the same options give the same events, ids included.
 //! [`DEFAULT_STOCK_SCALE`] is calibrated so that all-or-nothing reservation of the SF 0.01 orders
-//! in order fails for insufficient stock for about 30% of them.
+//! in order fails for insufficient stock for about 30% of them ([`simulate`]; the example
+//! `tpch_calibrate` prints the share for a range of scales:
+//! `cargo run --release -p orderflow --example tpch_calibrate`).
 //!
 //! Free-text columns (comments) are not used, so the generators run on a small private text pool
 //! instead of `tpchgen`'s 300 MiB default one; the key, quantity, price and availability columns
@@ -218,46 +220,54 @@ fn id_part(name: &str) -> String {
     name.trim().replace(' ', "_")
 }
 
+/// Outcome of reserving every order of an input in list order, all-or-nothing, with no
+/// releases: how [`DEFAULT_STOCK_SCALE`] is calibrated (the tests, and the example
+/// `tpch_calibrate`: `cargo run --release -p orderflow --example tpch_calibrate`). Not used by
+/// the binary itself.
+#[allow(dead_code)]
+#[derive(Debug)]
+pub struct Simulation {
+    pub orders: usize,
+    pub failed: usize,
+}
+
+#[allow(dead_code)]
+impl Simulation {
+    /// Share of the orders that failed.
+    pub fn share(&self) -> f64 {
+        self.failed as f64 / self.orders as f64
+    }
+}
+
+/// Reserves every order of `input` in list order against its initial stock ([`Simulation`]).
+#[allow(dead_code)]
+pub fn simulate(input: &TpchInput) -> Simulation {
+    let mut available: std::collections::HashMap<(&str, &str), i64> = std::collections::HashMap::new();
+    for adj in &input.inventory {
+        for item in &adj.items {
+            *available.entry((&adj.store_id, &item.product_id)).or_default() += item.delta;
+        }
+    }
+    let mut failed = 0;
+    for order in &input.orders {
+        let fits = order.items.iter().all(|item| {
+            available.get(&(order.store_id.as_str(), item.product_id.as_str())).copied().unwrap_or(0) >= i64::from(item.quantity)
+        });
+        if fits {
+            for item in &order.items {
+                *available.get_mut(&(order.store_id.as_str(), item.product_id.as_str())).unwrap() -= i64::from(item.quantity);
+            }
+        } else {
+            failed += 1;
+        }
+    }
+    Simulation { orders: input.orders.len(), failed }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::{HashMap, HashSet};
-
-    /// Outcome of reserving every order in list order, all-or-nothing, with no releases.
-    #[derive(Debug)]
-    struct Simulation {
-        orders: usize,
-        failed: usize,
-    }
-
-    impl Simulation {
-        fn share(&self) -> f64 {
-            self.failed as f64 / self.orders as f64
-        }
-    }
-
-    fn simulate(input: &TpchInput) -> Simulation {
-        let mut available: HashMap<(&str, &str), i64> = HashMap::new();
-        for adj in &input.inventory {
-            for item in &adj.items {
-                *available.entry((&adj.store_id, &item.product_id)).or_default() += item.delta;
-            }
-        }
-        let mut failed = 0;
-        for order in &input.orders {
-            let fits = order.items.iter().all(|item| {
-                available.get(&(order.store_id.as_str(), item.product_id.as_str())).copied().unwrap_or(0) >= i64::from(item.quantity)
-            });
-            if fits {
-                for item in &order.items {
-                    *available.get_mut(&(order.store_id.as_str(), item.product_id.as_str())).unwrap() -= i64::from(item.quantity);
-                }
-            } else {
-                failed += 1;
-            }
-        }
-        Simulation { orders: input.orders.len(), failed }
-    }
 
     fn sf001() -> &'static TpchInput {
         static INPUT: std::sync::OnceLock<TpchInput> = std::sync::OnceLock::new();
@@ -410,20 +420,5 @@ mod tests {
         assert!((0.20..=0.35).contains(&sim.share()), "{sim:?} share {}", sim.share());
         let small = simulate(&generate(&TpchOptions { max_orders: Some(1_000), ..TpchOptions::default() }));
         println!("SF 0.01, max_orders 1000: {small:?}, failure share {:.3}", small.share());
-    }
-
-    /// `cargo test --release -- --ignored --nocapture calibrate` prints failure shares per scale.
-    #[test]
-    #[ignore]
-    fn calibrate() {
-        for max_orders in [None, Some(1_000)] {
-            for scale in [0.03, 0.05, 0.06, 0.065, 0.07, 0.075, 0.08, 0.09, 0.1, 0.11, 0.12, 0.15, 0.2] {
-                let started = std::time::Instant::now();
-                let input = generate(&TpchOptions { max_orders, stock_scale: scale, ..TpchOptions::default() });
-                let elapsed = started.elapsed();
-                let sim = simulate(&input);
-                println!("max_orders {max_orders:?} stock_scale {scale}: share {:.3} ({sim:?}) in {elapsed:?}", sim.share());
-            }
-        }
     }
 }

@@ -1,0 +1,27 @@
+//! Prints, for a range of `stock_scale` values, the share of TPC-H orders that all-or-nothing
+//! reservation in list order fails for insufficient stock ([`tpch::simulate`]), for the SF 0.01
+//! orders and for the first 1,000 of them: how `DEFAULT_STOCK_SCALE` and the demo's
+//! `--stock-scale` were chosen. 26 generations at SF 0.01 (seconds in release, far slower in a
+//! debug build):
+//!
+//! ```text
+//! cargo run --release -p orderflow --example tpch_calibrate
+//! ```
+
+#[path = "../src/tpch.rs"]
+#[allow(dead_code)]
+mod tpch;
+
+use tpch::{generate, simulate, TpchOptions};
+
+fn main() {
+    for max_orders in [None, Some(1_000)] {
+        for scale in [0.03, 0.05, 0.06, 0.065, 0.07, 0.075, 0.08, 0.09, 0.1, 0.11, 0.12, 0.15, 0.2] {
+            let started = std::time::Instant::now();
+            let input = generate(&TpchOptions { max_orders, stock_scale: scale, ..TpchOptions::default() });
+            let elapsed = started.elapsed();
+            let sim = simulate(&input);
+            println!("max_orders {max_orders:?} stock_scale {scale}: share {:.3} ({sim:?}) in {elapsed:?}", sim.share());
+        }
+    }
+}
