@@ -14,7 +14,7 @@
 //! `PAYMENT_FAILED`; none is left to expire, so every order reaches a terminal state without
 //! waiting for a reservation TTL).
 //!
-//! Orders are TPC-H orders (SF 0.01, [`crate::tpch`]) cycled: order `seq` is TPC-H order
+//! Orders are TPC-H orders (SF 0.01, [`crate::demo::tpch`]) cycled: order `seq` is TPC-H order
 //! `seq mod 15,000` with `-c<copy>` appended to its ids from the second copy on. The initial
 //! stock is the TPC-H restock scaled by `--stock-scale` (default 100: every order is reserved),
 //! produced and applied (every stock line's `stock.updated` read) before any order.
@@ -69,7 +69,7 @@ use crate::bench::{
 /// How long a `/readyz` or `/metrics` request to a worker process may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 use crate::demo::{port_topic, pos_answer, pos_decision, send};
-use crate::tpch;
+use crate::demo::tpch;
 
 /// A latency load gives up when more than this many seconds' worth of its orders (at the target
 /// rate, at least [`BACKLOG_FLOOR`] orders) are offered but not answered. In steady state the
@@ -880,7 +880,7 @@ impl Rig {
         std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
         let mut topology_path = c.topology.clone();
         if let Some(ci) = c.commit_interval {
-            let original = crate::load_topology(&c.topology, c.bootstrap.as_deref())?;
+            let original = crate::topology::load_topology(&c.topology, c.bootstrap.as_deref())?;
             let avro = std::path::absolute(original.avro_dir())?;
             let text = std::fs::read_to_string(&c.topology).with_context(|| format!("reading {}", c.topology.display()))?;
             topology_path = run_dir.join("topology.toml");
@@ -888,7 +888,7 @@ impl Rig {
                 .with_context(|| format!("writing {}", topology_path.display()))?;
         }
         let mut loaded =
-            crate::load_topology(&topology_path, c.bootstrap.as_deref()).with_context(|| format!("loading {}", topology_path.display()))?;
+            crate::topology::load_topology(&topology_path, c.bootstrap.as_deref()).with_context(|| format!("loading {}", topology_path.display()))?;
         loaded.topology.defaults.state_dir = run_dir.join("state");
         let loaded = Arc::new(loaded);
         let t = &loaded.topology;

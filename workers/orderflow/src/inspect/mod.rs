@@ -361,7 +361,7 @@ fn tap_keeps(a: &TapArgs, r: &Raw, decoded: &Result<Event, Option<CodecError>>) 
 /// Errors: topology; unknown topic ([`find_topic`]); a partition the topic does not have;
 /// reading made no progress for 20 s while stopping at the end.
 pub async fn tap(a: TapArgs) -> Result<()> {
-    let loaded = crate::load_topology(&a.topology, a.bootstrap.as_deref())?;
+    let loaded = crate::topology::load_topology(&a.topology, a.bootstrap.as_deref())?;
     let codec = Codec::load(&loaded.avro_dir(), loaded.topology.broker.registry_url.as_deref())?;
     let topology = loaded.topology.clone();
     let scanner = {
@@ -423,7 +423,7 @@ pub async fn tap(a: TapArgs) -> Result<()> {
         };
         tokio::select! {
             _ = print => false,
-            _ = crate::terminate_signal() => true,
+            _ = crate::run::terminate_signal() => true,
         }
     };
     drop(rx);
@@ -758,7 +758,7 @@ async fn trace_round(
 /// Errors: topology; broker unreachable; no event, dead letter or undecodable record of the order
 /// in any partition read (naming the partitions read).
 pub async fn trace(a: TraceArgs) -> Result<()> {
-    let loaded = crate::load_topology(&a.topology, a.bootstrap.as_deref())?;
+    let loaded = crate::topology::load_topology(&a.topology, a.bootstrap.as_deref())?;
     let codec = Codec::load(&loaded.avro_dir(), loaded.topology.broker.registry_url.as_deref())?;
     let topology = loaded.topology.clone();
     let order = a.order_id.clone();

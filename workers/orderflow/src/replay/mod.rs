@@ -1,5 +1,5 @@
 //! `orderflow replay`: re-read a range of a topic and republish it (`--into`) or run it through a
-//! worker (`--through`, see [`crate::replay_through`]).
+//! worker (`--through`, see [`crate::replay::through`]).
 //!
 //! The shared front end ([`ReplayArgs`], [`resolve`], [`read_range`]) turns the command line into
 //! offset ranges per partition, checked against the broker's watermarks, and reads them by
@@ -11,6 +11,8 @@
 //! is resolved. A time range is turned into offsets per partition with `offsets_for_times`
 //! (the first record whose timestamp is `>=` the time). TIME is RFC 3339 (`2026-11-21T10:00:00Z`,
 //! fractional seconds allowed) or relative to now (`now`, `-2h`, `-15m`, `-1h30m`, `-90s`).
+
+pub mod through;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -491,16 +493,16 @@ pub fn read_range(broker: &BrokerConfig, resolved: &Resolved, on_record: &mut dy
 // The command.
 
 /// Runs `orderflow replay`: loads the topology, [`resolve`]s the range, then republishes it
-/// (`--into`, [`into`]) or runs it through a worker (`--through`, [`crate::replay_through::run`]).
+/// (`--into`, [`into`]) or runs it through a worker (`--through`, [`crate::replay::through::run`]).
 /// Either mode's JSON summary is printed as the last line of stdout and, with `--json-summary`,
 /// written pretty-printed to that file.
 ///
 /// Errors: topology, [`resolve`], the mode's own errors; a failed delivery (after the summary).
 pub async fn run(args: ReplayArgs) -> Result<()> {
-    let loaded = crate::load_topology(&args.topology, args.bootstrap.as_deref())?;
+    let loaded = crate::topology::load_topology(&args.topology, args.bootstrap.as_deref())?;
     let resolved = resolve(&args, &loaded).await?;
     let (summary, failed) = if args.through.is_some() {
-        (crate::replay_through::run(&args, &loaded, &resolved).await?, 0)
+        (crate::replay::through::run(&args, &loaded, &resolved).await?, 0)
     } else {
         let s = into(&args, &loaded, &resolved).await?;
         let failed = s.failed;

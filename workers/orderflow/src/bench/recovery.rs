@@ -372,7 +372,7 @@ pub async fn run(args: RecoveryArgs) -> Result<serde_json::Value> {
     if keys.is_empty() || keys[0] == 0 {
         bail!("--keys needs at least one positive key count");
     }
-    let loaded = crate::load_topology(&c.topology, c.bootstrap.as_deref())?;
+    let loaded = crate::topology::load_topology(&c.topology, c.bootstrap.as_deref())?;
     let t = loaded.topology.clone();
     let mut kinds = Vec::new();
     for name in &args.workers {

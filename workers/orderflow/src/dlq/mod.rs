@@ -799,7 +799,7 @@ pub fn print_table(rows: &[Vec<String>]) {
 ///
 /// Errors: topology, broker metadata, an unknown topic ([`find_topic`]), reading ([`Reader::read`]).
 async fn list(a: ListArgs) -> Result<()> {
-    let loaded = crate::load_topology(&a.common.topology, a.common.bootstrap.as_deref())?;
+    let loaded = crate::topology::load_topology(&a.common.topology, a.common.bootstrap.as_deref())?;
     warn_unknown_class(a.class.as_deref());
     let topology = loaded.topology.clone();
     let topics: Vec<String> = if a.topics.is_empty() { topology.dead_letter_topics().into_keys().collect() } else { a.topics.clone() };
@@ -878,7 +878,7 @@ async fn list(a: ListArgs) -> Result<()> {
 /// Errors: unknown topic ([`find_topic`]), no such partition, the offset outside the partition's
 /// watermarks, no record at that offset (a transaction marker or a removed record).
 async fn show(a: ShowArgs) -> Result<()> {
-    let loaded = crate::load_topology(&a.common.topology, a.common.bootstrap.as_deref())?;
+    let loaded = crate::topology::load_topology(&a.common.topology, a.common.bootstrap.as_deref())?;
     let codec = Codec::load(&loaded.avro_dir(), loaded.topology.broker.registry_url.as_deref())?;
     let topology = loaded.topology.clone();
     let (topic, partition, offset) = (a.topic.clone(), a.partition, a.offset);
@@ -995,7 +995,7 @@ async fn redrive(a: RedriveArgs) -> Result<()> {
             bail!("--from {f} is after --to {t}");
         }
     }
-    let loaded = crate::load_topology(&a.common.topology, a.common.bootstrap.as_deref())?;
+    let loaded = crate::topology::load_topology(&a.common.topology, a.common.bootstrap.as_deref())?;
     warn_unknown_class(a.class.as_deref());
     let codec = Codec::load(&loaded.avro_dir(), loaded.topology.broker.registry_url.as_deref())?;
     let topology = loaded.topology.clone();

@@ -18,6 +18,9 @@
 //! (group join and state restore are not counted), the measurement window follows it and ends
 //! when the input is drained or the duration is over.
 
+pub mod recovery;
+pub mod saga;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -62,10 +65,10 @@ enum Scenario {
     Worker(WorkerArgs),
     /// The whole saga on TPC-H orders: throughput to a terminal state (all workers in one
     /// process, or one process per worker) and latency percentiles at fixed offered loads.
-    Saga(crate::bench_saga::SagaArgs),
+    Saga(crate::bench::saga::SagaArgs),
     /// Recovery after SIGKILL (local state, and sled deleted: changelog rebuild) and peak RSS of
     /// a worker holding many state keys.
-    Recovery(crate::bench_recovery::RecoveryArgs),
+    Recovery(crate::bench::recovery::RecoveryArgs),
 }
 
 /// Flags every scenario shares.
@@ -216,8 +219,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let json = match args.scenario {
         Scenario::Raw(a) => serde_json::to_string(&raw(a).await?)?,
         Scenario::Worker(a) => serde_json::to_string(&worker(a).await?)?,
-        Scenario::Saga(a) => serde_json::to_string(&crate::bench_saga::run(a).await?)?,
-        Scenario::Recovery(a) => serde_json::to_string(&crate::bench_recovery::run(a).await?)?,
+        Scenario::Saga(a) => serde_json::to_string(&crate::bench::saga::run(a).await?)?,
+        Scenario::Recovery(a) => serde_json::to_string(&crate::bench::recovery::run(a).await?)?,
     };
     println!("{json}");
     Ok(())
@@ -498,7 +501,7 @@ impl Meter {
 
 async fn raw(args: RawArgs) -> Result<RawResult> {
     let c = &args.common;
-    let loaded = crate::load_topology(&c.topology, c.bootstrap.as_deref())?;
+    let loaded = crate::topology::load_topology(&c.topology, c.bootstrap.as_deref())?;
     let t = &loaded.topology;
     let records = c.records.unwrap_or(1_000_000);
     let partitions = args.partitions.unwrap_or_else(|| t.topics.get("order.created").map(|s| s.partitions).unwrap_or(6));
@@ -663,7 +666,7 @@ fn worker_units(metrics: &Metrics, name: &str, processed: u64) -> Units {
 
 async fn worker(args: WorkerArgs) -> Result<WorkerResult> {
     let c = &args.common;
-    let mut loaded: Loaded = crate::load_topology(&c.topology, c.bootstrap.as_deref())?;
+    let mut loaded: Loaded = crate::topology::load_topology(&c.topology, c.bootstrap.as_deref())?;
     let name = args.name.clone();
     let state_dir = args.state_dir.clone().unwrap_or_else(|| PathBuf::from("target/bench/state").join(format!("{name}-{}", now_ms())));
     loaded.topology.defaults.state_dir = state_dir.clone();

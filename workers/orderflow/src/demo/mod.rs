@@ -2,6 +2,8 @@
 //! broker, with a POS simulator closing confirmed orders, ending in a summary (orders by final
 //! state and reason, events per topic, stock conservation per store, wall time).
 
+pub mod tpch;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -26,7 +28,6 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::tpch;
 
 /// `orderflow demo` flags.
 #[derive(clap::Args, Debug)]
@@ -275,8 +276,8 @@ pub(crate) async fn send(producer: &FutureProducer, codec: &Codec, topic: &str, 
 /// invariant fails (the summary is printed first).
 pub async fn run(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
-    let mut loaded = crate::load_topology(&args.topology, args.bootstrap.as_deref())?;
-    crate::override_ttl(&mut loaded, args.ttl);
+    let mut loaded = crate::topology::load_topology(&args.topology, args.bootstrap.as_deref())?;
+    crate::topology::override_ttl(&mut loaded, args.ttl);
     let state_dir = args.state_dir.clone().unwrap_or_else(|| loaded.topology.defaults.state_dir.join(format!("demo-{}", now_ms())));
     loaded.topology.defaults.state_dir = state_dir.clone();
     let loaded = Arc::new(loaded);
@@ -323,7 +324,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let handles = if args.external_workers {
         Vec::new()
     } else {
-        crate::spawn_workers(loaded.clone(), &[], "demo", metrics.clone(), &crate::serve::Readiness::default(), stop_rx).await?
+        crate::run::spawn_workers(loaded.clone(), &[], "demo", metrics.clone(), &crate::run::serve::Readiness::default(), stop_rx).await?
     };
 
     // Observer: reads every saga topic from the beginning; the POS simulator reacts to it.
