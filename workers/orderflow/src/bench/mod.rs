@@ -39,7 +39,7 @@ use orderflow_runtime::topology::{Guarantee, Loaded, Topology};
 use orderflow_runtime::worker::{now_ms, Worker, WorkerSetup};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -47,6 +47,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::sync::watch;
 use tracing::info;
+
+use crate::kafkaio::{high_watermarks, watermark_client};
 
 /// `orderflow bench` flags.
 #[derive(clap::Args, Debug)]
@@ -352,24 +354,6 @@ pub(crate) async fn produce_all(producer: &FutureProducer, records: impl Iterato
         r?;
     }
     Ok(n as f64 / started.elapsed().as_secs_f64().max(1e-9))
-}
-
-/// Sum over partitions of the high watermarks of `topic` (records written since it was created).
-pub(crate) fn high_watermarks(client: &BaseConsumer, topic: &str, partitions: i32) -> Result<i64> {
-    Ok(watermark_sums(client, topic, partitions)?.1)
-}
-
-/// Sums over partitions 0..`partitions` of `topic`'s (low, high) watermarks: high − low is the
-/// records it holds now (after retention and compaction), high alone the records ever written.
-pub(crate) fn watermark_sums(client: &BaseConsumer, topic: &str, partitions: i32) -> Result<(i64, i64)> {
-    let (mut lows, mut highs) = (0, 0);
-    for p in 0..partitions {
-        let (low, high) =
-            client.fetch_watermarks(topic, p, Duration::from_secs(10)).with_context(|| format!("watermarks of {topic}[{p}]"))?;
-        lows += low;
-        highs += high;
-    }
-    Ok((lows, highs))
 }
 
 // ------------------------------------------------------------------ worker processes
@@ -690,7 +674,7 @@ async fn worker(args: WorkerArgs) -> Result<WorkerResult> {
 
     create_topics(t).await.context("creating topics")?;
     let changelog = orderflow_runtime::changelog::topic(&name);
-    let watermarks: BaseConsumer = client_config(&t.broker, Side::Consumer).set("group.id", "orderflow-bench-watermarks").create()?;
+    let watermarks = watermark_client(&t.broker, "orderflow-bench-watermarks")?;
     let mut written: Vec<String> = spec.outputs.values().cloned().collect();
     let mut dlqs: Vec<String> = spec.inputs.iter().map(|i| t.dead_letter_of(i)).collect();
     dlqs.sort();

@@ -46,8 +46,10 @@ use serde::Serialize;
 use serde_json::Value;
 use tracing::{info, warn};
 
+use crate::kafkaio::{high_watermarks, records_held, watermark_client};
+
 use crate::bench::{
-    free_port, high_watermarks, http_get, log_tail, metric_by_label, metric_sum, order, produce_all, settings, store, watermark_sums,
+    free_port, http_get, log_tail, metric_by_label, metric_sum, order, produce_all, settings, store,
     Common, Rng, STORES,
 };
 
@@ -394,7 +396,7 @@ pub async fn run(args: RecoveryArgs) -> Result<serde_json::Value> {
         bootstrap: t.broker.bootstrap.clone(),
         codec: Arc::new(Codec::load(&loaded.avro_dir(), t.broker.registry_url.as_deref())?),
         producer: client_config(&t.broker, Side::Producer).create().context("producer")?,
-        watermarks: client_config(&t.broker, Side::Consumer).set("group.id", "orderflow-bench-watermarks").create()?,
+        watermarks: watermark_client(&t.broker, "orderflow-bench-watermarks")?,
         t,
         work_dir: work_dir.clone(),
         restart_timeout: args.restart_timeout,
@@ -679,7 +681,7 @@ async fn load(
         keys_added,
         seconds,
         keys_per_s: keys_added as f64 / seconds.max(1e-9),
-        changelog_records: topic_records(&ctx.watermarks, changelog, partitions)?,
+        changelog_records: records_held(&ctx.watermarks, changelog, partitions)?,
         output_records,
         memory: memory(proc.child.id())?,
     })
@@ -697,12 +699,6 @@ async fn wait_consumed(proc: &mut Proc, name: &str, target: f64, give_up: Instan
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Records `topic` holds now: Σ (high − low) over its partitions.
-fn topic_records(client: &BaseConsumer, topic: &str, partitions: i32) -> Result<i64> {
-    let (low, high) = watermark_sums(client, topic, partitions)?;
-    Ok(high - low)
 }
 
 /// One bare `BaseConsumer` reading every partition of `topic` from the beginning to the high

@@ -63,13 +63,14 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::bench::{
-    free_port, high_watermarks, http_get, log_tail, metric_samples, produce_all, settings, Common, Meter, Settings, Units, Window,
+    free_port, http_get, log_tail, metric_samples, produce_all, settings, Common, Meter, Settings, Units, Window,
 };
 
 /// How long a `/readyz` or `/metrics` request to a worker process may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 use crate::demo::{port_topic, pos_answer, pos_decision, send};
 use crate::demo::tpch;
+use crate::kafkaio::{high_watermarks, watermark_client};
 
 /// A latency load gives up when more than this many seconds' worth of its orders (at the target
 /// rate, at least [`BACKLOG_FLOOR`] orders) are offered but not answered. In steady state the
@@ -900,8 +901,7 @@ impl Rig {
             }
         }
 
-        let watermarks: BaseConsumer =
-            client_config(&t.broker, Side::Consumer).set("group.id", "orderflow-bench-saga-watermarks").create()?;
+        let watermarks = watermark_client(&t.broker, "orderflow-bench-saga-watermarks")?;
         create_topics(t).await.context("creating topics")?;
         let previous = high_watermarks(&watermarks, "order.created", t.topics.get("order.created").map(|s| s.partitions).unwrap_or(1))?;
         if previous > 0 {

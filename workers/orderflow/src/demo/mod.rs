@@ -745,19 +745,14 @@ fn summarize(
 
 /// A client for [`records_in`].
 fn watermark_client(t: &orderflow_runtime::topology::Topology) -> Result<rdkafka::consumer::BaseConsumer> {
-    Ok(client_config(&t.broker, Side::Consumer).set("group.id", "orderflow-demo-watermarks").create()?)
+    crate::kafkaio::watermark_client(&t.broker, "orderflow-demo-watermarks")
 }
 
 /// Records in `topic` (sum of high − low watermarks over its declared partitions; a `.dlq`
 /// topic has its source's partitions).
 fn records_in(consumer: &rdkafka::consumer::BaseConsumer, t: &orderflow_runtime::topology::Topology, topic: &str) -> Result<i64> {
     let partitions = t.topics.get(topic).or_else(|| t.topics.get(topic.trim_end_matches(".dlq"))).map(|s| s.partitions).unwrap_or(1);
-    let mut total = 0;
-    for p in 0..partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        total += high - low;
-    }
-    Ok(total)
+    crate::kafkaio::records_held(consumer, topic, partitions)
 }
 
 fn print_summary(s: &Summary) {

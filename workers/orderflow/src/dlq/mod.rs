@@ -34,22 +34,23 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand};
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::deadletter::DeadLetterClass;
 use orderflow_runtime::kafka::{client_config, Side};
-use orderflow_runtime::topology::{BrokerConfig, Topology};
+use orderflow_runtime::topology::Topology;
 use orderflow_runtime::worker::now_ms;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::{json, Value};
+
+use crate::format::{cut, hex, hex_dump, print_table, text_or_hex};
+use crate::kafkaio::{blocking, rfc3339, Reader, Span};
 
 /// The headers the runtime adds to a dead-letter record (`orderflow_runtime::kafka::dlq_header`;
 /// the prefix's ones are dropped on redrive).
@@ -66,10 +67,6 @@ pub const H_REDRIVE_FROM: &str = "orderflow.redrive.from";
 pub const H_REDRIVE_TIME: &str = "orderflow.redrive.time";
 
 
-/// How long a metadata or watermark request may take.
-const META_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a [`Reader`] may go without progress before it gives up (default).
-pub const STALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a redrive waits for the producer's queue to drain at the end.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bytes of an undecodable value `show` dumps in hex.
@@ -559,230 +556,31 @@ pub fn range(topic: &str, partition: i32, (low, high): (i64, i64), from: Option<
     Ok(Range { topic: topic.to_string(), partition, start: from.unwrap_or(low), end: to.map_or(high, |t| t + 1) })
 }
 
-/// Offsets of one partition to read: `start` up to `end` (exclusive), or on forever (`None`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Span {
-    pub topic: String,
-    pub partition: i32,
-    pub start: i64,
-    pub end: Option<i64>,
-}
-
 impl From<&Range> for Span {
     fn from(r: &Range) -> Span {
         Span { topic: r.topic.clone(), partition: r.partition, start: r.start, end: Some(r.end) }
     }
 }
 
-/// A consumer that reads partitions it assigns itself (`read_committed`, the consumer default):
-/// a throwaway `group.id`, no group membership, no commits. Shared by `dlq`, `inspect` and
-/// `replay`. Blocking: call it from [`blocking`], `spawn_blocking` or a thread.
-pub struct Reader {
-    consumer: BaseConsumer,
-    stall: Duration,
-}
-
-impl Reader {
-    /// A reader whose `group.id` is `<group>-<pid>-<now ms>`, giving up a bounded read after
-    /// [`STALL_TIMEOUT`] without progress (see [`Reader::stall_timeout`]).
-    ///
-    /// Errors: the client cannot be created (the error says `what`, e.g. `creating the reader`).
-    pub fn new(broker: &BrokerConfig, group: &str, what: &'static str) -> Result<Reader> {
-        let mut config = client_config(broker, Side::Consumer);
-        // Required by librdkafka, never joined: partitions are assigned and nothing is committed.
-        config.set("group.id", format!("{group}-{}-{}", std::process::id(), now_ms()));
-        config.set("enable.auto.commit", "false");
-        Ok(Reader { consumer: config.create().context(what)?, stall: STALL_TIMEOUT })
-    }
-
-    /// The same reader giving up after `stall` without progress.
-    pub fn stall_timeout(self, stall: Duration) -> Reader {
-        Reader { stall, ..self }
-    }
-
-    /// The underlying consumer (metadata and offset queries the reader does not wrap).
-    pub fn consumer(&self) -> &BaseConsumer {
-        &self.consumer
-    }
-
-    /// Every topic on the broker with its partition count (topics with a metadata error left out).
-    ///
-    /// Errors: the metadata request fails or times out (10 s).
-    pub fn broker_topics(&self) -> Result<BTreeMap<String, i32>> {
-        let md = self.consumer.fetch_metadata(None, META_TIMEOUT).context("asking the broker for its topics")?;
-        Ok(md.topics().iter().filter(|t| t.error().is_none()).map(|t| (t.name().to_string(), t.partitions().len() as i32)).collect())
-    }
-
-    /// The `(low, high)` watermarks of `topic[partition]`.
-    ///
-    /// Errors: the request fails or times out (10 s), naming `topic[partition]`.
-    pub fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64)> {
-        self.consumer.fetch_watermarks(topic, partition, META_TIMEOUT).with_context(|| format!("watermarks of {topic}[{partition}]"))
-    }
-
-    /// Reads `spans`, giving each record in `[start, end)` to `sink` (in offset order within a
-    /// partition; partitions interleave) until every bounded span is done and no span is
-    /// unbounded, `sink` returns `false`, or `alive` returns `false` (checked between polls).
-    /// Offsets without a record (transaction markers, aborted or compacted records) can end a
-    /// span: the consumer's position passing its end ends it too.
-    ///
-    /// Errors: assigning the partitions; no progress for the stall timeout while only bounded
-    /// spans remain (broker unreachable, or an open transaction holding a `read_committed` reader
-    /// back), naming the spans still waited for and the last consumer error.
-    pub fn scan(&self, spans: &[Span], alive: impl Fn() -> bool, mut sink: impl FnMut(&BorrowedMessage<'_>) -> bool) -> Result<()> {
-        let spans: Vec<&Span> = spans.iter().filter(|s| s.end.is_none_or(|e| s.start < e)).collect();
-        if spans.is_empty() {
-            return Ok(());
-        }
-        let mut pending: BTreeMap<(String, i32), (i64, Option<i64>)> =
-            spans.iter().map(|s| ((s.topic.clone(), s.partition), (s.start, s.end))).collect();
-        let mut tpl = TopicPartitionList::new();
-        for s in &spans {
-            tpl.add_partition_offset(&s.topic, s.partition, Offset::Offset(s.start))?;
-        }
-        self.consumer.assign(&tpl)?;
-        let mut progress = Instant::now();
-        let mut last_error = None;
-        while !pending.is_empty() && alive() {
-            match self.consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => {
-                    let k = (m.topic().to_string(), m.partition());
-                    let Some(&(start, end)) = pending.get(&k) else { continue };
-                    progress = Instant::now();
-                    if m.offset() >= start && end.is_none_or(|e| m.offset() < e) && !sink(&m) {
-                        break;
-                    }
-                    if end.is_some_and(|e| m.offset() >= e - 1) {
-                        pending.remove(&k);
-                    }
-                }
-                Some(Err(e)) => last_error = Some(e),
-                None => {
-                    if let Ok(pos) = self.consumer.position() {
-                        for e in pos.elements() {
-                            let k = (e.topic().to_string(), e.partition());
-                            if let (Offset::Offset(o), Some((_, Some(end)))) = (e.offset(), pending.get(&k)) {
-                                if o >= *end {
-                                    pending.remove(&k);
-                                }
-                            }
-                        }
-                    }
-                    let following = pending.values().any(|(_, end)| end.is_none());
-                    if !following && !pending.is_empty() && progress.elapsed() > self.stall {
-                        let waiting: Vec<String> =
-                            pending.iter().map(|((t, p), (_, end))| format!("{t}[{p}] up to offset {}", end.unwrap_or(0) - 1)).collect();
-                        bail!(
-                            "reading made no progress for {}s; still waiting for {} (broker unreachable, or an open transaction holds read_committed readers back){}",
-                            self.stall.as_secs(),
-                            waiting.join(", "),
-                            last_error.map(|e| format!("; last error: {e}")).unwrap_or_default()
-                        );
-                    }
-                }
-            }
-        }
-        let _ = self.consumer.unassign();
-        Ok(())
-    }
-
-    /// The dead-letter records of every range, sorted by (topic, partition, offset); values kept
-    /// when `with_values`.
-    ///
-    /// Errors: those of [`Reader::scan`].
-    fn read(&self, ranges: &[Range], with_values: bool) -> Result<Vec<DeadLetter>> {
-        let spans: Vec<Span> = ranges.iter().map(Span::from).collect();
-        let mut out = Vec::new();
-        self.scan(
-            &spans,
-            || true,
-            |m| {
-                out.push(DeadLetter::from_message(m, with_values));
-                true
-            },
-        )?;
-        out.sort_by(|a, b| a.at.cmp(&b.at));
-        Ok(out)
-    }
-}
-
-/// Runs blocking Kafka client calls off the async runtime.
+/// The dead-letter records of every range, sorted by (topic, partition, offset); values kept
+/// when `with_values`.
 ///
-/// Errors: `f`'s error, or `reader task panicked`.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.context("reader task panicked")?
+/// Errors: those of [`Reader::scan`].
+fn read(reader: &Reader, ranges: &[Range], with_values: bool) -> Result<Vec<DeadLetter>> {
+    let spans: Vec<Span> = ranges.iter().map(Span::from).collect();
+    let mut out = reader.collect(&spans, |m| DeadLetter::from_message(m, with_values))?;
+    out.sort_by(|a, b| a.at.cmp(&b.at));
+    Ok(out)
 }
 
 // ------------------------------------------------------------------------------------------
 // Formatting.
-
-/// `ms` since the epoch as RFC 3339 UTC with milliseconds (`2025-11-21T09:26:01.123Z`).
-pub fn rfc3339(ms: i64) -> String {
-    match u64::try_from(ms) {
-        Ok(ms) => humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string(),
-        Err(_) => format!("{ms} ms"),
-    }
-}
-
-/// `text` on one line, cut to `max` characters (with `…` when cut).
-pub fn cut(text: &str, max: usize) -> String {
-    let one_line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-    if one_line.chars().count() <= max {
-        one_line
-    } else {
-        let mut s: String = one_line.chars().take(max.saturating_sub(1)).collect();
-        s.push('…');
-        s
-    }
-}
-
-/// A hex dump of `bytes`: 16 bytes per line, offset, hex, printable ASCII.
-pub fn hex_dump(bytes: &[u8]) -> String {
-    let mut out = String::new();
-    for (i, chunk) in bytes.chunks(16).enumerate() {
-        let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
-        let ascii: String = chunk.iter().map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' }).collect();
-        out.push_str(&format!("{:08x}  {:<47}  |{ascii}|\n", i * 16, hex.join(" ")));
-    }
-    out
-}
-
-/// Lowercase hex of `bytes` (`[0xab, 0x01]` → `ab01`).
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Bytes as text when they are UTF-8, else as `0x…` hex.
-pub fn text_or_hex(bytes: &[u8]) -> String {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => s.to_string(),
-        Err(_) => format!("0x{}", hex(bytes)),
-    }
-}
 
 /// `topic[partition]@offset`, or `?` when unknown.
 fn source_label(d: &DeadLetter) -> String {
     match d.source() {
         Some(s) => format!("{}[{}]@{}", s.topic, s.partition, s.offset),
         None => d.header(H_SOURCE_TOPIC).map(|t| format!("{t}[?]@?")).unwrap_or_else(|| "?".into()),
-    }
-}
-
-/// Prints rows (each as long as the first) to stdout as columns separated by two spaces, each
-/// padded to its widest cell in characters (the last column unpadded, lines right-trimmed).
-pub fn print_table(rows: &[Vec<String>]) {
-    let cols = rows.first().map_or(0, Vec::len);
-    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
-    for r in rows {
-        let mut line = String::new();
-        for (c, cell) in r.iter().enumerate() {
-            if c + 1 == cols {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
-            }
-        }
-        println!("{}", line.trim_end());
     }
 }
 
@@ -797,7 +595,7 @@ pub fn print_table(rows: &[Vec<String>]) {
 /// last line `{"counts": {"<dlq topic>": {"<class>": n}}, "total": n}` (every topic read appears,
 /// `{}` when it holds no matching record).
 ///
-/// Errors: topology, broker metadata, an unknown topic ([`find_topic`]), reading ([`Reader::read`]).
+/// Errors: topology, broker metadata, an unknown topic ([`find_topic`]), reading ([`read`]).
 async fn list(a: ListArgs) -> Result<()> {
     let loaded = crate::topology::load_topology(&a.common.topology, a.common.bootstrap.as_deref())?;
     warn_unknown_class(a.class.as_deref());
@@ -819,7 +617,7 @@ async fn list(a: ListArgs) -> Result<()> {
                 Found::NotCreated => {}
             }
         }
-        Ok((reader.read(&ranges, false)?, topics))
+        Ok((read(&reader, &ranges, false)?, topics))
     })
     .await?;
     let filter = Filter { worker: a.worker, class: a.class };
@@ -898,7 +696,7 @@ async fn show(a: ShowArgs) -> Result<()> {
             bail!("offset {offset} is outside {topic}[{partition}]: low watermark {low}, high watermark {high} ({holds})");
         }
         let r = Range { topic: topic.clone(), partition, start: offset, end: offset + 1 };
-        reader.read(&[r], true)?.into_iter().next().with_context(|| {
+        read(&reader, &[r], true)?.into_iter().next().with_context(|| {
             format!("{topic}/{partition}/{offset} holds no record (a transaction marker, or a record removed by retention)")
         })
     })
@@ -1025,7 +823,7 @@ async fn redrive(a: RedriveArgs) -> Result<()> {
                 format!("{topic} (all {partitions} partitions)")
             }
         };
-        Ok((reader.read(&ranges, true)?, on_broker, what))
+        Ok((read(&reader, &ranges, true)?, on_broker, what))
     })
     .await?;
     let filter = Filter { worker: a.worker, class: a.class };

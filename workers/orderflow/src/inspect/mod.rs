@@ -6,7 +6,7 @@
 //!   watermark seen at start, or follows the topic until Ctrl-C (`--follow`).
 //! * `orderflow trace ORDER_ID` collects every event of one order across the saga's topics and
 //!   prints its timeline with the order's state after each event (see [`OrderState`]). It reads
-//!   only the partitions the order's records can be on (see [`partition_for`] and [`trace`]).
+//!   only the partitions the order's records can be on (see [`crate::kafkaio::partition_for`] and [`trace`]).
 //!
 //! Both read by assigning partitions to a consumer with a throwaway `group.id`, as `orderflow
 //! dlq` does: they join no consumer group and commit nothing.
@@ -25,56 +25,14 @@ use rdkafka::message::{Headers, Message};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::dlq::{blocking, cut, hex, print_table, rfc3339, text_or_hex, Coordinates, DeadLetter, Reader, Span};
+use crate::dlq::{Coordinates, DeadLetter};
+use crate::format::{cut, hex, print_table, text_or_hex};
+use crate::kafkaio::{blocking, partition_for, rfc3339, Reader, Span};
 
 /// Bytes of an undecodable value `tap` prints in hex.
 const HEX_BYTES: usize = 256;
 /// Characters of a timeline step's detail in the text output.
 const DETAIL_WIDTH: usize = 90;
-
-// ------------------------------------------------------------------------------------------
-// The partitioner.
-
-/// Kafka's murmur2 hash of `data` (the Java client's `Utils.murmur2`, librdkafka's
-/// `rd_murmur2`): seed `0x9747b28c`, as a signed 32-bit integer.
-pub fn murmur2(data: &[u8]) -> i32 {
-    const M: u32 = 0x5bd1_e995;
-    const R: u32 = 24;
-    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
-    let mut chunks = data.chunks_exact(4);
-    for c in &mut chunks {
-        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        k = k.wrapping_mul(M);
-        k ^= k >> R;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M);
-        h ^= k;
-    }
-    let rest = chunks.remainder();
-    if rest.len() >= 3 {
-        h ^= u32::from(rest[2]) << 16;
-    }
-    if rest.len() >= 2 {
-        h ^= u32::from(rest[1]) << 8;
-    }
-    if !rest.is_empty() {
-        h ^= u32::from(rest[0]);
-        h = h.wrapping_mul(M);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^= h >> 15;
-    h as i32
-}
-
-/// The partition of `key` in a topic of `partitions` partitions, as the producers choose it:
-/// librdkafka's `murmur2_random` partitioner (the runtime's default, see
-/// `orderflow_runtime::kafka::client_config`), equal to the Java client's default for non-null
-/// keys: `(murmur2(key) & 0x7fffffff) % partitions`. `partitions` must be positive.
-pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
-    assert!(partitions > 0, "a topic has at least one partition");
-    (murmur2(key) & 0x7fff_ffff) % partitions
-}
 
 // ------------------------------------------------------------------------------------------
 // Records and reading.
@@ -120,30 +78,9 @@ fn scanner(broker: &BrokerConfig) -> Result<Reader> {
 ///
 /// Errors: those of [`Reader::scan`].
 fn read_all(reader: &Reader, spans: &[Span]) -> Result<Vec<Raw>> {
-    let mut out = Vec::new();
-    reader.scan(
-        spans,
-        || true,
-        |m| {
-            out.push(Raw::from_message(m));
-            true
-        },
-    )?;
+    let mut out = reader.collect(spans, |m| Raw::from_message(m))?;
     out.sort_by(|a, b| a.at.cmp(&b.at));
     Ok(out)
-}
-
-/// Bounded spans of `partitions` of `topic`: from the low to the high watermark now.
-///
-/// Errors: a watermark request fails.
-fn to_end(reader: &Reader, topic: &str, partitions: impl IntoIterator<Item = i32>) -> Result<Vec<Span>> {
-    partitions
-        .into_iter()
-        .map(|p| {
-            let (low, high) = reader.watermarks(topic, p)?;
-            Ok(Span { topic: topic.to_string(), partition: p, start: low, end: Some(high) })
-        })
-        .collect()
 }
 
 /// Checks that `topic` can be read: on the broker, with its partition count.
@@ -696,7 +633,7 @@ async fn read_round(scanner: std::sync::Arc<Reader>, want: Vec<(String, i32, Str
     let raws = blocking(move || {
         let mut spans = Vec::new();
         for (t, p) in spans_of {
-            spans.extend(to_end(&scanner, &t, [p])?);
+            spans.extend(scanner.spans_to_end(&t, [p])?);
         }
         read_all(&scanner, &spans)
     })
@@ -738,7 +675,7 @@ async fn trace_round(
 /// partition-keyed scan:
 ///
 /// 1. every topic keyed by `orderId` (the topology's `key`): only the partition
-///    [`partition_for`]`(orderId)` (partition count from the broker);
+///    [`crate::kafkaio::partition_for`]`(orderId)` (partition count from the broker);
 /// 2. every topic keyed by `hqId:storeId` that carries order events (`stock.commands`): only the
 ///    partition of the order's store key, learnt from the events of step 1, keeping its events;
 /// 3. every topic keyed by `productId` (`stock.updated`): the partitions of the order's products
@@ -959,38 +896,6 @@ mod tests {
     use super::*;
     use clap::Parser;
     use orderflow_api::events::*;
-
-    #[test]
-    fn murmur2_matches_the_java_client() {
-        // Kafka's clients/src/test/java/org/apache/kafka/common/utils/UtilsTest.java, testMurmur2.
-        for (key, hash) in [
-            (&b"21"[..], -973932308),
-            (b"foobar", -790332482),
-            (b"a-little-bit-long-string", -985981536),
-            (b"a-little-bit-longer-string", -1486304829),
-            (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
-            (b"abc", 479470107),
-        ] {
-            assert_eq!(murmur2(key), hash, "murmur2({:?})", String::from_utf8_lossy(key));
-        }
-    }
-
-    #[test]
-    fn partition_is_the_positive_hash_modulo_the_partitions() {
-        // -973932308 & 0x7fffffff = 1173551340; % 6 = 0, % 4 = 0, % 7 = 1.
-        assert_eq!(partition_for(b"21", 6), 1173551340 % 6);
-        assert_eq!(partition_for(b"21", 7), 1173551340 % 7);
-        assert_eq!(partition_for(b"abc", 6), 479470107 % 6);
-        assert_eq!(partition_for(b"anything", 1), 0);
-        for n in 1..20 {
-            for k in ["", "O-1", "HQ-A:ST-B", "P-000123", "é"] {
-                assert!((0..n).contains(&partition_for(k.as_bytes(), n)));
-            }
-        }
-        // Every tail length (0..=3 bytes after the 4-byte blocks) is hashed.
-        let hashes: BTreeSet<i32> = ["abcd", "abcde", "abcdef", "abcdefg"].iter().map(|k| murmur2(k.as_bytes())).collect();
-        assert_eq!(hashes.len(), 4);
-    }
 
     fn w(s: &str) -> Where {
         s.parse().unwrap()

@@ -17,7 +17,7 @@ pub mod through;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
@@ -26,20 +26,16 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use orderflow_runtime::kafka::{client_config, Side};
 use orderflow_runtime::topology::{BrokerConfig, Loaded};
 use orderflow_runtime::worker::now_ms;
-use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::dlq::{Reader, Span};
+use crate::kafkaio::{Reader, Span};
 
-/// How long a metadata, watermark or `offsets_for_times` request may take.
-const META_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reading gives up when no record of a pending range arrives for this long.
 const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -139,7 +135,7 @@ pub fn parse_time(s: &str) -> Result<TimeSpec> {
             .with_context(|| format!("bad relative time {s:?}: expected -<duration> such as -2h, -15m, -1h30m"))?;
         return Ok(TimeSpec::Ago(d));
     }
-    parse_rfc3339_ms(t).map(TimeSpec::At).with_context(|| {
+    crate::kafkaio::parse_rfc3339_ms(t).map(TimeSpec::At).with_context(|| {
         format!("bad time {s:?}: expected RFC 3339 (2026-11-21T10:00:00Z, 2026-11-21T11:00:00+01:00) or relative (now, -2h, -15m)")
     })
 }
@@ -153,28 +149,6 @@ fn parse_rate(s: &str) -> Result<f64, String> {
         Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
         _ => Err(format!("--rate must be a positive number of records per second, not {s:?}")),
     }
-}
-
-/// RFC 3339 to ms since the epoch: `Z` or a numeric `±HH:MM` offset.
-fn parse_rfc3339_ms(t: &str) -> Result<i64> {
-    // humantime takes UTC (`Z`) only; a numeric offset is applied here.
-    let (utc, offset_s): (String, i64) = if t.ends_with('Z') || t.ends_with('z') {
-        (t.to_string(), 0)
-    } else if t.len() > 6 && matches!(&t.as_bytes()[t.len() - 6], b'+' | b'-') && t.as_bytes()[t.len() - 3] == b':' {
-        let (base, off) = t.split_at(t.len() - 6);
-        let sign = if off.starts_with('-') { -1 } else { 1 };
-        let h: i64 = off[1..3].parse().context("offset hours")?;
-        let m: i64 = off[4..6].parse().context("offset minutes")?;
-        (format!("{base}Z"), sign * (h * 3600 + m * 60))
-    } else {
-        bail!("no time zone (Z or ±HH:MM)");
-    };
-    let st = humantime::parse_rfc3339(&utc)?;
-    let ms = match st.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_millis())?,
-        Err(e) => -i64::try_from(e.duration().as_millis())?,
-    };
-    Ok(ms - offset_s * 1000)
 }
 
 // ------------------------------------------------------------------------------------------
@@ -255,10 +229,10 @@ pub fn offset_range(topic: &str, partition: i32, (low, high): (i64, i64), from: 
 pub fn time_range(from_ms: i64, to_ms: Option<i64>) -> Result<()> {
     if let Some(t) = to_ms {
         if t < from_ms {
-            bail!("--to {} is before --from {}", crate::dlq::rfc3339(t), crate::dlq::rfc3339(from_ms));
+            bail!("--to {} is before --from {}", crate::kafkaio::rfc3339(t), crate::kafkaio::rfc3339(from_ms));
         }
         if t == from_ms {
-            bail!("empty range: --from and --to are both {} (--to is exclusive)", crate::dlq::rfc3339(t));
+            bail!("empty range: --from and --to are both {} (--to is exclusive)", crate::kafkaio::rfc3339(t));
         }
     }
     Ok(())
@@ -289,8 +263,8 @@ fn describe(args: &ReplayArgs, now: i64) -> String {
             None => format!("from offset {f} to the high watermark"),
         },
         (None, Some(f)) => match args.to {
-            Some(t) => format!("between {} and {}", crate::dlq::rfc3339(f.at(now)), crate::dlq::rfc3339(t.at(now))),
-            None => format!("from {} to the high watermark", crate::dlq::rfc3339(f.at(now))),
+            Some(t) => format!("between {} and {}", crate::kafkaio::rfc3339(f.at(now)), crate::kafkaio::rfc3339(t.at(now))),
+            None => format!("from {} to the high watermark", crate::kafkaio::rfc3339(f.at(now))),
         },
         (None, None) => "no range".into(),
     }
@@ -370,21 +344,7 @@ pub async fn resolve(args: &ReplayArgs, loaded: &Loaded) -> Result<Resolved> {
             }
         } else {
             let from_ms = from_ms.expect("clap requires --from-offset or --from");
-            let find = |ms: i64| -> Result<BTreeMap<i32, Option<i64>>> {
-                let mut tpl = TopicPartitionList::new();
-                for &p in &partitions {
-                    tpl.add_partition_offset(topic, p, Offset::Offset(ms))?;
-                }
-                let found = reader.consumer().offsets_for_times(tpl, META_TIMEOUT).with_context(|| format!("offsets_for_times of {topic}"))?;
-                let mut out = BTreeMap::new();
-                for e in found.elements() {
-                    if let Err(err) = e.error() {
-                        bail!("offsets_for_times of {topic}[{}]: {err}", e.partition());
-                    }
-                    out.insert(e.partition(), match e.offset() { Offset::Offset(o) if o >= 0 => Some(o), _ => None });
-                }
-                Ok(out)
-            };
+            let find = |ms: i64| reader.offsets_for_time(topic, &partitions, ms);
             let starts = find(from_ms)?;
             let ends = match to_ms {
                 Some(t) => find(t)?,

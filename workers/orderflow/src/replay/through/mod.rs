@@ -47,13 +47,12 @@ use orderflow_runtime::changelog::{decode_offsets, decode_record, Entry, TAG_DAT
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::step::{self, Input, Outcome, Rejection, RetryBudget, Rules};
 use orderflow_runtime::topology::{BrokerConfig, Guarantee, Loaded, WorkerSpec};
-use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::dlq::{blocking, Reader, Span};
+use crate::format::hex;
+use crate::kafkaio::{blocking, Reader, Span};
 use crate::replay::{ReplayArgs, Resolved};
 
 /// Output topics holding at most this many records in all are read whole for `--diff`; larger
@@ -62,8 +61,6 @@ pub const WHOLE_TOPIC_LIMIT: i64 = 200_000;
 /// Added on both sides of the `--diff` time window (ms): producer batching, commit intervals,
 /// clock differences between the input's timestamps and the outputs'.
 pub const WINDOW_MARGIN_MS: i64 = 60_000;
-/// How long a metadata or watermark request may take.
-const META_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ------------------------------------------------------------------------------------------
 // Admission: the live worker's rules (`orderflow_runtime::step`), with the record time as clock.
@@ -710,11 +707,6 @@ impl Causes {
     }
 }
 
-/// Lower-case hex of `bytes`.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Compares the replay's events with the live ones.
 ///
 /// - `same`: an actual event with the same `eventId` has the same topic, key and fields, and,
@@ -821,35 +813,19 @@ fn reader(broker: &BrokerConfig) -> Result<Reader> {
     Reader::new(broker, "orderflow-replay-through", "creating the replay reader")
 }
 
-/// Partitions of `topic` on the broker.
-///
-/// Errors: the metadata request fails, or names an error for `topic` (e.g. it does not exist).
-fn partitions(reader: &Reader, topic: &str) -> Result<i32> {
-    let md = reader.consumer().fetch_metadata(Some(topic), META_TIMEOUT).with_context(|| format!("metadata of {topic}"))?;
-    let t = md.topics().first().with_context(|| format!("no metadata for {topic}"))?;
-    if let Some(e) = t.error() {
-        bail!("topic {topic}: {e:?}");
-    }
-    Ok(t.partitions().len() as i32)
-}
-
 /// The first offset of each partition `0..partitions` of `topic` whose timestamp is ≥ `ts_ms`
 /// (the high watermark when none).
 ///
 /// Errors: the `offsets_for_times` or a watermark request fails.
 fn offsets_for_time(reader: &Reader, topic: &str, partitions: i32, ts_ms: i64) -> Result<BTreeMap<i32, i64>> {
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Offset(ts_ms))?;
-    }
-    let found = reader.consumer().offsets_for_times(tpl, META_TIMEOUT).with_context(|| format!("offsets of {topic} by time"))?;
+    let partitions: Vec<i32> = (0..partitions).collect();
     let mut out = BTreeMap::new();
-    for e in found.elements() {
-        let o = match e.offset() {
-            Offset::Offset(o) => o,
-            _ => reader.watermarks(topic, e.partition())?.1,
+    for (p, o) in reader.offsets_for_time(topic, &partitions, ts_ms)? {
+        let o = match o {
+            Some(o) => o,
+            None => reader.watermarks(topic, p)?.1,
         };
-        out.insert(e.partition(), o);
+        out.insert(p, o);
     }
     Ok(out)
 }
@@ -861,15 +837,7 @@ fn offsets_for_time(reader: &Reader, topic: &str, partitions: i32, ts_ms: i64) -
 fn read(reader: &Reader, topic: &str, ranges: &[(i32, i64, i64)]) -> Result<Vec<OwnedMessage>> {
     let spans: Vec<Span> =
         ranges.iter().map(|&(partition, start, end)| Span { topic: topic.to_string(), partition, start, end: Some(end) }).collect();
-    let mut out = Vec::new();
-    reader.scan(
-        &spans,
-        || true,
-        |m| {
-            out.push(m.detach());
-            true
-        },
-    )?;
+    let mut out = reader.collect(&spans, |m| m.detach())?;
     out.sort_by_key(|m| (m.partition(), m.offset()));
     Ok(out)
 }
@@ -1087,7 +1055,7 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
             let mut marks = BTreeMap::new();
             let mut total = 0;
             for t in &out_topics {
-                for p in 0..partitions(&reader, t)? {
+                for p in 0..reader.partitions(t)? {
                     let m = reader.watermarks(t, p)?;
                     total += m.1 - m.0;
                     marks.insert((t.clone(), p), m);
