@@ -106,7 +106,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Topology { action: TopologyAction::Graph { file } } => topology::graph(&file),
         Command::Topics { topology, bootstrap } => topology::create_topics(&topology, bootstrap.as_deref()).await,
         Command::Run { topology, workers, instance, metrics_addr, bootstrap, reservation_ttl, grace_period } => {
-            crate::run::run(crate::run::RunOptions { topology, workers, instance, metrics_addr, bootstrap, reservation_ttl, grace_period }).await
+            crate::run::run(crate::run::RunOptions { topology, workers, instance, metrics_addr, bootstrap, reservation_ttl, grace_period })
+                .await
         }
         Command::Demo(args) => demo::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,

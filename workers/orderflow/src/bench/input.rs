@@ -1,4 +1,5 @@
-//! The synthetic input of the benchmarks: deterministic stores, products, orders and their answers, and producing them.
+//! The synthetic input of the benchmarks: deterministic stores, products, orders and their answers,
+//! and producing them.
 
 use super::*;
 

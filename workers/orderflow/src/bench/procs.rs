@@ -1,4 +1,5 @@
-//! Worker child processes as `bench saga` and `bench recovery` see them: free ports, `/readyz`, `/metrics` samples and log tails.
+//! Worker child processes as `bench saga` and `bench recovery` see them: free ports, `/readyz`,
+//! `/metrics` samples and log tails.
 
 use super::*;
 

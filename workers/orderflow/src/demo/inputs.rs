@@ -1,4 +1,5 @@
-//! The demo's inputs besides TPC-H: the seed scenarios, the simulated POS (its decision and answer per order) and port topics.
+//! The demo's inputs besides TPC-H: the seed scenarios, the simulated POS (its decision and answer
+//! per order) and port topics.
 
 use super::*;
 

@@ -34,7 +34,6 @@ mod summary;
 pub(crate) use inputs::*;
 use summary::*;
 
-
 /// `orderflow demo` flags.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {

@@ -1,4 +1,5 @@
-//! The demo's summary: the stock as the reserver's changelog holds it, the per-order outcomes and latencies, records per topic, and printing it.
+//! The demo's summary: the stock as the reserver's changelog holds it, the per-order outcomes and
+//! latencies, records per topic, and printing it.
 
 use super::*;
 
@@ -178,7 +179,11 @@ pub(super) fn watermark_client(t: &orderflow_runtime::topology::Topology) -> Res
 
 /// Records in `topic` (sum of high − low watermarks over its declared partitions; a `.dlq`
 /// topic has its source's partitions).
-pub(super) fn records_in(consumer: &rdkafka::consumer::BaseConsumer, t: &orderflow_runtime::topology::Topology, topic: &str) -> Result<i64> {
+pub(super) fn records_in(
+    consumer: &rdkafka::consumer::BaseConsumer,
+    t: &orderflow_runtime::topology::Topology,
+    topic: &str,
+) -> Result<i64> {
     let partitions = t.topics.get(topic).or_else(|| t.topics.get(topic.trim_end_matches(".dlq"))).map(|s| s.partitions).unwrap_or(1);
     crate::kafkaio::records_held(consumer, topic, partitions)
 }

@@ -60,20 +60,19 @@ pub use orderflow_runtime::kafka::dlq_header::{
     VALUE_DROPPED as H_VALUE_DROPPED, WORKER as H_WORKER,
 };
 
+mod actions;
 mod resend;
 mod topics;
-mod actions;
 
+use actions::*;
 pub use resend::*;
 pub use topics::*;
-use actions::*;
 /// Prefix of the headers a redrive adds (replaced, not accumulated, when a record is redriven again).
 pub const REDRIVE_HEADER_PREFIX: &str = "orderflow.redrive.";
 /// Added on redrive: the dead-letter record it came from, `<dlq topic>/<partition>/<offset>`.
 pub const H_REDRIVE_FROM: &str = "orderflow.redrive.from";
 /// Added on redrive: when it was re-produced, ms since the Unix epoch (decimal).
 pub const H_REDRIVE_TIME: &str = "orderflow.redrive.time";
-
 
 /// How long a redrive waits for the producer's queue to drain at the end.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,4 +1,5 @@
-//! The redrive plan (which records to re-produce where, no broker involved) and `orderflow dlq redrive`.
+//! The redrive plan (which records to re-produce where, no broker involved) and `orderflow dlq
+//! redrive`.
 
 use super::*;
 

@@ -30,10 +30,7 @@ fn dl(partition: i32, offset: i64, worker: &str, class: &str, so: i64) -> DeadLe
 fn headers_give_source_worker_class_attempts_and_time() {
     let d = dl(3, 7, "canceller", "wrong_schema", 41);
     assert_eq!(d.source(), Some(Coordinates { topic: "order.created".into(), partition: 3, offset: 41 }));
-    assert_eq!(
-        (d.worker(), d.class(), d.attempts(), d.time_ms()),
-        (Some("canceller"), Some("wrong_schema"), Some(1), Some(1700000000123))
-    );
+    assert_eq!((d.worker(), d.class(), d.attempts(), d.time_ms()), (Some("canceller"), Some("wrong_schema"), Some(1), Some(1700000000123)));
     assert_eq!(d.value_dropped(), None);
     assert_eq!(d.original_headers().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), vec!["traceparent"]);
     let j = d.list_json();
@@ -86,10 +83,7 @@ fn one_send_per_source_record_with_original_and_redrive_headers() {
     let s = &p.sends[1];
     assert_eq!(s.target, "order.created");
     assert_eq!((s.key.as_deref(), s.value.as_deref()), (Some(&b"O-1"[..]), Some(&[0xC3, 0x01, 1, 2][..])));
-    assert_eq!(
-        s.headers,
-        vec![h("traceparent", "00-abc"), h(H_REDRIVE_FROM, "order.created.dlq/3/0"), h(H_REDRIVE_TIME, "1700000000999")]
-    );
+    assert_eq!(s.headers, vec![h("traceparent", "00-abc"), h(H_REDRIVE_FROM, "order.created.dlq/3/0"), h(H_REDRIVE_TIME, "1700000000999")]);
 }
 
 #[test]
@@ -99,10 +93,7 @@ fn into_overrides_the_target_and_an_earlier_redrive_header_is_replaced() {
     d.headers.insert(1, h(H_REDRIVE_TIME, "1"));
     let p = plan(&[d], Some("order.completed"), 7);
     assert_eq!(p.sends[0].target, "order.completed");
-    assert_eq!(
-        p.sends[0].headers,
-        vec![h("traceparent", "00-abc"), h(H_REDRIVE_FROM, "order.created.dlq/1/5"), h(H_REDRIVE_TIME, "7")]
-    );
+    assert_eq!(p.sends[0].headers, vec![h("traceparent", "00-abc"), h(H_REDRIVE_FROM, "order.created.dlq/1/5"), h(H_REDRIVE_TIME, "7")]);
 }
 
 #[test]
@@ -117,11 +108,7 @@ fn dropped_values_are_refused_and_a_full_copy_of_the_same_source_is_sent() {
     assert_eq!(p.sends[0].from.to_string(), "order.created.dlq/0/1");
     assert_eq!(p.refused.len(), 1);
     assert_eq!(p.refused[0].record, "order.created.dlq/0/0");
-    assert!(
-        p.refused[0].reason.contains("2000000 bytes") && p.refused[0].reason.contains("order.created[3]@9"),
-        "{}",
-        p.refused[0].reason
-    );
+    assert!(p.refused[0].reason.contains("2000000 bytes") && p.refused[0].reason.contains("order.created[3]@9"), "{}", p.refused[0].reason);
     assert!(p.skipped_same_source.is_empty());
 }
 
@@ -182,7 +169,10 @@ fn topics_are_found_in_the_topology_or_on_the_broker() {
     assert_eq!(find_topic("other.poison", &t, &broker).unwrap(), Found::NotCreated);
     assert_eq!(find_topic("legacy.dlq", &t, &broker).unwrap(), Found::Present(1));
     let e = find_topic("nope.dlq", &t, &broker).unwrap_err().to_string();
-    assert_eq!(e, "unknown dead-letter topic nope.dlq: not a dead-letter topic of the topology (in.dlq, other.poison) and not a topic on the broker");
+    assert_eq!(
+        e,
+        "unknown dead-letter topic nope.dlq: not a dead-letter topic of the topology (in.dlq, other.poison) and not a topic on the broker"
+    );
     let e = find_topic("in", &t, &broker).unwrap_err().to_string();
     assert_eq!(e, "in is a topic of the topology, not a dead-letter topic; its dead-letter topic is in.dlq");
 }

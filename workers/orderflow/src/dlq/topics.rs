@@ -1,4 +1,5 @@
-//! Dead-letter topics named on the command line, offset ranges checked against the watermarks, and reading them.
+//! Dead-letter topics named on the command line, offset ranges checked against the watermarks, and
+//! reading them.
 
 use super::*;
 

@@ -29,11 +29,11 @@ use crate::dlq::{Coordinates, DeadLetter};
 use crate::format::{cut, hex, print_table, text_or_hex};
 use crate::kafkaio::{blocking, partition_for, rfc3339, Reader, Span};
 
-mod topic;
 mod order;
+mod topic;
 
-pub use topic::*;
 pub use order::*;
+pub use topic::*;
 
 /// Bytes of an undecodable value `tap` prints in hex.
 const HEX_BYTES: usize = 256;

@@ -1,4 +1,5 @@
-//! `orderflow trace`: one order's records across the saga's topics, its timeline and its state after each event ([`OrderState`]).
+//! `orderflow trace`: one order's records across the saga's topics, its timeline and its state
+//! after each event ([`OrderState`]).
 
 use super::*;
 

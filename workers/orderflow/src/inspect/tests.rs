@@ -56,18 +56,8 @@ fn tap_flags_start_and_filter() {
     assert!(parse(&["--last", "1", "--from-beginning"]).is_err());
     assert!(parse(&["--follow", "--until-end"]).is_err());
     assert!(parse(&["--where", "nope"]).is_err());
-    let a = tap_args(&[
-        "--key",
-        "O-1",
-        "--where",
-        "items.productId=P-1",
-        "--where",
-        "customerId=C-1",
-        "--partition",
-        "2",
-        "--partition",
-        "3",
-    ]);
+    let a =
+        tap_args(&["--key", "O-1", "--where", "items.productId=P-1", "--where", "customerId=C-1", "--partition", "2", "--partition", "3"]);
     assert_eq!((a.partitions.as_slice(), a.conditions.len()), (&[2, 3][..], 2));
     let created = |order: &str, customer: &str| -> Event {
         OrderCreated {

@@ -1,4 +1,5 @@
-//! `orderflow tap`: a topic's records as JSON lines, decoded ([`tap_json`]), filtered by key and by fields ([`Where`]).
+//! `orderflow tap`: a topic's records as JSON lines, decoded ([`tap_json`]), filtered by key and by
+//! fields ([`Where`]).
 
 use super::*;
 

@@ -253,10 +253,13 @@ pub fn offsets_for_time(consumer: &BaseConsumer, topic: &str, partitions: &[i32]
         if let Err(err) = e.error() {
             bail!("offsets_for_times of {topic}[{}]: {err}", e.partition());
         }
-        out.insert(e.partition(), match e.offset() {
-            Offset::Offset(o) if o >= 0 => Some(o),
-            _ => None,
-        });
+        out.insert(
+            e.partition(),
+            match e.offset() {
+                Offset::Offset(o) if o >= 0 => Some(o),
+                _ => None,
+            },
+        );
     }
     Ok(out)
 }

@@ -1,4 +1,5 @@
-//! The replayed range: offsets or times on the command line checked against the watermarks and resolved per partition ([`resolve`]), and reading it ([`read_range`]).
+//! The replayed range: offsets or times on the command line checked against the watermarks and
+//! resolved per partition ([`resolve`]), and reading it ([`read_range`]).
 
 use super::*;
 

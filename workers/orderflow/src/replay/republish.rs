@@ -1,4 +1,5 @@
-//! `orderflow replay --into`: republishes the range, paced, with the replay headers, and its summary ([`IntoSummary`]).
+//! `orderflow replay --into`: republishes the range, paced, with the replay headers, and its
+//! summary ([`IntoSummary`]).
 
 use super::*;
 

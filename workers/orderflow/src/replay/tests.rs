@@ -127,10 +127,7 @@ fn the_command_line_needs_one_range_and_one_mode() {
     use clap::Parser;
     let parse = |a: &[&str]| TestCli::try_parse_from([&["t", "stock.commands"], a].concat()).map(|c| c.args);
     let a = parse(&["--from-offset", "0", "--into", "x", "--rate", "100", "--partition", "1", "--partition", "3"]).unwrap();
-    assert_eq!(
-        (a.from_offset, a.to_offset, a.into.as_deref(), a.rate, a.partitions),
-        (Some(0), None, Some("x"), Some(100.0), vec![1, 3])
-    );
+    assert_eq!((a.from_offset, a.to_offset, a.into.as_deref(), a.rate, a.partitions), (Some(0), None, Some("x"), Some(100.0), vec![1, 3]));
     let a = parse(&["--from", "-2h", "--to", "now", "--through", "stock-reserver", "--dry-run"]).unwrap();
     assert_eq!((a.from, a.to), (Some(TimeSpec::Ago(Duration::from_secs(7200))), Some(TimeSpec::Ago(Duration::ZERO))));
     assert!(parse(&["--from", "-2h", "--through", "w", "--diff", "--reservation-ttl", "5m"]).unwrap().diff);

@@ -1,4 +1,5 @@
-//! The bare-client baselines a restart is compared with: reading a changelog with one consumer, a consumer joining a group.
+//! The bare-client baselines a restart is compared with: reading a changelog with one consumer, a
+//! consumer joining a group.
 
 use super::*;
 

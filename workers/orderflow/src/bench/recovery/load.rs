@@ -1,9 +1,17 @@
-//! Loading the worker's state: synthetic input per kind, produced in slices until the worker has consumed it.
+//! Loading the worker's state: synthetic input per kind, produced in slices until the worker has
+//! consumed it.
 
 use super::*;
 
 /// The input records that take the worker from `from` to `to` state keys: (topic, key, event).
-pub(super) fn load_input(kind: Kind, from: u64, to: u64, items_per_restock: usize, now: i64, rng: &mut Rng) -> Vec<(String, String, Event)> {
+pub(super) fn load_input(
+    kind: Kind,
+    from: u64,
+    to: u64,
+    items_per_restock: usize,
+    now: i64,
+    rng: &mut Rng,
+) -> Vec<(String, String, Event)> {
     let mut out = Vec::new();
     match kind {
         Kind::StockReserver => {

@@ -1,4 +1,5 @@
-//! The pure parts: the worker's JSON log lines split into start-up phases and restore figures, memory from `/proc/<pid>/status`.
+//! The pure parts: the worker's JSON log lines split into start-up phases and restore figures,
+//! memory from `/proc/<pid>/status`.
 
 use super::*;
 

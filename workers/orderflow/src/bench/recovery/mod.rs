@@ -48,20 +48,17 @@ use tracing::{info, warn};
 
 use crate::kafkaio::{high_watermarks, records_held, watermark_client};
 
-use crate::bench::{
-    free_port, http_get, log_tail, metric_by_label, metric_sum, order, produce_all, settings, store,
-    Common, Rng, STORES,
-};
+use crate::bench::{free_port, http_get, log_tail, metric_by_label, metric_sum, order, produce_all, settings, store, Common, Rng, STORES};
 
-mod procs;
-mod load;
 mod baseline;
+mod load;
 mod logs;
+mod procs;
 
-use procs::*;
-use load::*;
 use baseline::*;
+use load::*;
 use logs::*;
+use procs::*;
 
 /// How long a `/readyz` or `/metrics` request to a worker may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(2);

@@ -1,4 +1,5 @@
-//! The worker under test as a child process: spawn, SIGKILL, wait for `/readyz`, read its consumed count; a restart measured to ready and to processing.
+//! The worker under test as a child process: spawn, SIGKILL, wait for `/readyz`, read its consumed
+//! count; a restart measured to ready and to processing.
 
 use super::*;
 
@@ -75,7 +76,14 @@ pub(super) async fn consumed(proc: &Proc) -> Option<f64> {
 
 /// SIGKILLs `proc`, deletes its sled directory when `rebuild`, starts the worker again, offers
 /// one new input record and measures until it is processed.
-pub(super) async fn restart(ctx: &mut Ctx, mut proc: Proc, name: &str, kind: Kind, state_dir: &Path, rebuild: bool) -> Result<(Proc, Restart)> {
+pub(super) async fn restart(
+    ctx: &mut Ctx,
+    mut proc: Proc,
+    name: &str,
+    kind: Kind,
+    state_dir: &Path,
+    rebuild: bool,
+) -> Result<(Proc, Restart)> {
     let what = if rebuild { "rebuild" } else { "local" };
     let killed = Instant::now();
     stop(&mut proc);

@@ -31,16 +31,8 @@ fn log_lines_parse_with_nested_or_flat_fields() {
 fn phases_split_start_to_ready_at_the_log_lines() {
     let lines: Vec<LogLine> = [
         line("2026-11-21T13:25:30.200Z", "worker started", ""),
-        line(
-            "2026-11-21T13:25:33.500Z",
-            "state restored",
-            r#""partition":0,"records":100,"units":2,"seconds":0.25,"source":"changelog""#,
-        ),
-        line(
-            "2026-11-21T13:25:33.750Z",
-            "state restored",
-            r#""partition":1,"records":300,"units":3,"seconds":0.25,"source":"changelog""#,
-        ),
+        line("2026-11-21T13:25:33.500Z", "state restored", r#""partition":0,"records":100,"units":2,"seconds":0.25,"source":"changelog""#),
+        line("2026-11-21T13:25:33.750Z", "state restored", r#""partition":1,"records":300,"units":3,"seconds":0.25,"source":"changelog""#),
         line("2026-11-21T13:25:33.800Z", "worker ready", ""),
         // A later rebalance does not move the phases.
         line("2026-11-21T13:25:40.000Z", "state restored", r#""partition":1,"records":0,"units":0,"seconds":0.1,"source":"local""#),

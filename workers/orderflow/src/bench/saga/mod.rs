@@ -62,25 +62,23 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::bench::{
-    free_port, http_get, log_tail, metric_samples, produce_all, settings, Common, Meter, Settings, Units, Window,
-};
+use crate::bench::{free_port, http_get, log_tail, metric_samples, produce_all, settings, Common, Meter, Settings, Units, Window};
 
 /// How long a `/readyz` or `/metrics` request to a worker process may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
-use crate::demo::{port_topic, pos_answer, pos_decision, send};
 use crate::demo::tpch;
+use crate::demo::{port_topic, pos_answer, pos_decision, send};
 use crate::kafkaio::{high_watermarks, watermark_client};
 
-mod stats;
 mod observe;
 mod rig;
 mod scenarios;
+mod stats;
 
-pub use stats::*;
 use observe::*;
 use rig::*;
 use scenarios::*;
+pub use stats::*;
 
 /// A latency load gives up when more than this many seconds' worth of its orders (at the target
 /// rate, at least [`BACKLOG_FLOOR`] orders) are offered but not answered. In steady state the

@@ -1,4 +1,5 @@
-//! The orders offered (TPC-H, cycled) and the observer: it follows the saga's answers, plays the POS and tracks each order to its terminal state.
+//! The orders offered (TPC-H, cycled) and the observer: it follows the saga's answers, plays the
+//! POS and tracks each order to its terminal state.
 
 use super::*;
 

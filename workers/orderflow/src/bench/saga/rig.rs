@@ -1,4 +1,5 @@
-//! What a scenario runs on ([`Rig`]): the worker processes, the observer/POS, the producer, and the broker's write counts.
+//! What a scenario runs on ([`Rig`]): the worker processes, the observer/POS, the producer, and the
+//! broker's write counts.
 
 use super::*;
 
@@ -180,8 +181,8 @@ impl Rig {
             std::fs::write(&topology_path, topology_copy(&text, ci, &avro))
                 .with_context(|| format!("writing {}", topology_path.display()))?;
         }
-        let mut loaded =
-            crate::topology::load_topology(&topology_path, c.bootstrap.as_deref()).with_context(|| format!("loading {}", topology_path.display()))?;
+        let mut loaded = crate::topology::load_topology(&topology_path, c.bootstrap.as_deref())
+            .with_context(|| format!("loading {}", topology_path.display()))?;
         loaded.topology.defaults.state_dir = run_dir.join("state");
         let loaded = Arc::new(loaded);
         let t = &loaded.topology;

@@ -145,7 +145,14 @@ pub(super) async fn latency(args: &SagaArgs) -> Result<LatencyResult> {
 
 /// Offers `target` orders/s for `warmup + duration` (or until the backlog is too large), then
 /// waits for the load's orders to be answered and terminal.
-pub(super) async fn offer_load(rig: &Rig, target: u32, warmup: Duration, duration: Duration, settle: Duration, seq: &mut u64) -> Result<LoadResult> {
+pub(super) async fn offer_load(
+    rig: &Rig,
+    target: u32,
+    warmup: Duration,
+    duration: Duration,
+    settle: Duration,
+    seq: &mut u64,
+) -> Result<LoadResult> {
     let load = rig.book.lock().expect("book").new_load();
     let rate = target as f64;
     let limit = backlog_limit(rate);

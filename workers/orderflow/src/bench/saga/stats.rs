@@ -1,4 +1,5 @@
-//! The pure parts of `bench saga`: percentiles, the offered-load schedule, writes per order, the topology copy, worker stats from `/metrics`.
+//! The pure parts of `bench saga`: percentiles, the offered-load schedule, writes per order, the
+//! topology copy, worker stats from `/metrics`.
 
 use super::*;
 

@@ -66,8 +66,7 @@ fn the_topology_copy_sets_the_commit_interval_and_the_schemas() {
     assert!(out.contains("[defaults]\nguarantee = \"effectively_once\"\ncommit_interval = \"20ms\"\nmax_batch = 2000\n"));
     assert_eq!(out.matches("commit_interval").count(), 1);
     // No commit_interval in [defaults]: added at the end of the table.
-    let out =
-        topology_copy("[defaults]\nmax_batch = 1\n[workers.w]\ncommit_interval = \"5ms\"\n", Duration::from_secs(1), Path::new("/a"));
+    let out = topology_copy("[defaults]\nmax_batch = 1\n[workers.w]\ncommit_interval = \"5ms\"\n", Duration::from_secs(1), Path::new("/a"));
     assert!(out.contains("[defaults]\nmax_batch = 1\ncommit_interval = \"1s\"\n[workers.w]\ncommit_interval = \"5ms\"\n"));
     // No [defaults] at all: appended.
     let out = topology_copy("avro_dir = \"avro\"\n[broker]\n", Duration::from_millis(50), Path::new("/a"));

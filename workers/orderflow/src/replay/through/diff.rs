@@ -1,4 +1,5 @@
-//! `--diff`: the replay's events compared by `eventId` with what the live worker emitted ([`diff`], [`Causes`], [`field_diffs`]).
+//! `--diff`: the replay's events compared by `eventId` with what the live worker emitted ([`diff`],
+//! [`Causes`], [`field_diffs`]).
 
 use super::*;
 

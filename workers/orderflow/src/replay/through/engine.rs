@@ -1,4 +1,5 @@
-//! The replay engine: the range's records through the live worker's step against the shadow state, with the record time as clock ([`Engine`]).
+//! The replay engine: the range's records through the live worker's step against the shadow state,
+//! with the record time as clock ([`Engine`]).
 
 use super::*;
 
@@ -109,7 +110,13 @@ impl Engine {
     /// An engine running `worker`'s `processor` on records of input `topic`, with its wired
     /// ports `port → topic` (the kind's ports the topology wires), over `shards` (partition →
     /// shadow state; a partition without one starts empty).
-    pub fn new(worker: &str, processor: Box<dyn Processor>, topic: &str, ports: BTreeMap<String, String>, shards: BTreeMap<i32, MemoryStore>) -> Engine {
+    pub fn new(
+        worker: &str,
+        processor: Box<dyn Processor>,
+        topic: &str,
+        ports: BTreeMap<String, String>,
+        shards: BTreeMap<i32, MemoryStore>,
+    ) -> Engine {
         Engine {
             processor,
             worker: format!("replay --through {worker}"),

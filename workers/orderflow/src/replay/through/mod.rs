@@ -55,13 +55,13 @@ use crate::format::hex;
 use crate::kafkaio::{blocking, Reader, Span};
 use crate::replay::{ReplayArgs, Resolved};
 
-mod shadow;
-mod engine;
 mod diff;
+mod engine;
+mod shadow;
 
-pub use shadow::*;
-pub use engine::*;
 pub use diff::*;
+pub use engine::*;
+pub use shadow::*;
 
 /// Output topics holding at most this many records in all are read whole for `--diff`; larger
 /// ones are read within the time window of the range.

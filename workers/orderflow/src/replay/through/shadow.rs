@@ -1,4 +1,5 @@
-//! The shadow state: one partition's worker state rebuilt in memory from its changelog up to the range start ([`ShadowBuilder`]).
+//! The shadow state: one partition's worker state rebuilt in memory from its changelog up to the
+//! range start ([`ShadowBuilder`]).
 
 use super::*;
 

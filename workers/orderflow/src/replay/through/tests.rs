@@ -2,8 +2,8 @@ use super::*;
 use orderflow_api::events::StockUpdated;
 use orderflow_api::fixtures::*;
 use orderflow_api::{handle, Changes, Context, StateTxn};
-use orderflow_runtime::deadletter::DeadLetterClass;
 use orderflow_runtime::changelog;
+use orderflow_runtime::deadletter::DeadLetterClass;
 
 const TOPIC: &str = "stock.commands";
 const T0: i64 = 1_700_000_000_000;
@@ -142,8 +142,7 @@ fn reserver_engine(ttl: i64) -> Engine {
 async fn replay(engine: &mut Engine) {
     let o1: Event = order_created("e-o1", "O-1", T0 + 1_000, &[("P-1", 3)]).into();
     let no_store: Event =
-        orderflow_api::events::OrderCreated { store_id: String::new(), ..order_created("e-o3", "O-3", T0 + 3_000, &[("P-1", 1)]) }
-            .into();
+        orderflow_api::events::OrderCreated { store_id: String::new(), ..order_created("e-o3", "O-3", T0 + 3_000, &[("P-1", 1)]) }.into();
     let o2: Event = order_created("e-o2", "O-2", T0 + 5_000, &[("P-1", 20)]).into();
     engine.step(0, 1, T0 + 1_000, Ok(o1.clone()), true).await;
     engine.step(0, 2, T0 + 2_000, Ok(o1), true).await;
@@ -199,7 +198,13 @@ async fn a_warm_up_moves_the_state_without_reporting() {
 #[tokio::test]
 async fn timers_fire_as_the_replayed_time_passes() {
     let ports = BTreeMap::from([("expired".to_string(), "stock.reservation.expired".to_string())]);
-    let mut engine = Engine::new("reservation-expirer", Box::new(reservation_expirer::ReservationExpirer::new(TTL)), "stock.reserved", ports, BTreeMap::new());
+    let mut engine = Engine::new(
+        "reservation-expirer",
+        Box::new(reservation_expirer::ReservationExpirer::new(TTL)),
+        "stock.reserved",
+        ports,
+        BTreeMap::new(),
+    );
     let r1 = stock_reserved("e-r1", "O-1", "R-1", T0, T0 + TTL, &[("P-1", 1)]);
     let r2 = stock_reserved("e-r2", "O-2", "R-2", T0 + TTL + 5, T0 + 2 * TTL + 5, &[("P-1", 1)]);
     engine.step(0, 0, T0, Ok(r1.into()), true).await;
