@@ -34,7 +34,7 @@ use rdkafka::util::Timeout;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::kafkaio::{Reader, Span};
+use crate::kafkaio::{blocking, Reader, Span};
 
 mod range;
 mod republish;

@@ -163,7 +163,7 @@ pub async fn resolve(args: &ReplayArgs, loaded: &Loaded) -> Result<Resolved> {
     let broker = loaded.topology.broker.clone();
     let declared = loaded.topology.topics.contains_key(&args.topic);
     let a = args.clone();
-    let resolved = tokio::task::spawn_blocking(move || -> Result<Resolved> {
+    let resolved = blocking(move || -> Result<Resolved> {
         let reader = reader(&broker)?;
         let on_broker = reader.broker_topics()?;
         let topic = &a.topic;
@@ -229,8 +229,7 @@ pub async fn resolve(args: &ReplayArgs, loaded: &Loaded) -> Result<Resolved> {
         }
         Ok(Resolved { topic: topic.clone(), ranges })
     })
-    .await
-    .context("resolve task panicked")??;
+    .await?;
     if resolved.total() == 0 {
         bail!(
             "empty range: no record of {} {} (partitions {})",

@@ -131,12 +131,11 @@ pub(super) async fn into(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved
     let broker = loaded.topology.broker.clone();
     let (source_count, target_count) = {
         let (b, s, t) = (broker.clone(), resolved.topic.clone(), target.clone());
-        tokio::task::spawn_blocking(move || -> Result<(Option<i32>, Option<i32>)> {
+        blocking(move || -> Result<(Option<i32>, Option<i32>)> {
             let topics = reader(&b)?.broker_topics()?;
             Ok((topics.get(&s).copied(), topics.get(&t).copied()))
         })
-        .await
-        .context("metadata task panicked")??
+        .await?
     };
     let Some(target_count) = target_count else {
         bail!("target topic {target} does not exist on the broker (create it first, e.g. `orderflow topics` for the topology's topics)");

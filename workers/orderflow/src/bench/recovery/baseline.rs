@@ -18,7 +18,7 @@ pub(super) async fn raw_read(t: &Topology, topic: &str) -> Result<RawRead> {
         let mut ends = BTreeMap::new();
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
-            let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+            let (low, high) = crate::kafkaio::watermarks(&consumer, &topic, p)?;
             if high > low {
                 ends.insert(p, high);
                 tpl.add_partition_offset(&topic, p, Offset::Offset(low))?;
