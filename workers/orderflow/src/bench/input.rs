@@ -1,7 +1,12 @@
 //! The synthetic input of the benchmarks: deterministic stores, products, orders and their answers,
 //! and producing them.
 
-use super::*;
+use anyhow::Result;
+use futures::StreamExt;
+use orderflow_api::events::*;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use std::time::Instant;
 
 // ------------------------------------------------------------------ synthetic input
 

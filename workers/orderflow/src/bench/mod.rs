@@ -23,32 +23,11 @@ pub mod saga;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context as _, Result};
-use futures::future::join_all;
-use futures::StreamExt;
-use orderflow_api::events::*;
-use orderflow_api::Event;
-use orderflow_runtime::codec::Codec;
-use orderflow_runtime::kafka::{client_config, create_topics, Side};
-use orderflow_runtime::metrics::Metrics;
-use orderflow_runtime::topology::{Guarantee, Loaded, Topology};
-use orderflow_runtime::worker::{now_ms, Worker, WorkerSetup};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
-use rdkafka::{Offset, TopicPartitionList};
+use anyhow::Result;
+use orderflow_runtime::topology::Topology;
 use serde::Serialize;
-use tokio::sync::watch;
-use tracing::info;
-
-use crate::kafkaio::{high_watermarks, watermark_client};
 
 mod input;
 mod procs;

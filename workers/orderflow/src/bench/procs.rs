@@ -1,7 +1,9 @@
 //! Worker child processes as `bench saga` and `bench recovery` see them: free ports, `/readyz`,
 //! `/metrics` samples and log tails.
 
-use super::*;
+use anyhow::{Context as _, Result};
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 // ------------------------------------------------------------------ worker processes
 

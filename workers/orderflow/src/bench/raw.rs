@@ -1,6 +1,23 @@
 //! `bench raw`: the measurement window ([`Meter`]) and the raw rdkafka passthrough baseline.
 
-use super::*;
+use anyhow::{Context as _, Result};
+use futures::future::join_all;
+use orderflow_api::Event;
+use orderflow_runtime::codec::Codec;
+use orderflow_runtime::kafka::{client_config, Side};
+use orderflow_runtime::worker::now_ms;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tracing::info;
+
+use super::{order, produce_all, settings, RawArgs, RawResult, Rng, Units, Window};
 
 // ------------------------------------------------------------------ measurement
 

@@ -1,4 +1,6 @@
 use super::*;
+use orderflow_api::Event;
+use std::time::Instant;
 
 #[test]
 fn metrics_are_summed_over_labels() {

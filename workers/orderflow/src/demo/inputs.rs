@@ -1,7 +1,13 @@
 //! The demo's inputs besides TPC-H: the seed scenarios, the simulated POS (its decision and answer
 //! per order) and port topics.
 
-use super::*;
+use anyhow::{Context as _, Result};
+use orderflow_api::events::*;
+use orderflow_api::Event;
+use orderflow_runtime::codec::Codec;
+use orderflow_runtime::worker::now_ms;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
 
 pub(super) const SEED_HQ: &str = "HQ-SEED";
 

@@ -17,7 +17,6 @@ use orderflow_api::Event;
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::kafka::{client_config, create_topics, Side};
 use orderflow_runtime::metrics::Metrics;
-use orderflow_runtime::store::Store;
 use orderflow_runtime::worker::now_ms;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;

@@ -1,7 +1,13 @@
 //! The demo's summary: the stock as the reserver's changelog holds it, the per-order outcomes and
 //! latencies, records per topic, and printing it.
 
-use super::*;
+use anyhow::{Context as _, Result};
+use orderflow_api::events::*;
+use orderflow_runtime::store::Store;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use super::{Observed, OrderTrack, SeedResult, StoreSummary, Summary, SEED_HQ};
 
 /// (storeKey, productId) → (on hand, reserved) as the stock reserver's changelog holds it:
 /// every partition restored from the changelog alone into a scratch store, so the summary checks

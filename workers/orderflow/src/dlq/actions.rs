@@ -1,6 +1,16 @@
 //! `orderflow dlq list` and `orderflow dlq show`.
 
-use super::*;
+use crate::format::{cut, hex, hex_dump, print_table, text_or_hex};
+use crate::kafkaio::{blocking, rfc3339, Reader};
+use anyhow::{bail, Context as _, Result};
+use orderflow_runtime::codec::Codec;
+use serde_json::json;
+use std::collections::BTreeMap;
+
+use super::{
+    find_topic, range, read, source_label, warn_unknown_class, DeadLetter, Filter, Found, ListArgs, Range, ShowArgs, HEX_DUMP_BYTES,
+    H_TIME, MESSAGE_WIDTH,
+};
 
 // ------------------------------------------------------------------------------------------
 // The actions.

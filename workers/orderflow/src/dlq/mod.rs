@@ -32,25 +32,17 @@
 //! Every action reads by assigning partitions to a consumer with a throwaway `group.id`: it joins
 //! no consumer group and commits nothing, so it never disturbs the workers and can be repeated.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
-use orderflow_runtime::codec::Codec;
 use orderflow_runtime::deadletter::DeadLetterClass;
-use orderflow_runtime::kafka::{client_config, Side};
-use orderflow_runtime::topology::Topology;
-use orderflow_runtime::worker::now_ms;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::util::Timeout;
+use rdkafka::message::{Headers, Message};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::format::{cut, hex, hex_dump, print_table, text_or_hex};
-use crate::kafkaio::{blocking, rfc3339, Reader, Span};
+use crate::kafkaio::rfc3339;
 
 /// The headers the runtime adds to a dead-letter record (`orderflow_runtime::kafka::dlq_header`;
 /// the prefix's ones are dropped on redrive).

@@ -1,7 +1,22 @@
 //! The redrive plan (which records to re-produce where, no broker involved) and `orderflow dlq
 //! redrive`.
 
-use super::*;
+use crate::kafkaio::{blocking, Reader};
+use anyhow::{bail, Context as _, Result};
+use orderflow_runtime::codec::Codec;
+use orderflow_runtime::kafka::{client_config, Side};
+use orderflow_runtime::worker::now_ms;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{
+    find_topic, range, read, warn_unknown_class, Coordinates, DeadLetter, Filter, Found, RedriveArgs, FLUSH_TIMEOUT, H_REDRIVE_FROM,
+    H_REDRIVE_TIME, H_SOURCE_TOPIC,
+};
 
 // ------------------------------------------------------------------------------------------
 // Redrive plan (no broker involved).

@@ -1,5 +1,8 @@
 use super::*;
+use crate::format::{cut, hex_dump, text_or_hex};
 use clap::Parser;
+use orderflow_runtime::topology::Topology;
+use std::collections::BTreeMap;
 
 fn h(k: &str, v: &str) -> (String, Option<Vec<u8>>) {
     (k.to_string(), Some(v.as_bytes().to_vec()))

@@ -1,7 +1,12 @@
 //! Dead-letter topics named on the command line, offset ranges checked against the watermarks, and
 //! reading them.
 
-use super::*;
+use crate::kafkaio::{Reader, Span};
+use anyhow::{bail, Result};
+use orderflow_runtime::topology::Topology;
+use std::collections::BTreeMap;
+
+use super::{DeadLetter, H_SOURCE_TOPIC};
 
 // ------------------------------------------------------------------------------------------
 // Topics, ranges, reading.

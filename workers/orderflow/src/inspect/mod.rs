@@ -11,23 +11,14 @@
 //! Both read by assigning partitions to a consumer with a throwaway `group.id`, as `orderflow
 //! dlq` does: they join no consumer group and commit nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
-use std::path::PathBuf;
+use std::collections::BTreeMap;
 
-use anyhow::{bail, Context as _, Result};
-use clap::Args;
-use orderflow_api::events::store_key;
-use orderflow_api::Event;
-use orderflow_runtime::codec::{Codec, CodecError};
+use anyhow::{bail, Result};
 use orderflow_runtime::topology::{BrokerConfig, Topology};
 use rdkafka::message::{Headers, Message};
-use serde::Serialize;
-use serde_json::{json, Map, Value};
 
 use crate::dlq::{Coordinates, DeadLetter};
-use crate::format::{cut, hex, print_table, text_or_hex};
-use crate::kafkaio::{blocking, partition_for, rfc3339, Reader, Span};
+use crate::kafkaio::{Reader, Span};
 
 mod order;
 mod topic;

@@ -1,6 +1,9 @@
 use super::*;
+use crate::format::hex;
 use clap::Parser;
 use orderflow_api::events::*;
+use orderflow_runtime::codec::Codec;
+use serde_json::{json, Value};
 
 fn w(s: &str) -> Where {
     s.parse().unwrap()

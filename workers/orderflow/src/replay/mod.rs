@@ -14,27 +14,12 @@
 
 pub mod through;
 
-use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
-use futures::StreamExt;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use orderflow_runtime::kafka::{client_config, Side};
-use orderflow_runtime::topology::{BrokerConfig, Loaded};
-use orderflow_runtime::worker::now_ms;
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::util::Timeout;
-use serde::Serialize;
 use serde_json::Value;
-
-use crate::kafkaio::{blocking, Reader, Span};
 
 mod range;
 mod republish;

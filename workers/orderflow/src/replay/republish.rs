@@ -1,7 +1,25 @@
 //! `orderflow replay --into`: republishes the range, paced, with the replay headers, and its
 //! summary ([`IntoSummary`]).
 
-use super::*;
+use crate::kafkaio::blocking;
+use anyhow::{bail, Context as _, Result};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use orderflow_runtime::kafka::{client_config, Side};
+use orderflow_runtime::topology::Loaded;
+use orderflow_runtime::worker::now_ms;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use super::{read_range, reader, PartitionRange, ReplayArgs, Resolved};
 
 /// The JSON summary of `replay --into`.
 #[derive(Debug, Clone, Serialize, Default)]

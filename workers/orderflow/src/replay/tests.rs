@@ -1,4 +1,6 @@
 use super::*;
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use std::time::Instant;
 
 #[test]
 fn times_parse_as_rfc3339_or_relative() {

@@ -25,30 +25,24 @@
 //! start and sled open, group join, restore, the rest) comes from the log's timestamps.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Child;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _, Result};
-use orderflow_api::events::*;
-use orderflow_api::Event;
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::kafka::{client_config, create_topics, Side};
 use orderflow_runtime::topology::Topology;
 use orderflow_runtime::worker::now_ms;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::producer::FutureProducer;
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
-use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::kafkaio::{high_watermarks, records_held, watermark_client};
+use crate::kafkaio::{high_watermarks, watermark_client};
 
-use crate::bench::{free_port, http_get, log_tail, metric_by_label, metric_sum, order, produce_all, settings, store, Common, Rng, STORES};
+use crate::bench::{settings, Common, Rng};
 
 mod baseline;
 mod load;

@@ -1,4 +1,5 @@
 use super::*;
+use orderflow_api::Event;
 
 #[test]
 fn status_gives_rss_and_peak_in_mib() {

@@ -41,34 +41,17 @@
 //!   orders are unanswered; every load waits for its orders to be terminal (up to
 //!   `--settle-timeout`) before the next one starts.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{bail, Context as _, Result};
-use futures::{FutureExt as _, StreamExt as _};
-use orderflow_api::events::*;
-use orderflow_api::Event;
-use orderflow_runtime::codec::Codec;
-use orderflow_runtime::kafka::{client_config, create_topics, Side};
-use orderflow_runtime::topology::{Loaded, Topology};
-use orderflow_runtime::worker::now_ms;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
+use anyhow::Result;
 use serde::Serialize;
-use tracing::{info, warn};
 
-use crate::bench::{free_port, http_get, log_tail, metric_samples, produce_all, settings, Common, Meter, Settings, Units, Window};
+use crate::bench::{Common, Settings, Units, Window};
 
 /// How long a `/readyz` or `/metrics` request to a worker process may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
-use crate::demo::tpch;
-use crate::demo::{port_topic, pos_answer, pos_decision, send};
-use crate::kafkaio::{high_watermarks, watermark_client};
 
 mod observe;
 mod rig;

@@ -1,7 +1,25 @@
 //! The orders offered (TPC-H, cycled) and the observer: it follows the saga's answers, plays the
 //! POS and tracks each order to its terminal state.
 
-use super::*;
+use crate::demo::tpch;
+use crate::demo::{port_topic, pos_answer, pos_decision, send};
+use anyhow::Result;
+use futures::StreamExt as _;
+use orderflow_api::events::*;
+use orderflow_api::Event;
+use orderflow_runtime::codec::Codec;
+use orderflow_runtime::kafka::{client_config, Side};
+use orderflow_runtime::topology::Topology;
+use orderflow_runtime::worker::now_ms;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureProducer;
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tracing::warn;
 
 // ------------------------------------------------------------------ orders
 

@@ -1,4 +1,7 @@
 use super::*;
+use orderflow_api::events::{cancel_reason, OrderCreated};
+use std::collections::BTreeSet;
+use std::path::Path;
 
 #[test]
 fn percentiles_are_nearest_rank() {

@@ -1,7 +1,13 @@
 //! `--diff`: the replay's events compared by `eventId` with what the live worker emitted ([`diff`],
 //! [`Causes`], [`field_diffs`]).
 
-use super::*;
+use crate::format::hex;
+use orderflow_api::{derive_event_id, Event};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use super::{Cause, Emitted};
 
 // ------------------------------------------------------------------------------------------
 // Diff.

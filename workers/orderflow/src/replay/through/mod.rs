@@ -38,20 +38,17 @@
 //! all), else the time window of the range widened by the worker's longest timer horizon
 //! (reservation TTL, saga timeout) and [`WINDOW_MARGIN_MS`]. See [`diff`] for the classes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use orderflow_api::{derive_event_id, Event, MemoryStore, Processor};
-use orderflow_runtime::changelog::{decode_offsets, decode_record, Entry, TAG_DATA, TAG_MARKER, TAG_TIMER};
+use orderflow_api::Event;
 use orderflow_runtime::codec::Codec;
-use orderflow_runtime::step::{self, Input, Outcome, Rejection, RetryBudget, Rules};
-use orderflow_runtime::topology::{BrokerConfig, Guarantee, Loaded, WorkerSpec};
+use orderflow_runtime::step::{self, Input, Rejection, RetryBudget, Rules};
+use orderflow_runtime::topology::{BrokerConfig, Loaded, WorkerSpec};
 use rdkafka::message::{Message, OwnedMessage};
-use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::format::hex;
 use crate::kafkaio::{blocking, Reader, Span};
 use crate::replay::{ReplayArgs, Resolved};
 

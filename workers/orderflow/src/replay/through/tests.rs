@@ -1,9 +1,11 @@
 use super::*;
 use orderflow_api::events::StockUpdated;
 use orderflow_api::fixtures::*;
+use orderflow_api::{derive_event_id, MemoryStore};
 use orderflow_api::{handle, Changes, Context, StateTxn};
 use orderflow_runtime::changelog;
 use orderflow_runtime::deadletter::DeadLetterClass;
+use orderflow_runtime::topology::Guarantee;
 
 const TOPIC: &str = "stock.commands";
 const T0: i64 = 1_700_000_000_000;
