@@ -1,12 +1,13 @@
 //! The synthetic input of the benchmarks: deterministic stores, products, orders and their answers,
 //! and producing them.
 
+use std::time::Instant;
+
 use anyhow::Result;
 use futures::StreamExt;
 use orderflow_api::events::*;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use std::time::Instant;
 
 // ------------------------------------------------------------------ synthetic input
 

@@ -1,9 +1,10 @@
 //! Worker child processes as `bench saga` and `bench recovery` see them: free ports, `/readyz`,
 //! `/metrics` samples and log tails.
 
-use anyhow::{Context as _, Result};
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+use anyhow::{Context as _, Result};
 
 // ------------------------------------------------------------------ worker processes
 

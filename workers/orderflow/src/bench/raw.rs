@@ -1,5 +1,8 @@
 //! `bench raw`: the measurement window ([`Meter`]) and the raw rdkafka passthrough baseline.
 
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
 use anyhow::{Context as _, Result};
 use futures::future::join_all;
 use orderflow_api::Event;
@@ -13,8 +16,6 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 use tracing::info;
 
 use super::{order, produce_all, settings, RawArgs, RawResult, Rng, Units, Window};

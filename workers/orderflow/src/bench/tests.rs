@@ -1,6 +1,8 @@
-use super::*;
-use orderflow_api::Event;
 use std::time::Instant;
+
+use orderflow_api::Event;
+
+use super::*;
 
 #[test]
 fn metrics_are_summed_over_labels() {

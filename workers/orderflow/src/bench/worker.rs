@@ -1,6 +1,11 @@
 //! `bench worker`: one worker of the topology in-process over pre-produced input.
 
-use crate::kafkaio::{high_watermarks, watermark_client};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use anyhow::{bail, Context as _, Result};
 use orderflow_api::events::*;
 use orderflow_api::Event;
@@ -10,13 +15,10 @@ use orderflow_runtime::metrics::Metrics;
 use orderflow_runtime::topology::{Guarantee, Loaded};
 use orderflow_runtime::worker::{now_ms, Worker, WorkerSetup};
 use rdkafka::producer::FutureProducer;
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::info;
+
+use crate::kafkaio::{high_watermarks, watermark_client};
 
 use super::{inventory, order, produce_all, reserved, settings, Meter, Rng, Units, WorkerArgs, WorkerResult, STORES};
 

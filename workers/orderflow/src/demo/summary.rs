@@ -1,11 +1,12 @@
 //! The demo's summary: the stock as the reserver's changelog holds it, the per-order outcomes and
 //! latencies, records per topic, and printing it.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
 use anyhow::{Context as _, Result};
 use orderflow_api::events::*;
 use orderflow_runtime::store::Store;
-use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use super::{Observed, OrderTrack, SeedResult, StoreSummary, Summary, SEED_HQ};
 

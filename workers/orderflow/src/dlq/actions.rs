@@ -1,11 +1,13 @@
 //! `orderflow dlq list` and `orderflow dlq show`.
 
-use crate::format::{cut, hex, hex_dump, print_table, text_or_hex};
-use crate::kafkaio::{blocking, rfc3339, Reader};
+use std::collections::BTreeMap;
+
 use anyhow::{bail, Context as _, Result};
 use orderflow_runtime::codec::Codec;
 use serde_json::json;
-use std::collections::BTreeMap;
+
+use crate::format::{cut, hex, hex_dump, print_table, text_or_hex};
+use crate::kafkaio::{blocking, rfc3339, Reader};
 
 use super::{
     find_topic, range, read, source_label, warn_unknown_class, DeadLetter, Filter, Found, ListArgs, Range, ShowArgs, HEX_DUMP_BYTES,

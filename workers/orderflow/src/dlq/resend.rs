@@ -1,7 +1,8 @@
 //! The redrive plan (which records to re-produce where, no broker involved) and `orderflow dlq
 //! redrive`.
 
-use crate::kafkaio::{blocking, Reader};
+use std::collections::{BTreeMap, BTreeSet};
+
 use anyhow::{bail, Context as _, Result};
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::kafka::{client_config, Side};
@@ -11,7 +12,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use serde::Serialize;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, BTreeSet};
+
+use crate::kafkaio::{blocking, Reader};
 
 use super::{
     find_topic, range, read, warn_unknown_class, Coordinates, DeadLetter, Filter, Found, RedriveArgs, FLUSH_TIMEOUT, H_REDRIVE_FROM,

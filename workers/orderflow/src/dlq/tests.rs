@@ -1,8 +1,11 @@
-use super::*;
-use crate::format::{cut, hex_dump, text_or_hex};
+use std::collections::BTreeMap;
+
 use clap::Parser;
 use orderflow_runtime::topology::Topology;
-use std::collections::BTreeMap;
+
+use crate::format::{cut, hex_dump, text_or_hex};
+
+use super::*;
 
 fn h(k: &str, v: &str) -> (String, Option<Vec<u8>>) {
     (k.to_string(), Some(v.as_bytes().to_vec()))

@@ -1,10 +1,12 @@
 //! Dead-letter topics named on the command line, offset ranges checked against the watermarks, and
 //! reading them.
 
-use crate::kafkaio::{Reader, Span};
+use std::collections::BTreeMap;
+
 use anyhow::{bail, Result};
 use orderflow_runtime::topology::Topology;
-use std::collections::BTreeMap;
+
+use crate::kafkaio::{Reader, Span};
 
 use super::{DeadLetter, H_SOURCE_TOPIC};
 

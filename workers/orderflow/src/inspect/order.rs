@@ -1,9 +1,9 @@
 //! `orderflow trace`: one order's records across the saga's topics, its timeline and its state
 //! after each event ([`OrderState`]).
 
-use crate::dlq::DeadLetter;
-use crate::format::{cut, print_table};
-use crate::kafkaio::{blocking, partition_for, rfc3339, Reader};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
 use anyhow::{bail, Result};
 use clap::Args;
 use orderflow_api::events::store_key;
@@ -12,8 +12,10 @@ use orderflow_runtime::codec::Codec;
 use orderflow_runtime::topology::Topology;
 use serde::Serialize;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+
+use crate::dlq::DeadLetter;
+use crate::format::{cut, print_table};
+use crate::kafkaio::{blocking, partition_for, rfc3339, Reader};
 
 use super::{decode, error_json, read_all, scanner, Raw, DETAIL_WIDTH};
 

@@ -1,9 +1,11 @@
-use super::*;
-use crate::format::hex;
 use clap::Parser;
 use orderflow_api::events::*;
 use orderflow_runtime::codec::Codec;
 use serde_json::{json, Value};
+
+use crate::format::hex;
+
+use super::*;
 
 fn w(s: &str) -> Where {
     s.parse().unwrap()

@@ -1,16 +1,18 @@
 //! `orderflow tap`: a topic's records as JSON lines, decoded ([`tap_json`]), filtered by key and by
 //! fields ([`Where`]).
 
-use crate::format::{hex, text_or_hex};
-use crate::kafkaio::{blocking, rfc3339, Span};
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::path::PathBuf;
+
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use orderflow_api::Event;
 use orderflow_runtime::codec::{Codec, CodecError};
 use serde_json::{json, Map, Value};
-use std::collections::BTreeSet;
-use std::io::Write as _;
-use std::path::PathBuf;
+
+use crate::format::{hex, text_or_hex};
+use crate::kafkaio::{blocking, rfc3339, Span};
 
 use super::{find_topic, scanner, Raw, HEX_BYTES};
 

@@ -1,13 +1,15 @@
 //! The replayed range: offsets or times on the command line checked against the watermarks and
 //! resolved per partition ([`resolve`]), and reading it ([`read_range`]).
 
-use crate::kafkaio::{blocking, Reader, Span};
+use std::collections::BTreeMap;
+
 use anyhow::{bail, Result};
 use orderflow_runtime::topology::{BrokerConfig, Loaded};
 use orderflow_runtime::worker::now_ms;
 use rdkafka::message::{Message, OwnedMessage};
 use serde::Serialize;
-use std::collections::BTreeMap;
+
+use crate::kafkaio::{blocking, Reader, Span};
 
 use super::{ReplayArgs, STALL_TIMEOUT};
 

@@ -1,7 +1,10 @@
 //! `orderflow replay --into`: republishes the range, paced, with the replay headers, and its
 //! summary ([`IntoSummary`]).
 
-use crate::kafkaio::blocking;
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
 use anyhow::{bail, Context as _, Result};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -15,9 +18,8 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use serde::Serialize;
 use serde_json::Value;
-use std::collections::BTreeMap;
-use std::io::IsTerminal;
-use std::time::{Duration, Instant};
+
+use crate::kafkaio::blocking;
 
 use super::{read_range, reader, PartitionRange, ReplayArgs, Resolved};
 

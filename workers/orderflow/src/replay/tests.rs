@@ -1,6 +1,8 @@
-use super::*;
-use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use std::time::Instant;
+
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+
+use super::*;
 
 #[test]
 fn times_parse_as_rfc3339_or_relative() {

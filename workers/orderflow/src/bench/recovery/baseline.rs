@@ -1,6 +1,9 @@
 //! The bare-client baselines a restart is compared with: reading a changelog with one consumer, a
 //! consumer joining a group.
 
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
 use anyhow::{bail, Context as _, Result};
 use orderflow_runtime::kafka::{client_config, Side};
 use orderflow_runtime::topology::Topology;
@@ -8,8 +11,6 @@ use orderflow_runtime::worker::now_ms;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use super::{BareJoin, RawRead};
 

@@ -1,13 +1,15 @@
 //! Loading the worker's state: synthetic input per kind, produced in slices until the worker has
 //! consumed it.
 
-use crate::bench::{order, produce_all, store, Rng, STORES};
-use crate::kafkaio::{high_watermarks, records_held};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
 use anyhow::{bail, Context as _, Result};
 use orderflow_api::events::*;
 use orderflow_api::Event;
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+
+use crate::bench::{order, produce_all, store, Rng, STORES};
+use crate::kafkaio::{high_watermarks, records_held};
 
 use super::{check_alive, consumed, memory, Ctx, Kind, Load, Proc, LOAD_SLICE};
 

@@ -1,10 +1,11 @@
 //! The pure parts: the worker's JSON log lines split into start-up phases and restore figures,
 //! memory from `/proc/<pid>/status`.
 
-use anyhow::{Context as _, Result};
-use serde_json::Value;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result};
+use serde_json::Value;
 
 use super::{Memory, Phases, RestoreLog};
 

@@ -1,14 +1,16 @@
 //! The worker under test as a child process: spawn, SIGKILL, wait for `/readyz`, read its consumed
 //! count; a restart measured to ready and to processing.
 
-use crate::bench::{free_port, http_get, log_tail, metric_by_label, metric_sum, order, Rng};
-use anyhow::{bail, Context as _, Result};
-use orderflow_api::Event;
 use std::fs::File;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context as _, Result};
+use orderflow_api::Event;
 use tracing::info;
+
+use crate::bench::{free_port, http_get, log_tail, metric_by_label, metric_sum, order, Rng};
 
 use super::{memory, phases, produce, read_log, restore_log, wall, Ctx, Kind, Proc, Restart, RestoreMetrics, HTTP_TIMEOUT, INSTANCE, POLL};
 

@@ -1,5 +1,6 @@
-use super::*;
 use orderflow_api::Event;
+
+use super::*;
 
 #[test]
 fn status_gives_rss_and_peak_in_mib() {

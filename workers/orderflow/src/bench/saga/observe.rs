@@ -1,8 +1,11 @@
 //! The orders offered (TPC-H, cycled) and the observer: it follows the saga's answers, plays the
 //! POS and tracks each order to its terminal state.
 
-use crate::demo::tpch;
-use crate::demo::{port_topic, pos_answer, pos_decision, send};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
 use anyhow::Result;
 use futures::StreamExt as _;
 use orderflow_api::events::*;
@@ -15,11 +18,10 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
 use tracing::warn;
+
+use crate::demo::tpch;
+use crate::demo::{port_topic, pos_answer, pos_decision, send};
 
 // ------------------------------------------------------------------ orders
 

@@ -1,10 +1,11 @@
 //! What a scenario runs on ([`Rig`]): the worker processes, the observer/POS, the producer, and the
 //! broker's write counts.
 
-use crate::bench::{free_port, http_get, log_tail, settings, Settings};
-use crate::demo::send;
-use crate::demo::tpch;
-use crate::kafkaio::{high_watermarks, watermark_client};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use anyhow::{bail, Context as _, Result};
 use orderflow_api::events::*;
 use orderflow_api::Event;
@@ -14,11 +15,12 @@ use orderflow_runtime::topology::{Loaded, Topology};
 use orderflow_runtime::worker::now_ms;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::producer::FutureProducer;
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 use tracing::{info, warn};
+
+use crate::bench::{free_port, http_get, log_tail, settings, Settings};
+use crate::demo::send;
+use crate::demo::tpch;
+use crate::kafkaio::{high_watermarks, watermark_client};
 
 use super::{
     spawn_observer, topology_copy, worker_stats, Book, Mode, Orders, PosCounts, SagaArgs, SagaTopics, Track, WorkerStats, HTTP_TIMEOUT,

@@ -1,14 +1,16 @@
 //! The two measurements: throughput to a terminal state, and latency at fixed offered loads.
 
-use crate::bench::{produce_all, Meter};
-use crate::demo::port_topic;
-use anyhow::{bail, Context as _, Result};
-use futures::{FutureExt as _, StreamExt as _};
-use rdkafka::producer::FutureRecord;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use futures::{FutureExt as _, StreamExt as _};
+use rdkafka::producer::FutureRecord;
 use tracing::{info, warn};
+
+use crate::bench::{produce_all, Meter};
+use crate::demo::port_topic;
 
 use super::{
     backlog_limit, due, due_at, percentiles, quiesce, snapshot, writes_per_order, LatencyResult, LoadResult, Mode, Rig, SagaArgs,

@@ -1,10 +1,11 @@
 //! The pure parts of `bench saga`: percentiles, the offered-load schedule, writes per order, the
 //! topology copy, worker stats from `/metrics`.
 
-use crate::bench::{metric_samples, Units};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
+
+use crate::bench::{metric_samples, Units};
 
 use super::{Percentiles, WorkerStats, Writes, BACKLOG_FLOOR, BACKLOG_SECONDS};
 

@@ -1,7 +1,9 @@
-use super::*;
-use orderflow_api::events::{cancel_reason, OrderCreated};
 use std::collections::BTreeSet;
 use std::path::Path;
+
+use orderflow_api::events::{cancel_reason, OrderCreated};
+
+use super::*;
 
 #[test]
 fn percentiles_are_nearest_rank() {

@@ -1,11 +1,13 @@
 //! `--diff`: the replay's events compared by `eventId` with what the live worker emitted ([`diff`],
 //! [`Causes`], [`field_diffs`]).
 
-use crate::format::hex;
+use std::collections::{BTreeSet, HashMap, HashSet};
+
 use orderflow_api::{derive_event_id, Event};
 use serde::Serialize;
 use serde_json::{json, Value};
-use std::collections::{BTreeSet, HashMap, HashSet};
+
+use crate::format::hex;
 
 use super::{Cause, Emitted};
 

@@ -1,11 +1,12 @@
 //! The replay engine: the range's records through the live worker's step against the shadow state,
 //! with the record time as clock ([`Engine`]).
 
+use std::collections::BTreeMap;
+
 use orderflow_api::{Event, MemoryStore, Processor};
 use orderflow_runtime::step::{self, Input, Outcome, Rejection, RetryBudget};
 use serde::Serialize;
 use serde_json::Value;
-use std::collections::BTreeMap;
 
 // ------------------------------------------------------------------------------------------
 // The replay engine.

@@ -1,11 +1,12 @@
 //! The shadow state: one partition's worker state rebuilt in memory from its changelog up to the
 //! range start ([`ShadowBuilder`]).
 
+use std::collections::BTreeMap;
+
 use orderflow_api::MemoryStore;
 use orderflow_runtime::changelog::{decode_offsets, decode_record, Entry, TAG_DATA, TAG_MARKER, TAG_TIMER};
 use orderflow_runtime::topology::Guarantee;
 use serde::Serialize;
-use std::collections::BTreeMap;
 
 // ------------------------------------------------------------------------------------------
 // Shadow state from the changelog.

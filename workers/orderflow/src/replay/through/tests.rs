@@ -1,4 +1,3 @@
-use super::*;
 use orderflow_api::events::StockUpdated;
 use orderflow_api::fixtures::*;
 use orderflow_api::{derive_event_id, MemoryStore};
@@ -6,6 +5,8 @@ use orderflow_api::{handle, Changes, Context, StateTxn};
 use orderflow_runtime::changelog;
 use orderflow_runtime::deadletter::DeadLetterClass;
 use orderflow_runtime::topology::Guarantee;
+
+use super::*;
 
 const TOPIC: &str = "stock.commands";
 const T0: i64 = 1_700_000_000_000;
