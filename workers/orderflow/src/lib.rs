@@ -10,19 +10,19 @@
 //! - [`inspect`]: `orderflow tap` and `orderflow trace`: decoded records, an order's timeline.
 //! - [`replay`]: `orderflow replay --into|--through`: republish a range or run it through a worker.
 //! - [`demo`]: `orderflow demo`: TPC-H orders and the seed scenarios through the whole saga.
-//! - [`bench`]: `orderflow bench raw|worker|saga|recovery`: the benchmarks.
+//! - [`bench`](mod@bench): `orderflow bench raw|worker|saga|recovery`: the benchmarks.
 //! - [`kafkaio`]: the Kafka I/O every command uses: topic reader, watermarks, offsets by time, partitioner, RFC 3339 times.
-//! - [`format`]: text output helpers: cut lines, hex, tables.
+//! - [`text`]: text output helpers: cut lines, hex, tables.
 
 pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod dlq;
-pub mod format;
 pub mod inspect;
 pub mod kafkaio;
 pub mod replay;
 pub mod run;
+pub mod text;
 pub mod topology;
 
 pub(crate) use orderflow_kinds as kinds;

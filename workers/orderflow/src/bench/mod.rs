@@ -6,10 +6,10 @@
 //! - `bench raw`: the raw baseline. Encoded `OrderCreated` events are produced first into a
 //!   source topic, then a bare rdkafka consume → produce passthrough copies them to a sink topic
 //!   with the workers' batching and commit settings (the topology's client properties through
-//!   [`client_config`], units of up to `max_batch` records or one `commit_interval`, every
+//!   [`client_config`](orderflow_runtime::kafka::client_config), units of up to `max_batch` records or one `commit_interval`, every
 //!   acknowledgement awaited, then the offsets committed). The practical limit of this broker
 //!   and machine for one consume → produce hop.
-//! - `bench worker --name W`: one real [`Worker`] of the topology, in-process, over input records
+//! - `bench worker --name W`: one real [`Worker`](orderflow_runtime::worker::Worker) of the topology, in-process, over input records
 //!   produced first into its input topics, measured for `--duration` after `--warmup`; also
 //!   counts the broker writes it made per input record (outputs, dead letters and changelog
 //!   records, from the topics' high watermarks).

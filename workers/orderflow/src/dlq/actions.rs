@@ -6,8 +6,8 @@ use anyhow::{bail, Context as _, Result};
 use orderflow_runtime::codec::Codec;
 use serde_json::json;
 
-use crate::format::{cut, hex, hex_dump, print_table, text_or_hex};
 use crate::kafkaio::{blocking, rfc3339, Reader};
+use crate::text::{cut, hex, hex_dump, print_table, text_or_hex};
 
 use super::{
     find_topic, range, read, source_label, warn_unknown_class, DeadLetter, Filter, Found, ListArgs, Range, ShowArgs, HEX_DUMP_BYTES,

@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use clap::Parser;
 use orderflow_runtime::topology::Topology;
 
-use crate::format::{cut, hex_dump, text_or_hex};
+use crate::text::{cut, hex_dump, text_or_hex};
 
 use super::*;
 

@@ -1,7 +1,7 @@
 //! `orderflow tap` and `orderflow trace`: look at the saga's topics without disturbing it.
 //!
 //! * `orderflow tap TOPIC` prints the records of one topic as JSON lines, values decoded with the
-//!   topology's [`Codec`] (see [`tap_json`] for the shape), filtered by key (`--key`) and by
+//!   topology's [`Codec`](orderflow_runtime::codec::Codec) (see [`tap_json`] for the shape), filtered by key (`--key`) and by
 //!   fields of the decoded value (`--where a.b=v`, see [`Where`]); it stops at the high
 //!   watermark seen at start, or follows the topic until Ctrl-C (`--follow`).
 //! * `orderflow trace ORDER_ID` collects every event of one order across the saga's topics and

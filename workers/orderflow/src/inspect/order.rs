@@ -14,8 +14,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::dlq::DeadLetter;
-use crate::format::{cut, print_table};
 use crate::kafkaio::{blocking, partition_for, rfc3339, Reader};
+use crate::text::{cut, print_table};
 
 use super::{decode, error_json, read_all, scanner, Raw, DETAIL_WIDTH};
 

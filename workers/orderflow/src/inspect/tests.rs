@@ -3,7 +3,7 @@ use orderflow_api::events::*;
 use orderflow_runtime::codec::Codec;
 use serde_json::{json, Value};
 
-use crate::format::hex;
+use crate::text::hex;
 
 use super::*;
 

@@ -11,8 +11,8 @@ use orderflow_api::Event;
 use orderflow_runtime::codec::{Codec, CodecError};
 use serde_json::{json, Map, Value};
 
-use crate::format::{hex, text_or_hex};
 use crate::kafkaio::{blocking, rfc3339, Span};
+use crate::text::{hex, text_or_hex};
 
 use super::{find_topic, scanner, Raw, HEX_BYTES};
 

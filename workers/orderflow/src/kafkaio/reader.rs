@@ -26,7 +26,7 @@ pub struct Span {
 
 /// A consumer that reads partitions it assigns itself (`read_committed`, the consumer default):
 /// a throwaway `group.id`, no group membership, no commits. Shared by `dlq`, `inspect` and
-/// `replay`. Blocking: call it from [`blocking`], `spawn_blocking` or a thread.
+/// `replay`. Blocking: call it from [`blocking`](super::blocking), `spawn_blocking` or a thread.
 pub struct Reader {
     consumer: BaseConsumer,
     stall: Duration,

@@ -6,7 +6,7 @@
 //! 1. **loads** the worker, a child process `orderflow --log-json run --worker W` (this same
 //!    binary) with a fresh state directory, up to that many state keys: the stock reserver gets
 //!    `InventoryAdjusted` restocks on `stock.commands` (one stock key per store and product,
-//!    [`STORES`] stores), the deduplicator distinct `OrderCreated` events on `order.created` (one
+//!    [`STORES`](crate::bench::STORES) stores), the deduplicator distinct `OrderCreated` events on `order.created` (one
 //!    remembered `eventId` each). Key counts are cumulative: the 10^6 step adds 9 × 10^5 keys to
 //!    the worker that already holds 10^5. Once the worker is idle its RSS is read
 //!    (`/proc/<pid>/status`: `VmRSS` now, `VmHWM` the peak so far);

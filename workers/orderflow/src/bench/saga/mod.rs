@@ -27,8 +27,8 @@
 //! reserved).
 //!
 //! - `--measure throughput`: `--records` orders (default 60,000) are produced as fast as the
-//!   producer goes ([`produce_all`]) once the stock is applied, and the count of terminal orders
-//!   is fed to [`Meter`]: the warm-up (`--warmup`) starts with the first terminal order, the
+//!   producer goes ([`produce_all`](crate::bench::produce_all)) once the stock is applied, and the count of terminal orders
+//!   is fed to [`Meter`](crate::bench::Meter): the warm-up (`--warmup`) starts with the first terminal order, the
 //!   window follows and ends when every order is terminal or `--duration` is over. Orders/s =
 //!   terminal orders in the window ÷ window length. The bench then waits for every order to be
 //!   terminal and the broker to go quiet, stops the workers and counts the broker writes per

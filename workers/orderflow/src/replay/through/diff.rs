@@ -7,7 +7,7 @@ use orderflow_api::{derive_event_id, Event};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::format::hex;
+use crate::text::hex;
 
 use super::{Cause, Emitted};
 

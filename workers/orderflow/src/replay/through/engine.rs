@@ -147,7 +147,7 @@ impl Engine {
     }
 
     /// Processes one record of `partition` at `offset`, timestamp `ts_ms`, already admitted (or
-    /// rejected, [`admit`]). The clock moves to `ts_ms` (never back). Timers due at the clock
+    /// rejected, [`admit`](super::admit)). The clock moves to `ts_ms` (never back). Timers due at the clock
     /// fire first in a unit of their own, as the live worker's timer punctuation would have
     /// fired them before the record arrived (on every partition; on `partition` only during a
     /// warm-up); then the record is one unit over its partition, whose timers due at the clock

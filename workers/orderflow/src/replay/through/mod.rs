@@ -6,7 +6,7 @@
 //! # Shadow state
 //!
 //! For every replayed partition the worker's state is rebuilt in memory (a fresh
-//! [`MemoryStore`], nothing is written anywhere) from changelog partition N of
+//! [`MemoryStore`](orderflow_api::MemoryStore), nothing is written anywhere) from changelog partition N of
 //! `orderflow-<worker>-changelog` (see `orderflow_runtime::changelog`): records are gathered and a
 //! unit is applied at its commit marker, as long as the marker's next input offset of the
 //! replayed topic is ≤ the range start. The shadow is then the state the live worker had after its
