@@ -618,7 +618,8 @@ fn run_chaos(variant: &Variant) {
     // Dropped in reverse order: the fleet (SIGKILL of every child) first, then the run
     // directory, then the broker.
     let broker = common::Broker::start_kind(variant.broker);
-    let run_dir = RunDir::create(&format!("orderflow-chaos-{}-", variant.name), "ORDERFLOW_KEEP_CHAOS_DIR", "chaos: logs, state and summary");
+    let run_dir =
+        RunDir::create(&format!("orderflow-chaos-{}-", variant.name), "ORDERFLOW_KEEP_CHAOS_DIR", "chaos: logs, state and summary");
     let dir = run_dir.path().to_path_buf();
     let logs = dir.join("logs");
     let state_dir = dir.join("state");

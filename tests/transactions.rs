@@ -54,7 +54,6 @@ fn wait_ready(child: &mut Guarded, log: &Path) {
     });
 }
 
-
 /// (partition, offset) of every record of `topic` a reader at `isolation` sees.
 fn positions(kafka: &common::Kafka, topic: &str, isolation: Isolation) -> BTreeSet<(i32, i64)> {
     common::read_topic_at(&kafka.broker, topic, PARTITIONS, isolation).iter().map(|m| (m.partition(), m.offset())).collect()
@@ -84,7 +83,8 @@ fn exactly_once_is_refused_on_tansu_and_accepted_on_kafka() {
     {
         let tansu = common::Broker::start_kind(BrokerKind::Tansu);
         common::create_topics(&topology, &tansu.bootstrap);
-        let (mut child, log, _) = spawn_deduplicator(&tansu.bootstrap, run_dir.path(), "tansu", "probe", &[("ORDERFLOW_GUARANTEE", "exactly_once")]);
+        let (mut child, log, _) =
+            spawn_deduplicator(&tansu.bootstrap, run_dir.path(), "tansu", "probe", &[("ORDERFLOW_GUARANTEE", "exactly_once")]);
         let status = child.wait_for(Duration::from_secs(60)).expect("the worker kept running on tansu under exactly_once");
         assert!(!status.success(), "exactly_once on tansu exited 0");
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -94,7 +94,8 @@ fn exactly_once_is_refused_on_tansu_and_accepted_on_kafka() {
     // Kafka: the same command becomes ready under exactly_once.
     let kafka = common::Broker::start_kind(BrokerKind::Kafka);
     common::create_topics(&topology, &kafka.bootstrap);
-    let (mut child, log, port) = spawn_deduplicator(&kafka.bootstrap, run_dir.path(), "kafka", "probe", &[("ORDERFLOW_GUARANTEE", "exactly_once")]);
+    let (mut child, log, port) =
+        spawn_deduplicator(&kafka.bootstrap, run_dir.path(), "kafka", "probe", &[("ORDERFLOW_GUARANTEE", "exactly_once")]);
     wait_ready(&mut child, &log);
     let info = common::metric(port, "orderflow_guarantee_info", &[("worker", "deduplicator"), ("guarantee", "exactly_once")]);
     assert_eq!(info, 1.0, "orderflow_guarantee_info does not say exactly_once");

@@ -59,7 +59,9 @@ pub fn build(spec: &WorkerSpec) -> Option<Box<dyn Processor>> {
         "stock-reserver" => Box::new(stock_reserver::StockReserver::new(parse::<stock_reserver::Config>(s).ok()?.ttl_ms().ok()?)),
         "order-confirmer" => Box::new(order_confirmer::OrderConfirmer::new()),
         "canceller" => Box::new(parse::<canceller::Config>(s).ok()?.processor()),
-        "reservation-expirer" => Box::new(reservation_expirer::ReservationExpirer::new(parse::<reservation_expirer::Config>(s).ok()?.ttl_ms().ok()?)),
+        "reservation-expirer" => {
+            Box::new(reservation_expirer::ReservationExpirer::new(parse::<reservation_expirer::Config>(s).ok()?.ttl_ms().ok()?))
+        }
         _ => return None,
     })
 }
@@ -130,7 +132,10 @@ mod tests {
         assert_eq!(reservation_ttl(&canceller), None);
 
         let bad = spec("kind = \"canceller\"\ninputs = []\nstock_answer_timeout = \"10m\"\nsaga_timeout = \"3m\"\n");
-        assert_eq!(canceller_settings(&bad.settings), Err("stock_answer_timeout 10m must be at least 1 ms and shorter than saga_timeout 3m".into()));
+        assert_eq!(
+            canceller_settings(&bad.settings),
+            Err("stock_answer_timeout 10m must be at least 1 ms and shorter than saga_timeout 3m".into())
+        );
         let stray = spec("kind = \"deduplicator\"\ninputs = []\nreservation_ttl = \"1m\"\n");
         assert!(KindInfo::no_settings(&stray.settings).unwrap_err().contains("reservation_ttl"));
         let typo = spec("kind = \"stock-reserver\"\ninputs = []\nreservation_tll = \"1m\"\n");

@@ -1,5 +1,5 @@
 //! Prints, for a range of `stock_scale` values, the share of TPC-H orders that all-or-nothing
-//! reservation in list order fails for insufficient stock ([`tpch::simulate`]), for the SF 0.01
+//! reservation in list order fails for insufficient stock ([`orderflow::demo::tpch::simulate`]), for the SF 0.01
 //! orders and for the first 1,000 of them: how `DEFAULT_STOCK_SCALE` and the demo's
 //! `--stock-scale` were chosen. 26 generations at SF 0.01 (seconds in release, far slower in a
 //! debug build):
@@ -8,11 +8,7 @@
 //! cargo run --release -p orderflow --example tpch_calibrate
 //! ```
 
-#[path = "../src/tpch.rs"]
-#[allow(dead_code)]
-mod tpch;
-
-use tpch::{generate, simulate, TpchOptions};
+use orderflow::demo::tpch::{generate, simulate, TpchOptions};
 
 fn main() {
     for max_orders in [None, Some(1_000)] {

@@ -336,8 +336,11 @@ impl Orphans {
 ///
 /// Errors: broker errors, a changelog record that does not decode, or `timeout` passing.
 pub fn restore(broker: &BrokerConfig, topic: &str, inputs: &[String], shard: &Shard, timeout: Duration) -> Result<Report, RestoreError> {
-    let consumer = restore_consumer(broker, topic)
-        .map_err(|source| RestoreError::Kafka { topic: topic.to_string(), partition: shard.partition, source })?;
+    let consumer = restore_consumer(broker, topic).map_err(|source| RestoreError::Kafka {
+        topic: topic.to_string(),
+        partition: shard.partition,
+        source,
+    })?;
     restore_with(&consumer, topic, inputs, shard, timeout)
 }
 
@@ -385,7 +388,13 @@ const RESTORE_FETCH_WAIT_MS: &str = "10";
 const RESTORE_PREFETCH_KBYTES: &str = "8192";
 
 /// [`restore`] with a consumer from [`restore_consumer`] (its assignment is replaced).
-pub fn restore_with(consumer: &RestoreConsumer, topic: &str, inputs: &[String], shard: &Shard, timeout: Duration) -> Result<Report, RestoreError> {
+pub fn restore_with(
+    consumer: &RestoreConsumer,
+    topic: &str,
+    inputs: &[String],
+    shard: &Shard,
+    timeout: Duration,
+) -> Result<Report, RestoreError> {
     let started = Instant::now();
     let p = shard.partition;
     let kafka = |source| RestoreError::Kafka { topic: topic.to_string(), partition: p, source };
@@ -571,7 +580,10 @@ mod tests {
         assert_eq!(offsets, BTreeMap::from([("a".to_string(), 5)]));
         assert_eq!(
             seen,
-            vec![(orderflow_api::seen_key("e1"), 7i64.to_be_bytes().to_vec()), (orderflow_api::seen_key("e2"), 8i64.to_be_bytes().to_vec())]
+            vec![
+                (orderflow_api::seen_key("e1"), 7i64.to_be_bytes().to_vec()),
+                (orderflow_api::seen_key("e2"), 8i64.to_be_bytes().to_vec())
+            ]
         );
         // Another unit's marker is another key (compaction keeps both).
         let next = records(&inputs, &changes, &BTreeMap::from([("a".to_string(), 9)]));

@@ -106,7 +106,12 @@ pub enum Failure {
 /// after the unit's records.
 ///
 /// Errors: see [`Failure`].
-pub async fn commit<B: Broker, S: LocalState>(guarantee: Guarantee, broker: &B, state: &mut S, unit: Unit) -> Result<BTreeMap<i32, i64>, Failure> {
+pub async fn commit<B: Broker, S: LocalState>(
+    guarantee: Guarantee,
+    broker: &B,
+    state: &mut S,
+    unit: Unit,
+) -> Result<BTreeMap<i32, i64>, Failure> {
     match guarantee {
         Guarantee::ExactlyOnce => exactly_once(broker, state, unit).await,
         Guarantee::EffectivelyOnce => effectively_once(broker, state, unit).await,
@@ -164,7 +169,12 @@ type Shape = Vec<(Option<i32>, String)>;
 
 /// The unit's records in send order: outputs and dead letters, then per partition its changelog
 /// records (with or without the final commit marker).
-fn flatten(records: Vec<OutRecord>, topic: &str, changelog: &[(i32, Vec<changelog::Record>)], with_markers: bool) -> (Vec<OutRecord>, Shape) {
+fn flatten(
+    records: Vec<OutRecord>,
+    topic: &str,
+    changelog: &[(i32, Vec<changelog::Record>)],
+    with_markers: bool,
+) -> (Vec<OutRecord>, Shape) {
     let mut shape: Shape = records.iter().map(|r| (None, r.topic.clone())).collect();
     let mut all = records;
     for (p, recs) in changelog {
@@ -188,11 +198,8 @@ async fn markers_last<B: Broker>(broker: &B, unit: Unit) -> Result<BTreeMap<i32,
     if let Some((topic, error)) = first_failure(&acks, &shape) {
         return Err(Failure::NotDelivered { topic, error });
     }
-    let markers: Vec<OutRecord> = unit
-        .changelog
-        .iter()
-        .filter_map(|(p, recs)| recs.last().map(|m| changelog_record(&unit.changelog_topic, *p, m)))
-        .collect();
+    let markers: Vec<OutRecord> =
+        unit.changelog.iter().filter_map(|(p, recs)| recs.last().map(|m| changelog_record(&unit.changelog_topic, *p, m))).collect();
     let marker_shape: Shape = markers.iter().map(|m| (m.partition, m.topic.clone())).collect();
     let marker_acks = broker.send(markers).await;
     if let Some((topic, error)) = first_failure(&marker_acks, &marker_shape) {

@@ -20,7 +20,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use orderflow_api::{fire_timer, handle, Changes, Context, Event, Handled, Note, Output, Outputs, ProcessError, Processor, StateRead, StateTxn};
+use orderflow_api::{
+    fire_timer, handle, Changes, Context, Event, Handled, Note, Output, Outputs, ProcessError, Processor, StateRead, StateTxn,
+};
 use tracing::warn;
 
 use crate::codec::Codec;
@@ -167,7 +169,15 @@ impl RetryBudget {
 /// retried within `retry` (then `registry_unavailable`). `worker` names the logs.
 ///
 /// Errors: the [`Rejection`] naming the record's dead-letter class.
-pub async fn admit(codec: &Codec, rules: &Rules, input: Input<'_>, value: Option<&[u8]>, now_ms: i64, retry: &mut RetryBudget, worker: &str) -> Result<Event, Rejection> {
+pub async fn admit(
+    codec: &Codec,
+    rules: &Rules,
+    input: Input<'_>,
+    value: Option<&[u8]>,
+    now_ms: i64,
+    retry: &mut RetryBudget,
+    worker: &str,
+) -> Result<Event, Rejection> {
     let value = rules.check_value(value)?;
     let mut attempts = 1;
     let event = loop {

@@ -59,10 +59,11 @@ impl Topology {
     ///
     /// Errors: [`TopologyError::UnknownProfile`] when the file has no `[profiles.<name>]`.
     pub fn apply_profile(&mut self, name: &str) -> Result<(), TopologyError> {
-        let p = self.profiles.get(name).cloned().ok_or_else(|| TopologyError::UnknownProfile {
-            name: name.to_string(),
-            known: self.profiles.keys().cloned().collect(),
-        })?;
+        let p = self
+            .profiles
+            .get(name)
+            .cloned()
+            .ok_or_else(|| TopologyError::UnknownProfile { name: name.to_string(), known: self.profiles.keys().cloned().collect() })?;
         if let Some(g) = p.guarantee {
             self.defaults.guarantee = g;
         }

@@ -22,12 +22,19 @@ impl Broker for Fake {
     async fn send(&self, records: Vec<OutRecord>) -> Vec<Result<i64, KafkaError>> {
         let n = *self.sends.borrow();
         *self.sends.borrow_mut() += 1;
-        let names: Vec<String> = records.iter().map(|r| format!("{}{}", r.topic, r.partition.map(|p| format!("[{p}]")).unwrap_or_default())).collect();
+        let names: Vec<String> =
+            records.iter().map(|r| format!("{}{}", r.topic, r.partition.map(|p| format!("[{p}]")).unwrap_or_default())).collect();
         self.log.borrow_mut().push(format!("send {}", names.join(" ")));
         records
             .iter()
             .enumerate()
-            .map(|(i, _)| if self.fail_send == Some(n) && i == 0 { Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)) } else { Ok(10 * n as i64 + i as i64) })
+            .map(|(i, _)| {
+                if self.fail_send == Some(n) && i == 0 {
+                    Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut))
+                } else {
+                    Ok(10 * n as i64 + i as i64)
+                }
+            })
             .collect()
     }
     async fn begin(&self) -> Result<(), TxnError> {
@@ -88,7 +95,16 @@ const OFFSETS: &str = "{3: {\"in\": 8}}";
 fn exactly_once_sends_markers_inside_the_transaction_then_persists() {
     let (result, log) = run(Guarantee::ExactlyOnce, &Fake::default());
     assert_eq!(result.unwrap(), BTreeMap::from([(3, 3)]), "changelog offsets 1 and 2 → next 3");
-    assert_eq!(log, vec!["begin".to_string(), "send out cl[3] cl[3]".into(), format!("commit_transaction {OFFSETS}"), "persist 3@3".into(), "flush".into()]);
+    assert_eq!(
+        log,
+        vec![
+            "begin".to_string(),
+            "send out cl[3] cl[3]".into(),
+            format!("commit_transaction {OFFSETS}"),
+            "persist 3@3".into(),
+            "flush".into()
+        ]
+    );
 }
 
 #[test]
@@ -111,7 +127,10 @@ fn exactly_once_aborts_on_a_failed_send_or_commit_and_persists_nothing() {
 fn effectively_once_sends_markers_after_everything_else_then_flushes_then_commits_offsets() {
     let (result, log) = run(Guarantee::EffectivelyOnce, &Fake::default());
     assert_eq!(result.unwrap(), BTreeMap::from([(3, 11)]), "the marker went out in the second send, at offset 10");
-    assert_eq!(log, vec!["send out cl[3]".to_string(), "send cl[3]".into(), "persist 3@11".into(), "flush".into(), format!("commit_offsets {OFFSETS}")]);
+    assert_eq!(
+        log,
+        vec!["send out cl[3]".to_string(), "send cl[3]".into(), "persist 3@11".into(), "flush".into(), format!("commit_offsets {OFFSETS}")]
+    );
 }
 
 #[test]

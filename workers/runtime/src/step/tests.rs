@@ -144,7 +144,10 @@ async fn due_timers_fire_after_the_records_each_naming_its_timer() {
     let causes: Vec<Cause> = staged.outputs.iter().map(|(_, c)| c.clone()).collect();
     assert_eq!(
         causes,
-        vec![Cause::Timer { partition: 0, key: b"a".to_vec(), due_ms: T0 - 5 }, Cause::Timer { partition: 1, key: b"flaky".to_vec(), due_ms: T0 }]
+        vec![
+            Cause::Timer { partition: 0, key: b"a".to_vec(), due_ms: T0 - 5 },
+            Cause::Timer { partition: 1, key: b"flaky".to_vec(), due_ms: T0 }
+        ]
     );
     assert_eq!(staged.changes[&0].timers.get(b"a".as_slice()), Some(&None), "a fired timer is removed");
     assert!(!staged.changes[&0].timers.contains_key(b"later".as_slice()));
@@ -183,7 +186,11 @@ async fn a_fatal_failure_stops_the_step_where_it_happened() {
 
 #[test]
 fn admission_rules_name_their_class() {
-    let rules = Rules { max_record_bytes: 4, max_clock_skew_ms: 1_000, schemas: BTreeMap::from([("in".to_string(), vec!["OrderCreated".to_string()])]) };
+    let rules = Rules {
+        max_record_bytes: 4,
+        max_clock_skew_ms: 1_000,
+        schemas: BTreeMap::from([("in".to_string(), vec!["OrderCreated".to_string()])]),
+    };
     assert_eq!(rules.check_value(None).unwrap_err().class, DeadLetterClass::Truncated);
     assert_eq!(rules.check_value(Some(&[0; 5])).unwrap_err().class, DeadLetterClass::Oversized);
     assert_eq!(rules.check_value(Some(&[0; 4])), Ok(&[0u8; 4][..]));

@@ -209,4 +209,3 @@ impl WorkerContext {
         !self.events.lock().expect("rebalance queue").is_empty()
     }
 }
-

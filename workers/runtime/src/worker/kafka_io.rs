@@ -68,7 +68,8 @@ impl Broker for KafkaBroker<'_> {
         let txn = self.txn.expect("a transactional producer under exactly_once");
         let failed = |source: KafkaError| TxnError { class: TxnErrorClass::Abortable, source, step: "send_offsets_to_transaction" };
         let tpl = offset_list(offsets).map_err(failed)?;
-        let group = self.consumer.group_metadata().ok_or_else(|| failed(KafkaError::ClientCreation("consumer has no group metadata".into())))?;
+        let group =
+            self.consumer.group_metadata().ok_or_else(|| failed(KafkaError::ClientCreation("consumer has no group metadata".into())))?;
         txn.commit(tpl, group).await
     }
 
@@ -152,11 +153,16 @@ impl LocalState for SledUnit<'_> {
 /// The dead-letter record of `source` rejected by `worker` at `now_ms`: its key and value (the
 /// value left out beyond `max_value` bytes, header `orderflow.dlq.value-dropped` = its length),
 /// its own headers, and the `orderflow.dlq.*` headers saying where it came from and why.
-pub(super) fn dead_letter_record(topic: String, source: &OwnedMessage, r: &Rejection, worker: &str, now_ms: i64, max_value: usize) -> OutRecord {
-    let mut headers: Vec<(String, Option<Vec<u8>>)> = source
-        .headers()
-        .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
-        .unwrap_or_default();
+pub(super) fn dead_letter_record(
+    topic: String,
+    source: &OwnedMessage,
+    r: &Rejection,
+    worker: &str,
+    now_ms: i64,
+    max_value: usize,
+) -> OutRecord {
+    let mut headers: Vec<(String, Option<Vec<u8>>)> =
+        source.headers().map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect()).unwrap_or_default();
     let fields = [
         (dlq_header::SOURCE_TOPIC, source.topic().to_string()),
         (dlq_header::SOURCE_PARTITION, source.partition().to_string()),

@@ -70,8 +70,8 @@ mod kafka_io;
 mod rebalance;
 mod unit;
 
-use context::{subscribed_consumer, Health};
 pub use context::WorkerContext;
+use context::{subscribed_consumer, Health};
 
 /// Errors that stop a worker instance. All are fatal: the process exits non-zero so the pod
 /// restarts and replays from the last committed unit.
@@ -277,7 +277,6 @@ impl Worker {
         Ok(())
     }
 
-
     /// Gathers the records of one unit: waits for the first at most one commit interval, then
     /// takes the records already fetched, up to `max_batch`; stops early for a rebalance or a
     /// shutdown. Returns the records and a consumer error that ended the gathering, if any.
@@ -317,7 +316,6 @@ impl Worker {
         }
         (batch, consumer_error)
     }
-
 }
 
 /// Logs and returns a worker's result (for tasks spawned per worker).
@@ -369,7 +367,11 @@ fn consumer_config(setup: &WorkerSetup, spec: &WorkerSpec) -> ClientConfig {
 /// per worker instance, so a restarted instance fences its zombie.
 ///
 /// Errors: client creation, `init_transactions`.
-async fn producer(setup: &WorkerSetup, spec: &WorkerSpec, guarantee: Guarantee) -> Result<(FutureProducer, Option<TxnProducer>), WorkerError> {
+async fn producer(
+    setup: &WorkerSetup,
+    spec: &WorkerSpec,
+    guarantee: Guarantee,
+) -> Result<(FutureProducer, Option<TxnProducer>), WorkerError> {
     let t = &setup.topology.topology;
     let mut config = client_config(&t.broker, Side::Producer);
     config.set("client.id", format!("{}-{}", setup.name, setup.instance));

@@ -48,7 +48,6 @@ impl Drop for CloseOffThread {
     }
 }
 
-
 impl Worker {
     /// Acts on the rebalances the consumer saw: revoked partitions are dropped (their gathered
     /// records abandoned: returned so the caller discards them), assigned ones restored, then
@@ -295,5 +294,4 @@ impl Worker {
         self.consumer.context().events.lock().expect("rebalance queue").push(RebalanceEvent::Rewind(starts));
         Ok(())
     }
-
 }

@@ -78,7 +78,13 @@ impl Worker {
             .collect();
         let unit = Unit { records, changelog_topic: self.changelog_topic.clone(), changelog, offsets };
         let offsets = unit.offsets.clone();
-        let broker = KafkaBroker { producer: &self.producer, txn: self.txn.as_ref(), consumer: &self.consumer, health: &self.health, worker: &self.name };
+        let broker = KafkaBroker {
+            producer: &self.producer,
+            txn: self.txn.as_ref(),
+            consumer: &self.consumer,
+            health: &self.health,
+            worker: &self.name,
+        };
         let mut local = SledUnit { store: &self.store, shards: &self.shards, changes: &changes, offsets: &offsets };
         match commit::commit(self.guarantee, &broker, &mut local, unit).await {
             Ok(persisted) => {
@@ -144,7 +150,12 @@ impl Worker {
     /// take waits a backoff (the retry policy's, growing with consecutive failures, never giving
     /// up: the broker is expected back), compensates the changelog records it may have written
     /// and rewinds; anything fatal stops the instance.
-    async fn commit_failed(&mut self, failure: Failure, batch: &[OwnedMessage], changes: &BTreeMap<i32, Changes>) -> Result<(), WorkerError> {
+    async fn commit_failed(
+        &mut self,
+        failure: Failure,
+        batch: &[OwnedMessage],
+        changes: &BTreeMap<i32, Changes>,
+    ) -> Result<(), WorkerError> {
         let w = self.name.clone();
         match failure {
             Failure::Aborted(e) => {

@@ -2,6 +2,8 @@
 //! broker, with a POS simulator closing confirmed orders, ending in a summary (orders by final
 //! state and reason, events per topic, stock conservation per store, wall time).
 
+pub mod tpch;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,6 @@ use orderflow_api::Event;
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::kafka::{client_config, create_topics, Side};
 use orderflow_runtime::metrics::Metrics;
-use orderflow_runtime::store::Store;
 use orderflow_runtime::worker::now_ms;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
@@ -26,7 +27,11 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::tpch;
+mod inputs;
+mod summary;
+
+pub(crate) use inputs::*;
+use summary::*;
 
 /// `orderflow demo` flags.
 #[derive(clap::Args, Debug)]
@@ -163,120 +168,12 @@ pub struct SeedResult {
     pub pass: bool,
 }
 
-const SEED_HQ: &str = "HQ-SEED";
-
-/// Seed 000 scenario 1 (single product short) and 2 (multi-product, one short: all or nothing).
-fn seed_inputs(now: i64) -> (Vec<InventoryAdjusted>, Vec<OrderCreated>) {
-    let inv = |store: &str, items: &[(&str, i64)]| InventoryAdjusted {
-        event_id: format!("seed-stock-{store}"),
-        occurred_at: now,
-        hq_id: SEED_HQ.into(),
-        store_id: store.into(),
-        adjustment_type: change_reason::RESTOCK.into(),
-        reference_id: "seed-000".into(),
-        items: items.iter().map(|(p, q)| AdjustedItem { product_id: p.to_string(), delta: *q }).collect(),
-    };
-    let order = |id: &str, store: &str, items: &[(&str, i32)]| OrderCreated {
-        event_id: format!("seed-order-{id}"),
-        occurred_at: now,
-        order_id: id.into(),
-        customer_id: "C-SEED".into(),
-        hq_id: SEED_HQ.into(),
-        store_id: store.into(),
-        items: items.iter().map(|(p, q)| OrderItem { product_id: p.to_string(), quantity: *q, unit_price: 1000 }).collect(),
-    };
-    (
-        vec![inv("ST-SEED-1", &[("P-001", 5)]), inv("ST-SEED-2", &[("P-001", 10), ("P-002", 1)])],
-        vec![order("SEED-000-1", "ST-SEED-1", &[("P-001", 10)]), order("SEED-000-2", "ST-SEED-2", &[("P-001", 5), ("P-002", 3)])],
-    )
-}
-
-/// What the POS does with a confirmed order: `"complete"` for `complete_pct` % of the order
-/// ids, `"payment_failed"` for the next `fail_pct` %, else `"leave"` (to expire). A stable
-/// share: a hash of the id, independent of arrival order.
-pub(crate) fn pos_decision(order_id: &str, complete_pct: u32, fail_pct: u32) -> &'static str {
-    // FNV-1a: a stable share, independent of arrival order.
-    let h = order_id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    let bucket = (h % 100) as u32;
-    if bucket < complete_pct {
-        "complete"
-    } else if bucket < complete_pct + fail_pct {
-        "payment_failed"
-    } else {
-        "leave"
-    }
-}
-
-/// The POS's answer to a confirmed `order` for `decision` (of [`pos_decision`]): `(topic,
-/// event)`, an `OrderCompleted` (payment taken, on `completed_topic`) or an `OrderCancelled`
-/// `PAYMENT_FAILED` (on `cancelled_topic`); `None` for `"leave"` / `"late"`.
-pub(crate) fn pos_answer(
-    decision: &str,
-    order: &OrderCreated,
-    confirmed: &OrderConfirmed,
-    completed_topic: &str,
-    cancelled_topic: &str,
-) -> Option<(String, Event)> {
-    match decision {
-        "complete" => Some((
-            completed_topic.to_string(),
-            Event::OrderCompleted(OrderCompleted {
-                event_id: format!("pos-complete-{}", order.order_id),
-                occurred_at: now_ms(),
-                order_id: order.order_id.clone(),
-                reservation_id: confirmed.reservation_id.clone(),
-                hq_id: order.hq_id.clone(),
-                store_id: order.store_id.clone(),
-                items: order
-                    .items
-                    .iter()
-                    .map(|i| SoldItem { product_id: i.product_id.clone(), quantity: i.quantity, actual_price: i.unit_price })
-                    .collect(),
-                total_amount: order.items.iter().map(|i| i.unit_price * i.quantity as i64).sum(),
-            }),
-        )),
-        "payment_failed" => Some((
-            cancelled_topic.to_string(),
-            Event::OrderCancelled(OrderCancelled {
-                event_id: format!("pos-payment-failed-{}", order.order_id),
-                occurred_at: now_ms(),
-                order_id: order.order_id.clone(),
-                hq_id: order.hq_id.clone(),
-                store_id: order.store_id.clone(),
-                reason: cancel_reason::PAYMENT_FAILED.into(),
-                reservation_id: Some(confirmed.reservation_id.clone()),
-                customer_message: canceller::customer_message(cancel_reason::PAYMENT_FAILED).into(),
-            }),
-        )),
-        _ => None,
-    }
-}
-
-/// The topic the topology wires to port `port` of the (first) worker of kind `kind`.
-pub(crate) fn port_topic(t: &orderflow_runtime::topology::Topology, kind: &str, port: &str) -> Result<String> {
-    t.workers
-        .values()
-        .find(|w| w.kind == kind)
-        .and_then(|w| w.outputs.get(port).cloned())
-        .with_context(|| format!("the topology wires no {kind} port {port}"))
-}
-
-/// Encodes `event` for `topic` and produces it keyed by `key`; waits for the acknowledgement.
-pub(crate) async fn send(producer: &FutureProducer, codec: &Codec, topic: &str, key: &str, event: &Event) -> Result<()> {
-    let bytes = codec.encode(topic, event).await?;
-    producer
-        .send(FutureRecord::to(topic).key(key).payload(&bytes), Timeout::Never)
-        .await
-        .map_err(|(e, _)| anyhow::anyhow!("producing to {topic}: {e}"))?;
-    Ok(())
-}
-
 /// Runs the demo end to end and prints the summary. Errors if the saga does not settle or an
 /// invariant fails (the summary is printed first).
 pub async fn run(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
-    let mut loaded = crate::load_topology(&args.topology, args.bootstrap.as_deref())?;
-    crate::override_ttl(&mut loaded, args.ttl);
+    let mut loaded = crate::topology::load_topology(&args.topology, args.bootstrap.as_deref())?;
+    crate::topology::override_ttl(&mut loaded, args.ttl);
     let state_dir = args.state_dir.clone().unwrap_or_else(|| loaded.topology.defaults.state_dir.join(format!("demo-{}", now_ms())));
     loaded.topology.defaults.state_dir = state_dir.clone();
     let loaded = Arc::new(loaded);
@@ -323,7 +220,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let handles = if args.external_workers {
         Vec::new()
     } else {
-        crate::spawn_workers(loaded.clone(), &[], "demo", metrics.clone(), &crate::serve::Readiness::default(), stop_rx).await?
+        crate::run::spawn_workers(loaded.clone(), &[], "demo", metrics.clone(), &crate::run::serve::Readiness::default(), stop_rx).await?
     };
 
     // Observer: reads every saga topic from the beginning; the POS simulator reacts to it.
@@ -571,238 +468,4 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         bail!("the saga broke an invariant (see the summary above)");
     }
     Ok(())
-}
-
-/// (storeKey, productId) → (on hand, reserved) as the stock reserver's changelog holds it:
-/// every partition restored from the changelog alone into a scratch store, so the summary checks
-/// the durable copy of the state, whichever processes wrote it.
-fn read_stock(
-    broker: &orderflow_runtime::topology::BrokerConfig,
-    reserver: &str,
-    inputs: &[String],
-    partitions: i32,
-    scratch: &std::path::Path,
-) -> Result<BTreeMap<(String, String), stock_reserver::StockRecord>> {
-    let _ = std::fs::remove_dir_all(scratch);
-    let store = Store::open(scratch).with_context(|| format!("opening {}", scratch.display()))?;
-    let topic = orderflow_runtime::changelog::topic(reserver);
-    let mut out = BTreeMap::new();
-    for p in 0..partitions {
-        let shard = store.shard(p)?;
-        orderflow_runtime::changelog::restore(broker, &topic, inputs, &shard, Duration::from_secs(300))?;
-        for (k, v) in shard.scan(stock_reserver::STOCK_PREFIX)? {
-            let key = String::from_utf8_lossy(&k[stock_reserver::STOCK_PREFIX.len()..]).into_owned();
-            let (store_key, product) = key.rsplit_once('/').context("stock key without product")?;
-            let record: stock_reserver::StockRecord = serde_json::from_slice(&v)?;
-            out.insert((store_key.to_string(), product.to_string()), record);
-        }
-    }
-    Ok(out)
-}
-
-fn summarize(
-    o: &Observed,
-    initial: &BTreeMap<(String, String), i64>,
-    stock: &BTreeMap<(String, String), stock_reserver::StockRecord>,
-    t: &orderflow_runtime::topology::Topology,
-    ttl: Duration,
-    wall: Duration,
-) -> Result<Summary> {
-    let mut by_outcome: BTreeMap<String, usize> = BTreeMap::new();
-    let mut pos_decisions: BTreeMap<String, usize> = BTreeMap::new();
-    let mut latencies: Vec<i64> = o.orders.values().filter_map(|t| t.confirm_latency_ms).collect();
-    latencies.sort_unstable();
-    let pct = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
-    let confirm_latency_ms = BTreeMap::from([("p50".to_string(), pct(0.5)), ("p99".to_string(), pct(0.99)), ("max".to_string(), pct(1.0))]);
-    let mut without = Vec::new();
-    let mut several = Vec::new();
-    // Live reservations by (store, product), from the events: reserved, neither released nor sold.
-    let mut live: BTreeMap<(String, String), i64> = BTreeMap::new();
-    for (id, tr) in &o.orders {
-        *by_outcome.entry(tr.outcome()).or_default() += 1;
-        if let Some(d) = tr.pos {
-            *pos_decisions.entry(d.to_string()).or_default() += 1;
-        }
-        match tr.outcomes() {
-            0 => without.push(id.clone()),
-            1 => {}
-            _ => several.push(id.clone()),
-        }
-        if tr.reserved && !tr.released && tr.sales.is_empty() {
-            for (p, q) in &tr.items {
-                *live.entry((tr.store.clone(), p.clone())).or_default() += *q as i64;
-            }
-        }
-    }
-    without.sort();
-    several.sort();
-    let mut violations = Vec::new();
-    let mut negative = Vec::new();
-    let mut stores: BTreeMap<String, StoreSummary> = BTreeMap::new();
-    let keys: BTreeSet<&(String, String)> = initial.keys().chain(stock.keys()).collect();
-    for key in keys {
-        let init = initial.get(key).copied().unwrap_or(0);
-        let rec = stock.get(key).cloned().unwrap_or(stock_reserver::StockRecord { on_hand: 0, reserved: 0 });
-        let sold = o.sold.get(key).copied().unwrap_or(0);
-        let available = rec.on_hand - rec.reserved;
-        let expected_live = live.get(key).copied().unwrap_or(0);
-        let ok = init == available + rec.reserved + sold && rec.reserved == expected_live;
-        if !ok {
-            violations.push(format!(
-                "{}/{}: initial {init} != available {available} + reserved {} + sold {sold} (live reservations from events: {expected_live})",
-                key.0, key.1, rec.reserved
-            ));
-        }
-        if rec.on_hand < 0 || rec.reserved < 0 || available < 0 {
-            negative.push(format!("{}/{}: on hand {}, reserved {}", key.0, key.1, rec.on_hand, rec.reserved));
-        }
-        let s = stores.entry(key.0.clone()).or_insert_with(|| StoreSummary {
-            store: key.0.clone(),
-            products: 0,
-            initial: 0,
-            available: 0,
-            reserved: 0,
-            sold: 0,
-            conserved: true,
-        });
-        s.products += 1;
-        s.initial += init;
-        s.available += available;
-        s.reserved += rec.reserved;
-        s.sold += sold;
-        s.conserved &= ok;
-    }
-
-    // Events per topic from the high watermarks (the SQLite engine reports them correctly).
-    let mut events_per_topic = BTreeMap::new();
-    let mut topics: Vec<String> = t.topics.keys().cloned().collect();
-    topics.extend(t.dead_letter_topics().into_keys());
-    let watermarks = watermark_client(t)?;
-    for topic in topics {
-        let n = records_in(&watermarks, t, &topic)?;
-        events_per_topic.insert(topic, n);
-    }
-
-    let seed = |id: &str| o.orders.get(id).cloned().unwrap_or_default();
-    let s1 = seed("SEED-000-1");
-    let s2 = seed("SEED-000-2");
-    let describe = |tr: &OrderTrack| {
-        let failed = tr.failed.as_ref().map(|f| {
-            f.items
-                .iter()
-                .map(|i| format!("{} requested {} available {}", i.product_id, i.requested, i.available))
-                .collect::<Vec<_>>()
-                .join(", ")
-        });
-        format!("{} ({})", tr.outcome(), failed.unwrap_or_else(|| "no failure event".into()))
-    };
-    let p001_left = stock.get(&(store_key(SEED_HQ, "ST-SEED-2"), "P-001".into())).map(|r| r.on_hand - r.reserved);
-    let seeds = vec![
-        SeedResult {
-            scenario: "seed 000 scenario 1: P-001 ×10, stock 5".into(),
-            expected: "ORDER_CANCELLED/INSUFFICIENT_STOCK (P-001 requested 10 available 5)".into(),
-            observed: describe(&s1),
-            pass: s1.outcome() == "ORDER_CANCELLED/INSUFFICIENT_STOCK"
-                && s1.failed.as_ref().is_some_and(|f| {
-                    f.items.len() == 1 && f.items[0].product_id == "P-001" && f.items[0].requested == 10 && f.items[0].available == 5
-                }),
-        },
-        SeedResult {
-            scenario: "seed 000 scenario 2: P-001 ×5 (stock 10), P-002 ×3 (stock 1)".into(),
-            expected: "ORDER_CANCELLED/INSUFFICIENT_STOCK naming only P-002 (requested 3 available 1); P-001 stays 10 available".into(),
-            observed: format!(
-                "{}; P-001 available {}",
-                describe(&s2),
-                p001_left.map(|v| v.to_string()).unwrap_or_else(|| "unknown".into())
-            ),
-            pass: s2.outcome() == "ORDER_CANCELLED/INSUFFICIENT_STOCK"
-                && s2.failed.as_ref().is_some_and(|f| {
-                    f.items.len() == 1 && f.items[0].product_id == "P-002" && f.items[0].requested == 3 && f.items[0].available == 1
-                })
-                && p001_left == Some(10),
-        },
-    ];
-    Ok(Summary {
-        orders: o.orders.len(),
-        by_outcome,
-        pos_decisions,
-        confirm_latency_ms,
-        without_terminal_outcome: without,
-        with_several_outcomes: several,
-        events_per_topic,
-        distinct_events_per_topic: o.distinct.clone(),
-        duplicate_records: o.duplicates,
-        stores: stores.into_values().collect(),
-        conservation_violations: violations,
-        negative_stock: negative,
-        payload_conflicts: o.payload_conflicts.clone(),
-        seed_scenarios: seeds,
-        wall_seconds: wall.as_secs_f64(),
-        ttl_seconds: ttl.as_secs_f64(),
-    })
-}
-
-/// A client for [`records_in`].
-fn watermark_client(t: &orderflow_runtime::topology::Topology) -> Result<rdkafka::consumer::BaseConsumer> {
-    Ok(client_config(&t.broker, Side::Consumer).set("group.id", "orderflow-demo-watermarks").create()?)
-}
-
-/// Records in `topic` (sum of high − low watermarks over its declared partitions; a `.dlq`
-/// topic has its source's partitions).
-fn records_in(consumer: &rdkafka::consumer::BaseConsumer, t: &orderflow_runtime::topology::Topology, topic: &str) -> Result<i64> {
-    let partitions = t.topics.get(topic).or_else(|| t.topics.get(topic.trim_end_matches(".dlq"))).map(|s| s.partitions).unwrap_or(1);
-    let mut total = 0;
-    for p in 0..partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        total += high - low;
-    }
-    Ok(total)
-}
-
-fn print_summary(s: &Summary) {
-    println!("\n== orders by final state ({} orders)", s.orders);
-    for (k, v) in &s.by_outcome {
-        println!("  {k:40} {v:>7}  {:>5.1}%", *v as f64 * 100.0 / s.orders.max(1) as f64);
-    }
-    println!("  without a terminal outcome: {}   with several: {}", s.without_terminal_outcome.len(), s.with_several_outcomes.len());
-    println!("  POS decisions on confirmed orders: {:?}", s.pos_decisions);
-    println!("  created → confirmed read (ms): {:?}", s.confirm_latency_ms);
-    println!("\n== events per topic");
-    for (k, v) in &s.events_per_topic {
-        println!("  {k:40} {v:>7}");
-    }
-    println!("\n== stock conservation per store (initial = available + reserved + sold)");
-    println!("  {:30} {:>8} {:>10} {:>10} {:>9} {:>9}  ok", "store", "products", "initial", "available", "reserved", "sold");
-    for st in &s.stores {
-        println!(
-            "  {:24} {:>8} {:>10} {:>10} {:>9} {:>9}  {}",
-            st.store,
-            st.products,
-            st.initial,
-            st.available,
-            st.reserved,
-            st.sold,
-            if st.conserved { "yes" } else { "NO" }
-        );
-    }
-    println!(
-        "  violations: {}   negative stock: {}   payload conflicts: {}",
-        s.conservation_violations.len(),
-        s.negative_stock.len(),
-        s.payload_conflicts.len()
-    );
-    for v in s.conservation_violations.iter().chain(&s.negative_stock).take(10) {
-        println!("    {v}");
-    }
-    println!("\n== seed 000 scenarios");
-    for sd in &s.seed_scenarios {
-        println!(
-            "  [{}] {}\n        expected {}\n        observed {}",
-            if sd.pass { "PASS" } else { "FAIL" },
-            sd.scenario,
-            sd.expected,
-            sd.observed
-        );
-    }
-    println!("\nwall time {:.1}s (reservation TTL {:.0}s)", s.wall_seconds, s.ttl_seconds);
 }

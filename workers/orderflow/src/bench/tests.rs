@@ -1,0 +1,66 @@
+use std::time::Instant;
+
+use orderflow_api::Event;
+
+use super::*;
+
+#[test]
+fn metrics_are_summed_over_labels() {
+    let text = "# HELP orderflow_events_consumed_total x\n# TYPE orderflow_events_consumed_total counter\n\
+        orderflow_events_consumed_total{outcome=\"processed\",topic=\"a\",worker=\"w\"} 3\n\
+        orderflow_events_consumed_total{outcome=\"duplicate\",topic=\"a\",worker=\"w\"} 2\n\
+        orderflow_events_consumed_totalx 100\n\
+        orderflow_state_restore_seconds_sum{source=\"local\",worker=\"w\"} 0.5\n\
+        orderflow_state_restore_seconds_sum{source=\"changelog\",worker=\"w\"} 1.5\n\
+        orderflow_state_restore_seconds_sum{source=\"changelog\",worker=\"v\"} 1\n\
+        orderflow_state_restored_records_total{worker=\"w\"} 1e6\n";
+    assert_eq!(metric_sum(text, "orderflow_events_consumed_total"), 5.0);
+    assert_eq!(metric_sum(text, "orderflow_state_restored_records_total"), 1_000_000.0);
+    assert_eq!(metric_sum(text, "missing"), 0.0);
+    let by = metric_by_label(text, "orderflow_state_restore_seconds_sum", "source");
+    assert_eq!(by, BTreeMap::from([("changelog".to_string(), 2.5), ("local".to_string(), 0.5)]));
+}
+
+#[test]
+fn http_status_and_body() {
+    assert_eq!(parse_http("HTTP/1.1 503 Service Unavailable\r\ncontent-length: 9\r\n\r\nnot ready"), Some((503, "not ready".into())));
+    assert_eq!(parse_http("HTTP/1.1 200 OK\r\n\r\n"), Some((200, String::new())));
+    assert_eq!(parse_http(""), None);
+}
+
+#[test]
+fn meter_skips_the_warmup_and_stops_at_the_duration() {
+    let t0 = Instant::now();
+    let mut m = Meter::new(Duration::from_secs(1), Duration::from_secs(2), 1_000_000);
+    assert!(m.observe(t0, 0).is_none());
+    assert!(m.observe(t0, 10).is_none());
+    assert!(m.observe(t0 + Duration::from_secs(1), 100).is_none());
+    let w = m.observe(t0 + Duration::from_secs(3), 300).expect("window over");
+    assert_eq!(w.measured_records, 200);
+    assert!((w.records_per_s - 100.0).abs() < 1e-9);
+    assert!(!w.drained);
+}
+
+#[test]
+fn meter_stops_when_drained() {
+    let t0 = Instant::now();
+    let mut m = Meter::new(Duration::from_secs(1), Duration::from_secs(60), 500);
+    m.observe(t0, 1);
+    m.observe(t0 + Duration::from_secs(1), 100);
+    let w = m.observe(t0 + Duration::from_secs(2), 500).expect("drained");
+    assert!(w.drained);
+    assert_eq!(w.measured_records, 400);
+}
+
+#[test]
+fn inputs_are_deterministic_and_keyed_as_the_topology_says() {
+    let a = worker_input("stock-reserver", 100, 0).unwrap();
+    let b = worker_input("stock-reserver", 100, 0).unwrap();
+    assert_eq!(a.len(), 100 + STORES);
+    assert!(a.iter().zip(&b).all(|(x, y)| x.1 == y.1 && x.2 == y.2));
+    assert!(matches!(a[0].2, Event::InventoryAdjusted(_)));
+    for (_, key, e) in &a {
+        assert_eq!(key, &e.store_key());
+    }
+    assert!(worker_input("canceller", 1, 0).is_err());
+}

@@ -1,0 +1,244 @@
+//! The demo's summary: the stock as the reserver's changelog holds it, the per-order outcomes and
+//! latencies, records per topic, and printing it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use orderflow_api::events::*;
+use orderflow_runtime::store::Store;
+
+use super::{Observed, OrderTrack, SeedResult, StoreSummary, Summary, SEED_HQ};
+
+/// (storeKey, productId) → (on hand, reserved) as the stock reserver's changelog holds it:
+/// every partition restored from the changelog alone into a scratch store, so the summary checks
+/// the durable copy of the state, whichever processes wrote it.
+pub(super) fn read_stock(
+    broker: &orderflow_runtime::topology::BrokerConfig,
+    reserver: &str,
+    inputs: &[String],
+    partitions: i32,
+    scratch: &std::path::Path,
+) -> Result<BTreeMap<(String, String), stock_reserver::StockRecord>> {
+    let _ = std::fs::remove_dir_all(scratch);
+    let store = Store::open(scratch).with_context(|| format!("opening {}", scratch.display()))?;
+    let topic = orderflow_runtime::changelog::topic(reserver);
+    let mut out = BTreeMap::new();
+    for p in 0..partitions {
+        let shard = store.shard(p)?;
+        orderflow_runtime::changelog::restore(broker, &topic, inputs, &shard, Duration::from_secs(300))?;
+        for (k, v) in shard.scan(stock_reserver::STOCK_PREFIX)? {
+            let key = String::from_utf8_lossy(&k[stock_reserver::STOCK_PREFIX.len()..]).into_owned();
+            let (store_key, product) = key.rsplit_once('/').context("stock key without product")?;
+            let record: stock_reserver::StockRecord = serde_json::from_slice(&v)?;
+            out.insert((store_key.to_string(), product.to_string()), record);
+        }
+    }
+    Ok(out)
+}
+
+pub(super) fn summarize(
+    o: &Observed,
+    initial: &BTreeMap<(String, String), i64>,
+    stock: &BTreeMap<(String, String), stock_reserver::StockRecord>,
+    t: &orderflow_runtime::topology::Topology,
+    ttl: Duration,
+    wall: Duration,
+) -> Result<Summary> {
+    let mut by_outcome: BTreeMap<String, usize> = BTreeMap::new();
+    let mut pos_decisions: BTreeMap<String, usize> = BTreeMap::new();
+    let mut latencies: Vec<i64> = o.orders.values().filter_map(|t| t.confirm_latency_ms).collect();
+    latencies.sort_unstable();
+    let pct = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
+    let confirm_latency_ms = BTreeMap::from([("p50".to_string(), pct(0.5)), ("p99".to_string(), pct(0.99)), ("max".to_string(), pct(1.0))]);
+    let mut without = Vec::new();
+    let mut several = Vec::new();
+    // Live reservations by (store, product), from the events: reserved, neither released nor sold.
+    let mut live: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for (id, tr) in &o.orders {
+        *by_outcome.entry(tr.outcome()).or_default() += 1;
+        if let Some(d) = tr.pos {
+            *pos_decisions.entry(d.to_string()).or_default() += 1;
+        }
+        match tr.outcomes() {
+            0 => without.push(id.clone()),
+            1 => {}
+            _ => several.push(id.clone()),
+        }
+        if tr.reserved && !tr.released && tr.sales.is_empty() {
+            for (p, q) in &tr.items {
+                *live.entry((tr.store.clone(), p.clone())).or_default() += *q as i64;
+            }
+        }
+    }
+    without.sort();
+    several.sort();
+    let mut violations = Vec::new();
+    let mut negative = Vec::new();
+    let mut stores: BTreeMap<String, StoreSummary> = BTreeMap::new();
+    let keys: BTreeSet<&(String, String)> = initial.keys().chain(stock.keys()).collect();
+    for key in keys {
+        let init = initial.get(key).copied().unwrap_or(0);
+        let rec = stock.get(key).cloned().unwrap_or(stock_reserver::StockRecord { on_hand: 0, reserved: 0 });
+        let sold = o.sold.get(key).copied().unwrap_or(0);
+        let available = rec.on_hand - rec.reserved;
+        let expected_live = live.get(key).copied().unwrap_or(0);
+        let ok = init == available + rec.reserved + sold && rec.reserved == expected_live;
+        if !ok {
+            violations.push(format!(
+                "{}/{}: initial {init} != available {available} + reserved {} + sold {sold} (live reservations from events: {expected_live})",
+                key.0, key.1, rec.reserved
+            ));
+        }
+        if rec.on_hand < 0 || rec.reserved < 0 || available < 0 {
+            negative.push(format!("{}/{}: on hand {}, reserved {}", key.0, key.1, rec.on_hand, rec.reserved));
+        }
+        let s = stores.entry(key.0.clone()).or_insert_with(|| StoreSummary {
+            store: key.0.clone(),
+            products: 0,
+            initial: 0,
+            available: 0,
+            reserved: 0,
+            sold: 0,
+            conserved: true,
+        });
+        s.products += 1;
+        s.initial += init;
+        s.available += available;
+        s.reserved += rec.reserved;
+        s.sold += sold;
+        s.conserved &= ok;
+    }
+
+    // Events per topic from the high watermarks (the SQLite engine reports them correctly).
+    let mut events_per_topic = BTreeMap::new();
+    let mut topics: Vec<String> = t.topics.keys().cloned().collect();
+    topics.extend(t.dead_letter_topics().into_keys());
+    let watermarks = watermark_client(t)?;
+    for topic in topics {
+        let n = records_in(&watermarks, t, &topic)?;
+        events_per_topic.insert(topic, n);
+    }
+
+    let seed = |id: &str| o.orders.get(id).cloned().unwrap_or_default();
+    let s1 = seed("SEED-000-1");
+    let s2 = seed("SEED-000-2");
+    let describe = |tr: &OrderTrack| {
+        let failed = tr.failed.as_ref().map(|f| {
+            f.items
+                .iter()
+                .map(|i| format!("{} requested {} available {}", i.product_id, i.requested, i.available))
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+        format!("{} ({})", tr.outcome(), failed.unwrap_or_else(|| "no failure event".into()))
+    };
+    let p001_left = stock.get(&(store_key(SEED_HQ, "ST-SEED-2"), "P-001".into())).map(|r| r.on_hand - r.reserved);
+    let seeds = vec![
+        SeedResult {
+            scenario: "seed 000 scenario 1: P-001 ×10, stock 5".into(),
+            expected: "ORDER_CANCELLED/INSUFFICIENT_STOCK (P-001 requested 10 available 5)".into(),
+            observed: describe(&s1),
+            pass: s1.outcome() == "ORDER_CANCELLED/INSUFFICIENT_STOCK"
+                && s1.failed.as_ref().is_some_and(|f| {
+                    f.items.len() == 1 && f.items[0].product_id == "P-001" && f.items[0].requested == 10 && f.items[0].available == 5
+                }),
+        },
+        SeedResult {
+            scenario: "seed 000 scenario 2: P-001 ×5 (stock 10), P-002 ×3 (stock 1)".into(),
+            expected: "ORDER_CANCELLED/INSUFFICIENT_STOCK naming only P-002 (requested 3 available 1); P-001 stays 10 available".into(),
+            observed: format!(
+                "{}; P-001 available {}",
+                describe(&s2),
+                p001_left.map(|v| v.to_string()).unwrap_or_else(|| "unknown".into())
+            ),
+            pass: s2.outcome() == "ORDER_CANCELLED/INSUFFICIENT_STOCK"
+                && s2.failed.as_ref().is_some_and(|f| {
+                    f.items.len() == 1 && f.items[0].product_id == "P-002" && f.items[0].requested == 3 && f.items[0].available == 1
+                })
+                && p001_left == Some(10),
+        },
+    ];
+    Ok(Summary {
+        orders: o.orders.len(),
+        by_outcome,
+        pos_decisions,
+        confirm_latency_ms,
+        without_terminal_outcome: without,
+        with_several_outcomes: several,
+        events_per_topic,
+        distinct_events_per_topic: o.distinct.clone(),
+        duplicate_records: o.duplicates,
+        stores: stores.into_values().collect(),
+        conservation_violations: violations,
+        negative_stock: negative,
+        payload_conflicts: o.payload_conflicts.clone(),
+        seed_scenarios: seeds,
+        wall_seconds: wall.as_secs_f64(),
+        ttl_seconds: ttl.as_secs_f64(),
+    })
+}
+
+/// A client for [`records_in`].
+pub(super) fn watermark_client(t: &orderflow_runtime::topology::Topology) -> Result<rdkafka::consumer::BaseConsumer> {
+    crate::kafkaio::watermark_client(&t.broker, "orderflow-demo-watermarks")
+}
+
+/// Records in `topic` (sum of high − low watermarks over its declared partitions; a `.dlq`
+/// topic has its source's partitions).
+pub(super) fn records_in(
+    consumer: &rdkafka::consumer::BaseConsumer,
+    t: &orderflow_runtime::topology::Topology,
+    topic: &str,
+) -> Result<i64> {
+    let partitions = t.topics.get(topic).or_else(|| t.topics.get(topic.trim_end_matches(".dlq"))).map(|s| s.partitions).unwrap_or(1);
+    crate::kafkaio::records_held(consumer, topic, partitions)
+}
+
+pub(super) fn print_summary(s: &Summary) {
+    println!("\n== orders by final state ({} orders)", s.orders);
+    for (k, v) in &s.by_outcome {
+        println!("  {k:40} {v:>7}  {:>5.1}%", *v as f64 * 100.0 / s.orders.max(1) as f64);
+    }
+    println!("  without a terminal outcome: {}   with several: {}", s.without_terminal_outcome.len(), s.with_several_outcomes.len());
+    println!("  POS decisions on confirmed orders: {:?}", s.pos_decisions);
+    println!("  created → confirmed read (ms): {:?}", s.confirm_latency_ms);
+    println!("\n== events per topic");
+    for (k, v) in &s.events_per_topic {
+        println!("  {k:40} {v:>7}");
+    }
+    println!("\n== stock conservation per store (initial = available + reserved + sold)");
+    println!("  {:30} {:>8} {:>10} {:>10} {:>9} {:>9}  ok", "store", "products", "initial", "available", "reserved", "sold");
+    for st in &s.stores {
+        println!(
+            "  {:24} {:>8} {:>10} {:>10} {:>9} {:>9}  {}",
+            st.store,
+            st.products,
+            st.initial,
+            st.available,
+            st.reserved,
+            st.sold,
+            if st.conserved { "yes" } else { "NO" }
+        );
+    }
+    println!(
+        "  violations: {}   negative stock: {}   payload conflicts: {}",
+        s.conservation_violations.len(),
+        s.negative_stock.len(),
+        s.payload_conflicts.len()
+    );
+    for v in s.conservation_violations.iter().chain(&s.negative_stock).take(10) {
+        println!("    {v}");
+    }
+    println!("\n== seed 000 scenarios");
+    for sd in &s.seed_scenarios {
+        println!(
+            "  [{}] {}\n        expected {}\n        observed {}",
+            if sd.pass { "PASS" } else { "FAIL" },
+            sd.scenario,
+            sd.expected,
+            sd.observed
+        );
+    }
+    println!("\nwall time {:.1}s (reservation TTL {:.0}s)", s.wall_seconds, s.ttl_seconds);
+}

@@ -1,0 +1,28 @@
+//! The `orderflow` command line as a library: every command of the binary, and the Kafka I/O
+//! they share. The binary (`src/main.rs`) parses [`cli::Cli`] and calls [`cli::run`].
+//!
+//! # Layout
+//!
+//! - [`cli`]: the clap command line and its dispatch to the command modules.
+//! - [`run`]: `orderflow run`: workers as tasks of this process, the health/metrics server.
+//! - [`topology`]: `orderflow topology check|graph`, `orderflow topics`, topology loading.
+//! - [`dlq`]: `orderflow dlq list|show|redrive`: dead-letter records.
+//! - [`inspect`]: `orderflow tap` and `orderflow trace`: decoded records, an order's timeline.
+//! - [`replay`]: `orderflow replay --into|--through`: republish a range or run it through a worker.
+//! - [`demo`]: `orderflow demo`: TPC-H orders and the seed scenarios through the whole saga.
+//! - [`bench`](mod@bench): `orderflow bench raw|worker|saga|recovery`: the benchmarks.
+//! - [`kafkaio`]: the Kafka I/O every command uses: topic reader, watermarks, offsets by time, partitioner, RFC 3339 times.
+//! - [`text`]: text output helpers: cut lines, hex, tables.
+
+pub mod bench;
+pub mod cli;
+pub mod demo;
+pub mod dlq;
+pub mod inspect;
+pub mod kafkaio;
+pub mod replay;
+pub mod run;
+pub mod text;
+pub mod topology;
+
+pub(crate) use orderflow_kinds as kinds;
