@@ -600,11 +600,8 @@ pub fn read_topic_at(
                 }
             }
             Some(Err(e)) => panic!("reading {topic}: {e}"),
-            Some(Ok(m)) => {
-                if pending.get(&m.partition()).is_some_and(|&high| m.offset() < high) {
-                    out.push(m.detach());
-                }
-            }
+            Some(Ok(m)) if pending.get(&m.partition()).is_some_and(|&high| m.offset() < high) => out.push(m.detach()),
+            Some(Ok(_)) => {}
         }
     }
     out

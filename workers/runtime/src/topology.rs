@@ -468,6 +468,10 @@ impl WorkerSpec {
     }
 }
 
+/// A kind's settings parser ([`KindInfo::settings`]): the worker's settings table in, the
+/// settings that must agree across workers (`(name, value as text)`) or an error message out.
+pub type SettingsCheck = fn(&toml::Table) -> Result<Vec<(&'static str, String)>, String>;
+
 /// What the checker knows of a worker kind.
 #[derive(Debug, Clone, Copy)]
 pub struct KindInfo {
@@ -481,7 +485,7 @@ pub struct KindInfo {
     /// reserver and the reservation expirer must use one TTL, seed 004).
     ///
     /// Errors: a message naming the unknown key, the bad value or the broken rule.
-    pub settings: fn(&toml::Table) -> Result<Vec<(&'static str, String)>, String>,
+    pub settings: SettingsCheck,
 }
 
 impl KindInfo {
