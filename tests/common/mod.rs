@@ -297,10 +297,27 @@ pub fn fails(bootstrap: &str, command: &str, args: &[&str], expected: &str) -> S
 // ------------------------------------------------------------------------------------------
 // Worker processes and their endpoints.
 
-/// A free TCP port on 127.0.0.1 (bound and released; the worker binds it right after). Panics
-/// if no ephemeral port can be bound.
+/// A free TCP port on 127.0.0.1 in 20000–31999 (bound and released; the worker binds it right
+/// after). Panics if none can be bound.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::Mutex;
+    // Below Linux's ephemeral range (32768–60999): a port picked there can be taken by any
+    // outbound connection (a broker client's) between this check and the process binding it
+    // (seen: a worker's metrics endpoint failing with "Address already in use"). Never the same
+    // port twice in one test process.
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1_000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no bindable port in 20000–31999 after 1,000 tries")
 }
 
 /// A plain HTTP/1.0 GET of `path` on 127.0.0.1:`port` (connect timeout 500 ms, read and write
