@@ -55,6 +55,9 @@ pub mod release_reason {
     pub const EXPIRED: &str = "EXPIRED";
     /// Released because `order.cancelled` reached the reserver first.
     pub const CANCELLED: &str = "CANCELLED";
+    /// The reserved units a payment did not sell (a partial sale, issue 13): the order itself
+    /// was sold.
+    pub const UNSOLD: &str = "UNSOLD";
 }
 
 /// `changeReason` values of `stock.updated` (seed 004).

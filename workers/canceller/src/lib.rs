@@ -423,6 +423,9 @@ impl Canceller {
                 mark_observed(&e.order_id, &e.reason, state)?;
                 close(&e.order_id, Outcome::Cancelled, state)
             }
+            // The units a payment did not sell went back to stock; the order itself was sold
+            // (its order.completed closes the saga): nothing to cancel.
+            release_reason::UNSOLD => Ok(()),
             other => Err(ProcessError::Invalid(format!("StockReservationReleased {}: unknown reason {other:?}", e.event_id))),
         }
     }

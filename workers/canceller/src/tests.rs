@@ -554,3 +554,14 @@ fn an_unknown_failure_reason_still_cancels_and_is_reported() {
     assert_eq!(c.reason, "INSUFFICIENT_STOCK");
     assert_eq!(notes(&h, "unknown_failure_reason"), vec!["OTHER"]);
 }
+
+/// The units a partial sale did not sell come back as a release with reason `UNSOLD`: the order
+/// was sold, so nothing is cancelled, and the saga still closes on the payment.
+#[test]
+fn unsold_units_released_after_a_partial_sale_cancel_nothing() {
+    let mut h = harness();
+    h.feed("order.created", created("e1", "O-1"), 0).unwrap();
+    assert!(h.feed("stock.reservation.released", released("r1", "O-1", release_reason::UNSOLD), 0).unwrap().is_empty());
+    assert!(h.feed("order.completed", completed("c1", "O-1"), 0).unwrap().is_empty());
+    assert!(h.advance(3_600_000).unwrap().is_empty(), "no saga timeout: the order completed");
+}

@@ -16,7 +16,9 @@
 //!   order to answer.
 //! - `OrderCancelled` / `StockReservationExpired` release a live reservation.
 //! - `OrderCompleted` turns a live reservation into a deduction (seed 004); never below zero and
-//!   never without a live reservation (rule 2).
+//!   never without a live reservation (rule 2). It must name the live reservation and may list
+//!   what was sold, a subset of the reserved items: the sold units are deducted, the rest released
+//!   (`UNSOLD`); anything else is `Invalid` and deducts nothing (issue 13).
 //!
 //! Every output is deterministic in its input (rule 7): ids come from
 //! [`derive_event_id`]`(input eventId, tag)` and `occurredAt` is the input's `occurredAt`.
@@ -448,6 +450,13 @@ impl StockReserver {
         }
     }
 
+    /// `order.completed`: the POS took payment for a live reservation. The payment must name the
+    /// live reservation (`reservationId`) and may list what was sold (`items`): each a reserved
+    /// product, at most once, 1 ≤ quantity ≤ reserved (issue 13). No items listed means the whole
+    /// reservation was sold (POS clients that do not itemise). The sold units are deducted
+    /// (`stock.updated` `SALE` per product); reserved units not sold go back to available stock
+    /// with one `stock.reservation.released` reason `UNSOLD`. A payment that breaks these rules is
+    /// `Invalid` (dead-lettered, nothing deducted).
     fn completed(&self, e: &OrderCompleted, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         orderflow_api::require("OrderCompleted", &e.event_id, "orderId", &e.order_id)?;
         let rkey = reservation_key(&e.order_id);
@@ -463,21 +472,35 @@ impl StockReserver {
                 return Ok(());
             }
         };
+        if e.reservation_id != r.reservation_id {
+            return Err(ProcessError::Invalid(format!(
+                "OrderCompleted {}: reservationId {:?} is not the live reservation {} of order {}; nothing deducted",
+                e.event_id, e.reservation_id, r.reservation_id, e.order_id
+            )));
+        }
+        let sold = sold_quantities(e, &r)?;
+        let mut unsold = Vec::new();
         for item in &r.items {
             let key = stock_key(&r.hq_id, &r.store_id, &item.product_id);
             let before = load_stock(state, &key)?;
-            let q = i64::from(item.quantity);
-            if before.reserved < q || before.on_hand < q {
+            let (q_reserved, q_sold) = (i64::from(item.quantity), i64::from(sold[&item.product_id]));
+            if before.reserved < q_reserved || before.on_hand < q_sold {
                 return Err(ProcessError::CorruptState {
                     key: String::from_utf8_lossy(&key).into_owned(),
                     message: format!(
-                        "deducting {q} for order {} would drive stock negative (on hand {}, reserved {})",
+                        "selling {q_sold} of {q_reserved} reserved for order {} would drive stock negative (on hand {}, reserved {})",
                         e.order_id, before.on_hand, before.reserved
                     ),
                 });
             }
-            let after = StockRecord { on_hand: before.on_hand - q, reserved: before.reserved - q };
+            let after = StockRecord { on_hand: before.on_hand - q_sold, reserved: before.reserved - q_reserved };
             store_stock(state, key, &after, out);
+            if q_reserved > q_sold {
+                unsold.push(ReleasedItem { product_id: item.product_id.clone(), released: to_i32(q_reserved - q_sold) });
+            }
+            if q_sold == 0 {
+                continue;
+            }
             out.emit(
                 PORT_UPDATED,
                 item.product_id.clone(),
@@ -489,7 +512,7 @@ impl StockReserver {
                     product_id: item.product_id.clone(),
                     hq_stock: None,
                     store_stock: StockLevel { previous: before.on_hand, current: after.on_hand },
-                    change_amount: -q,
+                    change_amount: -q_sold,
                     change_reason: change_reason::SALE.to_string(),
                     reference_id: e.order_id.clone(),
                 },
@@ -498,8 +521,55 @@ impl StockReserver {
         r.status = ReservationStatus::Deducted;
         state.put_json(rkey, &r);
         out.note("deduction", change_reason::SALE);
+        if !unsold.is_empty() {
+            out.emit(
+                PORT_RELEASED,
+                r.order_id.clone(),
+                StockReservationReleased {
+                    event_id: derive_event_id(&e.event_id, "stock.reservation.released"),
+                    occurred_at: e.occurred_at,
+                    order_id: r.order_id.clone(),
+                    reservation_id: r.reservation_id.clone(),
+                    hq_id: r.hq_id.clone(),
+                    store_id: r.store_id.clone(),
+                    reason: release_reason::UNSOLD.to_string(),
+                    items: unsold,
+                },
+            )?;
+            out.note("release", release_reason::UNSOLD);
+        }
         Ok(())
     }
+}
+
+/// Product → units sold of reservation `r` by payment `e`: every reserved product, 0 when not
+/// listed; all of them when `e` lists no items.
+///
+/// Errors: `Invalid` naming the first broken rule: a product not reserved, listed twice, a
+/// quantity < 1 or above what is reserved.
+fn sold_quantities(e: &OrderCompleted, r: &Reservation) -> Result<std::collections::BTreeMap<String, i32>, ProcessError> {
+    let reserved: std::collections::BTreeMap<&str, i32> = r.items.iter().map(|i| (i.product_id.as_str(), i.quantity)).collect();
+    if e.items.is_empty() {
+        return Ok(reserved.iter().map(|(p, q)| (p.to_string(), *q)).collect());
+    }
+    let mut sold: std::collections::BTreeMap<String, i32> = reserved.keys().map(|p| (p.to_string(), 0)).collect();
+    let bad = |what: String| {
+        Err(ProcessError::Invalid(format!("OrderCompleted {} of order {}: {what}; nothing deducted", e.event_id, e.order_id)))
+    };
+    for item in &e.items {
+        let Some(&held) = reserved.get(item.product_id.as_str()) else {
+            return bad(format!("sold product {:?} is not reserved", item.product_id));
+        };
+        let entry = sold.get_mut(&item.product_id).expect("every reserved product has an entry");
+        if *entry != 0 {
+            return bad(format!("sold product {} is listed twice", item.product_id));
+        }
+        if item.quantity < 1 || item.quantity > held {
+            return bad(format!("sold {} of {} but {held} are reserved", item.quantity, item.product_id));
+        }
+        *entry = item.quantity;
+    }
+    Ok(sold)
 }
 
 impl Processor for StockReserver {

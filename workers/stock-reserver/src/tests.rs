@@ -1,6 +1,7 @@
 //! Unit tests of the processor, run in memory through `orderflow_api::Harness`.
 
 use super::*;
+use orderflow_api::events::SoldItem;
 use orderflow_api::fixtures::*;
 use orderflow_api::{Harness, Output};
 
@@ -26,8 +27,11 @@ fn cancel(id: &str, order_id: &str) -> OrderCancelled {
     order_cancelled(id, order_id, "PAYMENT_FAILED", 2_000)
 }
 
-fn complete(id: &str, order_id: &str) -> OrderCompleted {
-    order_completed(id, order_id, "", 3_000)
+/// A payment for the live reservation of `order_id` (its `reservationId` read from `h`), listing
+/// no items (the whole reservation sold).
+fn complete(h: &Harness<StockReserver>, id: &str, order_id: &str) -> OrderCompleted {
+    let rid = h.store.get_json::<Reservation>(&reservation_key(order_id)).map(|r| r.reservation_id).unwrap_or_default();
+    order_completed(id, order_id, &rid, 3_000)
 }
 
 fn expire(id: &str, order_id: &str, reservation_id: &str) -> StockReservationExpired {
@@ -392,8 +396,8 @@ fn duplicate_event_id_has_no_effect() {
     assert_eq!(stock(&h, "P-001").on_hand, 10);
     assert_eq!(h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap().len(), 1);
     assert!(h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap().is_empty());
-    assert_eq!(h.feed("t", complete("c1", "O-1"), 0).unwrap().len(), 1);
-    assert!(h.feed("t", complete("c1", "O-1"), 0).unwrap().is_empty());
+    assert_eq!(h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap().len(), 1);
+    assert!(h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 8, reserved: 0 });
     assert!(notes(&h, "late_event").is_empty(), "repeats are dropped before the worker");
 }
@@ -455,7 +459,7 @@ fn expiry_releases_matching_live_reservation_only() {
     assert_eq!(r.event_id, derive_event_id("x1", "stock.reservation.released"));
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
     // Completion after expiry deducts nothing.
-    assert!(h.feed("t", complete("c1", "O-1"), 0).unwrap().is_empty());
+    assert!(h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001").on_hand, 10);
     assert_eq!(notes(&h, "late_event"), vec!["expired_other_reservation", "completed_without_reservation"]);
     assert_eq!(notes(&h, "release"), vec!["EXPIRED"]);
@@ -466,7 +470,7 @@ fn expiry_after_completion_is_late() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10)]);
     let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
-    h.feed("t", complete("c1", "O-1"), 0).unwrap();
+    h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap();
     assert!(h.feed("t", expire("x1", "O-1", &res_id), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 6, reserved: 0 });
     assert_eq!(notes(&h, "late_event"), vec!["expired_after_deduction"]);
@@ -477,7 +481,7 @@ fn completion_deducts_reserved_stock_with_previous_and_current() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10), ("P-002", 3)]);
     h.feed("t", order("o1", "O-1", &[("P-001", 4), ("P-002", 3)]), 0).unwrap();
-    let outs = h.feed("t", complete("c1", "O-1"), 0).unwrap();
+    let outs = h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap();
     assert_eq!(outs.len(), 2);
     let Event::StockUpdated(u) = &outs[0].event else { panic!() };
     assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_UPDATED, "P-001"));
@@ -492,7 +496,7 @@ fn completion_deducts_reserved_stock_with_previous_and_current() {
     assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Deducted);
     assert_eq!(notes(&h, "deduction"), vec!["SALE"]);
     // A second completion (new id) deducts nothing; a cancel after completion releases nothing.
-    assert!(h.feed("t", complete("c2", "O-1"), 0).unwrap().is_empty());
+    assert!(h.feed("t", complete(&h, "c2", "O-1"), 0).unwrap().is_empty());
     assert!(h.feed("t", cancel("k1", "O-1"), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 6, reserved: 0 });
     assert_eq!(notes(&h, "late_event"), vec!["completed_without_reservation", "cancel_after_deduction"]);
@@ -502,7 +506,7 @@ fn completion_deducts_reserved_stock_with_previous_and_current() {
 fn no_deduction_without_live_reservation() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10)]);
-    assert!(h.feed("t", complete("c1", "O-9"), 0).unwrap().is_empty());
+    assert!(h.feed("t", complete(&h, "c1", "O-9"), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001").on_hand, 10);
     assert_eq!(notes(&h, "late_event"), vec!["completed_without_reservation"]);
     // The completed order can no longer reserve.
@@ -517,7 +521,7 @@ fn deduction_that_would_go_negative_is_corrupt_state() {
     h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap();
     // Tamper with the store to break the invariant.
     h.store.data.insert(stock_key(HQ, STORE, "P-001"), serde_json::to_vec(&StockRecord { on_hand: 2, reserved: 4 }).unwrap());
-    let err = h.feed("t", complete("c1", "O-1"), 0).unwrap_err();
+    let err = h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap_err();
     assert!(matches!(err, ProcessError::CorruptState { .. }), "{err}");
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 2, reserved: 4 }, "nothing applied");
     assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Live);
@@ -530,7 +534,7 @@ fn outputs_are_deterministic_in_the_input() {
         order("o1", "O-1", &[("P-001", 5)]).into(),
         order("o2", "O-2", &[("P-001", 5), ("P-002", 3)]).into(),
         order("o3", "O-3", &[("P-001", 2)]).into(),
-        complete("c1", "O-1").into(),
+        order_completed("c1", "O-1", &derive_event_id("o1", "reservation"), 3_000).into(),
         cancel("k3", "O-3").into(),
     ];
     let run = || {
@@ -558,4 +562,76 @@ fn ignores_unrelated_events() {
     let ev = stock_reservation_released("r", "O-1", "R", "EXPIRED", 0, &[]);
     assert!(h.feed("order.created", ev, 0).unwrap().is_empty());
     assert!(h.notes.is_empty());
+}
+
+/// A restock of 10 × P-001 and 5 × P-002 and order O-1 reserving 3 and 2 of them.
+fn reserved_two_products() -> Harness<StockReserver> {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10), ("P-002", 5)]);
+    h.feed("t", order("o1", "O-1", &[("P-001", 3), ("P-002", 2)]), 0).unwrap();
+    h
+}
+
+fn sold(h: &Harness<StockReserver>, items: &[(&str, i32)]) -> OrderCompleted {
+    OrderCompleted {
+        items: items.iter().map(|(p, q)| SoldItem { product_id: p.to_string(), quantity: *q, actual_price: 100 }).collect(),
+        ..complete(h, "c1", "O-1")
+    }
+}
+
+#[test]
+fn a_partial_sale_deducts_what_was_sold_and_releases_the_rest() {
+    let mut h = reserved_two_products();
+    let outs = h.feed("t", sold(&h, &[("P-001", 2)]), 0).unwrap();
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 8, reserved: 0 }, "2 sold, 1 back to available");
+    assert_eq!(stock(&h, "P-002"), StockRecord { on_hand: 5, reserved: 0 }, "none sold, all back");
+    let sales: Vec<(&str, i64)> = outs
+        .iter()
+        .filter_map(|o| match &o.event {
+            Event::StockUpdated(u) => Some((u.product_id.as_str(), u.change_amount)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sales, vec![("P-001", -2)], "one SALE, for what was sold");
+    let released: Vec<&StockReservationReleased> = outs
+        .iter()
+        .filter_map(|o| match &o.event {
+            Event::StockReservationReleased(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].reason, release_reason::UNSOLD);
+    let back: Vec<(&str, i32)> = released[0].items.iter().map(|i| (i.product_id.as_str(), i.released)).collect();
+    assert_eq!(back, vec![("P-001", 1), ("P-002", 2)]);
+    assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Deducted);
+}
+
+#[test]
+fn a_full_itemised_sale_releases_nothing() {
+    let mut h = reserved_two_products();
+    let outs = h.feed("t", sold(&h, &[("P-002", 2), ("P-001", 3)]), 0).unwrap();
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 7, reserved: 0 });
+    assert_eq!(stock(&h, "P-002"), StockRecord { on_hand: 3, reserved: 0 });
+    assert!(outs.iter().all(|o| matches!(o.event, Event::StockUpdated(_))), "{outs:?}");
+}
+
+#[test]
+fn a_payment_for_another_reservation_or_beyond_it_is_rejected_and_deducts_nothing() {
+    let cases: Vec<(&str, Box<dyn Fn(&Harness<StockReserver>) -> OrderCompleted>)> = vec![
+        ("is not the live reservation", Box::new(|h| OrderCompleted { reservation_id: "R-OTHER".into(), ..complete(h, "c1", "O-1") })),
+        ("is not the live reservation", Box::new(|h| OrderCompleted { reservation_id: String::new(), ..complete(h, "c1", "O-1") })),
+        ("but 3 are reserved", Box::new(|h| sold(h, &[("P-001", 4)]))),
+        ("is not reserved", Box::new(|h| sold(h, &[("P-009", 1)]))),
+        ("is listed twice", Box::new(|h| sold(h, &[("P-001", 1), ("P-001", 1)]))),
+        ("sold 0 of P-001", Box::new(|h| sold(h, &[("P-001", 0)]))),
+    ];
+    for (want, payment) in cases {
+        let mut h = reserved_two_products();
+        let before = h.store.data.clone();
+        let err = h.feed("t", payment(&h), 0).unwrap_err();
+        assert!(matches!(&err, ProcessError::Invalid(m) if m.contains(want) && m.contains("nothing deducted")), "{want}: {err}");
+        assert_eq!(h.store.data, before, "{want}: nothing applied");
+        assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Live, "{want}: the reservation is still live");
+    }
 }
