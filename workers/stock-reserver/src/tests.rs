@@ -616,9 +616,12 @@ fn a_full_itemised_sale_releases_nothing() {
     assert!(outs.iter().all(|o| matches!(o.event, Event::StockUpdated(_))), "{outs:?}");
 }
 
+/// Builds a payment against a harness's live reservation.
+type Payment = Box<dyn Fn(&Harness<StockReserver>) -> OrderCompleted>;
+
 #[test]
 fn a_payment_for_another_reservation_or_beyond_it_is_rejected_and_deducts_nothing() {
-    let cases: Vec<(&str, Box<dyn Fn(&Harness<StockReserver>) -> OrderCompleted>)> = vec![
+    let cases: Vec<(&str, Payment)> = vec![
         ("is not the live reservation", Box::new(|h| OrderCompleted { reservation_id: "R-OTHER".into(), ..complete(h, "c1", "O-1") })),
         ("is not the live reservation", Box::new(|h| OrderCompleted { reservation_id: String::new(), ..complete(h, "c1", "O-1") })),
         ("but 3 are reserved", Box::new(|h| sold(h, &[("P-001", 4)]))),
