@@ -522,21 +522,7 @@ impl StockReserver {
         state.put_json(rkey, &r);
         out.note("deduction", change_reason::SALE);
         if !unsold.is_empty() {
-            out.emit(
-                PORT_RELEASED,
-                r.order_id.clone(),
-                StockReservationReleased {
-                    event_id: derive_event_id(&e.event_id, "stock.reservation.released"),
-                    occurred_at: e.occurred_at,
-                    order_id: r.order_id.clone(),
-                    reservation_id: r.reservation_id.clone(),
-                    hq_id: r.hq_id.clone(),
-                    store_id: r.store_id.clone(),
-                    reason: release_reason::UNSOLD.to_string(),
-                    items: unsold,
-                },
-            )?;
-            out.note("release", release_reason::UNSOLD);
+            emit_released(&r, release_reason::UNSOLD, &e.event_id, e.occurred_at, unsold, out)?;
         }
         Ok(())
     }
@@ -619,6 +605,20 @@ fn release(
     }
     r.status = ReservationStatus::Released;
     state.put_json(reservation_key(&r.order_id), &*r);
+    let items = r.items.iter().map(|i| ReleasedItem { product_id: i.product_id.clone(), released: i.quantity }).collect();
+    emit_released(r, reason, cause, occurred_at, items, out)
+}
+
+/// Emits `stock.reservation.released` of reservation `r` for `items` with `reason`, its id
+/// derived from the `cause` eventId, and notes the release.
+fn emit_released(
+    r: &Reservation,
+    reason: &str,
+    cause: &str,
+    occurred_at: i64,
+    items: Vec<ReleasedItem>,
+    out: &mut Outputs,
+) -> Result<(), ProcessError> {
     out.emit(
         PORT_RELEASED,
         r.order_id.clone(),
@@ -630,7 +630,7 @@ fn release(
             hq_id: r.hq_id.clone(),
             store_id: r.store_id.clone(),
             reason: reason.to_string(),
-            items: r.items.iter().map(|i| ReleasedItem { product_id: i.product_id.clone(), released: i.quantity }).collect(),
+            items,
         },
     )?;
     out.note("release", reason.to_string());

@@ -98,6 +98,8 @@ pub struct Engine {
     topic: String,
     /// Wired port → topic.
     ports: BTreeMap<String, String>,
+    /// The wired ports (the keys of `ports`), as the step takes them.
+    wired: Vec<String>,
     pub(super) shards: BTreeMap<i32, MemoryStore>,
     clock: i64,
     /// Counts of the reported (non-warm-up) part.
@@ -126,6 +128,7 @@ impl Engine {
             processor,
             worker: format!("replay --through {worker}"),
             topic: topic.to_string(),
+            wired: ports.keys().cloned().collect(),
             ports,
             shards,
             clock: i64::MIN,
@@ -172,9 +175,8 @@ impl Engine {
         let now = self.clock;
         let inputs: Vec<(i32, i64, Option<String>)> =
             records.iter().map(|(i, r)| (i.partition, i.offset, r.as_ref().ok().map(|e| e.event_id().to_string()))).collect();
-        let wired: Vec<String> = self.ports.keys().cloned().collect();
         let states: BTreeMap<i32, &MemoryStore> = partitions.iter().map(|p| (*p, &self.shards[p])).collect();
-        let staged = step::step(self.processor.as_mut(), &wired, &states, records, now, &mut RetryBudget::none(), &self.worker).await;
+        let staged = step::step(self.processor.as_mut(), &self.wired, &states, records, now, &mut RetryBudget::none(), &self.worker).await;
         for (p, changes) in staged.changes {
             self.shards.get_mut(&p).expect("a shard for every partition of the unit").apply(changes);
         }
