@@ -474,6 +474,8 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
                     reason: cancel_reason::PAYMENT_FAILED.into(),
                     reservation_id: Some(c.reservation_id.clone()),
                     customer_message: "결제에 실패하여 주문이 취소되었습니다.".into(),
+                    refund_required: false,
+                    customer_id: None,
                 }
                 .into()
             } else {

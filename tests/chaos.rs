@@ -750,7 +750,10 @@ fn run_chaos(variant: &Variant) {
     let unclean: Vec<String> = final_statuses
         .iter()
         .filter(|(_, s)| !s.is_some_and(|s| s.success()))
-        .map(|(i, s)| format!("{} {}: {:?}", fleet.slots[*i].worker, fleet.slots[*i].instance, s))
+        .map(|(i, s)| {
+            let log = &fleet.incarnations[fleet.slots[*i].current].log;
+            format!("{} {}: {:?}; last log lines of {}:\n{}", fleet.slots[*i].worker, fleet.slots[*i].instance, s, log.display(), tail(log, 40))
+        })
         .collect();
 
     // 5. Figures from the logs.
@@ -777,7 +780,7 @@ fn run_chaos(variant: &Variant) {
         tail(&driver_err, 30),
         fleet.diagnostics()
     );
-    assert!(unclean.is_empty(), "workers did not exit 0 within {}s of SIGTERM: {unclean:?}", CLEAN_EXIT_WITHIN.as_secs());
+    assert!(unclean.is_empty(), "workers did not exit 0 within {}s of SIGTERM:\n{}", CLEAN_EXIT_WITHIN.as_secs(), unclean.join("\n"));
     let s = summary.expect("the driver wrote a JSON summary");
     common::assert_summary_invariants(&s, expected_orders);
     assert_eq!(s["seed_scenarios"].as_array().expect("seed_scenarios").len(), 2, "seed scenarios");

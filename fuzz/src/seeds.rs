@@ -42,6 +42,8 @@ fn every_event() -> Vec<Event> {
         OrderCancelled {
             reservation_id: Some(reservation.clone()),
             customer_message: "결제에 실패하여 주문이 취소되었습니다.".into(),
+            refund_required: false,
+            customer_id: None,
             ..fixtures::order_cancelled("seed-cancelled", "O-1", cancel_reason::PAYMENT_FAILED, T + 1_000)
         }
         .into(),

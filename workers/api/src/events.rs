@@ -21,6 +21,22 @@ pub mod cancel_reason {
     /// The order's content cannot be served as written (issue 4): the stock reserver answered
     /// with one of the [`super::failure_reason::INVALID_CONTENT`] reasons.
     pub const INVALID_ORDER: &str = "INVALID_ORDER";
+    /// The POS took payment after the order's reservation had expired or been released, and the
+    /// store no longer had the units to sell (issue 13): the stock reserver settled the payment
+    /// `REFUND_REQUIRED`; the cancellation carries `refundRequired = true` (the POS refunds).
+    pub const PAYMENT_AFTER_EXPIRY: &str = "PAYMENT_AFTER_EXPIRY";
+}
+
+/// Outcomes of `order.settled`: the stock reserver's verdict on a payment (issue 13). Exactly one
+/// per payment (`order.completed` eventId); the order's outcome everywhere.
+pub mod settlement {
+    /// The payment's units were deducted (`stock.updated` `SALE`), from the live reservation or,
+    /// when it had expired or been released, re-reserved at payment time (`late = true`).
+    pub const SOLD: &str = "SOLD";
+    /// Nothing was deducted and the customer must be refunded: the reservation had expired or
+    /// been released and the store no longer had the units. `reason` says why
+    /// (`PAYMENT_AFTER_EXPIRY`).
+    pub const REFUND_REQUIRED: &str = "REFUND_REQUIRED";
 }
 
 /// Reason codes of `stock.reservation.failed`. Every failure reserves nothing and is final for
@@ -157,6 +173,15 @@ pub struct OrderCancelled {
     pub reason: String,
     pub reservation_id: Option<String>,
     pub customer_message: String,
+    /// Whether the customer paid and must be refunded (issue 13: `PAYMENT_AFTER_EXPIRY`). Added
+    /// in schema version 2 with default `false`: records written with version 1 read as `false`.
+    #[serde(default)]
+    pub refund_required: bool,
+    /// The customer to notify (from `order.created`), so a notifier needs no join (issue 13).
+    /// Added in schema version 2 with default `null`; `None` when the canceller never saw the
+    /// order's `order.created`, and in POS cancellations that do not set it.
+    #[serde(default)]
+    pub customer_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +204,39 @@ pub struct OrderCompleted {
     pub store_id: String,
     pub items: Vec<SoldItem>,
     pub total_amount: i64,
+}
+
+/// One settled line of `order.settled`: `quantity` units of `product_id` deducted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SettledItem {
+    pub product_id: String,
+    pub quantity: i32,
+}
+
+/// `order.settled` (key orderId), produced by the stock reserver: its verdict on one payment
+/// (`order.completed`), see [`settlement`]. The canceller, the order confirmer and the
+/// reservation expirer take an order's paid outcome from it, never from the POS event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderSettled {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub order_id: String,
+    pub hq_id: String,
+    pub store_id: String,
+    /// `eventId` of the `order.completed` this settles.
+    pub payment_event_id: String,
+    /// The reservation the payment named.
+    pub reservation_id: String,
+    /// [`settlement::SOLD`] or [`settlement::REFUND_REQUIRED`].
+    pub outcome: String,
+    /// Sold after the reservation had expired or been released (re-reserved at payment time).
+    pub late: bool,
+    /// Why a refund is required ([`cancel_reason::PAYMENT_AFTER_EXPIRY`]); `None` when sold.
+    pub reason: Option<String>,
+    /// What was deducted (empty when a refund is required).
+    pub items: Vec<SettledItem>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -309,6 +367,7 @@ events!(
     StockReservationExpired,
     StockReservationReleased,
     InventoryAdjusted,
+    OrderSettled,
 );
 
 impl Event {
@@ -325,6 +384,7 @@ impl Event {
             Event::StockReservationReleased(e) => Some(&e.order_id),
             Event::StockUpdated(e) => Some(e.reference_id.as_str()).filter(|_| e.change_reason == change_reason::SALE),
             Event::InventoryAdjusted(_) => None,
+            Event::OrderSettled(e) => Some(&e.order_id),
         }
     }
 
@@ -341,6 +401,7 @@ impl Event {
             Event::StockReservationExpired(e) => (&e.hq_id, &e.store_id),
             Event::StockReservationReleased(e) => (&e.hq_id, &e.store_id),
             Event::InventoryAdjusted(e) => (&e.hq_id, &e.store_id),
+            Event::OrderSettled(e) => (&e.hq_id, &e.store_id),
         }
     }
 

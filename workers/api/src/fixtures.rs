@@ -97,6 +97,8 @@ pub fn order_cancelled(event_id: &str, order_id: &str, reason: &str, occurred_at
         reason: reason.into(),
         reservation_id: None,
         customer_message: String::new(),
+        refund_required: false,
+        customer_id: None,
     }
 }
 
@@ -111,6 +113,25 @@ pub fn order_completed(event_id: &str, order_id: &str, reservation_id: &str, occ
         store_id: STORE.into(),
         items: vec![],
         total_amount: 0,
+    }
+}
+
+/// `order.settled` with `outcome` (a [`crate::events::settlement`] code) for payment
+/// `payment_event_id` of reservation `R-1`, not late, no items; `REFUND_REQUIRED` carries reason
+/// `PAYMENT_AFTER_EXPIRY`.
+pub fn order_settled(event_id: &str, order_id: &str, outcome: &str, occurred_at: i64) -> OrderSettled {
+    OrderSettled {
+        event_id: event_id.into(),
+        occurred_at,
+        order_id: order_id.into(),
+        hq_id: HQ.into(),
+        store_id: STORE.into(),
+        payment_event_id: format!("pay-{event_id}"),
+        reservation_id: "R-1".into(),
+        outcome: outcome.into(),
+        late: false,
+        reason: (outcome == crate::events::settlement::REFUND_REQUIRED).then(|| crate::events::cancel_reason::PAYMENT_AFTER_EXPIRY.into()),
+        items: vec![],
     }
 }
 

@@ -14,8 +14,8 @@
 //! processes `order.created` it opens the saga ([`saga_key`]) and schedules two durable timers:
 //! [`answer_timer_key`] at `now + stock_answer_timeout` and [`saga_timer_key`] at
 //! `now + saga_timeout`. `stock.reserved` or `stock.reservation.failed` is the stock answer
-//! (cancels the answer timer); `order.completed` or any `order.cancelled` (the canceller's own
-//! included) closes the saga (cancels both). A timer that fires on an open saga cancels the order
+//! (cancels the answer timer); the stock reserver's `order.settled` `SOLD` or any `order.cancelled`
+//! (the canceller's own included) closes the saga (cancels both). A timer that fires on an open saga cancels the order
 //! with `SAGA_TIMEOUT` and notes `saga_timeout` (`stock_answer` or `saga_bound`); on a closed
 //! saga it does nothing.
 //!
@@ -30,6 +30,15 @@
 //! later `order.created` then starts no answer timer. A `stock.reserved` seen first also starts
 //! the saga bound (the saga is bounded from whichever of its events the canceller sees first),
 //! so an order whose `order.created` never reaches the canceller still ends.
+//!
+//! **Payments (issue 13).** The canceller never reads the POS's `order.completed`: whether a
+//! payment sold the order or must be refunded is the stock reserver's verdict (`order.settled`),
+//! taken where payment, cancellation and expiry of the order meet in one order. `SOLD` closes the
+//! saga as completed, even over an earlier `RESERVATION_EXPIRED` or `SAGA_TIMEOUT` cancellation
+//! (a late sale: the units were deducted after all). `REFUND_REQUIRED` emits a second,
+//! distinct cancellation ([`refund_event_id`]) with `refundRequired = true`, so every paid order
+//! ends with exactly one `SALE` or exactly one refund-required cancellation. Cancellations carry
+//! the customer of `order.created` (`customerId`) when the canceller saw it.
 //!
 //! **Late events.** Once a saga is closed, its record shrinks to a tombstone
 //! ([`Saga::Closed`], the outcome only) and every later event for it is noted `late_event`
@@ -46,7 +55,7 @@
 //! - `tests.rs`: unit tests through `orderflow_api::Harness`.
 
 use orderflow_api::events::{
-    cancel_reason, failure_reason, release_reason, OrderCancelled, OrderCompleted, OrderCreated, StockReservationFailed,
+    cancel_reason, failure_reason, release_reason, settlement, OrderCancelled, OrderCreated, OrderSettled, StockReservationFailed,
     StockReservationReleased, StockReserved,
 };
 use orderflow_api::{derive_event_id, Context, Event, Export, Outputs, ProcessError, Processor, StateTxn};
@@ -147,6 +156,13 @@ pub fn cancellation_event_id(order_id: &str) -> String {
     derive_event_id(order_id, "order.cancelled")
 }
 
+/// The `eventId` of an order's (single) refund-required cancellation (issue 13):
+/// `derive_event_id(orderId, "order.cancelled/refund")`. Distinct from
+/// [`cancellation_event_id`]: an order cancelled as `RESERVATION_EXPIRED` and then paid gets both.
+pub fn refund_event_id(order_id: &str) -> String {
+    derive_event_id(order_id, "order.cancelled/refund")
+}
+
 /// The customer push text for a cancellation `reason` (a [`cancel_reason`] code).
 ///
 /// `INSUFFICIENT_STOCK` is the seed 000 push text; unknown reasons get a generic text.
@@ -157,6 +173,7 @@ pub fn customer_message(reason: &str) -> &'static str {
         cancel_reason::PAYMENT_FAILED => "결제에 실패하여 주문이 취소되었습니다.",
         cancel_reason::SAGA_TIMEOUT => "주문 처리 시간이 초과되어 주문이 취소되었습니다.",
         cancel_reason::INVALID_ORDER => "주문 정보가 올바르지 않아 주문이 취소되었습니다.",
+        cancel_reason::PAYMENT_AFTER_EXPIRY => "예약 시간이 지나 재고를 확보하지 못해 주문이 취소되었습니다. 결제 금액은 환불됩니다.",
         _ => "주문이 취소되었습니다.",
     }
 }
@@ -187,7 +204,7 @@ pub struct CancelRecord {
 /// How a saga ended: the outcome in a [`Saga::Closed`] tombstone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    /// `order.completed` seen (POS payment).
+    /// The stock reserver settled the order's payment `SOLD` (`order.settled`).
     #[serde(rename = "ORDER_COMPLETED")]
     Completed,
     /// `order.cancelled` emitted or seen (any reason).
@@ -212,12 +229,15 @@ pub struct OpenSaga {
     /// cancellation so the reserver and confirmer see which reservation it ends).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reservation_id: Option<String>,
+    /// The customer of `order.created` (copied into cancellations, issue 13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_id: Option<String>,
 }
 
 /// The canceller's record of one order's saga at [`saga_key`]. JSON, tagged by `state`:
 /// `{"state":"OPEN","hqId":…,"storeId":…,"createdSeenAt":…,"answered":…}` while running,
-/// `{"state":"CLOSED","outcome":"ORDER_COMPLETED"|"ORDER_CANCELLED"}` once closed (all that
-/// is needed to recognise late events).
+/// `{"state":"CLOSED","outcome":"ORDER_COMPLETED"|"ORDER_CANCELLED","customerId":…}` once closed
+/// (what is needed to recognise late events and address a refund).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Saga {
@@ -227,6 +247,9 @@ pub enum Saga {
     Closed {
         /// How it ended.
         outcome: Outcome,
+        /// The customer, kept for a refund-required cancellation after the close (issue 13).
+        #[serde(default, rename = "customerId", skip_serializing_if = "Option::is_none")]
+        customer_id: Option<String>,
     },
 }
 
@@ -305,6 +328,8 @@ impl Canceller {
                 reason: reason.to_string(),
                 reservation_id,
                 customer_message: customer_message(reason).to_string(),
+                refund_required: false,
+                customer_id: customer_of(order_id, state)?,
             },
         )?;
         state.put_json(key, &CancelRecord { reason: reason.to_string(), emitted: true });
@@ -337,9 +362,11 @@ impl Canceller {
                     created_seen_at: None,
                     answered: false,
                     reservation_id: None,
+                    customer_id: None,
                 }
             }
         };
+        open.customer_id = Some(e.customer_id.clone()).filter(|c| !c.is_empty());
         if !open.answered {
             state.schedule_timer(answer_timer_key(&e.order_id), ctx.now_ms.saturating_add(self.stock_answer_timeout_ms));
         }
@@ -373,6 +400,7 @@ impl Canceller {
                     created_seen_at: None,
                     answered: false,
                     reservation_id: None,
+                    customer_id: None,
                 }
             }
         };
@@ -424,7 +452,7 @@ impl Canceller {
                 close(&e.order_id, Outcome::Cancelled, state)
             }
             // The units a payment did not sell went back to stock; the order itself was sold
-            // (its order.completed closes the saga): nothing to cancel.
+            // (its order.settled closes the saga): nothing to cancel.
             release_reason::UNSOLD => Ok(()),
             other => Err(ProcessError::Invalid(format!("StockReservationReleased {}: unknown reason {other:?}", e.event_id))),
         }
@@ -443,14 +471,57 @@ impl Canceller {
         close(&e.order_id, Outcome::Cancelled, state)
     }
 
-    fn completed(&self, e: &OrderCompleted, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        orderflow_api::require("OrderCompleted", &e.event_id, "orderId", &e.order_id)?;
-        match closed(&e.order_id, state)? {
-            Some(Outcome::Cancelled) => out.note("late_event", "completed_after_cancel"),
-            Some(Outcome::Completed) => out.note("late_event", "completed_twice"),
-            None => close(&e.order_id, Outcome::Completed, state)?,
+    /// `order.settled`, the stock reserver's verdict on a payment (issue 13). `SOLD` closes the
+    /// saga as completed, also over an earlier cancellation (a late sale: the customer paid and
+    /// the units were deducted; noted `late_sale_after_cancel`). `REFUND_REQUIRED` emits the
+    /// order's refund-required cancellation ([`refund_event_id`], `refundRequired = true`, reason
+    /// from the verdict, `PAYMENT_AFTER_EXPIRY`) whether or not the order was cancelled before,
+    /// and closes the saga as cancelled.
+    ///
+    /// Errors: `Invalid` for an empty `orderId` or an unknown outcome.
+    fn settled(&self, e: &OrderSettled, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        orderflow_api::require("OrderSettled", &e.event_id, "orderId", &e.order_id)?;
+        match e.outcome.as_str() {
+            settlement::SOLD => match closed(&e.order_id, state)? {
+                None => close(&e.order_id, Outcome::Completed, state),
+                Some(Outcome::Completed) => {
+                    out.note("late_event", "settled_twice");
+                    Ok(())
+                }
+                Some(Outcome::Cancelled) => {
+                    out.note("settlement", "late_sale_after_cancel");
+                    let customer_id = customer_of(&e.order_id, state)?;
+                    state.put_json(saga_key(&e.order_id), &Saga::Closed { outcome: Outcome::Completed, customer_id });
+                    Ok(())
+                }
+            },
+            settlement::REFUND_REQUIRED => {
+                let reason = e.reason.clone().unwrap_or_else(|| cancel_reason::PAYMENT_AFTER_EXPIRY.to_string());
+                out.emit(
+                    PORT_CANCELLED,
+                    e.order_id.clone(),
+                    OrderCancelled {
+                        event_id: refund_event_id(&e.order_id),
+                        occurred_at: e.occurred_at,
+                        order_id: e.order_id.clone(),
+                        hq_id: e.hq_id.clone(),
+                        store_id: e.store_id.clone(),
+                        customer_message: customer_message(&reason).to_string(),
+                        reason: reason.clone(),
+                        reservation_id: Some(e.reservation_id.clone()).filter(|r| !r.is_empty()),
+                        refund_required: true,
+                        customer_id: customer_of(&e.order_id, state)?,
+                    },
+                )?;
+                if state.get(&cancel_key(&e.order_id)).is_none() {
+                    state.put_json(cancel_key(&e.order_id), &CancelRecord { reason: reason.clone(), emitted: true });
+                }
+                close(&e.order_id, Outcome::Cancelled, state)?;
+                out.note("compensation", reason);
+                Ok(())
+            }
+            other => Err(ProcessError::Invalid(format!("OrderSettled {}: unknown outcome {other:?}", e.event_id))),
         }
-        Ok(())
     }
 
     /// A saga timer fired: cancels the order with `SAGA_TIMEOUT` if its saga is still open (and,
@@ -483,23 +554,34 @@ impl Canceller {
 /// saga records existed).
 fn closed(order_id: &str, state: &StateTxn) -> Result<Option<Outcome>, ProcessError> {
     match state.get_json::<Saga>(&saga_key(order_id))? {
-        Some(Saga::Closed { outcome }) => Ok(Some(outcome)),
+        Some(Saga::Closed { outcome, .. }) => Ok(Some(outcome)),
         _ if state.get(&cancel_key(order_id)).is_some() => Ok(Some(Outcome::Cancelled)),
         _ => Ok(None),
     }
 }
 
 /// Closes the saga of `order_id` with `outcome`: cancels its timers and shrinks its record to
-/// the [`Saga::Closed`] tombstone. No-op when it is closed already.
+/// the [`Saga::Closed`] tombstone (keeping the customer). No-op when it is closed already.
 fn close(order_id: &str, outcome: Outcome, state: &mut StateTxn) -> Result<(), ProcessError> {
     let key = saga_key(order_id);
-    if let Some(Saga::Closed { .. }) = state.get_json::<Saga>(&key)? {
-        return Ok(());
-    }
+    let customer_id = match state.get_json::<Saga>(&key)? {
+        Some(Saga::Closed { .. }) => return Ok(()),
+        Some(Saga::Open(open)) => open.customer_id,
+        None => None,
+    };
     cancel_timer(answer_timer_key(order_id), state);
     cancel_timer(saga_timer_key(order_id), state);
-    state.put_json(key, &Saga::Closed { outcome });
+    state.put_json(key, &Saga::Closed { outcome, customer_id });
     Ok(())
+}
+
+/// The customer of `order_id` as its saga record knows it (open or closed), if any.
+fn customer_of(order_id: &str, state: &StateTxn) -> Result<Option<String>, ProcessError> {
+    Ok(match state.get_json::<Saga>(&saga_key(order_id))? {
+        Some(Saga::Open(open)) => open.customer_id,
+        Some(Saga::Closed { customer_id, .. }) => customer_id,
+        None => None,
+    })
 }
 
 /// Cancels timer `key` if it is scheduled (no state change otherwise).
@@ -537,7 +619,10 @@ impl Processor for Canceller {
     ///   cancelled and closes the saga, no output.
     /// - `OrderCancelled` (anyone's, including this worker's own output) → marks the order
     ///   cancelled and closes the saga, no output.
-    /// - `OrderCompleted` → closes the saga, no output.
+    /// - `OrderSettled` (the stock reserver's verdict on a payment, issue 13) → `SOLD` closes the
+    ///   saga as completed; `REFUND_REQUIRED` emits the refund-required cancellation
+    ///   ([`refund_event_id`]). The POS's `order.completed` itself is ignored: a payment's outcome
+    ///   is the reserver's to decide.
     ///
     /// Outputs: key orderId, id [`cancellation_event_id`], `occurredAt` of the cause (a timer's
     /// deadline for `SAGA_TIMEOUT`). A cause for an already-cancelled order is a `late_event`
@@ -555,7 +640,7 @@ impl Processor for Canceller {
             Event::StockReservationFailed(e) => self.failed(e, state, out),
             Event::StockReservationReleased(e) => self.released(e, state, out),
             Event::OrderCancelled(e) => self.cancelled(e, state, out),
-            Event::OrderCompleted(e) => self.completed(e, state, out),
+            Event::OrderSettled(e) => self.settled(e, state, out),
             _ => Ok(()),
         }
     }

@@ -145,8 +145,13 @@ fn reserved(id: &str, order_id: &str) -> StockReserved {
     stock_reserved(id, order_id, "R-1", 1_000, 301_000, &[("P-001", 2)])
 }
 
-fn completed(id: &str, order_id: &str) -> OrderCompleted {
-    order_completed(id, order_id, "R-1", 5_000)
+/// The stock reserver's `SOLD` verdict on a payment of `order_id`.
+fn completed(id: &str, order_id: &str) -> OrderSettled {
+    order_settled(id, order_id, settlement::SOLD, 5_000)
+}
+
+fn refund(id: &str, order_id: &str) -> OrderSettled {
+    order_settled(id, order_id, settlement::REFUND_REQUIRED, 6_000)
 }
 
 fn notes(h: &Harness<Canceller>, measure: &str) -> Vec<String> {
@@ -169,7 +174,7 @@ fn only_cancellation(outs: &[Output]) -> OrderCancelled {
 }
 
 fn closed_cancelled() -> Option<Saga> {
-    Some(Saga::Closed { outcome: Outcome::Cancelled })
+    Some(Saga::Closed { outcome: Outcome::Cancelled, customer_id: Some(CUSTOMER.into()) })
 }
 
 #[test]
@@ -194,10 +199,17 @@ fn order_created_starts_both_clocks_on_processing_time() {
     let Some(Saga::Open(open)) = saga(&h, "O-1") else { panic!("{:?}", saga(&h, "O-1")) };
     assert_eq!(
         open,
-        OpenSaga { hq_id: HQ.into(), store_id: STORE.into(), created_seen_at: Some(T0), answered: false, reservation_id: None }
+        OpenSaga {
+            hq_id: HQ.into(),
+            store_id: STORE.into(),
+            created_seen_at: Some(T0),
+            answered: false,
+            reservation_id: None,
+            customer_id: Some(CUSTOMER.into())
+        }
     );
     let json = String::from_utf8(h.store.data[&saga_key("O-1")].clone()).unwrap();
-    assert_eq!(json, format!(r#"{{"state":"OPEN","hqId":"HQ-1","storeId":"S-1","createdSeenAt":{T0},"answered":false}}"#));
+    assert_eq!(json, format!(r#"{{"state":"OPEN","hqId":"HQ-1","storeId":"S-1","createdSeenAt":{T0},"answered":false,"customerId":"C-1"}}"#));
 }
 
 #[test]
@@ -216,7 +228,7 @@ fn no_stock_answer_cancels_with_saga_timeout_exactly_at_the_answer_timeout() {
     // Closed: no timer left, the record shrunk to a tombstone, the bound never fires.
     assert!(timers(&h).is_empty(), "{:?}", timers(&h));
     assert_eq!(saga(&h, "O-1"), closed_cancelled());
-    assert_eq!(String::from_utf8(h.store.data[&saga_key("O-1")].clone()).unwrap(), r#"{"state":"CLOSED","outcome":"ORDER_CANCELLED"}"#);
+    assert_eq!(String::from_utf8(h.store.data[&saga_key("O-1")].clone()).unwrap(), r#"{"state":"CLOSED","outcome":"ORDER_CANCELLED","customerId":"C-1"}"#);
     assert!(h.advance(T0 + BOUND).unwrap().is_empty());
     assert_eq!(
         h.store.get_json::<CancelRecord>(&cancel_key("O-1")).unwrap(),
@@ -309,9 +321,9 @@ fn completion_closes_the_saga_and_no_timer_fires() {
     let mut h = harness();
     h.feed("order.created", created("c1", "O-1"), T0).unwrap();
     h.feed("stock.reserved", reserved("r1", "O-1"), T0 + 1).unwrap();
-    assert!(h.feed("order.completed", completed("d1", "O-1"), T0 + 2).unwrap().is_empty());
+    assert!(h.feed("order.settled", completed("d1", "O-1"), T0 + 2).unwrap().is_empty());
     assert!(timers(&h).is_empty());
-    assert_eq!(saga(&h, "O-1"), Some(Saga::Closed { outcome: Outcome::Completed }));
+    assert_eq!(saga(&h, "O-1"), Some(Saga::Closed { outcome: Outcome::Completed, customer_id: Some(CUSTOMER.into()) }));
     assert!(h.advance(T0 + 2 * BOUND).unwrap().is_empty());
     assert!(notes(&h, "saga_timeout").is_empty());
     assert!(h.store.get_json::<CancelRecord>(&cancel_key("O-1")).is_none());
@@ -354,7 +366,7 @@ fn a_stock_answer_before_order_created_leaves_no_answer_timer() {
     assert_eq!((open.created_seen_at, open.answered), (Some(T0 + 100), true));
     assert!(h.advance(T0 + 100 + ANSWER).unwrap().is_empty());
     // Completed in time: nothing left.
-    h.feed("order.completed", completed("d1", "O-1"), T0 + 200).unwrap();
+    h.feed("order.settled", completed("d1", "O-1"), T0 + 200).unwrap();
     assert!(timers(&h).is_empty());
     assert!(h.advance(T0 + 2 * BOUND).unwrap().is_empty());
     assert!(notes(&h, "late_event").is_empty());
@@ -389,13 +401,12 @@ fn late_events_after_a_saga_timeout_are_noted_and_ignored() {
     let store = h.store.clone();
     // The reserver answers late: the reservation is not adopted, the saga stays closed.
     assert!(h.feed("stock.reserved", reserved("r1", "O-1"), T0 + ANSWER + 1).unwrap().is_empty());
-    assert!(h.feed("order.completed", completed("d1", "O-1"), T0 + ANSWER + 2).unwrap().is_empty());
     assert!(h.feed("order.created", created("c2", "O-1"), T0 + ANSWER + 3).unwrap().is_empty());
     // The expected echoes are silent: the canceller's own cancellation and the release of
     // the late reservation.
     assert!(h.feed("order.cancelled", c, T0 + ANSWER + 4).unwrap().is_empty());
     assert!(h.feed("stock.reservation.released", released("x1", "O-1", "CANCELLED"), T0 + ANSWER + 5).unwrap().is_empty());
-    assert_eq!(notes(&h, "late_event"), vec!["stock_reserved_after_close", "completed_after_cancel", "created_after_close"]);
+    assert_eq!(notes(&h, "late_event"), vec!["stock_reserved_after_close", "created_after_close"]);
     assert!(timers(&h).is_empty());
     assert!(h.advance(T0 + 2 * BOUND).unwrap().is_empty());
     // Nothing was applied: the state is the tombstone and the cancel record, as before (bar
@@ -411,12 +422,12 @@ fn late_events_after_completion_are_noted_and_ignored() {
     let mut h = harness();
     h.feed("order.created", created("c1", "O-1"), T0).unwrap();
     h.feed("stock.reserved", reserved("r1", "O-1"), T0 + 1).unwrap();
-    h.feed("order.completed", completed("d1", "O-1"), T0 + 2).unwrap();
+    h.feed("order.settled", completed("d1", "O-1"), T0 + 2).unwrap();
     assert!(h.feed("stock.reservation.failed", failed("f1", "O-1"), T0 + 3).unwrap().is_empty());
     assert!(h.feed("stock.reservation.released", released("x1", "O-1", "EXPIRED"), T0 + 4).unwrap().is_empty());
     assert!(h.feed("order.cancelled", pos_cancel("p1", "O-1"), T0 + 5).unwrap().is_empty());
     assert!(h.feed("stock.reserved", reserved("r2", "O-1"), T0 + 6).unwrap().is_empty());
-    assert!(h.feed("order.completed", completed("d2", "O-1"), T0 + 7).unwrap().is_empty());
+    assert!(h.feed("order.settled", completed("d2", "O-1"), T0 + 7).unwrap().is_empty());
     assert_eq!(
         notes(&h, "late_event"),
         vec![
@@ -424,10 +435,10 @@ fn late_events_after_completion_are_noted_and_ignored() {
             "cancel_after_completion",
             "cancelled_after_completion",
             "stock_reserved_after_close",
-            "completed_twice"
+            "settled_twice"
         ]
     );
-    assert_eq!(saga(&h, "O-1"), Some(Saga::Closed { outcome: Outcome::Completed }));
+    assert_eq!(saga(&h, "O-1"), Some(Saga::Closed { outcome: Outcome::Completed, customer_id: Some(CUSTOMER.into()) }));
     assert!(h.store.get_json::<CancelRecord>(&cancel_key("O-1")).is_none());
     assert!(notes(&h, "compensation").is_empty());
 }
@@ -475,7 +486,7 @@ fn timers_survive_a_restart_and_are_per_order() {
 fn a_timer_for_a_closed_or_unknown_saga_or_a_foreign_key_does_nothing() {
     let mut h = harness();
     h.feed("order.created", created("c1", "O-1"), T0).unwrap();
-    h.feed("order.completed", completed("d1", "O-1"), T0 + 1).unwrap();
+    h.feed("order.settled", completed("d1", "O-1"), T0 + 1).unwrap();
     // Re-arm the timers behind the canceller's back: they find the saga closed.
     h.store.timers.insert(answer_timer_key("O-1"), T0 + 5);
     h.store.timers.insert(saga_timer_key("O-1"), T0 + 6);
@@ -562,6 +573,59 @@ fn unsold_units_released_after_a_partial_sale_cancel_nothing() {
     let mut h = harness();
     h.feed("order.created", created("e1", "O-1"), 0).unwrap();
     assert!(h.feed("stock.reservation.released", released("r1", "O-1", release_reason::UNSOLD), 0).unwrap().is_empty());
-    assert!(h.feed("order.completed", completed("c1", "O-1"), 0).unwrap().is_empty());
+    assert!(h.feed("order.settled", completed("c1", "O-1"), 0).unwrap().is_empty());
     assert!(h.advance(3_600_000).unwrap().is_empty(), "no saga timeout: the order completed");
+}
+
+/// Issue 13: a payment the stock reserver could not serve (its reservation expired and the units
+/// were gone) ends in exactly one refund-required cancellation, distinct from the order's
+/// `RESERVATION_EXPIRED` one, carrying the customer.
+#[test]
+fn a_refund_verdict_emits_one_refund_required_cancellation_after_an_expiry() {
+    let mut h = harness();
+    h.feed("order.created", created("c1", "O-1"), T0).unwrap();
+    h.feed("stock.reserved", reserved("r1", "O-1"), T0 + 1).unwrap();
+    let expired = only_cancellation(&h.feed("stock.reservation.released", released("x1", "O-1", "EXPIRED"), T0 + 2).unwrap());
+    assert_eq!((expired.reason.as_str(), expired.refund_required), ("RESERVATION_EXPIRED", false));
+    assert_eq!(expired.customer_id.as_deref(), Some(CUSTOMER));
+    let c = only_cancellation(&h.feed("order.settled", refund("s1", "O-1"), T0 + 3).unwrap());
+    assert_eq!((c.reason.as_str(), c.refund_required), (cancel_reason::PAYMENT_AFTER_EXPIRY, true));
+    assert_eq!((c.event_id.clone(), c.customer_id.as_deref()), (refund_event_id("O-1"), Some(CUSTOMER)));
+    assert_ne!(c.event_id, expired.event_id);
+    assert_eq!(c.customer_message, customer_message(cancel_reason::PAYMENT_AFTER_EXPIRY));
+    assert_eq!(saga(&h, "O-1"), closed_cancelled());
+    // Its own echo is silent and emits nothing.
+    assert!(h.feed("order.cancelled", c, T0 + 4).unwrap().is_empty());
+    assert_eq!(notes(&h, "compensation"), vec!["RESERVATION_EXPIRED", cancel_reason::PAYMENT_AFTER_EXPIRY]);
+}
+
+/// Issue 13: a late sale (the reservation expired, the payment re-reserved and deducted) closes
+/// the saga as completed even after the `RESERVATION_EXPIRED` cancellation, and no timer or
+/// later release cancels it again.
+#[test]
+fn a_sold_verdict_after_an_expiry_cancellation_closes_the_saga_as_completed() {
+    let mut h = harness();
+    h.feed("order.created", created("c1", "O-1"), T0).unwrap();
+    h.feed("stock.reserved", reserved("r1", "O-1"), T0 + 1).unwrap();
+    only_cancellation(&h.feed("stock.reservation.released", released("x1", "O-1", "EXPIRED"), T0 + 2).unwrap());
+    assert!(h.feed("order.settled", OrderSettled { late: true, ..completed("s1", "O-1") }, T0 + 3).unwrap().is_empty());
+    assert_eq!(saga(&h, "O-1"), Some(Saga::Closed { outcome: Outcome::Completed, customer_id: Some(CUSTOMER.into()) }));
+    assert_eq!(notes(&h, "settlement"), vec!["late_sale_after_cancel"]);
+    assert!(h.advance(T0 + 2 * BOUND).unwrap().is_empty());
+}
+
+/// The POS's payment itself is not a verdict: only `order.settled` closes a saga.
+#[test]
+fn the_pos_payment_is_ignored() {
+    let mut h = harness();
+    h.feed("order.created", created("c1", "O-1"), T0).unwrap();
+    assert!(h.feed("order.completed", order_completed("p1", "O-1", "R-1", 5_000), T0 + 1).unwrap().is_empty());
+    assert!(matches!(saga(&h, "O-1"), Some(Saga::Open(_))));
+}
+
+#[test]
+fn an_unknown_settlement_outcome_is_invalid() {
+    let mut h = harness();
+    let err = h.feed("order.settled", order_settled("s1", "O-1", "MAYBE", 0), T0).unwrap_err();
+    assert!(matches!(&err, ProcessError::Invalid(m) if m.contains("unknown outcome")), "{err}");
 }

@@ -1,7 +1,8 @@
 //! Order confirmer: the order state machine of the saga (seed 001).
 //!
 //! `ORDER_CREATED → ORDER_CONFIRMED → PAYMENT_WAIT → ORDER_COMPLETED`, and
-//! `ORDER_CREATED | PAYMENT_WAIT → ORDER_CANCELLED`. On `stock.reserved` the order is confirmed and
+//! `ORDER_CREATED | PAYMENT_WAIT → ORDER_CANCELLED`; a payment's outcome is the stock reserver's
+//! verdict (`order.settled`, issue 13), so a late sale also moves `ORDER_CANCELLED → ORDER_COMPLETED`. On `stock.reserved` the order is confirmed and
 //! moves straight to `PAYMENT_WAIT` (one `order.confirmed` carrying that status). A cancelled order
 //! is never confirmed; a late event for an order in a terminal state is recorded
 //! (`late_event` note) and ignored, never applied.
@@ -15,7 +16,7 @@
 //!   [`OrderConfirmer`] (no settings of its own).
 //! - `tests.rs`: unit tests through `orderflow_api::Harness`.
 
-use orderflow_api::events::{OrderCancelled, OrderCompleted, OrderConfirmed, StockReservationFailed, StockReserved};
+use orderflow_api::events::{settlement, OrderCancelled, OrderConfirmed, OrderSettled, StockReservationFailed, StockReserved};
 use orderflow_api::{derive_event_id, Context, Event, Outputs, ProcessError, Processor, StateTxn};
 use serde::{Deserialize, Serialize};
 
@@ -149,17 +150,32 @@ impl OrderConfirmer {
         Ok(())
     }
 
-    fn completed(&self, e: &OrderCompleted, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        orderflow_api::require("OrderCompleted", &e.event_id, "orderId", &e.order_id)?;
-        let key = order_key(&e.order_id);
-        match state.get_json::<OrderState>(&key)? {
-            Some(s) if s.status == OrderStatus::PaymentWait => {
-                state.put_json(key, &OrderState { status: OrderStatus::Completed, reservation_id: s.reservation_id });
-                out.note("order_status", OrderStatus::Completed.as_str());
-            }
-            Some(s) => out.note("late_event", format!("completed_when_{}", s.status.as_str())),
-            None => out.note("late_event", format!("completed_when_{}", OrderStatus::Created.as_str())),
+    /// `order.settled` (issue 13): `SOLD` → `ORDER_COMPLETED` from `PAYMENT_WAIT`, and also over
+    /// an earlier cancellation (a late sale: the payment re-reserved and was deducted, noted
+    /// `late_sale`); `REFUND_REQUIRED` changes nothing here (the canceller's refund-required
+    /// `order.cancelled` follows).
+    fn settled(&self, e: &OrderSettled, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        orderflow_api::require("OrderSettled", &e.event_id, "orderId", &e.order_id)?;
+        if e.outcome != settlement::SOLD {
+            return Ok(());
         }
+        let key = order_key(&e.order_id);
+        let current = state.get_json::<OrderState>(&key)?;
+        match current.as_ref().map(|s| s.status) {
+            Some(OrderStatus::PaymentWait) => {}
+            Some(OrderStatus::Cancelled) | Some(OrderStatus::Failed) | None if e.late => out.note("late_sale", "completed"),
+            Some(other) => {
+                out.note("late_event", format!("completed_when_{}", other.as_str()));
+                return Ok(());
+            }
+            None => {
+                out.note("late_event", format!("completed_when_{}", OrderStatus::Created.as_str()));
+                return Ok(());
+            }
+        }
+        let reservation_id = current.and_then(|s| s.reservation_id).or_else(|| Some(e.reservation_id.clone()));
+        state.put_json(key, &OrderState { status: OrderStatus::Completed, reservation_id });
+        out.note("order_status", OrderStatus::Completed.as_str());
         Ok(())
     }
 }
@@ -170,7 +186,10 @@ impl Processor for OrderConfirmer {
     ///   id `derive(eventId, "order.confirmed")`), state `PAYMENT_WAIT`; any state → `late_event`.
     /// - `StockReservationFailed`: → `RESERVATION_FAILED` unless terminal (`late_event`).
     /// - `OrderCancelled`: → `ORDER_CANCELLED` unless terminal (`late_event`).
-    /// - `OrderCompleted`: `PAYMENT_WAIT` → `ORDER_COMPLETED`, else `late_event`.
+    /// - `OrderSettled` `SOLD` (the stock reserver's verdict on a payment, issue 13):
+    ///   `PAYMENT_WAIT` → `ORDER_COMPLETED`; a late sale (`late`) also from `ORDER_CANCELLED`,
+    ///   `RESERVATION_FAILED` or no state; else `late_event`. The POS's `order.completed` is
+    ///   ignored.
     ///
     /// Other events are ignored. Errors: [`ProcessError::Invalid`] for an empty `orderId` (or an
     /// empty `reservationId` on `StockReserved`); [`ProcessError::CorruptState`] for unreadable
@@ -180,7 +199,7 @@ impl Processor for OrderConfirmer {
             Event::StockReserved(e) => self.reserved(e, state, out),
             Event::StockReservationFailed(e) => self.failed(e, state, out),
             Event::OrderCancelled(e) => self.cancelled(e, state, out),
-            Event::OrderCompleted(e) => self.completed(e, state, out),
+            Event::OrderSettled(e) => self.settled(e, state, out),
             _ => Ok(()),
         }
     }

@@ -20,8 +20,8 @@ fn cancelled(id: &str, order_id: &str) -> OrderCancelled {
     order_cancelled(id, order_id, "INSUFFICIENT_STOCK", 2_000)
 }
 
-fn completed(id: &str, order_id: &str) -> OrderCompleted {
-    order_completed(id, order_id, &format!("R-{order_id}"), 3_000)
+fn completed(id: &str, order_id: &str) -> OrderSettled {
+    OrderSettled { reservation_id: format!("R-{order_id}"), ..order_settled(id, order_id, orderflow_api::events::settlement::SOLD, 3_000) }
 }
 
 fn status(h: &Harness<OrderConfirmer>, order_id: &str) -> Option<OrderStatus> {
@@ -86,6 +86,8 @@ fn saga_timeout(order_id: &str, reservation_id: Option<&str>) -> OrderCancelled 
     OrderCancelled {
         reservation_id: reservation_id.map(Into::into),
         customer_message: "주문 처리 시간이 초과되어 주문이 취소되었습니다.".into(),
+        refund_required: false,
+        customer_id: None,
         ..order_cancelled(&derive_event_id(order_id, "order.cancelled"), order_id, "SAGA_TIMEOUT", 181_000)
     }
 }
@@ -98,7 +100,7 @@ fn a_saga_timeout_is_never_followed_by_a_confirmation() {
     assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
     assert!(h.feed("stock.reserved", reserved("e1", "O-1"), 0).unwrap().is_empty(), "never confirmed");
     assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
-    assert!(h.feed("order.completed", completed("c1", "O-1"), 0).unwrap().is_empty());
+    assert!(h.feed("order.settled", completed("c1", "O-1"), 0).unwrap().is_empty());
     assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
     assert_eq!(late(&h), vec!["stock_reserved_when_ORDER_CANCELLED", "completed_when_ORDER_CANCELLED"]);
     assert!(!h.notes.iter().any(|n| n.measure == "confirmed"));
@@ -112,7 +114,7 @@ fn the_saga_bound_cancels_an_order_waiting_for_payment() {
     let s: OrderState = h.store.get_json(&order_key("O-1")).unwrap();
     assert_eq!((s.status, s.reservation_id.as_deref()), (OrderStatus::Cancelled, Some("R-O-1")));
     // POS completing after the bound is late, never applied.
-    h.feed("order.completed", completed("c1", "O-1"), 0).unwrap();
+    h.feed("order.settled", completed("c1", "O-1"), 0).unwrap();
     assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
     assert_eq!(late(&h), vec!["completed_when_ORDER_CANCELLED"]);
 }
@@ -181,4 +183,24 @@ fn empty_order_id_is_invalid_and_other_events_ignored() {
     let ev = order_created("x", "O-1", 0, &[]);
     assert!(h.feed("stock.reserved", ev, 0).unwrap().is_empty());
     assert_eq!(status(&h, "O-1"), None);
+}
+
+/// Issue 13: the order's paid outcome is the stock reserver's verdict. A late sale (the
+/// reservation had expired and the order was cancelled, then the payment was deducted after
+/// all) completes the order; a refund verdict and the POS's own payment change nothing.
+#[test]
+fn a_late_sale_completes_a_cancelled_order_and_other_verdicts_do_not() {
+    let mut h = harness();
+    h.feed("t", reserved("e1", "O-1"), 0).unwrap();
+    h.feed("t", cancelled("k1", "O-1"), 0).unwrap();
+    assert_eq!(status(&h, "O-1"), Some(OrderStatus::Cancelled));
+    h.feed("t", OrderSettled { late: true, ..completed("c1", "O-1") }, 0).unwrap();
+    assert_eq!(status(&h, "O-1"), Some(OrderStatus::Completed));
+    assert_eq!(h.notes.iter().filter(|n| n.measure == "late_sale").count(), 1);
+
+    let mut h = harness();
+    h.feed("t", reserved("e2", "O-2"), 0).unwrap();
+    h.feed("t", order_settled("s2", "O-2", orderflow_api::events::settlement::REFUND_REQUIRED, 0), 0).unwrap();
+    h.feed("t", order_completed("p2", "O-2", "R-O-2", 0), 0).unwrap();
+    assert_eq!(status(&h, "O-2"), Some(OrderStatus::PaymentWait));
 }

@@ -1,8 +1,8 @@
 //! Reservation expirer: enforces the reservation TTL (seed 004, domain rule 3).
 //!
 //! On `stock.reserved` it schedules a durable timer at `occurredAt + TTL` (5 minutes by default,
-//! the value comes from the caller). If neither `order.completed` nor `order.cancelled` arrives
-//! first, the timer emits `stock.reservation.expired`; the stock reserver then releases the stock
+//! the value comes from the caller). If neither `order.settled` (the stock reserver's verdict on
+//! a payment) nor `order.cancelled` arrives first, the timer emits `stock.reservation.expired`; the stock reserver then releases the stock
 //! and the canceller cancels the order with `RESERVATION_EXPIRED`.
 //!
 //! State (JSON): [`reservation_key`] → [`TrackedReservation`] while open, [`closed_key`] → `true`
@@ -15,7 +15,7 @@
 //!   [`TrackedReservation`] and [`ReservationExpirer`].
 //! - `tests.rs`: unit tests through `orderflow_api::Harness`.
 
-use orderflow_api::events::{OrderCancelled, OrderCompleted, StockReservationExpired, StockReserved};
+use orderflow_api::events::{OrderCancelled, OrderSettled, StockReservationExpired, StockReserved};
 use orderflow_api::{derive_event_id, Context, Event, Outputs, ProcessError, Processor, StateTxn};
 use serde::{Deserialize, Serialize};
 
@@ -123,15 +123,17 @@ impl Processor for ReservationExpirer {
     /// Dispatches on the event variant:
     /// - `StockReserved`: unless the order is closed (then `late_event`), tracks the reservation
     ///   and schedules timer `exp/{orderId}` at `occurredAt + TTL`.
-    /// - `OrderCompleted` / `OrderCancelled`: cancels the timer and marks the order closed, so a
-    ///   later `StockReserved` schedules nothing.
+    /// - `OrderSettled` (the stock reserver's verdict on a payment, issue 13) / `OrderCancelled`:
+    ///   cancels the timer and marks the order closed, so a later `StockReserved` schedules
+    ///   nothing. The POS's `order.completed` is not read: a payment the reserver rejected (dead
+    ///   letter) must not stop the reservation from expiring.
     ///
     /// Other events are ignored. Errors: [`ProcessError::Invalid`] for an empty `orderId` (or an
     /// empty `reservationId` on `StockReserved`).
     fn process(&mut self, _ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         match event {
             Event::StockReserved(e) => self.reserved(e, state, out),
-            Event::OrderCompleted(OrderCompleted { event_id, order_id, .. })
+            Event::OrderSettled(OrderSettled { event_id, order_id, .. })
             | Event::OrderCancelled(OrderCancelled { event_id, order_id, .. }) => {
                 orderflow_api::require(event.schema_name(), event_id, "orderId", order_id)?;
                 self.close(order_id, state);

@@ -15,8 +15,8 @@ fn reserved(id: &str, order_id: &str) -> StockReserved {
     stock_reserved(id, order_id, &format!("R-{order_id}"), T0, T0 + TTL, &[("P-001", 2)])
 }
 
-fn completed(id: &str, order_id: &str) -> OrderCompleted {
-    order_completed(id, order_id, &format!("R-{order_id}"), T0 + 10)
+fn completed(id: &str, order_id: &str) -> OrderSettled {
+    OrderSettled { reservation_id: format!("R-{order_id}"), ..order_settled(id, order_id, orderflow_api::events::settlement::SOLD, T0 + 10) }
 }
 
 fn cancelled(id: &str, order_id: &str) -> OrderCancelled {

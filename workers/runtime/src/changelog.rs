@@ -255,6 +255,10 @@ pub enum RestoreError {
     Store(#[from] StoreError),
     #[error("restoring {topic}[{partition}] timed out at offset {at} of {high}")]
     Timeout { topic: String, partition: i32, at: i64, high: i64 },
+    /// The caller's `stop` turned true (the instance is shutting down); the shard holds what
+    /// was restored so far, committed unit by unit, and a later restore goes on from there.
+    #[error("restoring {topic}[{partition}] stopped at offset {at} of {high}: shutting down")]
+    Stopped { topic: String, partition: i32, at: i64, high: i64 },
 }
 
 /// Where a restore took the state from.
@@ -341,7 +345,7 @@ pub fn restore(broker: &BrokerConfig, topic: &str, inputs: &[String], shard: &Sh
         partition: shard.partition,
         source,
     })?;
-    restore_with(&consumer, topic, inputs, shard, timeout)
+    restore_with(&consumer, topic, inputs, shard, timeout, &|| false)
 }
 
 /// A consumer for [`restore_with`]: assigned by hand, never subscribed, commits nothing. One can
@@ -387,13 +391,18 @@ const RESTORE_FETCH_WAIT_MS: &str = "10";
 /// `queued.max.messages.kbytes` of the restore consumer (see [`restore_consumer`]).
 const RESTORE_PREFETCH_KBYTES: &str = "8192";
 
-/// [`restore`] with a consumer from [`restore_consumer`] (its assignment is replaced).
+/// [`restore`] with a consumer from [`restore_consumer`] (its assignment is replaced), checking
+/// `stop` between polls (every 500 ms at most): a worker told to shut down leaves the restore of
+/// a partition it is about to give up instead of finishing it first.
+///
+/// Errors: as [`restore`], and [`RestoreError::Stopped`] once `stop` returns true.
 pub fn restore_with(
     consumer: &RestoreConsumer,
     topic: &str,
     inputs: &[String],
     shard: &Shard,
     timeout: Duration,
+    stop: &dyn Fn() -> bool,
 ) -> Result<Report, RestoreError> {
     let started = Instant::now();
     let p = shard.partition;
@@ -429,6 +438,9 @@ pub fn restore_with(
         while at < high {
             if started.elapsed() > timeout {
                 return Err(RestoreError::Timeout { topic: topic.to_string(), partition: p, at, high });
+            }
+            if stop() {
+                return Err(RestoreError::Stopped { topic: topic.to_string(), partition: p, at, high });
             }
             // The end is where the consumer reports end-of-partition, not "offset high − 1":
             // under exactly_once the changelog is written in transactions and its last offset is a

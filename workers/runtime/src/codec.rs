@@ -30,6 +30,22 @@
 //!
 //! Encoding is deterministic: the same event always gives the same bytes (for a given schema id
 //! in the Confluent format).
+//!
+//! # Schema evolution
+//!
+//! A new version of `avro/<Name>.avsc` must stay able to read data written with every earlier
+//! version (Avro schema resolution, "BACKWARD" compatibility): in practice it may only add
+//! fields that have a default (or make other changes under which the new schema still reads
+//! the old data, such as widening `int` to `long`). The previous version's file moves, unchanged,
+//! to `avro/history/<Name>.v<N>.avsc` (`N` = 1, 2, ...: the version it was). The codec always
+//! writes the current version, and reads records written with the current version or any listed
+//! one: a single-object payload carrying an old fingerprint is read with that old (writer)
+//! schema and then resolved against the current schema, so fields added since then get their
+//! defaults. [`Codec::load`] refuses (with [`CodecError::Schema`] naming the file) a history
+//! file whose name is not `<Name>.v<N>.avsc` for a known event, whose record is named
+//! differently, whose fingerprint is not unique, or that the current schema cannot read. With a
+//! schema registry, its BACKWARD compatibility check enforces the same rule at registration,
+//! and every record carries the id of the schema it was written with.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -38,6 +54,7 @@ use std::time::Duration;
 
 use apache_avro::rabin::Rabin;
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::schema_compatibility::{Compatibility, SchemaCompatibility};
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
@@ -59,6 +76,9 @@ pub const CONFLUENT_MAGIC: u8 = 0x00;
 pub const CONFLUENT_HEADER_LEN: usize = 5;
 /// Avro namespace of every event record (`orderflow.events.<Name>` is the full name).
 pub const EVENT_NAMESPACE: &str = "orderflow.events";
+/// Subdirectory of the Avro directory holding the previous schema versions,
+/// `history/<Name>.v<N>.avsc` (decode-only; see "Schema evolution").
+pub const HISTORY_DIR: &str = "history";
 
 /// Timeout of each schema registry HTTP call.
 const REGISTRY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,7 +116,8 @@ pub enum CodecError {
         /// What went wrong.
         message: String,
     },
-    /// An `.avsc` file is missing or does not parse.
+    /// An `.avsc` file is missing or does not parse, or a file under `history/` is misnamed,
+    /// duplicates a fingerprint or cannot be read by the current schema.
     #[error("schema file {file}: {message}")]
     Schema {
         /// Path of the schema file.
@@ -168,6 +189,27 @@ struct Entry {
     schema: Schema,
     /// CRC-64-AVRO of the Parsing Canonical Form.
     fingerprint: u64,
+    /// Earlier versions (`history/<Name>.v<N>.avsc`), decode-only, ordered by version.
+    history: Vec<OldVersion>,
+}
+
+/// A previous version of an event schema, only used to read records written with it.
+#[derive(Debug)]
+struct OldVersion {
+    /// `N` of `history/<Name>.v<N>.avsc`.
+    version: u32,
+    schema: Schema,
+    /// CRC-64-AVRO of the Parsing Canonical Form.
+    fingerprint: u64,
+}
+
+/// The writer schema a single-object fingerprint stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WriterRef {
+    /// Index of the event's entry (current schema).
+    entry: usize,
+    /// `None` for the current schema, else the index into that entry's `history`.
+    old: Option<usize>,
 }
 
 /// Schema registry clients and the ids this codec already knows.
@@ -187,7 +229,8 @@ pub struct Codec {
     entries: Vec<Entry>,
     by_name: HashMap<&'static str, usize>,
     by_full_name: HashMap<String, usize>,
-    by_fingerprint: HashMap<u64, usize>,
+    /// Fingerprints of the current schemas and of every history version.
+    by_fingerprint: HashMap<u64, WriterRef>,
     registry: Option<Registry>,
 }
 
@@ -195,6 +238,14 @@ impl std::fmt::Debug for Codec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Codec")
             .field("schemas", &self.entries.iter().map(|e| format!("{}={:016x}", e.name, e.fingerprint)).collect::<Vec<_>>())
+            .field(
+                "history",
+                &self
+                    .entries
+                    .iter()
+                    .flat_map(|e| e.history.iter().map(move |h| format!("{}.v{}={:016x}", e.name, h.version, h.fingerprint)))
+                    .collect::<Vec<_>>(),
+            )
             .field("registry", &self.registry.as_ref().map(|r| &r.url))
             .finish()
     }
@@ -228,14 +279,24 @@ impl Codec {
     /// Each schema must be a record named `<Name>`; its CRC-64-AVRO fingerprint is computed from
     /// its Parsing Canonical Form.
     ///
+    /// Previous versions are loaded too, decode-only (see "Schema evolution" in the module
+    /// docs): every file of `avro_dir/history/` (the directory may be absent) must be named
+    /// `<Name>.v<N>.avsc`, `<Name>` one of [`Event::SCHEMA_NAMES`] and `N` ≥ 1 without leading
+    /// zeros, hold a record of the same full name as `<Name>.avsc`, and be readable by the
+    /// current schema (`SchemaCompatibility::can_read(old, current)` fully compatible). Hidden
+    /// files (name starting with `.`) are skipped; anything else is an error, so a typo cannot
+    /// silently drop a version. History versions are never used for encoding, nor returned by
+    /// [`Codec::schema`] / [`Codec::fingerprint`].
+    ///
     /// Errors: [`CodecError::Schema`] naming the file when it is missing, unreadable, not valid
-    /// Avro, not a record of the expected name, or when two schemas share a fingerprint;
+    /// Avro, not a record of the expected name, when two schemas (current or history) share a
+    /// fingerprint, or when a history file is misnamed or incompatible with the current schema;
     /// [`CodecError::Registry`] when the registry client cannot be built.
     pub fn load(avro_dir: &Path, registry_url: Option<&str>) -> Result<Codec, CodecError> {
         let mut entries = Vec::with_capacity(Event::SCHEMA_NAMES.len());
         let mut by_name = HashMap::new();
         let mut by_full_name = HashMap::new();
-        let mut by_fingerprint = HashMap::new();
+        let mut by_fingerprint: HashMap<u64, WriterRef> = HashMap::new();
         for &name in Event::SCHEMA_NAMES {
             let path = avro_dir.join(format!("{name}.avsc"));
             let file = path.display().to_string();
@@ -254,14 +315,15 @@ impl Codec {
             let fingerprint = rabin_fingerprint(&schema);
             let index = entries.len();
             if let Some(&other) = by_fingerprint.get(&fingerprint) {
-                let other: &Entry = &entries[other];
+                let other: &Entry = &entries[other.entry];
                 return Err(schema_err(format!("same fingerprint {fingerprint:#018x} as {}", other.name)));
             }
-            by_fingerprint.insert(fingerprint, index);
+            by_fingerprint.insert(fingerprint, WriterRef { entry: index, old: None });
             by_name.insert(name, index);
             by_full_name.insert(full_name.clone(), index);
-            entries.push(Entry { name, full_name, raw, schema, fingerprint });
+            entries.push(Entry { name, full_name, raw, schema, fingerprint, history: Vec::new() });
         }
+        load_history(&avro_dir.join(HISTORY_DIR), &mut entries, &by_name, &mut by_fingerprint)?;
         let registry = match registry_url {
             None => None,
             Some(url) => {
@@ -297,6 +359,13 @@ impl Codec {
     /// (little-endian) in bytes 2..10 of a single-object payload.
     pub fn fingerprint(&self, name: &str) -> Option<u64> {
         self.by_name.get(name).map(|&i| self.entries[i].fingerprint)
+    }
+
+    /// The previous versions of record `name` loaded from `history/<name>.v<N>.avsc`, as
+    /// `(N, fingerprint)` pairs ordered by `N`. These fingerprints are accepted by the decoders
+    /// but never written. Empty for an unknown name or a schema without history.
+    pub fn history_fingerprints(&self, name: &str) -> Vec<(u32, u64)> {
+        self.by_name.get(name).map(|&i| self.entries[i].history.iter().map(|h| (h.version, h.fingerprint)).collect()).unwrap_or_default()
     }
 
     fn entry_of(&self, event: &Event) -> Result<&Entry, CodecError> {
@@ -386,12 +455,14 @@ impl Codec {
             return None;
         }
         let fp = u64::from_le_bytes(bytes[2..10].try_into().ok()?);
-        self.by_fingerprint.get(&fp).map(|&i| self.entries[i].name)
+        self.by_fingerprint.get(&fp).map(|w| self.entries[w.entry].name)
     }
 
     /// Sync decode, without any network call.
     ///
-    /// Handles single-object payloads (`C3 01` + fingerprint) and Confluent payloads whose
+    /// Handles single-object payloads (`C3 01` + fingerprint of the current schema or of a
+    /// history version, resolved to the current schema so added fields get their defaults) and
+    /// Confluent payloads whose
     /// schema id this codec registered itself (by an earlier [`Codec::encode`]) or already
     /// resolved (by an earlier [`Codec::decode`]).
     ///
@@ -410,9 +481,13 @@ impl Codec {
                     return Err(CodecError::Truncated);
                 }
                 let fp = u64::from_le_bytes(bytes[2..10].try_into().expect("8 bytes"));
-                let &index = self.by_fingerprint.get(&fp).ok_or(CodecError::UnknownFingerprint(fp))?;
-                let entry = &self.entries[index];
-                decode_datum(entry, &entry.schema, &bytes[SINGLE_OBJECT_HEADER_LEN..])
+                let &writer = self.by_fingerprint.get(&fp).ok_or(CodecError::UnknownFingerprint(fp))?;
+                let entry = &self.entries[writer.entry];
+                let schema = match writer.old {
+                    None => &entry.schema,
+                    Some(old) => &entry.history[old].schema,
+                };
+                decode_datum(entry, schema, &bytes[SINGLE_OBJECT_HEADER_LEN..])
             }
             Some(&CONFLUENT_MAGIC) => {
                 let (id, datum) = split_confluent(bytes)?;
@@ -432,7 +507,8 @@ impl Codec {
 
     /// Decodes a payload in either format, recognised by its first byte(s):
     ///
-    /// * `C3 01` → single-object, schema looked up by fingerprint ([`Codec::decode_local`]);
+    /// * `C3 01` → single-object, schema looked up by fingerprint, current or history version
+    ///   ([`Codec::decode_local`]);
     /// * `00` → Confluent: the writer schema is fetched from the registry by id (cached), and
     ///   the datum is resolved (Avro schema resolution) to the local schema of the same record
     ///   full name, so compatible evolutions decode;
@@ -475,6 +551,112 @@ impl Codec {
     }
 }
 
+/// Parses a history file name `<Name>.v<N>.avsc` into (`<Name>` as listed in
+/// [`Event::SCHEMA_NAMES`], `N`), or says what is wrong with it.
+fn parse_history_file_name(file_name: &str) -> Result<(&'static str, u32), String> {
+    const EXPECTED: &str = "expected <Name>.v<N>.avsc with <Name> an event record name and N >= 1";
+    let stem = file_name.strip_suffix(".avsc").ok_or_else(|| format!("not an .avsc file; {EXPECTED}"))?;
+    let (name, version) = stem.rsplit_once(".v").ok_or_else(|| format!("no .v<N> version suffix; {EXPECTED}"))?;
+    let name = Event::SCHEMA_NAMES
+        .iter()
+        .copied()
+        .find(|&n| n == name)
+        .ok_or_else(|| format!("{name:?} is not an event record name (one of {}); {EXPECTED}", Event::SCHEMA_NAMES.join(", ")))?;
+    let valid = !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit()) && !version.starts_with('0');
+    let version = version
+        .parse::<u32>()
+        .ok()
+        .filter(|_| valid)
+        .ok_or_else(|| format!("version {version:?} is not an integer >= 1 without leading zeros; {EXPECTED}"))?;
+    Ok((name, version))
+}
+
+/// Loads every `history/<Name>.v<N>.avsc` of `dir` (absent directory = no history) into the
+/// `history` of the entry `<Name>` and registers its fingerprint, after validating it (see
+/// [`Codec::load`]).
+fn load_history(
+    dir: &Path,
+    entries: &mut [Entry],
+    by_name: &HashMap<&'static str, usize>,
+    by_fingerprint: &mut HashMap<u64, WriterRef>,
+) -> Result<(), CodecError> {
+    let dir_err = |message: String| CodecError::Schema { file: dir.display().to_string(), message };
+    let listing = match std::fs::read_dir(dir) {
+        Ok(listing) => listing,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(dir_err(format!("cannot list the schema history directory: {e}"))),
+    };
+    let mut paths = Vec::new();
+    for item in listing {
+        paths.push(item.map_err(|e| dir_err(format!("cannot list the schema history directory: {e}")))?.path());
+    }
+    paths.sort(); // deterministic: the first bad file by name is reported
+    let mut files = Vec::new();
+    for path in paths {
+        let schema_err = |message: String| CodecError::Schema { file: path.display().to_string(), message };
+        let file_name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| schema_err("file name is not UTF-8".to_string()))?;
+        if file_name.starts_with('.') {
+            continue;
+        }
+        if !path.is_file() {
+            return Err(schema_err("not a regular file; the schema history directory holds only <Name>.v<N>.avsc files".to_string()));
+        }
+        let (name, version) = parse_history_file_name(file_name).map_err(|m| schema_err(format!("misnamed schema history file: {m}")))?;
+        files.push((by_name[name], version, path));
+    }
+    // Each entry's history ends up ordered by version.
+    files.sort();
+    for (index, version, path) in files {
+        let file = path.display().to_string();
+        let schema_err = |message: String| CodecError::Schema { file: file.clone(), message };
+        let current = &entries[index];
+        let name = current.name;
+        let raw = std::fs::read_to_string(&path).map_err(|e| schema_err(format!("cannot read: {e}")))?;
+        let schema = Schema::parse_str(&raw).map_err(|e| schema_err(format!("invalid Avro schema: {e}")))?;
+        match &schema {
+            Schema::Record(r) if r.name.fullname(None) == current.full_name => {}
+            Schema::Record(r) => {
+                return Err(schema_err(format!(
+                    "record is named {} but {name}.avsc declares {}; a history version must keep the record's full name",
+                    r.name.fullname(None),
+                    current.full_name
+                )))
+            }
+            _ => return Err(schema_err("top-level schema is not a record".to_string())),
+        }
+        let fingerprint = rabin_fingerprint(&schema);
+        if let Some(other) = by_fingerprint.get(&fingerprint) {
+            let other_entry = &entries[other.entry];
+            let other_file = match other.old {
+                None => format!("{}.avsc", other_entry.name),
+                Some(old) => format!("{HISTORY_DIR}/{}.v{}.avsc", other_entry.name, other_entry.history[old].version),
+            };
+            return Err(schema_err(format!(
+                "same fingerprint {fingerprint:#018x} as {other_file} (identical Parsing Canonical Form: not a distinct version)"
+            )));
+        }
+        match SchemaCompatibility::can_read(&schema, &current.schema) {
+            Ok(Compatibility::Full) => {}
+            Ok(Compatibility::Partial) => {
+                return Err(schema_err(format!(
+                    "the current {name}.avsc can read only part of the data written with version {version} (enum symbols or union \
+                     branches were removed); a new version must be able to read every record of the previous ones"
+                )))
+            }
+            Err(e) => {
+                return Err(schema_err(format!(
+                    "the current {name}.avsc cannot read data written with version {version}: {e}; a new version may only add fields \
+                     with defaults (or make other reader-compatible changes)"
+                )))
+            }
+        }
+        let entry = &mut entries[index];
+        by_fingerprint.insert(fingerprint, WriterRef { entry: index, old: Some(entry.history.len()) });
+        entry.history.push(OldVersion { version, schema, fingerprint });
+    }
+    Ok(())
+}
+
 /// Splits a Confluent payload into (schema id, datum).
 fn split_confluent(bytes: &[u8]) -> Result<(u32, &[u8]), CodecError> {
     if bytes.len() < CONFLUENT_HEADER_LEN {
@@ -484,23 +666,47 @@ fn split_confluent(bytes: &[u8]) -> Result<(u32, &[u8]), CodecError> {
     Ok((id, &bytes[CONFLUENT_HEADER_LEN..]))
 }
 
-/// Decodes `datum` written with `writer` into the event of `entry` (resolving to the local
-/// schema when the writer schema differs). Trailing bytes are an error.
+/// The datum as a [`std::io::Read`] that remembers whether the decoder asked for bytes past its
+/// end (a complete Avro datum is read exactly, never beyond).
+struct EofTracking<'a> {
+    rest: &'a [u8],
+    hit_eof: bool,
+}
+
+impl std::io::Read for EofTracking<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = std::io::Read::read(&mut self.rest, buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.hit_eof = true;
+        }
+        Ok(n)
+    }
+}
+
+/// Decodes `datum` written with `writer` into the event of `entry`. When the writer schema is
+/// not the current one (history version, other registry version) the value is resolved to the
+/// current schema (Avro schema resolution: reader defaults fill added fields). Trailing bytes
+/// are an error.
 fn decode_datum(entry: &Entry, writer: &Schema, datum: &[u8]) -> Result<Event, CodecError> {
     let malformed = |message: String| CodecError::Malformed { schema: entry.name.to_string(), message };
-    let mut rest = datum;
-    let builder = GenericDatumReader::builder(writer);
-    let reader = if std::ptr::eq(writer, &entry.schema) { builder.build() } else { builder.reader_schema(&entry.schema).build() }
-        .map_err(|e| malformed(format!("schema: {e}")))?;
-    let value = reader.read_value(&mut rest).map_err(|e| malformed(format!("datum: {e}")))?;
-    // apache-avro returns a null instead of an error when the datum ends inside a string or a
-    // boolean: a value that does not fit the schema can only come from a datum cut short there.
-    if !value.validate(&entry.schema) {
-        return Err(malformed("datum: unexpected end of data inside a string or boolean".to_string()));
+    let mut input = EofTracking { rest: datum, hit_eof: false };
+    let reader = GenericDatumReader::builder(writer).build().map_err(|e| malformed(format!("schema: {e}")))?;
+    let value = reader.read_value(&mut input).map_err(|e| malformed(format!("datum: {e}")))?;
+    // apache-avro returns a null (or a null union branch) instead of an error when the datum
+    // ends inside a string or a boolean or before a union index: the decoder asked for bytes
+    // past the end, or (belt and braces) the value does not fit the writer schema. Checked
+    // before resolution, so a cut stays "truncated" whatever the writer version.
+    if input.hit_eof || !value.validate(writer) {
+        return Err(malformed("datum: unexpected end of data inside a string, boolean or union index".to_string()));
     }
-    if !rest.is_empty() {
-        return Err(malformed(format!("{} trailing byte(s) after the datum", rest.len())));
+    if !input.rest.is_empty() {
+        return Err(malformed(format!("{} trailing byte(s) after the datum", input.rest.len())));
     }
+    let value = if std::ptr::eq(writer, &entry.schema) {
+        value
+    } else {
+        value.resolve(&entry.schema).map_err(|e| malformed(format!("cannot resolve to the current {} schema: {e}", entry.name)))?
+    };
     let json = avro_to_json(value).map_err(malformed)?;
     Event::from_json(entry.name, json).map_err(malformed)
 }
@@ -519,6 +725,7 @@ fn event_to_value(event: &Event) -> Result<Value, apache_avro::Error> {
         Event::StockReservationExpired(e) => to_value(e),
         Event::StockReservationReleased(e) => to_value(e),
         Event::InventoryAdjusted(e) => to_value(e),
+        Event::OrderSettled(e) => to_value(e),
     }
 }
 
@@ -643,6 +850,8 @@ mod tests {
                 reason: cancel_reason::RESERVATION_EXPIRED.into(),
                 reservation_id: Some("r1".into()),
                 customer_message: "주문이 취소되었습니다".into(),
+                refund_required: false,
+                customer_id: None,
             }
             .into(),
             OrderCancelled {
@@ -654,6 +863,8 @@ mod tests {
                 reason: cancel_reason::INSUFFICIENT_STOCK.into(),
                 reservation_id: None,
                 customer_message: String::new(),
+                refund_required: false,
+                customer_id: None,
             }
             .into(),
             OrderCompleted {
@@ -722,6 +933,20 @@ mod tests {
                 adjustment_type: "RESTOCK".into(),
                 reference_id: "adj-1".into(),
                 items: vec![AdjustedItem { product_id: "p1".into(), delta: -7 }],
+            }
+            .into(),
+            OrderSettled {
+                event_id: "e11".into(),
+                occurred_at: base,
+                order_id: "o1".into(),
+                hq_id: "hq".into(),
+                store_id: "s1".into(),
+                payment_event_id: "e6".into(),
+                reservation_id: "r1".into(),
+                outcome: settlement::REFUND_REQUIRED.into(),
+                late: true,
+                reason: Some(cancel_reason::PAYMENT_AFTER_EXPIRY.into()),
+                items: vec![SettledItem { product_id: "p1".into(), quantity: 2 }],
             }
             .into(),
         ]
@@ -810,11 +1035,14 @@ mod tests {
             reason: "R".into(),
             reservation_id: None,
             customer_message: "m".into(),
+            refund_required: false,
+            customer_id: None,
         }
         .into();
         let bytes = codec.encode_local(&event).unwrap();
-        // strings: zigzag length + utf8; long 1 → zigzag 02; union branch 0 (null) → 00.
-        assert_eq!(&bytes[10..], &[2, b'e', 2, 2, b'o', 2, b'h', 2, b's', 2, b'R', 0, 2, b'm']);
+        // strings: zigzag length + utf8; long 1 → zigzag 02; union branch 0 (null) → 00;
+        // boolean false → 00 (refundRequired); customerId null → 00.
+        assert_eq!(&bytes[10..], &[2, b'e', 2, 2, b'o', 2, b'h', 2, b's', 2, b'R', 0, 2, b'm', 0, 0]);
         let Event::OrderCancelled(mut some) = event else { unreachable!() };
         some.reservation_id = Some("r".into());
         let bytes = codec.encode_local(&some.clone().into()).unwrap();
@@ -900,8 +1128,9 @@ mod tests {
         }
         // A union branch index out of range.
         let mut bytes = codec.encode_local(&samples()[5]).unwrap(); // OrderCancelled, None
-        let union_at = bytes.len() - 1 - 1; // ... 00 (union) 00 (empty message)
-        assert_eq!(&bytes[union_at..], &[0, 0]);
+                                                                    // ... 00 (reservationId null) 00 (empty message) 00 (refundRequired false) 00 (customerId null)
+        let union_at = bytes.len() - 4;
+        assert_eq!(&bytes[union_at..], &[0, 0, 0, 0]);
         bytes[union_at] = 8; // branch 4
         assert!(matches!(codec.decode_local(&bytes), Err(CodecError::Malformed { .. })));
     }
@@ -909,7 +1138,9 @@ mod tests {
     #[test]
     fn every_cut_of_a_datum_is_truncated() {
         // Found by the fuzz target `decode`: a cut inside the last string (OrderCancelled's
-        // customerMessage) decoded as null and was classified malformed.
+        // customerMessage) decoded as null and was classified malformed. Since OrderCancelled v2
+        // ends with a nullable union (customerId), a cut before its index decoded as null and
+        // was not detected at all.
         let codec = codec();
         for event in samples() {
             let full = codec.encode_local(&event).unwrap();
@@ -967,6 +1198,213 @@ mod tests {
         }
         std::fs::write(dir.path().join(format!("{missing}.avsc")), "{not json").unwrap();
         assert!(matches!(Codec::load(dir.path(), None), Err(CodecError::Schema { .. })));
+    }
+
+    /// A v1 `OrderCancelled` (before `refundRequired` and `customerId`), single-object encoded
+    /// straight with apache-avro from `avro/history/OrderCancelled.v1.avsc`: `C3 01`, the v1
+    /// fingerprint (little-endian), the datum.
+    fn order_cancelled_v1_payload(reservation_id: Option<&str>) -> (Vec<u8>, u64) {
+        let raw = std::fs::read_to_string(avro_dir().join("history/OrderCancelled.v1.avsc")).unwrap();
+        let v1 = Schema::parse_str(&raw).unwrap();
+        let Schema::Record(r) = &v1 else { panic!("record expected") };
+        assert!(r.fields.iter().all(|f| f.name != "refundRequired" && f.name != "customerId"), "v1 predates the new fields");
+        let s = |v: &str| Value::String(v.into());
+        let value = Value::Record(vec![
+            ("eventId".into(), s("e-v1")),
+            ("occurredAt".into(), Value::TimestampMillis(1_690_000_000_000)),
+            ("orderId".into(), s("o-v1")),
+            ("hqId".into(), s("hq")),
+            ("storeId".into(), s("s1")),
+            ("reason".into(), s("PAYMENT_FAILED")),
+            ("reservationId".into(), reservation_id.map_or(Value::Union(0, Box::new(Value::Null)), |r| Value::Union(1, Box::new(s(r))))),
+            ("customerMessage".into(), s("결제 실패")),
+        ]);
+        assert!(value.validate(&v1));
+        let datum = GenericDatumWriter::builder(&v1).build().unwrap().write_value_to_vec(value).unwrap();
+        let fp = spec_crc64_avro(v1.canonical_form().as_bytes());
+        let mut bytes = SINGLE_OBJECT_MARKER.to_vec();
+        bytes.extend_from_slice(&fp.to_le_bytes());
+        bytes.extend_from_slice(&datum);
+        (bytes, fp)
+    }
+
+    /// A temp copy of the repo's `avro/*.avsc` (current schemas only, no `history/`).
+    fn temp_avro_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for item in std::fs::read_dir(avro_dir()).unwrap() {
+            let path = item.unwrap().path();
+            if path.extension().is_some_and(|e| e == "avsc") {
+                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        dir
+    }
+
+    /// Loading `dir` must fail with a schema error naming `file`; returns the message.
+    fn schema_error_naming(dir: &Path, file: &str) -> String {
+        match Codec::load(dir, None) {
+            Err(e @ CodecError::Schema { .. }) => {
+                let CodecError::Schema { file: named, message } = &e else { unreachable!() };
+                assert!(named.ends_with(file), "{e}");
+                assert!(e.is_permanent());
+                assert_eq!(e.class(), "codec");
+                message.clone()
+            }
+            other => panic!("expected a schema error naming {file}, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn order_cancelled_v1_payload_decodes_with_v2_defaults() {
+        let codec = codec();
+        for reservation_id in [Some("r-v1"), None] {
+            let (bytes, v1_fp) = order_cancelled_v1_payload(reservation_id);
+            assert_ne!(Some(v1_fp), codec.fingerprint("OrderCancelled"));
+            assert_eq!(codec.history_fingerprints("OrderCancelled"), vec![(1, v1_fp)]);
+            assert_eq!(codec.schema_name_of(&bytes), Some("OrderCancelled"));
+            let expected: Event = OrderCancelled {
+                event_id: "e-v1".into(),
+                occurred_at: 1_690_000_000_000,
+                order_id: "o-v1".into(),
+                hq_id: "hq".into(),
+                store_id: "s1".into(),
+                reason: "PAYMENT_FAILED".into(),
+                reservation_id: reservation_id.map(String::from),
+                customer_message: "결제 실패".into(),
+                refund_required: false,
+                customer_id: None,
+            }
+            .into();
+            let decoded = codec.decode_local(&bytes).unwrap();
+            let Event::OrderCancelled(cancelled) = &decoded else { panic!("OrderCancelled expected, got {decoded:?}") };
+            assert!(!cancelled.refund_required);
+            assert_eq!(cancelled.customer_id, None);
+            assert_eq!(decoded, expected);
+            assert_eq!(codec.decode(&bytes).await.unwrap(), expected);
+            // Re-encoding writes version 2.
+            let again = codec.encode_local(&decoded).unwrap();
+            assert_eq!(&again[2..10], &codec.fingerprint("OrderCancelled").unwrap().to_le_bytes());
+        }
+        assert!(codec.history_fingerprints("OrderCreated").is_empty());
+        assert!(codec.history_fingerprints("NoSuchEvent").is_empty());
+    }
+
+    #[test]
+    fn cut_or_extended_v1_payload_is_classified_like_current_ones() {
+        let codec = codec();
+        let (full, _) = order_cancelled_v1_payload(Some("r"));
+        for cut in SINGLE_OBJECT_HEADER_LEN..full.len() {
+            let err = codec.decode_local(&full[..cut]).unwrap_err();
+            assert_eq!(err.class(), "truncated", "cut to {cut} of {}: {err}", full.len());
+        }
+        let mut longer = full.clone();
+        longer.push(0);
+        assert_eq!(codec.decode_local(&longer).unwrap_err().class(), "malformed");
+    }
+
+    #[test]
+    fn order_cancelled_is_encoded_with_the_current_version() {
+        let codec = codec();
+        let raw = std::fs::read_to_string(avro_dir().join("OrderCancelled.avsc")).unwrap();
+        let current = Schema::parse_str(&raw).unwrap();
+        let Schema::Record(r) = &current else { panic!("record expected") };
+        assert!(r.fields.iter().any(|f| f.name == "refundRequired") && r.fields.iter().any(|f| f.name == "customerId"));
+        let v2_fp = spec_crc64_avro(current.canonical_form().as_bytes());
+        let (_, v1_fp) = order_cancelled_v1_payload(None);
+        assert_eq!(codec.fingerprint("OrderCancelled"), Some(v2_fp));
+        assert_eq!(codec.schema("OrderCancelled").map(|s| s.canonical_form()), Some(current.canonical_form()));
+        for event in samples().into_iter().filter(|e| e.schema_name() == "OrderCancelled") {
+            let bytes = codec.encode_local(&event).unwrap();
+            assert_eq!(&bytes[2..10], &v2_fp.to_le_bytes());
+            assert_ne!(&bytes[2..10], &v1_fp.to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn history_is_optional_and_loaded_from_the_avro_dir() {
+        let dir = temp_avro_dir();
+        let codec = Codec::load(dir.path(), None).unwrap();
+        assert!(codec.history_fingerprints("OrderCancelled").is_empty());
+        let (bytes, v1_fp) = order_cancelled_v1_payload(None);
+        assert!(matches!(codec.decode_local(&bytes), Err(CodecError::UnknownFingerprint(fp)) if fp == v1_fp));
+
+        let history = dir.path().join(HISTORY_DIR);
+        std::fs::create_dir(&history).unwrap();
+        std::fs::copy(avro_dir().join("history/OrderCancelled.v1.avsc"), history.join("OrderCancelled.v1.avsc")).unwrap();
+        std::fs::write(history.join(".gitkeep"), "").unwrap();
+        let codec = Codec::load(dir.path(), None).unwrap();
+        assert_eq!(codec.history_fingerprints("OrderCancelled"), vec![(1, v1_fp)]);
+        assert_eq!(codec.decode_local(&bytes).unwrap().schema_name(), "OrderCancelled");
+    }
+
+    #[test]
+    fn incompatible_history_version_fails_load() {
+        let dir = temp_avro_dir();
+        let history = dir.path().join(HISTORY_DIR);
+        std::fs::create_dir(&history).unwrap();
+        let v1 = std::fs::read_to_string(avro_dir().join("history/OrderCancelled.v1.avsc")).unwrap();
+        let reason = r#"{"name": "reason", "type": "string""#;
+        assert!(v1.contains(reason));
+        // `reason` written as an int: the current schema (string) cannot read it.
+        std::fs::write(history.join("OrderCancelled.v1.avsc"), v1.replacen(reason, r#"{"name": "reason", "type": "int""#, 1)).unwrap();
+        let message = schema_error_naming(dir.path(), "history/OrderCancelled.v1.avsc");
+        assert!(message.contains("cannot read data written with version 1"), "{message}");
+
+        // A field without default that v1 lacks: same verdict.
+        let current = std::fs::read_to_string(dir.path().join("OrderCancelled.avsc")).unwrap();
+        let no_default = r#"{"name": "refundRequired", "type": "boolean", "default": false"#;
+        assert!(current.contains(no_default));
+        std::fs::write(history.join("OrderCancelled.v1.avsc"), &v1).unwrap();
+        std::fs::write(
+            dir.path().join("OrderCancelled.avsc"),
+            current.replacen(no_default, r#"{"name": "refundRequired", "type": "boolean""#, 1),
+        )
+        .unwrap();
+        let message = schema_error_naming(dir.path(), "history/OrderCancelled.v1.avsc");
+        assert!(message.contains("cannot read"), "{message}");
+        std::fs::write(dir.path().join("OrderCancelled.avsc"), &current).unwrap();
+
+        // A copy of the current schema is no distinct version.
+        std::fs::write(history.join("OrderCancelled.v1.avsc"), &current).unwrap();
+        let message = schema_error_naming(dir.path(), "history/OrderCancelled.v1.avsc");
+        assert!(message.contains("same fingerprint") && message.contains("OrderCancelled.avsc"), "{message}");
+
+        // Another record (OrderCompleted's schema) under OrderCancelled's name.
+        std::fs::copy(dir.path().join("OrderCompleted.avsc"), history.join("OrderCancelled.v1.avsc")).unwrap();
+        let message = schema_error_naming(dir.path(), "history/OrderCancelled.v1.avsc");
+        assert!(message.contains("record is named orderflow.events.OrderCompleted"), "{message}");
+
+        std::fs::write(history.join("OrderCancelled.v1.avsc"), "{not json").unwrap();
+        schema_error_naming(dir.path(), "history/OrderCancelled.v1.avsc");
+    }
+
+    #[test]
+    fn misnamed_history_file_fails_load() {
+        let v1 = std::fs::read_to_string(avro_dir().join("history/OrderCancelled.v1.avsc")).unwrap();
+        for bad in [
+            "OrderCanceled.v1.avsc",    // typo in the record name
+            "OrderCancelled.avsc",      // no version
+            "OrderCancelled.v0.avsc",   // versions start at 1
+            "OrderCancelled.v01.avsc",  // leading zero
+            "OrderCancelled.v1.5.avsc", // not an integer
+            "OrderCancelled.v-1.avsc",
+            "OrderCancelled.vx.avsc",
+            "OrderCancelled.v1.json", // not .avsc
+            "OrderCancelled.v1.avsc.bak",
+            "orderflow.events.OrderCancelled.v1.avsc",
+        ] {
+            let dir = temp_avro_dir();
+            let history = dir.path().join(HISTORY_DIR);
+            std::fs::create_dir(&history).unwrap();
+            std::fs::write(history.join(bad), &v1).unwrap();
+            let message = schema_error_naming(dir.path(), &format!("history/{bad}"));
+            assert!(message.contains("misnamed schema history file") && message.contains("<Name>.v<N>.avsc"), "{bad}: {message}");
+        }
+        // A subdirectory is a stray entry too.
+        let dir = temp_avro_dir();
+        std::fs::create_dir_all(dir.path().join(HISTORY_DIR).join("OrderCancelled.v1.avsc")).unwrap();
+        let message = schema_error_naming(dir.path(), "history/OrderCancelled.v1.avsc");
+        assert!(message.contains("not a regular file"), "{message}");
     }
 
     /// A tiny in-process schema registry: accepts registrations (id 7), serves id 7, 404s others.

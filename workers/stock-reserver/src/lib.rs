@@ -15,10 +15,16 @@
 //!   that order, before the stock. An order without those ids is dead-lettered: there is no
 //!   order to answer.
 //! - `OrderCancelled` / `StockReservationExpired` release a live reservation.
-//! - `OrderCompleted` turns a live reservation into a deduction (seed 004); never below zero and
-//!   never without a live reservation (rule 2). It must name the live reservation and may list
-//!   what was sold, a subset of the reserved items: the sold units are deducted, the rest released
-//!   (`UNSOLD`); anything else is `Invalid` and deducts nothing (issue 13).
+//! - `OrderCompleted` (a payment) is settled here, once, with `order.settled` (issue 13): the
+//!   reserver is the one place where an order's payment, cancellation and expiry are totally
+//!   ordered, so whichever reaches it first wins and its verdict is the order's outcome for the
+//!   canceller, the confirmer and the expirer. A payment of the live reservation deducts what was
+//!   sold (seed 004; a subset of the reserved items, the rest released `UNSOLD`) and settles
+//!   `SOLD`. A payment that finds nothing held (the reservation expired or was released first)
+//!   is a late payment: sold from available stock if it is all there (`SOLD`, `late`), else
+//!   settled `REFUND_REQUIRED` (`PAYMENT_AFTER_EXPIRY`). Never below zero (rule 2). A payment
+//!   naming another reservation, breaking the subset rule or paying a settled order again is
+//!   `Invalid` and deducts nothing. See [`StockReserver::completed`].
 //!
 //! Every output is deterministic in its input (rule 7): ids come from
 //! [`derive_event_id`]`(input eventId, tag)` and `occurredAt` is the input's `occurredAt`.
@@ -32,10 +38,12 @@
 //!   ...), the state records ([`StockRecord`], [`Reservation`]) and [`StockReserver`].
 //! - `tests.rs`: unit tests through `orderflow_api::Harness`.
 
+use std::collections::BTreeMap;
+
 use orderflow_api::events::{
-    change_reason, failure_reason, release_reason, AdjustedItem, FailedItem, InventoryAdjusted, OrderCancelled, OrderCompleted,
-    OrderCreated, ReleasedItem, ReservedItem, StockLevel, StockReservationExpired, StockReservationFailed, StockReservationReleased,
-    StockReserved, StockUpdated,
+    cancel_reason, change_reason, failure_reason, release_reason, settlement, AdjustedItem, FailedItem, InventoryAdjusted,
+    OrderCancelled, OrderCompleted, OrderCreated, OrderSettled, ReleasedItem, ReservedItem, SettledItem, StockLevel,
+    StockReservationExpired, StockReservationFailed, StockReservationReleased, StockReserved, StockUpdated,
 };
 use orderflow_api::{derive_event_id, Context, Event, Export, Outputs, ProcessError, Processor, StateTxn};
 use serde::{Deserialize, Serialize};
@@ -52,9 +60,11 @@ pub const PORT_FAILED: &str = "failed";
 pub const PORT_RELEASED: &str = "released";
 /// Port of `stock.updated` (key productId).
 pub const PORT_UPDATED: &str = "updated";
+/// Port of `order.settled` (key orderId): the verdict on each payment (issue 13).
+pub const PORT_SETTLED: &str = "settled";
 
 /// Output ports this worker emits on (wire every one in `topology.toml`).
-pub const PORTS: &[&str] = &[PORT_RESERVED, PORT_FAILED, PORT_RELEASED, PORT_UPDATED];
+pub const PORTS: &[&str] = &[PORT_RESERVED, PORT_FAILED, PORT_RELEASED, PORT_UPDATED, PORT_SETTLED];
 
 /// Largest quantity one order line may ask for (units). A larger one fails the order with
 /// `INVALID_QUANTITY` (issue 4).
@@ -116,7 +126,8 @@ impl StockRecord {
     }
 }
 
-/// Lifecycle of a [`Reservation`]. Serialised as `LIVE`, `RELEASED`, `DEDUCTED`, `FAILED`, `CLOSED`.
+/// Lifecycle of a [`Reservation`]. Serialised as `LIVE`, `RELEASED`, `DEDUCTED`, `FAILED`, `CLOSED`,
+/// `REFUNDED`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ReservationStatus {
@@ -132,6 +143,9 @@ pub enum ReservationStatus {
     /// Tombstone: the order was cancelled or completed before any reservation was made; holds
     /// nothing and stops a late `order.created` from reserving for a closed order.
     Closed,
+    /// A payment came when nothing was held for the order and the store no longer had the units:
+    /// settled `REFUND_REQUIRED` (issue 13). Final, holds nothing.
+    Refunded,
 }
 
 /// One reserved line: `quantity` units of `product_id` (an order names each product once:
@@ -257,7 +271,9 @@ impl StockReserver {
 
         let rkey = reservation_key(&e.order_id);
         if let Some(existing) = state.get_json::<Reservation>(&rkey)? {
-            let what = if existing.status == ReservationStatus::Closed { "created_after_close" } else { "duplicate_order" };
+            // An order settled by a payment that overtook it is closed as well.
+            let closed = existing.reservation_id.is_empty() || matches!(existing.status, ReservationStatus::Closed | ReservationStatus::Refunded);
+            let what = if closed { "created_after_close" } else { "duplicate_order" };
             out.note("late_event", what);
             return Ok(());
         }
@@ -413,7 +429,7 @@ impl StockReserver {
             }
             // The canceller's own order.cancelled coming back after a failed or released
             // reservation is the normal end of the compensation, not an anomaly.
-            Some(r) if matches!(r.status, ReservationStatus::Failed | ReservationStatus::Released) => {
+            Some(r) if matches!(r.status, ReservationStatus::Failed | ReservationStatus::Released | ReservationStatus::Refunded) => {
                 out.note("compensation_echo", format!("cancel_after_{}", status_label(r.status)));
                 Ok(())
             }
@@ -450,36 +466,57 @@ impl StockReserver {
         }
     }
 
-    /// `order.completed`: the POS took payment for a live reservation. The payment must name the
-    /// live reservation (`reservationId`) and may list what was sold (`items`): each a reserved
-    /// product, at most once, 1 ≤ quantity ≤ reserved (issue 13). No items listed means the whole
-    /// reservation was sold (POS clients that do not itemise). The sold units are deducted
-    /// (`stock.updated` `SALE` per product); reserved units not sold go back to available stock
-    /// with one `stock.reservation.released` reason `UNSOLD`. A payment that breaks these rules is
-    /// `Invalid` (dead-lettered, nothing deducted).
+    /// `order.completed`: the POS took payment. This is where the payment meets the order's
+    /// cancellation and expiry in one total order, so the reserver's verdict, one `order.settled`
+    /// per payment, is the order's paid outcome everywhere (issue 13):
+    ///
+    /// - **Live reservation**: the payment must name it (`reservationId`) and may list what was
+    ///   sold (`items`, a subset: each reserved product at most once, 1 ≤ quantity ≤ reserved;
+    ///   none listed = all of it). The sold units are deducted (`stock.updated` `SALE`), the rest
+    ///   released (`stock.reservation.released` `UNSOLD`), settled `SOLD`.
+    /// - **Nothing held** (the reservation expired or was released first, the order failed, or
+    ///   the payment overtook `order.created`): a *late payment*. What it sold (the released
+    ///   reservation's lines, or the payment's own items when nothing was ever reserved) is
+    ///   deducted from available stock if every line is still there (settled `SOLD`,
+    ///   `late = true`, note `late_sale`); otherwise nothing is deducted and it is settled
+    ///   `REFUND_REQUIRED` reason `PAYMENT_AFTER_EXPIRY` (the canceller turns that into a
+    ///   refund-required cancellation).
+    ///
+    /// Errors (dead-lettered, nothing deducted, nothing settled): `Invalid` for a payment naming
+    /// another reservation than the order's, items breaking the subset rule, or a second payment
+    /// for an order already settled (`DEDUCTED` or `REFUNDED`).
     fn completed(&self, e: &OrderCompleted, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         orderflow_api::require("OrderCompleted", &e.event_id, "orderId", &e.order_id)?;
         let rkey = reservation_key(&e.order_id);
-        let mut r = match state.get_json::<Reservation>(&rkey)? {
-            Some(r) if r.status == ReservationStatus::Live => r,
-            Some(_) => {
-                out.note("late_event", "completed_without_reservation");
-                return Ok(());
+        let stored = state.get_json::<Reservation>(&rkey)?;
+        if let Some(r) = &stored {
+            if !r.reservation_id.is_empty() && e.reservation_id != r.reservation_id {
+                return Err(ProcessError::Invalid(format!(
+                    "OrderCompleted {}: reservationId {:?} is not the reservation {} of order {}; nothing deducted",
+                    e.event_id, e.reservation_id, r.reservation_id, e.order_id
+                )));
             }
-            None => {
-                close_before_reservation(&e.order_id, &e.hq_id, &e.store_id, state);
-                out.note("late_event", "completed_without_reservation");
-                return Ok(());
+            if matches!(r.status, ReservationStatus::Deducted | ReservationStatus::Refunded) {
+                return Err(ProcessError::Invalid(format!(
+                    "OrderCompleted {}: order {} was already settled ({}) by another payment; nothing deducted",
+                    e.event_id,
+                    e.order_id,
+                    status_label(r.status)
+                )));
             }
-        };
-        if e.reservation_id != r.reservation_id {
-            return Err(ProcessError::Invalid(format!(
-                "OrderCompleted {}: reservationId {:?} is not the live reservation {} of order {}; nothing deducted",
-                e.event_id, e.reservation_id, r.reservation_id, e.order_id
-            )));
         }
+        match stored {
+            Some(r) if r.status == ReservationStatus::Live => self.sell_reserved(e, r, state, out),
+            stored => self.late_payment(e, stored, state, out),
+        }
+    }
+
+    /// The payment of a live reservation: deducts the sold units, releases the unsold ones
+    /// (`UNSOLD`), settles `SOLD`.
+    fn sell_reserved(&self, e: &OrderCompleted, mut r: Reservation, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         let sold = sold_quantities(e, &r)?;
         let mut unsold = Vec::new();
+        let mut settled = Vec::new();
         for item in &r.items {
             let key = stock_key(&r.hq_id, &r.store_id, &item.product_id);
             let before = load_stock(state, &key)?;
@@ -498,34 +535,144 @@ impl StockReserver {
             if q_reserved > q_sold {
                 unsold.push(ReleasedItem { product_id: item.product_id.clone(), released: to_i32(q_reserved - q_sold) });
             }
-            if q_sold == 0 {
-                continue;
+            if q_sold > 0 {
+                emit_sale(e, &r, &item.product_id, before.on_hand, after.on_hand, out)?;
+                settled.push(SettledItem { product_id: item.product_id.clone(), quantity: to_i32(q_sold) });
             }
-            out.emit(
-                PORT_UPDATED,
-                item.product_id.clone(),
-                StockUpdated {
-                    event_id: derive_event_id(&e.event_id, &format!("stock.updated/{}", item.product_id)),
-                    occurred_at: e.occurred_at,
-                    hq_id: r.hq_id.clone(),
-                    store_id: r.store_id.clone(),
-                    product_id: item.product_id.clone(),
-                    hq_stock: None,
-                    store_stock: StockLevel { previous: before.on_hand, current: after.on_hand },
-                    change_amount: -q_sold,
-                    change_reason: change_reason::SALE.to_string(),
-                    reference_id: e.order_id.clone(),
-                },
-            )?;
         }
         r.status = ReservationStatus::Deducted;
-        state.put_json(rkey, &r);
+        state.put_json(reservation_key(&r.order_id), &r);
         out.note("deduction", change_reason::SALE);
         if !unsold.is_empty() {
             emit_released(&r, release_reason::UNSOLD, &e.event_id, e.occurred_at, unsold, out)?;
         }
-        Ok(())
+        settle(e, &r, settlement::SOLD, false, None, settled, out)
     }
+
+    /// A payment for an order that holds nothing: sells from available stock if every line is
+    /// there (`SOLD`, late), else settles `REFUND_REQUIRED`. See [`StockReserver::completed`].
+    fn late_payment(
+        &self,
+        e: &OrderCompleted,
+        stored: Option<Reservation>,
+        state: &mut StateTxn,
+        out: &mut Outputs,
+    ) -> Result<(), ProcessError> {
+        let mut r = stored.unwrap_or_else(|| Reservation {
+            reservation_id: String::new(),
+            order_id: e.order_id.clone(),
+            hq_id: e.hq_id.clone(),
+            store_id: e.store_id.clone(),
+            items: Vec::new(),
+            status: ReservationStatus::Closed,
+            expires_at: 0,
+        });
+        // What the payment sold: the released reservation's lines (subset rule), or, when the
+        // order never held anything, the payment's own lines.
+        let lines: Vec<(String, i64)> = if r.items.is_empty() {
+            paid_lines(e)?
+        } else {
+            sold_quantities(e, &r)?.into_iter().filter(|(_, q)| *q > 0).map(|(p, q)| (p, i64::from(q))).collect()
+        };
+        let mut levels = Vec::with_capacity(lines.len());
+        for (product_id, q) in &lines {
+            let key = stock_key(&r.hq_id, &r.store_id, product_id);
+            let rec = load_stock(state, &key)?;
+            levels.push((key, rec, product_id, *q));
+        }
+        let servable = !lines.is_empty() && levels.iter().all(|(_, rec, _, q)| rec.available() >= *q);
+        if !servable {
+            r.status = ReservationStatus::Refunded;
+            state.put_json(reservation_key(&r.order_id), &r);
+            out.note("settlement", "refund_required");
+            return settle(e, &r, settlement::REFUND_REQUIRED, false, Some(cancel_reason::PAYMENT_AFTER_EXPIRY), Vec::new(), out);
+        }
+        let mut settled = Vec::with_capacity(levels.len());
+        for (key, before, product_id, q) in levels {
+            let after = StockRecord { on_hand: before.on_hand - q, reserved: before.reserved };
+            store_stock(state, key, &after, out);
+            emit_sale(e, &r, product_id, before.on_hand, after.on_hand, out)?;
+            settled.push(SettledItem { product_id: product_id.clone(), quantity: to_i32(q) });
+        }
+        r.items = settled.iter().map(|i| ReservationItem { product_id: i.product_id.clone(), quantity: i.quantity }).collect();
+        r.status = ReservationStatus::Deducted;
+        state.put_json(reservation_key(&r.order_id), &r);
+        out.note("deduction", change_reason::SALE);
+        out.note("settlement", "late_sale");
+        settle(e, &r, settlement::SOLD, true, None, settled, out)
+    }
+}
+
+/// The lines of payment `e` for an order that never reserved: its items (each product once,
+/// 1 ≤ quantity ≤ [`MAX_QUANTITY`]); empty when it lists none (nothing known to sell: refund).
+///
+/// Errors: `Invalid` for an empty productId, a repeated product or a quantity out of range.
+fn paid_lines(e: &OrderCompleted) -> Result<Vec<(String, i64)>, ProcessError> {
+    let mut lines: Vec<(String, i64)> = Vec::with_capacity(e.items.len());
+    for item in &e.items {
+        let bad = |what: String| ProcessError::Invalid(format!("OrderCompleted {} of order {}: {what}; nothing deducted", e.event_id, e.order_id));
+        if item.product_id.is_empty() {
+            return Err(bad("a sold item has no productId".to_string()));
+        }
+        if lines.iter().any(|(p, _)| *p == item.product_id) {
+            return Err(bad(format!("sold product {} is listed twice", item.product_id)));
+        }
+        if item.quantity < 1 || item.quantity > MAX_QUANTITY {
+            return Err(bad(format!("sold {} of {}", item.quantity, item.product_id)));
+        }
+        lines.push((item.product_id.clone(), i64::from(item.quantity)));
+    }
+    Ok(lines)
+}
+
+/// Emits the `stock.updated` `SALE` of `product_id` for payment `e` (on hand `previous` →
+/// `current`), its id derived from the payment's eventId.
+fn emit_sale(e: &OrderCompleted, r: &Reservation, product_id: &str, previous: i64, current: i64, out: &mut Outputs) -> Result<(), ProcessError> {
+    out.emit(
+        PORT_UPDATED,
+        product_id.to_string(),
+        StockUpdated {
+            event_id: derive_event_id(&e.event_id, &format!("stock.updated/{product_id}")),
+            occurred_at: e.occurred_at,
+            hq_id: r.hq_id.clone(),
+            store_id: r.store_id.clone(),
+            product_id: product_id.to_string(),
+            hq_stock: None,
+            store_stock: StockLevel { previous, current },
+            change_amount: current - previous,
+            change_reason: change_reason::SALE.to_string(),
+            reference_id: e.order_id.clone(),
+        },
+    )
+}
+
+/// Emits `order.settled` for payment `e` (id `derive(payment eventId, "order.settled")`).
+fn settle(
+    e: &OrderCompleted,
+    r: &Reservation,
+    outcome: &str,
+    late: bool,
+    reason: Option<&str>,
+    items: Vec<SettledItem>,
+    out: &mut Outputs,
+) -> Result<(), ProcessError> {
+    out.emit(
+        PORT_SETTLED,
+        e.order_id.clone(),
+        OrderSettled {
+            event_id: derive_event_id(&e.event_id, "order.settled"),
+            occurred_at: e.occurred_at,
+            order_id: e.order_id.clone(),
+            hq_id: r.hq_id.clone(),
+            store_id: r.store_id.clone(),
+            payment_event_id: e.event_id.clone(),
+            reservation_id: e.reservation_id.clone(),
+            outcome: outcome.to_string(),
+            late,
+            reason: reason.map(str::to_string),
+            items,
+        },
+    )
 }
 
 /// Product → units sold of reservation `r` by payment `e`: every reserved product, 0 when not
@@ -533,12 +680,12 @@ impl StockReserver {
 ///
 /// Errors: `Invalid` naming the first broken rule: a product not reserved, listed twice, a
 /// quantity < 1 or above what is reserved.
-fn sold_quantities(e: &OrderCompleted, r: &Reservation) -> Result<std::collections::BTreeMap<String, i32>, ProcessError> {
-    let reserved: std::collections::BTreeMap<&str, i32> = r.items.iter().map(|i| (i.product_id.as_str(), i.quantity)).collect();
+fn sold_quantities(e: &OrderCompleted, r: &Reservation) -> Result<BTreeMap<String, i32>, ProcessError> {
+    let reserved: BTreeMap<&str, i32> = r.items.iter().map(|i| (i.product_id.as_str(), i.quantity)).collect();
     if e.items.is_empty() {
         return Ok(reserved.iter().map(|(p, q)| (p.to_string(), *q)).collect());
     }
-    let mut sold: std::collections::BTreeMap<String, i32> = reserved.keys().map(|p| (p.to_string(), 0)).collect();
+    let mut sold: BTreeMap<String, i32> = reserved.keys().map(|p| (p.to_string(), 0)).collect();
     let bad = |what: String| {
         Err(ProcessError::Invalid(format!("OrderCompleted {} of order {}: {what}; nothing deducted", e.event_id, e.order_id)))
     };
@@ -720,6 +867,7 @@ fn status_label(s: ReservationStatus) -> &'static str {
         ReservationStatus::Deducted => "deduction",
         ReservationStatus::Failed => "failure",
         ReservationStatus::Closed => "close",
+        ReservationStatus::Refunded => "refund",
     }
 }
 

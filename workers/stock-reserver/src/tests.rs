@@ -396,7 +396,7 @@ fn duplicate_event_id_has_no_effect() {
     assert_eq!(stock(&h, "P-001").on_hand, 10);
     assert_eq!(h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap().len(), 1);
     assert!(h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap().is_empty());
-    assert_eq!(h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap().len(), 1);
+    assert_eq!(h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap().len(), 2, "SALE and order.settled");
     assert!(h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 8, reserved: 0 });
     assert!(notes(&h, "late_event").is_empty(), "repeats are dropped before the worker");
@@ -458,10 +458,7 @@ fn expiry_releases_matching_live_reservation_only() {
     assert_eq!(r.reason, "EXPIRED");
     assert_eq!(r.event_id, derive_event_id("x1", "stock.reservation.released"));
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
-    // Completion after expiry deducts nothing.
-    assert!(h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap().is_empty());
-    assert_eq!(stock(&h, "P-001").on_hand, 10);
-    assert_eq!(notes(&h, "late_event"), vec!["expired_other_reservation", "completed_without_reservation"]);
+    assert_eq!(notes(&h, "late_event"), vec!["expired_other_reservation"]);
     assert_eq!(notes(&h, "release"), vec!["EXPIRED"]);
 }
 
@@ -482,7 +479,7 @@ fn completion_deducts_reserved_stock_with_previous_and_current() {
     restock(&mut h, "a1", &[("P-001", 10), ("P-002", 3)]);
     h.feed("t", order("o1", "O-1", &[("P-001", 4), ("P-002", 3)]), 0).unwrap();
     let outs = h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap();
-    assert_eq!(outs.len(), 2);
+    assert_eq!(outs.len(), 3);
     let Event::StockUpdated(u) = &outs[0].event else { panic!() };
     assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_UPDATED, "P-001"));
     assert_eq!(u.store_stock, StockLevel { previous: 10, current: 6 });
@@ -495,23 +492,116 @@ fn completion_deducts_reserved_stock_with_previous_and_current() {
     assert_eq!(stock(&h, "P-002"), StockRecord { on_hand: 0, reserved: 0 });
     assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Deducted);
     assert_eq!(notes(&h, "deduction"), vec!["SALE"]);
-    // A second completion (new id) deducts nothing; a cancel after completion releases nothing.
-    assert!(h.feed("t", complete(&h, "c2", "O-1"), 0).unwrap().is_empty());
+    let s = settled(&outs);
+    assert_eq!((s.outcome.as_str(), s.late, s.payment_event_id.as_str()), (settlement::SOLD, false, "c1"));
+    assert_eq!(s.event_id, derive_event_id("c1", "order.settled"));
+    assert_eq!(s.items, vec![SettledItem { product_id: "P-001".into(), quantity: 4 }, SettledItem { product_id: "P-002".into(), quantity: 3 }]);
+    // A second payment (new id) for the settled order is rejected; a cancel after completion
+    // releases nothing.
+    let err = h.feed("t", complete(&h, "c2", "O-1"), 0).unwrap_err();
+    assert!(matches!(&err, ProcessError::Invalid(m) if m.contains("already settled")), "{err}");
     assert!(h.feed("t", cancel("k1", "O-1"), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 6, reserved: 0 });
-    assert_eq!(notes(&h, "late_event"), vec!["completed_without_reservation", "cancel_after_deduction"]);
+    assert_eq!(notes(&h, "late_event"), vec!["cancel_after_deduction"]);
+}
+
+/// The `order.settled` among `outs` (exactly one).
+fn settled(outs: &[Output]) -> &OrderSettled {
+    let all: Vec<&OrderSettled> = outs
+        .iter()
+        .filter_map(|o| match &o.event {
+            Event::OrderSettled(s) => {
+                assert_eq!((o.port.as_str(), o.key.as_str()), (PORT_SETTLED, s.order_id.as_str()));
+                Some(s)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(all.len(), 1, "one settlement per payment: {outs:?}");
+    all[0]
+}
+
+fn sales(outs: &[Output]) -> Vec<(&str, i64)> {
+    outs.iter()
+        .filter_map(|o| match &o.event {
+            Event::StockUpdated(u) if u.change_reason == change_reason::SALE => Some((u.product_id.as_str(), u.change_amount)),
+            _ => None,
+        })
+        .collect()
 }
 
 #[test]
-fn no_deduction_without_live_reservation() {
+fn a_payment_after_expiry_is_a_late_sale_when_the_units_are_still_there() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10)]);
-    assert!(h.feed("t", complete(&h, "c1", "O-9"), 0).unwrap().is_empty());
-    assert_eq!(stock(&h, "P-001").on_hand, 10);
-    assert_eq!(notes(&h, "late_event"), vec!["completed_without_reservation"]);
-    // The completed order can no longer reserve.
+    let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
+    h.feed("t", expire("x1", "O-1", &res_id), 0).unwrap();
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
+    let outs = h.feed("t", order_completed("c1", "O-1", &res_id, 3_000), 0).unwrap();
+    assert_eq!(sales(&outs), vec![("P-001", -4)], "the released units sold from available stock");
+    let s = settled(&outs);
+    assert_eq!((s.outcome.as_str(), s.late, s.reason.as_deref()), (settlement::SOLD, true, None));
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 6, reserved: 0 });
+    assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Deducted);
+    assert_eq!(notes(&h, "settlement"), vec!["late_sale"]);
+}
+
+#[test]
+fn a_payment_after_expiry_whose_units_were_sold_again_requires_a_refund() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 5)]);
+    let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
+    h.feed("t", expire("x1", "O-1", &res_id), 0).unwrap();
+    // The released units are reserved by another order before the late payment arrives.
+    h.feed("t", order("o2", "O-2", &[("P-001", 3)]), 0).unwrap();
+    let before = (stock(&h, "P-001"), h.store.get_json::<Reservation>(&reservation_key("O-2")));
+    let outs = h.feed("t", order_completed("c1", "O-1", &res_id, 3_000), 0).unwrap();
+    assert!(sales(&outs).is_empty(), "nothing deducted: {outs:?}");
+    let s = settled(&outs);
+    assert_eq!(
+        (s.outcome.as_str(), s.late, s.reason.as_deref(), s.items.len()),
+        (settlement::REFUND_REQUIRED, false, Some(cancel_reason::PAYMENT_AFTER_EXPIRY), 0)
+    );
+    assert_eq!((stock(&h, "P-001"), h.store.get_json::<Reservation>(&reservation_key("O-2"))), before, "O-2 keeps its units");
+    assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Refunded);
+    // Settled once: another payment for O-1 is rejected, a cancellation is an echo.
+    assert!(h.feed("t", order_completed("c2", "O-1", &res_id, 3_000), 0).is_err());
+    assert!(h.feed("t", cancel("k1", "O-1"), 0).unwrap().is_empty());
+    assert_eq!(notes(&h, "settlement"), vec!["refund_required"]);
+}
+
+#[test]
+fn a_payment_after_a_cancellation_is_settled_like_one_after_expiry() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10)]);
+    let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
+    h.feed("t", cancel("k1", "O-1"), 0).unwrap();
+    let outs = h.feed("t", order_completed("c1", "O-1", &res_id, 3_000), 0).unwrap();
+    assert_eq!((settled(&outs).outcome.as_str(), settled(&outs).late), (settlement::SOLD, true));
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 6, reserved: 0 });
+}
+
+#[test]
+fn a_payment_before_its_order_sells_its_own_items_or_requires_a_refund() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10)]);
+    // Itemised: sold from available stock.
+    let paid = OrderCompleted {
+        items: vec![SoldItem { product_id: "P-001".into(), quantity: 2, actual_price: 100 }],
+        ..order_completed("c1", "O-1", "R-1", 3_000)
+    };
+    let outs = h.feed("t", paid, 0).unwrap();
+    assert_eq!(sales(&outs), vec![("P-001", -2)]);
+    assert!(settled(&outs).late);
+    // Not itemised: nothing known to sell, so a refund.
+    let outs = h.feed("t", order_completed("c9", "O-9", "R-9", 3_000), 0).unwrap();
+    assert_eq!(settled(&outs).outcome, settlement::REFUND_REQUIRED);
+    assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 8, reserved: 0 });
+    // The settled orders can no longer reserve.
+    assert!(h.feed("t", order("o1", "O-1", &[("P-001", 1)]), 0).unwrap().is_empty());
     assert!(h.feed("t", order("o9", "O-9", &[("P-001", 1)]), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001").reserved, 0);
+    assert_eq!(notes(&h, "late_event"), vec!["created_after_close", "created_after_close"]);
 }
 
 #[test]
@@ -548,7 +638,7 @@ fn outputs_are_deterministic_in_the_input() {
     };
     let (a, sa) = run();
     let (b, sb) = run();
-    assert_eq!(a.len(), 7);
+    assert_eq!(a.len(), 8);
     assert_eq!(a, b);
     assert_eq!(
         sa.into_iter().filter(|(k, _)| !k.starts_with(b"\x00")).collect::<Vec<_>>(),
@@ -613,7 +703,8 @@ fn a_full_itemised_sale_releases_nothing() {
     let outs = h.feed("t", sold(&h, &[("P-002", 2), ("P-001", 3)]), 0).unwrap();
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 7, reserved: 0 });
     assert_eq!(stock(&h, "P-002"), StockRecord { on_hand: 3, reserved: 0 });
-    assert!(outs.iter().all(|o| matches!(o.event, Event::StockUpdated(_))), "{outs:?}");
+    assert!(outs.iter().all(|o| matches!(o.event, Event::StockUpdated(_) | Event::OrderSettled(_))), "{outs:?}");
+    assert_eq!(settled(&outs).outcome, settlement::SOLD);
 }
 
 /// Builds a payment against a harness's live reservation.
@@ -622,8 +713,8 @@ type Payment = Box<dyn Fn(&Harness<StockReserver>) -> OrderCompleted>;
 #[test]
 fn a_payment_for_another_reservation_or_beyond_it_is_rejected_and_deducts_nothing() {
     let cases: Vec<(&str, Payment)> = vec![
-        ("is not the live reservation", Box::new(|h| OrderCompleted { reservation_id: "R-OTHER".into(), ..complete(h, "c1", "O-1") })),
-        ("is not the live reservation", Box::new(|h| OrderCompleted { reservation_id: String::new(), ..complete(h, "c1", "O-1") })),
+        ("is not the reservation", Box::new(|h| OrderCompleted { reservation_id: "R-OTHER".into(), ..complete(h, "c1", "O-1") })),
+        ("is not the reservation", Box::new(|h| OrderCompleted { reservation_id: String::new(), ..complete(h, "c1", "O-1") })),
         ("but 3 are reserved", Box::new(|h| sold(h, &[("P-001", 4)]))),
         ("is not reserved", Box::new(|h| sold(h, &[("P-009", 1)]))),
         ("is listed twice", Box::new(|h| sold(h, &[("P-001", 1), ("P-001", 1)]))),

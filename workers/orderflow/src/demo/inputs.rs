@@ -92,6 +92,8 @@ pub(crate) fn pos_answer(
                 reason: cancel_reason::PAYMENT_FAILED.into(),
                 reservation_id: Some(confirmed.reservation_id.clone()),
                 customer_message: canceller::customer_message(cancel_reason::PAYMENT_FAILED).into(),
+                refund_required: false,
+                customer_id: None,
             }),
         )),
         _ => None,

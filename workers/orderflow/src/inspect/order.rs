@@ -156,7 +156,8 @@ fn causal_rank(e: &Event) -> u8 {
         Event::OrderConfirmed(_) => 3,
         Event::OrderCompleted(_) | Event::StockReservationExpired(_) => 4,
         Event::StockReservationReleased(_) | Event::StockUpdated(_) => 5,
-        Event::OrderCancelled(_) => 6,
+        Event::OrderSettled(_) => 6,
+        Event::OrderCancelled(_) => 7,
     }
 }
 
@@ -189,9 +190,22 @@ pub fn detail(e: &Event) -> String {
                 .join("; ")
         ),
         Event::OrderConfirmed(e) => format!("reservation {}, status {}, expires {}", e.reservation_id, e.status, rfc3339(e.expires_at)),
-        Event::OrderCancelled(e) => {
-            format!("reason {}, reservation {}: {}", e.reason, e.reservation_id.as_deref().unwrap_or("-"), e.customer_message)
-        }
+        Event::OrderCancelled(e) => format!(
+            "reason {}{}, reservation {}: {}",
+            e.reason,
+            if e.refund_required { " (refund required)" } else { "" },
+            e.reservation_id.as_deref().unwrap_or("-"),
+            e.customer_message
+        ),
+        Event::OrderSettled(e) => format!(
+            "{}{}{}, payment {}, reservation {}, items {}",
+            e.outcome,
+            if e.late { " (late sale)" } else { "" },
+            e.reason.as_deref().map(|r| format!(" {r}")).unwrap_or_default(),
+            e.payment_event_id,
+            e.reservation_id,
+            items(e.items.iter().map(|i| (i.product_id.as_str(), i64::from(i.quantity))))
+        ),
         Event::OrderCompleted(e) => format!(
             "reservation {}, items {}, total {}",
             e.reservation_id,

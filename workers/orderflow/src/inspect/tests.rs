@@ -106,6 +106,8 @@ async fn tap_lines_carry_coordinates_headers_and_the_value_or_the_error() {
         reason: "INSUFFICIENT_STOCK".into(),
         reservation_id: None,
         customer_message: "sorry".into(),
+        refund_required: false,
+        customer_id: None,
     }
     .into();
     let mut r = Raw {
@@ -151,6 +153,8 @@ fn cancelled(reason: &str) -> Event {
         reason: reason.into(),
         reservation_id: None,
         customer_message: String::new(),
+        refund_required: false,
+        customer_id: None,
     }
     .into()
 }

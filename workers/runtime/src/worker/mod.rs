@@ -95,6 +95,10 @@ pub enum WorkerError {
     Restore(String),
     #[error("processor failed on {topic}[{partition}]@{offset}: {error}")]
     Process { topic: String, partition: i32, offset: i64, error: ProcessError },
+    /// A restore left off because the instance was told to shut down ([`Worker::run`] turns it
+    /// into a clean stop: nothing of the partition was processed yet).
+    #[error("shutting down")]
+    ShuttingDown,
 }
 
 /// Everything needed to start one worker instance.
@@ -168,6 +172,8 @@ pub struct Worker {
     orphans: BTreeMap<i32, changelog::Orphans>,
     /// Since when the group revoked this instance's partitions without assigning any since.
     revoked_since: Option<Instant>,
+    /// The shutdown signal [`Worker::run`] was given (None before it runs): restores check it.
+    shutdown: Option<watch::Receiver<bool>>,
     /// Where this instance keeps its sled store.
     pub state_path: PathBuf,
 }
@@ -244,6 +250,7 @@ impl Worker {
             produce_failures: 0,
             orphans: BTreeMap::new(),
             revoked_since: None,
+            shutdown: None,
             state_path,
         })
     }
@@ -255,10 +262,13 @@ impl Worker {
     }
 
     /// Runs units of work until `shutdown` turns true, then finishes the unit in flight and
-    /// returns (dropping the consumer leaves the group).
+    /// returns; partitions assigned after the signal are not restored (the instance is leaving
+    /// the group), a restore in progress is left off. Dropping the consumer leaves the group;
+    /// each step of the stop is logged with its duration.
     ///
     /// Errors: any [`WorkerError`]; the unit in flight is then not committed and will be replayed.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
+        self.shutdown = Some(shutdown.clone());
         loop {
             if *shutdown.borrow() {
                 break;
@@ -267,14 +277,38 @@ impl Worker {
             if let Some(e) = consumer_error {
                 self.on_consumer_error(e).await?;
             }
-            let abandoned = self.rebalance().await?;
+            let abandoned = match self.rebalance().await {
+                Ok(abandoned) => abandoned,
+                Err(WorkerError::ShuttingDown) => break,
+                Err(e) => return Err(e),
+            };
             self.rejoin_if_stuck()?;
             batch.retain(|m| self.owned.contains(&m.partition()) && !abandoned.contains(&m.partition()));
             self.unit(batch).await?;
         }
         self.health.set(&self.health.restored, false);
-        info!(worker = %self.name, "worker stopped");
+        info!(worker = %self.name, "units finished; leaving the group");
+        let started = Instant::now();
+        let Worker { consumer, producer, txn, store, shards, name, .. } = self;
+        // Closing the clients blocks (leave-group request, producer flush): off the async threads.
+        let closed = tokio::task::spawn_blocking(move || {
+            drop(consumer);
+            drop(txn);
+            drop(producer);
+            drop(shards);
+            drop(store);
+        })
+        .await;
+        if let Err(e) = closed {
+            warn!(worker = %name, error = %e, "closing the clients panicked");
+        }
+        info!(worker = %name, seconds = started.elapsed().as_secs_f64(), "worker stopped");
         Ok(())
+    }
+
+    /// Whether the instance was told to shut down.
+    pub(super) fn stopping(&self) -> bool {
+        self.shutdown.as_ref().is_some_and(|rx| *rx.borrow())
     }
 
     /// Gathers the records of one unit: waits for the first at most one commit interval, then

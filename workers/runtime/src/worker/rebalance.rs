@@ -57,6 +57,11 @@ impl Worker {
         if assigned.is_empty() && rewound.is_empty() {
             return Ok(abandoned);
         }
+        if self.stopping() {
+            // Leaving the group: partitions assigned now stay paused for their next owner.
+            info!(worker = %self.name, partitions = ?assigned, "shutting down; not restoring newly assigned partitions");
+            return Err(WorkerError::ShuttingDown);
+        }
         self.health.set(&self.health.restored, false);
         let mut positions = TopicPartitionList::new();
         for (p, starts) in rewound.iter().filter(|(p, _)| !assigned.contains(p)) {
@@ -159,18 +164,28 @@ impl Worker {
         let mut attempt = 0;
         let report = loop {
             let (consumer, topic, inputs, s) = (restorer.consumer(), self.changelog_topic.clone(), self.inputs.clone(), shard.clone());
-            let result =
-                tokio::task::spawn_blocking(move || changelog::restore_with(&consumer, &topic, &inputs, &s, Duration::from_secs(600)))
-                    .await
-                    .map_err(|e| WorkerError::Restore(format!("restore task panicked: {e}")))?;
+            let shutdown = self.shutdown.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let stop = || shutdown.as_ref().is_some_and(|rx| *rx.borrow());
+                changelog::restore_with(&consumer, &topic, &inputs, &s, Duration::from_secs(600), &stop)
+            })
+            .await
+            .map_err(|e| WorkerError::Restore(format!("restore task panicked: {e}")))?;
             match result {
                 Ok(report) => break report,
+                Err(e @ changelog::RestoreError::Stopped { .. }) => {
+                    info!(worker = %self.name, partition = p, reason = %e, "restore left off");
+                    return Err(WorkerError::ShuttingDown);
+                }
                 Err(e @ changelog::RestoreError::Kafka { .. }) if waiting_since.elapsed() < RESTORE_BROKER_WAIT => {
                     attempt += 1;
                     let wait = self.retry.backoff(attempt);
                     warn!(worker = %self.name, partition = p, attempt, wait_ms = wait.as_millis() as u64, error = %e, "restore cannot reach the broker; retrying");
                     self.metrics.retries.with_label_values(&[self.name.as_str(), "restore"]).inc();
                     tokio::time::sleep(wait).await;
+                    if self.stopping() {
+                        return Err(WorkerError::ShuttingDown);
+                    }
                 }
                 Err(e) => return Err(WorkerError::Restore(e.to_string())),
             }

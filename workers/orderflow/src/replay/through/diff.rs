@@ -174,10 +174,14 @@ impl Causes {
             Event::OrderCreated(_) => "order.created",
             Event::OrderCompleted(_) => "order.completed",
             Event::InventoryAdjusted(_) => "inventory.adjusted",
+            Event::OrderSettled(_) => "order.settled",
         };
         let mut tags = vec![canonical.to_string(), a.topic.clone()];
         if let Event::StockUpdated(u) = &a.event {
             tags = tags.iter().map(|t| format!("{t}/{}", u.product_id)).collect();
+        }
+        if matches!(&a.event, Event::OrderCancelled(c) if c.refund_required) {
+            tags.push("order.cancelled/refund".to_string());
         }
         tags.dedup();
         for tag in tags {
