@@ -515,7 +515,8 @@ pub fn assert_summary_invariants(s: &Value, expected: u64) {
     let terminal = outcome(s, "ORDER_COMPLETED")
         + outcome(s, "ORDER_CANCELLED/INSUFFICIENT_STOCK")
         + outcome(s, "ORDER_CANCELLED/PAYMENT_FAILED")
-        + outcome(s, "ORDER_CANCELLED/RESERVATION_EXPIRED");
+        + outcome(s, "ORDER_CANCELLED/RESERVATION_EXPIRED")
+        + outcome(s, "ORDER_CANCELLED/PAYMENT_AFTER_EXPIRY");
     assert_eq!(terminal, expected, "one terminal outcome per order (no CONFLICT, none pending): {by}");
     assert_eq!(len("payload_conflicts"), 0, "eventIds with two payloads: {}", s["payload_conflicts"]);
     assert_eq!(len("conservation_violations"), 0, "{}", s["conservation_violations"]);

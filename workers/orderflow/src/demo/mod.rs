@@ -87,8 +87,8 @@ struct OrderTrack {
     reserved: bool,
     failed: Option<StockReservationFailed>,
     confirmed: Option<OrderConfirmed>,
-    /// Distinct order.cancelled eventIds → reason.
-    cancellations: BTreeMap<String, String>,
+    /// Distinct order.cancelled eventIds → (reason, refund required).
+    cancellations: BTreeMap<String, (String, bool)>,
     /// Sale deductions seen (distinct stock.updated eventIds).
     sales: BTreeSet<String>,
     released: bool,
@@ -97,16 +97,36 @@ struct OrderTrack {
 }
 
 impl OrderTrack {
+    /// Refund-required cancellations (issue 13).
+    fn refunds(&self) -> impl Iterator<Item = &String> {
+        self.cancellations.values().filter(|(_, refund)| *refund).map(|(reason, _)| reason)
+    }
+    /// How many terminal verdicts the order has: a paid order's are its sale and its
+    /// refund-required cancellations (an earlier `RESERVATION_EXPIRED` cancellation before a late
+    /// sale or a refund is not a second verdict, issue 13); an unpaid order's are its
+    /// cancellations.
     fn outcomes(&self) -> usize {
-        self.cancellations.len() + usize::from(!self.sales.is_empty())
+        let paid = usize::from(!self.sales.is_empty()) + self.refunds().count();
+        if paid > 0 {
+            paid
+        } else {
+            self.cancellations.len()
+        }
+    }
+    /// Sold after a cancellation: the reservation had expired (or was cancelled) and the payment
+    /// was deducted all the same (a late sale, issue 13).
+    fn late_sale(&self) -> bool {
+        !self.sales.is_empty() && !self.cancellations.is_empty()
     }
     fn outcome(&self) -> String {
-        match (self.cancellations.values().next(), self.sales.is_empty()) {
-            (Some(reason), true) => format!("ORDER_CANCELLED/{reason}"),
-            (None, false) => "ORDER_COMPLETED".into(),
-            (None, true) if self.confirmed.is_some() => "PAYMENT_WAIT".into(),
-            (None, true) => "ORDER_CREATED".into(),
-            (Some(_), false) => "CONFLICT".into(),
+        let refund = self.refunds().next();
+        match (refund, self.cancellations.values().next(), self.sales.is_empty()) {
+            (Some(_), _, false) => "CONFLICT".into(),
+            (Some(reason), _, true) => format!("ORDER_CANCELLED/{reason}"),
+            (None, _, false) => "ORDER_COMPLETED".into(),
+            (None, Some((reason, _)), true) => format!("ORDER_CANCELLED/{reason}"),
+            (None, None, true) if self.confirmed.is_some() => "PAYMENT_WAIT".into(),
+            (None, None, true) => "ORDER_CREATED".into(),
         }
     }
 }
@@ -131,6 +151,9 @@ pub struct Summary {
     /// What the POS simulator did with confirmed orders (`late` = confirmation read within 2 s
     /// of the reservation's expiry, left to expire).
     pub pos_decisions: BTreeMap<String, usize>,
+    /// Orders sold after their reservation had expired or been released (issue 13: the payment
+    /// was deducted from available stock; the order also has the earlier cancellation).
+    pub late_sales: usize,
     /// Confirmation latency: order.created produced → order.confirmed read, milliseconds.
     pub confirm_latency_ms: BTreeMap<String, i64>,
     pub without_terminal_outcome: Vec<String>,
@@ -324,7 +347,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                         }
                         Event::OrderCancelled(e) => {
                             if let Some(tr) = o.orders.get_mut(&e.order_id) {
-                                tr.cancellations.insert(e.event_id.clone(), e.reason.clone());
+                                tr.cancellations.insert(e.event_id.clone(), (e.reason.clone(), e.refund_required));
                             }
                         }
                         Event::OrderConfirmed(e) => {

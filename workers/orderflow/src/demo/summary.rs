@@ -47,6 +47,7 @@ pub(super) fn summarize(
 ) -> Result<Summary> {
     let mut by_outcome: BTreeMap<String, usize> = BTreeMap::new();
     let mut pos_decisions: BTreeMap<String, usize> = BTreeMap::new();
+    let mut late_sales = 0;
     let mut latencies: Vec<i64> = o.orders.values().filter_map(|t| t.confirm_latency_ms).collect();
     latencies.sort_unstable();
     let pct = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
@@ -57,6 +58,9 @@ pub(super) fn summarize(
     let mut live: BTreeMap<(String, String), i64> = BTreeMap::new();
     for (id, tr) in &o.orders {
         *by_outcome.entry(tr.outcome()).or_default() += 1;
+        if tr.late_sale() {
+            late_sales += 1;
+        }
         if let Some(d) = tr.pos {
             *pos_decisions.entry(d.to_string()).or_default() += 1;
         }
@@ -163,6 +167,7 @@ pub(super) fn summarize(
         orders: o.orders.len(),
         by_outcome,
         pos_decisions,
+        late_sales,
         confirm_latency_ms,
         without_terminal_outcome: without,
         with_several_outcomes: several,
@@ -202,6 +207,7 @@ pub(super) fn print_summary(s: &Summary) {
     }
     println!("  without a terminal outcome: {}   with several: {}", s.without_terminal_outcome.len(), s.with_several_outcomes.len());
     println!("  POS decisions on confirmed orders: {:?}", s.pos_decisions);
+    println!("  late sales (paid after the reservation expired, deducted all the same): {}", s.late_sales);
     println!("  created → confirmed read (ms): {:?}", s.confirm_latency_ms);
     println!("\n== events per topic");
     for (k, v) in &s.events_per_topic {
