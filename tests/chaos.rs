@@ -752,7 +752,14 @@ fn run_chaos(variant: &Variant) {
         .filter(|(_, s)| !s.is_some_and(|s| s.success()))
         .map(|(i, s)| {
             let log = &fleet.incarnations[fleet.slots[*i].current].log;
-            format!("{} {}: {:?}; last log lines of {}:\n{}", fleet.slots[*i].worker, fleet.slots[*i].instance, s, log.display(), tail(log, 40))
+            format!(
+                "{} {}: {:?}; last log lines of {}:\n{}",
+                fleet.slots[*i].worker,
+                fleet.slots[*i].instance,
+                s,
+                log.display(),
+                tail(log, 40)
+            )
         })
         .collect();
 

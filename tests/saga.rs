@@ -17,11 +17,16 @@
 //! * the seed 000 scenarios end as documented, nothing is dead-lettered.
 //!
 //! The demo's own summary is checked too, as a cross-check only.
+//!
+//! A third test drives issue 13's race (payments at the reservation's expiry, workers killed
+//! meanwhile) and checks the verdict rules from the topics.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use orderflow_api::events::{cancel_reason, change_reason, store_key, StockReservationFailed};
 use orderflow_api::Event;
@@ -75,6 +80,106 @@ fn run_saga(kind: common::BrokerKind) {
 }
 
 // ------------------------------------------------------------------------------------------
+// Issue 13: payment and expiry racing on purpose.
+
+/// TPC-H orders of the race run (plus the demo's two seed scenarios).
+const RACE_ORDERS: usize = 600;
+
+/// Issue 13's race, driven on purpose: the POS pays 85 % of the orders at their reservation's
+/// expiry (TTL 4 s) give or take 1.5 s, so payments and expiries meet at the stock reserver in
+/// both orders, while the worker process is SIGKILLed and restarted twice (every worker in one
+/// process; state kept the first time, wiped the second). From its own reading of the topics:
+/// every paid order has exactly one verdict and either exactly one `SALE` per item or exactly one
+/// refund-required cancellation, never both, never neither; every unpaid order exactly one
+/// cancellation; stock conserved per store and product; nothing dead-lettered.
+#[test]
+fn payments_at_the_ttl_boundary_are_each_sold_or_refunded_exactly_once() {
+    let kind = common::BrokerKind::from_env();
+    let broker = common::Broker::start_kind(kind);
+    let dir = broker.dir().to_path_buf();
+    let topology = common::repo_root().join("topology.toml");
+    common::create_topics(&topology, &broker.bootstrap);
+    let port = common::free_port();
+    let spawn = |n: usize| {
+        let log = dir.join(format!("workers-{n}.log"));
+        let child = common::run_command(&topology, &broker.bootstrap, "race", port, &dir.join("state"), &log)
+            .args(["--reservation-ttl", "4s"])
+            .spawn()
+            .expect("spawn orderflow run");
+        (common::Guarded::new(child, Duration::from_millis(50)), log)
+    };
+    let (mut workers, mut log) = spawn(0);
+    let demo_out = File::create(dir.join("demo.out")).expect("demo output file");
+    let mut demo = common::Guarded::new(
+        Command::new(common::orderflow_bin())
+            .current_dir(common::repo_root())
+            .args(["demo", "--topology", "topology.toml", "--external-workers", "--orders", &RACE_ORDERS.to_string()])
+            .args(["--stock-scale", "0.03", "--ttl", "4s", "--pay-at-expiry", "1500ms", "--rate", "40"])
+            .args(["--complete-pct", "85", "--payment-fail-pct", "0", "--settle-timeout", "120s"])
+            .arg("--bootstrap")
+            .arg(&broker.bootstrap)
+            .arg("--state-dir")
+            .arg(dir.join("driver-state"))
+            .stdout(demo_out.try_clone().expect("clone file"))
+            .stderr(demo_out)
+            .spawn()
+            .expect("spawn orderflow demo"),
+        Duration::from_millis(100),
+    );
+    // Two kills while orders flow and payments meet expiries.
+    let started = Instant::now();
+    for (n, at) in [(1, Duration::from_secs(9)), (2, Duration::from_secs(18))] {
+        while started.elapsed() < at && demo.try_wait().is_none() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        workers.kill_and_wait();
+        if n == 2 {
+            std::fs::remove_dir_all(dir.join("state")).expect("wipe the workers' state");
+        }
+        println!("race: t={:.1}s SIGKILLed the workers (kill {n}), restarting", started.elapsed().as_secs_f64());
+        (workers, log) = spawn(n);
+    }
+    let status = demo.wait_for(Duration::from_secs(400));
+    let demo_text = std::fs::read_to_string(dir.join("demo.out")).unwrap_or_default();
+    assert!(status.is_some_and(|s| s.success()), "demo: {status:?}\n{demo_text}\n--- workers log:\n{}", common::tail(&log, 30));
+    let (stopped, _) = workers.terminate(Duration::from_secs(30));
+    assert!(stopped.is_some_and(|s| s.success()), "workers did not stop cleanly: {stopped:?}\n{}", common::tail(&log, 30));
+
+    let topics = Topics::read(&broker.bootstrap);
+    let orders = orders(&topics);
+    let mut broken = Vec::new();
+    if orders.len() != RACE_ORDERS + 2 {
+        broken.push(format!("{} orders in order.created, expected {}", orders.len(), RACE_ORDERS + 2));
+    }
+    let (mut paid, mut late_sales, mut refunds, mut by_outcome) = (0, 0, 0, BTreeMap::<String, usize>::new());
+    for (id, o) in &orders {
+        let outcome = o.outcome();
+        if outcome == "NONE" || outcome.starts_with("SEVERAL") {
+            broken.push(format!("{id}: not exactly one terminal outcome: {outcome}"));
+        }
+        if !o.sold.is_empty() && o.sold != o.items {
+            broken.push(format!("{id}: sold {:?}, ordered {:?}", o.sold, o.items));
+        }
+        broken.extend(verdict_problems(id, o));
+        paid += usize::from(!o.payments.is_empty());
+        late_sales += usize::from(o.late_sale());
+        refunds += o.refunds.len();
+        *by_outcome.entry(outcome).or_default() += 1;
+    }
+    println!("race: {paid} payments at the TTL boundary, {late_sales} late sales, {refunds} refunds; outcomes {by_outcome:?}");
+    broken.extend([check_event_ids(&topics, kind), check_stock(&topics), check_dead_letters(&topics)].concat());
+    assert!(
+        broken.is_empty(),
+        "{} invariant(s) broken, from the topics (first 50):\n{}",
+        broken.len(),
+        broken.iter().take(50).cloned().collect::<Vec<_>>().join("\n")
+    );
+    // The race was run: payments on both sides of the expiry, and the branch the issue is about.
+    assert!(late_sales + refunds > 0, "no payment met an expired reservation: {by_outcome:?}");
+    assert!(by_outcome.get("SOLD").copied().unwrap_or(0) > late_sales, "no payment beat its expiry: {by_outcome:?}");
+}
+
+// ------------------------------------------------------------------------------------------
 // The topics, as this test reads them.
 
 /// Records of one topic as read: the raw payload and its event (None when it does not decode).
@@ -125,22 +230,38 @@ struct Order {
     reserved: Option<BTreeMap<String, i64>>,
     failed: Option<StockReservationFailed>,
     released: bool,
-    /// The POS's `order.completed` (payment taken) was seen.
-    paid: bool,
+    /// eventIds of the POS's `order.completed` records (payments taken).
+    payments: BTreeSet<String>,
+    /// The stock reserver's verdicts (`order.settled`): (outcome, late).
+    settlements: Vec<(String, bool)>,
     /// product → units, from `stock.updated` SALE records referencing the order.
     sold: BTreeMap<String, i64>,
-    /// reasons of its distinct `order.cancelled` events.
+    /// reasons of its distinct `order.cancelled` events without `refundRequired`.
     cancellations: Vec<String>,
+    /// reasons of its distinct refund-required `order.cancelled` events (issue 13).
+    refunds: Vec<String>,
 }
 
 impl Order {
+    /// The order's end as the topics tell it. A paid order ends `SOLD` (its `SALE` records; an
+    /// earlier cancellation only when the reserver settled it as a late sale) or `REFUNDED`
+    /// (exactly one refund-required cancellation, no `SALE`); an unpaid one `CANCELLED` with
+    /// exactly one cancellation. Anything else is `NONE` or `SEVERAL`.
     fn outcome(&self) -> String {
-        match (self.sold.is_empty(), self.cancellations.as_slice()) {
-            (false, []) => "SOLD".into(),
-            (true, [reason]) => format!("CANCELLED/{reason}"),
-            (true, []) => "NONE".into(),
-            _ => format!("SEVERAL (sold {:?}, cancelled {:?})", self.sold, self.cancellations),
+        let late = self.settlements.iter().any(|(_, late)| *late);
+        match (self.sold.is_empty(), self.refunds.as_slice(), self.cancellations.as_slice()) {
+            (false, [], []) => "SOLD".into(),
+            (false, [], _) if late => "SOLD".into(),
+            (true, [reason], _) => format!("REFUNDED/{reason}"),
+            (true, [], [reason]) => format!("CANCELLED/{reason}"),
+            (true, [], []) => "NONE".into(),
+            _ => format!("SEVERAL (sold {:?}, cancelled {:?}, refunds {:?})", self.sold, self.cancellations, self.refunds),
         }
+    }
+
+    /// Sold after a cancellation (the reservation had expired; the payment was deducted).
+    fn late_sale(&self) -> bool {
+        !self.sold.is_empty() && self.settlements.iter().any(|(_, late)| *late)
     }
 }
 
@@ -155,8 +276,15 @@ fn orders(t: &Topics) -> BTreeMap<String, Order> {
             }
         }
     }
-    let topics =
-        ["stock.reserved", "stock.reservation.failed", "stock.reservation.released", "stock.updated", "order.cancelled", "order.completed"];
+    let topics = [
+        "stock.reserved",
+        "stock.reservation.failed",
+        "stock.reservation.released",
+        "stock.updated",
+        "order.cancelled",
+        "order.completed",
+        "order.settled",
+    ];
     for topic in topics {
         for e in t.events(topic) {
             match e {
@@ -175,16 +303,47 @@ fn orders(t: &Topics) -> BTreeMap<String, Order> {
                     *o.sold.entry(u.product_id.clone()).or_default() -= u.change_amount;
                 }
                 Event::OrderCompleted(c) => {
-                    orders.entry(c.order_id.clone()).or_insert_with(|| unknown(&c.order_id)).paid = true;
+                    orders.entry(c.order_id.clone()).or_insert_with(|| unknown(&c.order_id)).payments.insert(c.event_id.clone());
+                }
+                Event::OrderSettled(v) => {
+                    orders.entry(v.order_id.clone()).or_insert_with(|| unknown(&v.order_id)).settlements.push((v.outcome.clone(), v.late));
                 }
                 Event::OrderCancelled(c) => {
-                    orders.entry(c.order_id.clone()).or_insert_with(|| unknown(&c.order_id)).cancellations.push(c.reason.clone());
+                    let o = orders.entry(c.order_id.clone()).or_insert_with(|| unknown(&c.order_id));
+                    if c.refund_required {
+                        o.refunds.push(c.reason.clone());
+                    } else {
+                        o.cancellations.push(c.reason.clone());
+                    }
                 }
                 _ => {}
             }
         }
     }
     orders
+}
+
+/// Issue 13, per order: a paid order has exactly one verdict of the stock reserver per payment
+/// and ends `SOLD` or `REFUNDED` as that verdict says; an unpaid one has no verdict, no sale and
+/// no refund.
+fn verdict_problems(id: &str, o: &Order) -> Vec<String> {
+    let mut broken = Vec::new();
+    let outcome = o.outcome();
+    if o.payments.is_empty() {
+        if !o.settlements.is_empty() || !o.sold.is_empty() || !o.refunds.is_empty() {
+            broken.push(format!("{id}: unpaid, but settled {:?} / sold {:?} / refunds {:?}", o.settlements, o.sold, o.refunds));
+        }
+        return broken;
+    }
+    if o.settlements.len() != o.payments.len() {
+        broken.push(format!("{id}: {} payment(s), {} verdict(s) {:?}", o.payments.len(), o.settlements.len(), o.settlements));
+    }
+    let sold_verdict = o.settlements.iter().any(|(v, _)| v == "SOLD");
+    let expected = if sold_verdict { outcome == "SOLD" } else { outcome.starts_with("REFUNDED/") };
+    if !expected {
+        broken.push(format!("{id}: paid, verdicts {:?}, but the topics say {outcome}", o.settlements));
+    }
+    broken
 }
 
 fn unknown(id: &str) -> Order {
@@ -217,9 +376,7 @@ fn check_outcomes(t: &Topics) -> Vec<String> {
         if !o.sold.is_empty() && o.sold != o.items {
             broken.push(format!("{id}: sold {:?}, ordered {:?}", o.sold, o.items));
         }
-        if !o.sold.is_empty() && !o.paid {
-            broken.push(format!("{id}: sold without an order.completed"));
-        }
+        broken.extend(verdict_problems(id, o));
         *by_outcome.entry(outcome).or_default() += 1;
     }
     for branch in ["SOLD", "CANCELLED/INSUFFICIENT_STOCK", "CANCELLED/PAYMENT_FAILED", "CANCELLED/RESERVATION_EXPIRED"] {
@@ -312,8 +469,8 @@ fn check_stock(t: &Topics) -> Vec<String> {
             }
             continue;
         };
-        if o.released && !o.sold.is_empty() {
-            broken.push(format!("{id}: its reservation was both released and sold"));
+        if o.released && !o.sold.is_empty() && !o.late_sale() {
+            broken.push(format!("{id}: its reservation was both released and sold (not a late sale)"));
         }
         if !o.released && o.sold.is_empty() {
             for (p, q) in reserved {

@@ -209,7 +209,10 @@ fn order_created_starts_both_clocks_on_processing_time() {
         }
     );
     let json = String::from_utf8(h.store.data[&saga_key("O-1")].clone()).unwrap();
-    assert_eq!(json, format!(r#"{{"state":"OPEN","hqId":"HQ-1","storeId":"S-1","createdSeenAt":{T0},"answered":false,"customerId":"C-1"}}"#));
+    assert_eq!(
+        json,
+        format!(r#"{{"state":"OPEN","hqId":"HQ-1","storeId":"S-1","createdSeenAt":{T0},"answered":false,"customerId":"C-1"}}"#)
+    );
 }
 
 #[test]
@@ -228,7 +231,10 @@ fn no_stock_answer_cancels_with_saga_timeout_exactly_at_the_answer_timeout() {
     // Closed: no timer left, the record shrunk to a tombstone, the bound never fires.
     assert!(timers(&h).is_empty(), "{:?}", timers(&h));
     assert_eq!(saga(&h, "O-1"), closed_cancelled());
-    assert_eq!(String::from_utf8(h.store.data[&saga_key("O-1")].clone()).unwrap(), r#"{"state":"CLOSED","outcome":"ORDER_CANCELLED","customerId":"C-1"}"#);
+    assert_eq!(
+        String::from_utf8(h.store.data[&saga_key("O-1")].clone()).unwrap(),
+        r#"{"state":"CLOSED","outcome":"ORDER_CANCELLED","customerId":"C-1"}"#
+    );
     assert!(h.advance(T0 + BOUND).unwrap().is_empty());
     assert_eq!(
         h.store.get_json::<CancelRecord>(&cancel_key("O-1")).unwrap(),

@@ -16,7 +16,10 @@ fn reserved(id: &str, order_id: &str) -> StockReserved {
 }
 
 fn completed(id: &str, order_id: &str) -> OrderSettled {
-    OrderSettled { reservation_id: format!("R-{order_id}"), ..order_settled(id, order_id, orderflow_api::events::settlement::SOLD, T0 + 10) }
+    OrderSettled {
+        reservation_id: format!("R-{order_id}"),
+        ..order_settled(id, order_id, orderflow_api::events::settlement::SOLD, T0 + 10)
+    }
 }
 
 fn cancelled(id: &str, order_id: &str) -> OrderCancelled {

@@ -41,9 +41,9 @@
 use std::collections::BTreeMap;
 
 use orderflow_api::events::{
-    cancel_reason, change_reason, failure_reason, release_reason, settlement, AdjustedItem, FailedItem, InventoryAdjusted,
-    OrderCancelled, OrderCompleted, OrderCreated, OrderSettled, ReleasedItem, ReservedItem, SettledItem, StockLevel,
-    StockReservationExpired, StockReservationFailed, StockReservationReleased, StockReserved, StockUpdated,
+    cancel_reason, change_reason, failure_reason, release_reason, settlement, AdjustedItem, FailedItem, InventoryAdjusted, OrderCancelled,
+    OrderCompleted, OrderCreated, OrderSettled, ReleasedItem, ReservedItem, SettledItem, StockLevel, StockReservationExpired,
+    StockReservationFailed, StockReservationReleased, StockReserved, StockUpdated,
 };
 use orderflow_api::{derive_event_id, Context, Event, Export, Outputs, ProcessError, Processor, StateTxn};
 use serde::{Deserialize, Serialize};
@@ -272,7 +272,8 @@ impl StockReserver {
         let rkey = reservation_key(&e.order_id);
         if let Some(existing) = state.get_json::<Reservation>(&rkey)? {
             // An order settled by a payment that overtook it is closed as well.
-            let closed = existing.reservation_id.is_empty() || matches!(existing.status, ReservationStatus::Closed | ReservationStatus::Refunded);
+            let closed =
+                existing.reservation_id.is_empty() || matches!(existing.status, ReservationStatus::Closed | ReservationStatus::Refunded);
             let what = if closed { "created_after_close" } else { "duplicate_order" };
             out.note("late_event", what);
             return Ok(());
@@ -610,7 +611,9 @@ impl StockReserver {
 fn paid_lines(e: &OrderCompleted) -> Result<Vec<(String, i64)>, ProcessError> {
     let mut lines: Vec<(String, i64)> = Vec::with_capacity(e.items.len());
     for item in &e.items {
-        let bad = |what: String| ProcessError::Invalid(format!("OrderCompleted {} of order {}: {what}; nothing deducted", e.event_id, e.order_id));
+        let bad = |what: String| {
+            ProcessError::Invalid(format!("OrderCompleted {} of order {}: {what}; nothing deducted", e.event_id, e.order_id))
+        };
         if item.product_id.is_empty() {
             return Err(bad("a sold item has no productId".to_string()));
         }
@@ -627,7 +630,14 @@ fn paid_lines(e: &OrderCompleted) -> Result<Vec<(String, i64)>, ProcessError> {
 
 /// Emits the `stock.updated` `SALE` of `product_id` for payment `e` (on hand `previous` →
 /// `current`), its id derived from the payment's eventId.
-fn emit_sale(e: &OrderCompleted, r: &Reservation, product_id: &str, previous: i64, current: i64, out: &mut Outputs) -> Result<(), ProcessError> {
+fn emit_sale(
+    e: &OrderCompleted,
+    r: &Reservation,
+    product_id: &str,
+    previous: i64,
+    current: i64,
+    out: &mut Outputs,
+) -> Result<(), ProcessError> {
     out.emit(
         PORT_UPDATED,
         product_id.to_string(),

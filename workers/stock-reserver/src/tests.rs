@@ -495,7 +495,10 @@ fn completion_deducts_reserved_stock_with_previous_and_current() {
     let s = settled(&outs);
     assert_eq!((s.outcome.as_str(), s.late, s.payment_event_id.as_str()), (settlement::SOLD, false, "c1"));
     assert_eq!(s.event_id, derive_event_id("c1", "order.settled"));
-    assert_eq!(s.items, vec![SettledItem { product_id: "P-001".into(), quantity: 4 }, SettledItem { product_id: "P-002".into(), quantity: 3 }]);
+    assert_eq!(
+        s.items,
+        vec![SettledItem { product_id: "P-001".into(), quantity: 4 }, SettledItem { product_id: "P-002".into(), quantity: 3 }]
+    );
     // A second payment (new id) for the settled order is rejected; a cancel after completion
     // releases nothing.
     let err = h.feed("t", complete(&h, "c2", "O-1"), 0).unwrap_err();

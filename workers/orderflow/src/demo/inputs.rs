@@ -1,6 +1,8 @@
 //! The demo's inputs besides TPC-H: the seed scenarios, the simulated POS (its decision and answer
 //! per order) and port topics.
 
+use std::time::Duration;
+
 use anyhow::{Context as _, Result};
 use orderflow_api::events::*;
 use orderflow_api::Event;
@@ -51,6 +53,17 @@ pub(crate) fn pos_decision(order_id: &str, complete_pct: u32, fail_pct: u32) -> 
     } else {
         "leave"
     }
+}
+
+/// How long the POS waits before paying order `order_id` whose reservation expires at
+/// `expires_at` (ms since the epoch), at `now` (ms), under `--pay-at-expiry jitter`: until
+/// `expires_at + offset`, the offset a stable share of the id in `[-jitter, +jitter]` (FNV-1a,
+/// like [`pos_decision`]); zero when that moment has passed.
+pub(crate) fn payment_delay(order_id: &str, expires_at: i64, jitter: Duration, now: i64) -> Duration {
+    let h = order_id.bytes().rev().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    let span = i64::try_from(jitter.as_millis()).unwrap_or(i64::MAX / 4).max(0);
+    let offset = (h % (2 * span as u64 + 1)) as i64 - span;
+    Duration::from_millis(u64::try_from(expires_at + offset - now).unwrap_or(0))
 }
 
 /// The POS's answer to a confirmed `order` for `decision` (of [`pos_decision`]): `(topic,

@@ -61,6 +61,11 @@ pub struct DemoArgs {
     /// The rest are left to expire.
     #[arg(long, default_value_t = 15)]
     payment_fail_pct: u32,
+    /// Pay every order the POS completes at its reservation's expiry, give or take up to this
+    /// much (a stable per-order offset), instead of at once: drives the race between payment and
+    /// expiry on purpose (issue 13). Payments after the expiry become late sales or refunds.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pay_at_expiry: Option<Duration>,
     /// Orders per second offered (0 = as fast as the producer goes).
     #[arg(long, default_value_t = 0)]
     rate: u32,
@@ -91,6 +96,8 @@ struct OrderTrack {
     cancellations: BTreeMap<String, (String, bool)>,
     /// Sale deductions seen (distinct stock.updated eventIds).
     sales: BTreeSet<String>,
+    /// The POS took payment (it produced `order.completed`).
+    paid: bool,
     released: bool,
     pos: Option<&'static str>,
     confirm_latency_ms: Option<i64>,
@@ -117,6 +124,10 @@ impl OrderTrack {
     /// was deducted all the same (a late sale, issue 13).
     fn late_sale(&self) -> bool {
         !self.sales.is_empty() && !self.cancellations.is_empty()
+    }
+    /// Settled: a terminal outcome, and a paid order's verdict (its sale or refund) seen.
+    fn settled(&self) -> bool {
+        self.outcomes() >= 1 && (!self.paid || !self.sales.is_empty() || self.refunds().next().is_some())
     }
     fn outcome(&self) -> String {
         let refund = self.refunds().next();
@@ -293,7 +304,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let codec = codec.clone();
         let producer = producer.clone();
         let orders_by_id = orders_by_id.clone();
-        let (complete_pct, fail_pct) = (args.complete_pct, args.payment_fail_pct);
+        let (complete_pct, fail_pct, pay_at_expiry) = (args.complete_pct, args.payment_fail_pct, args.pay_at_expiry);
         let cancelled_topic = cancelled_topic.clone();
         tokio::spawn(async move {
             let mut stream = observer.stream();
@@ -355,13 +366,14 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                                 if tr.confirmed.is_none() && !e.order_id.starts_with("SEED") {
                                     // POS: pay, fail, or leave it to expire. An order whose
                                     // reservation is about to expire is left alone, as a till would.
-                                    let decision = if now_ms() > e.expires_at - 2_000 {
+                                    let decision = if now_ms() > e.expires_at - 2_000 && pay_at_expiry.is_none() {
                                         "late"
                                     } else {
                                         pos_decision(&e.order_id, complete_pct, fail_pct)
                                     };
                                     tr.confirm_latency_ms = Some(now_ms() - e.occurred_at);
                                     tr.pos = Some(decision);
+                                    tr.paid = decision == "complete";
                                     pos_action = Some((decision, e.clone()));
                                 }
                                 tr.confirmed = Some(e.clone());
@@ -377,7 +389,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                         // Produced in the background so that reading confirmations never waits
                         // for the broker's acknowledgement of the POS's answer.
                         let (producer, codec) = (producer.clone(), codec.clone());
+                        let wait = pay_at_expiry
+                            .filter(|_| decision == "complete")
+                            .map(|j| payment_delay(&confirmed.order_id, confirmed.expires_at, j, now_ms()));
                         tokio::spawn(async move {
+                            if let Some(wait) = wait {
+                                tokio::time::sleep(wait).await;
+                            }
                             if let Err(e) = send(&producer, &codec, &topic, &confirmed.order_id, &event).await {
                                 tracing::error!(error = %e, "POS simulator could not produce");
                             }
@@ -454,7 +472,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     bar.set_message("settling");
     let settle_deadline = Instant::now() + args.ttl + args.settle_timeout;
     loop {
-        let done = observed.lock().unwrap().orders.values().filter(|o| o.outcomes() >= 1).count();
+        let done = observed.lock().unwrap().orders.values().filter(|o| o.settled()).count();
         bar.set_position(done as u64);
         if done == order_count || Instant::now() > settle_deadline {
             break;
