@@ -39,6 +39,37 @@ pub(super) fn seed_inputs(now: i64) -> (Vec<InventoryAdjusted>, Vec<OrderCreated
     )
 }
 
+/// Store of the `--hot-orders` scenario: one product (`P-HOT`) that many orders want.
+pub(super) const HOT_STORE: &str = "ST-HOT";
+
+/// `--hot-orders n`: `n` orders `HOT-000001`… for one unit of `P-HOT` at `HQ-SEED:ST-HOT`, whose
+/// stock is a fifth of them (at least 1). Units released by one order's expiry are soon
+/// reserved by another, so a payment that arrives after its own expiry often finds none left:
+/// the refund branch of issue 13, on purpose.
+pub(super) fn hot_inputs(n: usize, now: i64) -> (InventoryAdjusted, Vec<OrderCreated>) {
+    let stock = InventoryAdjusted {
+        event_id: "hot-stock".into(),
+        occurred_at: now,
+        hq_id: SEED_HQ.into(),
+        store_id: HOT_STORE.into(),
+        adjustment_type: change_reason::RESTOCK.into(),
+        reference_id: "hot-orders".into(),
+        items: vec![AdjustedItem { product_id: "P-HOT".into(), delta: (n as i64 / 5).max(1) }],
+    };
+    let orders = (1..=n)
+        .map(|i| OrderCreated {
+            event_id: format!("hot-order-{i:06}"),
+            occurred_at: now,
+            order_id: format!("HOT-{i:06}"),
+            customer_id: format!("C-HOT-{i}"),
+            hq_id: SEED_HQ.into(),
+            store_id: HOT_STORE.into(),
+            items: vec![OrderItem { product_id: "P-HOT".into(), quantity: 1, unit_price: 1000 }],
+        })
+        .collect();
+    (stock, orders)
+}
+
 /// What the POS does with a confirmed order: `"complete"` for `complete_pct` % of the order
 /// ids, `"payment_failed"` for the next `fail_pct` %, else `"leave"` (to expire). A stable
 /// share: a hash of the id, independent of arrival order.

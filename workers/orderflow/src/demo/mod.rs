@@ -66,6 +66,11 @@ pub struct DemoArgs {
     /// expiry on purpose (issue 13). Payments after the expiry become late sales or refunds.
     #[arg(long, value_parser = humantime::parse_duration)]
     pay_at_expiry: Option<Duration>,
+    /// Add this many orders for one unit of a scarce product (`P-HOT` at `HQ-SEED:ST-HOT`, stock
+    /// a fifth of them), spread through the run: with `--pay-at-expiry`, late payments find the
+    /// units gone and are refunded (issue 13).
+    #[arg(long, default_value_t = 0)]
+    hot_orders: usize,
     /// Orders per second offered (0 = as fast as the producer goes).
     #[arg(long, default_value_t = 0)]
     rate: u32,
@@ -232,6 +237,16 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let (seed_inv, seed_orders) = seed_inputs(now_ms());
     input.inventory.extend(seed_inv);
     input.orders.extend(seed_orders);
+    if args.hot_orders > 0 {
+        // Spread through the TPC-H orders, so the hot product is wanted all along the run.
+        let (stock, hot) = hot_inputs(args.hot_orders, now_ms());
+        input.inventory.push(stock);
+        let every = (input.orders.len() / hot.len()).max(1);
+        for (i, order) in hot.into_iter().enumerate() {
+            let at = ((i + 1) * every + i).min(input.orders.len());
+            input.orders.insert(at, order);
+        }
+    }
     let mut initial: BTreeMap<(String, String), i64> = BTreeMap::new();
     for inv in &input.inventory {
         for item in &inv.items {
@@ -240,8 +255,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     let order_count = input.orders.len();
     println!(
-        "orderflow demo: {} TPC-H orders + 2 seed scenarios, {} stores, {} stock lines, TTL {}, broker {}",
-        order_count - 2,
+        "orderflow demo: {} TPC-H orders + 2 seed scenarios + {} hot orders, {} stores, {} stock lines, TTL {}, broker {}",
+        order_count - 2 - args.hot_orders,
+        args.hot_orders,
         input.inventory.len(),
         initial.len(),
         humantime::format_duration(args.ttl),
