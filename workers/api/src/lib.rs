@@ -121,7 +121,8 @@ pub struct Output {
 pub struct Note {
     /// Low-cardinality measure name, e.g. `reservation_failed`.
     pub measure: &'static str,
-    /// Label, e.g. a reason code. Never an id, except under [`Export::TopN`].
+    /// Label, e.g. a reason code. Never an id, except under [`Export::TopN`] and
+    /// [`Export::InvariantBroken`] (logged, never a metric label).
     pub label: String,
     /// How the runtime exports it.
     pub export: Export,
@@ -139,8 +140,8 @@ pub enum Export {
     /// An unbounded label (a product id): counted per label in the process, only a bounded top
     /// N exported (`orderflow_out_of_stock_top`).
     TopN,
-    /// A broken invariant (label: which): an ERROR log line and
-    /// `orderflow_stock_conservation_mismatches_total`.
+    /// A broken invariant (label: which, where and both figures, for the log line): an ERROR log
+    /// line and `orderflow_stock_conservation_mismatches_total{worker}`.
     InvariantBroken,
 }
 
@@ -348,5 +349,22 @@ mod tests {
         assert_eq!(derive_event_id("e1", "a"), derive_event_id("e1", "a"));
         assert_ne!(derive_event_id("e1", "a"), derive_event_id("e1", "b"));
         assert_ne!(derive_event_id("e1", "a"), derive_event_id("e2", "a"));
+    }
+
+    #[test]
+    fn a_prefix_scan_sees_staged_writes_and_deletions_over_the_stored_entries() {
+        let mut store = MemoryStore::default();
+        for (k, v) in [("a/1", "x"), ("a/2", "y"), ("a/3", "z"), ("b/1", "w")] {
+            store.data.insert(k.as_bytes().to_vec(), v.as_bytes().to_vec());
+        }
+        let mut txn = StateTxn::new(&store);
+        txn.delete(b"a/2".to_vec());
+        txn.put(b"a/0".to_vec(), b"new".to_vec());
+        txn.put(b"a/3".to_vec(), b"changed".to_vec());
+        txn.put(b"ab".to_vec(), b"other prefix".to_vec());
+        let seen: Vec<(String, String)> =
+            txn.scan_prefix(b"a/").into_iter().map(|(k, v)| (String::from_utf8(k).unwrap(), String::from_utf8(v).unwrap())).collect();
+        let want = [("a/0", "new"), ("a/1", "x"), ("a/3", "changed")].map(|(k, v)| (k.to_string(), v.to_string()));
+        assert_eq!(seen, want);
     }
 }

@@ -15,6 +15,10 @@ pub trait StateRead: Sync {
     fn timer(&self, key: &[u8]) -> Option<i64>;
     /// Timers with a deadline ≤ `now_ms`, as `(key, deadline)`, earliest first.
     fn due_timers(&self, now_ms: i64) -> Vec<(Vec<u8>, i64)>;
+    /// Every stored `(key, value)` whose key starts with `prefix`, in key order. Reads the whole
+    /// range: for punctuations over a shard (e.g. the stock reserver's reconciliation), not for
+    /// per-record processing.
+    fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)>;
 }
 
 impl<T: StateRead + ?Sized> StateRead for &T {
@@ -26,6 +30,9 @@ impl<T: StateRead + ?Sized> StateRead for &T {
     }
     fn due_timers(&self, now_ms: i64) -> Vec<(Vec<u8>, i64)> {
         (**self).due_timers(now_ms)
+    }
+    fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        (**self).scan_prefix(prefix)
     }
 }
 
@@ -88,6 +95,19 @@ impl<'a> StateTxn<'a> {
         let key = key.into();
         let prev = self.changes.writes.insert(key.clone(), None);
         self.journal.push(Undo::Write(key, prev));
+    }
+
+    /// Every `(key, value)` whose key starts with `prefix` as this transaction sees it: the
+    /// durable entries with the staged writes and deletions laid over them, in key order.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self.base.scan_prefix(prefix).into_iter().collect();
+        for (k, v) in self.changes.writes.range(prefix.to_vec()..).take_while(|(k, _)| k.starts_with(prefix)) {
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        merged.into_iter().collect()
     }
 
     /// Reads `key` as JSON.

@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 /// Every kind, as `topology check` knows them.
 pub const KINDS: &[KindInfo] = &[
     KindInfo { name: "deduplicator", ports: deduplicator::PORTS, settings: KindInfo::no_settings },
-    KindInfo { name: "stock-reserver", ports: stock_reserver::PORTS, settings: ttl_settings },
+    KindInfo { name: "stock-reserver", ports: stock_reserver::PORTS, settings: reserver_settings },
     KindInfo { name: "order-confirmer", ports: order_confirmer::PORTS, settings: KindInfo::no_settings },
     KindInfo { name: "canceller", ports: canceller::PORTS, settings: canceller_settings },
     KindInfo { name: "reservation-expirer", ports: reservation_expirer::PORTS, settings: ttl_settings },
@@ -45,6 +45,14 @@ fn ttl_settings(t: &toml::Table) -> Result<Vec<(&'static str, String)>, String> 
     Ok(vec![("reservation_ttl", humantime::format_duration(c.reservation_ttl).to_string())])
 }
 
+/// The stock reserver's settings: the TTL (which must agree with the expirer's) and the
+/// reconciliation interval.
+fn reserver_settings(t: &toml::Table) -> Result<Vec<(&'static str, String)>, String> {
+    let c: stock_reserver::Config = parse(t)?;
+    c.validate()?;
+    Ok(vec![("reservation_ttl", humantime::format_duration(c.reservation_ttl).to_string())])
+}
+
 fn canceller_settings(t: &toml::Table) -> Result<Vec<(&'static str, String)>, String> {
     parse::<canceller::Config>(t)?.validate().map(|()| Vec::new())
 }
@@ -56,7 +64,7 @@ pub fn build(spec: &WorkerSpec) -> Option<Box<dyn Processor>> {
     let s = &spec.settings;
     Some(match spec.kind.as_str() {
         "deduplicator" => Box::new(deduplicator::Deduplicator::new()),
-        "stock-reserver" => Box::new(stock_reserver::StockReserver::new(parse::<stock_reserver::Config>(s).ok()?.ttl_ms().ok()?)),
+        "stock-reserver" => Box::new(parse::<stock_reserver::Config>(s).ok()?.processor().ok()?),
         "order-confirmer" => Box::new(order_confirmer::OrderConfirmer::new()),
         "canceller" => Box::new(parse::<canceller::Config>(s).ok()?.processor()),
         "reservation-expirer" => {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::{bench, demo, dlq, inspect, replay, topology};
+use crate::{bench, demo, dlq, inspect, reconcile, replay, topology};
 
 /// The command line of the `orderflow` binary.
 #[derive(Parser)]
@@ -71,6 +71,10 @@ pub enum Command {
     /// Replay a range of a topic (by offsets or time): republish it --into a topic, or run it
     /// --through a worker. Safe into a live topic: every worker deduplicates by eventId.
     Replay(replay::ReplayArgs),
+    /// Reconcile the stock reserver's state as its changelog holds it (seed 004 재고 대사): on hand
+    /// = initial + adjustments − sales, reserved = Σ live reservations, nothing negative; exit 1
+    /// on any mismatch.
+    Reconcile(reconcile::ReconcileArgs),
     /// Throughput benchmarks against the local broker (raw baseline, one worker); one JSON
     /// object per scenario on stdout. `scripts/bench` runs them all.
     Bench(bench::BenchArgs),
@@ -114,6 +118,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Tap(args) => inspect::tap(args).await,
         Command::Trace(args) => inspect::trace(args).await,
         Command::Replay(args) => replay::run(args).await,
+        Command::Reconcile(args) => reconcile::run(args).await,
         Command::Bench(args) => bench::run(args).await,
     }
 }

@@ -9,6 +9,7 @@
 //! - [`dlq`]: `orderflow dlq list|show|redrive`: dead-letter records.
 //! - [`inspect`]: `orderflow tap` and `orderflow trace`: decoded records, an order's timeline.
 //! - [`replay`]: `orderflow replay --into|--through`: republish a range or run it through a worker.
+//! - [`reconcile`]: `orderflow reconcile`: the stock reserver's reconciliation over its changelog.
 //! - [`demo`]: `orderflow demo`: TPC-H orders and the seed scenarios through the whole saga.
 //! - [`bench`](mod@bench): `orderflow bench raw|worker|saga|recovery`: the benchmarks.
 //! - [`kafkaio`]: the Kafka I/O every command uses: topic reader, watermarks, offsets by time, partitioner, RFC 3339 times.
@@ -20,6 +21,7 @@ pub mod demo;
 pub mod dlq;
 pub mod inspect;
 pub mod kafkaio;
+pub mod reconcile;
 pub mod replay;
 pub mod run;
 pub mod text;

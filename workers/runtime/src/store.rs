@@ -224,6 +224,10 @@ impl StateRead for Shard {
         self.tree.get(prefixed(INDEX, key)).expect("state store read failed").and_then(|v| decode_i64(&v))
     }
 
+    fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.scan(prefix).expect("state store read failed")
+    }
+
     fn due_timers(&self, now_ms: i64) -> Vec<(Vec<u8>, i64)> {
         let start = vec![TIMER, b'/'];
         let end = timer_key(now_ms.saturating_add(1), &[]);

@@ -39,6 +39,7 @@
 //! - `tests.rs`: unit tests through `orderflow_api::Harness`.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use orderflow_api::events::{
     cancel_reason, change_reason, failure_reason, release_reason, settlement, AdjustedItem, FailedItem, InventoryAdjusted, OrderCancelled,
@@ -48,9 +49,64 @@ use orderflow_api::events::{
 use orderflow_api::{derive_event_id, Context, Event, Export, Outputs, ProcessError, Processor, StateTxn};
 use serde::{Deserialize, Serialize};
 
-/// Its settings in `topology.toml`: the reservation TTL alone (seed 004), which must agree with
-/// the reservation expirer's.
-pub type Config = orderflow_api::ReservationTtlConfig;
+pub mod reconcile;
+pub use reconcile::{reconcile, DEFAULT_RECONCILE_INTERVAL_MS, RECONCILE_TIMER};
+
+/// Its settings in `topology.toml` (the keys of its `[workers.<name>]` entry beyond the common
+/// ones, parsed by the kinds registry).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `reservation_ttl` (seed 004): how long a reservation holds its units after the order's
+    /// `occurredAt`; default 5 minutes, at least 1 ms; must agree with the reservation
+    /// expirer's (`topology check` says so).
+    #[serde(default = "default_reservation_ttl", with = "humantime_serde")]
+    pub reservation_ttl: Duration,
+    /// `reconcile_interval` (seed 004 재고 대사, issue 13): how often each state shard is
+    /// reconciled ([`reconcile`]); default 1 minute, at least 1 s.
+    #[serde(default = "default_reconcile_interval", with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+}
+
+fn default_reservation_ttl() -> Duration {
+    orderflow_api::DEFAULT_RESERVATION_TTL
+}
+
+fn default_reconcile_interval() -> Duration {
+    Duration::from_millis(DEFAULT_RECONCILE_INTERVAL_MS as u64)
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config { reservation_ttl: default_reservation_ttl(), reconcile_interval: default_reconcile_interval() }
+    }
+}
+
+impl Config {
+    /// The reservation TTL in ms.
+    ///
+    /// Errors: a TTL under 1 ms.
+    pub fn ttl_ms(&self) -> Result<i64, String> {
+        orderflow_api::ReservationTtlConfig { reservation_ttl: self.reservation_ttl }.ttl_ms()
+    }
+
+    /// Errors: a TTL under 1 ms or a reconcile interval under 1 s.
+    pub fn validate(&self) -> Result<(), String> {
+        self.ttl_ms()?;
+        if self.reconcile_interval < Duration::from_secs(1) {
+            return Err(format!("reconcile_interval {} must be at least 1s", humantime::format_duration(self.reconcile_interval)));
+        }
+        Ok(())
+    }
+
+    /// The processor these settings configure.
+    ///
+    /// Errors: as [`Config::validate`].
+    pub fn processor(&self) -> Result<StockReserver, String> {
+        self.validate()?;
+        Ok(StockReserver::new(self.ttl_ms()?).with_reconcile_interval(orderflow_api::millis(self.reconcile_interval)))
+    }
+}
 
 /// Port of `stock.reserved` (key orderId).
 pub const PORT_RESERVED: &str = "reserved";
@@ -184,6 +240,7 @@ pub struct Reservation {
 #[derive(Debug, Clone)]
 pub struct StockReserver {
     reservation_ttl_ms: i64,
+    reconcile_interval_ms: i64,
 }
 
 impl StockReserver {
@@ -194,7 +251,17 @@ impl StockReserver {
     /// If `reservation_ttl_ms ≤ 0` (a configuration error).
     pub fn new(reservation_ttl_ms: i64) -> Self {
         assert!(reservation_ttl_ms > 0, "reservation TTL must be positive, got {reservation_ttl_ms} ms");
-        StockReserver { reservation_ttl_ms }
+        StockReserver { reservation_ttl_ms, reconcile_interval_ms: DEFAULT_RECONCILE_INTERVAL_MS }
+    }
+
+    /// The same reserver reconciling each shard every `ms` ms (see [`reconcile`]).
+    ///
+    /// # Panics
+    /// If `ms ≤ 0` (a configuration error).
+    pub fn with_reconcile_interval(mut self, ms: i64) -> Self {
+        assert!(ms > 0, "reconcile interval must be positive, got {ms} ms");
+        self.reconcile_interval_ms = ms;
+        self
     }
 
     /// The configured reservation TTL, ms.
@@ -240,6 +307,7 @@ impl StockReserver {
         }
         for (key, product_id, delta, before, after) in changes {
             store_stock(state, key, &after, out);
+            reconcile::book(state, (&e.hq_id, &e.store_id, &product_id), before.on_hand, delta, 0)?;
             out.emit(
                 PORT_UPDATED,
                 product_id.clone(),
@@ -533,6 +601,7 @@ impl StockReserver {
             }
             let after = StockRecord { on_hand: before.on_hand - q_sold, reserved: before.reserved - q_reserved };
             store_stock(state, key, &after, out);
+            reconcile::book(state, (&r.hq_id, &r.store_id, &item.product_id), before.on_hand, 0, q_sold)?;
             if q_reserved > q_sold {
                 unsold.push(ReleasedItem { product_id: item.product_id.clone(), released: to_i32(q_reserved - q_sold) });
             }
@@ -592,6 +661,7 @@ impl StockReserver {
         for (key, before, product_id, q) in levels {
             let after = StockRecord { on_hand: before.on_hand - q, reserved: before.reserved };
             store_stock(state, key, &after, out);
+            reconcile::book(state, (&r.hq_id, &r.store_id, product_id), before.on_hand, 0, q)?;
             emit_sale(e, &r, product_id, before.on_hand, after.on_hand, out)?;
             settled.push(SettledItem { product_id: product_id.clone(), quantity: to_i32(q) });
         }
@@ -725,7 +795,11 @@ impl Processor for StockReserver {
     /// with invalid content is not an error: it is answered with `stock.reservation.failed`;
     /// [`ProcessError::CorruptState`] when stored stock cannot cover a release or deduction of a
     /// live reservation (an invariant broke); [`ProcessError::UnwiredPort`] for a missing port.
-    fn process(&mut self, _ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+    fn process(&mut self, ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        // The shard's reconciliation punctuation runs from its first event on.
+        if state.timer(RECONCILE_TIMER).is_none() {
+            state.schedule_timer(RECONCILE_TIMER, ctx.now_ms.saturating_add(self.reconcile_interval_ms));
+        }
         match event {
             Event::InventoryAdjusted(e) => self.adjust(e, state, out),
             Event::OrderCreated(e) => self.reserve(e, state, out),
@@ -734,6 +808,26 @@ impl Processor for StockReserver {
             Event::OrderCompleted(e) => self.completed(e, state, out),
             _ => Ok(()),
         }
+    }
+
+    /// The reconciliation punctuation ([`RECONCILE_TIMER`]): reconciles the shard
+    /// ([`reconcile`]), reports each mismatch as a broken invariant (its rule, key and both
+    /// figures: an ERROR log line and `orderflow_stock_conservation_mismatches_total`), notes
+    /// `reconciliation` `clean` or `mismatch`, and runs again `reconcile_interval` later
+    /// (processing time). Other timer keys are ignored.
+    ///
+    /// Errors: [`ProcessError::CorruptState`] for state the reconciliation cannot parse.
+    fn on_timer(&mut self, ctx: &Context, key: &[u8], _due_ms: i64, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        if key != RECONCILE_TIMER {
+            return Ok(());
+        }
+        let report = reconcile(state)?;
+        for m in &report.mismatches {
+            out.note_as("conservation_mismatch", m.to_string(), Export::InvariantBroken);
+        }
+        out.note("reconciliation", if report.mismatches.is_empty() { "clean" } else { "mismatch" });
+        state.schedule_timer(RECONCILE_TIMER, ctx.now_ms.saturating_add(self.reconcile_interval_ms));
+        Ok(())
     }
 }
 

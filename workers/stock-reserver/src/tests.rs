@@ -732,3 +732,79 @@ fn a_payment_for_another_reservation_or_beyond_it_is_rejected_and_deducts_nothin
         assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Live, "{want}: the reservation is still live");
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Reconciliation (issue 13, seed 004 재고 대사).
+
+fn reconciled(h: &Harness<StockReserver>) -> reconcile::Report {
+    reconcile(&StateTxn::new(&h.store)).unwrap()
+}
+
+/// Restock, a sale, a partial sale, a release, a late sale and a live reservation: every rule
+/// holds, the punctuation says `clean` and re-arms.
+#[test]
+fn reconciliation_of_a_healthy_shard_finds_nothing_and_the_punctuation_re_arms() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10), ("P-002", 5)]);
+    h.feed("t", order("o1", "O-1", &[("P-001", 3), ("P-002", 2)]), 0).unwrap();
+    h.feed("t", sold(&h, &[("P-001", 2)]), 0).unwrap();
+    let rid = reserved_id(&h.feed("t", order("o2", "O-2", &[("P-001", 1)]), 0).unwrap());
+    h.feed("t", expire("x2", "O-2", &rid), 0).unwrap();
+    h.feed("t", order_completed("c2", "O-2", &rid, 3_000), 0).unwrap();
+    h.feed("t", order("o3", "O-3", &[("P-002", 1)]), 0).unwrap();
+    restock(&mut h, "a2", &[("P-001", -1)]);
+    let report = reconciled(&h);
+    assert_eq!((report.records, report.unledgered, report.mismatches.len()), (2, 0, 0), "{report:?}");
+    assert_eq!(h.store.timers.get(RECONCILE_TIMER), Some(&DEFAULT_RECONCILE_INTERVAL_MS), "armed by the first event (now 0)");
+    assert!(h.advance(DEFAULT_RECONCILE_INTERVAL_MS).unwrap().is_empty());
+    assert_eq!(notes(&h, "reconciliation"), vec!["clean"]);
+    assert!(notes(&h, "conservation_mismatch").is_empty());
+    assert_eq!(h.store.timers.get(RECONCILE_TIMER), Some(&(2 * DEFAULT_RECONCILE_INTERVAL_MS)), "re-armed");
+}
+
+/// A stored figure changed behind the reserver's back (on hand, reserved) is found with its key
+/// and both figures, and reported as a broken invariant by the punctuation.
+#[test]
+fn reconciliation_finds_a_corrupted_figure_with_both_values() {
+    let mut h = harness();
+    restock(&mut h, "a1", &[("P-001", 10), ("P-002", 5)]);
+    h.feed("t", order("o1", "O-1", &[("P-002", 2)]), 0).unwrap();
+    h.store.data.insert(stock_key(HQ, STORE, "P-001"), serde_json::to_vec(&StockRecord { on_hand: 7, reserved: 0 }).unwrap());
+    h.store.data.insert(stock_key(HQ, STORE, "P-002"), serde_json::to_vec(&StockRecord { on_hand: 5, reserved: 1 }).unwrap());
+    let key = |p: &str| format!("{HQ}:{STORE}/{p}");
+    assert_eq!(
+        reconciled(&h).mismatches,
+        vec![
+            reconcile::Mismatch { key: key("P-001"), rule: "on_hand", expected: 10, found: 7 },
+            reconcile::Mismatch { key: key("P-002"), rule: "reserved", expected: 2, found: 1 },
+        ]
+    );
+    h.advance(DEFAULT_RECONCILE_INTERVAL_MS).unwrap();
+    let broken: Vec<&orderflow_api::Note> = h.notes.iter().filter(|n| n.measure == "conservation_mismatch").collect();
+    assert_eq!(broken.len(), 2);
+    assert!(broken.iter().all(|n| n.export == Export::InvariantBroken));
+    assert_eq!(broken[0].label, format!("on_hand {}: expected 10, stored 7", key("P-001")));
+    assert_eq!(notes(&h, "reconciliation"), vec!["mismatch"]);
+    // Rule 2 as well: more reserved than on hand, a negative figure.
+    h.store.data.insert(stock_key(HQ, STORE, "P-002"), serde_json::to_vec(&StockRecord { on_hand: -1, reserved: 2 }).unwrap());
+    let rules: Vec<&str> = reconciled(&h).mismatches.iter().filter(|m| m.key == key("P-002")).map(|m| m.rule).collect();
+    assert_eq!(rules, vec!["negative_on_hand", "on_hand", "reserved_above_on_hand"]);
+}
+
+/// Stock written before the ledger existed is not a mismatch: it is counted as unledgered, and
+/// its next change opens the ledger at the figure it had.
+#[test]
+fn stock_older_than_the_ledger_opens_it_at_its_first_change() {
+    let mut h = harness();
+    h.store.data.insert(stock_key(HQ, STORE, "P-001"), serde_json::to_vec(&StockRecord { on_hand: 9, reserved: 0 }).unwrap());
+    h.store.data.insert(store_registry_key(HQ, STORE), br#"{"firstAdjustment":""}"#.to_vec());
+    assert_eq!((reconciled(&h).unledgered, reconciled(&h).mismatches.len()), (1, 0));
+    h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap();
+    h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap();
+    let report = reconciled(&h);
+    assert_eq!((report.unledgered, report.mismatches.len()), (0, 0), "{report:?}");
+    assert_eq!(
+        h.store.get_json::<reconcile::Ledger>(&reconcile::ledger_key(HQ, STORE, "P-001")),
+        Some(reconcile::Ledger { adjusted: 9, sold: 4 })
+    );
+}

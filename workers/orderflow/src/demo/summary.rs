@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use orderflow_api::events::*;
-use orderflow_runtime::store::Store;
 
 use super::{Observed, OrderTrack, SeedResult, StoreSummary, Summary, SEED_HQ};
 
@@ -20,13 +19,8 @@ pub(super) fn read_stock(
     partitions: i32,
     scratch: &std::path::Path,
 ) -> Result<BTreeMap<(String, String), stock_reserver::StockRecord>> {
-    let _ = std::fs::remove_dir_all(scratch);
-    let store = Store::open(scratch).with_context(|| format!("opening {}", scratch.display()))?;
-    let topic = orderflow_runtime::changelog::topic(reserver);
     let mut out = BTreeMap::new();
-    for p in 0..partitions {
-        let shard = store.shard(p)?;
-        orderflow_runtime::changelog::restore(broker, &topic, inputs, &shard, Duration::from_secs(300))?;
+    for shard in crate::kafkaio::restore_worker_state(broker, reserver, inputs, partitions, scratch)? {
         for (k, v) in shard.scan(stock_reserver::STOCK_PREFIX)? {
             let key = String::from_utf8_lossy(&k[stock_reserver::STOCK_PREFIX.len()..]).into_owned();
             let (store_key, product) = key.rsplit_once('/').context("stock key without product")?;

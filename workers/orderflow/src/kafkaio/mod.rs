@@ -1,7 +1,8 @@
 //! The Kafka I/O every command uses, in one place: the topic [`Reader`] (partitions assigned, no
 //! group membership, no commits) and [`blocking`] to call it from async code; watermarks,
 //! partition counts and offsets by time ([`reader`]); the producers' murmur2 partitioner
-//! ([`partitioner`]); and RFC 3339 record times ([`time`]).
+//! ([`partitioner`]); RFC 3339 record times ([`time`]); a worker's state restored from its
+//! changelog ([`restore_worker_state`]).
 
 pub mod partitioner;
 pub mod reader;
@@ -21,6 +22,31 @@ pub use time::{parse_rfc3339_ms, rfc3339};
 pub const META_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a [`Reader`] may go without progress before it gives up (default).
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The state of worker `worker` as its changelog holds it: every partition in `0..partitions`
+/// restored from the changelog alone into a new store at `scratch` (emptied first), so a tool
+/// sees the durable copy of the state, whichever processes wrote it. Blocking.
+///
+/// Errors: the scratch store cannot be opened; a restore fails (broker, corrupt changelog, 300 s).
+pub fn restore_worker_state(
+    broker: &orderflow_runtime::topology::BrokerConfig,
+    worker: &str,
+    inputs: &[String],
+    partitions: i32,
+    scratch: &std::path::Path,
+) -> Result<Vec<orderflow_runtime::store::Shard>> {
+    let _ = std::fs::remove_dir_all(scratch);
+    let store = orderflow_runtime::store::Store::open(scratch).with_context(|| format!("opening {}", scratch.display()))?;
+    let topic = orderflow_runtime::changelog::topic(worker);
+    (0..partitions)
+        .map(|p| {
+            let shard = store.shard(p)?;
+            orderflow_runtime::changelog::restore(broker, &topic, inputs, &shard, Duration::from_secs(300))
+                .with_context(|| format!("restoring {topic}[{p}]"))?;
+            Ok(shard)
+        })
+        .collect()
+}
 
 /// Runs blocking Kafka client calls off the async runtime.
 ///
