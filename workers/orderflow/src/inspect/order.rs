@@ -61,8 +61,11 @@ impl OrderState {
     /// `order.created`, a stock answer (`stock.reserved` / `stock.reservation.failed`) or any
     /// other event of the order opens it as `ORDER_CREATED` when nothing was seen before;
     /// `order.confirmed` moves an open order to `ORDER_CONFIRMED/<status>`; `order.completed` and
-    /// `order.cancelled` close it unless it is closed already. Expiry, release and stock updates
-    /// do not change the order's state (the cancellation that follows does).
+    /// `order.cancelled` close it unless it is closed already. The stock reserver's verdict
+    /// (`order.settled`, issue 13) has the last word on a paid order: `SOLD` completes it (a late
+    /// sale also after a cancellation), and a refund-required cancellation cancels it after its
+    /// payment. Expiry, release and stock updates do not change the order's state (the
+    /// cancellation that follows does).
     pub fn after(&self, event: &Event) -> (OrderState, Option<String>) {
         let same = |note: Option<String>| (self.clone(), note);
         let late = || Some(format!("late: the order is already {self}; ignored by the saga"));
@@ -77,11 +80,18 @@ impl OrderState {
                 OrderState::Cancelled(_) => same(late()),
                 _ => (OrderState::Completed, None),
             },
+            Event::OrderCancelled(e) if e.refund_required => {
+                (OrderState::Cancelled(e.reason.clone()), Some("refund required: the stock reserver could not sell the payment".into()))
+            }
             Event::OrderCancelled(e) => match self {
                 OrderState::Cancelled(_) => same(Some("cancelled again".into())),
                 OrderState::Completed => same(late()),
                 _ => (OrderState::Cancelled(e.reason.clone()), None),
             },
+            Event::OrderSettled(e) if e.outcome == orderflow_api::events::settlement::SOLD && e.late => {
+                (OrderState::Completed, Some("late sale: paid after the reservation expired, deducted all the same".into()))
+            }
+            Event::OrderSettled(e) if e.outcome == orderflow_api::events::settlement::SOLD => (OrderState::Completed, None),
             _ if *self == OrderState::None => (OrderState::Created, None),
             _ => same(None),
         }

@@ -322,6 +322,27 @@ fn late_events_do_not_reopen_a_closed_order() {
     assert!(gone.is_terminal() && done.is_terminal() && !OrderState::Confirmed("PAYMENT_WAIT".into()).is_terminal());
 }
 
+/// Issue 13: the stock reserver's verdict has the last word on a paid order.
+#[test]
+fn the_verdict_completes_a_late_sale_and_a_refund_cancels_a_paid_order() {
+    let settled = |outcome: &str, late: bool| -> Event {
+        OrderSettled { late, ..orderflow_api::fixtures::order_settled("s", "O", outcome, 0) }.into()
+    };
+    let gone = OrderState::Cancelled("RESERVATION_EXPIRED".into());
+    let (s, note) = gone.after(&settled(settlement::SOLD, true));
+    assert_eq!(s, OrderState::Completed);
+    assert!(note.unwrap().starts_with("late sale"));
+    let refund: Event = OrderCancelled {
+        refund_required: true,
+        ..orderflow_api::fixtures::order_cancelled("r", "O", cancel_reason::PAYMENT_AFTER_EXPIRY, 0)
+    }
+    .into();
+    let (s, note) = OrderState::Completed.after(&refund);
+    assert_eq!(s, OrderState::Cancelled(cancel_reason::PAYMENT_AFTER_EXPIRY.into()));
+    assert!(note.unwrap().starts_with("refund required"));
+    assert_eq!(OrderState::Confirmed("PAYMENT_WAIT".into()).after(&settled(settlement::SOLD, false)), (OrderState::Completed, None));
+}
+
 fn raw(topic: &str, partition: i32, offset: i64, ts: i64) -> Raw {
     Raw { at: Coordinates { topic: topic.into(), partition, offset }, timestamp_ms: Some(ts), key: None, headers: vec![], value: None }
 }
