@@ -23,7 +23,18 @@
 //! * an `order.created` whose ids are present but whose content cannot be served is not
 //!   dead-lettered: the stock reserver answers `stock.reservation.failed` with a reason
 //!   (`INVALID_QUANTITY`, `EMPTY_ORDER`, `DUPLICATE_PRODUCT`, `UNKNOWN_STORE`,
-//!   `INVALID_PRODUCT`) and the canceller cancels the order with `INVALID_ORDER`.
+//!   `INVALID_PRODUCT`) and the canceller cancels the order with `INVALID_ORDER`;
+//! * a payment (`order.completed`) the stock reserver must refuse while the order's reservation
+//!   is live (issue 13: another `reservationId`, a product sold above what is reserved, a
+//!   product the order does not hold, a product on two lines) is dead-lettered once, by the
+//!   stock reserver, as it read it: from `stock.commands` (the deduplicator forwards every
+//!   payment there, keyed by store) to `stock.commands.dlq`, class `invalid`, with the case's
+//!   value and an error message saying what was wrong. Nothing is derived from it (no
+//!   `stock.updated`, release or `order.settled`), and the order's good payment, which follows
+//!   it, sells the order as usual: its `SALE` records equal its items and it is settled `SOLD`
+//!   exactly once. Each such case names a good order the POS completes and is not spread
+//!   between the good orders: the POS sends it when it sees that order's `order.confirmed`,
+//!   just before the good payment (same key, same partition: the reserver sees it first).
 //!
 //! The run (`bad_input_lands_where_it_should_and_good_orders_flow`): a private broker, the five
 //! workers in one `orderflow run` process on a copy of `topology.toml` with an absolute
@@ -31,7 +42,8 @@
 //! a restock of store `HQ-BADIN:ST-BADIN`, then [`GOOD_ORDERS`] good orders with the bad records
 //! spread between them (undecodable ones keyed like good orders, so they share their
 //! partitions), while the test plays the POS (complete, or `PAYMENT_FAILED` for every fifth
-//! confirmed order). Every expectation is checked and all failures are reported together.
+//! confirmed order; a bad payment first for the orders the payment cases name). Every
+//! expectation is checked and all failures are reported together.
 //! `ORDERFLOW_KEEP_BAD_INPUT_DIR=1` keeps the run directory (logs, state, topology copy).
 
 mod bad_input_corpus;
@@ -45,10 +57,10 @@ use std::time::{Duration, Instant};
 use bad_input_corpus::*;
 use common::{free_port, http_get, now_ms, Guarded, RunDir};
 use orderflow_api::events::{
-    cancel_reason, change_reason, failure_reason, store_key, AdjustedItem, InventoryAdjusted, OrderCancelled, OrderCompleted, OrderCreated,
-    OrderItem, SoldItem,
+    cancel_reason, change_reason, failure_reason, settlement, store_key, AdjustedItem, InventoryAdjusted, OrderCancelled, OrderCompleted,
+    OrderCreated, SoldItem,
 };
-use orderflow_api::Event;
+use orderflow_api::{derive_event_id, Event};
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::kafka::{client_config, Side};
 use orderflow_runtime::topology::{self, Topology};
@@ -215,16 +227,19 @@ impl Io {
 struct Saga<'a> {
     /// (topic, event) of every decodable record of a non-dead-letter topic, in read order.
     events: Vec<(&'a str, Event)>,
+    /// The topics the workers write (every worker output of the topology).
+    written: BTreeSet<&'a str>,
 }
 
 impl<'a> Saga<'a> {
-    fn new(records: &'a [Rec], codec: &Codec) -> Saga<'a> {
+    fn new(records: &'a [Rec], codec: &Codec, t: &'a Topology) -> Saga<'a> {
         let events = records
             .iter()
             .filter(|r| !r.topic.ends_with(".dlq") && !r.topic.starts_with("orderflow-"))
             .filter_map(|r| r.value.as_deref().and_then(|v| codec.decode_local(v).ok()).map(|e| (r.topic.as_str(), e)))
             .collect();
-        Saga { events }
+        let written = t.workers.values().flat_map(|w| w.outputs.values().map(String::as_str)).collect();
+        Saga { events, written }
     }
 
     /// Distinct cancellations (eventId → reason) of `order_id`.
@@ -270,45 +285,98 @@ impl<'a> Saga<'a> {
         out
     }
 
-    /// Output events mentioning `order_id` or carrying `event_id` on a topic the workers write.
+    /// Output events mentioning `order_id` or carrying `event_id` on a topic the workers write
+    /// (the topology's worker outputs: the forwarded copy on `stock.commands` included).
     fn effects(&self, order_id: Option<&str>, event_id: Option<&str>) -> Vec<String> {
-        const WRITTEN: [&str; 7] = [
-            "stock.commands",
-            "stock.reserved",
-            "stock.reservation.failed",
-            "stock.reservation.released",
-            "order.confirmed",
-            "order.cancelled",
-            "stock.reservation.expired",
-        ];
         self.events
             .iter()
             .filter(|(t, e)| {
-                WRITTEN.contains(t) && (order_id.is_some_and(|o| e.order_id() == Some(o)) || event_id.is_some_and(|i| e.event_id() == i))
+                self.written.contains(t)
+                    && (order_id.is_some_and(|o| e.order_id() == Some(o)) || event_id.is_some_and(|i| e.event_id() == i))
             })
             .map(|(t, e)| format!("{} on {t}", e.schema_name()))
             .collect()
     }
+
+    /// Events derived from input `cause`: an `eventId` `derive_event_id(cause, tag)` with the
+    /// workers' tags (the event's topic or canonical topic name, `<tag>/<productId>` for
+    /// `stock.updated`; as `orderflow replay --through` attributes them), or an `order.settled`
+    /// naming it as its payment.
+    fn derived_from(&self, cause: &str) -> Vec<String> {
+        self.events
+            .iter()
+            .filter(|(t, e)| {
+                let canonical = match e {
+                    Event::OrderCreated(_) => "order.created",
+                    Event::OrderCompleted(_) => "order.completed",
+                    Event::OrderCancelled(_) => "order.cancelled",
+                    Event::OrderConfirmed(_) => "order.confirmed",
+                    Event::OrderSettled(_) => "order.settled",
+                    Event::StockReserved(_) => "stock.reserved",
+                    Event::StockReservationFailed(_) => "stock.reservation.failed",
+                    Event::StockReservationReleased(_) => "stock.reservation.released",
+                    Event::StockReservationExpired(_) => "stock.reservation.expired",
+                    Event::StockUpdated(_) => "stock.updated",
+                    Event::InventoryAdjusted(_) => "inventory.adjusted",
+                };
+                let mut tags = vec![canonical.to_string(), t.to_string()];
+                if let Event::StockUpdated(u) = e {
+                    tags = tags.iter().map(|tag| format!("{tag}/{}", u.product_id)).collect();
+                }
+                tags.iter().any(|tag| e.event_id() == derive_event_id(cause, tag))
+                    || matches!(e, Event::OrderSettled(s) if s.payment_event_id == cause)
+            })
+            .map(|(t, e)| format!("{} {} on {t}", e.schema_name(), e.event_id()))
+            .collect()
+    }
+
+    /// Distinct `order.settled` of `order_id` (eventId → event).
+    fn settlements(&self, order_id: &str) -> BTreeMap<String, orderflow_api::events::OrderSettled> {
+        self.events
+            .iter()
+            .filter_map(|(t, e)| match e {
+                Event::OrderSettled(s) if *t == "order.settled" && s.order_id == order_id => Some((s.event_id.clone(), s.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Distinct `SALE` records of `order_id` (eventId → (productId, units sold)).
+    fn sales(&self, order_id: &str) -> BTreeMap<String, (String, i64)> {
+        self.events
+            .iter()
+            .filter_map(|(t, e)| match e {
+                Event::StockUpdated(u) if *t == "stock.updated" && u.change_reason == change_reason::SALE && u.reference_id == order_id => {
+                    Some((u.event_id.clone(), (u.product_id.clone(), -u.change_amount)))
+                }
+                _ => None,
+            })
+            .collect()
+    }
 }
 
-/// Order `k` of the run: 1 to 3 lines of 1 to 4 units.
-fn good_order(k: usize, occurred_at: i64) -> OrderCreated {
-    let n = 1 + k % 3;
-    OrderCreated {
-        event_id: format!("ev-good-{k:02}"),
-        occurred_at,
-        order_id: good_order_id(k),
-        customer_id: format!("C-{k}"),
-        hq_id: HQ.into(),
-        store_id: STORE.into(),
-        items: (0..n)
-            .map(|j| OrderItem {
-                product_id: PRODUCTS[(k + j) % PRODUCTS.len()].into(),
-                quantity: 1 + ((k * 7 + j * 3) % 4) as i32,
-                unit_price: 1_000,
-            })
-            .collect(),
+/// What is wrong with payment `p` of `order`, whose live reservation is `reservation_id`, as
+/// the words the stock reserver's error message must contain (the first rule broken, in the
+/// reserver's order: the reservation, then each line: held, listed once, within what is held);
+/// `None` for a valid payment.
+fn payment_fault(p: &OrderCompleted, order: &OrderCreated, reservation_id: &str) -> Option<Vec<String>> {
+    let words = |w: &[&str]| Some(std::iter::once(p.event_id.as_str()).chain(w.iter().copied()).map(String::from).collect());
+    if p.reservation_id != reservation_id {
+        return words(&[&p.reservation_id]);
     }
+    let mut seen = BTreeSet::new();
+    for item in &p.items {
+        let Some(held) = order.items.iter().find(|i| i.product_id == item.product_id) else {
+            return words(&[&item.product_id, "not reserved"]);
+        };
+        if !seen.insert(item.product_id.as_str()) {
+            return words(&[&item.product_id, "twice"]);
+        }
+        if item.quantity < 1 || item.quantity > held.quantity {
+            return words(&[&item.product_id, &format!("{} are reserved", held.quantity)]);
+        }
+    }
+    None
 }
 
 #[test]
@@ -389,11 +457,29 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
         assert!(Instant::now() < stocked_by, "the restock was not applied within 60 s:\n{}", common::tail(&log, 30));
     }
 
-    // Good orders with the bad records spread between them.
+    // Payment cases: sent by the POS below, each just before the good payment of its order.
+    let payment_case: BTreeMap<String, usize> = cases
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            let k = c.payment_of()?;
+            assert!(k < GOOD_ORDERS && !pos_fails(k), "{}: good order {k} is not one the POS completes", c.name);
+            assert_eq!(c.key, good_order_id(k), "{}: key", c.name);
+            Some((c.key.clone(), i))
+        })
+        .collect();
+    assert_eq!(
+        payment_case.len(),
+        cases.iter().filter(|c| matches!(c.expect, Expect::PaymentRejected { .. })).count(),
+        "payment cases must name distinct good orders"
+    );
+
+    // Good orders with the other bad records spread between them.
     let mut sent: Vec<Sent> = Vec::new();
+    let spread: Vec<usize> = (0..cases.len()).filter(|i| !payment_case.values().any(|p| p == i)).collect();
     let mut case_at: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for i in 0..cases.len() {
-        case_at.entry((i + 1) * GOOD_ORDERS / (cases.len() + 1)).or_default().push(i);
+    for (n, &i) in spread.iter().enumerate() {
+        case_at.entry((n + 1) * GOOD_ORDERS / (spread.len() + 1)).or_default().push(i);
     }
     for k in 0..=GOOD_ORDERS {
         for &i in case_at.get(&k).map(Vec::as_slice).unwrap_or(&[]) {
@@ -423,7 +509,13 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
             });
         }
     }
-    println!("bad input: sent {} good orders and {} bad records in {:.1}s", GOOD_ORDERS, cases.len(), started.elapsed().as_secs_f64());
+    println!(
+        "bad input: sent {} good orders and {} bad records in {:.1}s ({} bad payments wait for their orders' confirmation)",
+        GOOD_ORDERS,
+        spread.len(),
+        started.elapsed().as_secs_f64(),
+        payment_case.len()
+    );
 
     // Expected dead letters: (case index, dead-letter topic, worker, class).
     let readers = |topic: &str| -> Vec<String> {
@@ -451,6 +543,7 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
     let orders: BTreeMap<String, OrderCreated> = (0..GOOD_ORDERS).map(|k| (good_order_id(k), good_order(k, 0))).collect();
     let mut paid: BTreeSet<String> = BTreeSet::new();
     let mut confirmed_count = 0usize;
+    let mut reservation_mismatch: Vec<String> = Vec::new();
     let deadline = Instant::now() + SETTLE_WITHIN;
     let mut quiet_until: Option<Instant> = None;
     loop {
@@ -464,7 +557,29 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
             }
             confirmed_count += 1;
             let k: usize = c.order_id["O-GOOD-".len()..].parse().unwrap();
-            let event: Event = if k % 5 == 4 {
+            if let Some(&i) = payment_case.get(&c.order_id) {
+                // The bad payment first, while the reservation is live; the good one right after.
+                if c.reservation_id != good_reservation_id(k) {
+                    reservation_mismatch.push(format!(
+                        "{}: order.confirmed of {} names reservation {} (the corpus assumes {})",
+                        cases[i].name,
+                        c.order_id,
+                        c.reservation_id,
+                        good_reservation_id(k)
+                    ));
+                }
+                let value = cases[i].value.clone().expect("payment cases have a value");
+                let (partition, offset) = io.send(&cases[i].topic, &cases[i].key, Some(&value));
+                sent.push(Sent {
+                    what: cases[i].name.clone(),
+                    topic: cases[i].topic.clone(),
+                    partition,
+                    offset,
+                    key: cases[i].key.clone(),
+                    value: Some(value),
+                });
+            }
+            let event: Event = if pos_fails(k) {
                 OrderCancelled {
                     event_id: format!("pos-fail-{}", c.order_id),
                     occurred_at: now_ms(),
@@ -512,11 +627,11 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
             }
             continue;
         }
-        let saga = Saga::new(&io.records, &codec);
+        let saga = Saga::new(&io.records, &codec, t);
         let dlq_count = io.records.iter().filter(|r| dead_letter_topics.contains_key(&r.topic)).count();
         let outcomes_done = good_ids.iter().all(|o| !saga.outcomes(o).is_empty())
             && rejected.iter().all(|(_, o)| !saga.failures(o).is_empty() && !saga.cancellations(o).is_empty());
-        if outcomes_done && dlq_count >= expected_dlq.len() {
+        if outcomes_done && dlq_count >= expected_dlq.len() + payment_case.len() {
             println!(
                 "bad input: everything expected arrived after {:.1}s; {}s more for doubles",
                 started.elapsed().as_secs_f64(),
@@ -527,7 +642,7 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
             println!(
                 "bad input: gave up waiting after {}s (outcomes complete: {outcomes_done}, dead letters {dlq_count}/{})",
                 SETTLE_WITHIN.as_secs(),
-                expected_dlq.len()
+                expected_dlq.len() + payment_case.len()
             );
             break;
         }
@@ -535,9 +650,9 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
     println!("bad input: POS answered {confirmed_count} confirmed orders");
 
     // ---------------------------------------------------------------- checks
-    let mut failures: Vec<String> = Vec::new();
+    let mut failures: Vec<String> = reservation_mismatch;
     let case_sent = |i: usize| sent.iter().find(|s| s.what == cases[i].name).expect("case sent");
-    let saga = Saga::new(&io.records, &codec);
+    let saga = Saga::new(&io.records, &codec, t);
     let dlq_records: Vec<&Rec> = io.records.iter().filter(|r| dead_letter_topics.contains_key(&r.topic)).collect();
     let describe_source = |topic: &str, partition: &str, offset: &str| -> String {
         sent.iter()
@@ -613,6 +728,141 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
             failures.push(format!("{name}: dead-lettered by {worker} but also processed: {}", effects.join(", ")));
         }
     }
+    // Bad payments of live reservations: dead-lettered once by the stock reserver from
+    // stock.commands (matched by dead-letter topic, worker, class and value: the source offset
+    // is the forwarded copy's), nothing derived from them, their orders sold by the good payment.
+    let reserver = "stock-reserver";
+    for (order_id, &i) in &payment_case {
+        let c = &cases[i];
+        let name = &c.name;
+        let Expect::PaymentRejected { class, dead_letter_topic } = &c.expect else { unreachable!() };
+        let k = c.payment_of().expect("payment case");
+        let Some(s) = sent.iter().find(|s| s.what == *name) else {
+            failures.push(format!("{name} ({}): never sent: {order_id} was not confirmed", c.why));
+            continue;
+        };
+        let value = s.value.as_deref().expect("payment cases have a value");
+        let Ok(Event::OrderCompleted(bad)) = codec.decode_local(value) else { panic!("{name}: not an OrderCompleted") };
+        if *dead_letter_topic != t.dead_letter_of("stock.commands") {
+            failures.push(format!(
+                "{name}: expects {dead_letter_topic}, but stock.commands dead-letters to {}",
+                t.dead_letter_of("stock.commands")
+            ));
+        }
+        let same_value: Vec<&&Rec> = dlq_records.iter().filter(|r| r.value.as_deref() == Some(value)).collect();
+        for r in &same_value {
+            matched.insert((r.topic.clone(), r.partition, r.offset));
+        }
+        let found: Vec<&&Rec> = same_value
+            .iter()
+            .copied()
+            .filter(|r| {
+                r.topic == *dead_letter_topic
+                    && r.header("orderflow.dlq.worker") == Some(reserver)
+                    && r.header("orderflow.dlq.error-class") == Some(class.as_str())
+            })
+            .collect();
+        let describe = |rs: &[&&Rec]| -> String {
+            rs.iter()
+                .map(|r| {
+                    format!(
+                        "{} from {} (source {}, class {}: {})",
+                        r.topic,
+                        r.header("orderflow.dlq.worker").unwrap_or("<no worker>"),
+                        r.header("orderflow.dlq.source-topic").unwrap_or("?"),
+                        r.header("orderflow.dlq.error-class").unwrap_or("<none>"),
+                        r.header("orderflow.dlq.error-message").unwrap_or("<no message>")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        if found.len() != 1 || same_value.len() != 1 {
+            failures.push(format!(
+                "{name} ({}): {} dead letter(s) on {dead_letter_topic} by {reserver}, class {class} (expected one); all of its value: [{}]",
+                c.why,
+                found.len(),
+                describe(&same_value)
+            ));
+        }
+        if let Some(r) = found.first() {
+            if r.header("orderflow.dlq.source-topic") != Some("stock.commands") {
+                failures.push(format!(
+                    "{name}: dead letter's source topic {:?} (expected stock.commands)",
+                    r.header("orderflow.dlq.source-topic")
+                ));
+            }
+            if r.key.as_deref() != Some(store_key(HQ, STORE).as_bytes()) {
+                failures.push(format!(
+                    "{name}: dead letter has key {:?} (expected the store key of stock.commands, {:?})",
+                    r.key.as_deref().map(String::from_utf8_lossy),
+                    store_key(HQ, STORE)
+                ));
+            }
+            for h in ["orderflow.dlq.error-message", "orderflow.dlq.attempts", "orderflow.dlq.time"] {
+                if r.header(h).is_none_or(str::is_empty) {
+                    failures.push(format!("{name}: dead letter lacks header {h}"));
+                }
+            }
+            let message = r.header("orderflow.dlq.error-message").unwrap_or_default();
+            let order = good_order(k, 0);
+            match payment_fault(&bad, &order, &good_reservation_id(k)) {
+                None => failures.push(format!("{name}: the case is a valid payment of {order_id}")),
+                Some(words) => {
+                    let missing: Vec<&String> = words.iter().filter(|w| !message.contains(w.as_str())).collect();
+                    if !missing.is_empty() {
+                        failures.push(format!("{name}: error message {message:?} does not mention {missing:?}"));
+                    }
+                }
+            }
+        }
+        // Nothing from it but the deduplicator's forward (the record dead-lettered).
+        let effects = saga.effects(None, Some(&bad.event_id));
+        let forwards = effects.iter().filter(|e| *e == "OrderCompleted on stock.commands").count();
+        let others: Vec<&String> = effects.iter().filter(|e| *e != "OrderCompleted on stock.commands").collect();
+        if forwards != 1 || !others.is_empty() {
+            failures.push(format!(
+                "{name}: records carrying its eventId {}: {effects:?} (expected only its forward to stock.commands)",
+                bad.event_id
+            ));
+        }
+        let derived = saga.derived_from(&bad.event_id);
+        if !derived.is_empty() {
+            failures.push(format!("{name}: dead-lettered but processed: derived from it: {}", derived.join(", ")));
+        }
+        // The order then sold by its good payment, whole, once.
+        let order = good_order(k, 0);
+        let mut want: Vec<(String, i64)> = order.items.iter().map(|i| (i.product_id.clone(), i64::from(i.quantity))).collect();
+        want.sort();
+        let mut got: Vec<(String, i64)> = saga.sales(order_id).into_values().collect();
+        got.sort();
+        if got != want {
+            failures.push(format!("{name}: SALE records of {order_id} {got:?} (expected its items {want:?})"));
+        }
+        let settled: Vec<_> = saga.settlements(order_id).into_values().collect();
+        let good_payment = format!("pos-complete-{order_id}");
+        match settled.as_slice() {
+            [one] if one.outcome == settlement::SOLD && one.payment_event_id == good_payment && !one.late => {}
+            other => failures.push(format!(
+                "{name}: order.settled of {order_id}: {:?} (expected exactly one SOLD, not late, of payment {good_payment})",
+                other.iter().map(|s| format!("{} late={} payment={}", s.outcome, s.late, s.payment_event_id)).collect::<Vec<_>>()
+            )),
+        }
+        let released: Vec<String> = saga
+            .events
+            .iter()
+            .filter_map(|(t, e)| match e {
+                Event::StockReservationReleased(r) if *t == "stock.reservation.released" && r.order_id == *order_id => {
+                    Some(r.reason.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        if !released.is_empty() {
+            failures.push(format!("{name}: {order_id} had releases {released:?} (expected none: the good payment sells it whole)"));
+        }
+    }
+
     // Unexpected dead letters.
     for r in &dlq_records {
         if !matched.contains(&(r.topic.clone(), r.partition, r.offset)) {
@@ -731,6 +981,11 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
         for (_, _, worker, class) in &expected_dlq {
             *want.entry((worker.clone(), class.clone())).or_default() += 1;
         }
+        for &i in payment_case.values() {
+            if let Expect::PaymentRejected { class, .. } = &cases[i].expect {
+                *want.entry(("stock-reserver".to_string(), class.clone())).or_default() += 1;
+            }
+        }
         let got = match http_get(port, "/metrics") {
             Some((200, body)) => dlq_metric(&body),
             other => {
@@ -761,7 +1016,7 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
         "bad input: {} records read back, {} dead letters ({} expected), {} failure(s), {:.1}s",
         io.records.len(),
         dlq_records.len(),
-        expected_dlq.len(),
+        expected_dlq.len() + payment_case.len(),
         failures.len(),
         started.elapsed().as_secs_f64()
     );

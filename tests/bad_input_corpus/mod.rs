@@ -9,13 +9,14 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
 use orderflow_api::events::{cancel_reason, failure_reason, store_key, OrderCancelled, OrderCompleted, OrderCreated, OrderItem, SoldItem};
 use orderflow_api::fixtures;
-use orderflow_api::Event;
+use orderflow_api::{derive_event_id, Event};
 use orderflow_runtime::codec::{Codec, SINGLE_OBJECT_HEADER_LEN};
 use serde_json::{json, Value};
 
@@ -47,6 +48,43 @@ pub fn good_order_id(k: usize) -> String {
     format!("O-GOOD-{k:02}")
 }
 
+/// The `eventId` of good order `k`'s `order.created`.
+pub fn good_order_event_id(k: usize) -> String {
+    format!("ev-good-{k:02}")
+}
+
+/// The id of the reservation the stock reserver makes for good order `k`:
+/// `derive_event_id(<its order.created eventId>, "reservation")`.
+pub fn good_reservation_id(k: usize) -> String {
+    derive_event_id(&good_order_event_id(k), "reservation")
+}
+
+/// Good order `k` of the run: 1 to 3 lines of 1 to 4 units.
+pub fn good_order(k: usize, occurred_at: i64) -> OrderCreated {
+    let n = 1 + k % 3;
+    OrderCreated {
+        event_id: good_order_event_id(k),
+        occurred_at,
+        order_id: good_order_id(k),
+        customer_id: format!("C-{k}"),
+        hq_id: HQ.into(),
+        store_id: STORE.into(),
+        items: (0..n)
+            .map(|j| OrderItem {
+                product_id: PRODUCTS[(k + j) % PRODUCTS.len()].into(),
+                quantity: 1 + ((k * 7 + j * 3) % 4) as i32,
+                unit_price: 1_000,
+            })
+            .collect(),
+    }
+}
+
+/// Whether the run's POS fails the payment of good order `k` (`PAYMENT_FAILED`) instead of
+/// completing it: every fifth order.
+pub fn pos_fails(k: usize) -> bool {
+    k % 5 == 4
+}
+
 // ------------------------------------------------------------------------------------------
 // The corpus.
 
@@ -57,6 +95,13 @@ pub enum Expect {
     DeadLetter(String),
     /// `stock.reservation.failed` with this reason, then `order.cancelled` `INVALID_ORDER`.
     Rejected(String),
+    /// A payment (`order.completed`) of the good order named by the case's key, sent by the run's
+    /// POS while that order's reservation is live, just before the order's good payment: the
+    /// stock reserver refuses it (`ProcessError::Invalid`), so the record it read
+    /// (`stock.commands`, where the deduplicator forwards it) is dead-lettered once, by the stock
+    /// reserver, to `dead_letter_topic` with error class `class`; nothing is deducted, released
+    /// or settled for it, and the good payment then sells the order as usual.
+    PaymentRejected { class: String, dead_letter_topic: String },
 }
 
 /// One bad record.
@@ -84,6 +129,9 @@ impl Case {
         let expect = match &self.expect {
             Expect::DeadLetter(class) => json!({ "dead_letter": class }),
             Expect::Rejected(reason) => json!({ "reservation_failed": reason, "order_cancelled": cancel_reason::INVALID_ORDER }),
+            Expect::PaymentRejected { class, dead_letter_topic } => {
+                json!({ "payment_rejected": class, "dead_letter_topic": dead_letter_topic })
+            }
         };
         let mut v = json!({
             "name": self.name,
@@ -104,6 +152,9 @@ impl Case {
         let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("cases.json: {k} missing in {v}")).to_string();
         let expect = if let Some(class) = v["expect"]["dead_letter"].as_str() {
             Expect::DeadLetter(class.to_string())
+        } else if let Some(class) = v["expect"]["payment_rejected"].as_str() {
+            let topic = v["expect"]["dead_letter_topic"].as_str().unwrap_or_else(|| panic!("cases.json: dead_letter_topic missing in {v}"));
+            Expect::PaymentRejected { class: class.to_string(), dead_letter_topic: topic.to_string() }
         } else {
             Expect::Rejected(v["expect"]["reservation_failed"].as_str().unwrap_or_else(|| panic!("cases.json: expect of {v}")).to_string())
         };
@@ -119,7 +170,16 @@ impl Case {
         }
     }
 
-    /// The order id inside a decodable case (`O-BAD-<name>`), if any.
+    /// The good order `k` a payment case is for (its key is `O-GOOD-<k>`); `None` for other cases.
+    pub fn payment_of(&self) -> Option<usize> {
+        match self.expect {
+            Expect::PaymentRejected { .. } => self.key.strip_prefix("O-GOOD-").and_then(|k| k.parse().ok()),
+            _ => None,
+        }
+    }
+
+    /// The order id inside a decodable case (`O-BAD-<name>`, or `O-GOOD-<k>` for a payment), if
+    /// any.
     pub fn order_id(&self, codec: &Codec) -> Option<String> {
         self.value.as_deref().and_then(|b| codec.decode_local(b).ok()).and_then(|e| e.order_id().map(str::to_string))
     }
@@ -355,6 +415,86 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
     );
     add("tombstone", "order.completed", None, None, dead("truncated"), "a null value (tombstone)");
 
+    // Payments the stock reserver refuses while the order's reservation is live (issue 13): each
+    // one for a good order the POS completes, sent by it just before that order's good payment.
+    let payment_rejected = || Expect::PaymentRejected { class: "invalid".into(), dead_letter_topic: "stock.commands.dlq".into() };
+    let sold = |items: &[(&str, i32)]| -> Vec<SoldItem> {
+        items.iter().map(|&(p, quantity)| SoldItem { product_id: p.into(), quantity, actual_price: 1_000 }).collect()
+    };
+    let reserved = |k: usize| -> Vec<(String, i32)> { good_order(k, 0).items.into_iter().map(|i| (i.product_id, i.quantity)).collect() };
+    let payment = |name: &str, k: usize, reservation_id: String, items: Vec<SoldItem>| -> Vec<u8> {
+        assert!(k < GOOD_ORDERS && !pos_fails(k), "{name}: good order {k} is not one the POS completes");
+        let total_amount = items.iter().map(|i| i64::from(i.quantity) * i.actual_price).sum();
+        enc(OrderCompleted {
+            event_id: format!("ev-bad-{name}"),
+            occurred_at: PAST_MS,
+            order_id: good_order_id(k),
+            reservation_id,
+            hq_id: HQ.into(),
+            store_id: STORE.into(),
+            items,
+            total_amount,
+        }
+        .into())
+    };
+    // (a) Another reservation, the order's items: k = 6 holds 3 × P-B2.
+    let k = 6;
+    let r = reserved(k);
+    let all: Vec<(&str, i32)> = r.iter().map(|(p, q)| (p.as_str(), *q)).collect();
+    add(
+        "wrong-reservation-id",
+        "order.completed",
+        Some(good_order_id(k)),
+        Some(payment("wrong-reservation-id", k, "R-WRONG".into(), sold(&all))),
+        payment_rejected(),
+        &format!("a payment of {} naming reservation R-WRONG instead of its live one, selling what it holds", good_order_id(k)),
+    );
+    // (b) One line above what is reserved: k = 7 holds 2 × P-B3, 1 × P-B4.
+    let k = 7;
+    let r = reserved(k);
+    let over: Vec<(&str, i32)> = r.iter().enumerate().map(|(j, (p, q))| (p.as_str(), if j == 0 { q + 1 } else { *q })).collect();
+    add(
+        "over-sale",
+        "order.completed",
+        Some(good_order_id(k)),
+        Some(payment("over-sale", k, good_reservation_id(k), sold(&over))),
+        payment_rejected(),
+        &format!("a payment of {} (its reservation) selling {} × {} of {} reserved", good_order_id(k), r[0].1 + 1, r[0].0, r[0].1),
+    );
+    // (c) Every held line, plus a product the order does not hold: k = 8 holds P-B4, P-B5, P-B1.
+    let k = 8;
+    let r = reserved(k);
+    let stranger = PRODUCTS.iter().copied().find(|p| r.iter().all(|(q, _)| q != p)).expect("a product not in the order");
+    let mut lines_c: Vec<(&str, i32)> = r.iter().map(|(p, q)| (p.as_str(), *q)).collect();
+    lines_c.push((stranger, 1));
+    add(
+        "unreserved-product",
+        "order.completed",
+        Some(good_order_id(k)),
+        Some(payment("unreserved-product", k, good_reservation_id(k), sold(&lines_c))),
+        payment_rejected(),
+        &format!("a payment of {} (its reservation) selling what it holds plus 1 × {stranger}, which it does not hold", good_order_id(k)),
+    );
+    // (d) Exactly the held units, but one product split over two lines: k = 11 holds 2 × P-B2,
+    // 1 × P-B3, 4 × P-B4.
+    let k = 11;
+    let r = reserved(k);
+    let (twice, q) = r.iter().find(|(_, q)| *q >= 2).map(|(p, q)| (p.as_str(), *q)).expect("a line of 2 or more units");
+    let mut lines_d: Vec<(&str, i32)> = r.iter().map(|(p, held)| (p.as_str(), if p == twice { 1 } else { *held })).collect();
+    lines_d.push((twice, q - 1));
+    add(
+        "sold-twice-listed",
+        "order.completed",
+        Some(good_order_id(k)),
+        Some(payment("sold-twice-listed", k, good_reservation_id(k), sold(&lines_d))),
+        payment_rejected(),
+        &format!(
+            "a payment of {} (its reservation) selling what it holds, but {twice} on two lines (1 + {} of {q})",
+            good_order_id(k),
+            q - 1
+        ),
+    );
+
     // Self-check: each value fails to decode as meant, or decodes.
     for c in &cases {
         let Some(value) = &c.value else { continue };
@@ -366,7 +506,18 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
             }
             (Expect::Rejected(_), Err(e)) => panic!("{} does not decode: {e}", c.name),
             (Expect::Rejected(_), Ok(_)) => {}
+            (Expect::PaymentRejected { .. }, Err(e)) => panic!("{} does not decode: {e}", c.name),
+            (Expect::PaymentRejected { .. }, Ok(Event::OrderCompleted(p))) => {
+                let k = c.payment_of().unwrap_or_else(|| panic!("{}: key {} is no good order", c.name, c.key));
+                assert_eq!(p.order_id, good_order_id(k), "{}: names another order than its key", c.name);
+                assert!(k < GOOD_ORDERS && !pos_fails(k), "{}: good order {k} is not one the POS completes", c.name);
+            }
+            (Expect::PaymentRejected { .. }, Ok(e)) => panic!("{}: a {} is no payment", c.name, e.schema_name()),
         }
+    }
+    let mut paid_orders = BTreeSet::new();
+    for c in cases.iter().filter_map(Case::payment_of) {
+        assert!(paid_orders.insert(c), "two payment cases for good order {c}");
     }
     let oversized = cases.iter().find(|c| c.name.ends_with("oversized")).and_then(|c| c.value.as_ref()).expect("oversized case");
     assert!(oversized.len() > MAX_RECORD_BYTES && oversized.len() < 2 * MAX_RECORD_BYTES, "oversized case is {} bytes", oversized.len());
