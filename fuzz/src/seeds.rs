@@ -70,6 +70,13 @@ fn every_event() -> Vec<Event> {
         fixtures::stock_reservation_released("seed-released", "O-1", &reservation, release_reason::EXPIRED, T + 300_000, &[("P-001", 2)])
             .into(),
         fixtures::inventory_adjusted("seed-restock", T - 1_000, &[("P-001", 10), ("P-002", 1)]).into(),
+        OrderSettled {
+            reservation_id: reservation.clone(),
+            late: true,
+            items: vec![SettledItem { product_id: "P-001".into(), quantity: 2 }],
+            ..fixtures::order_settled("seed-settled", "O-1", settlement::SOLD, T + 2_000)
+        }
+        .into(),
     ]
 }
 
