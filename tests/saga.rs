@@ -157,14 +157,8 @@ fn payments_at_the_ttl_boundary_are_each_sold_or_refunded_exactly_once() {
     }
     let (mut paid, mut late_sales, mut refunds, mut by_outcome) = (0, 0, 0, BTreeMap::<String, usize>::new());
     for (id, o) in &orders {
+        broken.extend(order_problems(id, o));
         let outcome = o.outcome();
-        if outcome == "NONE" || outcome.starts_with("SEVERAL") {
-            broken.push(format!("{id}: not exactly one terminal outcome: {outcome}"));
-        }
-        if !o.sold.is_empty() && o.sold != o.items {
-            broken.push(format!("{id}: sold {:?}, ordered {:?}", o.sold, o.items));
-        }
-        broken.extend(verdict_problems(id, o));
         paid += usize::from(!o.payments.is_empty());
         late_sales += usize::from(o.late_sale());
         refunds += o.refunds.len();
@@ -327,6 +321,21 @@ fn orders(t: &Topics) -> BTreeMap<String, Order> {
     orders
 }
 
+/// One order's end: exactly one terminal outcome, a sale of exactly what was ordered, and the
+/// verdict rules of [`verdict_problems`].
+fn order_problems(id: &str, o: &Order) -> Vec<String> {
+    let mut broken = Vec::new();
+    let outcome = o.outcome();
+    if outcome == "NONE" || outcome.starts_with("SEVERAL") {
+        broken.push(format!("{id}: not exactly one terminal outcome: {outcome}"));
+    }
+    if !o.sold.is_empty() && o.sold != o.items {
+        broken.push(format!("{id}: sold {:?}, ordered {:?}", o.sold, o.items));
+    }
+    broken.extend(verdict_problems(id, o));
+    broken
+}
+
 /// Issue 13, per order: a paid order has exactly one verdict of the stock reserver per payment
 /// and ends `SOLD` or `REFUNDED` as that verdict says; an unpaid one has no verdict, no sale and
 /// no refund.
@@ -373,15 +382,8 @@ fn check_outcomes(t: &Topics) -> Vec<String> {
         if o.reserved.is_some() == o.failed.is_some() {
             broken.push(format!("{id}: {} stock answers", u8::from(o.reserved.is_some()) + u8::from(o.failed.is_some())));
         }
-        let outcome = o.outcome();
-        if outcome == "NONE" || outcome.starts_with("SEVERAL") {
-            broken.push(format!("{id}: not exactly one terminal outcome: {outcome}"));
-        }
-        if !o.sold.is_empty() && o.sold != o.items {
-            broken.push(format!("{id}: sold {:?}, ordered {:?}", o.sold, o.items));
-        }
-        broken.extend(verdict_problems(id, o));
-        *by_outcome.entry(outcome).or_default() += 1;
+        broken.extend(order_problems(id, o));
+        *by_outcome.entry(o.outcome()).or_default() += 1;
     }
     for branch in ["SOLD", "CANCELLED/INSUFFICIENT_STOCK", "CANCELLED/PAYMENT_FAILED", "CANCELLED/RESERVATION_EXPIRED"] {
         if by_outcome.get(branch).copied().unwrap_or(0) == 0 {
