@@ -54,7 +54,7 @@ const PARTITIONS: i32 = 6;
 /// How long each step may take to show its effect.
 const STEP: Duration = Duration::from_secs(90);
 /// Every event schema of the saga.
-const SCHEMAS: [&str; 10] = [
+const SCHEMAS: [&str; 11] = [
     "OrderCreated",
     "StockReserved",
     "StockReservationFailed",
@@ -65,6 +65,7 @@ const SCHEMAS: [&str; 10] = [
     "StockReservationExpired",
     "StockReservationReleased",
     "InventoryAdjusted",
+    "OrderSettled",
 ];
 
 // ------------------------------------------------------------------------------------------
@@ -420,6 +421,7 @@ fn tap_and_trace_show_the_saga() {
             ("OrderConfirmed", "ORDER_CONFIRMED/PAYMENT_WAIT"),
             ("OrderCompleted", "ORDER_COMPLETED"),
             ("StockUpdated", "ORDER_COMPLETED"),
+            ("OrderSettled", "ORDER_COMPLETED"),
         ]),
         "{done:#}"
     );
