@@ -391,6 +391,10 @@ const RESTORE_FETCH_WAIT_MS: &str = "10";
 /// `queued.max.messages.kbytes` of the restore consumer (see [`restore_consumer`]).
 const RESTORE_PREFETCH_KBYTES: &str = "8192";
 
+/// How long a restore waits for the changelog's end to reach the local store's position (the
+/// commit markers of the last unit being written) before it rebuilds from the changelog.
+const MARKERS_WAIT: Duration = Duration::from_secs(15);
+
 /// [`restore`] with a consumer from [`restore_consumer`] (its assignment is replaced), checking
 /// `stop` between polls (every 500 ms at most): a worker told to shut down leaves the restore of
 /// a partition it is about to give up instead of finishing it first.
@@ -407,8 +411,25 @@ pub fn restore_with(
     let started = Instant::now();
     let p = shard.partition;
     let kafka = |source| RestoreError::Kafka { topic: topic.to_string(), partition: p, source };
-    let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(kafka)?;
+    let (low, mut high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(kafka)?;
     let local = shard.changelog_next()?;
+    // The local store is written only after its unit's transaction committed, so a local
+    // position past the changelog's end (for this read_committed consumer, the last stable
+    // offset) means the commit markers of that unit are still being written (Kafka writes them
+    // after EndTxn returns). Rebuilding from the changelog now would lose that unit, and its
+    // inputs would be processed again: duplicated outputs (seen in the chaos test when a
+    // partition came back to the instance that had just committed it). Wait for the markers.
+    let waiting_since = Instant::now();
+    while let Some(next) = local.filter(|n| *n > high && waiting_since.elapsed() < MARKERS_WAIT) {
+        if stop() {
+            return Err(RestoreError::Stopped { topic: topic.to_string(), partition: p, at: next, high });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        high = consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(kafka)?.1;
+    }
+    if local.is_some_and(|n| n > high) {
+        tracing::warn!(topic, partition = p, local = ?local, high, waited_s = MARKERS_WAIT.as_secs(), "the changelog did not reach the local state's position");
+    }
     let (start, source) = match local {
         Some(next) if next == high => (None, Source::Local),
         Some(next) if next >= low && next < high => (Some(next), Source::LocalAndChangelog),
