@@ -316,25 +316,7 @@ impl Canceller {
             out.note("late_event", "cancel_after_completion");
             return Ok(false);
         }
-        out.emit(
-            PORT_CANCELLED,
-            order_id.to_string(),
-            OrderCancelled {
-                event_id: cancellation_event_id(order_id),
-                occurred_at,
-                order_id: order_id.to_string(),
-                hq_id: hq_id.to_string(),
-                store_id: store_id.to_string(),
-                reason: reason.to_string(),
-                reservation_id,
-                customer_message: customer_message(reason).to_string(),
-                refund_required: false,
-                customer_id: customer_of(order_id, state)?,
-            },
-        )?;
-        state.put_json(key, &CancelRecord { reason: reason.to_string(), emitted: true });
-        close(order_id, Outcome::Cancelled, state)?;
-        out.note("compensation", reason.to_string());
+        emit_cancellation(order_id, (hq_id, store_id), reason, reservation_id, occurred_at, false, state, out)?;
         Ok(true)
     }
 
@@ -496,29 +478,9 @@ impl Canceller {
                 }
             },
             settlement::REFUND_REQUIRED => {
-                let reason = e.reason.clone().unwrap_or_else(|| cancel_reason::PAYMENT_AFTER_EXPIRY.to_string());
-                out.emit(
-                    PORT_CANCELLED,
-                    e.order_id.clone(),
-                    OrderCancelled {
-                        event_id: refund_event_id(&e.order_id),
-                        occurred_at: e.occurred_at,
-                        order_id: e.order_id.clone(),
-                        hq_id: e.hq_id.clone(),
-                        store_id: e.store_id.clone(),
-                        customer_message: customer_message(&reason).to_string(),
-                        reason: reason.clone(),
-                        reservation_id: Some(e.reservation_id.clone()).filter(|r| !r.is_empty()),
-                        refund_required: true,
-                        customer_id: customer_of(&e.order_id, state)?,
-                    },
-                )?;
-                if state.get(&cancel_key(&e.order_id)).is_none() {
-                    state.put_json(cancel_key(&e.order_id), &CancelRecord { reason: reason.clone(), emitted: true });
-                }
-                close(&e.order_id, Outcome::Cancelled, state)?;
-                out.note("compensation", reason);
-                Ok(())
+                let reason = e.reason.as_deref().unwrap_or(cancel_reason::PAYMENT_AFTER_EXPIRY);
+                let reservation_id = Some(e.reservation_id.clone()).filter(|r| !r.is_empty());
+                emit_cancellation(&e.order_id, (&e.hq_id, &e.store_id), reason, reservation_id, e.occurred_at, true, state, out)
             }
             other => Err(ProcessError::Invalid(format!("OrderSettled {}: unknown outcome {other:?}", e.event_id))),
         }
@@ -547,6 +509,47 @@ impl Canceller {
         }
         Ok(())
     }
+}
+
+/// Emits the `order.cancelled` of `order_id` for `reason`: the refund-required one
+/// ([`refund_event_id`], `refundRequired = true`) when `refund`, else the order's single
+/// cancellation ([`cancellation_event_id`]); with the customer push text and the saga's customer.
+/// Then records the cancellation (unless one is recorded), closes the saga and notes
+/// `compensation`.
+#[allow(clippy::too_many_arguments)]
+fn emit_cancellation(
+    order_id: &str,
+    (hq_id, store_id): (&str, &str),
+    reason: &str,
+    reservation_id: Option<String>,
+    occurred_at: i64,
+    refund: bool,
+    state: &mut StateTxn,
+    out: &mut Outputs,
+) -> Result<(), ProcessError> {
+    out.emit(
+        PORT_CANCELLED,
+        order_id.to_string(),
+        OrderCancelled {
+            event_id: if refund { refund_event_id(order_id) } else { cancellation_event_id(order_id) },
+            occurred_at,
+            order_id: order_id.to_string(),
+            hq_id: hq_id.to_string(),
+            store_id: store_id.to_string(),
+            reason: reason.to_string(),
+            reservation_id,
+            customer_message: customer_message(reason).to_string(),
+            refund_required: refund,
+            customer_id: customer_of(order_id, state)?,
+        },
+    )?;
+    let key = cancel_key(order_id);
+    if state.get(&key).is_none() {
+        state.put_json(key, &CancelRecord { reason: reason.to_string(), emitted: true });
+    }
+    close(order_id, Outcome::Cancelled, state)?;
+    out.note("compensation", reason.to_string());
+    Ok(())
 }
 
 /// How the saga of `order_id` ended, or `None` while it runs (or was never seen). An order with

@@ -55,13 +55,11 @@ pub async fn run(args: ReconcileArgs) -> Result<()> {
     if spec.kind != "stock-reserver" {
         bail!("worker {name} is a {}, not a stock-reserver", spec.kind);
     }
-    let partitions = spec.inputs.iter().filter_map(|i| t.topics.get(i)).map(|s| s.partitions).max().unwrap_or(1);
     let temp = tempfile::tempdir()?;
     let scratch = args.scratch.clone().unwrap_or_else(|| temp.path().join("state"));
-    let (broker, inputs) = (t.broker.clone(), spec.inputs.clone());
-    let worker = name.clone();
+    let (topology, worker) = (t.clone(), name.clone());
     let reports = crate::kafkaio::blocking(move || {
-        let shards = crate::kafkaio::restore_worker_state(&broker, &worker, &inputs, partitions, &scratch)?;
+        let shards = crate::kafkaio::restore_worker_state(&topology, &worker, &scratch)?;
         shards
             .iter()
             .map(|shard| {
@@ -87,7 +85,10 @@ pub async fn run(args: ReconcileArgs) -> Result<()> {
                 println!("partition {p}: {m}");
             }
         }
-        println!("{name}: {records} stock records in {partitions} partitions, {unledgered} without a ledger, {mismatches} mismatch(es)");
+        println!(
+            "{name}: {records} stock records in {} partitions, {unledgered} without a ledger, {mismatches} mismatch(es)",
+            reports.len()
+        );
     }
     if mismatches > 0 {
         bail!("{mismatches} mismatch(es): stock figures of {name} do not reconcile");

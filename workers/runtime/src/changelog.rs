@@ -411,7 +411,8 @@ pub fn restore_with(
     let started = Instant::now();
     let p = shard.partition;
     let kafka = |source| RestoreError::Kafka { topic: topic.to_string(), partition: p, source };
-    let (low, mut high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(kafka)?;
+    let watermarks = || consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(kafka);
+    let (low, mut high) = watermarks()?;
     let local = shard.changelog_next()?;
     // The local store is written only after its unit's transaction committed, so a local
     // position past the changelog's end (for this read_committed consumer, the last stable
@@ -425,7 +426,7 @@ pub fn restore_with(
             return Err(RestoreError::Stopped { topic: topic.to_string(), partition: p, at: next, high });
         }
         std::thread::sleep(Duration::from_millis(100));
-        high = consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(kafka)?.1;
+        high = watermarks()?.1;
     }
     if local.is_some_and(|n| n > high) {
         tracing::warn!(topic, partition = p, local = ?local, high, waited_s = MARKERS_WAIT.as_secs(), "the changelog did not reach the local state's position");

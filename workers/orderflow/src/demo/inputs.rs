@@ -70,12 +70,16 @@ pub(super) fn hot_inputs(n: usize, now: i64) -> (InventoryAdjusted, Vec<OrderCre
     (stock, orders)
 }
 
+/// FNV-1a of `bytes`: a stable share of an order id, independent of arrival order.
+fn fnv1a(bytes: impl Iterator<Item = u8>) -> u64 {
+    bytes.fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
 /// What the POS does with a confirmed order: `"complete"` for `complete_pct` % of the order
 /// ids, `"payment_failed"` for the next `fail_pct` %, else `"leave"` (to expire). A stable
 /// share: a hash of the id, independent of arrival order.
 pub(crate) fn pos_decision(order_id: &str, complete_pct: u32, fail_pct: u32) -> &'static str {
-    // FNV-1a: a stable share, independent of arrival order.
-    let h = order_id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    let h = fnv1a(order_id.bytes());
     let bucket = (h % 100) as u32;
     if bucket < complete_pct {
         "complete"
@@ -91,7 +95,8 @@ pub(crate) fn pos_decision(order_id: &str, complete_pct: u32, fail_pct: u32) -> 
 /// `expires_at + offset`, the offset a stable share of the id in `[-jitter, +jitter]` (FNV-1a,
 /// like [`pos_decision`]); zero when that moment has passed.
 pub(crate) fn payment_delay(order_id: &str, expires_at: i64, jitter: Duration, now: i64) -> Duration {
-    let h = order_id.bytes().rev().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    // The id's bytes backwards: a share independent of the POS decision's.
+    let h = fnv1a(order_id.bytes().rev());
     let span = i64::try_from(jitter.as_millis()).unwrap_or(i64::MAX / 4).max(0);
     let offset = (h % (2 * span as u64 + 1)) as i64 - span;
     Duration::from_millis(u64::try_from(expires_at + offset - now).unwrap_or(0))

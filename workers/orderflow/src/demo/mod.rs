@@ -505,9 +505,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         h.await.with_context(|| format!("worker {name} panicked"))?.with_context(|| format!("worker {name} failed"))?;
     }
     observer_task.abort();
-    let (reserver, spec) = t.workers.iter().find(|(_, w)| w.kind == "stock-reserver").context("no stock reserver in the topology")?;
-    let partitions = spec.inputs.first().and_then(|i| t.topics.get(i)).map(|s| s.partitions).unwrap_or(1);
-    let stock = read_stock(&t.broker, reserver, &spec.inputs, partitions, &state_dir.join("summary-restore"))?;
+    let reserver =
+        t.workers.iter().find(|(_, w)| w.kind == "stock-reserver").map(|(n, _)| n).context("no stock reserver in the topology")?;
+    let stock = read_stock(t, reserver, &state_dir.join("summary-restore"))?;
 
     let summary = summarize(&observed.lock().unwrap(), &initial, &stock, t, args.ttl, started.elapsed())?;
     print_summary(&summary);

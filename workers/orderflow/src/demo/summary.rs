@@ -13,14 +13,12 @@ use super::{Observed, OrderTrack, SeedResult, StoreSummary, Summary, SEED_HQ};
 /// every partition restored from the changelog alone into a scratch store, so the summary checks
 /// the durable copy of the state, whichever processes wrote it.
 pub(super) fn read_stock(
-    broker: &orderflow_runtime::topology::BrokerConfig,
+    t: &orderflow_runtime::topology::Topology,
     reserver: &str,
-    inputs: &[String],
-    partitions: i32,
     scratch: &std::path::Path,
 ) -> Result<BTreeMap<(String, String), stock_reserver::StockRecord>> {
     let mut out = BTreeMap::new();
-    for shard in crate::kafkaio::restore_worker_state(broker, reserver, inputs, partitions, scratch)? {
+    for shard in crate::kafkaio::restore_worker_state(t, reserver, scratch)? {
         for (k, v) in shard.scan(stock_reserver::STOCK_PREFIX)? {
             let key = String::from_utf8_lossy(&k[stock_reserver::STOCK_PREFIX.len()..]).into_owned();
             let (store_key, product) = key.rsplit_once('/').context("stock key without product")?;

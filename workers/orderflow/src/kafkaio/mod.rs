@@ -23,18 +23,21 @@ pub const META_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a [`Reader`] may go without progress before it gives up (default).
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The state of worker `worker` as its changelog holds it: every partition in `0..partitions`
-/// restored from the changelog alone into a new store at `scratch` (emptied first), so a tool
-/// sees the durable copy of the state, whichever processes wrote it. Blocking.
+/// The state of worker `worker` of topology `t` as its changelog holds it: every partition
+/// (one per partition of its co-partitioned inputs) restored from the changelog alone into a new
+/// store at `scratch` (emptied first), so a tool sees the durable copy of the state, whichever
+/// processes wrote it. Blocking.
 ///
-/// Errors: the scratch store cannot be opened; a restore fails (broker, corrupt changelog, 300 s).
+/// Errors: an unknown worker; the scratch store cannot be opened; a restore fails (broker,
+/// corrupt changelog, 300 s).
 pub fn restore_worker_state(
-    broker: &orderflow_runtime::topology::BrokerConfig,
+    t: &orderflow_runtime::topology::Topology,
     worker: &str,
-    inputs: &[String],
-    partitions: i32,
     scratch: &std::path::Path,
 ) -> Result<Vec<orderflow_runtime::store::Shard>> {
+    let spec = t.workers.get(worker).with_context(|| format!("worker {worker} is not in the topology"))?;
+    let (broker, inputs) = (&t.broker, &spec.inputs);
+    let partitions = inputs.iter().filter_map(|i| t.topics.get(i)).map(|s| s.partitions).max().unwrap_or(1);
     let _ = std::fs::remove_dir_all(scratch);
     let store = orderflow_runtime::store::Store::open(scratch).with_context(|| format!("opening {}", scratch.display()))?;
     let topic = orderflow_runtime::changelog::topic(worker);

@@ -308,7 +308,7 @@ impl Worker {
 
     /// Whether the instance was told to shut down.
     pub(super) fn stopping(&self) -> bool {
-        self.shutdown.as_ref().is_some_and(|rx| *rx.borrow())
+        signalled(&self.shutdown)
     }
 
     /// Gathers the records of one unit: waits for the first at most one commit interval, then
@@ -350,6 +350,12 @@ impl Worker {
         }
         (batch, consumer_error)
     }
+}
+
+/// Whether `shutdown` (a [`Worker::run`] signal, `None` before it runs) turned true; also read
+/// from the blocking restore threads.
+pub(super) fn signalled(shutdown: &Option<watch::Receiver<bool>>) -> bool {
+    shutdown.as_ref().is_some_and(|rx| *rx.borrow())
 }
 
 /// Logs and returns a worker's result (for tasks spawned per worker).

@@ -166,7 +166,7 @@ impl Worker {
             let (consumer, topic, inputs, s) = (restorer.consumer(), self.changelog_topic.clone(), self.inputs.clone(), shard.clone());
             let shutdown = self.shutdown.clone();
             let result = tokio::task::spawn_blocking(move || {
-                let stop = || shutdown.as_ref().is_some_and(|rx| *rx.borrow());
+                let stop = || super::signalled(&shutdown);
                 changelog::restore_with(&consumer, &topic, &inputs, &s, Duration::from_secs(600), &stop)
             })
             .await
