@@ -479,7 +479,7 @@ impl Run<'_> {
         let staged = {
             let states = BTreeMap::from([(0, &stage.store)]);
             let mut retry = RetryBudget::none();
-            let step = step::step(stage.processor.as_mut(), &stage.wired, &states, records, now, &mut retry, &stage.name);
+            let step = step::step(stage.processor.as_mut(), &stage.wired, &states, records, step::At::now(now), &mut retry, &stage.name);
             self.fuzz.runtime.block_on(step)
         };
         let Staged { outputs, dead_letters, mut changes, notes, stop, .. } = staged;

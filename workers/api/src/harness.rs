@@ -25,8 +25,11 @@ impl StateRead for MemoryStore {
         due.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
         due
     }
-    fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-        self.data.range(prefix.to_vec()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect()
+    fn scan_range(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        if from >= to {
+            return Vec::new();
+        }
+        self.data.range(from.to_vec()..to.to_vec()).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 }
 
@@ -64,6 +67,8 @@ pub struct Harness<P: Processor> {
     offset: i64,
     /// Notes (business measures) reported so far.
     pub notes: Vec<crate::Note>,
+    /// `Context::retention_ms` of every call; default [`crate::DEFAULT_STATE_RETENTION`].
+    pub retention_ms: i64,
 }
 
 impl<P: Processor> Harness<P> {
@@ -75,6 +80,7 @@ impl<P: Processor> Harness<P> {
             wired: wired.iter().map(|s| s.to_string()).collect(),
             offset: 0,
             notes: Vec::new(),
+            retention_ms: crate::millis(crate::DEFAULT_STATE_RETENTION),
         }
     }
 
@@ -84,7 +90,7 @@ impl<P: Processor> Harness<P> {
     pub fn feed(&mut self, topic: &str, event: impl Into<Event>, now_ms: i64) -> Result<Vec<Output>, ProcessError> {
         let event = event.into();
         self.offset += 1;
-        let ctx = Context { topic: topic.to_string(), partition: 0, offset: self.offset, now_ms };
+        let ctx = Context { topic: topic.to_string(), partition: 0, offset: self.offset, now_ms, retention_ms: self.retention_ms };
         let mut out = Outputs::new(self.wired.iter().cloned());
         let changes = {
             let mut txn = StateTxn::new(&self.store);
@@ -98,7 +104,7 @@ impl<P: Processor> Harness<P> {
 
     /// Moves the clock to `now_ms` and fires due timers; returns what they emitted.
     pub fn advance(&mut self, now_ms: i64) -> Result<Vec<Output>, ProcessError> {
-        let ctx = Context { topic: String::new(), partition: 0, offset: self.offset, now_ms };
+        let ctx = Context { topic: String::new(), partition: 0, offset: self.offset, now_ms, retention_ms: self.retention_ms };
         let mut out = Outputs::new(self.wired.iter().cloned());
         let changes = {
             let mut txn = StateTxn::new(&self.store);

@@ -26,6 +26,12 @@ mod state;
 /// agree).
 pub const DEFAULT_RESERVATION_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// How long closed orders and remembered `eventId`s are kept when the topology says nothing
+/// (`state_retention`): 7 days, far above the longest window anything re-reads (the 5-minute
+/// reservation TTL, the saga timeouts, a replay of yesterday's traffic). Issue 13: state must not
+/// grow without bound.
+pub const DEFAULT_STATE_RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
 /// `d` in whole milliseconds (the unit of `Context::now_ms` and timer deadlines), saturating
 /// at `i64::MAX`.
 pub fn millis(d: std::time::Duration) -> i64 {
@@ -69,7 +75,7 @@ impl ReservationTtlConfig {
 
 pub use events::Event;
 pub use harness::{Harness, MemoryStore};
-pub use state::{Changes, StateRead, StateTxn};
+pub use state::{prefix_end, Changes, StateRead, StateTxn};
 
 use std::collections::BTreeSet;
 
@@ -84,6 +90,9 @@ pub struct Context {
     pub offset: i64,
     /// Processing time chosen by the runtime, ms since the epoch (never read the clock yourself).
     pub now_ms: i64,
+    /// The worker's `state_retention` in ms: how long [`forget_later`] keeps a key, and how long
+    /// the runtime remembers an `eventId` ([`DEFAULT_STATE_RETENTION`] unless configured).
+    pub retention_ms: i64,
 }
 
 /// Errors a processor returns. The runtime decides what each means for the unit of work.
@@ -262,6 +271,29 @@ pub fn seen_key(event_id: &str) -> Vec<u8> {
     k
 }
 
+/// Prefix of the timer keys [`forget_later`] schedules: `\x00gc/<state key>`.
+pub const GC_PREFIX: &[u8] = b"\x00gc/";
+
+/// Schedules the deletion of state `key` at `ctx.now_ms + ctx.retention_ms`: for records of
+/// closed business objects (a completed saga, a settled reservation) that must still answer late
+/// or duplicate events for a while, and then go (issue 13: bounded state). Calling it again
+/// moves the deadline. The key is deleted at the deadline whatever it holds then; the processor
+/// is not called (see [`fire_timer`]).
+pub fn forget_later(ctx: &Context, state: &mut StateTxn, key: &[u8]) {
+    state.schedule_timer(gc_timer_key(key), ctx.now_ms.saturating_add(ctx.retention_ms));
+}
+
+/// The state key a [`forget_later`] timer deletes, if `timer_key` is one.
+pub fn forgotten(timer_key: &[u8]) -> Option<&[u8]> {
+    timer_key.strip_prefix(GC_PREFIX)
+}
+
+fn gc_timer_key(key: &[u8]) -> Vec<u8> {
+    let mut k = GC_PREFIX.to_vec();
+    k.extend_from_slice(key);
+    k
+}
+
 /// Runs `processor` on `event` with `eventId` deduplication: a repeated `eventId` has no effect,
 /// a new one is remembered in the same staged transaction as the processor's writes, so the two
 /// become durable together. On error, the staged writes and outputs of this event are discarded.
@@ -310,7 +342,8 @@ pub fn fire_timers<P: Processor + ?Sized>(
 
 /// Fires one due timer: removes it, then runs [`Processor::on_timer`] (which may reschedule it).
 /// On error the timer's removal, its staged writes and its outputs and notes are discarded, so
-/// the timer stays scheduled. Used by the runtime's unit step and by [`fire_timers`].
+/// the timer stays scheduled. A [`forget_later`] timer deletes its key instead, without calling
+/// the processor. Used by the runtime's unit step and by [`fire_timers`].
 pub fn fire_timer<P: Processor + ?Sized>(
     processor: &mut P,
     ctx: &Context,
@@ -319,6 +352,11 @@ pub fn fire_timer<P: Processor + ?Sized>(
     state: &mut StateTxn,
     out: &mut Outputs,
 ) -> Result<(), ProcessError> {
+    if let Some(gone) = forgotten(key) {
+        state.cancel_timer(key);
+        state.delete(gone.to_vec());
+        return Ok(());
+    }
     let mark = state.savepoint();
     let (records, notes) = (out.records.len(), out.notes.len());
     state.cancel_timer(key);
@@ -349,6 +387,48 @@ mod tests {
         assert_eq!(derive_event_id("e1", "a"), derive_event_id("e1", "a"));
         assert_ne!(derive_event_id("e1", "a"), derive_event_id("e1", "b"));
         assert_ne!(derive_event_id("e1", "a"), derive_event_id("e2", "a"));
+    }
+
+    #[test]
+    fn a_key_given_to_forget_later_is_deleted_at_the_retention_deadline_without_the_processor() {
+        struct Panics;
+        impl Processor for Panics {
+            fn process(&mut self, _: &Context, _: &Event, _: &mut StateTxn, _: &mut Outputs) -> Result<(), ProcessError> {
+                Ok(())
+            }
+            fn on_timer(&mut self, _: &Context, _: &[u8], _: i64, _: &mut StateTxn, _: &mut Outputs) -> Result<(), ProcessError> {
+                panic!("a forget_later timer reached the processor")
+            }
+        }
+        let mut store = MemoryStore::default();
+        let ctx = |now_ms| Context { topic: String::new(), partition: 0, offset: 0, now_ms, retention_ms: 1_000 };
+        let mut txn = StateTxn::new(&store);
+        txn.put(b"order/1".to_vec(), b"closed".to_vec());
+        forget_later(&ctx(10), &mut txn, b"order/1");
+        forget_later(&ctx(500), &mut txn, b"order/1");
+        let changes = txn.into_changes();
+        store.apply(changes);
+        let mut out = Outputs::new(Vec::<String>::new());
+        let mut txn = StateTxn::new(&store);
+        assert_eq!(fire_timers(&mut Panics, &ctx(1_499), &mut txn, &mut out).unwrap(), 0, "the second call moved the deadline");
+        assert_eq!(fire_timers(&mut Panics, &ctx(1_500), &mut txn, &mut out).unwrap(), 1);
+        assert_eq!(txn.get(b"order/1"), None);
+        assert_eq!(txn.timer(&gc_timer_key(b"order/1")), None);
+    }
+
+    #[test]
+    fn a_range_scan_stops_at_its_limit_and_skips_staged_deletions() {
+        let mut store = MemoryStore::default();
+        for k in ["a/1", "a/2", "a/3", "a/4"] {
+            store.data.insert(k.as_bytes().to_vec(), vec![]);
+        }
+        let mut txn = StateTxn::new(&store);
+        txn.delete(b"a/1".to_vec());
+        txn.delete(b"a/2".to_vec());
+        let got: Vec<Vec<u8>> = txn.scan_range(b"a/", b"a/9", 2).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(got, vec![b"a/3".to_vec(), b"a/4".to_vec()]);
+        assert_eq!(prefix_end(b"a/"), Some(b"a0".to_vec()));
+        assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
     }
 
     #[test]

@@ -15,10 +15,31 @@ pub trait StateRead: Sync {
     fn timer(&self, key: &[u8]) -> Option<i64>;
     /// Timers with a deadline ≤ `now_ms`, as `(key, deadline)`, earliest first.
     fn due_timers(&self, now_ms: i64) -> Vec<(Vec<u8>, i64)>;
+    /// Stored `(key, value)` pairs with `from ≤ key < to`, in key order, at most `limit` of them.
+    /// For punctuations over a shard (the stock reserver's reconciliation, the runtime's
+    /// retention sweep), not for per-record processing.
+    fn scan_range(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)>;
+
     /// Every stored `(key, value)` whose key starts with `prefix`, in key order. Reads the whole
-    /// range: for punctuations over a shard (e.g. the stock reserver's reconciliation), not for
-    /// per-record processing.
-    fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)>;
+    /// range ([`StateRead::scan_range`] without a limit). `prefix` must hold a byte below `0xff`
+    /// (every state key prefix here does; panics otherwise).
+    fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let end = prefix_end(prefix).expect("a scan prefix with a byte below 0xff");
+        self.scan_range(prefix, &end, usize::MAX)
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix` (`None` when `prefix` is all
+/// `0xff` bytes or empty).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 impl<T: StateRead + ?Sized> StateRead for &T {
@@ -31,8 +52,8 @@ impl<T: StateRead + ?Sized> StateRead for &T {
     fn due_timers(&self, now_ms: i64) -> Vec<(Vec<u8>, i64)> {
         (**self).due_timers(now_ms)
     }
-    fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-        (**self).scan_prefix(prefix)
+    fn scan_range(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        (**self).scan_range(from, to, limit)
     }
 }
 
@@ -63,6 +84,32 @@ pub struct StateTxn<'a> {
 enum Undo {
     Write(Vec<u8>, Option<Option<Vec<u8>>>),
     Timer(Vec<u8>, Option<Option<i64>>),
+}
+
+impl StateRead for StateTxn<'_> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        StateTxn::get(self, key)
+    }
+    fn timer(&self, key: &[u8]) -> Option<i64> {
+        StateTxn::timer(self, key)
+    }
+    fn due_timers(&self, now_ms: i64) -> Vec<(Vec<u8>, i64)> {
+        StateTxn::due_timers(self, now_ms)
+    }
+    /// The durable entries in range with the staged writes and deletions laid over them.
+    fn scan_range(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let staged: Vec<_> = self.changes.writes.range(from.to_vec()..to.to_vec()).collect();
+        let deleted = staged.iter().filter(|(_, v)| v.is_none()).count();
+        // Staged deletions may hide up to `deleted` durable entries: read that many more.
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self.base.scan_range(from, to, limit.saturating_add(deleted)).into_iter().collect();
+        for (k, v) in staged {
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        merged.into_iter().take(limit).collect()
+    }
 }
 
 /// A point to roll back to (see [`StateTxn::rollback_to`]).
@@ -100,14 +147,13 @@ impl<'a> StateTxn<'a> {
     /// Every `(key, value)` whose key starts with `prefix` as this transaction sees it: the
     /// durable entries with the staged writes and deletions laid over them, in key order.
     pub fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self.base.scan_prefix(prefix).into_iter().collect();
-        for (k, v) in self.changes.writes.range(prefix.to_vec()..).take_while(|(k, _)| k.starts_with(prefix)) {
-            match v {
-                Some(v) => merged.insert(k.clone(), v.clone()),
-                None => merged.remove(k),
-            };
-        }
-        merged.into_iter().collect()
+        StateRead::scan_prefix(self, prefix)
+    }
+
+    /// `(key, value)` pairs with `from ≤ key < to` as this transaction sees them, in key order,
+    /// at most `limit` ([`StateRead::scan_range`]).
+    pub fn scan_range(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        StateRead::scan_range(self, from, to, limit)
     }
 
     /// Reads `key` as JSON.

@@ -578,6 +578,21 @@ fn close(order_id: &str, outcome: Outcome, state: &mut StateTxn) -> Result<(), P
     Ok(())
 }
 
+/// Issue 13 (bounded state): once the saga of `order_id` is closed, its records (the saga's and
+/// the cancellation's) are forgotten `state_retention` after they were last written; until then
+/// late and repeated events for the order are still recognised.
+fn forget_when_closed(ctx: &Context, order_id: &str, state: &mut StateTxn) -> Result<(), ProcessError> {
+    if closed(order_id, state)?.is_none() {
+        return Ok(());
+    }
+    for key in [saga_key(order_id), cancel_key(order_id)] {
+        if state.changes().writes.get(&key).is_some_and(Option::is_some) {
+            orderflow_api::forget_later(ctx, state, &key);
+        }
+    }
+    Ok(())
+}
+
 /// The customer of `order_id` as its saga record knows it (open or closed), if any.
 fn customer_of(order_id: &str, state: &StateTxn) -> Result<Option<String>, ProcessError> {
     Ok(match state.get_json::<Saga>(&saga_key(order_id))? {
@@ -636,6 +651,8 @@ impl Processor for Canceller {
     /// Errors: [`ProcessError::Invalid`] for an empty `orderId` (and an `order.created` with an
     /// empty `hqId` or `storeId`: it has no store to cancel in) or an unknown release reason;
     /// [`ProcessError::UnwiredPort`] when `cancelled` is not wired.
+    ///
+    /// A closed saga's records are forgotten after the worker's `state_retention` (issue 13).
     fn process(&mut self, ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         match event {
             Event::OrderCreated(e) => self.created(ctx, e, state, out),
@@ -645,6 +662,10 @@ impl Processor for Canceller {
             Event::OrderCancelled(e) => self.cancelled(e, state, out),
             Event::OrderSettled(e) => self.settled(e, state, out),
             _ => Ok(()),
+        }?;
+        match event.order_id() {
+            Some(order_id) => forget_when_closed(ctx, order_id, state),
+            None => Ok(()),
         }
     }
 
@@ -653,15 +674,17 @@ impl Processor for Canceller {
     /// same with note `saga_timeout`/`saga_bound`. `occurredAt` is the timer's deadline
     /// `due_ms`, so the output depends on the stored state only. A timer for a closed or unknown
     /// saga, or a foreign key, does nothing.
-    fn on_timer(&mut self, _ctx: &Context, key: &[u8], due_ms: i64, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+    fn on_timer(&mut self, ctx: &Context, key: &[u8], due_ms: i64, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         let Ok(key) = std::str::from_utf8(key) else { return Ok(()) };
-        if let Some(order_id) = key.strip_prefix(ANSWER_TIMER_PREFIX) {
-            self.timed_out(order_id, TIMEOUT_STOCK_ANSWER, due_ms, state, out)
+        let (order_id, label) = if let Some(order_id) = key.strip_prefix(ANSWER_TIMER_PREFIX) {
+            (order_id, TIMEOUT_STOCK_ANSWER)
         } else if let Some(order_id) = key.strip_prefix(SAGA_TIMER_PREFIX) {
-            self.timed_out(order_id, TIMEOUT_SAGA_BOUND, due_ms, state, out)
+            (order_id, TIMEOUT_SAGA_BOUND)
         } else {
-            Ok(())
-        }
+            return Ok(());
+        };
+        self.timed_out(order_id, label, due_ms, state, out)?;
+        forget_when_closed(ctx, order_id, state)
     }
 }
 

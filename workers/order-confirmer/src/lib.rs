@@ -122,7 +122,7 @@ impl OrderConfirmer {
         Ok(())
     }
 
-    fn failed(&self, e: &StockReservationFailed, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+    fn failed(&self, ctx: &Context, e: &StockReservationFailed, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         orderflow_api::require("StockReservationFailed", &e.event_id, "orderId", &e.order_id)?;
         let key = order_key(&e.order_id);
         let current = state.get_json::<OrderState>(&key)?;
@@ -131,12 +131,12 @@ impl OrderConfirmer {
             return Ok(());
         }
         let reservation_id = current.and_then(|s| s.reservation_id);
-        state.put_json(key, &OrderState { status: OrderStatus::Failed, reservation_id });
+        close(ctx, state, key, OrderState { status: OrderStatus::Failed, reservation_id });
         out.note("order_status", OrderStatus::Failed.as_str());
         Ok(())
     }
 
-    fn cancelled(&self, e: &OrderCancelled, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+    fn cancelled(&self, ctx: &Context, e: &OrderCancelled, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         orderflow_api::require("OrderCancelled", &e.event_id, "orderId", &e.order_id)?;
         let key = order_key(&e.order_id);
         let current = state.get_json::<OrderState>(&key)?;
@@ -145,7 +145,7 @@ impl OrderConfirmer {
             return Ok(());
         }
         let reservation_id = current.and_then(|s| s.reservation_id).or_else(|| e.reservation_id.clone());
-        state.put_json(key, &OrderState { status: OrderStatus::Cancelled, reservation_id });
+        close(ctx, state, key, OrderState { status: OrderStatus::Cancelled, reservation_id });
         out.note("order_status", OrderStatus::Cancelled.as_str());
         Ok(())
     }
@@ -154,7 +154,7 @@ impl OrderConfirmer {
     /// an earlier cancellation (a late sale: the payment re-reserved and was deducted, noted
     /// `late_sale`); `REFUND_REQUIRED` changes nothing here (the canceller's refund-required
     /// `order.cancelled` follows).
-    fn settled(&self, e: &OrderSettled, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+    fn settled(&self, ctx: &Context, e: &OrderSettled, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         orderflow_api::require("OrderSettled", &e.event_id, "orderId", &e.order_id)?;
         if e.outcome != settlement::SOLD {
             return Ok(());
@@ -174,10 +174,17 @@ impl OrderConfirmer {
             }
         }
         let reservation_id = current.and_then(|s| s.reservation_id).or_else(|| Some(e.reservation_id.clone()));
-        state.put_json(key, &OrderState { status: OrderStatus::Completed, reservation_id });
+        close(ctx, state, key, OrderState { status: OrderStatus::Completed, reservation_id });
         out.note("order_status", OrderStatus::Completed.as_str());
         Ok(())
     }
+}
+
+/// Writes a terminal state of the order at `key`, forgotten after the worker's retention (issue
+/// 13: bounded state; a later event for the order is still answered until then).
+fn close(ctx: &Context, state: &mut StateTxn, key: Vec<u8>, order: OrderState) {
+    orderflow_api::forget_later(ctx, state, &key);
+    state.put_json(key, &order);
 }
 
 impl Processor for OrderConfirmer {
@@ -194,12 +201,12 @@ impl Processor for OrderConfirmer {
     /// Other events are ignored. Errors: [`ProcessError::Invalid`] for an empty `orderId` (or an
     /// empty `reservationId` on `StockReserved`); [`ProcessError::CorruptState`] for unreadable
     /// state; [`ProcessError::UnwiredPort`] when `confirmed` is not wired.
-    fn process(&mut self, _ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+    fn process(&mut self, ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         match event {
             Event::StockReserved(e) => self.reserved(e, state, out),
-            Event::StockReservationFailed(e) => self.failed(e, state, out),
-            Event::OrderCancelled(e) => self.cancelled(e, state, out),
-            Event::OrderSettled(e) => self.settled(e, state, out),
+            Event::StockReservationFailed(e) => self.failed(ctx, e, state, out),
+            Event::OrderCancelled(e) => self.cancelled(ctx, e, state, out),
+            Event::OrderSettled(e) => self.settled(ctx, e, state, out),
             _ => Ok(()),
         }
     }

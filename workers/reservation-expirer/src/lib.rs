@@ -112,10 +112,14 @@ impl ReservationExpirer {
         Ok(())
     }
 
-    fn close(&self, order_id: &str, state: &mut StateTxn) {
+    /// Closes the order: no expiry any more. The closed mark is forgotten after the worker's
+    /// `state_retention` (issue 13: bounded state); a `StockReserved` for the order arriving
+    /// later than that would be tracked again.
+    fn close(&self, ctx: &Context, order_id: &str, state: &mut StateTxn) {
         state.cancel_timer(&timer_key(order_id));
         state.delete(reservation_key(order_id));
         state.put_json(closed_key(order_id), &true);
+        orderflow_api::forget_later(ctx, state, &closed_key(order_id));
     }
 }
 
@@ -130,13 +134,13 @@ impl Processor for ReservationExpirer {
     ///
     /// Other events are ignored. Errors: [`ProcessError::Invalid`] for an empty `orderId` (or an
     /// empty `reservationId` on `StockReserved`).
-    fn process(&mut self, _ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+    fn process(&mut self, ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         match event {
             Event::StockReserved(e) => self.reserved(e, state, out),
             Event::OrderSettled(OrderSettled { event_id, order_id, .. })
             | Event::OrderCancelled(OrderCancelled { event_id, order_id, .. }) => {
                 orderflow_api::require(event.schema_name(), event_id, "orderId", order_id)?;
-                self.close(order_id, state);
+                self.close(ctx, order_id, state);
                 Ok(())
             }
             _ => Ok(()),
@@ -151,7 +155,7 @@ impl Processor for ReservationExpirer {
     ///
     /// Errors: [`ProcessError::CorruptState`] for unreadable state; [`ProcessError::UnwiredPort`]
     /// when `expired` is not wired.
-    fn on_timer(&mut self, _ctx: &Context, key: &[u8], due_ms: i64, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+    fn on_timer(&mut self, ctx: &Context, key: &[u8], due_ms: i64, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         let Some(order_id) = key.strip_prefix(TIMER_PREFIX) else {
             return Ok(());
         };
@@ -175,7 +179,7 @@ impl Processor for ReservationExpirer {
                 expires_at: r.expires_at,
             },
         )?;
-        self.close(&order_id, state);
+        self.close(ctx, &order_id, state);
         out.note("expiration", "RESERVATION_EXPIRED");
         Ok(())
     }

@@ -43,8 +43,23 @@ fn fires_after_ttl_not_before() {
     assert!(h.notes.iter().any(|n| n.measure == "expiration" && n.label == "RESERVATION_EXPIRED"));
     // Fires once.
     assert!(h.advance(T0 + 10 * TTL).unwrap().is_empty());
-    assert!(h.store.timers.is_empty());
+    assert!(!h.store.timers.contains_key(&timer_key("O-1")));
     assert!(h.store.data.contains_key(&closed_key("O-1")));
+}
+
+#[test]
+fn a_closed_order_is_forgotten_after_the_state_retention() {
+    let mut h = harness();
+    h.retention_ms = 10 * TTL;
+    h.feed("t", reserved("e1", "O-1"), T0).unwrap();
+    h.feed("t", completed("c1", "O-1"), T0 + 10).unwrap();
+    h.feed("t", reserved("e2", "O-2"), T0 + 20).unwrap();
+    h.advance(T0 + 10 + 10 * TTL - 1).unwrap();
+    assert!(h.store.data.contains_key(&closed_key("O-1")), "kept within the retention");
+    h.advance(T0 + 10 + 10 * TTL).unwrap();
+    assert!(!h.store.data.contains_key(&closed_key("O-1")), "forgotten at it");
+    assert!(h.store.timers.is_empty(), "nothing else scheduled: {:?}", h.store.timers);
+    assert!(h.store.data.contains_key(&closed_key("O-2")), "O-2 expired and closed later");
 }
 
 #[test]
@@ -54,7 +69,7 @@ fn not_after_completion_or_cancellation() {
     h.feed("t", reserved("e2", "O-2"), T0).unwrap();
     h.feed("t", completed("c1", "O-1"), T0 + 10).unwrap();
     h.feed("t", cancelled("k2", "O-2"), T0 + 10).unwrap();
-    assert!(h.store.timers.is_empty());
+    assert!(!h.store.timers.contains_key(&timer_key("O-1")) && !h.store.timers.contains_key(&timer_key("O-2")));
     assert!(h.advance(T0 + 2 * TTL).unwrap().is_empty());
     assert!(h.notes.is_empty());
 }

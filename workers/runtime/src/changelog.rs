@@ -30,6 +30,12 @@
 //! never committed has no marker, so its `eventId`s are never remembered. A marker
 //! whose `[seen]` would pass [`MAX_MARKER_SEEN_BYTES`] leaves the rest as ordinary `d` records.
 //!
+//! Remembered `eventId`s are forgotten after the worker's `state_retention` a marker at a time
+//! (module [`retention`](crate::retention)): the unit that forgets them deletes the marker's
+//! local index entry, written here as the marker's tombstone (`m[1][offsets]` / null); the ids'
+//! own deletions and the index are local and never written. A restore that meets a marker
+//! tombstone forgets the ids that marker brought.
+//!
 //! Orphans are the records of a unit that never committed (the instance crashed, or the broker did
 //! not take all of the unit's records): that unit's inputs are processed again, so its writes must
 //! not survive. They are neutralised by *compensation*: the next unit the worker commits for that
@@ -126,6 +132,13 @@ pub fn records(inputs: &[String], changes: &Changes, offsets: &BTreeMap<String, 
     let mut seen: Vec<(&[u8], &[u8])> = Vec::new();
     let mut seen_bytes = 4;
     for (k, v) in &changes.writes {
+        if crate::retention::is_local(k) || (v.is_none() && orderflow_api::is_seen_key(k)) {
+            // The marker index is local; forgotten ids go with their marker's tombstone.
+            if let (None, Some(marker)) = (v, crate::retention::indexed_marker(k)) {
+                out.push(Record { key: marker.to_vec(), value: None });
+            }
+            continue;
+        }
         if let (Some(v), Some(id)) = (v, k.strip_prefix(orderflow_api::SEEN_PREFIX)) {
             let size = 4 + id.len() + v.len();
             if id.len() <= u16::MAX as usize && v.len() <= u16::MAX as usize && seen_bytes + size <= MAX_MARKER_SEEN_BYTES {
@@ -166,6 +179,17 @@ pub fn records(inputs: &[String], changes: &Changes, offsets: &BTreeMap<String, 
 /// their values, in key order.
 pub type Seen = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// The remembered `eventId`s a marker record carries (empty for any other record): for the
+/// committing unit to index its marker ([`crate::retention::index`]) without the worker's inputs.
+pub fn marker_seen(record: &Record) -> Seen {
+    match (record.key.first(), &record.value) {
+        (Some(&TAG_MARKER), Some(v)) if v.len() >= 2 => {
+            v.get(2 + v[1] as usize * 9..).and_then(|body| decode_seen(body).ok()).unwrap_or_default()
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// Decodes the `[seen]` part of a marker value (module docs) into full state keys and values.
 fn decode_seen(mut body: &[u8]) -> Result<Seen, String> {
     if body.is_empty() {
@@ -205,6 +229,9 @@ pub enum Entry {
     /// remembered (full state keys under [`orderflow_api::SEEN_PREFIX`] → values), to be written
     /// with the unit's other records.
     Marker { offsets: BTreeMap<String, i64>, seen: Seen },
+    /// `m…` / null: the tombstone of marker `key` (the whole key, tag included), written by the
+    /// unit that forgot its `eventId`s after the retention.
+    MarkerGone { key: Vec<u8> },
 }
 
 /// Decodes the changelog record `key` / `value` (`None`: a tombstone) of a worker whose input
@@ -236,6 +263,7 @@ pub fn decode_record(inputs: &[String], key: &[u8], value: Option<&[u8]>) -> Res
             };
             Ok(Entry::Timer { key: key[1..].to_vec(), deadline, offsets })
         }
+        Some(&TAG_MARKER) if value.is_none() && key.len() > 1 => Ok(Entry::MarkerGone { key: key.to_vec() }),
         Some(&TAG_MARKER) => {
             let (offsets, body) = decode_offsets(inputs, value.unwrap_or_default())?;
             Ok(Entry::Marker { offsets, seen: decode_seen(body)? })
@@ -314,9 +342,10 @@ impl Orphans {
         self.writes.is_empty() && self.timers.is_empty()
     }
 
-    /// Adds every key `changes` writes or schedules.
+    /// Adds every key `changes` writes or schedules (not the local marker index: it is never
+    /// written to the changelog, see [`crate::retention`]).
     pub fn extend_from(&mut self, changes: &Changes) {
-        self.writes.extend(changes.writes.keys().cloned());
+        self.writes.extend(changes.writes.keys().filter(|k| !crate::retention::is_local(k)).cloned());
         self.timers.extend(changes.timers.keys().cloned());
     }
 
@@ -456,6 +485,7 @@ pub fn restore_with(
         tpl.add_partition_offset(topic, p, Offset::Offset(start)).map_err(kafka)?;
         consumer.assign(&tpl).map_err(kafka)?;
         let mut pending = Changes::default();
+        let mut gone = Vec::new();
         let mut at = start;
         while at < high {
             if started.elapsed() > timeout {
@@ -484,9 +514,11 @@ pub fn restore_with(
                 Entry::Timer { key, deadline, .. } => {
                     pending.timers.insert(key, deadline);
                 }
+                Entry::MarkerGone { key } => gone.push(key),
                 Entry::Marker { offsets, seen } => {
-                    pending.writes.extend(seen.into_iter().map(|(k, v)| (k, Some(v))));
-                    shard.commit(&std::mem::take(&mut pending), &offsets, Some(msg.offset() + 1))?;
+                    let mut unit = std::mem::take(&mut pending);
+                    apply_marker(shard, msg.key().unwrap_or_default(), seen, &std::mem::take(&mut gone), &mut unit);
+                    shard.commit(&unit, &offsets, Some(msg.offset() + 1))?;
                     report.units += 1;
                 }
             }
@@ -508,6 +540,27 @@ pub fn restore_with(
     report.offsets = shard.offsets()?;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Completes a unit read back from the changelog at its marker `marker` (the whole key): adds
+/// the `eventId`s the marker carries (`seen`) and their index entries to `unit`, and the
+/// forgetting of the markers the unit tombstoned (`gone`), whose ids `committed` (the state
+/// before the unit) remembers. The unit's own records win over what is derived. Used by the
+/// restore and by `replay --through`'s shadow rebuild, so both rebuild the same state.
+pub fn apply_marker(committed: &dyn orderflow_api::StateRead, marker: &[u8], seen: Seen, gone: &[Vec<u8>], unit: &mut Changes) {
+    let mut derived = Changes::default();
+    if !gone.is_empty() {
+        let mut txn = orderflow_api::StateTxn::new(committed);
+        for key in gone {
+            crate::retention::forget_marker(&mut txn, key);
+        }
+        derived = txn.into_changes();
+    }
+    crate::retention::index(marker, &seen, &mut derived);
+    derived.writes.extend(seen.into_iter().map(|(k, v)| (k, Some(v))));
+    for (k, v) in derived.writes {
+        unit.writes.entry(k).or_insert(v);
+    }
 }
 
 #[cfg(test)]
@@ -568,6 +621,7 @@ mod tests {
         assert!(decode_record(&inputs, b"x", Some(&[1, 0])).unwrap_err().contains("unknown changelog key"));
         assert!(decode_record(&inputs, b"tk", Some(&[1, 0, 1])).unwrap_err().contains("not 8 bytes"));
         assert!(decode_record(&inputs, b"m", None).is_err(), "a marker needs offsets");
+        assert_eq!(decode_record(&inputs, b"mX", None).unwrap(), Entry::MarkerGone { key: b"mX".to_vec() });
     }
 
     #[test]
@@ -603,8 +657,9 @@ mod tests {
         changes.writes.insert(orderflow_api::seen_key("gone"), None);
         changes.writes.insert(b"order/1".to_vec(), Some(b"v".to_vec()));
         let recs = records(&inputs, &changes, &BTreeMap::from([("a".to_string(), 5)]));
-        // The tombstone of a remembered id and the state write are records; e1 and e2 are not.
-        assert_eq!(recs.len(), 3, "{recs:?}");
+        // The state write is a record; e1 and e2 are not, nor the forgotten id (it goes with its
+        // marker's tombstone).
+        assert_eq!(recs.len(), 2, "{recs:?}");
         let marker = recs.last().unwrap();
         assert_eq!(marker.key[0], TAG_MARKER);
         assert!(marker.key.len() > 1, "a marker with eventIds is keyed by its unit");
@@ -629,6 +684,38 @@ mod tests {
         // An older changelog's bare `m` marker still decodes.
         let old = encode_offsets(&inputs, &BTreeMap::from([("a".to_string(), 5)]));
         assert_eq!(decode_record(&inputs, b"m", Some(&old)).unwrap(), Entry::Marker { offsets, seen: vec![] });
+    }
+
+    #[test]
+    fn the_marker_index_is_local_and_its_deletion_is_the_markers_tombstone() {
+        let inputs = vec!["a".to_string()];
+        let mut unit = Changes::default();
+        unit.writes.insert(orderflow_api::seen_key("e1"), Some(7i64.to_be_bytes().to_vec()));
+        let recs = records(&inputs, &unit, &BTreeMap::from([("a".to_string(), 5)]));
+        let marker = recs.last().unwrap().clone();
+        let seen = marker_seen(&marker);
+        assert_eq!(seen, vec![(orderflow_api::seen_key("e1"), 7i64.to_be_bytes().to_vec())]);
+        let mut indexed = Changes::default();
+        crate::retention::index(&marker.key, &seen, &mut indexed);
+        assert_eq!(indexed.writes.len(), 2);
+        assert_eq!(records(&inputs, &indexed, &BTreeMap::new()).len(), 1, "only the (bare) marker: the index is local");
+        let mut store = orderflow_api::MemoryStore::default();
+        store.apply(indexed);
+        let mut txn = orderflow_api::StateTxn::new(&store);
+        crate::retention::sweep(&mut txn, 7 + 1_000, 999);
+        let sweep = records(&inputs, txn.changes(), &BTreeMap::new());
+        assert!(sweep.contains(&Record { key: marker.key.clone(), value: None }), "{sweep:?}");
+        assert!(sweep.iter().all(|r| r.key[0] != TAG_DATA), "no record per forgotten id: {sweep:?}");
+        // Read back in order, the tombstone forgets what the marker brought.
+        let mut restored = orderflow_api::MemoryStore::default();
+        let mut first = Changes::default();
+        apply_marker(&restored, &marker.key, seen, &[], &mut first);
+        restored.apply(first);
+        assert!(restored.data.contains_key(&orderflow_api::seen_key("e1")));
+        let mut second = Changes::default();
+        apply_marker(&restored, b"m", Vec::new(), &[marker.key.clone()], &mut second);
+        restored.apply(second);
+        assert!(restored.data.is_empty(), "{:?}", restored.data);
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //!   leaders), dead-letter header names.
 //! - [`metrics`]: the Prometheus families the binary exports.
 //! - [`probe`]: does the broker implement transactions? (one `ApiVersions` request).
+//! - [`retention`]: bounded state: closed records and remembered `eventId`s forgotten after
+//!   `state_retention` (the marker index and its sweep punctuation).
 //! - [`stall`]: the stalled-partition watch (records waiting, position not moving).
 //! - [`step`]: the broker-free unit step (admission, processing, timers, staged effects), shared
 //!   by the worker, replay and fuzzing.
@@ -30,6 +32,7 @@ pub mod deadletter;
 pub mod kafka;
 pub mod metrics;
 pub mod probe;
+pub mod retention;
 pub mod stall;
 pub mod step;
 pub mod store;

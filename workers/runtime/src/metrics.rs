@@ -18,6 +18,7 @@ pub const NAMES: &[&str] = &[
     "orderflow_business_events_total",
     "orderflow_dlq_records_total",
     "orderflow_timers_fired_total",
+    "orderflow_state_forgotten_event_ids_total",
     "orderflow_assigned_partitions",
     "orderflow_guarantee_info",
     "orderflow_state_restore_seconds",
@@ -65,6 +66,9 @@ pub struct Metrics {
     pub broker_connected: IntGaugeVec,
     /// `orderflow_timers_fired_total{worker}`.
     pub timers_fired: IntCounterVec,
+    /// `orderflow_state_forgotten_event_ids_total{worker}`: remembered `eventId`s forgotten by
+    /// the retention sweep (`retention`); flat while traffic flows means the sweep is not running.
+    pub forgotten: IntCounterVec,
     /// `orderflow_assigned_partitions{worker}`.
     pub assigned: IntGaugeVec,
     /// `orderflow_guarantee_info{worker,guarantee}`: 1 for the guarantee in force.
@@ -142,6 +146,11 @@ impl Metrics {
                 &["worker"],
             ),
             timers_fired: counter("orderflow_timers_fired_total", "Durable timers fired (punctuations).", &["worker"]),
+            forgotten: counter(
+                "orderflow_state_forgotten_event_ids_total",
+                "Remembered eventIds forgotten after the state retention.",
+                &["worker"],
+            ),
             assigned: gauge("orderflow_assigned_partitions", "Input partitions assigned to this instance.", &["worker"]),
             guarantee: gauge("orderflow_guarantee_info", "Processing guarantee in force (1).", &["worker", "guarantee"]),
             restore: histogram("orderflow_state_restore_seconds", "Time to restore one partition's state.", &["worker", "source"]),
@@ -241,6 +250,7 @@ mod tests {
         m.business.with_label_values(&["w", "m", "l"]);
         m.dlq.with_label_values(&["w", "c"]);
         m.timers_fired.with_label_values(&["w"]);
+        m.forgotten.with_label_values(&["w"]);
         m.assigned.with_label_values(&["w"]);
         m.guarantee.with_label_values(&["w", "g"]);
         m.restore.with_label_values(&["w", "s"]);

@@ -10,7 +10,9 @@
 //!    (`orderflow_api::handle`), retrying a transient failure in place with the retry policy's
 //!    backoff (the partition waits, so per-key order holds);
 //! 2. then fires the timers due at `now_ms` of every given partition, earliest first, one at a
-//!    time (`orderflow_api::fire_timer`), so each output names the timer that caused it;
+//!    time (`orderflow_api::fire_timer`), so each output names the timer that caused it, and
+//!    the runtime's retention sweep when due ([`crate::retention`]; armed by a partition's first
+//!    records);
 //! 3. returns [`Staged`]: outputs with their [`Cause`], dead letters with their class, the state
 //!    and timer changes and next input offsets per partition, the notes, and the failure that
 //!    would stop the instance, if any (the step stops there).
@@ -23,11 +25,33 @@ use std::time::Duration;
 use orderflow_api::{
     fire_timer, handle, Changes, Context, Event, Handled, Note, Output, Outputs, ProcessError, Processor, StateRead, StateTxn,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::codec::Codec;
 use crate::deadletter::DeadLetterClass;
+use crate::retention;
 use crate::topology::{Loaded, RetryPolicy};
+
+/// When a step runs: the clock reading and the worker's `state_retention`, both in ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct At {
+    /// Processing time, ms since the epoch (`Context::now_ms`).
+    pub now_ms: i64,
+    /// `Context::retention_ms`: how long closed records and remembered `eventId`s are kept.
+    pub retention_ms: i64,
+}
+
+impl At {
+    /// `now_ms` with the default retention ([`orderflow_api::DEFAULT_STATE_RETENTION`]).
+    pub fn now(now_ms: i64) -> At {
+        At { now_ms, retention_ms: orderflow_api::millis(orderflow_api::DEFAULT_STATE_RETENTION) }
+    }
+}
+
+/// Longest `eventId` a worker accepts, in bytes (UUIDs have 36): a longer one is `invalid`. Bounds
+/// what a unit's remembered ids add to its commit marker (`changelog`), so they always fit one
+/// (with `max_batch` ≤ [`crate::topology::MAX_BATCH_LIMIT`]) and are forgotten with it.
+pub const MAX_EVENT_ID_BYTES: usize = 128;
 
 /// Where an input record was read: no rdkafka type, so replays and tests build it freely.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +133,12 @@ impl Rules {
         }
         if event.event_id().is_empty() {
             return Err(Rejection::new(DeadLetterClass::Invalid, format!("{} with an empty eventId", event.schema_name())));
+        }
+        if event.event_id().len() > MAX_EVENT_ID_BYTES {
+            return Err(Rejection::new(
+                DeadLetterClass::Invalid,
+                format!("{} with an eventId of {} bytes (at most {MAX_EVENT_ID_BYTES})", event.schema_name(), event.event_id().len()),
+            ));
         }
         if event.occurred_at() > now_ms.saturating_add(self.max_clock_skew_ms) {
             return Err(Rejection::new(
@@ -256,13 +286,15 @@ pub struct Staged {
     pub offsets: BTreeMap<i32, BTreeMap<String, i64>>,
     /// Business measures reported by the processor.
     pub notes: Vec<Note>,
-    /// Timers fired.
+    /// Timers fired (the retention sweep not counted).
     pub timers_fired: usize,
+    /// What the retention sweeps of this step forgot.
+    pub swept: retention::Swept,
     /// Set when the step stopped at a failure the instance cannot get past.
     pub stop: Option<Stop>,
 }
 
-/// Runs one unit of work over `states` (partition → its durable state) at `now_ms`. `records`
+/// Runs one unit of work over `states` (partition → its durable state) at `at`. `records`
 /// are the unit's inputs in read order, each admitted (`Ok`) or rejected; every record's
 /// partition must be in `states`. `wired` lists the output ports the topology connects.
 /// `worker` names the logs. See the module docs for the order of steps.
@@ -271,10 +303,11 @@ pub async fn step<S: StateRead>(
     wired: &[String],
     states: &BTreeMap<i32, S>,
     records: Vec<(Input<'_>, Result<Event, Rejection>)>,
-    now_ms: i64,
+    at: At,
     retry: &mut RetryBudget,
     worker: &str,
 ) -> Staged {
+    let At { now_ms, retention_ms } = at;
     let mut staged = Staged::default();
     let mut txns: BTreeMap<i32, StateTxn> = states.iter().map(|(p, s)| (*p, StateTxn::new(s))).collect();
     let mut out = Outputs::new(wired.iter().cloned());
@@ -294,7 +327,7 @@ pub async fn step<S: StateRead>(
             }
         };
         let txn = txns.get_mut(&input.partition).expect("a state for every record's partition");
-        let ctx = Context { topic: input.topic.to_string(), partition: input.partition, offset: input.offset, now_ms };
+        let ctx = Context { topic: input.topic.to_string(), partition: input.partition, offset: input.offset, now_ms, retention_ms };
         let (result, attempts) = handle_with_retries(processor, &ctx, &event, txn, &mut out, retry, worker).await;
         staged.outputs.extend(out.take_records().into_iter().map(|o| (o, Cause::Input(i))));
         let outcome = match result {
@@ -319,9 +352,20 @@ pub async fn step<S: StateRead>(
     }
     if staged.stop.is_none() {
         for (p, txn) in txns.iter_mut() {
-            if let Err(stop) = fire_due_timers(processor, *p, txn, &mut out, &mut staged, now_ms, retry, worker).await {
+            if staged.offsets.contains_key(p) {
+                retention::arm(txn, now_ms, retention_ms);
+            }
+            if let Err(stop) = fire_due_timers(processor, *p, txn, &mut out, &mut staged, at, retry, worker).await {
                 staged.stop = Some(stop);
                 break;
+            }
+            if txn.timer(retention::SWEEP_TIMER).is_some_and(|due| due <= now_ms) {
+                let swept = retention::sweep(txn, now_ms, retention_ms);
+                if swept.markers > 0 {
+                    debug!(%worker, partition = p, markers = swept.markers, event_ids = swept.ids, "forgot remembered eventIds past the state retention");
+                }
+                staged.swept.markers += swept.markers;
+                staged.swept.ids += swept.ids;
             }
         }
     }
@@ -368,12 +412,16 @@ async fn fire_due_timers(
     txn: &mut StateTxn<'_>,
     out: &mut Outputs,
     staged: &mut Staged,
-    now_ms: i64,
+    at: At,
     retry: &mut RetryBudget,
     worker: &str,
 ) -> Result<(), Stop> {
-    let ctx = Context { topic: String::new(), partition: p, offset: -1, now_ms };
+    let At { now_ms, retention_ms } = at;
+    let ctx = Context { topic: String::new(), partition: p, offset: -1, now_ms, retention_ms };
     for (key, due_ms) in txn.due_timers(now_ms) {
+        if key == retention::SWEEP_TIMER {
+            continue;
+        }
         let cause = Cause::Timer { partition: p, key: key.clone(), due_ms };
         let mut attempts = 1;
         loop {

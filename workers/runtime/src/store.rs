@@ -224,8 +224,15 @@ impl StateRead for Shard {
         self.tree.get(prefixed(INDEX, key)).expect("state store read failed").and_then(|v| decode_i64(&v))
     }
 
-    fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-        self.scan(prefix).expect("state store read failed")
+    fn scan_range(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        if from >= to {
+            return Vec::new();
+        }
+        self.tree
+            .range(prefixed(DATA, from)..prefixed(DATA, to))
+            .take(limit)
+            .map(|r| r.map(|(k, v)| (k[2..].to_vec(), v.to_vec())).expect("state store read failed"))
+            .collect()
     }
 
     fn due_timers(&self, now_ms: i64) -> Vec<(Vec<u8>, i64)> {

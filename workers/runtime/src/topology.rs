@@ -249,6 +249,14 @@ pub struct Defaults {
     /// workers); an event further ahead is dead-lettered as `future_timestamp`. Default 1 hour.
     #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
     pub max_clock_skew: Duration,
+    /// How long closed business records (a settled reservation, a completed saga) and remembered
+    /// `eventId`s are kept before they are forgotten, locally and in the changelog (issue 13:
+    /// bounded state; `orderflow_runtime::retention`). Default 7 days
+    /// ([`orderflow_api::DEFAULT_STATE_RETENTION`]); at least 1 s. An `eventId` redelivered after
+    /// it is processed again, so keep it well above the longest window anything re-sends or
+    /// replays into a worker's inputs.
+    #[serde(default = "default_state_retention", with = "humantime_serde")]
+    pub state_retention: Duration,
 }
 
 /// How transient failures are retried (`[defaults.retry]`, or `[workers.<name>.retry]`).
@@ -321,6 +329,15 @@ fn default_max_clock_skew() -> Duration {
     Duration::from_secs(3600)
 }
 
+fn default_state_retention() -> Duration {
+    orderflow_api::DEFAULT_STATE_RETENTION
+}
+
+/// Largest `max_batch` [`check`] accepts: a unit's remembered `eventId`s (at most
+/// `crate::step::MAX_EVENT_ID_BYTES` each) must fit its commit marker
+/// (`crate::changelog::MAX_MARKER_SEEN_BYTES`) to be forgotten with it.
+pub const MAX_BATCH_LIMIT: usize = 3_000;
+
 fn default_true() -> bool {
     true
 }
@@ -337,6 +354,7 @@ impl Default for Defaults {
             retry: RetryPolicy::default(),
             max_record_bytes: default_max_record_bytes(),
             max_clock_skew: default_max_clock_skew(),
+            state_retention: default_state_retention(),
         }
     }
 }
@@ -434,6 +452,9 @@ pub struct WorkerSpec {
     /// Retry policy of this worker; default `[defaults.retry]`.
     #[serde(default)]
     pub retry: Option<RetryPolicy>,
+    /// `state_retention` of this worker; default `[defaults]`'s.
+    #[serde(default, with = "humantime_serde")]
+    pub state_retention: Option<Duration>,
     /// Every other key of the entry: the kind's own settings (e.g. `reservation_ttl` of the
     /// stock reserver), unchecked here; [`check`] has the kind parse them.
     #[serde(flatten)]
@@ -460,6 +481,10 @@ impl WorkerSpec {
     /// Effective retry policy.
     pub fn retry(&self, d: &Defaults) -> RetryPolicy {
         self.retry.unwrap_or(d.retry)
+    }
+    /// Effective state retention, in ms.
+    pub fn retention_ms(&self, d: &Defaults) -> i64 {
+        orderflow_api::millis(self.state_retention.unwrap_or(d.state_retention))
     }
     /// Sets the kind setting `key` to the duration `d` (written as `humantime` text, e.g. `1h`),
     /// as if the topology said so: the `--reservation-ttl` overrides.
@@ -621,6 +646,7 @@ const DEFAULT_KEYS: &[&str] = &[
     "retry",
     "max_record_bytes",
     "max_clock_skew",
+    "state_retention",
 ];
 const TOPIC_KEYS: &[&str] = &["partitions", "key", "schema", "cleanup_policy", "replication_factor", "external", "dead_letter"];
 const RETRY_KEYS: &[&str] = &["attempts", "initial_backoff", "multiplier", "max_backoff"];
@@ -685,6 +711,20 @@ fn unknown_keys(v: &toml::Value) -> Vec<String> {
         }
     }
     out
+}
+
+fn check_max_batch(max_batch: usize, p: &mut dyn FnMut(String)) {
+    if max_batch == 0 || max_batch > MAX_BATCH_LIMIT {
+        p(format!(
+            "max_batch {max_batch} must be between 1 and {MAX_BATCH_LIMIT} (a unit's remembered eventIds must fit its commit marker)"
+        ));
+    }
+}
+
+fn check_retention(retention: Duration, p: &mut dyn FnMut(String)) {
+    if retention < Duration::from_secs(1) {
+        p(format!("state_retention {} must be at least 1s", humantime::format_duration(retention)));
+    }
 }
 
 /// Checks the wiring against the known worker kinds and the schema folder; returns every problem
@@ -780,8 +820,11 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
         if let Some(r) = &w.retry {
             check_retry(&t.broker, r, &mut |m| p(subject.clone(), m));
         }
-        if w.max_batch == Some(0) {
-            p(subject.clone(), "max_batch must be ≥ 1".into());
+        if let Some(m) = w.max_batch {
+            check_max_batch(m, &mut |m| p(subject.clone(), m));
+        }
+        if let Some(r) = w.state_retention {
+            check_retention(r, &mut |m| p(subject.clone(), m));
         }
         if w.commit_interval.is_some_and(|d| d.is_zero()) {
             p(subject.clone(), "commit_interval must be > 0".into());
@@ -800,9 +843,8 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
             }
         }
     }
-    if t.defaults.max_batch == 0 {
-        p("defaults".into(), "max_batch must be ≥ 1".into());
-    }
+    check_max_batch(t.defaults.max_batch, &mut |m| p("defaults".into(), m));
+    check_retention(t.defaults.state_retention, &mut |m| p("defaults".into(), m));
     if t.defaults.max_record_bytes == 0 {
         p("defaults".into(), "max_record_bytes must be ≥ 1".into());
     }

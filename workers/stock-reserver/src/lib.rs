@@ -807,7 +807,19 @@ impl Processor for StockReserver {
             Event::StockReservationExpired(e) => self.expired(e, state, out),
             Event::OrderCompleted(e) => self.completed(e, state, out),
             _ => Ok(()),
+        }?;
+        // Issue 13 (bounded state): a reservation that holds nothing any more is forgotten
+        // `state_retention` after it was last written; until then late and repeated events for
+        // the order are answered from it (a payment after that is an unknown order's).
+        if let Some(order_id) = event.order_id() {
+            let key = reservation_key(order_id);
+            if state.changes().writes.get(&key).is_some_and(Option::is_some)
+                && state.get_json::<Reservation>(&key)?.is_some_and(|r| r.status != ReservationStatus::Live)
+            {
+                orderflow_api::forget_later(ctx, state, &key);
+            }
         }
+        Ok(())
     }
 
     /// The reconciliation punctuation ([`RECONCILE_TIMER`]): reconciles the shard

@@ -79,7 +79,8 @@ async fn transient_failure_is_retried_with_backoff_then_processed() {
     let states = BTreeMap::from([(0, MemoryStore::default())]);
     let mut retry = RetryBudget::new(policy(3), Duration::from_secs(10));
     let started = tokio::time::Instant::now();
-    let staged = step(&mut Scripted::default(), &wired(), &states, vec![(input(7), created("transient-2-a"))], T0, &mut retry, "w").await;
+    let staged =
+        step(&mut Scripted::default(), &wired(), &states, vec![(input(7), created("transient-2-a"))], At::now(T0), &mut retry, "w").await;
     // Two failures: waits of 100 ms and 200 ms of virtual time.
     assert_eq!(started.elapsed(), Duration::from_millis(300));
     assert_eq!(retry.processor_retries, 2);
@@ -96,14 +97,16 @@ async fn transient_failure_is_retried_with_backoff_then_processed() {
 async fn retries_exhausted_or_budget_spent_dead_letter_as_transient() {
     let states = BTreeMap::from([(0, MemoryStore::default())]);
     let mut retry = RetryBudget::new(policy(1), Duration::from_secs(10));
-    let staged = step(&mut Scripted::default(), &wired(), &states, vec![(input(0), created("transient-5-a"))], T0, &mut retry, "w").await;
+    let staged =
+        step(&mut Scripted::default(), &wired(), &states, vec![(input(0), created("transient-5-a"))], At::now(T0), &mut retry, "w").await;
     assert_eq!(staged.outcomes, vec![Outcome::DeadLettered]);
     assert_eq!(staged.dead_letters[0].1.class, DeadLetterClass::Transient);
     assert_eq!(staged.dead_letters[0].1.attempts, 2);
     // A budget smaller than the first backoff: dead-lettered at once, no wait.
     let mut retry = RetryBudget::new(policy(3), Duration::from_millis(50));
     let started = tokio::time::Instant::now();
-    let staged = step(&mut Scripted::default(), &wired(), &states, vec![(input(0), created("transient-1-b"))], T0, &mut retry, "w").await;
+    let staged =
+        step(&mut Scripted::default(), &wired(), &states, vec![(input(0), created("transient-1-b"))], At::now(T0), &mut retry, "w").await;
     assert_eq!(started.elapsed(), Duration::ZERO);
     assert_eq!((staged.dead_letters[0].1.class, staged.dead_letters[0].1.attempts), (DeadLetterClass::Transient, 1));
     assert!(staged.outputs.is_empty());
@@ -120,7 +123,7 @@ async fn rejections_invalid_events_and_duplicates_are_sorted_per_record() {
         (input(2), created("dup")),
         (input(3), created("ok")),
     ];
-    let staged = step(&mut Scripted::default(), &wired(), &states, records, T0, &mut RetryBudget::none(), "w").await;
+    let staged = step(&mut Scripted::default(), &wired(), &states, records, At::now(T0), &mut RetryBudget::none(), "w").await;
     assert_eq!(staged.outcomes, vec![Outcome::DeadLettered, Outcome::DeadLettered, Outcome::Duplicate, Outcome::Processed]);
     let classes: Vec<(usize, DeadLetterClass)> = staged.dead_letters.iter().map(|(i, r)| (*i, r.class)).collect();
     assert_eq!(classes, vec![(0, DeadLetterClass::NotAvro), (1, DeadLetterClass::Invalid)]);
@@ -138,7 +141,7 @@ async fn due_timers_fire_after_the_records_each_naming_its_timer() {
     let states = BTreeMap::from([(0, p0), (1, p1)]);
     let mut retry = RetryBudget::new(policy(3), Duration::from_secs(10));
     let started = tokio::time::Instant::now();
-    let staged = step(&mut Scripted::default(), &wired(), &states, vec![], T0, &mut retry, "w").await;
+    let staged = step(&mut Scripted::default(), &wired(), &states, vec![], At::now(T0), &mut retry, "w").await;
     assert_eq!(started.elapsed(), Duration::from_millis(300), "the flaky timer failed twice: 100 + 200 ms");
     assert_eq!(staged.timers_fired, 2);
     let causes: Vec<Cause> = staged.outputs.iter().map(|(_, c)| c.clone()).collect();
@@ -159,7 +162,7 @@ async fn a_spent_budget_leaves_due_timers_for_a_later_unit() {
     p0.timers.insert(b"flaky".to_vec(), T0);
     let states = BTreeMap::from([(0, p0)]);
     let mut retry = RetryBudget::new(policy(3), Duration::from_millis(150));
-    let staged = step(&mut Scripted::default(), &wired(), &states, vec![], T0, &mut retry, "w").await;
+    let staged = step(&mut Scripted::default(), &wired(), &states, vec![], At::now(T0), &mut retry, "w").await;
     assert!(staged.stop.is_none());
     assert_eq!(staged.timers_fired, 0);
     assert!(staged.changes[&0].timers.is_empty(), "the timer stays scheduled");
@@ -169,7 +172,7 @@ async fn a_spent_budget_leaves_due_timers_for_a_later_unit() {
 async fn a_fatal_failure_stops_the_step_where_it_happened() {
     let states = BTreeMap::from([(0, MemoryStore::default())]);
     let records = vec![(input(0), created("ok")), (input(1), created("corrupt-a")), (input(2), created("never"))];
-    let staged = step(&mut Scripted::default(), &wired(), &states, records, T0 + 10_000, &mut RetryBudget::none(), "w").await;
+    let staged = step(&mut Scripted::default(), &wired(), &states, records, At::now(T0 + 10_000), &mut RetryBudget::none(), "w").await;
     assert_eq!(staged.outcomes, vec![Outcome::Processed, Outcome::NotReached, Outcome::NotReached]);
     let stop = staged.stop.expect("stopped");
     assert_eq!(stop.cause, Cause::Input(1));
@@ -179,7 +182,7 @@ async fn a_fatal_failure_stops_the_step_where_it_happened() {
     let mut p0 = MemoryStore::default();
     p0.timers.insert(b"fatal".to_vec(), T0);
     let states = BTreeMap::from([(0, p0)]);
-    let staged = step(&mut Scripted::default(), &wired(), &states, vec![], T0, &mut RetryBudget::none(), "w").await;
+    let staged = step(&mut Scripted::default(), &wired(), &states, vec![], At::now(T0), &mut RetryBudget::none(), "w").await;
     assert_eq!(staged.stop.map(|s| s.cause), Some(Cause::Timer { partition: 0, key: b"fatal".to_vec(), due_ms: T0 }));
     assert!(staged.changes[&0].timers.is_empty(), "the failing timer stays scheduled");
 }
@@ -202,4 +205,35 @@ fn admission_rules_name_their_class() {
     let other: Event = orderflow_api::fixtures::order_cancelled("c", "O", "X", T0).into();
     assert_eq!(rules.check_event("in", &other, T0).unwrap_err().class, DeadLetterClass::WrongSchema);
     assert_eq!(rules.check_event("elsewhere", &other, T0), Ok(()), "a topic without a schema carries any");
+    let long: Event = order_created(&"x".repeat(MAX_EVENT_ID_BYTES + 1), "O", T0, &[("P", 1)]).into();
+    assert_eq!(rules.check_event("in", &long, T0).unwrap_err().class, DeadLetterClass::Invalid);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retention_sweep_is_armed_by_records_and_forgets_old_markers_without_the_processor() {
+    let retention_ms = 60_000;
+    let at = |now_ms| At { now_ms, retention_ms };
+    // A partition whose committed state remembers `old` (seen at T0) through an indexed marker.
+    let mut p0 = MemoryStore::default();
+    let mut committed = Changes::default();
+    let seen = vec![(orderflow_api::seen_key("old"), T0.to_be_bytes().to_vec())];
+    committed.writes.insert(seen[0].0.clone(), Some(seen[0].1.clone()));
+    retention::index(b"m-unit-1", &seen, &mut committed);
+    p0.apply(committed);
+    let states = BTreeMap::from([(0, p0.clone())]);
+    let staged =
+        step(&mut Scripted::default(), &wired(), &states, vec![(input(0), created("new"))], at(T0), &mut RetryBudget::none(), "w").await;
+    let first_sweep = T0 + retention::sweep_interval_ms(retention_ms);
+    assert_eq!(staged.changes[&0].timers.get(retention::SWEEP_TIMER), Some(&Some(first_sweep)), "armed by the first records");
+    p0.apply(staged.changes.into_values().next().unwrap());
+    // Later sweeps keep `old` until the retention has passed since it was seen.
+    let states = BTreeMap::from([(0, p0.clone())]);
+    let staged = step(&mut Scripted::default(), &wired(), &states, vec![], at(T0 + retention_ms - 1), &mut RetryBudget::none(), "w").await;
+    assert_eq!(staged.swept, retention::Swept::default());
+    assert_eq!(staged.timers_fired, 1, "the processor's own timer (t/new) fired; the sweep is not counted");
+    let states = BTreeMap::from([(0, p0)]);
+    let staged = step(&mut Scripted::default(), &wired(), &states, vec![], at(T0 + retention_ms), &mut RetryBudget::none(), "w").await;
+    assert_eq!(staged.swept, retention::Swept { markers: 1, ids: 1 });
+    assert_eq!(staged.changes[&0].writes.get(&orderflow_api::seen_key("old")), Some(&None));
+    assert!(staged.outputs.iter().all(|(o, _)| !o.key.contains("sweep")), "the sweep never reaches the processor");
 }

@@ -158,6 +158,8 @@ pub struct Worker {
     retry_budget: Duration,
     /// Admission rules for input records.
     rules: Rules,
+    /// `state_retention` in ms (`Context::retention_ms`, the retention sweep).
+    retention_ms: i64,
     /// Input topic → its dead-letter topic.
     dead_letter: BTreeMap<String, String>,
     /// Longest value a dead-letter record carries; a longer one is left out (header
@@ -244,6 +246,7 @@ impl Worker {
             retry: spec.retry(&t.defaults),
             retry_budget: crate::topology::max_poll_interval(&t.broker) / 2,
             rules: Rules::of(&setup.topology, &spec.inputs),
+            retention_ms: spec.retention_ms(&t.defaults),
             dead_letter: spec.inputs.iter().map(|i| (i.clone(), t.dead_letter_of(i))).collect(),
             max_dead_letter_value: max_dead_letter_value(&t.broker),
             clock: Arc::new(SystemClock),

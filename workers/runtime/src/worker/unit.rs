@@ -36,7 +36,8 @@ impl Worker {
         let admitted: Vec<bool> = records.iter().map(|(_, r)| r.is_ok()).collect();
         let staged = {
             let states: BTreeMap<i32, &Shard> = self.owned.iter().map(|p| (*p, &self.shards[p])).collect();
-            step::step(self.processor.as_mut(), &self.wired, &states, records, now, &mut retry, &self.name).await
+            let at = step::At { now_ms: now, retention_ms: self.retention_ms };
+            step::step(self.processor.as_mut(), &self.wired, &states, records, at, &mut retry, &self.name).await
         };
         self.report(&batch, &admitted, &staged, &retry, now, started);
         if let Some(stop) = staged.stop {
@@ -71,11 +72,16 @@ impl Worker {
             records.push(dead_letter_record(topic, &batch[*i], r, &self.name, now, self.max_dead_letter_value));
         }
         let empty = BTreeMap::new();
-        let changelog = changes
-            .iter()
-            .filter(|(p, c)| !c.is_empty() || offsets.contains_key(*p))
-            .map(|(p, c)| (*p, changelog::records(&self.inputs, c, offsets.get(p).unwrap_or(&empty))))
-            .collect();
+        let mut changelog = Vec::new();
+        for (p, c) in changes.iter_mut().filter(|(p, c)| !c.is_empty() || offsets.contains_key(*p)) {
+            let records = changelog::records(&self.inputs, c, offsets.get(p).unwrap_or(&empty));
+            // The unit's marker carries its remembered eventIds: index it locally, so the
+            // retention sweep can forget them with it (`retention`).
+            if let Some(marker) = records.last() {
+                crate::retention::index(&marker.key, &changelog::marker_seen(marker), c);
+            }
+            changelog.push((*p, records));
+        }
         let unit = Unit { records, changelog_topic: self.changelog_topic.clone(), changelog, offsets };
         let offsets = unit.offsets.clone();
         let broker = KafkaBroker {
@@ -122,6 +128,7 @@ impl Worker {
         self.metrics.retries.with_label_values(&[w, "registry"]).inc_by(retry.registry_retries);
         self.metrics.retries.with_label_values(&[w, "processor"]).inc_by(retry.processor_retries);
         self.metrics.timers_fired.with_label_values(&[w]).inc_by(staged.timers_fired as u64);
+        self.metrics.forgotten.with_label_values(&[w]).inc_by(staged.swept.ids as u64);
         self.metrics.processing.with_label_values(&[w]).observe(started.elapsed().as_secs_f64());
     }
 

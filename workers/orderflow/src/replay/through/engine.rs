@@ -102,6 +102,8 @@ pub struct Engine {
     wired: Vec<String>,
     pub(super) shards: BTreeMap<i32, MemoryStore>,
     clock: i64,
+    /// The worker's `state_retention` in ms (`Context::retention_ms`).
+    retention_ms: i64,
     /// Counts of the reported (non-warm-up) part.
     pub stats: Stats,
     /// Events emitted by the reported part, in order.
@@ -132,11 +134,20 @@ impl Engine {
             ports,
             shards,
             clock: i64::MIN,
+            retention_ms: orderflow_api::millis(orderflow_api::DEFAULT_STATE_RETENTION),
             stats: Stats::default(),
             emitted: Vec::new(),
             dead_letters: Vec::new(),
             failures: Vec::new(),
         }
+    }
+
+    /// Runs with the worker's `state_retention` (ms) instead of the default. Ids the replay itself
+    /// remembers are not indexed (a replay writes no commit markers), so only ids of the shadow's
+    /// changelog units are forgotten within a replay: far shorter than any retention in practice.
+    pub fn with_retention(mut self, retention_ms: i64) -> Engine {
+        self.retention_ms = retention_ms;
+        self
     }
 
     /// The replay clock (ms): the latest record timestamp seen.
@@ -176,7 +187,8 @@ impl Engine {
         let inputs: Vec<(i32, i64, Option<String>)> =
             records.iter().map(|(i, r)| (i.partition, i.offset, r.as_ref().ok().map(|e| e.event_id().to_string()))).collect();
         let states: BTreeMap<i32, &MemoryStore> = partitions.iter().map(|p| (*p, &self.shards[p])).collect();
-        let staged = step::step(self.processor.as_mut(), &self.wired, &states, records, now, &mut RetryBudget::none(), &self.worker).await;
+        let at = step::At { now_ms: now, retention_ms: self.retention_ms };
+        let staged = step::step(self.processor.as_mut(), &self.wired, &states, records, at, &mut RetryBudget::none(), &self.worker).await;
         for (p, changes) in staged.changes {
             self.shards.get_mut(&p).expect("a shard for every partition of the unit").apply(changes);
         }

@@ -126,24 +126,21 @@ impl ShadowBuilder {
                 };
                 self.pending.push((key.to_vec(), value.map(<[u8]>::to_vec), pos));
             }
-            Some(&TAG_MARKER) => {
-                let Entry::Marker { offsets, seen } = decode_record(&self.inputs, key, value).map_err(at)? else {
-                    return Err(at("an m… key that is not a commit marker".into()));
-                };
-                let pos = position_of(&offsets, self.report.position);
-                if pos <= self.from {
-                    let pending = std::mem::take(&mut self.pending);
-                    self.apply(pending.into_iter().map(|(k, v, _)| (k, v)))?;
-                    self.store.apply(orderflow_api::Changes {
-                        writes: seen.into_iter().map(|(k, v)| (k, Some(v))).collect(),
-                        ..Default::default()
-                    });
-                    self.report.units += 1;
-                    self.report.position = pos;
-                } else {
-                    self.stop()?;
+            Some(&TAG_MARKER) => match decode_record(&self.inputs, key, value).map_err(at)? {
+                Entry::MarkerGone { .. } => self.pending.push((key.to_vec(), None, None)),
+                Entry::Marker { offsets, seen } => {
+                    let pos = position_of(&offsets, self.report.position);
+                    if pos <= self.from {
+                        let pending = std::mem::take(&mut self.pending);
+                        self.apply(pending.into_iter().map(|(k, v, _)| (k, v)), Some((key, seen)))?;
+                        self.report.units += 1;
+                        self.report.position = pos;
+                    } else {
+                        self.stop()?;
+                    }
                 }
-            }
+                _ => return Err(at("an m… key that is not a commit marker".into())),
+            },
             _ => return Err(at(format!("unknown changelog key {key:?}"))),
         }
         Ok(())
@@ -163,7 +160,7 @@ impl ShadowBuilder {
                     "{} record(s) of units whose markers were compacted away applied by their own input offsets",
                     early.len()
                 ));
-                self.apply(early.into_iter().map(|(k, v, _)| (k, v)))?;
+                self.apply(early.into_iter().map(|(k, v, _)| (k, v)), None)?;
             }
         } else {
             self.report.not_applied += pending.len() as u64;
@@ -171,8 +168,15 @@ impl ShadowBuilder {
         Ok(())
     }
 
-    fn apply(&mut self, records: impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>)>) -> std::result::Result<(), String> {
+    /// Applies a unit's records, completed at its marker (`marker`: its key and remembered
+    /// `eventId`s) as the live restore completes it (`changelog::apply_marker`).
+    fn apply(
+        &mut self,
+        records: impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>)>,
+        marker: Option<(&[u8], orderflow_runtime::changelog::Seen)>,
+    ) -> std::result::Result<(), String> {
         let mut changes = orderflow_api::Changes::default();
+        let mut gone = Vec::new();
         for (key, value) in records {
             match decode_record(&self.inputs, &key, value.as_deref())? {
                 Entry::Data { key, value, .. } => {
@@ -181,9 +185,12 @@ impl ShadowBuilder {
                 Entry::Timer { key, deadline, .. } => {
                     changes.timers.insert(key, deadline);
                 }
+                Entry::MarkerGone { key } => gone.push(key),
                 Entry::Marker { .. } => return Err("a commit marker among a unit's records".into()),
             }
         }
+        let (key, seen) = marker.unwrap_or((b"m", Vec::new()));
+        orderflow_runtime::changelog::apply_marker(&self.store, key, seen, &gone, &mut changes);
         self.store.apply(changes);
         Ok(())
     }
