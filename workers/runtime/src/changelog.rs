@@ -713,7 +713,7 @@ mod tests {
         restored.apply(first);
         assert!(restored.data.contains_key(&orderflow_api::seen_key("e1")));
         let mut second = Changes::default();
-        apply_marker(&restored, b"m", Vec::new(), &[marker.key.clone()], &mut second);
+        apply_marker(&restored, b"m", Vec::new(), std::slice::from_ref(&marker.key), &mut second);
         restored.apply(second);
         assert!(restored.data.is_empty(), "{:?}", restored.data);
     }

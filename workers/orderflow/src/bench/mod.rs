@@ -19,6 +19,7 @@
 //! when the input is drained or the duration is over.
 
 pub mod recovery;
+pub mod retention;
 pub mod saga;
 
 use std::collections::BTreeMap;
@@ -60,6 +61,9 @@ enum Scenario {
     /// Recovery after SIGKILL (local state, and sled deleted: changelog rebuild) and peak RSS of
     /// a worker holding many state keys.
     Recovery(crate::bench::recovery::RecoveryArgs),
+    /// State and changelog size over a long run with a short `state_retention` (issue 13):
+    /// samples over time, exact key counts at the end.
+    Retention(crate::bench::retention::RetentionArgs),
 }
 
 /// Flags every scenario shares.
@@ -212,6 +216,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         Scenario::Worker(a) => serde_json::to_string(&worker(a).await?)?,
         Scenario::Saga(a) => serde_json::to_string(&crate::bench::saga::run(a).await?)?,
         Scenario::Recovery(a) => serde_json::to_string(&crate::bench::recovery::run(a).await?)?,
+        Scenario::Retention(a) => serde_json::to_string(&crate::bench::retention::run(a).await?)?,
     };
     println!("{json}");
     Ok(())

@@ -87,6 +87,33 @@ fn worker_units(metrics: &Metrics, name: &str, processed: u64) -> Units {
     }
 }
 
+/// Starts worker `name` of `loaded` in-process (instance `bench`); returns its task and the
+/// sender that stops it.
+///
+/// Errors: an unknown kind, or the worker failing to start (broker, state store).
+pub(super) async fn spawn_worker(
+    loaded: &Arc<Loaded>,
+    name: &str,
+    codec: Arc<Codec>,
+    metrics: &Metrics,
+) -> Result<(tokio::task::JoinHandle<Result<(), orderflow_runtime::worker::WorkerError>>, watch::Sender<bool>)> {
+    let spec = &loaded.topology.workers[name];
+    let processor = crate::kinds::build(spec).with_context(|| format!("unknown kind {}", spec.kind))?;
+    let w = Worker::new(WorkerSetup {
+        name: name.to_string(),
+        topology: loaded.clone(),
+        processor,
+        ports: crate::kinds::ports(&spec.kind).expect("known kind"),
+        codec,
+        metrics: metrics.clone(),
+        instance: "bench".into(),
+        ready: Arc::new(AtomicBool::new(false)),
+    })
+    .await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    Ok((tokio::spawn(w.run(stop_rx)), stop_tx))
+}
+
 pub(super) async fn worker(args: WorkerArgs) -> Result<WorkerResult> {
     let c = &args.common;
     let mut loaded: Loaded = crate::topology::load_topology(&c.topology, c.bootstrap.as_deref())?;
@@ -145,20 +172,7 @@ pub(super) async fn worker(args: WorkerArgs) -> Result<WorkerResult> {
 
     // The worker, in-process.
     let metrics = Metrics::new();
-    let processor = crate::kinds::build(spec).with_context(|| format!("unknown kind {}", spec.kind))?;
-    let w = Worker::new(WorkerSetup {
-        name: name.clone(),
-        topology: loaded.clone(),
-        processor,
-        ports: crate::kinds::ports(&spec.kind).expect("known kind"),
-        codec,
-        metrics: metrics.clone(),
-        instance: "bench".into(),
-        ready: Arc::new(AtomicBool::new(false)),
-    })
-    .await?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let handle = tokio::spawn(w.run(stop_rx));
+    let (handle, stop_tx) = spawn_worker(&loaded, &name, codec, &metrics).await?;
     let mut meter = Meter::new(c.warmup, c.duration, total);
     let give_up = Instant::now() + c.warmup + c.duration + Duration::from_secs(120);
     let window = loop {
