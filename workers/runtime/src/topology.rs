@@ -1070,6 +1070,8 @@ kind = "a"
 inputs = ["in"]
 outputs = {}
 saga_timeout = "3m"
+state_retention = "500ms"
+max_batch = 3001
 "#;
         let kinds: &[KindInfo] = &[KindInfo { name: "a", ports: &[], settings: KindInfo::no_settings }, KINDS[1]];
         let loaded = load(&write(dir.path(), text)).unwrap();
@@ -1082,6 +1084,8 @@ saga_timeout = "3m"
             "worker w: retry waits up to",
             "worker a: kind `a`: unknown key `saga_timeout` (this kind has no settings of its own)",
             "topic in: dead_letter `out` must be a topic of its own",
+            "worker a: state_retention 500ms must be at least 1s",
+            "worker a: max_batch 3001 must be between 1 and 3000",
         ];
         for e in expect {
             assert!(problems.iter().any(|p| p.starts_with(e)), "missing `{e}` in {problems:#?}");
@@ -1090,6 +1094,8 @@ saga_timeout = "3m"
         assert_eq!(t.dead_letter_of("out"), "out.dlq");
         let r = t.workers["w"].retry(&t.defaults);
         assert_eq!((r.attempts, r.initial_backoff, r.max_backoff), (50, Duration::from_millis(100), Duration::from_secs(30)));
+        assert_eq!(t.workers["w"].retention_ms(&t.defaults), orderflow_api::millis(orderflow_api::DEFAULT_STATE_RETENTION));
+        assert_eq!(t.workers["a"].retention_ms(&t.defaults), 500);
     }
 
     #[test]
