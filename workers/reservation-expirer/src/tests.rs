@@ -58,8 +58,10 @@ fn a_closed_order_is_forgotten_after_the_state_retention() {
     assert!(h.store.data.contains_key(&closed_key("O-1")), "kept within the retention");
     h.advance(T0 + 10 + 10 * TTL).unwrap();
     assert!(!h.store.data.contains_key(&closed_key("O-1")), "forgotten at it");
-    assert!(h.store.timers.is_empty(), "nothing else scheduled: {:?}", h.store.timers);
     assert!(h.store.data.contains_key(&closed_key("O-2")), "O-2 expired and closed later");
+    let pending: Vec<_> = h.store.timers.keys().filter_map(|k| orderflow_api::forgotten(k)).collect();
+    assert_eq!(pending, vec![closed_key("O-2").as_slice()], "only O-2's closed mark waits to be forgotten");
+    assert_eq!(h.store.timers.len(), 1, "no expiry left: {:?}", h.store.timers);
 }
 
 #[test]
@@ -79,7 +81,7 @@ fn closed_order_does_not_schedule() {
     let mut h = harness();
     h.feed("t", cancelled("k1", "O-1"), T0).unwrap();
     assert!(h.feed("t", reserved("e1", "O-1"), T0).unwrap().is_empty());
-    assert!(h.store.timers.is_empty());
+    assert!(!h.store.timers.contains_key(&timer_key("O-1")), "no expiry scheduled for a closed order");
     assert!(h.advance(T0 + 2 * TTL).unwrap().is_empty());
     assert!(h.notes.iter().any(|n| n.measure == "late_event" && n.label == "reserved_after_close"));
 }
