@@ -398,7 +398,7 @@ fn metrics_are_exported_and_move_as_events_flow() {
 
     // Every listed family is declared with its type once it has a child.
     let listed = listed_families();
-    assert_eq!(listed.len(), 18, "deploy/metrics.txt lists {} families", listed.len());
+    assert_eq!(listed.len(), 19, "deploy/metrics.txt lists {} families", listed.len());
     let cannot_move_when_healthy =
         ["orderflow_dlq_records_total", "orderflow_stock_conservation_mismatches_total", "orderflow_retries_total"];
     for (family, kind) in &listed {
@@ -860,7 +860,11 @@ fn run_outage(kind: common::BrokerKind) {
     // whole gap under `max.poll.interval.ms` (30 s in topology.toml). A longer gap makes librdkafka
     // leave the group while a unit waits for acknowledgements; one run of that left an input
     // partition unread after the rejoin (README "Which tests run on which broker"; not yet diagnosed).
-    let outage = if broker.kind == common::BrokerKind::Kafka { Duration::from_secs(10) } else { Duration::from_secs(20) };
+    // On tansu, too, the gap stays well under the 30 s session timeout: tansu counts its own
+    // downtime against the members' sessions, and an expired member can strand its group behind a
+    // dangling leader (README "tansu 0.6.0: what we found"; seen again in CI with a 20 s outage,
+    // the stock reserver left without partitions until the end of the run).
+    let outage = Duration::from_secs(10);
     let (mut ctx, _run_dir) = Ctx::new(&broker, "outage");
     ctx.ttl = OUTAGE_TTL;
     if broker.kind == common::BrokerKind::Tansu {

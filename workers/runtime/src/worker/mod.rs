@@ -220,6 +220,8 @@ impl Worker {
             warn!(worker = %setup.name, state = %state_path.display(), "state store was reset; partitions will be rebuilt from the changelog");
         }
         setup.metrics.guarantee.with_label_values(&[&setup.name, guarantee.as_str()]).set(1);
+        // Exported as 0 from the start, so `rate()` sees the first ids forgotten a retention later.
+        setup.metrics.forgotten.with_label_values(&[&setup.name]);
         info!(worker = %setup.name, instance = %setup.instance, guarantee = guarantee.as_str(), state = %state_path.display(), "worker started");
         Ok(Worker {
             name: setup.name.clone(),

@@ -240,7 +240,7 @@ pub async fn run(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Res
         })
         .await?
     };
-    let mut engine = Engine::new(&worker, processor, &topic, ports.clone(), shards);
+    let mut engine = Engine::new(&worker, processor, &topic, ports.clone(), shards).with_retention(spec.retention_ms(&t.defaults));
     for m in &warm_records {
         let ts = timestamp_of(m).unwrap_or(i64::MIN);
         let decoded = admit(&codec, &rules, &worker, m, ts).await;
