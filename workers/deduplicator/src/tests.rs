@@ -44,10 +44,25 @@ fn forwards_stock_events_unchanged_keyed_by_store() {
     let mut h = harness();
     for ev in forwarded_events() {
         let outs = h.feed("any", ev.clone(), 0).unwrap();
-        assert_eq!(outs.len(), 1, "{}", ev.schema_name());
         assert_eq!(outs[0].port, "out");
         assert_eq!(outs[0].key, "HQ-1:S-1");
         assert_eq!(outs[0].event, ev, "same event, same eventId");
+    }
+}
+
+#[test]
+fn order_events_of_the_order_joins_are_rekeyed_by_order_from_the_event() {
+    let mut h = harness();
+    for ev in forwarded_events() {
+        let outs = h.feed("any", ev.clone(), 0).unwrap();
+        let by_order: Vec<_> = outs.iter().filter(|o| o.port != "out").map(|o| (o.port.as_str(), o.key.as_str())).collect();
+        let expected: Vec<(&str, &str)> = match &ev {
+            Event::OrderCreated(_) => vec![("created", "O-1")],
+            Event::OrderCancelled(_) => vec![("cancelled", "O-1")],
+            _ => vec![],
+        };
+        assert_eq!(by_order, expected, "{}", ev.schema_name());
+        assert!(outs.iter().all(|o| o.event == ev), "same event, same eventId");
     }
 }
 
@@ -87,7 +102,7 @@ fn orders_with_invalid_content_are_forwarded_for_the_reserver_to_answer() {
     {
         let ev = OrderCreated { event_id: format!("bad-{i}"), ..ev };
         let outs = h.feed("order.created", ev.clone(), 0).unwrap();
-        assert_eq!(outs.len(), 1, "{ev:?}");
+        assert_eq!(outs.len(), 2, "to the reserver and to the canceller: {ev:?}");
         assert_eq!((outs[0].key.as_str(), &outs[0].event), (format!("HQ-1:{}", ev.store_id).as_str(), &Event::from(ev)));
     }
 }
@@ -95,7 +110,7 @@ fn orders_with_invalid_content_are_forwarded_for_the_reserver_to_answer() {
 #[test]
 fn repeated_event_id_is_forwarded_once() {
     let mut h = harness();
-    assert_eq!(h.feed("t", created("e1", "S-1"), 0).unwrap().len(), 1);
+    assert_eq!(h.feed("t", created("e1", "S-1"), 0).unwrap().len(), 2, "by store and by order");
     assert!(h.feed("t", created("e1", "S-1"), 1).unwrap().is_empty());
 }
 

@@ -18,11 +18,11 @@ use serde::de::DeserializeOwned;
 
 /// Every kind, as `topology check` knows them.
 pub const KINDS: &[KindInfo] = &[
-    KindInfo { name: "deduplicator", ports: deduplicator::PORTS, settings: KindInfo::no_settings },
-    KindInfo { name: "stock-reserver", ports: stock_reserver::PORTS, settings: reserver_settings },
-    KindInfo { name: "order-confirmer", ports: order_confirmer::PORTS, settings: KindInfo::no_settings },
-    KindInfo { name: "canceller", ports: canceller::PORTS, settings: canceller_settings },
-    KindInfo { name: "reservation-expirer", ports: reservation_expirer::PORTS, settings: ttl_settings },
+    KindInfo { name: "deduplicator", ports: deduplicator::PORTS, settings: KindInfo::no_settings, reads_external: true },
+    KindInfo { name: "stock-reserver", ports: stock_reserver::PORTS, settings: reserver_settings, reads_external: false },
+    KindInfo { name: "order-confirmer", ports: order_confirmer::PORTS, settings: KindInfo::no_settings, reads_external: false },
+    KindInfo { name: "canceller", ports: canceller::PORTS, settings: canceller_settings, reads_external: false },
+    KindInfo { name: "reservation-expirer", ports: reservation_expirer::PORTS, settings: ttl_settings, reads_external: false },
 ];
 
 /// The output ports of `kind`, if it is one of [`KINDS`].

@@ -12,9 +12,13 @@
 //! - [`kafka`]: client configuration per side, the group protocol, topic creation (waiting for
 //!   leaders), dead-letter header names.
 //! - [`metrics`]: the Prometheus families the binary exports.
+//! - [`partitioner`]: the producers' partitioner (murmur2, as the Java client) and librdkafka's
+//!   default (CRC32), to compute where a key goes.
 //! - [`probe`]: does the broker implement transactions? (one `ApiVersions` request).
 //! - [`retention`]: bounded state: closed records and remembered `eventId`s forgotten after
 //!   `state_retention` (the marker index and its sweep punctuation).
+//! - [`routing`]: records of external topics keyed or partitioned otherwise than orderflow's
+//!   partitioner would (issue 19), and the producer's likely partitioner.
 //! - [`stall`]: the stalled-partition watch (records waiting, position not moving).
 //! - [`step`]: the broker-free unit step (admission, processing, timers, staged effects), shared
 //!   by the worker, replay and fuzzing.
@@ -31,8 +35,10 @@ pub mod commit;
 pub mod deadletter;
 pub mod kafka;
 pub mod metrics;
+pub mod partitioner;
 pub mod probe;
 pub mod retention;
+pub mod routing;
 pub mod stall;
 pub mod step;
 pub mod store;

@@ -19,6 +19,8 @@ pub const NAMES: &[&str] = &[
     "orderflow_dlq_records_total",
     "orderflow_timers_fired_total",
     "orderflow_state_forgotten_event_ids_total",
+    "orderflow_misrouted_records_total",
+    "orderflow_partition_count_mismatch",
     "orderflow_assigned_partitions",
     "orderflow_guarantee_info",
     "orderflow_state_restore_seconds",
@@ -69,6 +71,14 @@ pub struct Metrics {
     /// `orderflow_state_forgotten_event_ids_total{worker}`: remembered `eventId`s forgotten by
     /// the retention sweep (`retention`); flat while traffic flows means the sweep is not running.
     pub forgotten: IntCounterVec,
+    /// `orderflow_misrouted_records_total{worker,topic,reason}`: records of an external topic an
+    /// outside producer keyed or partitioned otherwise than orderflow's partitioner would
+    /// (`routing`); reason is `partition`, `no_key` or `key_mismatch`. Handled (the deduplicator
+    /// re-keys from the event), counted so the producer gets fixed.
+    pub misrouted: IntCounterVec,
+    /// `orderflow_partition_count_mismatch{worker,topic}`: 1 when an input topic on the broker has
+    /// another partition count than `topology.toml` declares (checked at start), else 0.
+    pub partition_mismatch: IntGaugeVec,
     /// `orderflow_assigned_partitions{worker}`.
     pub assigned: IntGaugeVec,
     /// `orderflow_guarantee_info{worker,guarantee}`: 1 for the guarantee in force.
@@ -150,6 +160,16 @@ impl Metrics {
                 "orderflow_state_forgotten_event_ids_total",
                 "Remembered eventIds forgotten after the state retention.",
                 &["worker"],
+            ),
+            misrouted: counter(
+                "orderflow_misrouted_records_total",
+                "External-topic records keyed or partitioned otherwise than orderflow's partitioner would.",
+                &["worker", "topic", "reason"],
+            ),
+            partition_mismatch: gauge(
+                "orderflow_partition_count_mismatch",
+                "1 when an input topic has another partition count on the broker than the topology declares.",
+                &["worker", "topic"],
             ),
             assigned: gauge("orderflow_assigned_partitions", "Input partitions assigned to this instance.", &["worker"]),
             guarantee: gauge("orderflow_guarantee_info", "Processing guarantee in force (1).", &["worker", "guarantee"]),
@@ -260,6 +280,8 @@ mod tests {
         m.retries.with_label_values(&["w", "c"]);
         m.broker_connected.with_label_values(&["w"]);
         m.stalled.with_label_values(&["w"]);
+        m.misrouted.with_label_values(&["w", "t", "partition"]);
+        m.partition_mismatch.with_label_values(&["w", "t"]);
         let text = m.render();
         for (n, kind) in &listed {
             assert!(text.lines().any(|l| l == format!("# TYPE {n} {kind}")), "{n} is not exported as a {kind}");

@@ -511,6 +511,11 @@ pub struct KindInfo {
     ///
     /// Errors: a message naming the unknown key, the bad value or the broken rule.
     pub settings: SettingsCheck,
+    /// Whether the kind may read external topics (`external` set): it keeps no state per record
+    /// key and keys its outputs from the event's own fields, so an outside producer's
+    /// partitioner cannot split a key over two partitions' states (issue 19). Only the
+    /// deduplicator; every joining kind reads the repartition topics it writes.
+    pub reads_external: bool,
 }
 
 impl KindInfo {
@@ -791,6 +796,18 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
                 format!("inputs are not co-partitioned (partition counts {partitions:?}); state is sharded by input partition"),
             );
         }
+        if let Some(k) = kind.filter(|k| !k.reads_external) {
+            for input in w.inputs.iter().filter(|i| t.topics.get(*i).is_some_and(|s| s.external.is_some())) {
+                p(
+                    subject.clone(),
+                    format!(
+                        "kind `{}` joins by key but reads external topic `{input}`, which an outside producer partitions \
+                         (its partitioner may differ from orderflow's): read it through a repartition topic the deduplicator writes",
+                        k.name
+                    ),
+                );
+            }
+        }
         for (port, topic) in &w.outputs {
             if !t.topics.contains_key(topic) {
                 p(subject.clone(), format!("output `{port}` goes to `{topic}`, which is not a declared topic"));
@@ -943,8 +960,8 @@ mod tests {
     }
 
     const KINDS: &[KindInfo] = &[
-        KindInfo { name: "a", ports: &["out"], settings: KindInfo::no_settings },
-        KindInfo { name: "ttl", ports: &["out"], settings: ttl_settings },
+        KindInfo { name: "a", ports: &["out"], settings: KindInfo::no_settings, reads_external: true },
+        KindInfo { name: "ttl", ports: &["out"], settings: ttl_settings, reads_external: true },
     ];
 
     fn write(dir: &Path, text: &str) -> PathBuf {
@@ -972,6 +989,16 @@ kind = "a"
 inputs = ["in"]
 outputs = { out = "out" }
 "#;
+
+    #[test]
+    fn a_joining_kind_may_not_read_an_external_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        let loaded = load(&write(dir.path(), GOOD)).unwrap();
+        let joining = [KindInfo { reads_external: false, ..KINDS[0] }];
+        let problems: Vec<String> = check(&loaded, &joining).iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(problems[0].starts_with("worker w: kind `a` joins by key but reads external topic `in`"), "{problems:#?}");
+    }
 
     #[test]
     fn a_sound_topology_has_no_problems_and_graphs() {
@@ -1073,7 +1100,7 @@ saga_timeout = "3m"
 state_retention = "500ms"
 max_batch = 3001
 "#;
-        let kinds: &[KindInfo] = &[KindInfo { name: "a", ports: &[], settings: KindInfo::no_settings }, KINDS[1]];
+        let kinds: &[KindInfo] = &[KindInfo { name: "a", ports: &[], settings: KindInfo::no_settings, reads_external: true }, KINDS[1]];
         let loaded = load(&write(dir.path(), text)).unwrap();
         let problems: Vec<String> = check(&loaded, kinds).iter().map(|p| p.to_string()).collect();
         let expect = [

@@ -28,7 +28,7 @@ use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-const KINDS: &[KindInfo] = &[KindInfo { name: "deduplicator", ports: deduplicator::PORTS, settings: KindInfo::no_settings }];
+const KINDS: &[KindInfo] = &[KindInfo { name: "deduplicator", ports: deduplicator::PORTS, settings: KindInfo::no_settings, reads_external: true }];
 
 fn avro_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../avro")

@@ -1,10 +1,9 @@
 //! The Kafka I/O every command uses, in one place: the topic [`Reader`] (partitions assigned, no
 //! group membership, no commits) and [`blocking`] to call it from async code; watermarks,
 //! partition counts and offsets by time ([`reader`]); the producers' murmur2 partitioner
-//! ([`partitioner`]); RFC 3339 record times ([`time`]); a worker's state restored from its
+//! (`orderflow_runtime::partitioner`, re-exported); RFC 3339 record times ([`time`]); a worker's state restored from its
 //! changelog ([`restore_worker_state`]).
 
-pub mod partitioner;
 pub mod reader;
 pub mod time;
 
@@ -12,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
-pub use partitioner::{murmur2, partition_for};
+pub use orderflow_runtime::partitioner::{murmur2, partition_for};
 pub use reader::{
     high_watermarks, offsets_for_time, partition_count, records_held, watermark_client, watermark_sums, watermarks, Reader, Span,
 };

@@ -60,6 +60,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::codec::Codec;
 use crate::kafka::{client_config, Side};
 use crate::metrics::Metrics;
+use crate::routing::{Misroute, Routes};
 use crate::step::Rules;
 use crate::store::{Shard, Store, StoreError};
 use crate::topology::{BrokerConfig, Guarantee, Loaded, RetryPolicy, WorkerSpec};
@@ -158,6 +159,10 @@ pub struct Worker {
     retry_budget: Duration,
     /// Admission rules for input records.
     rules: Rules,
+    /// The key field and broker partition count of each external input (`routing`).
+    routes: Routes,
+    /// (topic, reason) of the misrouted records already logged (one warning each).
+    misroutes_logged: BTreeSet<(String, Misroute)>,
     /// `state_retention` in ms (`Context::retention_ms`, the retention sweep).
     retention_ms: i64,
     /// Input topic → its dead-letter topic.
@@ -192,6 +197,56 @@ fn max_dead_letter_value(broker: &BrokerConfig) -> usize {
     limit.saturating_sub(64 * 1024)
 }
 
+/// The [`Routes`] of the worker's external inputs, with each one's partition count as the broker
+/// has it. An input whose count differs from the topology's is logged and flagged in
+/// `orderflow_partition_count_mismatch` (issue 19: its producers partition by the broker's count;
+/// the deduplicator re-keys what it reads, so the records are still handled). A broker that does
+/// not answer within 10 s leaves the declared counts (logged).
+async fn external_routes(setup: &WorkerSetup, spec: &WorkerSpec) -> Routes {
+    let t = &setup.topology.topology;
+    let mut routes = Routes::of(&setup.topology, &spec.inputs);
+    let inputs = spec.inputs.clone();
+    let config = client_config(&t.broker, Side::Consumer);
+    let counts = tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, i32>, KafkaError> {
+        let consumer: rdkafka::consumer::BaseConsumer = config.create()?;
+        let meta = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+        Ok(meta
+            .topics()
+            .iter()
+            .filter(|m| inputs.iter().any(|i| i == m.name()) && m.error().is_none() && !m.partitions().is_empty())
+            .map(|m| (m.name().to_string(), m.partitions().len() as i32))
+            .collect())
+    })
+    .await;
+    let counts = match counts {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            warn!(worker = %setup.name, error = %e, "cannot read the input topics' partition counts; checking routes by the declared ones");
+            return routes;
+        }
+        Err(e) => {
+            warn!(worker = %setup.name, error = %e, "partition count lookup panicked; checking routes by the declared ones");
+            return routes;
+        }
+    };
+    for input in &spec.inputs {
+        let (Some(actual), Some(declared)) = (counts.get(input), t.topics.get(input).map(|s| s.partitions)) else { continue };
+        let mismatch = *actual != declared;
+        setup.metrics.partition_mismatch.with_label_values(&[&setup.name, input]).set(i64::from(mismatch));
+        if mismatch {
+            warn!(
+                worker = %setup.name,
+                topic = %input,
+                broker_partitions = actual,
+                declared_partitions = declared,
+                "input topic has another partition count on the broker than topology.toml declares"
+            );
+        }
+        routes.set_partitions(input, *actual);
+    }
+    routes
+}
+
 /// Milliseconds since the Unix epoch ([`SystemClock`]).
 pub fn now_ms() -> i64 {
     SystemClock.now_ms()
@@ -220,6 +275,7 @@ impl Worker {
             warn!(worker = %setup.name, state = %state_path.display(), "state store was reset; partitions will be rebuilt from the changelog");
         }
         setup.metrics.guarantee.with_label_values(&[&setup.name, guarantee.as_str()]).set(1);
+        let routes = external_routes(&setup, spec).await;
         // Exported as 0 from the start, so `rate()` sees the first ids forgotten a retention later.
         setup.metrics.forgotten.with_label_values(&[&setup.name]);
         info!(worker = %setup.name, instance = %setup.instance, guarantee = guarantee.as_str(), state = %state_path.display(), "worker started");
@@ -248,6 +304,8 @@ impl Worker {
             retry: spec.retry(&t.defaults),
             retry_budget: crate::topology::max_poll_interval(&t.broker) / 2,
             rules: Rules::of(&setup.topology, &spec.inputs),
+            routes,
+            misroutes_logged: BTreeSet::new(),
             retention_ms: spec.retention_ms(&t.defaults),
             dead_letter: spec.inputs.iter().map(|i| (i.clone(), t.dead_letter_of(i))).collect(),
             max_dead_letter_value: max_dead_letter_value(&t.broker),

@@ -18,6 +18,31 @@ use crate::step::{self, Input, Outcome, RetryBudget, Staged};
 use crate::store::Shard;
 
 impl Worker {
+    /// Counts an external record keyed or partitioned otherwise than orderflow's partitioner
+    /// would (`routing`), logging the first of each topic and reason. The record is processed as
+    /// it is: only the deduplicator reads external topics, and it re-keys from the event.
+    fn check_route(&mut self, m: &OwnedMessage, event: &orderflow_api::Event) {
+        let Some(f) = self.routes.check(m.topic(), m.partition(), m.key(), event) else {
+            return;
+        };
+        self.metrics.misrouted.with_label_values(&[self.name.as_str(), m.topic(), f.reason.as_str()]).inc();
+        if self.misroutes_logged.insert((m.topic().to_string(), f.reason)) {
+            warn!(
+                worker = %self.name,
+                topic = m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                reason = f.reason.as_str(),
+                key = %String::from_utf8_lossy(m.key().unwrap_or_default()),
+                expected_key = %f.expected_key,
+                expected_partition = f.expected_partition,
+                likely_partitioner = f.likely_partitioner,
+                "an outside producer keyed or partitioned this record otherwise than orderflow would; re-keyed from the event, \
+                 counted in orderflow_misrouted_records_total (logged once per topic and reason)"
+            );
+        }
+    }
+
     /// Processes one unit of work and commits it (see the module docs of `worker` for the order
     /// of steps).
     ///
@@ -31,7 +56,11 @@ impl Worker {
         let mut records = Vec::with_capacity(batch.len());
         for m in &batch {
             let input = Input { topic: m.topic(), partition: m.partition(), offset: m.offset() };
-            records.push((input, step::admit(&self.codec, &self.rules, input, m.payload(), now, &mut retry, &self.name).await));
+            let admitted = step::admit(&self.codec, &self.rules, input, m.payload(), now, &mut retry, &self.name).await;
+            if let Ok(event) = &admitted {
+                self.check_route(m, event);
+            }
+            records.push((input, admitted));
         }
         let admitted: Vec<bool> = records.iter().map(|(_, r)| r.is_ok()).collect();
         let staged = {

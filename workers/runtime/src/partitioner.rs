@@ -1,5 +1,7 @@
 //! The producers' partitioner: which partition a key goes to, computed here so a reader can go
-//! straight to it (`orderflow trace` reads only the partitions an order's records can be on).
+//! straight to it (`orderflow trace` reads only the partitions an order's records can be on) and
+//! so a worker can tell a record an outside producer put elsewhere ([`crate::routing`]), with the
+//! partitioner that likely did ([`consistent`], librdkafka's default).
 
 /// Kafka's murmur2 hash of `data` (the Java client's `Utils.murmur2`, librdkafka's
 /// `rd_murmur2`): seed `0x9747b28c`, as a signed 32-bit integer.
@@ -42,6 +44,15 @@ pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
     (murmur2(key) & 0x7fff_ffff) % partitions
 }
 
+/// The partition librdkafka's `consistent` / `consistent_random` partitioner (the default of
+/// every librdkafka-based client: Python, Go, .NET, Node, C/C++) gives a non-empty `key`:
+/// `crc32(key) % partitions` (`rd_kafka_msg_partitioner_consistent`, IEEE CRC-32 as zlib's).
+/// `partitions` must be positive.
+pub fn consistent(key: &[u8], partitions: i32) -> i32 {
+    assert!(partitions > 0, "a topic has at least one partition");
+    (crc32fast::hash(key) % partitions as u32) as i32
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -78,5 +89,12 @@ mod tests {
         // Every tail length (0..=3 bytes after the 4-byte blocks) is hashed.
         let hashes: BTreeSet<i32> = ["abcd", "abcde", "abcdef", "abcdefg"].iter().map(|k| murmur2(k.as_bytes())).collect();
         assert_eq!(hashes.len(), 4);
+    }
+
+    #[test]
+    fn consistent_is_crc32_modulo_the_partitions() {
+        // crc32("123456789") = 0xCBF43926 (the CRC-32 check value) = 3421780262; % 6 = 2.
+        assert_eq!(consistent(b"123456789", 6), (3_421_780_262u32 % 6) as i32);
+        assert_eq!(consistent(b"123456789", 1), 0);
     }
 }
