@@ -42,7 +42,7 @@ struct Setup {
 
 fn setup() -> Setup {
     let mock = MockCluster::new(1).expect("mock cluster");
-    for t in ["order.created", "stock.commands", "order.created.dlq", "orderflow-deduplicator-changelog"] {
+    for t in ["order.created", "stock.commands", "order.created.repartition", "order.cancelled.repartition", "order.created.dlq", "orderflow-deduplicator-changelog"] {
         mock.create_topic(t, 2, 1).expect("mock topic");
     }
     let dir = tempfile::tempdir().unwrap();
@@ -66,10 +66,18 @@ schema = "OrderCreated"
 partitions = 2
 key = "hqId:storeId"
 schema = "OrderCreated"
+[topics."order.created.repartition"]
+partitions = 2
+key = "orderId"
+schema = "OrderCreated"
+[topics."order.cancelled.repartition"]
+partitions = 2
+key = "orderId"
+schema = "OrderCancelled"
 [workers.deduplicator]
 kind = "deduplicator"
 inputs = ["order.created"]
-outputs = {{ out = "stock.commands" }}
+outputs = {{ out = "stock.commands", created = "order.created.repartition", cancelled = "order.cancelled.repartition" }}
 "#,
             avro = avro_dir().display(),
             bootstrap = mock.bootstrap_servers(),
