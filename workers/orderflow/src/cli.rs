@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::{bench, demo, dlq, inspect, reconcile, replay, topology};
+use crate::{bench, demo, dlq, doctor, inspect, reconcile, replay, topology};
 
 /// The command line of the `orderflow` binary.
 #[derive(Parser)]
@@ -75,6 +75,10 @@ pub enum Command {
     /// = initial + adjustments − sales, reserved = Σ live reservations, nothing negative; exit 1
     /// on any mismatch.
     Reconcile(reconcile::ReconcileArgs),
+    /// Check a live broker against the topology: partition counts as declared, and the external
+    /// topics' records keyed and partitioned as orderflow's partitioner would (a sample of each
+    /// partition); exit 1 on any problem.
+    Doctor(doctor::DoctorArgs),
     /// Throughput benchmarks against the local broker (raw baseline, one worker); one JSON
     /// object per scenario on stdout. `scripts/bench` runs them all.
     Bench(bench::BenchArgs),
@@ -120,5 +124,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Replay(args) => replay::run(args).await,
         Command::Reconcile(args) => reconcile::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Doctor(args) => doctor::run(args).await,
     }
 }

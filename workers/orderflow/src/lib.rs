@@ -10,6 +10,8 @@
 //! - [`inspect`]: `orderflow tap` and `orderflow trace`: decoded records, an order's timeline.
 //! - [`replay`]: `orderflow replay --into|--through`: republish a range or run it through a worker.
 //! - [`reconcile`]: `orderflow reconcile`: the stock reserver's reconciliation over its changelog.
+//! - [`doctor`]: `orderflow doctor`: a live broker against the topology (partition counts, external
+//!   records keyed and partitioned as orderflow would, issue 19).
 //! - [`demo`]: `orderflow demo`: TPC-H orders and the seed scenarios through the whole saga.
 //! - [`bench`](mod@bench): `orderflow bench raw|worker|saga|recovery`: the benchmarks.
 //! - [`kafkaio`]: the Kafka I/O every command uses: topic reader, watermarks, offsets by time, partitioner, RFC 3339 times.
@@ -19,6 +21,7 @@ pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod dlq;
+pub mod doctor;
 pub mod inspect;
 pub mod kafkaio;
 pub mod reconcile;
