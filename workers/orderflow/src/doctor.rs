@@ -65,7 +65,7 @@ impl TopicReport {
                 "topic {} has {n} partitions on the broker, the topology declares {}{}",
                 self.topic,
                 self.declared_partitions,
-                if self.external { " (its producers partition by the broker's count; the deduplicator re-keys it)" } else { " (inputs read with it are not co-partitioned)" }
+                if self.external { " (its producers partition by the broker's count; the deduplicator re-keys it)" } else { " (orderflow's producers partition it by the broker's count: a join of it with a topic of another count splits keys)" }
             )),
             Some(_) => {}
         }
