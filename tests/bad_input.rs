@@ -34,16 +34,31 @@
 //!   it, sells the order as usual: its `SALE` records equal its items and it is settled `SOLD`
 //!   exactly once. Each such case names a good order the POS completes and is not spread
 //!   between the good orders: the POS sends it when it sees that order's `order.confirmed`,
-//!   just before the good payment (same key, same partition: the reserver sees it first).
+//!   just before the good payment (same key, same partition: the reserver sees it first);
+//! * a good record of an external topic keyed otherwise than orderflow would (issue 19: sent
+//!   without a record key, `no_key`, or with a key that is not the event's `orderId`, or
+//!   `hqId:storeId` on `inventory.adjusted`, `key_mismatch`) is counted once in
+//!   `orderflow_misrouted_records_total{worker,topic,reason}` by every worker reading the topic
+//!   (the deduplicator alone: no other worker reads an external topic), logged (a warning per
+//!   topic and reason), and processed like any good record, never dead-lettered: the
+//!   deduplicator forwards it once to each of its output topics carrying its schema, keyed from
+//!   the event as that topic's `key` says and on the partition orderflow's partitioner gives
+//!   that key (`order.created.repartition` by `orderId`, `stock.commands` by `hqId:storeId`);
+//!   then an order (all of [`MISROUTED_PRODUCT`], sent with `occurredAt` = send time) is
+//!   reserved, confirmed, completed by the POS, sold and settled `SOLD` exactly once and never
+//!   cancelled, and an adjustment gives one `stock.updated` per product with its delta.
 //!
 //! The run (`bad_input_lands_where_it_should_and_good_orders_flow`): a private broker, the five
 //! workers in one `orderflow run` process on a copy of `topology.toml` with an absolute
 //! `avro_dir` and `max_record_bytes = 4096` (so the oversized case stays small for the broker),
-//! a restock of store `HQ-BADIN:ST-BADIN`, then [`GOOD_ORDERS`] good orders with the bad records
-//! spread between them (undecodable ones keyed like good orders, so they share their
-//! partitions), while the test plays the POS (complete, or `PAYMENT_FAILED` for every fifth
-//! confirmed order; a bad payment first for the orders the payment cases name). Every
-//! expectation is checked and all failures are reported together.
+//! a restock of store `HQ-BADIN:ST-BADIN` ([`PRODUCTS`], and [`MISROUTED_PRODUCT`], which only
+//! the misrouted orders buy, so they are reserved whatever the good orders took), then
+//! [`GOOD_ORDERS`] good orders with the other cases spread between them (undecodable ones keyed
+//! like good orders, so they share their partitions), while the test plays the POS (complete,
+//! or `PAYMENT_FAILED` for every fifth confirmed good order; complete for the misrouted orders;
+//! a bad payment first for the orders the payment cases name). The expected dead letters and
+//! misrouted counts are derived from the topology (the workers reading each case's topic).
+//! Every expectation is checked and all failures are reported together.
 //! `ORDERFLOW_KEEP_BAD_INPUT_DIR=1` keeps the run directory (logs, state, topology copy).
 
 mod bad_input_corpus;
@@ -63,6 +78,7 @@ use orderflow_api::events::{
 use orderflow_api::{derive_event_id, Event};
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::kafka::{client_config, Side};
+use orderflow_runtime::partitioner;
 use orderflow_runtime::topology::{self, Topology};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -127,20 +143,45 @@ fn run_topology(root: &Path, dir: &Path) -> PathBuf {
     path
 }
 
-/// `orderflow_dlq_records_total` samples: (worker, error_class) → value.
-fn dlq_metric(body: &str) -> BTreeMap<(String, String), u64> {
+/// The samples of counter `name` in the Prometheus text `body`: the values of `labels` (in
+/// that order; "" when absent) → value.
+fn counter(body: &str, name: &str, labels: &[&str]) -> BTreeMap<Vec<String>, u64> {
+    let prefix = format!("{name}{{");
     let mut out = BTreeMap::new();
-    for line in body.lines().filter(|l| l.starts_with("orderflow_dlq_records_total{")) {
-        let (labels, value) = line["orderflow_dlq_records_total{".len()..].split_once('}').expect("labels");
+    for line in body.lines().filter(|l| l.starts_with(&prefix)) {
+        let (sample_labels, value) = line[prefix.len()..].split_once('}').expect("labels");
         let get = |name: &str| {
-            labels
+            sample_labels
                 .split(',')
                 .find_map(|kv| kv.split_once('=').filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().trim_matches('"').to_string()))
         };
         let value: f64 = value.trim().parse().expect("sample value");
-        out.insert((get("worker").unwrap_or_default(), get("error_class").unwrap_or_default()), value as u64);
+        *out.entry(labels.iter().map(|l| get(l).unwrap_or_default()).collect()).or_default() += value as u64;
     }
     out
+}
+
+/// Checks that the non-zero samples of counter `name` (from [`counter`] with `labels`) are
+/// exactly `want`.
+fn check_counter(
+    name: &str,
+    labels: &[&str],
+    want: &BTreeMap<Vec<String>, u64>,
+    got: &BTreeMap<Vec<String>, u64>,
+    failures: &mut Vec<String>,
+) {
+    let show = |k: &[String]| labels.iter().zip(k).map(|(l, v)| format!("{l}={v:?}")).collect::<Vec<_>>().join(",");
+    for (k, n) in want {
+        let g = got.get(k).copied().unwrap_or(0);
+        if g != *n {
+            failures.push(format!("{name}{{{}}} = {g} (expected {n})", show(k)));
+        }
+    }
+    for (k, g) in got.iter().filter(|(_, g)| **g > 0) {
+        if !want.contains_key(k) {
+            failures.push(format!("{name}{{{}}} = {g} (expected none)", show(k)));
+        }
+    }
 }
 
 /// One record read back from the broker.
@@ -167,7 +208,8 @@ struct Sent {
     topic: String,
     partition: i32,
     offset: i64,
-    key: String,
+    /// `None`: sent without a key.
+    key: Option<String>,
     value: Option<Vec<u8>>,
 }
 
@@ -179,8 +221,12 @@ struct Io {
 }
 
 impl Io {
-    fn send(&self, topic: &str, key: &str, value: Option<&[u8]>) -> (i32, i64) {
-        let mut record = FutureRecord::<str, [u8]>::to(topic).key(key);
+    /// Produces `value` to `topic` with `key` (`None`: no key); returns where it landed.
+    fn send(&self, topic: &str, key: Option<&str>, value: Option<&[u8]>) -> (i32, i64) {
+        let mut record = FutureRecord::<str, [u8]>::to(topic);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
         if let Some(v) = value {
             record = record.payload(v);
         }
@@ -191,7 +237,7 @@ impl Io {
     }
 
     fn send_event(&self, codec: &Codec, topic: &str, key: &str, event: Event) -> (i32, i64) {
-        self.send(topic, key, Some(&codec.encode_local(&event).expect("encode")))
+        self.send(topic, Some(key), Some(&codec.encode_local(&event).expect("encode")))
     }
 
     /// Reads what arrived for up to `wait`; returns the index of the first new record.
@@ -436,7 +482,9 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut io = Io { rt, producer, observer, records: Vec::new() };
 
-    // Stock first, applied before any order.
+    // Stock first, applied before any order: the good orders' products, and the misrouted orders'.
+    let restocked: Vec<(&str, i64)> =
+        PRODUCTS.iter().map(|p| (*p, STOCK_PER_PRODUCT)).chain([(MISROUTED_PRODUCT, MISROUTED_STOCK)]).collect();
     let restock = InventoryAdjusted {
         event_id: "ev-restock-badin".into(),
         occurred_at: now_ms(),
@@ -444,14 +492,14 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
         store_id: STORE.into(),
         adjustment_type: change_reason::RESTOCK.into(),
         reference_id: "restock-badin".into(),
-        items: PRODUCTS.iter().map(|p| AdjustedItem { product_id: (*p).into(), delta: STOCK_PER_PRODUCT }).collect(),
+        items: restocked.iter().map(|&(p, delta)| AdjustedItem { product_id: p.into(), delta }).collect(),
     };
     io.send_event(&codec, "inventory.adjusted", &store_key(HQ, STORE), restock.into());
     let stocked_by = Instant::now() + Duration::from_secs(60);
     loop {
         io.poll(Duration::from_millis(200));
         let updates = io.records.iter().filter(|r| r.topic == "stock.updated").count();
-        if updates >= PRODUCTS.len() {
+        if updates >= restocked.len() {
             break;
         }
         assert!(Instant::now() < stocked_by, "the restock was not applied within 60 s:\n{}", common::tail(&log, 30));
@@ -464,8 +512,8 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
         .filter_map(|(i, c)| {
             let k = c.payment_of()?;
             assert!(k < GOOD_ORDERS && !pos_fails(k), "{}: good order {k} is not one the POS completes", c.name);
-            assert_eq!(c.key, good_order_id(k), "{}: key", c.name);
-            Some((c.key.clone(), i))
+            assert_eq!(c.key.as_deref(), Some(good_order_id(k).as_str()), "{}: key", c.name);
+            Some((good_order_id(k), i))
         })
         .collect();
     assert_eq!(
@@ -484,35 +532,36 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
     for k in 0..=GOOD_ORDERS {
         for &i in case_at.get(&k).map(Vec::as_slice).unwrap_or(&[]) {
             let c = &cases[i];
-            let value = match (&c.value, c.restamp_future) {
-                (Some(v), true) => {
+            let value = match (&c.value, c.restamp) {
+                (Some(v), Some(by)) => {
                     let Ok(Event::OrderCreated(mut e)) = codec.decode_local(v) else { panic!("{}: not an OrderCreated", c.name) };
-                    e.occurred_at = now_ms() + FUTURE_BY.as_millis() as i64;
+                    e.occurred_at = now_ms() + by.as_millis() as i64;
                     Some(codec.encode_local(&e.into()).unwrap())
                 }
                 (v, _) => v.clone(),
             };
-            let (partition, offset) = io.send(&c.topic, &c.key, value.as_deref());
+            let (partition, offset) = io.send(&c.topic, c.key.as_deref(), value.as_deref());
             sent.push(Sent { what: c.name.clone(), topic: c.topic.clone(), partition, offset, key: c.key.clone(), value });
         }
         if k < GOOD_ORDERS {
             let order = good_order(k, now_ms());
             let value = codec.encode_local(&order.clone().into()).unwrap();
-            let (partition, offset) = io.send("order.created", &order.order_id, Some(&value));
+            let (partition, offset) = io.send("order.created", Some(&order.order_id), Some(&value));
             sent.push(Sent {
                 what: order.order_id.clone(),
                 topic: "order.created".into(),
                 partition,
                 offset,
-                key: order.order_id,
+                key: Some(order.order_id),
                 value: Some(value),
             });
         }
     }
     println!(
-        "bad input: sent {} good orders and {} bad records in {:.1}s ({} bad payments wait for their orders' confirmation)",
+        "bad input: sent {} good orders and {} cases ({} misrouted) in {:.1}s ({} bad payments wait for their orders' confirmation)",
         GOOD_ORDERS,
         spread.len(),
+        cases.iter().filter(|c| matches!(c.expect, Expect::Misrouted(_))).count(),
         started.elapsed().as_secs_f64(),
         payment_case.len()
     );
@@ -538,9 +587,29 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
             _ => None,
         })
         .collect();
+    // Misrouted records: (case index, the event as sent, re-stamped or not), and their orders.
+    let misrouted: Vec<(usize, Event)> = cases
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| matches!(c.expect, Expect::Misrouted(_)))
+        .map(|(i, c)| {
+            let s = sent.iter().find(|s| s.what == c.name).expect("misrouted case sent");
+            (i, codec.decode_local(s.value.as_deref().expect("misrouted cases have a value")).expect("misrouted cases decode"))
+        })
+        .collect();
+    let misrouted_orders: BTreeMap<String, OrderCreated> = misrouted
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::OrderCreated(o) => Some((o.order_id.clone(), o.clone())),
+            _ => None,
+        })
+        .collect();
+    let misrouted_adjustments: Vec<String> =
+        misrouted.iter().filter(|(_, e)| matches!(e, Event::InventoryAdjusted(_))).map(|(_, e)| e.event_id().to_string()).collect();
 
     // Play the POS until every order has an outcome and every dead letter arrived.
-    let orders: BTreeMap<String, OrderCreated> = (0..GOOD_ORDERS).map(|k| (good_order_id(k), good_order(k, 0))).collect();
+    let orders: BTreeMap<String, OrderCreated> =
+        (0..GOOD_ORDERS).map(|k| (good_order_id(k), good_order(k, 0))).chain(misrouted_orders.clone()).collect();
     let mut paid: BTreeSet<String> = BTreeSet::new();
     let mut confirmed_count = 0usize;
     let mut reservation_mismatch: Vec<String> = Vec::new();
@@ -556,8 +625,10 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
                 continue;
             }
             confirmed_count += 1;
-            let k: usize = c.order_id["O-GOOD-".len()..].parse().unwrap();
+            // Good order k fails every fifth payment; the misrouted orders are completed.
+            let good_k: Option<usize> = c.order_id.strip_prefix("O-GOOD-").and_then(|k| k.parse().ok());
             if let Some(&i) = payment_case.get(&c.order_id) {
+                let k = cases[i].payment_of().expect("payment case");
                 // The bad payment first, while the reservation is live; the good one right after.
                 if c.reservation_id != good_reservation_id(k) {
                     reservation_mismatch.push(format!(
@@ -569,7 +640,7 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
                     ));
                 }
                 let value = cases[i].value.clone().expect("payment cases have a value");
-                let (partition, offset) = io.send(&cases[i].topic, &cases[i].key, Some(&value));
+                let (partition, offset) = io.send(&cases[i].topic, cases[i].key.as_deref(), Some(&value));
                 sent.push(Sent {
                     what: cases[i].name.clone(),
                     topic: cases[i].topic.clone(),
@@ -579,7 +650,7 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
                     value: Some(value),
                 });
             }
-            let event: Event = if pos_fails(k) {
+            let event: Event = if good_k.is_some_and(pos_fails) {
                 OrderCancelled {
                     event_id: format!("pos-fail-{}", c.order_id),
                     occurred_at: now_ms(),
@@ -617,7 +688,7 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
                 topic: topic.into(),
                 partition,
                 offset,
-                key: c.order_id.clone(),
+                key: Some(c.order_id.clone()),
                 value: None,
             });
         }
@@ -629,8 +700,9 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
         }
         let saga = Saga::new(&io.records, &codec, t);
         let dlq_count = io.records.iter().filter(|r| dead_letter_topics.contains_key(&r.topic)).count();
-        let outcomes_done = good_ids.iter().all(|o| !saga.outcomes(o).is_empty())
-            && rejected.iter().all(|(_, o)| !saga.failures(o).is_empty() && !saga.cancellations(o).is_empty());
+        let outcomes_done = good_ids.iter().chain(misrouted_orders.keys()).all(|o| !saga.outcomes(o).is_empty())
+            && rejected.iter().all(|(_, o)| !saga.failures(o).is_empty() && !saga.cancellations(o).is_empty())
+            && misrouted_adjustments.iter().all(|id| !saga.derived_from(id).is_empty());
         if outcomes_done && dlq_count >= expected_dlq.len() + payment_case.len() {
             println!(
                 "bad input: everything expected arrived after {:.1}s; {}s more for doubles",
@@ -714,7 +786,7 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
         if r.value.as_deref().unwrap_or_default() != s.value.as_deref().unwrap_or_default() || r.value.is_some() != s.value.is_some() {
             failures.push(format!("{name}: dead letter from {worker} does not carry the original value"));
         }
-        if r.key.as_deref().unwrap_or_default() != s.key.as_bytes() {
+        if r.key.as_deref().unwrap_or_default() != s.key.as_deref().unwrap_or_default().as_bytes() {
             failures.push(format!(
                 "{name}: dead letter from {worker} has key {:?} (original {:?})",
                 r.key.as_deref().map(String::from_utf8_lossy),
@@ -863,6 +935,149 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
         }
     }
 
+    // Misrouted records: never dead-lettered; forwarded once, re-keyed from the event, by every
+    // worker reading their topic (the deduplicator); then processed like any good record.
+    let mut misrouted_want: BTreeMap<Vec<String>, u64> = BTreeMap::new();
+    for (i, e) in &misrouted {
+        let c = &cases[*i];
+        let name = &c.name;
+        let Expect::Misrouted(reason) = &c.expect else { unreachable!() };
+        let s = case_sent(*i);
+        let dead: Vec<&&Rec> = dlq_records.iter().filter(|r| r.value == s.value).collect();
+        for r in &dead {
+            matched.insert((r.topic.clone(), r.partition, r.offset));
+            failures.push(format!(
+                "{name} ({}): dead-lettered to {} by {}, class {}: {}",
+                c.why,
+                r.topic,
+                r.header("orderflow.dlq.worker").unwrap_or("<no worker>"),
+                r.header("orderflow.dlq.error-class").unwrap_or("<none>"),
+                r.header("orderflow.dlq.error-message").unwrap_or("<no message>")
+            ));
+        }
+        let readers = readers(&c.topic);
+        if readers.is_empty() {
+            failures.push(format!("{name}: no worker of the topology reads {}", c.topic));
+        }
+        for w in &readers {
+            *misrouted_want.entry(vec![w.clone(), c.topic.clone(), reason.clone()]).or_default() += 1;
+            // Its copies on the reader's outputs that carry its schema, keyed from the event.
+            let forwarded_to: Vec<&String> = t.workers[w]
+                .outputs
+                .values()
+                .filter(|o| t.topics.get(*o).and_then(|spec| spec.schema.as_ref()).is_some_and(|sc| sc.names().contains(&e.schema_name())))
+                .collect();
+            if forwarded_to.is_empty() {
+                failures.push(format!("{name}: {w} writes no topic carrying {} (topology)", e.schema_name()));
+            }
+            for topic in forwarded_to {
+                let spec = &t.topics[topic];
+                let copies: Vec<&Rec> = io
+                    .records
+                    .iter()
+                    .filter(|r| {
+                        r.topic == *topic
+                            && r.value.as_deref().and_then(|v| codec.decode_local(v).ok()).is_some_and(|f| f.event_id() == e.event_id())
+                    })
+                    .collect();
+                if copies.len() != 1 {
+                    failures.push(format!("{name} ({}): {} cop(ies) on {topic} (expected one, forwarded by {w})", c.why, copies.len()));
+                }
+                let key = match spec.key.as_str() {
+                    "orderId" => e.order_id().map(str::to_string),
+                    "hqId:storeId" => Some(e.store_key()),
+                    _ => None,
+                };
+                let Some(key) = key else { continue };
+                let partition = partitioner::partition_for(key.as_bytes(), spec.partitions);
+                for r in copies {
+                    if r.key.as_deref() != Some(key.as_bytes()) || r.partition != partition {
+                        failures.push(format!(
+                            "{name}: its copy on {topic} has key {:?} on partition {} (expected {} {key:?} on partition {partition})",
+                            r.key.as_deref().map(String::from_utf8_lossy),
+                            r.partition,
+                            spec.key
+                        ));
+                    }
+                }
+            }
+        }
+        match e {
+            Event::OrderCreated(o) => {
+                let order_id = &o.order_id;
+                let distinct = |topic: &str| -> usize {
+                    saga.events
+                        .iter()
+                        .filter(|(t, f)| *t == topic && f.order_id() == Some(order_id))
+                        .map(|(_, f)| f.event_id())
+                        .collect::<BTreeSet<_>>()
+                        .len()
+                };
+                for topic in ["stock.reserved", "order.confirmed"] {
+                    let n = distinct(topic);
+                    if n != 1 {
+                        failures.push(format!("{name} ({}): {n} {topic} of {order_id} (expected one)", c.why));
+                    }
+                }
+                let outcomes = saga.outcomes(order_id);
+                if outcomes != ["ORDER_COMPLETED"] {
+                    failures.push(format!("{name}: outcomes of {order_id} {outcomes:?} (expected exactly [ORDER_COMPLETED])"));
+                }
+                if !saga.failures(order_id).is_empty() {
+                    failures.push(format!("{name}: stock.reservation.failed of {order_id}: {:?}", saga.failures(order_id)));
+                }
+                let mut want: Vec<(String, i64)> = o.items.iter().map(|i| (i.product_id.clone(), i64::from(i.quantity))).collect();
+                want.sort();
+                let mut got: Vec<(String, i64)> = saga.sales(order_id).into_values().collect();
+                got.sort();
+                if got != want {
+                    failures.push(format!("{name}: SALE records of {order_id} {got:?} (expected its items {want:?})"));
+                }
+                let settled: Vec<_> = saga.settlements(order_id).into_values().collect();
+                let payment = format!("pos-complete-{order_id}");
+                match settled.as_slice() {
+                    [one] if one.outcome == settlement::SOLD && one.payment_event_id == payment && !one.late => {}
+                    other => failures.push(format!(
+                        "{name}: order.settled of {order_id}: {:?} (expected exactly one SOLD, not late, of payment {payment})",
+                        other.iter().map(|s| format!("{} late={} payment={}", s.outcome, s.late, s.payment_event_id)).collect::<Vec<_>>()
+                    )),
+                }
+                if distinct("stock.reservation.released") != 0 {
+                    failures.push(format!("{name}: {order_id} had releases (expected none: sold whole)"));
+                }
+            }
+            Event::InventoryAdjusted(a) => {
+                for item in &a.items {
+                    let id = derive_event_id(&a.event_id, &format!("stock.updated/{}", item.product_id));
+                    let updates: BTreeMap<&str, &orderflow_api::events::StockUpdated> = saga
+                        .events
+                        .iter()
+                        .filter_map(|(t, f)| match f {
+                            Event::StockUpdated(u) if *t == "stock.updated" && u.event_id == id => Some((u.event_id.as_str(), u)),
+                            _ => None,
+                        })
+                        .collect();
+                    match updates.values().collect::<Vec<_>>().as_slice() {
+                        [u] if u.product_id == item.product_id
+                            && u.change_amount == item.delta
+                            && u.store_stock.current - u.store_stock.previous == item.delta
+                            && u.change_reason == a.adjustment_type
+                            && u.reference_id == a.reference_id => {}
+                        other => failures.push(format!(
+                            "{name} ({}): stock.updated of {} from it: {other:?} (expected one, {} {:+})",
+                            c.why, item.product_id, a.adjustment_type, item.delta
+                        )),
+                    }
+                }
+                let derived: BTreeSet<String> = saga.derived_from(&a.event_id).into_iter().collect();
+                if derived.len() != a.items.len() {
+                    failures.push(format!("{name}: derived from it: {derived:?} (expected one stock.updated per item)"));
+                }
+            }
+            other => failures.push(format!("{name}: the run does not check a misrouted {}", other.schema_name())),
+        }
+    }
+
     // Unexpected dead letters.
     for r in &dlq_records {
         if !matched.contains(&(r.topic.clone(), r.partition, r.offset)) {
@@ -930,7 +1145,15 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
     }
 
     // 5. Stock of the store: initial = on hand + sold, reservations all settled, nothing negative.
-    for product in PRODUCTS {
+    let mut initial: BTreeMap<&str, i64> = restocked.iter().copied().collect();
+    for (_, e) in &misrouted {
+        if let Event::InventoryAdjusted(a) = e {
+            for item in &a.items {
+                *initial.entry(item.product_id.as_str()).or_default() += item.delta;
+            }
+        }
+    }
+    for (&product, &initial) in &initial {
         let mut on_hand = None;
         let (mut sold, mut reserved, mut released) = (0i64, 0i64, 0i64);
         // Each event read from its own topic only (a misplaced one is a bad record, not stock).
@@ -954,9 +1177,9 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
                 _ => {}
             }
         }
-        let on_hand = on_hand.unwrap_or(STOCK_PER_PRODUCT);
-        if STOCK_PER_PRODUCT != on_hand + sold {
-            failures.push(format!("{product}: initial {STOCK_PER_PRODUCT} ≠ on hand {on_hand} + sold {sold}"));
+        let on_hand = on_hand.unwrap_or(initial);
+        if initial != on_hand + sold {
+            failures.push(format!("{product}: initial {initial} ≠ on hand {on_hand} + sold {sold}"));
         }
         if reserved - released - sold != 0 {
             failures.push(format!("{product}: reserved {reserved} − released {released} − sold {sold} ≠ 0 (reservations left open)"));
@@ -976,35 +1199,52 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
     if !exits.is_empty() {
         failures.push(format!("ERROR lines in the workers' log: {exits:?}"));
     }
+    // The first misrouted record of each topic and reason is logged.
+    let warned: BTreeSet<(String, String)> = common::log_lines(&log)
+        .iter()
+        .filter(|l| common::message(l).contains("orderflow_misrouted_records_total"))
+        .filter_map(|l| {
+            let get = |f: &str| common::field(l, f).and_then(serde_json::Value::as_str).map(str::to_string);
+            Some((get("topic")?, get("reason")?))
+        })
+        .collect();
+    let want_warned: BTreeSet<(String, String)> = misrouted_want.keys().map(|k| (k[1].clone(), k[2].clone())).collect();
+    if warned != want_warned {
+        failures.push(format!("misrouted records logged for (topic, reason) {warned:?} (expected {want_warned:?})"));
+    }
     if alive {
-        let mut want: BTreeMap<(String, String), u64> = BTreeMap::new();
+        let mut want: BTreeMap<Vec<String>, u64> = BTreeMap::new();
         for (_, _, worker, class) in &expected_dlq {
-            *want.entry((worker.clone(), class.clone())).or_default() += 1;
+            *want.entry(vec![worker.clone(), class.clone()]).or_default() += 1;
         }
         for &i in payment_case.values() {
             if let Expect::PaymentRejected { class, .. } = &cases[i].expect {
-                *want.entry(("stock-reserver".to_string(), class.clone())).or_default() += 1;
+                *want.entry(vec!["stock-reserver".to_string(), class.clone()]).or_default() += 1;
             }
         }
-        let got = match http_get(port, "/metrics") {
-            Some((200, body)) => dlq_metric(&body),
+        let body = match http_get(port, "/metrics") {
+            Some((200, body)) => body,
             other => {
                 failures.push(format!("GET /metrics: {other:?}"));
-                BTreeMap::new()
+                String::new()
             }
         };
-        let got: BTreeMap<(String, String), u64> = got.into_iter().filter(|(_, v)| *v > 0).collect();
-        for (k, n) in &want {
-            let g = got.get(k).copied().unwrap_or(0);
-            if g != *n {
-                failures.push(format!("orderflow_dlq_records_total{{worker={:?},error_class={:?}}} = {g} (expected {n})", k.0, k.1));
-            }
-        }
-        for (k, g) in &got {
-            if !want.contains_key(k) {
-                failures.push(format!("orderflow_dlq_records_total{{worker={:?},error_class={:?}}} = {g} (expected none)", k.0, k.1));
-            }
-        }
+        let dlq_labels = ["worker", "error_class"];
+        check_counter(
+            "orderflow_dlq_records_total",
+            &dlq_labels,
+            &want,
+            &counter(&body, "orderflow_dlq_records_total", &dlq_labels),
+            &mut failures,
+        );
+        let misrouted_labels = ["worker", "topic", "reason"];
+        check_counter(
+            "orderflow_misrouted_records_total",
+            &misrouted_labels,
+            &misrouted_want,
+            &counter(&body, "orderflow_misrouted_records_total", &misrouted_labels),
+            &mut failures,
+        );
         let (status, took) = workers.terminate(Duration::from_secs(40));
         match status {
             Some(s) if s.success() => println!("bad input: workers stopped cleanly in {:.1}s", took.as_secs_f64()),

@@ -14,7 +14,10 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use orderflow_api::events::{cancel_reason, failure_reason, store_key, OrderCancelled, OrderCompleted, OrderCreated, OrderItem, SoldItem};
+use orderflow_api::events::{
+    cancel_reason, change_reason, failure_reason, store_key, AdjustedItem, InventoryAdjusted, OrderCancelled, OrderCompleted, OrderCreated,
+    OrderItem, SoldItem,
+};
 use orderflow_api::fixtures;
 use orderflow_api::{derive_event_id, Event};
 use orderflow_runtime::codec::{Codec, SINGLE_OBJECT_HEADER_LEN};
@@ -41,6 +44,17 @@ pub const UNKNOWN_STORE: &str = "ST-NOWHERE";
 pub const PRODUCTS: [&str; 5] = ["P-B1", "P-B2", "P-B3", "P-B4", "P-B5"];
 /// Good orders of the run.
 pub const GOOD_ORDERS: usize = 50;
+/// The product only the misrouted orders buy, [`MISROUTED_UNITS`] each: the run restocks it
+/// with [`MISROUTED_STOCK`] units, so each of them is reserved whatever the good orders took.
+pub const MISROUTED_PRODUCT: &str = "P-BM";
+/// Units of [`MISROUTED_PRODUCT`] the run restocks before the orders.
+pub const MISROUTED_STOCK: i64 = 10;
+/// Units of [`MISROUTED_PRODUCT`] each misrouted order buys.
+pub const MISROUTED_UNITS: i32 = 2;
+/// The product the misrouted `inventory.adjusted` restocks by [`ADJUSTED_DELTA`]: no other
+/// record touches it.
+pub const ADJUSTED_PRODUCT: &str = "P-BA";
+pub const ADJUSTED_DELTA: i64 = 7;
 
 /// The record key of good order `k` (also the key of the undecodable cases, so that they share
 /// partitions with good orders).
@@ -102,6 +116,19 @@ pub enum Expect {
     /// reserver, to `dead_letter_topic` with error class `class`; nothing is deducted, released
     /// or settled for it, and the good payment then sells the order as usual.
     PaymentRejected { class: String, dead_letter_topic: String },
+    /// A good record of an external topic keyed otherwise than orderflow would (issue 19):
+    /// `reason` is `no_key` (sent without a record key) or `key_mismatch` (a key other than the
+    /// event's `orderId`, or `hqId:storeId` for `inventory.adjusted`). Every worker reading the
+    /// topic (only the deduplicator reads external topics) counts it once in
+    /// `orderflow_misrouted_records_total{worker,topic,reason}` and processes it like any good
+    /// record, re-keyed from the event's own fields, never from the record key: it is
+    /// forwarded once to each repartition topic carrying its schema (`stock.commands` by
+    /// `hqId:storeId`, `order.created.repartition` by `orderId`, on the partition orderflow's
+    /// partitioner gives that key). An order (`O-MIS-<name>`, 2 × [`MISROUTED_PRODUCT`]) is then
+    /// reserved, confirmed, completed by the run's POS, sold and settled `SOLD` exactly once,
+    /// and never cancelled; an adjustment is applied once (one `stock.updated` per product).
+    /// Never dead-lettered.
+    Misrouted(String),
 }
 
 /// One bad record.
@@ -110,12 +137,15 @@ pub struct Case {
     /// `<nn>-<name>`: also the file stem.
     pub name: String,
     pub topic: String,
-    pub key: String,
+    /// The record key; `None`: sent without a key (`null` in `cases.json`).
+    pub key: Option<String>,
     /// The record value; `None` is a tombstone (null value).
     pub value: Option<Vec<u8>>,
     pub expect: Expect,
-    /// Sent with `occurredAt` = send time + [`FUTURE_BY`] instead of the file's.
-    pub restamp_future: bool,
+    /// Sent with `occurredAt` = send time + this instead of the file's: [`FUTURE_BY`] for the
+    /// future-timestamp case, zero for the misrouted orders (their reservation's TTL counts from
+    /// `occurredAt`). Only `order.created` cases are re-stamped.
+    pub restamp: Option<Duration>,
     /// What is wrong with it.
     pub why: String,
 }
@@ -132,6 +162,7 @@ impl Case {
             Expect::PaymentRejected { class, dead_letter_topic } => {
                 json!({ "payment_rejected": class, "dead_letter_topic": dead_letter_topic })
             }
+            Expect::Misrouted(reason) => json!({ "misrouted": reason }),
         };
         let mut v = json!({
             "name": self.name,
@@ -141,8 +172,10 @@ impl Case {
             "expect": expect,
             "why": self.why,
         });
-        if self.restamp_future {
-            v["occurred_at"] = json!(format!("send time + {}", humantime::format_duration(FUTURE_BY)));
+        match self.restamp {
+            Some(d) if d.is_zero() => v["occurred_at"] = json!("send time"),
+            Some(d) => v["occurred_at"] = json!(format!("send time + {}", humantime::format_duration(d))),
+            None => {}
         }
         v
     }
@@ -155,34 +188,50 @@ impl Case {
         } else if let Some(class) = v["expect"]["payment_rejected"].as_str() {
             let topic = v["expect"]["dead_letter_topic"].as_str().unwrap_or_else(|| panic!("cases.json: dead_letter_topic missing in {v}"));
             Expect::PaymentRejected { class: class.to_string(), dead_letter_topic: topic.to_string() }
+        } else if let Some(reason) = v["expect"]["misrouted"].as_str() {
+            Expect::Misrouted(reason.to_string())
         } else {
             Expect::Rejected(v["expect"]["reservation_failed"].as_str().unwrap_or_else(|| panic!("cases.json: expect of {v}")).to_string())
         };
         let value = v["file"].as_str().map(|f| fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(f).display())));
-        Case {
-            name: s("name"),
-            topic: s("topic"),
-            key: s("key"),
-            value,
-            expect,
-            restamp_future: v.get("occurred_at").is_some(),
-            why: s("why"),
-        }
+        let key = match v.get("key") {
+            Some(Value::Null) => None,
+            Some(Value::String(k)) => Some(k.clone()),
+            _ => panic!("cases.json: key (a string, or null for none) missing in {v}"),
+        };
+        let restamp = v.get("occurred_at").map(|o| {
+            let by = o.as_str().and_then(|o| o.strip_prefix("send time")).unwrap_or_else(|| panic!("cases.json: occurred_at of {v}"));
+            match by.strip_prefix(" + ") {
+                Some(d) => humantime::parse_duration(d).unwrap_or_else(|e| panic!("cases.json: occurred_at of {v}: {e}")),
+                None if by.is_empty() => Duration::ZERO,
+                None => panic!("cases.json: occurred_at of {v}"),
+            }
+        });
+        Case { name: s("name"), topic: s("topic"), key, value, expect, restamp, why: s("why") }
     }
 
     /// The good order `k` a payment case is for (its key is `O-GOOD-<k>`); `None` for other cases.
     pub fn payment_of(&self) -> Option<usize> {
         match self.expect {
-            Expect::PaymentRejected { .. } => self.key.strip_prefix("O-GOOD-").and_then(|k| k.parse().ok()),
+            Expect::PaymentRejected { .. } => self.key.as_deref()?.strip_prefix("O-GOOD-").and_then(|k| k.parse().ok()),
             _ => None,
         }
     }
 
-    /// The order id inside a decodable case (`O-BAD-<name>`, or `O-GOOD-<k>` for a payment), if
-    /// any.
+    /// The order id inside a decodable case (`O-BAD-<name>`, `O-MIS-<name>`, or `O-GOOD-<k>` for
+    /// a payment), if any.
     pub fn order_id(&self, codec: &Codec) -> Option<String> {
         self.value.as_deref().and_then(|b| codec.decode_local(b).ok()).and_then(|e| e.order_id().map(str::to_string))
     }
+}
+
+/// The record key [`generate`]'s cases are sent with.
+enum Key {
+    /// A good order's id (undecodable cases share partitions with good orders).
+    Spread,
+    Of(String),
+    /// No key at all.
+    Absent,
 }
 
 /// splitmix64, for the random-bytes case.
@@ -208,6 +257,31 @@ pub fn bad_order(name: &str) -> OrderCreated {
     }
 }
 
+/// `order.created` of misrouted case `name`: eventId `ev-mis-<name>`, orderId `O-MIS-<name>`,
+/// customer `C-MIS-<name>`, the run's store, one line of [`MISROUTED_UNITS`] ×
+/// [`MISROUTED_PRODUCT`], at [`PAST_MS`] (sent re-stamped to send time).
+pub fn misrouted_order(name: &str) -> OrderCreated {
+    OrderCreated {
+        event_id: format!("ev-mis-{name}"),
+        occurred_at: PAST_MS,
+        order_id: format!("O-MIS-{name}"),
+        customer_id: format!("C-MIS-{name}"),
+        hq_id: HQ.into(),
+        store_id: STORE.into(),
+        items: vec![OrderItem { product_id: MISROUTED_PRODUCT.into(), quantity: MISROUTED_UNITS, unit_price: 1_000 }],
+    }
+}
+
+/// The key orderflow gives `event` on external topic `topic`: `hqId:storeId` on
+/// `inventory.adjusted`, its `orderId` on the order topics.
+pub fn own_key(topic: &str, event: &Event) -> Option<String> {
+    if topic == "inventory.adjusted" {
+        Some(event.store_key())
+    } else {
+        event.order_id().map(str::to_string)
+    }
+}
+
 pub fn lines(items: &[(&str, i32)]) -> Vec<OrderItem> {
     items.iter().map(|&(p, quantity)| OrderItem { product_id: p.into(), quantity, unit_price: 1_000 }).collect()
 }
@@ -217,32 +291,40 @@ pub fn lines(items: &[(&str, i32)]) -> Vec<OrderItem> {
 pub fn generate(codec: &Codec) -> Vec<Case> {
     let enc = |e: Event| codec.encode_local(&e).expect("corpus events encode");
     let mut cases: Vec<Case> = Vec::new();
-    let mut add = |name: &str, topic: &str, key: Option<String>, value: Option<Vec<u8>>, expect: Expect, why: &str| {
+    let mut add = |name: &str, topic: &str, key: Key, value: Option<Vec<u8>>, expect: Expect, why: &str| {
         let n = cases.len() + 1;
-        let key = key.unwrap_or_else(|| good_order_id((n * 13) % GOOD_ORDERS));
-        cases.push(Case {
-            name: format!("{n:02}-{name}"),
-            topic: topic.into(),
-            key,
-            value,
-            restamp_future: name == "future-timestamp",
-            expect,
-            why: why.into(),
-        });
+        let key = match key {
+            Key::Spread => Some(good_order_id((n * 13) % GOOD_ORDERS)),
+            Key::Of(k) => Some(k),
+            Key::Absent => None,
+        };
+        let restamp = match (&expect, name) {
+            (_, "future-timestamp") => Some(FUTURE_BY),
+            (Expect::Misrouted(_), _) if topic == "order.created" => Some(Duration::ZERO),
+            _ => None,
+        };
+        cases.push(Case { name: format!("{n:02}-{name}"), topic: topic.into(), key, value, restamp, expect, why: why.into() });
     };
     let dead = |c: &str| Expect::DeadLetter(c.to_string());
     let rejected = |r: &str| Expect::Rejected(r.to_string());
-    let own = |name: &str| Some(format!("O-BAD-{name}"));
+    let own = |name: &str| Key::Of(format!("O-BAD-{name}"));
 
     // Not Avro at all.
     let json_text = br#"{"eventId":"ev-bad-json","orderId":"O-BAD-json","items":[{"productId":"P-B1","quantity":1}]}"#;
-    add("not-avro-json", "order.created", None, Some(json_text.to_vec()), dead("not_avro"), "JSON text instead of Avro");
+    add("not-avro-json", "order.created", Key::Spread, Some(json_text.to_vec()), dead("not_avro"), "JSON text instead of Avro");
     let mut seed = 0x0BAD_1A9E_u64;
     let mut random: Vec<u8> = (0..8).flat_map(|_| splitmix(&mut seed).to_le_bytes()).collect();
     if matches!(random[0], 0x00 | 0xC3) {
         random[0] = 0x5A;
     }
-    add("not-avro-random", "order.completed", None, Some(random), dead("not_avro"), "64 random bytes (first byte neither C3 nor 00)");
+    add(
+        "not-avro-random",
+        "order.completed",
+        Key::Spread,
+        Some(random),
+        dead("not_avro"),
+        "64 random bytes (first byte neither C3 nor 00)",
+    );
 
     // Unknown schema.
     let mut unknown = enc(bad_order("unknown-fingerprint").into());
@@ -250,7 +332,7 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
     add(
         "unknown-fingerprint",
         "order.created",
-        None,
+        Key::Spread,
         Some(unknown),
         dead("unknown_schema"),
         "single-object header with a fingerprint of no schema (0x0123456789abcdef), then an OrderCreated datum",
@@ -267,7 +349,7 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
     add(
         "confluent-framed",
         "order.cancelled",
-        None,
+        Key::Spread,
         Some(confluent),
         dead("unknown_schema"),
         "Confluent framing (00, schema id 7) while no schema registry is configured",
@@ -275,11 +357,18 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
 
     // Truncated.
     let full = enc(bad_order("truncated").into());
-    add("truncated-header", "order.created", None, Some(full[..6].to_vec()), dead("truncated"), "C3 01 and 4 of the 8 fingerprint bytes");
+    add(
+        "truncated-header",
+        "order.created",
+        Key::Spread,
+        Some(full[..6].to_vec()),
+        dead("truncated"),
+        "C3 01 and 4 of the 8 fingerprint bytes",
+    );
     add(
         "truncated-datum",
         "order.created",
-        None,
+        Key::Spread,
         Some(full[..full.len() / 2].to_vec()),
         dead("truncated"),
         "a valid OrderCreated cut in the middle of its datum",
@@ -288,14 +377,21 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
     // Malformed.
     let mut trailing = enc(bad_order("trailing-bytes").into());
     trailing.extend_from_slice(&[0x01, 0x02, 0x03]);
-    add("malformed-trailing-bytes", "order.created", None, Some(trailing), dead("malformed"), "a valid OrderCreated followed by 3 bytes");
+    add(
+        "malformed-trailing-bytes",
+        "order.created",
+        Key::Spread,
+        Some(trailing),
+        dead("malformed"),
+        "a valid OrderCreated followed by 3 bytes",
+    );
     let mut varint = full[..SINGLE_OBJECT_HEADER_LEN].to_vec();
     varint.extend_from_slice(&[0xFF; 11]);
     varint.extend_from_slice(b"\x02O");
     add(
         "malformed-bad-varint",
         "order.created",
-        None,
+        Key::Spread,
         Some(varint),
         dead("malformed"),
         "OrderCreated header, then a varint of 11 continuation bytes (longer than any long) as the eventId length",
@@ -340,7 +436,7 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
     add(
         "wrong-schema-order-created",
         "inventory.adjusted",
-        Some(store_key(HQ, STORE)),
+        Key::Of(store_key(HQ, STORE)),
         Some(enc(bad_order("wrong-schema-3").into())),
         dead("wrong_schema"),
         "a valid OrderCreated on inventory.adjusted",
@@ -373,7 +469,7 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
     add(
         "empty-order-id",
         "order.created",
-        Some(String::new()),
+        Key::Of(String::new()),
         Some(enc(OrderCreated { order_id: String::new(), ..bad_order("empty-order-id") }.into())),
         dead("invalid"),
         "an order.created with an empty orderId (and so an empty key)",
@@ -413,7 +509,7 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
         dead("oversized"),
         "a valid OrderCreated of ~5 KB, above the run's max_record_bytes (4096)",
     );
-    add("tombstone", "order.completed", None, None, dead("truncated"), "a null value (tombstone)");
+    add("tombstone", "order.completed", Key::Spread, None, dead("truncated"), "a null value (tombstone)");
 
     // Payments the stock reserver refuses while the order's reservation is live (issue 13): each
     // one for a good order the POS completes, sent by it just before that order's good payment.
@@ -444,7 +540,7 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
     add(
         "wrong-reservation-id",
         "order.completed",
-        Some(good_order_id(k)),
+        Key::Of(good_order_id(k)),
         Some(payment("wrong-reservation-id", k, "R-WRONG".into(), sold(&all))),
         payment_rejected(),
         &format!("a payment of {} naming reservation R-WRONG instead of its live one, selling what it holds", good_order_id(k)),
@@ -456,7 +552,7 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
     add(
         "over-sale",
         "order.completed",
-        Some(good_order_id(k)),
+        Key::Of(good_order_id(k)),
         Some(payment("over-sale", k, good_reservation_id(k), sold(&over))),
         payment_rejected(),
         &format!("a payment of {} (its reservation) selling {} × {} of {} reserved", good_order_id(k), r[0].1 + 1, r[0].0, r[0].1),
@@ -470,7 +566,7 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
     add(
         "unreserved-product",
         "order.completed",
-        Some(good_order_id(k)),
+        Key::Of(good_order_id(k)),
         Some(payment("unreserved-product", k, good_reservation_id(k), sold(&lines_c))),
         payment_rejected(),
         &format!("a payment of {} (its reservation) selling what it holds plus 1 × {stranger}, which it does not hold", good_order_id(k)),
@@ -485,7 +581,7 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
     add(
         "sold-twice-listed",
         "order.completed",
-        Some(good_order_id(k)),
+        Key::Of(good_order_id(k)),
         Some(payment("sold-twice-listed", k, good_reservation_id(k), sold(&lines_d))),
         payment_rejected(),
         &format!(
@@ -493,6 +589,44 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
             good_order_id(k),
             q - 1
         ),
+    );
+
+    // Good records keyed otherwise than orderflow would (issue 19): re-keyed from the event by the
+    // deduplicator, counted as misrouted, processed like any good record.
+    let misrouted = |reason: &str| Expect::Misrouted(reason.to_string());
+    add(
+        "order-created-no-key",
+        "order.created",
+        Key::Absent,
+        Some(enc(misrouted_order("no-key").into())),
+        misrouted("no_key"),
+        "a good order.created sent without a record key (a producer that forgot it; a librdkafka producer then picks any partition)",
+    );
+    let wrong_key = misrouted_order("wrong-key");
+    add(
+        "order-created-wrong-key",
+        "order.created",
+        Key::Of(wrong_key.customer_id.clone()),
+        Some(enc(wrong_key.into())),
+        misrouted("key_mismatch"),
+        "a good order.created keyed by its customerId (C-MIS-wrong-key) instead of its orderId",
+    );
+    let adjusted = InventoryAdjusted {
+        event_id: "ev-mis-inventory-wrong-key".into(),
+        occurred_at: PAST_MS,
+        hq_id: HQ.into(),
+        store_id: STORE.into(),
+        adjustment_type: change_reason::RESTOCK.into(),
+        reference_id: "restock-mis-wrong-key".into(),
+        items: vec![AdjustedItem { product_id: ADJUSTED_PRODUCT.into(), delta: ADJUSTED_DELTA }],
+    };
+    add(
+        "inventory-adjusted-wrong-key",
+        "inventory.adjusted",
+        Key::Of(STORE.into()),
+        Some(enc(adjusted.into())),
+        misrouted("key_mismatch"),
+        &format!("a good restock of {ADJUSTED_DELTA} × {ADJUSTED_PRODUCT} keyed by its storeId alone ({STORE}) instead of hqId:storeId"),
     );
 
     // Self-check: each value fails to decode as meant, or decodes.
@@ -508,13 +642,52 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
             (Expect::Rejected(_), Ok(_)) => {}
             (Expect::PaymentRejected { .. }, Err(e)) => panic!("{} does not decode: {e}", c.name),
             (Expect::PaymentRejected { .. }, Ok(Event::OrderCompleted(p))) => {
-                let k = c.payment_of().unwrap_or_else(|| panic!("{}: key {} is no good order", c.name, c.key));
+                let k = c.payment_of().unwrap_or_else(|| panic!("{}: key {:?} is no good order", c.name, c.key));
                 assert_eq!(p.order_id, good_order_id(k), "{}: names another order than its key", c.name);
                 assert!(k < GOOD_ORDERS && !pos_fails(k), "{}: good order {k} is not one the POS completes", c.name);
             }
             (Expect::PaymentRejected { .. }, Ok(e)) => panic!("{}: a {} is no payment", c.name, e.schema_name()),
+            (Expect::Misrouted(_), Err(e)) => panic!("{} does not decode: {e}", c.name),
+            (Expect::Misrouted(reason), Ok(e)) => {
+                let own = own_key(&c.topic, &e).unwrap_or_else(|| panic!("{}: a {} has no key field", c.name, e.schema_name()));
+                match (reason.as_str(), c.key.as_deref()) {
+                    ("no_key", None) => {}
+                    ("key_mismatch", Some(k)) => assert_ne!(k, own, "{}: keyed by its own key", c.name),
+                    other => panic!("{}: misrouted as {other:?}", c.name),
+                }
+                match &e {
+                    Event::OrderCreated(o) => {
+                        assert_eq!(c.restamp, Some(Duration::ZERO), "{}: a misrouted order is sent at send time", c.name);
+                        assert!(
+                            o.items.iter().all(|i| i.product_id == MISROUTED_PRODUCT),
+                            "{}: buys more than {MISROUTED_PRODUCT}",
+                            c.name
+                        );
+                    }
+                    Event::InventoryAdjusted(a) => {
+                        assert!(
+                            a.items.iter().all(|i| i.product_id == ADJUSTED_PRODUCT),
+                            "{}: adjusts more than {ADJUSTED_PRODUCT}",
+                            c.name
+                        )
+                    }
+                    other => panic!("{}: a misrouted {} (the run checks orders and adjustments)", c.name, other.schema_name()),
+                }
+            }
+        }
+        if c.restamp.is_some() {
+            assert!(matches!(codec.decode_local(value), Ok(Event::OrderCreated(_))), "{}: only order.created cases are re-stamped", c.name);
         }
     }
+    let units: i64 = cases
+        .iter()
+        .filter(|c| matches!(c.expect, Expect::Misrouted(_)))
+        .filter_map(|c| match c.value.as_deref().map(|v| codec.decode_local(v)) {
+            Some(Ok(Event::OrderCreated(o))) => Some(o.items.iter().map(|i| i64::from(i.quantity)).sum::<i64>()),
+            _ => None,
+        })
+        .sum();
+    assert!(units <= MISROUTED_STOCK, "the misrouted orders buy {units} × {MISROUTED_PRODUCT}, more than the {MISROUTED_STOCK} restocked");
     let mut paid_orders = BTreeSet::new();
     for c in cases.iter().filter_map(Case::payment_of) {
         assert!(paid_orders.insert(c), "two payment cases for good order {c}");
@@ -540,7 +713,11 @@ pub fn load_corpus(root: &Path) -> Vec<Case> {
 pub fn manifest(cases: &[Case]) -> String {
     let v = json!({
         "generated_by": "tests/bad_input_corpus/mod.rs (cargo run --release -p orderflow --example bad_input_corpus)",
-        "requires": { "max_record_bytes": MAX_RECORD_BYTES, "store_with_inventory": store_key(HQ, STORE) },
+        "requires": {
+            "max_record_bytes": MAX_RECORD_BYTES,
+            "store_with_inventory": store_key(HQ, STORE),
+            "misrouted_orders_stock": { MISROUTED_PRODUCT: MISROUTED_STOCK },
+        },
         "cases": cases.iter().map(Case::to_json).collect::<Vec<_>>(),
     });
     serde_json::to_string_pretty(&v).expect("JSON") + "\n"
