@@ -100,7 +100,9 @@ fn doctor_reports_misrouted_records_and_partition_counts_from_the_broker() {
         if let Some(key) = key {
             record = record.key(key);
         }
-        k.rt.block_on(outside.send(record, Timeout::After(Duration::from_secs(30)))).unwrap_or_else(|(e, _)| panic!("produce: {e}")).partition
+        k.rt.block_on(outside.send(record, Timeout::After(Duration::from_secs(30))))
+            .unwrap_or_else(|(e, _)| panic!("produce: {e}"))
+            .partition
     };
     let mut elsewhere = 0;
     for i in 0..KEYED {

@@ -65,7 +65,11 @@ impl TopicReport {
                 "topic {} has {n} partitions on the broker, the topology declares {}{}",
                 self.topic,
                 self.declared_partitions,
-                if self.external { " (its producers partition by the broker's count; the deduplicator re-keys it)" } else { " (orderflow's producers partition it by the broker's count: a join of it with a topic of another count splits keys)" }
+                if self.external {
+                    " (its producers partition by the broker's count; the deduplicator re-keys it)"
+                } else {
+                    " (orderflow's producers partition it by the broker's count: a join of it with a topic of another count splits keys)"
+                }
             )),
             Some(_) => {}
         }
@@ -100,9 +104,8 @@ pub async fn run(args: DoctorArgs) -> Result<()> {
                 spans.push(Span { topic: topic.clone(), partition: p, start: (high - sample).max(low), end: Some(high) });
             }
         }
-        let records = reader.collect(&spans, |m| {
-            (m.topic().to_string(), m.partition(), m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec))
-        })?;
+        let records = reader
+            .collect(&spans, |m| (m.topic().to_string(), m.partition(), m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)))?;
         Ok((counts, records))
     })
     .await?;

@@ -131,7 +131,8 @@ impl Routes {
         let route = self.by_topic.get(topic)?;
         let expected_key = route.key.of(event)?;
         let expected_partition = partitioner::partition_for(expected_key.as_bytes(), route.partitions);
-        let finding = |reason, likely| Some(Finding { reason, expected_key: expected_key.clone(), expected_partition, likely_partitioner: likely });
+        let finding =
+            |reason, likely| Some(Finding { reason, expected_key: expected_key.clone(), expected_partition, likely_partitioner: likely });
         match key {
             None => finding(Misroute::NoKey, "none (a record without a key goes to a random or sticky partition)"),
             Some(k) if k != expected_key.as_bytes() => finding(Misroute::KeyMismatch, "unknown (the key is not the event's)"),

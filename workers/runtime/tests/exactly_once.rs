@@ -28,7 +28,8 @@ use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-const KINDS: &[KindInfo] = &[KindInfo { name: "deduplicator", ports: deduplicator::PORTS, settings: KindInfo::no_settings, reads_external: true }];
+const KINDS: &[KindInfo] =
+    &[KindInfo { name: "deduplicator", ports: deduplicator::PORTS, settings: KindInfo::no_settings, reads_external: true }];
 
 fn avro_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../avro")
@@ -42,7 +43,14 @@ struct Setup {
 
 fn setup() -> Setup {
     let mock = MockCluster::new(1).expect("mock cluster");
-    for t in ["order.created", "stock.commands", "order.created.repartition", "order.cancelled.repartition", "order.created.dlq", "orderflow-deduplicator-changelog"] {
+    for t in [
+        "order.created",
+        "stock.commands",
+        "order.created.repartition",
+        "order.cancelled.repartition",
+        "order.created.dlq",
+        "orderflow-deduplicator-changelog",
+    ] {
         mock.create_topic(t, 2, 1).expect("mock topic");
     }
     let dir = tempfile::tempdir().unwrap();
