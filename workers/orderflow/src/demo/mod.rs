@@ -155,7 +155,8 @@ struct Observed {
     inventory_updates: usize,
     distinct: BTreeMap<String, u64>,
     duplicates: u64,
-    seen_ids: HashMap<String, Vec<u8>>,
+    /// eventId → (topic first seen on, its value).
+    seen_ids: HashMap<String, (String, Vec<u8>)>,
     payload_conflicts: Vec<String>,
 }
 
@@ -339,13 +340,16 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 {
                     let mut o = observed.lock().unwrap();
                     match o.seen_ids.get(event.event_id()) {
-                        Some(prev) if prev.as_slice() != payload => o.payload_conflicts.push(event.event_id().to_string()),
+                        Some((first, prev)) if prev.as_slice() != payload => {
+                            let conflict = format!("{} on {topic} (first on {first})", event.event_id());
+                            o.payload_conflicts.push(conflict);
+                        }
                         Some(_) => {
                             o.duplicates += 1;
                             continue;
                         }
                         None => {
-                            o.seen_ids.insert(event.event_id().to_string(), payload.to_vec());
+                            o.seen_ids.insert(event.event_id().to_string(), (topic.clone(), payload.to_vec()));
                             *o.distinct.entry(topic.clone()).or_default() += 1;
                         }
                     }
