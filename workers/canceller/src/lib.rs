@@ -29,7 +29,12 @@
 //! processed before its `order.created`. The answer is remembered in the open saga record; the
 //! later `order.created` then starts no answer timer. A `stock.reserved` seen first also starts
 //! the saga bound (the saga is bounded from whichever of its events the canceller sees first),
-//! so an order whose `order.created` never reaches the canceller still ends.
+//! so an order whose `order.created` never reaches the canceller still ends. A
+//! `stock.reservation.failed` seen first is held in the open saga
+//! ([`OpenSaga::pending_failure`]) and cancelled when `order.created` arrives, with its customer,
+//! or at the saga bound without one: the cancellation's payload then does not depend on which
+//! input was read first, so a unit re-read in another interleaving (after a rewind under
+//! `effectively_once`) writes the same payload under the same `eventId` (issue 19).
 //!
 //! **Payments (issue 13).** The canceller never reads the POS's `order.completed`: whether a
 //! payment sold the order or must be refunded is the stock reserver's verdict (`order.settled`),
@@ -232,6 +237,21 @@ pub struct OpenSaga {
     /// The customer of `order.created` (copied into cancellations, issue 13).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub customer_id: Option<String>,
+    /// A stock failure that overtook `order.created`: its cancellation waits for the order (or
+    /// the saga bound), so the cancellation's payload (its `customerId`) does not depend on which
+    /// input the canceller happened to read first (issue 19: one `eventId`, one payload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_failure: Option<PendingFailure>,
+}
+
+/// A stock failure waiting for its `order.created` ([`OpenSaga::pending_failure`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingFailure {
+    /// The cancellation reason (e.g. `INSUFFICIENT_STOCK`).
+    pub reason: String,
+    /// The failure's `occurredAt` (ms), the cancellation's.
+    pub occurred_at: i64,
 }
 
 /// The canceller's record of one order's saga at [`saga_key`]. JSON, tagged by `state`:
@@ -345,6 +365,7 @@ impl Canceller {
                     answered: false,
                     reservation_id: None,
                     customer_id: None,
+                    pending_failure: None,
                 }
             }
         };
@@ -353,7 +374,14 @@ impl Canceller {
             state.schedule_timer(answer_timer_key(&e.order_id), ctx.now_ms.saturating_add(self.stock_answer_timeout_ms));
         }
         open.created_seen_at = Some(ctx.now_ms);
+        let pending = open.pending_failure.take();
+        let (hq, store) = (open.hq_id.clone(), open.store_id.clone());
         state.put_json(key, &Saga::Open(open));
+        if let Some(p) = pending {
+            // The failure that overtook this order: cancelled now, with the order's customer.
+            cancel_timer(saga_timer_key(&e.order_id), state);
+            self.compensate(&e.order_id, &hq, &store, &p.reason, None, p.occurred_at, state, out)?;
+        }
         Ok(())
     }
 
@@ -383,6 +411,7 @@ impl Canceller {
                     answered: false,
                     reservation_id: None,
                     customer_id: None,
+                    pending_failure: None,
                 }
             }
         };
@@ -392,7 +421,7 @@ impl Canceller {
         Ok(())
     }
 
-    fn failed(&self, e: &StockReservationFailed, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+    fn failed(&self, ctx: &Context, e: &StockReservationFailed, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         orderflow_api::require("StockReservationFailed", &e.event_id, "orderId", &e.order_id)?;
         let reason = match cancel_reason_for_failure(&e.reason) {
             Some(r) => r,
@@ -403,6 +432,37 @@ impl Canceller {
                 cancel_reason::INSUFFICIENT_STOCK
             }
         };
+        // A failure that overtook its order.created waits for it (or the saga bound), so the
+        // cancellation always carries the order's customer (`OpenSaga::pending_failure`).
+        let key = saga_key(&e.order_id);
+        let open = match state.get_json::<Saga>(&key)? {
+            Some(Saga::Open(open)) if open.created_seen_at.is_some() => None,
+            Some(Saga::Open(open)) => Some(open),
+            Some(Saga::Closed { .. }) => None,
+            None if state.get(&cancel_key(&e.order_id)).is_some() => None,
+            None => {
+                state.schedule_timer(saga_timer_key(&e.order_id), ctx.now_ms.saturating_add(self.saga_timeout_ms));
+                Some(OpenSaga {
+                    hq_id: e.hq_id.clone(),
+                    store_id: e.store_id.clone(),
+                    created_seen_at: None,
+                    answered: false,
+                    reservation_id: None,
+                    customer_id: None,
+                    pending_failure: None,
+                })
+            }
+        };
+        if let Some(mut open) = open {
+            if open.answered {
+                out.note("late_event", "stock_answered_twice");
+                return Ok(());
+            }
+            open.answered = true;
+            open.pending_failure = Some(PendingFailure { reason: reason.to_string(), occurred_at: e.occurred_at });
+            state.put_json(key, &Saga::Open(open));
+            return Ok(());
+        }
         // A failure is a stock answer; compensate closes the saga and its timers.
         self.compensate(&e.order_id, &e.hq_id, &e.store_id, reason, None, e.occurred_at, state, out)?;
         Ok(())
@@ -500,6 +560,11 @@ impl Canceller {
             return Ok(());
         };
         if label == TIMEOUT_STOCK_ANSWER && open.answered {
+            return Ok(());
+        }
+        if let Some(p) = &open.pending_failure {
+            // Its order.created never came within the bound: the failure is the answer.
+            self.compensate(order_id, &open.hq_id, &open.store_id, &p.reason, None, p.occurred_at, state, out)?;
             return Ok(());
         }
         let reservation_id = open.reservation_id.clone();
@@ -657,7 +722,7 @@ impl Processor for Canceller {
         match event {
             Event::OrderCreated(e) => self.created(ctx, e, state, out),
             Event::StockReserved(e) => self.reserved(ctx, e, state, out),
-            Event::StockReservationFailed(e) => self.failed(e, state, out),
+            Event::StockReservationFailed(e) => self.failed(ctx, e, state, out),
             Event::StockReservationReleased(e) => self.released(e, state, out),
             Event::OrderCancelled(e) => self.cancelled(e, state, out),
             Event::OrderSettled(e) => self.settled(e, state, out),

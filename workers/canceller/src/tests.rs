@@ -41,6 +41,7 @@ fn customer_messages() {
 #[test]
 fn insufficient_stock_cancels_with_seed_000_message() {
     let mut h = harness();
+    h.feed("order.created", created("c1", "O-1"), 5).unwrap();
     let outs = h.feed("stock.reservation.failed", failed("f1", "O-1"), 7).unwrap();
     assert_eq!(outs.len(), 1);
     assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), ("cancelled", "O-1"));
@@ -50,6 +51,7 @@ fn insufficient_stock_cancels_with_seed_000_message() {
     assert_eq!(c.customer_message, "재고 부족으로 주문이 취소되었습니다. 다른 상품을 확인해보세요.");
     assert_eq!(c.reservation_id, None);
     assert_eq!((c.hq_id.as_str(), c.store_id.as_str(), c.occurred_at), ("HQ-1", "S-1", 1_000));
+    assert_eq!(c.customer_id.as_deref(), Some(CUSTOMER));
     assert!(h.notes.iter().any(|n| n.measure == "compensation" && n.label == "INSUFFICIENT_STOCK"));
     let rec: CancelRecord = h.store.get_json(&cancel_key("O-1")).unwrap();
     assert!(rec.emitted);
@@ -70,6 +72,7 @@ fn expiry_release_cancels_with_reservation_expired() {
 #[test]
 fn one_cancellation_per_order() {
     let mut h = harness();
+    h.feed("t", created("c1", "O-1"), 0).unwrap();
     let first = h.feed("t", failed("f1", "O-1"), 0).unwrap();
     assert_eq!(first.len(), 1);
     // Duplicate eventId: no effect at all.
@@ -111,7 +114,8 @@ fn release_for_cancelled_marks_without_output() {
 fn outputs_are_deterministic_in_the_input() {
     let run = |now| {
         let mut h = harness();
-        let mut outs = h.feed("t", failed("f1", "O-1"), now).unwrap();
+        let mut outs = h.feed("t", created("c1", "O-1"), now).unwrap();
+        outs.extend(h.feed("t", failed("f1", "O-1"), now).unwrap());
         outs.extend(h.feed("t", released("r1", "O-2", "EXPIRED"), now + 5).unwrap());
         outs
     };
@@ -211,7 +215,8 @@ fn order_created_starts_both_clocks_on_processing_time() {
             created_seen_at: Some(T0),
             answered: false,
             reservation_id: None,
-            customer_id: Some(CUSTOMER.into())
+            customer_id: Some(CUSTOMER.into()),
+            pending_failure: None,
         }
     );
     let json = String::from_utf8(h.store.data[&saga_key("O-1")].clone()).unwrap();
@@ -396,13 +401,34 @@ fn a_stock_answer_before_order_created_is_still_bounded() {
 }
 
 #[test]
-fn a_stock_failure_before_order_created_leaves_no_timer() {
+fn a_stock_failure_before_order_created_waits_for_it_and_cancels_with_the_same_payload() {
+    // Issue 19: the cancellation must not depend on which input the canceller read first (a
+    // rewound unit re-read in another interleaving would otherwise write a second payload under
+    // the same eventId).
+    let in_order = {
+        let mut h = harness();
+        h.feed("order.created", created("c1", "O-1"), T0).unwrap();
+        only_cancellation(&h.feed("stock.reservation.failed", failed("f1", "O-1"), T0 + 100).unwrap())
+    };
     let mut h = harness();
-    only_cancellation(&h.feed("stock.reservation.failed", failed("f1", "O-1"), T0).unwrap());
-    assert!(h.feed("order.created", created("c1", "O-1"), T0 + 100).unwrap().is_empty());
-    assert!(timers(&h).is_empty(), "{:?}", timers(&h));
-    assert_eq!(notes(&h, "late_event"), vec!["created_after_close"]);
+    assert!(h.feed("stock.reservation.failed", failed("f1", "O-1"), T0).unwrap().is_empty(), "waits for order.created");
+    assert_eq!(timers(&h), vec![("timeout/saga/O-1".into(), T0 + BOUND)], "the saga bound runs");
+    let overtaken = only_cancellation(&h.feed("order.created", created("c1", "O-1"), T0 + 100).unwrap());
+    assert_eq!(overtaken, in_order, "one payload whatever the order");
+    assert_eq!(overtaken.customer_id.as_deref(), Some(CUSTOMER));
+    assert!(timers(&h).is_empty(), "the saga closed with its timers: {:?}", timers(&h));
     assert!(h.advance(T0 + 2 * BOUND).unwrap().is_empty());
+    assert!(notes(&h, "late_event").is_empty());
+}
+
+#[test]
+fn a_stock_failure_whose_order_never_arrives_is_cancelled_at_the_saga_bound() {
+    let mut h = harness();
+    assert!(h.feed("stock.reservation.failed", failed("f1", "O-1"), T0).unwrap().is_empty());
+    assert!(h.advance(T0 + BOUND - 1).unwrap().is_empty());
+    let c = only_cancellation(&h.advance(T0 + BOUND).unwrap());
+    assert_eq!((c.reason.as_str(), c.occurred_at, c.customer_id.as_deref()), ("INSUFFICIENT_STOCK", 1_000, None));
+    assert!(notes(&h, "saga_timeout").is_empty(), "the failure is the answer, not a timeout");
 }
 
 #[test]
@@ -573,6 +599,7 @@ fn invalid_content_failures_cancel_with_invalid_order() {
 fn an_unknown_failure_reason_still_cancels_and_is_reported() {
     let mut h = harness();
     let ev = StockReservationFailed { reason: "SOMETHING_NEW".into(), ..failed("f1", "O-1") };
+    h.feed("order.created", created("c1", "O-1"), T0).unwrap();
     let c = only_cancellation(&h.feed("stock.reservation.failed", ev, T0).unwrap());
     assert_eq!(c.reason, "INSUFFICIENT_STOCK");
     assert_eq!(notes(&h, "unknown_failure_reason"), vec!["OTHER"]);

@@ -136,7 +136,7 @@ pub struct Step {
     pub detail: String,
     /// The order's state after this event ([`OrderState`] as text).
     pub state_after: String,
-    /// A repartitioned copy (in `stock.commands`) of an event shown elsewhere in the timeline:
+    /// A repartitioned copy (in `stock.commands` or an `order.*.repartition` topic) of an event shown elsewhere in the timeline:
     /// that record's `topic[partition]@offset`. Copies do not move the state.
     pub copy_of: Option<String>,
     /// Why the event did not move the state as it normally would (late event, ...).
