@@ -316,6 +316,21 @@ impl Canceller {
     /// emitted: an order already cancelled is a `late_event` (`already_cancelled`), one already
     /// completed a `late_event` (`cancel_after_completion`).
     #[allow(clippy::too_many_arguments)]
+    /// A new open saga of `order_id` at store (`hq_id`, `store_id`), bounded from now: its
+    /// `saga_timeout` timer is scheduled (seed 001; from whichever of its events came first).
+    fn open_saga(&self, ctx: &Context, order_id: &str, hq_id: &str, store_id: &str, state: &mut StateTxn) -> OpenSaga {
+        state.schedule_timer(saga_timer_key(order_id), ctx.now_ms.saturating_add(self.saga_timeout_ms));
+        OpenSaga {
+            hq_id: hq_id.to_string(),
+            store_id: store_id.to_string(),
+            created_seen_at: None,
+            answered: false,
+            reservation_id: None,
+            customer_id: None,
+            pending_failure: None,
+        }
+    }
+
     fn compensate(
         &self,
         order_id: &str,
@@ -356,18 +371,7 @@ impl Canceller {
             }
             // A stock answer overtook the order: its bound runs already; no answer timer.
             Some(Saga::Open(open)) => open,
-            None => {
-                state.schedule_timer(saga_timer_key(&e.order_id), ctx.now_ms.saturating_add(self.saga_timeout_ms));
-                OpenSaga {
-                    hq_id: e.hq_id.clone(),
-                    store_id: e.store_id.clone(),
-                    created_seen_at: None,
-                    answered: false,
-                    reservation_id: None,
-                    customer_id: None,
-                    pending_failure: None,
-                }
-            }
+            None => self.open_saga(ctx, &e.order_id, &e.hq_id, &e.store_id, state),
         };
         open.customer_id = Some(e.customer_id.clone()).filter(|c| !c.is_empty());
         if !open.answered {
@@ -402,18 +406,7 @@ impl Canceller {
                 open
             }
             // The answer overtook order.created: the saga is bounded from now.
-            None => {
-                state.schedule_timer(saga_timer_key(&e.order_id), ctx.now_ms.saturating_add(self.saga_timeout_ms));
-                OpenSaga {
-                    hq_id: e.hq_id.clone(),
-                    store_id: e.store_id.clone(),
-                    created_seen_at: None,
-                    answered: false,
-                    reservation_id: None,
-                    customer_id: None,
-                    pending_failure: None,
-                }
-            }
+            None => self.open_saga(ctx, &e.order_id, &e.hq_id, &e.store_id, state),
         };
         open.answered = true;
         open.reservation_id = Some(e.reservation_id.clone());
@@ -440,18 +433,7 @@ impl Canceller {
             Some(Saga::Open(open)) => Some(open),
             Some(Saga::Closed { .. }) => None,
             None if state.get(&cancel_key(&e.order_id)).is_some() => None,
-            None => {
-                state.schedule_timer(saga_timer_key(&e.order_id), ctx.now_ms.saturating_add(self.saga_timeout_ms));
-                Some(OpenSaga {
-                    hq_id: e.hq_id.clone(),
-                    store_id: e.store_id.clone(),
-                    created_seen_at: None,
-                    answered: false,
-                    reservation_id: None,
-                    customer_id: None,
-                    pending_failure: None,
-                })
-            }
+            None => Some(self.open_saga(ctx, &e.order_id, &e.hq_id, &e.store_id, state)),
         };
         if let Some(mut open) = open {
             if open.answered {
