@@ -312,10 +312,6 @@ impl Canceller {
         self.saga_timeout_ms
     }
 
-    /// Emits the order's single cancellation with `reason` and closes its saga. Returns whether it
-    /// emitted: an order already cancelled is a `late_event` (`already_cancelled`), one already
-    /// completed a `late_event` (`cancel_after_completion`).
-    #[allow(clippy::too_many_arguments)]
     /// A new open saga of `order_id` at store (`hq_id`, `store_id`), bounded from now: its
     /// `saga_timeout` timer is scheduled (seed 001; from whichever of its events came first).
     fn open_saga(&self, ctx: &Context, order_id: &str, hq_id: &str, store_id: &str, state: &mut StateTxn) -> OpenSaga {
@@ -331,6 +327,10 @@ impl Canceller {
         }
     }
 
+    /// Emits the order's single cancellation with `reason` and closes its saga. Returns whether it
+    /// emitted: an order already cancelled is a `late_event` (`already_cancelled`), one already
+    /// completed a `late_event` (`cancel_after_completion`).
+    #[allow(clippy::too_many_arguments)]
     fn compensate(
         &self,
         order_id: &str,
