@@ -387,6 +387,31 @@ impl<'a> Saga<'a> {
             .collect()
     }
 
+    /// What breaks "`order` was sold whole, once, by the POS's good payment
+    /// (`pos-complete-<orderId>`)": its SALE records must be its items and its `order.settled`
+    /// exactly one `SOLD`, not late, of that payment. One message per broken rule, led by `name`.
+    fn sold_whole_once(&self, name: &str, order: &OrderCreated) -> Vec<String> {
+        let order_id = &order.order_id;
+        let mut faults = Vec::new();
+        let mut want: Vec<(String, i64)> = order.items.iter().map(|i| (i.product_id.clone(), i64::from(i.quantity))).collect();
+        want.sort();
+        let mut got: Vec<(String, i64)> = self.sales(order_id).into_values().collect();
+        got.sort();
+        if got != want {
+            faults.push(format!("{name}: SALE records of {order_id} {got:?} (expected its items {want:?})"));
+        }
+        let settled: Vec<_> = self.settlements(order_id).into_values().collect();
+        let payment = format!("pos-complete-{order_id}");
+        match settled.as_slice() {
+            [one] if one.outcome == settlement::SOLD && one.payment_event_id == payment && !one.late => {}
+            other => faults.push(format!(
+                "{name}: order.settled of {order_id}: {:?} (expected exactly one SOLD, not late, of payment {payment})",
+                other.iter().map(|s| format!("{} late={} payment={}", s.outcome, s.late, s.payment_event_id)).collect::<Vec<_>>()
+            )),
+        }
+        faults
+    }
+
     /// Distinct `SALE` records of `order_id` (eventId → (productId, units sold)).
     fn sales(&self, order_id: &str) -> BTreeMap<String, (String, i64)> {
         self.events
@@ -903,23 +928,7 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
             failures.push(format!("{name}: dead-lettered but processed: derived from it: {}", derived.join(", ")));
         }
         // The order then sold by its good payment, whole, once.
-        let order = good_order(k, 0);
-        let mut want: Vec<(String, i64)> = order.items.iter().map(|i| (i.product_id.clone(), i64::from(i.quantity))).collect();
-        want.sort();
-        let mut got: Vec<(String, i64)> = saga.sales(order_id).into_values().collect();
-        got.sort();
-        if got != want {
-            failures.push(format!("{name}: SALE records of {order_id} {got:?} (expected its items {want:?})"));
-        }
-        let settled: Vec<_> = saga.settlements(order_id).into_values().collect();
-        let good_payment = format!("pos-complete-{order_id}");
-        match settled.as_slice() {
-            [one] if one.outcome == settlement::SOLD && one.payment_event_id == good_payment && !one.late => {}
-            other => failures.push(format!(
-                "{name}: order.settled of {order_id}: {:?} (expected exactly one SOLD, not late, of payment {good_payment})",
-                other.iter().map(|s| format!("{} late={} payment={}", s.outcome, s.late, s.payment_event_id)).collect::<Vec<_>>()
-            )),
-        }
+        failures.extend(saga.sold_whole_once(name, &good_order(k, 0)));
         let released: Vec<String> = saga
             .events
             .iter()
@@ -1026,22 +1035,7 @@ fn bad_input_lands_where_it_should_and_good_orders_flow() {
                 if !saga.failures(order_id).is_empty() {
                     failures.push(format!("{name}: stock.reservation.failed of {order_id}: {:?}", saga.failures(order_id)));
                 }
-                let mut want: Vec<(String, i64)> = o.items.iter().map(|i| (i.product_id.clone(), i64::from(i.quantity))).collect();
-                want.sort();
-                let mut got: Vec<(String, i64)> = saga.sales(order_id).into_values().collect();
-                got.sort();
-                if got != want {
-                    failures.push(format!("{name}: SALE records of {order_id} {got:?} (expected its items {want:?})"));
-                }
-                let settled: Vec<_> = saga.settlements(order_id).into_values().collect();
-                let payment = format!("pos-complete-{order_id}");
-                match settled.as_slice() {
-                    [one] if one.outcome == settlement::SOLD && one.payment_event_id == payment && !one.late => {}
-                    other => failures.push(format!(
-                        "{name}: order.settled of {order_id}: {:?} (expected exactly one SOLD, not late, of payment {payment})",
-                        other.iter().map(|s| format!("{} late={} payment={}", s.outcome, s.late, s.payment_event_id)).collect::<Vec<_>>()
-                    )),
-                }
+                failures.extend(saga.sold_whole_once(name, o));
                 if distinct("stock.reservation.released") != 0 {
                     failures.push(format!("{name}: {order_id} had releases (expected none: sold whole)"));
                 }

@@ -12,8 +12,7 @@
 
 mod common;
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -29,16 +28,6 @@ use serde_json::Value;
 const KEYED: usize = 40;
 const KEYLESS: usize = 3;
 const FOREIGN_KEYED: usize = 2;
-
-/// `topology.toml` with an absolute `avro_dir` and `edit` applied, in `dir`.
-fn topology_copy(dir: &Path, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
-    let root = common::repo_root();
-    let original = fs::read_to_string(root.join("topology.toml")).expect("read topology.toml");
-    let text = format!("avro_dir = {:?}\n\n{}", root.join("avro").display().to_string(), edit(original));
-    let path = dir.join(name);
-    fs::write(&path, text).expect("write topology copy");
-    path
-}
 
 /// `orderflow doctor --json` against `topology`; returns its output and the parsed report.
 fn doctor(topology: &Path, bootstrap: &str) -> (Output, Value) {
@@ -78,7 +67,7 @@ fn doctor_reports_misrouted_records_and_partition_counts_from_the_broker() {
     let broker = common::Broker::start();
     let dir = broker.dir().to_path_buf();
     let b = broker.bootstrap.clone();
-    let as_declared = topology_copy(&dir, "topology.toml", |t| t);
+    let as_declared = common::topology_copy(&dir, "topology.toml", |t| t);
     common::create_topics(&as_declared, &b);
 
     // 1. Nothing produced, every topic as declared.
@@ -135,7 +124,7 @@ fn doctor_reports_misrouted_records_and_partition_counts_from_the_broker() {
 
     // 3. The topology declares 12 partitions for stock.commands (the stock reserver's only input,
     // so the copy still passes `topology check`); the broker has 6.
-    let twelve = topology_copy(&dir, "topology-12.toml", |t| {
+    let twelve = common::topology_copy(&dir, "topology-12.toml", |t| {
         t.replace("[topics.\"stock.commands\"]\npartitions = 6", "[topics.\"stock.commands\"]\npartitions = 12")
     });
     let (_, report) = doctor(&twelve, &b);

@@ -17,7 +17,6 @@
 
 mod common;
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,15 +31,12 @@ const STORE: &str = "ST-RECON";
 const PRODUCTS: [&str; 3] = ["P-R1", "P-R2", "P-R3"];
 
 /// `topology.toml` with an absolute `avro_dir` and the stock reserver reconciling every second.
-fn run_topology(root: &Path, dir: &Path) -> PathBuf {
-    let original = fs::read_to_string(root.join("topology.toml")).expect("read topology.toml");
-    let marker = "[workers.stock-reserver]";
-    assert_eq!(original.matches(marker).count(), 1, "topology.toml should have one {marker}");
-    let body = original.replace(marker, &format!("{marker}\nreconcile_interval = \"1s\"   # reconcile test"));
-    let text = format!("avro_dir = {:?}\n\n{body}", root.join("avro").display().to_string());
-    let path = dir.join("topology.toml");
-    fs::write(&path, text).expect("write topology copy");
-    path
+fn run_topology(dir: &Path) -> PathBuf {
+    common::topology_copy(dir, "topology.toml", |original| {
+        let marker = "[workers.stock-reserver]";
+        assert_eq!(original.matches(marker).count(), 1, "topology.toml should have one {marker}");
+        original.replace(marker, &format!("{marker}\nreconcile_interval = \"1s\"   # reconcile test"))
+    })
 }
 
 fn produce(k: &common::Kafka, topic: &str, key: &str, event: Event) {
@@ -61,10 +57,9 @@ fn reconcile_cli(topology: &Path, bootstrap: &str) -> std::process::Output {
 
 #[test]
 fn a_corrupted_stock_figure_is_found_by_the_reconciliation_and_a_healthy_run_shows_none() {
-    let root = common::repo_root();
     let broker = common::Broker::start();
     let dir = broker.dir().to_path_buf();
-    let topology = run_topology(&root, &dir);
+    let topology = run_topology(&dir);
     common::create_topics(&topology, &broker.bootstrap);
     let port = free_port();
     let spawn = |n: usize| {

@@ -29,14 +29,12 @@ use rdkafka::util::Timeout;
 const RETENTION_S: u64 = 20;
 
 /// `topology.toml` with an absolute `avro_dir` and `state_retention` of [`RETENTION_S`].
-fn retention_topology(root: &Path, dir: &Path) -> PathBuf {
-    let original = fs::read_to_string(root.join("topology.toml")).expect("read topology.toml");
-    let line = original.lines().find(|l| l.starts_with("state_retention = ")).expect("topology.toml sets state_retention in [defaults]");
-    let body = original.replace(line, &format!("state_retention = \"{RETENTION_S}s\"   # retention test"));
-    let text = format!("avro_dir = {:?}\n\n{body}", root.join("avro").display().to_string());
-    let path = dir.join("topology.toml");
-    fs::write(&path, text).expect("write topology copy");
-    path
+fn retention_topology(dir: &Path) -> PathBuf {
+    common::topology_copy(dir, "topology.toml", |original| {
+        let line =
+            original.lines().find(|l| l.starts_with("state_retention = ")).expect("topology.toml sets state_retention in [defaults]");
+        original.replace(line, &format!("state_retention = \"{RETENTION_S}s\"   # retention test"))
+    })
 }
 
 fn order(event_id: &str) -> OrderCreated {
@@ -72,10 +70,9 @@ fn forwarded(k: &common::Kafka) -> std::collections::BTreeMap<String, usize> {
 
 #[test]
 fn a_remembered_event_id_is_forgotten_after_the_retention_and_stays_forgotten_across_a_rebuild() {
-    let root = common::repo_root();
     let broker = common::Broker::start();
     let dir = broker.dir().to_path_buf();
-    let topology = retention_topology(&root, &dir);
+    let topology = retention_topology(&dir);
     common::create_topics(&topology, &broker.bootstrap);
     let k = common::Kafka::new(&broker.bootstrap);
     let port = free_port();

@@ -819,6 +819,17 @@ pub fn header_pairs(m: &rdkafka::message::OwnedMessage) -> Vec<(String, String)>
         .unwrap_or_default()
 }
 
+/// `<repo>/topology.toml` with `edit` applied to its text and an absolute `avro_dir` put first,
+/// written to `dir/name` (so the copy loads from any directory); returns its path.
+pub fn topology_copy(dir: &Path, name: &str, edit: impl FnOnce(String) -> String) -> PathBuf {
+    let root = repo_root();
+    let original = std::fs::read_to_string(root.join("topology.toml")).expect("read topology.toml");
+    let text = format!("avro_dir = {:?}\n\n{}", root.join("avro").display().to_string(), edit(original));
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write topology copy");
+    path
+}
+
 /// `orderflow topics` for the topology file `topology` on `bootstrap`; panics with its stderr if
 /// it fails.
 pub fn create_topics(topology: &Path, bootstrap: &str) {
