@@ -16,6 +16,7 @@
 //! and reason; `orderflow doctor` samples the external topics of a live broker with the same
 //! check.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use orderflow_api::Event;
@@ -76,10 +77,12 @@ impl KeyOf {
         }
     }
 
-    fn of(self, event: &Event) -> Option<String> {
+    /// The event's key field: borrowed for `orderId`, so a well-routed order record (the hot
+    /// path) allocates nothing.
+    fn of(self, event: &Event) -> Option<Cow<'_, str>> {
         match self {
-            KeyOf::Order => event.order_id().map(str::to_string),
-            KeyOf::Store => Some(event.store_key()),
+            KeyOf::Order => event.order_id().map(Cow::Borrowed),
+            KeyOf::Store => Some(Cow::Owned(event.store_key())),
         }
     }
 }
@@ -131,8 +134,9 @@ impl Routes {
         let route = self.by_topic.get(topic)?;
         let expected_key = route.key.of(event)?;
         let expected_partition = partitioner::partition_for(expected_key.as_bytes(), route.partitions);
-        let finding =
-            |reason, likely| Some(Finding { reason, expected_key: expected_key.clone(), expected_partition, likely_partitioner: likely });
+        let finding = |reason, likely| {
+            Some(Finding { reason, expected_key: expected_key.to_string(), expected_partition, likely_partitioner: likely })
+        };
         match key {
             None => finding(Misroute::NoKey, "none (a record without a key goes to a random or sticky partition)"),
             Some(k) if k != expected_key.as_bytes() => finding(Misroute::KeyMismatch, "unknown (the key is not the event's)"),
