@@ -3,7 +3,8 @@
 # $ORDERFLOW_TOOLS (default ~/.cache/orderflow/tools), so fresh clones and CI runs on the same
 # machine reuse them. Idempotent: a tool already present is left alone.
 #
-#   scripts/install-tools.sh [TOOL...]     TOOL: kafka | tansu | just (default: kafka tansu just)
+#   scripts/install-tools.sh [TOOL...]     TOOL: kafka | tansu | just | interop | registry
+#                                          (default: kafka tansu just)
 #
 #   kafka  Apache Kafka $ORDERFLOW_KAFKA_VERSION (default 4.1.1), the reference broker: the jars of
 #          org.apache.kafka:kafka_2.13 and a log4j2 SLF4J binding from Maven Central
@@ -12,12 +13,26 @@
 #   tansu  tansu 0.6.0, the transaction-less second broker (docs/broker.md), built from
 #          crates.io with cargo: ~9 minutes on 2 cores the first time.
 #   just   the task runner (Justfile); skipped when ORDERFLOW_SKIP_JUST=1 or already on PATH.
+#   registry  (not a default) Apicurio Registry $ORDERFLOW_REGISTRY_VERSION (default 3.3.3), a
+#          schema registry with the Confluent-compatible API, for scripts/registry.sh: the built
+#          Quarkus application Apicurio publishes on Maven Central (io.apicurio:
+#          apicurio-registry-app:<version>:tar.gz:all, scripts/registry/pom.xml) unpacked into
+#          $ORDERFLOW_TOOLS/apicurio-registry-<version> (quarkus-run.jar). Needs mvn, and a Java
+#          21+ to run it (ORDERFLOW_REGISTRY_JAVA, else Temurin 25 or another JDK 21+ under
+#          /usr/lib/jvm, else `java` if it is 21+). ~5 s with a warm ~/.m2 (160 MB download cold).
+#   interop  (not a default) the foreign-language interop clients of tests/interop/: a venv at
+#          $ORDERFLOW_TOOLS/interop-venv with tests/interop/python/requirements.txt (fastavro,
+#          confluent-kafka) from pip, and the Java client (Avro + kafka-clients from Maven Central)
+#          built with mvn into $ORDERFLOW_TOOLS/interop/orderflow-interop.jar. Each part is redone
+#          only when its sources change (a hash of them in .complete). Needs python3 (venv), java
+#          (17+) and mvn. ~15 s with warm caches.
 #
 # Prints the tools' bin directory on stdout.
 set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TOOLS="${ORDERFLOW_TOOLS:-$HOME/.cache/orderflow/tools}"
 KAFKA_VERSION="${ORDERFLOW_KAFKA_VERSION:-4.1.1}"
+REGISTRY_VERSION="${ORDERFLOW_REGISTRY_VERSION:-3.3.3}"
 mkdir -p "$TOOLS"
 
 say() { echo "install-tools.sh: $*" >&2; }
@@ -39,6 +54,55 @@ install_kafka() {
   echo "$KAFKA_VERSION" >"$home/.complete"
 }
 
+# The major Java version of the java binary $1 (e.g. 17, 21, 25), or nothing if it does not run.
+java_major() {
+  "$1" -XshowSettings:properties -version 2>&1 \
+    | awk -F'= *' '/java\.specification\.version/ { v = $2; sub(/^1\./, "", v); sub(/\..*/, "", v); print v; exit }'
+}
+
+# Prints a java binary of version $1 or newer: $ORDERFLOW_REGISTRY_JAVA if set (it must qualify),
+# else Temurin 25, else the newest qualifying JDK under /usr/lib/jvm, else `java` on PATH.
+# scripts/registry.sh has the same search.
+find_java() {
+  local min="$1" j v best="" best_v=0
+  if [ -n "${ORDERFLOW_REGISTRY_JAVA:-}" ]; then
+    v="$(java_major "$ORDERFLOW_REGISTRY_JAVA")"
+    [ -n "$v" ] && (( v >= min )) || die "ORDERFLOW_REGISTRY_JAVA=$ORDERFLOW_REGISTRY_JAVA is not a Java $min+ (version '${v:-none}')"
+    echo "$ORDERFLOW_REGISTRY_JAVA"
+    return
+  fi
+  for j in /usr/lib/jvm/temurin-25-jdk-amd64/bin/java /usr/lib/jvm/*/bin/java "$(command -v java 2>/dev/null || true)"; do
+    [ -n "$j" ] && [ -x "$j" ] || continue
+    v="$(java_major "$j")"
+    [ -n "$v" ] && (( v >= min && v > best_v )) || continue
+    best="$j" best_v="$v"
+    [[ "$j" == */temurin-25-jdk-amd64/* ]] && break
+  done
+  [ -n "$best" ] || die "no Java $min+ found (Apicurio Registry $REGISTRY_VERSION needs it): looked at /usr/lib/jvm/temurin-25-jdk-amd64, /usr/lib/jvm/*/bin/java and \`java\` on PATH ($(java -version 2>&1 | head -n 1 || echo none)); install a JDK $min+ or set ORDERFLOW_REGISTRY_JAVA"
+  echo "$best"
+}
+
+# Apicurio 3.x targets Java 21; 2.x ran on 17.
+registry_java_min() { case "$REGISTRY_VERSION" in 2.*) echo 17 ;; *) echo 21 ;; esac; }
+
+install_registry() {
+  local home="$TOOLS/apicurio-registry-$REGISTRY_VERSION" java
+  [ -f "$home/.complete" ] && return 0
+  java="$(find_java "$(registry_java_min)")"
+  command -v mvn >/dev/null 2>&1 || die "mvn is not on PATH (Apicurio Registry comes from Maven Central through Maven)"
+  say "installing Apicurio Registry $REGISTRY_VERSION from Maven Central into $home (runs on $java)"
+  rm -rf "$home"
+  mkdir -p "$home"
+  # Maven itself runs on its usual java; the registry only needs the newer one to run.
+  mvn -B -q -f "$SCRIPT_DIR/registry/pom.xml" package \
+    -Dapicurio.version="$REGISTRY_VERSION" -Dregistry.home="$home" >&2 \
+    || die "mvn could not fetch io.apicurio:apicurio-registry-app:$REGISTRY_VERSION:tar.gz:all"
+  rm -rf "$home/.markers"
+  [ -f "$home/quarkus-run.jar" ] && [ -d "$home/lib/main" ] \
+    || die "$home/quarkus-run.jar or lib/main is missing after unpacking"
+  echo "$REGISTRY_VERSION" >"$home/.complete"
+}
+
 install_tansu() {
   [ -x "$TOOLS/bin/tansu" ] && return 0
   say "installing tansu 0.6.0 into $TOOLS (takes ~9 minutes on 2 cores)"
@@ -55,13 +119,51 @@ install_just() {
   cargo install just --locked --root "$TOOLS" >&2
 }
 
+# The interop clients of tests/interop/ (Python venv + Java jar); each part is rebuilt only when
+# the hash of its sources differs from the one its .complete holds.
+install_interop() {
+  local src="$SCRIPT_DIR/../tests/interop" venv="$TOOLS/interop-venv" out="$TOOLS/interop" hash
+  [ -f "$src/python/requirements.txt" ] && [ -f "$src/java/pom.xml" ] || die "tests/interop is missing"
+  command -v python3 >/dev/null 2>&1 || die "python3 is not on PATH (the interop venv needs it)"
+  command -v java >/dev/null 2>&1 || die "java is not on PATH (the interop jar needs Java 17+)"
+  command -v mvn >/dev/null 2>&1 || die "mvn is not on PATH (the interop jar is built with Maven)"
+
+  # Python: the requirements and the interpreter the venv is made from.
+  hash="$( { python3 --version; cat "$src/python/requirements.txt"; } 2>&1 | sha256sum | cut -d' ' -f1)"
+  if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.complete" 2>/dev/null)" != "$hash" ]; then
+    say "installing the Python interop client's packages into $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2 || die "python3 -m venv $venv failed"
+    "$venv/bin/pip" install -q -r "$src/python/requirements.txt" >&2 \
+      || die "pip could not install tests/interop/python/requirements.txt"
+    "$venv/bin/python" -c 'import confluent_kafka, fastavro, confluent_kafka.schema_registry' >&2 \
+      || die "the interop venv cannot import confluent_kafka and fastavro"
+    echo "$hash" >"$venv/.complete"
+  fi
+
+  # Java: pom.xml and every source file (paths and contents).
+  hash="$(cd "$src/java" && find pom.xml src -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)"
+  if [ ! -f "$out/orderflow-interop.jar" ] || [ "$(cat "$out/.complete" 2>/dev/null)" != "$hash" ]; then
+    say "building the Java interop client into $out"
+    mvn -B -q -f "$src/java/pom.xml" package >&2 || die "mvn could not build tests/interop/java"
+    [ -f "$src/java/target/orderflow-interop.jar" ] || die "mvn built no tests/interop/java/target/orderflow-interop.jar"
+    mkdir -p "$out"
+    rm -f "$out/.complete"
+    cp "$src/java/target/orderflow-interop.jar" "$out/orderflow-interop.jar.tmp"
+    mv -f "$out/orderflow-interop.jar.tmp" "$out/orderflow-interop.jar"
+    echo "$hash" >"$out/.complete"
+  fi
+}
+
 [ "$#" -gt 0 ] || set -- kafka tansu just
 for tool in "$@"; do
   case "$tool" in
     kafka) install_kafka ;;
     tansu) install_tansu ;;
     just) install_just ;;
-    *) die "unknown tool '$tool' (kafka, tansu or just)" ;;
+    interop) install_interop ;;
+    registry) install_registry ;;
+    *) die "unknown tool '$tool' (kafka, tansu, just, interop or registry)" ;;
   esac
 done
 echo "$TOOLS/bin"

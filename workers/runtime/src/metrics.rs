@@ -76,6 +76,11 @@ pub struct Metrics {
     /// (`routing`); reason is `partition`, `no_key` or `key_mismatch`. Handled (the deduplicator
     /// re-keys from the event), counted so the producer gets fixed.
     pub misrouted: IntCounterVec,
+    /// `orderflow_legacy_fingerprint_records_total{worker,topic}`: input records decoded through a
+    /// single-object fingerprint orderflow wrote before issue 14 (apache-avro 0.22's, not the
+    /// specification's; `codec::legacy_fingerprint`). At 0 over the longest retention of the
+    /// topics a worker reads (dead-letter topics included), the legacy fingerprints can go.
+    pub legacy_fingerprint: IntCounterVec,
     /// `orderflow_partition_count_mismatch{worker,topic}`: 1 when an input topic on the broker has
     /// another partition count than `topology.toml` declares (checked at start), else 0.
     pub partition_mismatch: IntGaugeVec,
@@ -165,6 +170,11 @@ impl Metrics {
                 "orderflow_misrouted_records_total",
                 "External-topic records keyed or partitioned otherwise than orderflow's partitioner would.",
                 &["worker", "topic", "reason"],
+            ),
+            legacy_fingerprint: counter(
+                "orderflow_legacy_fingerprint_records_total",
+                "Input records written with a pre-issue-14 (non-spec) Avro fingerprint, still decoded.",
+                &["worker", "topic"],
             ),
             partition_mismatch: gauge(
                 "orderflow_partition_count_mismatch",
@@ -282,6 +292,7 @@ mod tests {
         m.stalled.with_label_values(&["w"]);
         m.misrouted.with_label_values(&["w", "t", "partition"]);
         m.partition_mismatch.with_label_values(&["w", "t"]);
+        m.legacy_fingerprint.with_label_values(&["w", "t"]);
         let text = m.render();
         for (n, kind) in &listed {
             assert!(text.lines().any(|l| l == format!("# TYPE {n} {kind}")), "{n} is not exported as a {kind}");

@@ -278,6 +278,9 @@ impl Worker {
         let routes = external_routes(&setup, spec).await;
         // Exported as 0 from the start, so `rate()` sees the first ids forgotten a retention later.
         setup.metrics.forgotten.with_label_values(&[&setup.name]);
+        for topic in &spec.inputs {
+            setup.metrics.legacy_fingerprint.with_label_values(&[&setup.name, topic]);
+        }
         info!(worker = %setup.name, instance = %setup.instance, guarantee = guarantee.as_str(), state = %state_path.display(), "worker started");
         Ok(Worker {
             name: setup.name.clone(),

@@ -59,6 +59,9 @@ impl Worker {
             let admitted = step::admit(&self.codec, &self.rules, input, m.payload(), now, &mut retry, &self.name).await;
             if let Ok(event) = &admitted {
                 self.check_route(m, event);
+                if self.codec.is_legacy(m.payload().unwrap_or_default()) {
+                    self.metrics.legacy_fingerprint.with_label_values(&[self.name.as_str(), m.topic()]).inc();
+                }
             }
             records.push((input, admitted));
         }
