@@ -21,6 +21,7 @@ pub const NAMES: &[&str] = &[
     "orderflow_state_forgotten_event_ids_total",
     "orderflow_misrouted_records_total",
     "orderflow_partition_count_mismatch",
+    "orderflow_legacy_fingerprint_records_total",
     "orderflow_assigned_partitions",
     "orderflow_guarantee_info",
     "orderflow_state_restore_seconds",
