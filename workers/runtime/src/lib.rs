@@ -9,6 +9,7 @@
 //! - [`commit`]: the commit protocols, one per guarantee, over a narrow broker and store interface.
 //! - [`codec`]: Avro encoding (Confluent wire format or single-object encoding).
 //! - [`deadletter`]: the dead-letter classes, one enum.
+//! - [`headers`]: the output records' headers (CloudEvents type/id/source, W3C trace context).
 //! - [`kafka`]: client configuration per side, the group protocol, topic creation (waiting for
 //!   leaders), dead-letter header names.
 //! - [`metrics`]: the Prometheus families the binary exports.
@@ -33,6 +34,7 @@ pub mod clock;
 pub mod codec;
 pub mod commit;
 pub mod deadletter;
+pub mod headers;
 pub mod kafka;
 pub mod metrics;
 pub mod partitioner;

@@ -43,6 +43,9 @@ pub struct Profile {
     /// Replaces `[defaults] static_membership`.
     #[serde(default)]
     pub static_membership: Option<bool>,
+    /// Replaces `[defaults] record_headers`.
+    #[serde(default)]
+    pub record_headers: Option<bool>,
     /// librdkafka properties for every client.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -72,6 +75,9 @@ impl Topology {
         }
         if let Some(s) = p.static_membership {
             self.defaults.static_membership = s;
+        }
+        if let Some(h) = p.record_headers {
+            self.defaults.record_headers = h;
         }
         let overlay = |base: &mut BTreeMap<String, String>, over: &BTreeMap<String, String>| {
             for (k, v) in over {
@@ -257,6 +263,11 @@ pub struct Defaults {
     /// replays into a worker's inputs.
     #[serde(default = "default_state_retention", with = "humantime_serde")]
     pub state_retention: Duration,
+    /// Whether output records carry headers: CloudEvents `ce_type`/`ce_id`/`ce_source`, and a W3C
+    /// `traceparent` carried from input to output (issue 14; `orderflow_runtime::headers`).
+    /// Default true; the tansu profile turns them off (its SQLite engine is slow with headers).
+    #[serde(default = "default_true")]
+    pub record_headers: bool,
 }
 
 /// How transient failures are retried (`[defaults.retry]`, or `[workers.<name>.retry]`).
@@ -355,6 +366,7 @@ impl Default for Defaults {
             max_record_bytes: default_max_record_bytes(),
             max_clock_skew: default_max_clock_skew(),
             state_retention: default_state_retention(),
+            record_headers: true,
         }
     }
 }
@@ -639,7 +651,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, TopologyError> {
 }
 
 const TOP_KEYS: &[&str] = &["broker", "defaults", "topics", "workers", "avro_dir", "profiles"];
-const PROFILE_KEYS: &[&str] = &["guarantee", "group_protocol", "static_membership", "properties", "producer", "consumer"];
+const PROFILE_KEYS: &[&str] = &["guarantee", "group_protocol", "static_membership", "record_headers", "properties", "producer", "consumer"];
 const BROKER_KEYS: &[&str] = &["bootstrap", "registry_url", "properties", "producer", "consumer"];
 const DEFAULT_KEYS: &[&str] = &[
     "guarantee",
@@ -652,6 +664,7 @@ const DEFAULT_KEYS: &[&str] = &[
     "max_record_bytes",
     "max_clock_skew",
     "state_retention",
+    "record_headers",
 ];
 const TOPIC_KEYS: &[&str] = &["partitions", "key", "schema", "cleanup_policy", "replication_factor", "external", "dead_letter"];
 const RETRY_KEYS: &[&str] = &["attempts", "initial_backoff", "multiplier", "max_backoff"];

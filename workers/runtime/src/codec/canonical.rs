@@ -145,7 +145,8 @@ impl Walk {
                 out.push_str(&format!(r#"{{"name":"{full}","type":"{kind}""#));
                 match kind {
                     "record" => {
-                        let fields = attrs.get("fields").and_then(Json::as_array).ok_or_else(|| format!("record {full} without \"fields\""))?;
+                        let fields =
+                            attrs.get("fields").and_then(Json::as_array).ok_or_else(|| format!("record {full} without \"fields\""))?;
                         out.push_str(r#","fields":["#);
                         for (i, field) in fields.iter().enumerate() {
                             if i > 0 {
@@ -161,13 +162,19 @@ impl Walk {
                         out.push(']');
                     }
                     "enum" => {
-                        let symbols = attrs.get("symbols").and_then(Json::as_array).ok_or_else(|| format!("enum {full} without \"symbols\""))?;
-                        let symbols: Vec<String> =
-                            symbols.iter().map(|s| s.as_str().map(|s| format!("\"{s}\"")).ok_or_else(|| format!("enum {full}: symbol {s} is not a string"))).collect::<Result<_, _>>()?;
+                        let symbols =
+                            attrs.get("symbols").and_then(Json::as_array).ok_or_else(|| format!("enum {full} without \"symbols\""))?;
+                        let symbols: Vec<String> = symbols
+                            .iter()
+                            .map(|s| {
+                                s.as_str().map(|s| format!("\"{s}\"")).ok_or_else(|| format!("enum {full}: symbol {s} is not a string"))
+                            })
+                            .collect::<Result<_, _>>()?;
                         out.push_str(&format!(r#","symbols":[{}]"#, symbols.join(",")));
                     }
                     _ => {
-                        let size = attrs.get("size").and_then(Json::as_u64).ok_or_else(|| format!("fixed {full} without an integer \"size\""))?;
+                        let size =
+                            attrs.get("size").and_then(Json::as_u64).ok_or_else(|| format!("fixed {full} without an integer \"size\""))?;
                         out.push_str(&format!(r#","size":{size}"#));
                     }
                 }
@@ -194,7 +201,11 @@ mod tests {
             (r#"{"type":"long","logicalType":"timestamp-millis"}"#, r#""long""#, None),
             (r#"[ "int"  ]"#, r#"["int"]"#, None),
             (r#"{"type":"fixed","name":"foo","size":15}"#, r#"{"name":"foo","type":"fixed","size":15}"#, None),
-            (r#"{"type":"enum","name":"x.y.foo","namespace":"bar","symbols":["A1","A2"]}"#, r#"{"name":"x.y.foo","type":"enum","symbols":["A1","A2"]}"#, None),
+            (
+                r#"{"type":"enum","name":"x.y.foo","namespace":"bar","symbols":["A1","A2"]}"#,
+                r#"{"name":"x.y.foo","type":"enum","symbols":["A1","A2"]}"#,
+                None,
+            ),
             (r#"{"type":"array","items":"int"}"#, r#"{"type":"array","items":"int"}"#, None),
             (r#"{"type":"map","values":{"type":"int"}}"#, r#"{"type":"map","values":"int"}"#, None),
             (

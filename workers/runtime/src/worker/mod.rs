@@ -165,6 +165,8 @@ pub struct Worker {
     misroutes_logged: BTreeSet<(String, Misroute)>,
     /// `state_retention` in ms (`Context::retention_ms`, the retention sweep).
     retention_ms: i64,
+    /// `[defaults] record_headers`: outputs carry `headers::output_headers`.
+    record_headers: bool,
     /// Input topic → its dead-letter topic.
     dead_letter: BTreeMap<String, String>,
     /// Longest value a dead-letter record carries; a longer one is left out (header
@@ -310,6 +312,7 @@ impl Worker {
             routes,
             misroutes_logged: BTreeSet::new(),
             retention_ms: spec.retention_ms(&t.defaults),
+            record_headers: t.defaults.record_headers,
             dead_letter: spec.inputs.iter().map(|i| (i.clone(), t.dead_letter_of(i))).collect(),
             max_dead_letter_value: max_dead_letter_value(&t.broker),
             clock: Arc::new(SystemClock),

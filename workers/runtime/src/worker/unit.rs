@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use orderflow_api::{Changes, Export, Note};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::Producer;
 use tracing::{debug, error, warn};
 
@@ -14,6 +14,7 @@ use super::kafka_io::{dead_letter_record, KafkaBroker, SledUnit};
 use super::{Worker, WorkerError};
 use crate::changelog;
 use crate::commit::{self, Failure, OutRecord, Unit};
+use crate::headers;
 use crate::step::{self, Input, Outcome, RetryBudget, Staged};
 use crate::store::Shard;
 
@@ -93,10 +94,18 @@ impl Worker {
 
         let commit_started = Instant::now();
         let mut records = Vec::with_capacity(outputs.len() + dead_letters.len());
-        for (o, _) in outputs {
+        for (o, cause) in outputs {
             let topic = self.outputs[&o.port].clone();
             let value = self.codec.encode(&topic, &o.event).await.map_err(|error| WorkerError::Encode { topic: topic.clone(), error })?;
-            records.push(OutRecord { topic, partition: None, key: Some(o.key.into_bytes()), value: Some(value), headers: Vec::new() });
+            let headers = match (self.record_headers, cause) {
+                (false, _) => Vec::new(),
+                (true, step::Cause::Input(i)) => {
+                    let input = batch[i].headers().map(|h| h.iter().map(|h| (h.key, h.value)).collect::<Vec<_>>()).unwrap_or_default();
+                    headers::output_headers(&o.event, &self.name, input)
+                }
+                (true, step::Cause::Timer { .. }) => headers::output_headers(&o.event, &self.name, []),
+            };
+            records.push(OutRecord { topic, partition: None, key: Some(o.key.into_bytes()), value: Some(value), headers });
         }
         let produced: Vec<String> = records.iter().map(|r| r.topic.clone()).collect();
         for (i, r) in &dead_letters {
