@@ -5,7 +5,9 @@
 #   scripts/test.sh [CARGO TEST ARGS...] [-- TEST BINARY ARGS...]
 #
 # Installs the brokers if missing (scripts/install-tools.sh kafka tansu: Apache Kafka from Maven
-# Central, tansu from crates.io), validates deploy/, builds the tests and runs
+# Central, tansu from crates.io), the schema registry and the interop clients (registry interop:
+# Apicurio Registry from Maven Central, the Java and Python Avro clients of tests/interop),
+# validates deploy/, builds the tests and runs
 #   cargo test --workspace --release [ARGS...] -- --test-threads=1 [TEST BINARY ARGS...]
 # (without --workspace when ARGS select packages with -p/--package; --test-threads=1 is left out
 # when the test binary args set --test-threads themselves). The exit status is cargo's.
@@ -23,8 +25,9 @@ cd "$ROOT"
 
 say() { echo "test.sh: $*" >&2; }
 
-# Install the brokers now if they are missing, before the long build.
-ORDERFLOW_SKIP_JUST=1 "$ROOT/scripts/install-tools.sh" kafka tansu >/dev/null
+# Install the brokers, the schema registry and the foreign-language interop clients now if they
+# are missing, before the long build.
+ORDERFLOW_SKIP_JUST=1 "$ROOT/scripts/install-tools.sh" kafka tansu registry interop >/dev/null
 
 # Split the arguments: those before `--` go to cargo, those after to the test binaries.
 cargo_args=()
