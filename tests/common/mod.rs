@@ -870,3 +870,40 @@ impl Kafka {
         Kafka { rt, broker, producer, codec }
     }
 }
+
+/// A private schema registry (Apicurio Registry's Confluent-compatible API, `scripts/registry.sh`)
+/// on a free port with its own state directory; stopped when dropped. BACKWARD compatibility is
+/// on from the start; every start begins empty.
+pub struct Registry {
+    /// The Confluent API base URL, `http://127.0.0.1:PORT/apis/ccompat/v7`.
+    pub url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts it (installs it first if missing); panics with the script's output if it does not
+    /// come up.
+    pub fn start() -> Registry {
+        let dir = tempfile::Builder::new().prefix("orderflow-test-registry-").tempdir().expect("temp dir");
+        let out = Command::new(repo_root().join("scripts/registry.sh"))
+            .arg("start")
+            .env("ORDERFLOW_REGISTRY_DIR", dir.path())
+            .env("ORDERFLOW_REGISTRY_PORT", free_port().to_string())
+            .output()
+            .expect("run scripts/registry.sh");
+        assert!(out.status.success(), "the schema registry did not start:\n{}", String::from_utf8_lossy(&out.stderr));
+        let url = String::from_utf8_lossy(&out.stdout).lines().last().expect("registry URL line").trim().to_string();
+        Registry { url, dir }
+    }
+
+    /// The registry's log file.
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("registry.log")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("scripts/registry.sh")).arg("stop").env("ORDERFLOW_REGISTRY_DIR", self.dir.path()).output();
+    }
+}
