@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::{bench, demo, dlq, doctor, inspect, reconcile, replay, topology};
+use crate::{bench, demo, dlq, doctor, inspect, reconcile, replay, schemas, topology};
 
 /// The command line of the `orderflow` binary.
 #[derive(Parser)]
@@ -79,6 +79,10 @@ pub enum Command {
     /// topics' records keyed and partitioned as orderflow's partitioner would (a sample of each
     /// partition); exit 1 on any problem.
     Doctor(doctor::DoctorArgs),
+    /// The event schemas as other languages and a schema registry see them: fingerprints
+    /// (spec-exact and legacy), registration under the configured compatibility level, and a
+    /// compatibility check against the registry (exit 1 on an incompatible change).
+    Schemas(schemas::SchemasArgs),
     /// Throughput benchmarks against the local broker (raw baseline, one worker); one JSON
     /// object per scenario on stdout. `scripts/bench` runs them all.
     Bench(bench::BenchArgs),
@@ -125,5 +129,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Reconcile(args) => reconcile::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Doctor(args) => doctor::run(args).await,
+        Command::Schemas(args) => schemas::run(args).await,
     }
 }

@@ -12,6 +12,7 @@
 //! - [`reconcile`]: `orderflow reconcile`: the stock reserver's reconciliation over its changelog.
 //! - [`doctor`]: `orderflow doctor`: a live broker against the topology (partition counts, external
 //!   records keyed and partitioned as orderflow would, issue 19).
+//! - [`schemas`]: `orderflow schemas list|register|check`: fingerprints, registry subjects, compatibility (issue 14).
 //! - [`demo`]: `orderflow demo`: TPC-H orders and the seed scenarios through the whole saga.
 //! - [`bench`](mod@bench): `orderflow bench raw|worker|saga|recovery`: the benchmarks.
 //! - [`kafkaio`]: the Kafka I/O every command uses: topic reader, watermarks, offsets by time, partitioner, RFC 3339 times.
@@ -27,6 +28,7 @@ pub mod kafkaio;
 pub mod reconcile;
 pub mod replay;
 pub mod run;
+pub mod schemas;
 pub mod text;
 pub mod topology;
 

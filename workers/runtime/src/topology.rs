@@ -128,6 +128,12 @@ pub struct BrokerConfig {
     /// records use Avro single-object encoding with the schemas in `avro/`.
     #[serde(default)]
     pub registry_url: Option<String>,
+    /// The compatibility level each subject of the registry is held to (issue 14): `orderflow
+    /// schemas register` sets it per subject, `orderflow schemas check` refuses a schema the
+    /// registry finds incompatible under it. Default `BACKWARD` (the "Schema evolution" rule of
+    /// the codec: a new version reads everything written before).
+    #[serde(default)]
+    pub schema_compatibility: SchemaCompatibilityLevel,
     /// librdkafka properties for every client (e.g. `security.protocol`, `sasl.*`, `ssl.*`).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -139,6 +145,35 @@ pub struct BrokerConfig {
     pub consumer: BTreeMap<String, String>,
 }
 
+/// A schema registry compatibility level, as the Confluent API names it (`PUT /config/{subject}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SchemaCompatibilityLevel {
+    #[default]
+    Backward,
+    BackwardTransitive,
+    Forward,
+    ForwardTransitive,
+    Full,
+    FullTransitive,
+    None,
+}
+
+impl SchemaCompatibilityLevel {
+    /// The name the registry API uses, e.g. `BACKWARD_TRANSITIVE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Backward => "BACKWARD",
+            Self::BackwardTransitive => "BACKWARD_TRANSITIVE",
+            Self::Forward => "FORWARD",
+            Self::ForwardTransitive => "FORWARD_TRANSITIVE",
+            Self::Full => "FULL",
+            Self::FullTransitive => "FULL_TRANSITIVE",
+            Self::None => "NONE",
+        }
+    }
+}
+
 impl std::fmt::Debug for BrokerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let redact = |m: &BTreeMap<String, String>| -> BTreeMap<String, String> {
@@ -147,6 +182,7 @@ impl std::fmt::Debug for BrokerConfig {
         f.debug_struct("BrokerConfig")
             .field("bootstrap", &self.bootstrap)
             .field("registry_url", &self.registry_url)
+            .field("schema_compatibility", &self.schema_compatibility)
             .field("properties", &redact(&self.properties))
             .field("producer", &redact(&self.producer))
             .field("consumer", &redact(&self.consumer))
@@ -652,7 +688,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, TopologyError> {
 
 const TOP_KEYS: &[&str] = &["broker", "defaults", "topics", "workers", "avro_dir", "profiles"];
 const PROFILE_KEYS: &[&str] = &["guarantee", "group_protocol", "static_membership", "record_headers", "properties", "producer", "consumer"];
-const BROKER_KEYS: &[&str] = &["bootstrap", "registry_url", "properties", "producer", "consumer"];
+const BROKER_KEYS: &[&str] = &["bootstrap", "registry_url", "schema_compatibility", "properties", "producer", "consumer"];
 const DEFAULT_KEYS: &[&str] = &[
     "guarantee",
     "commit_interval",
