@@ -39,6 +39,8 @@ KAFKA_VERSION="${ORDERFLOW_KAFKA_VERSION:-4.1.1}"
 
 die() { echo "broker.sh: error: $*" >&2; exit 1; }
 say() { echo "broker.sh: $*" >&2; }
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+source "$SCRIPT_DIR/lib/common.sh"
 
 usage() {
   awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
@@ -54,6 +56,9 @@ CONTROLLER_PORT_FILE="$DIR/controller_port"
 KIND_FILE="$DIR/kind"
 ENGINE_FILE="$DIR/engine"
 LOG_FILE="$DIR/broker.log"
+# The command line of the process the pid file names, when it really is the broker it started
+# (tansu or Kafka's JVM) and not a recycled pid.
+BROKER_CMDLINE='tansu|kafka\.Kafka'
 
 # The broker kind: the environment's, else the one this directory last ran, else kafka.
 kind() {
@@ -64,52 +69,6 @@ kind() {
 }
 
 # --- ports -------------------------------------------------------------------------------------
-have_python() { command -v python3 >/dev/null 2>&1; }
-
-# True when something accepts TCP connections on 127.0.0.1:$1.
-port_accepting() {
-  local port="$1"
-  if have_python; then
-    python3 - "$port" <<'EOF'
-import socket, sys
-s = socket.socket()
-s.settimeout(1)
-try:
-    s.connect(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(1)
-finally:
-    s.close()
-EOF
-  else
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null
-  fi
-}
-
-# True when a listener could bind 127.0.0.1:$1 now (SO_REUSEADDR, as tokio does, so connections
-# lingering in TIME_WAIT do not count as "in use").
-port_bindable() {
-  local port="$1"
-  if have_python; then
-    python3 - "$port" <<'EOF'
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
-    s.listen(1)
-except OSError:
-    sys.exit(1)
-finally:
-    s.close()
-EOF
-  elif command -v ss >/dev/null 2>&1; then
-    ! ss -Htln "sport = :$port" 2>/dev/null | grep -q .
-  else
-    ! port_accepting "$port"
-  fi
-}
-
 free_port() {
   if have_python; then
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
@@ -122,37 +81,6 @@ free_port() {
   done
   die "could not find a free TCP port on 127.0.0.1 (tried 100)"
 }
-
-valid_port() { [[ "$1" =~ ^[0-9]+$ ]] && (( $1 >= 1 && $1 <= 65535 )); }
-
-# --- process -----------------------------------------------------------------------------------
-# True while process $1 exists and is not a zombie (an exited broker whose new parent has not
-# reaped it yet must count as gone).
-alive() {
-  kill -0 "$1" 2>/dev/null || return 1
-  if [ -r "/proc/$1/stat" ]; then
-    local stat
-    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-    stat="${stat##*) }"
-    [ "${stat%% *}" != Z ] || return 1
-  fi
-  return 0
-}
-
-# Prints the pid of the broker of $DIR if it is alive (and really is the broker it started: tansu
-# or Kafka's JVM), else fails.
-running_pid() {
-  [ -f "$PID_FILE" ] || return 1
-  local pid
-  pid="$(tr -dc '0-9' <"$PID_FILE")"
-  [ -n "$pid" ] || return 1
-  alive "$pid" || return 1
-  if [ -r "/proc/$pid/cmdline" ]; then
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -Eq 'tansu|kafka\.Kafka' || return 1
-  fi
-  echo "$pid"
-}
-
 
 # Prints the path of an installed tool, installing it on demand with scripts/install-tools.sh.
 ensure_installed() {
@@ -176,15 +104,6 @@ ensure_installed() {
       echo "$home"
       ;;
   esac
-}
-
-# Prints the last lines the broker logged since byte offset $1 of the log.
-log_tail() {
-  if [ -f "$LOG_FILE" ]; then
-    echo "---- last lines of $LOG_FILE ----" >&2
-    tail -c +"$(( ${1:-0} + 1 ))" "$LOG_FILE" | tail -n 30 >&2
-    echo "----" >&2
-  fi
 }
 
 # True when the Kafka broker on 127.0.0.1:$1 answers a Metadata request (v4: the oldest version
@@ -217,22 +136,7 @@ PY
 # Waits until $1 (a shell test of readiness) succeeds, the broker process dies or the deadline
 # passes. $2: offset of the log at start, $3: what is awaited (for messages).
 wait_until() {
-  local check="$1" offset="$2" what="$3" pid=""
-  local deadline=$(( SECONDS + ${ORDERFLOW_BROKER_TIMEOUT:-90} ))
-  while :; do
-    if [ -z "$pid" ] && [ -s "$PID_FILE" ]; then pid="$(tr -dc '0-9' <"$PID_FILE")"; fi
-    if eval "$check"; then return 0; fi
-    if [ -n "$pid" ] && ! alive "$pid"; then
-      log_tail "$offset"
-      die "the broker exited during start-up (see $LOG_FILE)"
-    fi
-    if (( SECONDS > deadline )); then
-      log_tail "$offset"
-      [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null || true
-      die "no $what within ${ORDERFLOW_BROKER_TIMEOUT:-90}s (see $LOG_FILE)"
-    fi
-    sleep 0.1
-  done
+  wait_started "$1" "$PID_FILE" "$LOG_FILE" "$2" "${ORDERFLOW_BROKER_TIMEOUT:-90}" "$3" "the broker"
 }
 
 # Writes $DIR/server.properties for a combined KRaft node on 127.0.0.1:$1 (clients) and
@@ -308,10 +212,10 @@ start_kafka() {
     rm -rf "$DIR/data"
     local cluster_id
     cluster_id="$("${jvm[@]}" kafka.tools.StorageTool random-uuid 2>>"$LOG_FILE" | tail -n 1)"
-    [ -n "$cluster_id" ] || { log_tail "$offset"; die "kafka.tools.StorageTool random-uuid printed nothing"; }
+    [ -n "$cluster_id" ] || { log_tail "$LOG_FILE" "$offset"; die "kafka.tools.StorageTool random-uuid printed nothing"; }
     "${jvm[@]}" kafka.tools.StorageTool format --standalone --cluster-id "$cluster_id" \
       --config "$DIR/server.properties" >>"$LOG_FILE" 2>&1 \
-      || { log_tail "$offset"; die "kafka.tools.StorageTool format failed"; }
+      || { log_tail "$LOG_FILE" "$offset"; die "kafka.tools.StorageTool format failed"; }
   fi
   echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) broker.sh start: Kafka $KAFKA_VERSION on port $port (controller $cport), keep $keep" >>"$LOG_FILE"
   say "starting Kafka $KAFKA_VERSION on 127.0.0.1:$port (controller $cport, dir $DIR)"
@@ -366,7 +270,7 @@ start_tansu() {
 cmd_start() {
   local keep="${ORDERFLOW_BROKER_KEEP:-0}" port pid k
   k="$(kind)"
-  if pid="$(running_pid)"; then
+  if pid="$(running_pid "$PID_FILE" "$BROKER_CMDLINE")"; then
     die "a broker is already running for $DIR (pid $pid, bootstrap 127.0.0.1:$(cat "$PORT_FILE" 2>/dev/null || echo '?')); use 'stop' or 'restart'"
   fi
   if [ -n "${ORDERFLOW_BROKER_PORT:-}" ]; then
@@ -390,49 +294,26 @@ cmd_start() {
   echo "127.0.0.1:$port"
 }
 
-wait_port_free() {
-  local port="$1" deadline=$(( SECONDS + ${2:-15} ))
-  while ! port_bindable "$port"; do
-    if (( SECONDS >= deadline )); then
-      say "warning: port $port is still in use after the broker stopped"
-      return 1
-    fi
-    sleep 0.1
-  done
-}
-
 cmd_stop() {
   local pid port=""
   [ -f "$PORT_FILE" ] && port="$(tr -dc '0-9' <"$PORT_FILE")"
-  if ! pid="$(running_pid)"; then
+  if ! pid="$(running_pid "$PID_FILE" "$BROKER_CMDLINE")"; then
     say "no broker running for $DIR"
     rm -f "$PID_FILE"
     return 0
   fi
   say "stopping $(kind) (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || true
   # Kafka's controlled shutdown takes a few seconds (it closes its logs cleanly, so the next
   # start needs no recovery); tansu stops at once.
-  local deadline=$(( SECONDS + 30 ))
-  while alive "$pid"; do
-    if (( SECONDS > deadline )); then
-      say "the broker did not exit within 30 s of SIGTERM; sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-      local kdeadline=$(( SECONDS + 5 ))
-      while alive "$pid" && (( SECONDS < kdeadline )); do sleep 0.1; done
-      break
-    fi
-    sleep 0.1
-  done
-  alive "$pid" && die "the broker (pid $pid) is still alive after SIGKILL"
+  stop_pid "$pid" 30 "the broker"
   rm -f "$PID_FILE"
-  [ -n "$port" ] && { wait_port_free "$port" || true; }
+  [ -n "$port" ] && { wait_port_free "$port" 15 "the broker" || true; }
   say "stopped"
 }
 
 cmd_status() {
   local pid
-  if pid="$(running_pid)"; then
+  if pid="$(running_pid "$PID_FILE" "$BROKER_CMDLINE")"; then
     echo "127.0.0.1:$(cat "$PORT_FILE")"
     say "running: $(kind) (pid $pid, dir $DIR)"
     return 0
@@ -447,7 +328,7 @@ cmd_restart() {
   cmd_stop
   if [ -n "$port" ]; then
     # Only the same port keeps the clients' bootstrap address valid; wait for it harder.
-    wait_port_free "$port" 30 || die "port $port is still in use; cannot restart on it"
+    wait_port_free "$port" 30 "the broker" || die "port $port is still in use; cannot restart on it"
   fi
   [ -z "${ORDERFLOW_BROKER_ENGINE:-}" ] && [ -f "$ENGINE_FILE" ] && export ORDERFLOW_BROKER_ENGINE="$(cat "$ENGINE_FILE")"
   ORDERFLOW_BROKER_PORT="$port" ORDERFLOW_BROKER_KEEP=1 cmd_start

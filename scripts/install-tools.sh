@@ -37,6 +37,8 @@ mkdir -p "$TOOLS"
 
 say() { echo "install-tools.sh: $*" >&2; }
 die() { echo "install-tools.sh: error: $*" >&2; exit 1; }
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+source "$SCRIPT_DIR/lib/common.sh"
 
 install_kafka() {
   local home="$TOOLS/kafka-$KAFKA_VERSION"
@@ -54,41 +56,15 @@ install_kafka() {
   echo "$KAFKA_VERSION" >"$home/.complete"
 }
 
-# The major Java version of the java binary $1 (e.g. 17, 21, 25), or nothing if it does not run.
-java_major() {
-  "$1" -XshowSettings:properties -version 2>&1 \
-    | awk -F'= *' '/java\.specification\.version/ { v = $2; sub(/^1\./, "", v); sub(/\..*/, "", v); print v; exit }'
-}
-
-# Prints a java binary of version $1 or newer: $ORDERFLOW_REGISTRY_JAVA if set (it must qualify),
-# else Temurin 25, else the newest qualifying JDK under /usr/lib/jvm, else `java` on PATH.
-# scripts/registry.sh has the same search.
-find_java() {
-  local min="$1" j v best="" best_v=0
-  if [ -n "${ORDERFLOW_REGISTRY_JAVA:-}" ]; then
-    v="$(java_major "$ORDERFLOW_REGISTRY_JAVA")"
-    [ -n "$v" ] && (( v >= min )) || die "ORDERFLOW_REGISTRY_JAVA=$ORDERFLOW_REGISTRY_JAVA is not a Java $min+ (version '${v:-none}')"
-    echo "$ORDERFLOW_REGISTRY_JAVA"
-    return
-  fi
-  for j in /usr/lib/jvm/temurin-25-jdk-amd64/bin/java /usr/lib/jvm/*/bin/java "$(command -v java 2>/dev/null || true)"; do
-    [ -n "$j" ] && [ -x "$j" ] || continue
-    v="$(java_major "$j")"
-    [ -n "$v" ] && (( v >= min && v > best_v )) || continue
-    best="$j" best_v="$v"
-    [[ "$j" == */temurin-25-jdk-amd64/* ]] && break
-  done
-  [ -n "$best" ] || die "no Java $min+ found (Apicurio Registry $REGISTRY_VERSION needs it): looked at /usr/lib/jvm/temurin-25-jdk-amd64, /usr/lib/jvm/*/bin/java and \`java\` on PATH ($(java -version 2>&1 | head -n 1 || echo none)); install a JDK $min+ or set ORDERFLOW_REGISTRY_JAVA"
-  echo "$best"
-}
-
 # Apicurio 3.x targets Java 21; 2.x ran on 17.
 registry_java_min() { case "$REGISTRY_VERSION" in 2.*) echo 17 ;; *) echo 21 ;; esac; }
 
 install_registry() {
   local home="$TOOLS/apicurio-registry-$REGISTRY_VERSION" java
   [ -f "$home/.complete" ] && return 0
-  java="$(find_java "$(registry_java_min)")"
+  # ORDERFLOW_REGISTRY_JAVA if set, else Temurin 25, else the newest JDK under /usr/lib/jvm, else
+  # `java` on PATH (scripts/registry.sh runs it with the same search).
+  java="$(find_java "$(registry_java_min)" ORDERFLOW_REGISTRY_JAVA "Apicurio Registry $REGISTRY_VERSION")"
   command -v mvn >/dev/null 2>&1 || die "mvn is not on PATH (Apicurio Registry comes from Maven Central through Maven)"
   say "installing Apicurio Registry $REGISTRY_VERSION from Maven Central into $home (runs on $java)"
   rm -rf "$home"

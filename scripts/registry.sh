@@ -41,6 +41,8 @@ API_PATH="/apis/ccompat/v7"
 
 die() { echo "registry.sh: error: $*" >&2; exit 1; }
 say() { echo "registry.sh: $*" >&2; }
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+source "$SCRIPT_DIR/lib/common.sh"
 
 usage() {
   awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
@@ -52,61 +54,13 @@ case "$DIR" in /*) ;; *) DIR="$PWD/$DIR" ;; esac
 PID_FILE="$DIR/pid"
 PORT_FILE="$DIR/port"
 LOG_FILE="$DIR/registry.log"
+# The command line of the process the pid file names, when it really is the registry's JVM and
+# not a recycled pid.
+REGISTRY_CMDLINE='apicurio-registry-.*quarkus-run\.jar'
 
 url_for() { echo "http://127.0.0.1:$1$API_PATH"; }
-valid_port() { [[ "$1" =~ ^[0-9]+$ ]] && (( $1 >= 1 && $1 <= 65535 )); }
 
-# --- java --------------------------------------------------------------------------------------
-# The major Java version of the java binary $1 (e.g. 17, 21, 25), or nothing if it does not run.
-java_major() {
-  "$1" -XshowSettings:properties -version 2>&1 \
-    | awk -F'= *' '/java\.specification\.version/ { v = $2; sub(/^1\./, "", v); sub(/\..*/, "", v); print v; exit }'
-}
-
-# Prints a java binary of version $1 or newer (the same search as scripts/install-tools.sh).
-find_java() {
-  local min="$1" j v best="" best_v=0
-  if [ -n "${ORDERFLOW_REGISTRY_JAVA:-}" ]; then
-    v="$(java_major "$ORDERFLOW_REGISTRY_JAVA")"
-    [ -n "$v" ] && (( v >= min )) || die "ORDERFLOW_REGISTRY_JAVA=$ORDERFLOW_REGISTRY_JAVA is not a Java $min+ (version '${v:-none}')"
-    echo "$ORDERFLOW_REGISTRY_JAVA"
-    return
-  fi
-  for j in /usr/lib/jvm/temurin-25-jdk-amd64/bin/java /usr/lib/jvm/*/bin/java "$(command -v java 2>/dev/null || true)"; do
-    [ -n "$j" ] && [ -x "$j" ] || continue
-    v="$(java_major "$j")"
-    [ -n "$v" ] && (( v >= min && v > best_v )) || continue
-    best="$j" best_v="$v"
-    [[ "$j" == */temurin-25-jdk-amd64/* ]] && break
-  done
-  [ -n "$best" ] || die "no Java $min+ found (Apicurio Registry $VERSION needs it): looked at /usr/lib/jvm/temurin-25-jdk-amd64, /usr/lib/jvm/*/bin/java and \`java\` on PATH; install a JDK $min+ or set ORDERFLOW_REGISTRY_JAVA"
-  echo "$best"
-}
-
-# --- ports and HTTP ----------------------------------------------------------------------------
-# True when a listener could bind 127.0.0.1:$1 now (SO_REUSEADDR: TIME_WAIT does not count).
-port_bindable() {
-  local port="$1"
-  if command -v python3 >/dev/null 2>&1; then
-    python3 - "$port" <<'EOF'
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
-    s.listen(1)
-except OSError:
-    sys.exit(1)
-finally:
-    s.close()
-EOF
-  elif command -v ss >/dev/null 2>&1; then
-    ! ss -Htln "sport = :$port" 2>/dev/null | grep -q .
-  else
-    ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null
-  fi
-}
-
+# --- HTTP --------------------------------------------------------------------------------------
 # Prints the HTTP status of GET $1 (000 when nothing answers).
 http_status() {
   if command -v curl >/dev/null 2>&1; then
@@ -125,56 +79,13 @@ EOF
   fi
 }
 
-# --- process -----------------------------------------------------------------------------------
-# True while process $1 exists and is not a zombie.
-alive() {
-  kill -0 "$1" 2>/dev/null || return 1
-  if [ -r "/proc/$1/stat" ]; then
-    local stat
-    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-    stat="${stat##*) }"
-    [ "${stat%% *}" != Z ] || return 1
-  fi
-  return 0
-}
-
-# Prints the pid of the registry of $DIR if it is alive (and really is the registry's JVM).
-running_pid() {
-  [ -f "$PID_FILE" ] || return 1
-  local pid
-  pid="$(tr -dc '0-9' <"$PID_FILE")"
-  [ -n "$pid" ] || return 1
-  alive "$pid" || return 1
-  if [ -r "/proc/$pid/cmdline" ]; then
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q 'apicurio-registry-.*quarkus-run\.jar' || return 1
-  fi
-  echo "$pid"
-}
-
-# Prints the last lines the registry logged since byte offset $1 of the log.
-log_tail() {
-  if [ -f "$LOG_FILE" ]; then
-    echo "---- last lines of $LOG_FILE ----" >&2
-    tail -c +"$(( ${1:-0} + 1 ))" "$LOG_FILE" | tail -n 40 >&2
-    echo "----" >&2
-  fi
-}
-
-wait_port_free() {
-  local port="$1" deadline=$(( SECONDS + ${2:-15} ))
-  while ! port_bindable "$port"; do
-    if (( SECONDS >= deadline )); then
-      say "warning: port $port is still in use after the registry stopped"
-      return 1
-    fi
-    sleep 0.1
-  done
-}
+# True when GET $1 answers 200.
+answers_200() { [ "$(http_status "$1")" = 200 ]; }
 
 # --- subcommands -------------------------------------------------------------------------------
 cmd_start() {
   local pid port java major offset
-  if pid="$(running_pid)"; then
+  if pid="$(running_pid "$PID_FILE" "$REGISTRY_CMDLINE")"; then
     port="$(tr -dc '0-9' <"$PORT_FILE" 2>/dev/null || true)"
     if [ -n "${ORDERFLOW_REGISTRY_PORT:-}" ] && [ "$ORDERFLOW_REGISTRY_PORT" != "$port" ]; then
       say "warning: already running on port $port (not ORDERFLOW_REGISTRY_PORT=$ORDERFLOW_REGISTRY_PORT); stop it first to move it"
@@ -193,7 +104,11 @@ cmd_start() {
       || die "scripts/install-tools.sh registry failed"
     [ -f "$HOME_DIR/.complete" ] || die "scripts/install-tools.sh did not install Apicurio Registry into $HOME_DIR"
   fi
-  case "$VERSION" in 2.*) java="$(find_java 17)" ;; *) java="$(find_java 21)" ;; esac
+  # The same search as scripts/install-tools.sh registry.
+  case "$VERSION" in
+    2.*) java="$(find_java 17 ORDERFLOW_REGISTRY_JAVA "Apicurio Registry $VERSION")" ;;
+    *) java="$(find_java 21 ORDERFLOW_REGISTRY_JAVA "Apicurio Registry $VERSION")" ;;
+  esac
   major="$(java_major "$java")"
 
   mkdir -p "$DIR/tmp"
@@ -253,24 +168,11 @@ cmd_start() {
   ) </dev/null >>"$LOG_FILE" 2>&1 &
   disown 2>/dev/null || true
 
-  local url deadline=$(( SECONDS + ${ORDERFLOW_REGISTRY_TIMEOUT:-60} )) status
+  local url
   url="$(url_for "$port")"
-  pid=""
-  while :; do
-    if [ -z "$pid" ] && [ -s "$PID_FILE" ]; then pid="$(tr -dc '0-9' <"$PID_FILE")"; fi
-    status="$(http_status "$url/subjects")"
-    [ "$status" = 200 ] && break
-    if [ -n "$pid" ] && ! alive "$pid"; then
-      log_tail "$offset"
-      die "the registry exited during start-up (see $LOG_FILE)"
-    fi
-    if (( SECONDS > deadline )); then
-      log_tail "$offset"
-      [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null || true
-      die "GET $url/subjects did not answer 200 within ${ORDERFLOW_REGISTRY_TIMEOUT:-60} s (last: $status; see $LOG_FILE)"
-    fi
-    sleep 0.1
-  done
+  wait_started "answers_200 $url/subjects" "$PID_FILE" "$LOG_FILE" "$offset" "${ORDERFLOW_REGISTRY_TIMEOUT:-60}" \
+    "answer 200 to GET $url/subjects" "the registry" 40
+  pid="$(tr -dc '0-9' <"$PID_FILE")"
   say "ready in $(( SECONDS - began )) s (pid $pid, log $LOG_FILE)"
   echo "$url"
 }
@@ -278,35 +180,23 @@ cmd_start() {
 cmd_stop() {
   local pid port=""
   [ -f "$PORT_FILE" ] && port="$(tr -dc '0-9' <"$PORT_FILE")"
-  if ! pid="$(running_pid)"; then
+  if ! pid="$(running_pid "$PID_FILE" "$REGISTRY_CMDLINE")"; then
     say "no registry running for $DIR"
     rm -f "$PID_FILE"
     return 0
   fi
   say "stopping the registry (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || true
   # It stops in well under a second, then the JVM writes its class-data archive (a few seconds
   # the first time).
-  local deadline=$(( SECONDS + 20 ))
-  while alive "$pid"; do
-    if (( SECONDS > deadline )); then
-      say "the registry did not exit within 20 s of SIGTERM; sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-      local kdeadline=$(( SECONDS + 5 ))
-      while alive "$pid" && (( SECONDS < kdeadline )); do sleep 0.1; done
-      break
-    fi
-    sleep 0.1
-  done
-  alive "$pid" && die "the registry (pid $pid) is still alive after SIGKILL"
+  stop_pid "$pid" 20 "the registry"
   rm -f "$PID_FILE"
-  [ -n "$port" ] && { wait_port_free "$port" || true; }
+  [ -n "$port" ] && { wait_port_free "$port" 15 "the registry" || true; }
   say "stopped"
 }
 
 cmd_status() {
   local pid
-  if pid="$(running_pid)"; then
+  if pid="$(running_pid "$PID_FILE" "$REGISTRY_CMDLINE")"; then
     url_for "$(tr -dc '0-9' <"$PORT_FILE")"
     say "running (pid $pid, dir $DIR)"
     return 0
