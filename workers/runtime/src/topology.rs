@@ -1231,6 +1231,7 @@ max_batch = 3001
         let b = BrokerConfig {
             bootstrap: "b:1".into(),
             registry_url: None,
+            schema_compatibility: Default::default(),
             properties: BTreeMap::from([("sasl.password".into(), "hunter2".into()), ("sasl.username".into(), "svc".into())]),
             producer: BTreeMap::new(),
             consumer: BTreeMap::from([("ssl.key.password".into(), "pw".into())]),
