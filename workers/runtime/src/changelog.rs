@@ -393,11 +393,25 @@ pub fn restore_consumer(broker: &BrokerConfig, topic: &str) -> Result<RestoreCon
     // more: with the broker holding such a fetch for librdkafka's default 500 ms, each partition's
     // restore took ~1 s even with nothing to read (chaos test on Kafka, median 1.0 s/partition).
     cfg.set("fetch.wait.max.ms", RESTORE_FETCH_WAIT_MS);
-    cfg.create_with_context(RestoreContext)
+    let reader = cfg.create_with_context(RestoreContext)?;
+    // The log end (high watermark), which a read_committed client does not report: past the
+    // stable end while a transaction on the changelog is undecided or its markers are pending.
+    cfg.set("isolation.level", "read_uncommitted").set("group.id", format!("{topic}-restore-ends"));
+    let ends = cfg.create_with_context(RestoreContext)?;
+    Ok(RestoreConsumer { reader, ends })
 }
 
-/// The consumer a restore reads the changelog with.
-pub type RestoreConsumer = BaseConsumer<RestoreContext>;
+/// The consumers a restore reads the changelog with: `reader` (read_committed: its watermarks
+/// end at the last stable offset) and `ends` (read_uncommitted, only asked for the log end).
+pub struct RestoreConsumer {
+    reader: BaseConsumer<RestoreContext>,
+    ends: BaseConsumer<RestoreContext>,
+}
+
+/// How long a restore waits for the changelog's stable end to reach its log end (a previous
+/// owner's last transaction committed, its markers not yet written) before it restores up to the
+/// stable end (an open transaction of a killed instance, aborted later by its coordinator).
+const PENDING_TXN_WAIT: Duration = Duration::from_secs(5);
 
 /// Context of the restore consumer: a restore ends at each partition's end-of-partition event,
 /// and such events that reach the client's main queue instead (after the restore of that
@@ -440,8 +454,36 @@ pub fn restore_with(
     let started = Instant::now();
     let p = shard.partition;
     let kafka = |source| RestoreError::Kafka { topic: topic.to_string(), partition: p, source };
-    let watermarks = || consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(kafka);
+    let watermarks = || consumer.reader.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(kafka);
     let (low, mut high) = watermarks()?;
+    // Another instance's last unit on this partition (a graceful hand-over: scale-down, a
+    // rebalance) may be committed with its commit markers still being written: the stable end is
+    // then short of it, and restoring now would lose that unit and process its inputs again
+    // (duplicated outputs, seen in the chaos test after a scale-down). The local-position wait
+    // below cannot see it (this instance never had that unit). Wait for the stable end to reach
+    // the log end, briefly: an undecided transaction of a killed instance stays open until its
+    // coordinator aborts it, and its records are not state.
+    let log_end = || consumer.ends.fetch_watermarks(topic, p, Duration::from_secs(30)).map(|w| w.1).map_err(kafka);
+    let pending_since = Instant::now();
+    let mut end = log_end()?;
+    while end > high && pending_since.elapsed() < PENDING_TXN_WAIT {
+        if stop() {
+            return Err(RestoreError::Stopped { topic: topic.to_string(), partition: p, at: high, high });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        high = watermarks()?.1;
+        end = log_end()?;
+    }
+    if end > high {
+        tracing::info!(
+            topic,
+            partition = p,
+            stable_end = high,
+            log_end = end,
+            waited_s = PENDING_TXN_WAIT.as_secs(),
+            "an open transaction on the changelog did not resolve; restoring to the stable end"
+        );
+    }
     let local = shard.changelog_next()?;
     // The local store is written only after its unit's transaction committed, so a local
     // position past the changelog's end (for this read_committed consumer, the last stable
@@ -483,7 +525,7 @@ pub fn restore_with(
     if let Some(start) = start.filter(|s| *s < high) {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, p, Offset::Offset(start)).map_err(kafka)?;
-        consumer.assign(&tpl).map_err(kafka)?;
+        consumer.reader.assign(&tpl).map_err(kafka)?;
         let mut pending = Changes::default();
         let mut gone = Vec::new();
         let mut at = start;
@@ -498,7 +540,7 @@ pub fn restore_with(
             // under exactly_once the changelog is written in transactions and its last offset is a
             // commit marker (a control record no consumer is given), and a read_committed
             // consumer ends at the last stable offset.
-            let msg = match consumer.poll(Duration::from_millis(500)) {
+            let msg = match consumer.reader.poll(Duration::from_millis(500)) {
                 None => continue,
                 Some(Err(KafkaError::PartitionEOF(q))) if q == p => break,
                 Some(Err(KafkaError::PartitionEOF(_))) => continue,
