@@ -7,6 +7,9 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::commit::OutRecord;
+use crate::kafka::dlq_header;
+
 /// Why a record was dead-lettered. [`DeadLetterClass::as_str`] is its header value and metric
 /// label (snake case, stable: dashboards and `dlq --class` filters use it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -36,11 +39,14 @@ pub enum DeadLetterClass {
     RegistryUnavailable,
     /// `codec`: the schema files or an encoding failed, not a property of the record.
     Codec,
+    /// `skipped`: an operator moved the worker past the record with `orderflow skip` (issue 20);
+    /// written by that command, never by a worker, with the operator and the reason.
+    Skipped,
 }
 
 impl DeadLetterClass {
     /// Every class, in the order `orderflow dlq` documents them.
-    pub const ALL: [DeadLetterClass; 11] = [
+    pub const ALL: [DeadLetterClass; 12] = [
         DeadLetterClass::NotAvro,
         DeadLetterClass::Truncated,
         DeadLetterClass::UnknownSchema,
@@ -52,6 +58,7 @@ impl DeadLetterClass {
         DeadLetterClass::Transient,
         DeadLetterClass::RegistryUnavailable,
         DeadLetterClass::Codec,
+        DeadLetterClass::Skipped,
     ];
 
     /// The header value and metric label, e.g. `wrong_schema`.
@@ -68,6 +75,7 @@ impl DeadLetterClass {
             DeadLetterClass::Transient => "transient",
             DeadLetterClass::RegistryUnavailable => "registry_unavailable",
             DeadLetterClass::Codec => "codec",
+            DeadLetterClass::Skipped => "skipped",
         }
     }
 }
@@ -90,6 +98,60 @@ impl FromStr for DeadLetterClass {
     fn from_str(s: &str) -> Result<Self, UnknownClass> {
         DeadLetterClass::ALL.into_iter().find(|c| c.as_str() == s).ok_or_else(|| UnknownClass(s.to_string()))
     }
+}
+
+/// The record a dead-letter record is made of: where it was read and what it held.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    /// `None`: a tombstone, or a record that could not be read (`orderflow skip`).
+    pub value: Option<&'a [u8]>,
+}
+
+/// Why and by whom a record is dead-lettered.
+#[derive(Debug, Clone, Copy)]
+pub struct Verdict<'a> {
+    pub class: DeadLetterClass,
+    pub message: &'a str,
+    /// Processing attempts made (0 for a record skipped unprocessed).
+    pub attempts: u32,
+    /// The worker (consumer group name in the topology) whose input it was.
+    pub worker: &'a str,
+    /// When, ms since the epoch.
+    pub now_ms: i64,
+}
+
+/// The dead-letter record of `source` for `dead_letter_topic` (one builder for the workers and
+/// `orderflow skip`): the source's key and value (the value left out beyond `max_value` bytes,
+/// header `orderflow.dlq.value-dropped` = its length), the source's own `headers`, and the
+/// `orderflow.dlq.*` headers saying where it came from and why. `orderflow dlq list|show|redrive`
+/// read exactly these.
+pub fn record(
+    dead_letter_topic: String,
+    source: Source<'_>,
+    mut headers: Vec<(String, Option<Vec<u8>>)>,
+    verdict: Verdict<'_>,
+    max_value: usize,
+) -> OutRecord {
+    let fields = [
+        (dlq_header::SOURCE_TOPIC, source.topic.to_string()),
+        (dlq_header::SOURCE_PARTITION, source.partition.to_string()),
+        (dlq_header::SOURCE_OFFSET, source.offset.to_string()),
+        (dlq_header::WORKER, verdict.worker.to_string()),
+        (dlq_header::ERROR_CLASS, verdict.class.to_string()),
+        (dlq_header::ERROR_MESSAGE, verdict.message.to_string()),
+        (dlq_header::ATTEMPTS, verdict.attempts.to_string()),
+        (dlq_header::TIME, verdict.now_ms.to_string()),
+    ];
+    headers.extend(fields.into_iter().map(|(k, v)| (k.to_string(), Some(v.into_bytes()))));
+    let value = source.value.filter(|p| p.len() <= max_value).map(<[u8]>::to_vec);
+    if let Some(p) = source.value.filter(|p| p.len() > max_value) {
+        headers.push((dlq_header::VALUE_DROPPED.to_string(), Some(p.len().to_string().into_bytes())));
+    }
+    OutRecord { topic: dead_letter_topic, partition: None, key: source.key.map(<[u8]>::to_vec), value, headers }
 }
 
 #[cfg(test)]

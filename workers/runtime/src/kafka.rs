@@ -39,6 +39,11 @@ pub mod dlq_header {
     pub const TIME: &str = "orderflow.dlq.time";
     /// Present when the value was left out (too large to re-produce): its original length in bytes.
     pub const VALUE_DROPPED: &str = "orderflow.dlq.value-dropped";
+    /// Who moved a worker past the record (`orderflow skip --operator`; class `skipped` only).
+    pub const OPERATOR: &str = "orderflow.dlq.operator";
+    /// The whole range one `orderflow skip` moved past, `<topic>/<partition>/<first>..=<last>`
+    /// (class `skipped` only).
+    pub const SKIPPED_RANGE: &str = "orderflow.dlq.skipped-range";
 }
 
 /// Name of the dead-letter topic of `topic` (`<topic>.dlq`, domain contract).

@@ -31,6 +31,8 @@ pub const NAMES: &[&str] = &[
     "orderflow_retries_total",
     "orderflow_broker_connected",
     "orderflow_stalled_partitions",
+    "orderflow_partition_status",
+    "orderflow_partition_seconds_since_progress",
 ];
 
 /// How many products `orderflow_out_of_stock_top` shows.
@@ -62,9 +64,16 @@ pub struct Metrics {
     /// `produce` (the broker did not take a unit's records), `restore` (the broker was not
     /// reachable for a state restore) or `rejoin` (no assignment after a revocation).
     pub retries: IntCounterVec,
-    /// `orderflow_stalled_partitions{worker}`: input partitions with records waiting whose
-    /// position has not moved for `stall::STALL_AFTER` (30 s) while not paused (see `stall`).
+    /// `orderflow_stalled_partitions{worker}`: input partitions of this instance with records
+    /// waiting whose position has not moved for the worker's `stall_after` (see `stall`).
     pub stalled: IntGaugeVec,
+    /// `orderflow_partition_status{worker,topic,partition,status}`: 1 for the partition's current
+    /// status (`ok`, `lagging`, `stalled`; `stall::Status`), 0 for the others; removed on
+    /// revocation.
+    pub partition_status: IntGaugeVec,
+    /// `orderflow_partition_seconds_since_progress{worker,topic,partition}`: seconds since the
+    /// partition's position last moved while records waited; 0 while nothing waits.
+    pub since_progress: IntGaugeVec,
     /// `orderflow_broker_connected{worker}`: 1 while librdkafka holds a broker connection.
     pub broker_connected: IntGaugeVec,
     /// `orderflow_timers_fired_total{worker}`.
@@ -158,8 +167,18 @@ impl Metrics {
             broker_connected: gauge("orderflow_broker_connected", "1 while the worker holds a broker connection.", &["worker"]),
             stalled: gauge(
                 "orderflow_stalled_partitions",
-                "Input partitions with records waiting whose position has not moved for 30 s.",
+                "Input partitions with records waiting whose position has not moved for stall_after.",
                 &["worker"],
+            ),
+            partition_status: gauge(
+                "orderflow_partition_status",
+                "1 for an input partition's current status (ok, lagging, stalled), 0 for the others.",
+                &["worker", "topic", "partition", "status"],
+            ),
+            since_progress: gauge(
+                "orderflow_partition_seconds_since_progress",
+                "Seconds since an input partition's position last moved while records waited (0 while none wait).",
+                &["worker", "topic", "partition"],
             ),
             timers_fired: counter("orderflow_timers_fired_total", "Durable timers fired (punctuations).", &["worker"]),
             forgotten: counter(
@@ -291,6 +310,8 @@ mod tests {
         m.retries.with_label_values(&["w", "c"]);
         m.broker_connected.with_label_values(&["w"]);
         m.stalled.with_label_values(&["w"]);
+        m.partition_status.with_label_values(&["w", "t", "0", "ok"]);
+        m.since_progress.with_label_values(&["w", "t", "0"]);
         m.misrouted.with_label_values(&["w", "t", "partition"]);
         m.partition_mismatch.with_label_values(&["w", "t"]);
         m.legacy_fingerprint.with_label_values(&["w", "t"]);

@@ -304,6 +304,14 @@ pub struct Defaults {
     /// Default true; the tansu profile turns them off (its SQLite engine is slow with headers).
     #[serde(default = "default_true")]
     pub record_headers: bool,
+    /// How long an input partition may have records waiting without its position moving before
+    /// it is reported stalled (issue 20; `orderflow_runtime::stall`): a warning naming the
+    /// partition, its offset and what the worker last saw, `orderflow_partition_status{status=
+    /// "stalled"}`, alert `OrderflowPartitionStalled`. Default 3 minutes
+    /// ([`crate::stall::DEFAULT_STALL_AFTER`]); at least 5 s and 10 commit intervals, and above
+    /// the retry policy's worst case (a record retried in place holds its partition that long).
+    #[serde(default = "default_stall_after", with = "humantime_serde")]
+    pub stall_after: Duration,
 }
 
 /// How transient failures are retried (`[defaults.retry]`, or `[workers.<name>.retry]`).
@@ -376,6 +384,10 @@ fn default_max_clock_skew() -> Duration {
     Duration::from_secs(3600)
 }
 
+fn default_stall_after() -> Duration {
+    crate::stall::DEFAULT_STALL_AFTER
+}
+
 fn default_state_retention() -> Duration {
     orderflow_api::DEFAULT_STATE_RETENTION
 }
@@ -403,6 +415,7 @@ impl Default for Defaults {
             max_clock_skew: default_max_clock_skew(),
             state_retention: default_state_retention(),
             record_headers: true,
+            stall_after: default_stall_after(),
         }
     }
 }
@@ -503,6 +516,9 @@ pub struct WorkerSpec {
     /// `state_retention` of this worker; default `[defaults]`'s.
     #[serde(default, with = "humantime_serde")]
     pub state_retention: Option<Duration>,
+    /// `stall_after` of this worker; default `[defaults]`'s.
+    #[serde(default, with = "humantime_serde")]
+    pub stall_after: Option<Duration>,
     /// Every other key of the entry: the kind's own settings (e.g. `reservation_ttl` of the
     /// stock reserver), unchecked here; [`check`] has the kind parse them.
     #[serde(flatten)]
@@ -529,6 +545,10 @@ impl WorkerSpec {
     /// Effective retry policy.
     pub fn retry(&self, d: &Defaults) -> RetryPolicy {
         self.retry.unwrap_or(d.retry)
+    }
+    /// Effective stall threshold (`stall_after`).
+    pub fn stall_after(&self, d: &Defaults) -> Duration {
+        self.stall_after.unwrap_or(d.stall_after)
     }
     /// Effective state retention, in ms.
     pub fn retention_ms(&self, d: &Defaults) -> i64 {
@@ -701,6 +721,7 @@ const DEFAULT_KEYS: &[&str] = &[
     "max_clock_skew",
     "state_retention",
     "record_headers",
+    "stall_after",
 ];
 const TOPIC_KEYS: &[&str] = &["partitions", "key", "schema", "cleanup_policy", "replication_factor", "external", "dead_letter"];
 const RETRY_KEYS: &[&str] = &["attempts", "initial_backoff", "multiplier", "max_backoff"];
@@ -771,6 +792,19 @@ fn check_max_batch(max_batch: usize, p: &mut dyn FnMut(String)) {
     if max_batch == 0 || max_batch > MAX_BATCH_LIMIT {
         p(format!(
             "max_batch {max_batch} must be between 1 and {MAX_BATCH_LIMIT} (a unit's remembered eventIds must fit its commit marker)"
+        ));
+    }
+}
+
+/// `stall_after` must stay well above what a healthy partition can take without moving: 5 s,
+/// 10 commit intervals, the retry policy's worst case (a record retried in place).
+fn check_stall_after(stall_after: Duration, commit_interval: Duration, retry: &RetryPolicy, p: &mut dyn FnMut(String)) {
+    let floor = Duration::from_secs(5).max(commit_interval * 10).max(retry.worst_case());
+    if stall_after < floor {
+        p(format!(
+            "stall_after {} must be at least {} (5s, 10 commit intervals and the retry policy's worst case)",
+            humantime::format_duration(stall_after),
+            humantime::format_duration(floor)
         ));
     }
 }
@@ -895,6 +929,7 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
         if w.commit_interval.is_some_and(|d| d.is_zero()) {
             p(subject.clone(), "commit_interval must be > 0".into());
         }
+        check_stall_after(w.stall_after(&t.defaults), w.commit_interval(&t.defaults), &w.retry(&t.defaults), &mut |m| p(subject.clone(), m));
     }
     for (topic, ws) in &producers {
         if ws.len() > 1 {

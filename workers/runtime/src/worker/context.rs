@@ -1,11 +1,12 @@
 //! The consumer side of a worker instance: its readiness ([`Health`]), the consumer context that
 //! queues rebalances for the loop, exports consumer lag and broker reachability from librdkafka's
-//! statistics, and watches input partitions for stalls.
+//! statistics and feeds them to the stall watch, and the task that evaluates that watch
+//! ([`spawn_stall_watch`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -23,19 +24,19 @@ use crate::stall::{self, StallWatch};
 pub(super) struct Health {
     pub(super) restored: AtomicBool,
     pub(super) broker_up: AtomicBool,
-    pub(super) stalled: AtomicBool,
+    pub(super) unacked: AtomicBool,
     /// The flag the HTTP endpoint reads.
     pub(super) published: Arc<AtomicBool>,
 }
 
 impl Health {
     pub(super) fn new(published: Arc<AtomicBool>) -> Health {
-        Health { restored: AtomicBool::new(false), broker_up: AtomicBool::new(true), stalled: AtomicBool::new(false), published }
+        Health { restored: AtomicBool::new(false), broker_up: AtomicBool::new(true), unacked: AtomicBool::new(false), published }
     }
     pub(super) fn set(&self, flag: &AtomicBool, value: bool) {
         flag.store(value, Ordering::Relaxed);
         let ready =
-            self.restored.load(Ordering::Relaxed) && self.broker_up.load(Ordering::Relaxed) && !self.stalled.load(Ordering::Relaxed);
+            self.restored.load(Ordering::Relaxed) && self.broker_up.load(Ordering::Relaxed) && !self.unacked.load(Ordering::Relaxed);
         self.published.store(ready, Ordering::Relaxed);
     }
 }
@@ -61,7 +62,7 @@ pub struct WorkerContext {
     /// Input partitions this instance paused (assigned and not yet restored, or rewinding):
     /// not watched for stalls.
     pub(super) paused: Mutex<BTreeSet<i32>>,
-    pub(super) stalls: Mutex<StallWatch>,
+    pub(super) stalls: Arc<Mutex<StallWatch>>,
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> BTreeSet<i32> {
@@ -107,20 +108,62 @@ impl ClientContext for WorkerContext {
                 }
             }
         }
-        let mut stalls = self.stalls.lock().expect("stall watch");
-        for change in stalls.observe(Instant::now(), samples) {
-            match change {
-                stall::Change::Stalled { topic, partition, position, lag, fetch_state, for_ } => warn!(
-                    worker = %self.worker, %topic, partition, position, lag, %fetch_state, stalled_s = for_.as_secs(),
-                    "input partition stalled: records waiting, position not moving"
-                ),
-                stall::Change::Resumed { topic, partition, position } => {
-                    info!(worker = %self.worker, %topic, partition, position, "input partition moving again")
+        let gone = self.stalls.lock().expect("stall watch").observe(Instant::now(), samples);
+        for change in gone {
+            if let stall::Change::Gone { topic, partition } = change {
+                let p = partition.to_string();
+                let _ = self.metrics.since_progress.remove_label_values(&[self.worker.as_str(), &topic, &p]);
+                let _ = self.metrics.lag.remove_label_values(&[self.worker.as_str(), &topic, &p]);
+                for s in stall::Status::ALL {
+                    let _ = self.metrics.partition_status.remove_label_values(&[self.worker.as_str(), &topic, &p, s.as_str()]);
                 }
             }
         }
-        self.metrics.stalled.with_label_values(&[self.worker.as_str()]).set(stalls.stalled() as i64);
     }
+}
+
+/// How often the stall watch evaluates its partitions (module `stall`).
+const STALL_TICK: Duration = Duration::from_secs(1);
+
+/// Evaluates `watch` every [`STALL_TICK`] until the returned task is aborted: logs each stall
+/// once (a warning with the partition, its position, records waiting, librdkafka's fetch state
+/// and what the worker last saw) and its end, and exports `orderflow_partition_status`,
+/// `orderflow_partition_seconds_since_progress` and `orderflow_stalled_partitions`. Runs on its
+/// own task so a unit that never returns does not stop it.
+pub(super) fn spawn_stall_watch(worker: String, metrics: Metrics, watch: Arc<Mutex<StallWatch>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(STALL_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let (changes, rows, stalled, after) = {
+                let mut w = watch.lock().expect("stall watch");
+                let (changes, rows) = w.evaluate(Instant::now());
+                (changes, rows, w.stalled(), w.stall_after())
+            };
+            for change in changes {
+                match change {
+                    stall::Change::Stalled { topic, partition, position, lag, fetch_state, for_, seen } => warn!(
+                        worker = %worker, %topic, partition, position, lag, %fetch_state, stalled_s = for_.as_secs(),
+                        stall_after_s = after.as_secs(), last_seen = %seen,
+                        "input partition stalled: records waiting, position not moving (orderflow skip moves past a record that cannot be processed; README \"Stalled partitions\")"
+                    ),
+                    stall::Change::Resumed { topic, partition, position, after } => {
+                        info!(worker = %worker, %topic, partition, position, stalled_s = after.as_secs(), "input partition moving again")
+                    }
+                    stall::Change::Gone { .. } => {}
+                }
+            }
+            for r in rows {
+                let p = r.partition.to_string();
+                for s in stall::Status::ALL {
+                    metrics.partition_status.with_label_values(&[worker.as_str(), &r.topic, &p, s.as_str()]).set(i64::from(s == r.status));
+                }
+                metrics.since_progress.with_label_values(&[worker.as_str(), &r.topic, &p]).set(r.since_progress.as_secs() as i64);
+            }
+            metrics.stalled.with_label_values(&[worker.as_str()]).set(stalled as i64);
+        }
+    })
 }
 
 /// A consumer from `config` with a fresh [`WorkerContext`], subscribed to `inputs`.
@@ -132,6 +175,7 @@ pub(super) fn subscribed_consumer(
     metrics: &Metrics,
     health: &Arc<Health>,
     inputs: &[String],
+    stalls: Arc<Mutex<StallWatch>>,
 ) -> Result<StreamConsumer<WorkerContext>, KafkaError> {
     let context = WorkerContext {
         events: Mutex::new(Vec::new()),
@@ -139,7 +183,7 @@ pub(super) fn subscribed_consumer(
         metrics: metrics.clone(),
         health: health.clone(),
         paused: Mutex::new(BTreeSet::new()),
-        stalls: Mutex::new(StallWatch::default()),
+        stalls,
     };
     let consumer: StreamConsumer<WorkerContext> = config.create_with_context(context)?;
     let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();

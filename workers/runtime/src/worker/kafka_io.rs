@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use super::context::{Health, WorkerContext};
 use crate::commit::{Broker, LocalState, Offsets, OutRecord};
-use crate::kafka::dlq_header;
+use crate::deadletter;
 use crate::step::Rejection;
 use crate::store::{Shard, Store, StoreError};
 use crate::txn::{TxnError, TxnErrorClass, TxnProducer};
@@ -118,13 +118,13 @@ async fn await_acks<F: std::future::Future>(health: &Health, worker: &str, acks:
                 if stalled {
                     info!(%worker, waited_s = started.elapsed().as_secs_f64(), "broker acknowledged the unit; ready");
                 }
-                health.set(&health.stalled, false);
+                health.set(&health.unacked, false);
                 return out;
             }
             _ = tokio::time::sleep(ACK_STALL), if !stalled => {
                 stalled = true;
                 warn!(%worker, "no acknowledgement from the broker for {} s; not ready, still waiting", ACK_STALL.as_secs());
-                health.set(&health.stalled, true);
+                health.set(&health.unacked, true);
             }
         }
     }
@@ -150,9 +150,8 @@ impl LocalState for SledUnit<'_> {
     }
 }
 
-/// The dead-letter record of `source` rejected by `worker` at `now_ms`: its key and value (the
-/// value left out beyond `max_value` bytes, header `orderflow.dlq.value-dropped` = its length),
-/// its own headers, and the `orderflow.dlq.*` headers saying where it came from and why.
+/// The dead-letter record of `source` rejected by `worker` at `now_ms` ([`crate::deadletter::record`]
+/// with the record's own headers).
 pub(super) fn dead_letter_record(
     topic: String,
     source: &OwnedMessage,
@@ -161,22 +160,15 @@ pub(super) fn dead_letter_record(
     now_ms: i64,
     max_value: usize,
 ) -> OutRecord {
-    let mut headers: Vec<(String, Option<Vec<u8>>)> =
+    let headers: Vec<(String, Option<Vec<u8>>)> =
         source.headers().map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect()).unwrap_or_default();
-    let fields = [
-        (dlq_header::SOURCE_TOPIC, source.topic().to_string()),
-        (dlq_header::SOURCE_PARTITION, source.partition().to_string()),
-        (dlq_header::SOURCE_OFFSET, source.offset().to_string()),
-        (dlq_header::WORKER, worker.to_string()),
-        (dlq_header::ERROR_CLASS, r.class.to_string()),
-        (dlq_header::ERROR_MESSAGE, r.message.clone()),
-        (dlq_header::ATTEMPTS, r.attempts.to_string()),
-        (dlq_header::TIME, now_ms.to_string()),
-    ];
-    headers.extend(fields.into_iter().map(|(k, v)| (k.to_string(), Some(v.into_bytes()))));
-    let value = source.payload().filter(|p| p.len() <= max_value).map(<[u8]>::to_vec);
-    if let Some(p) = source.payload().filter(|p| p.len() > max_value) {
-        headers.push((dlq_header::VALUE_DROPPED.to_string(), Some(p.len().to_string().into_bytes())));
-    }
-    OutRecord { topic, partition: None, key: source.key().map(<[u8]>::to_vec), value, headers }
+    let from = deadletter::Source {
+        topic: source.topic(),
+        partition: source.partition(),
+        offset: source.offset(),
+        key: source.key(),
+        value: source.payload(),
+    };
+    let verdict = deadletter::Verdict { class: r.class, message: &r.message, attempts: r.attempts, worker, now_ms };
+    deadletter::record(topic, from, headers, verdict, max_value)
 }

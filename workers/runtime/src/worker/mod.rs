@@ -70,6 +70,7 @@ mod context;
 mod kafka_io;
 mod rebalance;
 mod unit;
+mod watched;
 
 pub use context::WorkerContext;
 use context::{subscribed_consumer, Health};
@@ -96,6 +97,9 @@ pub enum WorkerError {
     Restore(String),
     #[error("processor failed on {topic}[{partition}]@{offset}: {error}")]
     Process { topic: String, partition: i32, offset: i64, error: ProcessError },
+    /// `FAILPOINTS` names an action the `fail` crate cannot parse (test builds only).
+    #[error("FAILPOINTS: {0}")]
+    Failpoints(String),
     /// A restore left off because the instance was told to shut down ([`Worker::run`] turns it
     /// into a clean stop: nothing of the partition was processed yet).
     #[error("shutting down")]
@@ -183,6 +187,9 @@ pub struct Worker {
     revoked_since: Option<Instant>,
     /// The shutdown signal [`Worker::run`] was given (None before it runs): restores check it.
     shutdown: Option<watch::Receiver<bool>>,
+    /// The stalled-partition watch (`stall`): fed by the consumer's statistics, the loop and the
+    /// processor ([`watched::Watched`]); evaluated by the task [`Worker::run`] spawns.
+    stalls: Arc<std::sync::Mutex<crate::stall::StallWatch>>,
     /// Where this instance keeps its sled store.
     pub state_path: PathBuf,
 }
@@ -267,9 +274,11 @@ impl Worker {
         if guarantee == Guarantee::ExactlyOnce {
             require_transactions(&setup.name, &t.broker.bootstrap).await?;
         }
+        watched::configure_failpoints().map_err(WorkerError::Failpoints)?;
         let consumer_config = consumer_config(&setup, spec);
         let health = Arc::new(Health::new(setup.ready.clone()));
-        let consumer = subscribed_consumer(&consumer_config, &setup.name, &setup.metrics, &health, &spec.inputs)?;
+        let stalls = Arc::new(std::sync::Mutex::new(crate::stall::StallWatch::new(spec.stall_after(&t.defaults))));
+        let consumer = subscribed_consumer(&consumer_config, &setup.name, &setup.metrics, &health, &spec.inputs, stalls.clone())?;
         let (producer, txn) = producer(&setup, spec, guarantee).await?;
         let state_path = t.defaults.state_dir.join(&setup.name).join(&setup.instance);
         let (store, reset) = Store::open_or_reset(&state_path)?;
@@ -286,7 +295,7 @@ impl Worker {
         info!(worker = %setup.name, instance = %setup.instance, guarantee = guarantee.as_str(), state = %state_path.display(), "worker started");
         Ok(Worker {
             name: setup.name.clone(),
-            processor: setup.processor,
+            processor: Box::new(watched::Watched { inner: setup.processor, watch: stalls.clone() }),
             wired: setup.ports.iter().filter(|p| spec.outputs.contains_key(**p)).map(|s| s.to_string()).collect(),
             outputs: spec.outputs.clone(),
             inputs: spec.inputs.clone(),
@@ -320,6 +329,7 @@ impl Worker {
             orphans: BTreeMap::new(),
             revoked_since: None,
             shutdown: None,
+            stalls,
             state_path,
         })
     }
@@ -338,12 +348,21 @@ impl Worker {
     /// Errors: any [`WorkerError`]; the unit in flight is then not committed and will be replayed.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
         self.shutdown = Some(shutdown.clone());
+        let watch = context::spawn_stall_watch(self.name.clone(), self.metrics.clone(), self.stalls.clone());
+        let result = self.work(&mut shutdown).await;
+        watch.abort();
+        result
+    }
+
+    /// The loop of [`Worker::run`], then the stop.
+    async fn work(mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), WorkerError> {
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            let (mut batch, consumer_error) = self.gather(&mut shutdown).await;
+            let (mut batch, consumer_error) = self.gather(shutdown).await;
             if let Some(e) = consumer_error {
+                self.stalls.lock().expect("stall watch").consumer_error(Instant::now(), e.to_string());
                 self.on_consumer_error(e).await?;
             }
             let abandoned = match self.rebalance().await {

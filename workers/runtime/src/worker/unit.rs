@@ -45,11 +45,20 @@ impl Worker {
     }
 
     /// Processes one unit of work and commits it (see the module docs of `worker` for the order
-    /// of steps).
+    /// of steps), telling the stall watch when it starts and ends.
     ///
     /// Errors: a failure the instance cannot get past (processor stop, fatal producer or
     /// transactional error, state store); the unit is then not committed and will be replayed.
     pub(super) async fn unit(&mut self, batch: Vec<OwnedMessage>) -> Result<(), WorkerError> {
+        let partitions: std::collections::BTreeSet<i32> = batch.iter().map(Message::partition).collect();
+        self.stalls.lock().expect("stall watch").unit_started(Instant::now(), partitions);
+        let result = self.process_and_commit(batch).await;
+        self.stalls.lock().expect("stall watch").unit_ended();
+        result
+    }
+
+    /// [`Worker::unit`] without the stall watch's bookkeeping.
+    async fn process_and_commit(&mut self, batch: Vec<OwnedMessage>) -> Result<(), WorkerError> {
         let started = Instant::now();
         let now = self.clock.now_ms();
         self.metrics.assigned.with_label_values(&[self.name.as_str()]).set(self.owned.len() as i64);
@@ -133,10 +142,14 @@ impl Worker {
             worker: &self.name,
         };
         let mut local = SledUnit { store: &self.store, shards: &self.shards, changes: &changes, offsets: &offsets };
+        self.stalls.lock().expect("stall watch").stage("committing");
         match commit::commit(self.guarantee, &broker, &mut local, unit).await {
             Ok(persisted) => {
                 for p in persisted.keys() {
                     self.orphans.remove(p);
+                }
+                if self.produce_failures > 0 {
+                    self.stalls.lock().expect("stall watch").produce_retry(Instant::now(), 0, String::new());
                 }
                 self.produce_failures = 0;
                 for topic in &produced {
@@ -223,10 +236,15 @@ impl Worker {
                     return Err(WorkerError::Delivery { topic, error });
                 }
                 self.produce_failures += 1;
+                {
+                    let mut stalls = self.stalls.lock().expect("stall watch");
+                    stalls.produce_retry(Instant::now(), self.produce_failures, format!("{topic}: {error}"));
+                    stalls.stage("retrying");
+                }
                 let wait: Duration = self.retry.backoff(self.produce_failures);
                 warn!(worker = %w, %topic, error = %error, failures = self.produce_failures, wait_ms = wait.as_millis() as u64, "broker did not take the unit's records; rewinding and retrying");
                 self.metrics.retries.with_label_values(&[w.as_str(), "produce"]).inc();
-                self.health.set(&self.health.stalled, true);
+                self.health.set(&self.health.unacked, true);
                 for (p, c) in changes {
                     self.orphans.entry(*p).or_default().extend_from(c);
                 }
