@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::{bench, demo, dlq, doctor, inspect, reconcile, replay, schemas, topology};
+use crate::{bench, demo, dlq, doctor, inspect, reconcile, replay, schemas, skip, topology};
 
 /// The command line of the `orderflow` binary.
 #[derive(Parser)]
@@ -83,6 +83,10 @@ pub enum Command {
     /// (spec-exact and legacy), registration under the configured compatibility level, and a
     /// compatibility check against the registry (exit 1 on an incompatible change).
     Schemas(schemas::SchemasArgs),
+    /// Move a stopped worker past records of one input partition it cannot get past (a stalled
+    /// partition): audited (each record dead-lettered as `skipped` with --operator and --reason
+    /// before anything moves), refused while any instance of the worker runs.
+    Skip(skip::SkipArgs),
     /// Throughput benchmarks against the local broker (raw baseline, one worker); one JSON
     /// object per scenario on stdout. `scripts/bench` runs them all.
     Bench(bench::BenchArgs),
@@ -130,5 +134,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args).await,
         Command::Doctor(args) => doctor::run(args).await,
         Command::Schemas(args) => schemas::run(args).await,
+        Command::Skip(args) => skip::run(args).await,
     }
 }

@@ -13,6 +13,8 @@
 //! - [`doctor`]: `orderflow doctor`: a live broker against the topology (partition counts, external
 //!   records keyed and partitioned as orderflow would, issue 19).
 //! - [`schemas`]: `orderflow schemas list|register|check`: fingerprints, registry subjects, compatibility (issue 14).
+//! - [`skip`]: `orderflow skip`: an audited move of a stopped worker past records it cannot get
+//!   past (issue 20).
 //! - [`demo`]: `orderflow demo`: TPC-H orders and the seed scenarios through the whole saga.
 //! - [`bench`](mod@bench): `orderflow bench raw|worker|saga|recovery`: the benchmarks.
 //! - [`kafkaio`]: the Kafka I/O every command uses: topic reader, watermarks, offsets by time, partitioner, RFC 3339 times.
@@ -29,6 +31,7 @@ pub mod reconcile;
 pub mod replay;
 pub mod run;
 pub mod schemas;
+pub mod skip;
 pub mod text;
 pub mod topology;
 
