@@ -156,7 +156,8 @@ struct Track {
 struct Unit {
     started: Instant,
     stage: &'static str,
-    partitions: BTreeSet<i32>,
+    /// `(topic, partition)` of the unit's records.
+    partitions: BTreeSet<(String, i32)>,
     cursor: Option<Cursor>,
 }
 
@@ -213,8 +214,8 @@ impl StallWatch {
             .collect()
     }
 
-    /// A unit of work holding records of `partitions` started at `now`.
-    pub fn unit_started(&mut self, now: Instant, partitions: impl IntoIterator<Item = i32>) {
+    /// A unit of work holding records of `partitions` (`(topic, partition)`) started at `now`.
+    pub fn unit_started(&mut self, now: Instant, partitions: impl IntoIterator<Item = (String, i32)>) {
         self.unit = Some(Unit { started: now, stage: "processing", partitions: partitions.into_iter().collect(), cursor: None });
     }
 
@@ -259,12 +260,13 @@ impl StallWatch {
     /// Evaluates every watched partition at `now`: returns the stalls that began or ended and
     /// each partition's row for the metrics.
     pub fn evaluate(&mut self, now: Instant) -> (Vec<Change>, Vec<Row>) {
-        let held: BTreeSet<i32> = self.unit.as_ref().map(|u| u.partitions.clone()).unwrap_or_default();
+        let held: BTreeSet<(String, i32)> = self.unit.as_ref().map(|u| u.partitions.clone()).unwrap_or_default();
         let seen = self.last_seen(now);
         let mut changes = Vec::new();
         let mut rows = Vec::new();
-        for ((topic, partition), t) in &mut self.tracks {
-            let waiting = !t.paused && (t.lag > 0 || t.fetch_state != "active" || held.contains(partition));
+        for (key, t) in &mut self.tracks {
+            let (topic, partition) = key;
+            let waiting = !t.paused && (t.lag > 0 || t.fetch_state != "active" || held.contains(key));
             if !waiting {
                 t.since = now;
             }
@@ -387,7 +389,7 @@ mod tests {
         let t0 = Instant::now();
         // The unit took every fetched record: the lag the last report saw is 0.
         w.observe(t0, [sample(20, 0, false), Sample { partition: 1, ..sample(5, 0, false) }]);
-        w.unit_started(t0, [0]);
+        w.unit_started(t0, [("in".to_string(), 0)]);
         w.processing(Cursor { topic: "in".into(), partition: 0, offset: 17, key: "order-17".into() });
         assert_eq!(status(&mut w, t0 + AFTER - Duration::from_secs(1)), vec![(Status::Lagging, 59), (Status::Ok, 0)]);
         let (c, _) = w.evaluate(t0 + AFTER);

@@ -92,19 +92,25 @@ impl ClientContext for WorkerContext {
         let mut samples = Vec::new();
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
-                if let Some(lag) = partition_lag(p).filter(|_| *partition >= 0) {
+                if *partition < 0 {
+                    continue;
+                }
+                let lag = partition_lag(p);
+                if let Some(lag) = lag {
                     self.metrics.lag.with_label_values(&[self.worker.as_str(), topic, &partition.to_string()]).set(lag);
-                    // Assigned partitions only (librdkafka also reports the ones it merely knows).
-                    if p.fetch_state != "none" {
-                        samples.push(stall::Sample {
-                            topic,
-                            partition: *partition,
-                            position: p.app_offset,
-                            lag,
-                            fetch_state: &p.fetch_state,
-                            paused: paused.contains(partition),
-                        });
-                    }
+                }
+                // Assigned partitions only: librdkafka also reports the ones it merely knows
+                // (`none`) and revoked ones whose fetcher it stopped (`stopping`, `stopped`). One
+                // that never had a record has no lag yet: nothing waits.
+                if !matches!(p.fetch_state.as_str(), "none" | "stopping" | "stopped") {
+                    samples.push(stall::Sample {
+                        topic,
+                        partition: *partition,
+                        position: p.app_offset,
+                        lag: lag.unwrap_or(0),
+                        fetch_state: &p.fetch_state,
+                        paused: paused.contains(partition),
+                    });
                 }
             }
         }

@@ -50,7 +50,7 @@ impl Worker {
     /// Errors: a failure the instance cannot get past (processor stop, fatal producer or
     /// transactional error, state store); the unit is then not committed and will be replayed.
     pub(super) async fn unit(&mut self, batch: Vec<OwnedMessage>) -> Result<(), WorkerError> {
-        let partitions: std::collections::BTreeSet<i32> = batch.iter().map(Message::partition).collect();
+        let partitions: std::collections::BTreeSet<(String, i32)> = batch.iter().map(|m| (m.topic().to_string(), m.partition())).collect();
         self.stalls.lock().expect("stall watch").unit_started(Instant::now(), partitions);
         let result = self.process_and_commit(batch).await;
         self.stalls.lock().expect("stall watch").unit_ended();

@@ -24,6 +24,12 @@ pub(super) struct Watched {
 impl Processor for Watched {
     fn process(&mut self, ctx: &Context, event: &Event, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
         let key = event.order_id().unwrap_or(event.event_id()).to_string();
+        self.watch.lock().expect("stall watch").processing(Cursor {
+            topic: ctx.topic.clone(),
+            partition: ctx.partition,
+            offset: ctx.offset,
+            key: key.clone(),
+        });
         #[cfg(feature = "failpoints")]
         fail::fail_point!("orderflow::process", |blocked: Option<String>| {
             if blocked.as_deref() == Some(key.as_str()) {
@@ -34,7 +40,6 @@ impl Processor for Watched {
             }
             self.inner.process(ctx, event, state, out)
         });
-        self.watch.lock().expect("stall watch").processing(Cursor { topic: ctx.topic.clone(), partition: ctx.partition, offset: ctx.offset, key });
         self.inner.process(ctx, event, state, out)
     }
 
