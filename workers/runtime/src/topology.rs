@@ -1183,6 +1183,7 @@ outputs = {}
 saga_timeout = "3m"
 state_retention = "500ms"
 max_batch = 3001
+stall_after = "2s"
 "#;
         let kinds: &[KindInfo] = &[KindInfo { name: "a", ports: &[], settings: KindInfo::no_settings, reads_external: true }, KINDS[1]];
         let loaded = load(&write(dir.path(), text)).unwrap();
@@ -1197,6 +1198,9 @@ max_batch = 3001
             "topic in: dead_letter `out` must be a topic of its own",
             "worker a: state_retention 500ms must be at least 1s",
             "worker a: max_batch 3001 must be between 1 and 3000",
+            "worker a: stall_after 2s must be at least 5s (5s, 10 commit intervals and the retry policy's worst case)",
+            // 50 retries of up to 30 s hold a record far longer than the default 3 minutes.
+            "worker w: stall_after 3m must be at least",
         ];
         for e in expect {
             assert!(problems.iter().any(|p| p.starts_with(e)), "missing `{e}` in {problems:#?}");
@@ -1207,6 +1211,8 @@ max_batch = 3001
         assert_eq!((r.attempts, r.initial_backoff, r.max_backoff), (50, Duration::from_millis(100), Duration::from_secs(30)));
         assert_eq!(t.workers["w"].retention_ms(&t.defaults), orderflow_api::millis(orderflow_api::DEFAULT_STATE_RETENTION));
         assert_eq!(t.workers["a"].retention_ms(&t.defaults), 500);
+        assert_eq!(t.workers["a"].stall_after(&t.defaults), Duration::from_secs(2));
+        assert_eq!(t.workers["w"].stall_after(&t.defaults), crate::stall::DEFAULT_STALL_AFTER);
     }
 
     #[test]
