@@ -196,8 +196,10 @@ fn alert_expr(name: &str) -> String {
 /// poison's partition (the rule's `for` and annotations are checked by
 /// deploy/prometheus/alerts.test.yaml).
 fn alert_fires(dir: &Path, series: &[String], pod: &str, partition: i32) -> Result<(), String> {
-    let input: Vec<String> =
-        series.iter().map(|s| format!("      - series: '{}'\n        values: '1x5'", s.replacen('{', &format!("{{pod=\"{pod}\","), 1))).collect();
+    let input: Vec<String> = series
+        .iter()
+        .map(|s| format!("      - series: '{}'\n        values: '1x5'", s.replacen('{', &format!("{{pod=\"{pod}\","), 1)))
+        .collect();
     let test = format!(
         "tests:\n  - interval: 1m\n    input_series:\n{}\n    promql_expr_test:\n      - expr: '{}'\n        eval_time: 2m\n        exp_samples:\n          - labels: '{{partition=\"{partition}\",pod=\"{pod}\",topic=\"order.created\",worker=\"deduplicator\"}}'\n            value: 1\n",
         input.join("\n"),
@@ -265,7 +267,10 @@ fn a_partition_blocked_on_one_record_is_reported_stalled_and_skip_unblocks_it_wi
         detected <= Duration::from_secs(STALL_AFTER_S + 5),
         "detection took {detected:?}, over stall_after {STALL_AFTER_S}s + 5s (1 s evaluation, 1 s statistics)"
     );
-    assert!(common::metric(stuck.port, "orderflow_partition_seconds_since_progress", &[("partition", partition_label.as_str())]) >= STALL_AFTER_S as f64);
+    assert!(
+        common::metric(stuck.port, "orderflow_partition_seconds_since_progress", &[("partition", partition_label.as_str())])
+            >= STALL_AFTER_S as f64
+    );
     assert!(common::metric(stuck.port, "orderflow_stalled_partitions", &[("worker", "deduplicator")]) >= 1.0);
     assert_eq!(common::http_status(stuck.port, "/readyz"), Some(200), "a stall leaves readiness as it is");
     // Meanwhile the other instance's partitions flow: every order sent to them after the poison

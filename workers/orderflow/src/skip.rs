@@ -14,7 +14,8 @@
 //! 3. **Audit first**: every skipped record (`position ..= --past`) is written to the input's
 //!    dead-letter topic with class `skipped`, the operator, the reason and the whole range
 //!    (headers `orderflow.dlq.operator`, `orderflow.dlq.skipped-range`); a record that cannot be
-//!    read is written without a value. `orderflow dlq list --class skipped` shows them and
+//!    read, or that does not fit the dead-letter topic's size limit, is written without its value
+//!    (`orderflow.dlq.value-dropped` gives its length). `orderflow dlq list --class skipped` shows them and
 //!    `orderflow dlq redrive` re-sends them once the cause is fixed.
 //! 4. **Move**: a commit marker with the new position (plus the compensation of an unfinished
 //!    unit's records, as the worker's next unit would write) on the changelog partition, then the
@@ -162,14 +163,24 @@ pub async fn run(args: SkipArgs) -> Result<()> {
         None => committed_offset(&t, &group, &topic, args.partition).await?.unwrap_or(low),
     };
     if args.past < from {
-        bail!("worker {} is already at offset {from} of {topic}[{}]: nothing before it to skip (--past {})", args.worker, args.partition, args.past);
+        bail!(
+            "worker {} is already at offset {from} of {topic}[{}]: nothing before it to skip (--past {})",
+            args.worker,
+            args.partition,
+            args.past
+        );
     }
     if args.past >= high {
         bail!("{topic}[{}] ends at offset {} (high watermark {high}): --past {} names no record yet", args.partition, high - 1, args.past);
     }
     let count = args.past - from + 1;
     if count > args.max_records {
-        bail!("skipping {from}..={} of {topic}[{}] is {count} records, more than --max-records {}", args.past, args.partition, args.max_records);
+        bail!(
+            "skipping {from}..={} of {topic}[{}] is {count} records, more than --max-records {}",
+            args.past,
+            args.partition,
+            args.max_records
+        );
     }
 
     // The skipped records, as far as they can be read.
@@ -233,23 +244,33 @@ pub async fn run(args: SkipArgs) -> Result<()> {
     let range = format!("{topic}/{}/{from}..={}", args.partition, args.past);
     let message = format!("skipped by {operator}: {} (orderflow skip of {range})", args.reason.trim());
     let dlq_topic = t.dead_letter_of(&topic);
+    // A record the input topic took may not fit its dead-letter topic (a raised input limit):
+    // its audit record then goes without the value (`orderflow.dlq.value-dropped`).
+    let limits = crate::kafkaio::limits::topic_limits(&t.broker, std::slice::from_ref(&dlq_topic)).await?;
     let audit_headers = |mut h: Vec<(String, Option<Vec<u8>>)>| {
         h.push((dlq_header::OPERATOR.to_string(), Some(operator.clone().into_bytes())));
         h.push((dlq_header::SKIPPED_RANGE.to_string(), Some(range.clone().into_bytes())));
         h
     };
-    let verdict = deadletter::Verdict { class: DeadLetterClass::Skipped, message: &message, attempts: 0, worker: &args.worker, now_ms: now };
+    let verdict =
+        deadletter::Verdict { class: DeadLetterClass::Skipped, message: &message, attempts: 0, worker: &args.worker, now_ms: now };
     let mut audit: Vec<OutRecord> = records
         .iter()
         .map(|(offset, key, value, headers)| {
-            let source = deadletter::Source { topic: &topic, partition: args.partition, offset: *offset, key: key.as_deref(), value: value.as_deref() };
-            deadletter::record(dlq_topic.clone(), source, audit_headers(headers.clone()), verdict, usize::MAX)
+            let source = deadletter::Source {
+                topic: &topic,
+                partition: args.partition,
+                offset: *offset,
+                key: key.as_deref(),
+                value: value.as_deref(),
+            };
+            deadletter::record_within(dlq_topic.clone(), source, audit_headers(headers.clone()), verdict, &limits)
         })
         .collect();
     if audit.is_empty() {
         // Nothing could be read: one record for the range, without a value.
         let source = deadletter::Source { topic: &topic, partition: args.partition, offset: from, key: None, value: None };
-        audit.push(deadletter::record(dlq_topic.clone(), source, audit_headers(Vec::new()), verdict, usize::MAX));
+        audit.push(deadletter::record_within(dlq_topic.clone(), source, audit_headers(Vec::new()), verdict, &limits));
     }
     let producer: FutureProducer = client_config(&t.broker, Side::Producer).create().context("creating the producer")?;
     for r in &audit {
@@ -265,7 +286,13 @@ pub async fn run(args: SkipArgs) -> Result<()> {
     offsets.insert(topic.clone(), args.past + 1);
     let changelog_topic = changelog::topic(&args.worker);
     for r in changelog::records(&spec.inputs, &changes, &offsets) {
-        let out = OutRecord { topic: changelog_topic.clone(), partition: Some(args.partition), key: Some(r.key), value: r.value, headers: Vec::new() };
+        let out = OutRecord {
+            topic: changelog_topic.clone(),
+            partition: Some(args.partition),
+            key: Some(r.key),
+            value: r.value,
+            headers: Vec::new(),
+        };
         produce(&producer, &out).await.with_context(|| {
             format!("writing the new position to {changelog_topic}[{}]; the audit records are written, run the skip again", args.partition)
         })?;

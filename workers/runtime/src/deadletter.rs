@@ -154,6 +154,29 @@ pub fn record(
     OutRecord { topic: dead_letter_topic, partition: None, key: source.key.map(<[u8]>::to_vec), value, headers }
 }
 
+/// [`record`] for `dead_letter_topic` under its limit in `limits`: the whole record when it fits,
+/// otherwise without its value (header `orderflow.dlq.value-dropped` = the value's length), so
+/// the dead-letter record itself can always be produced. Used by the workers and `orderflow skip`.
+pub fn record_within(
+    dead_letter_topic: String,
+    source: Source<'_>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+    verdict: Verdict<'_>,
+    limits: &crate::limits::Limits,
+) -> OutRecord {
+    let limit = limits.of(&dead_letter_topic);
+    let whole = record(dead_letter_topic.clone(), source, headers.clone(), verdict, usize::MAX);
+    if limits.check_record(&whole).is_ok() {
+        return whole;
+    }
+    // Room for the value beside the key, the headers and the value-dropped header (a length of
+    // at most 20 digits).
+    let dropped = crate::limits::headers_size([(dlq_header::VALUE_DROPPED, Some(&[0u8; 20][..]))]);
+    let fixed = whole.key.as_ref().map_or(0, Vec::len);
+    let headers_bytes = crate::limits::headers_size(whole.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref()))) + dropped;
+    record(dead_letter_topic, source, headers, verdict, limit.value_bytes(fixed, headers_bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,8 @@
 //! - [`headers`]: the output records' headers (CloudEvents type/id/source, W3C trace context).
 //! - [`kafka`]: client configuration per side, the group protocol, topic creation (waiting for
 //!   leaders), dead-letter header names.
+//! - [`limits`]: record size limits: each topic's `max.message.bytes` bounded by the producer's
+//!   `message.max.bytes`, and the check every producer runs before producing (issue 20).
 //! - [`metrics`]: the Prometheus families the binary exports.
 //! - [`partitioner`]: the producers' partitioner (murmur2, as the Java client) and librdkafka's
 //!   default (CRC32), to compute where a key goes.
@@ -36,6 +38,7 @@ pub mod commit;
 pub mod deadletter;
 pub mod headers;
 pub mod kafka;
+pub mod limits;
 pub mod metrics;
 pub mod partitioner;
 pub mod probe;

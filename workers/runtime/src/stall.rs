@@ -124,7 +124,7 @@ impl fmt::Display for LastSeen {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// Waiting and the position unchanged for at least `stall_after`: reported once.
-    Stalled { topic: String, partition: i32, position: i64, lag: i64, fetch_state: String, for_: Duration, seen: LastSeen },
+    Stalled { topic: String, partition: i32, position: i64, lag: i64, fetch_state: String, for_: Duration, seen: Box<LastSeen> },
     /// A reported stall ended (the position moved, nothing waits, the partition paused).
     Resumed { topic: String, partition: i32, position: i64, after: Duration },
     /// The partition left the report (revoked): its series are to be removed.
@@ -251,7 +251,11 @@ impl StallWatch {
     fn last_seen(&self, now: Instant) -> LastSeen {
         let ago = |t: Instant| now.saturating_duration_since(t);
         LastSeen {
-            unit: self.unit.as_ref().filter(|u| ago(u.started) >= Duration::from_secs(1)).map(|u| (u.stage.to_string(), ago(u.started), u.cursor.clone())),
+            unit: self
+                .unit
+                .as_ref()
+                .filter(|u| ago(u.started) >= Duration::from_secs(1))
+                .map(|u| (u.stage.to_string(), ago(u.started), u.cursor.clone())),
             consumer_error: self.consumer_error.as_ref().map(|(e, t)| (e.clone(), ago(*t))),
             produce_retries: self.produce_retries.as_ref().map(|(n, e, t)| (*n, e.clone(), ago(*t))),
         }
@@ -285,13 +289,18 @@ impl StallWatch {
                     lag: t.lag,
                     fetch_state: t.fetch_state.clone(),
                     for_,
-                    seen: seen.clone(),
+                    seen: Box::new(seen.clone()),
                 });
             } else if status != Status::Stalled && t.reported {
                 t.reported = false;
                 changes.push(Change::Resumed { topic: topic.clone(), partition: *partition, position: t.position, after: for_ });
             }
-            rows.push(Row { topic: topic.clone(), partition: *partition, status, since_progress: if waiting { for_ } else { Duration::ZERO } });
+            rows.push(Row {
+                topic: topic.clone(),
+                partition: *partition,
+                status,
+                since_progress: if waiting { for_ } else { Duration::ZERO },
+            });
         }
         (changes, rows)
     }

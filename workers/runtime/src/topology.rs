@@ -929,7 +929,9 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
         if w.commit_interval.is_some_and(|d| d.is_zero()) {
             p(subject.clone(), "commit_interval must be > 0".into());
         }
-        check_stall_after(w.stall_after(&t.defaults), w.commit_interval(&t.defaults), &w.retry(&t.defaults), &mut |m| p(subject.clone(), m));
+        check_stall_after(w.stall_after(&t.defaults), w.commit_interval(&t.defaults), &w.retry(&t.defaults), &mut |m| {
+            p(subject.clone(), m)
+        });
     }
     for (topic, ws) in &producers {
         if ws.len() > 1 {

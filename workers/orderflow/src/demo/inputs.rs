@@ -11,6 +11,8 @@ use orderflow_runtime::worker::now_ms;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
+use crate::kafkaio::limits::{topic_limits, SizeCheck};
+
 pub(super) const SEED_HQ: &str = "HQ-SEED";
 
 /// Seed 000 scenario 1 (single product short) and 2 (multi-product, one short: all or nothing).
@@ -156,6 +158,25 @@ pub(crate) fn port_topic(t: &orderflow_runtime::topology::Topology, kind: &str, 
         .find(|w| w.kind == kind)
         .and_then(|w| w.outputs.get(port).cloned())
         .with_context(|| format!("the topology wires no {kind} port {port}"))
+}
+
+/// Checks every stock adjustment and order of `input`, encoded as it will be produced, against its
+/// topic's size limit ([`SizeCheck`]) before the demo produces anything. (The POS simulator's
+/// answers are produced as confirmations arrive: a refused one is logged.)
+///
+/// Errors: a record over its limit (nothing was produced), an encoding failure.
+pub(super) async fn check_sizes(t: &orderflow_runtime::topology::Topology, codec: &Codec, input: &super::tpch::TpchInput) -> Result<()> {
+    let (inventory, orders) = ("inventory.adjusted", "order.created");
+    let mut sizes = SizeCheck::new(topic_limits(&t.broker, &[inventory.to_string(), orders.to_string()]).await?);
+    for inv in &input.inventory {
+        let (key, bytes) = (store_key(&inv.hq_id, &inv.store_id), codec.encode(inventory, &Event::InventoryAdjusted(inv.clone())).await?);
+        sizes.record(|| format!("stock adjustment {}", inv.event_id), inventory, Some(key.as_bytes()), Some(&bytes), []);
+    }
+    for order in &input.orders {
+        let bytes = codec.encode(orders, &Event::OrderCreated(order.clone())).await?;
+        sizes.record(|| format!("order {}", order.order_id), orders, Some(order.order_id.as_bytes()), Some(&bytes), []);
+    }
+    sizes.finish()
 }
 
 /// Encodes `event` for `topic` and produces it keyed by `key`; waits for the acknowledgement.

@@ -265,6 +265,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         t.broker.bootstrap
     );
 
+    check_sizes(t, &codec, &input).await?;
+
     // Workers.
     let metrics = Metrics::new();
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -13,6 +13,7 @@ use rdkafka::util::Timeout;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::kafkaio::limits::{topic_limits, SizeCheck};
 use crate::kafkaio::{blocking, Reader};
 
 use super::{
@@ -169,7 +170,8 @@ pub struct Summary {
 ///
 /// Errors (nothing is sent): `--from` after `--to`; unknown topic ([`find_topic`]); no such
 /// partition; `--from` / `--to` outside the partition's watermarks; an empty selection; a
-/// target topic missing on the broker. Exits non-zero after the summary when any delivery failed.
+/// target topic missing on the broker; a record over its target's size limit
+/// ([`SizeCheck`], also on a dry run). Exits non-zero after the summary when any delivery failed.
 pub(super) async fn redrive(a: RedriveArgs) -> Result<()> {
     if let (Some(f), Some(t)) = (a.from, a.to) {
         if f > t {
@@ -224,6 +226,14 @@ pub(super) async fn redrive(a: RedriveArgs) -> Result<()> {
             bail!("target topic {t} does not exist on the broker; nothing was sent (create it, or choose another with --into)");
         }
     }
+    // Every record against its target's size limit before anything is sent (a dry run too).
+    let targets: Vec<String> = targets.into_iter().map(str::to_string).collect();
+    let mut sizes = SizeCheck::new(topic_limits(&loaded.topology.broker, &targets).await?);
+    for s in &plan.sends {
+        let headers = s.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref()));
+        sizes.record(|| s.from.to_string(), &s.target, s.key.as_deref(), s.value.as_deref(), headers);
+    }
+    sizes.finish()?;
 
     // What will be sent, with a warning for values the target's workers would dead-letter again.
     for s in &plan.sends {

@@ -2,8 +2,10 @@
 //! group membership, no commits) and [`blocking`] to call it from async code; watermarks,
 //! partition counts and offsets by time ([`reader`]); the producers' murmur2 partitioner
 //! (`orderflow_runtime::partitioner`, re-exported); RFC 3339 record times ([`time`]); a worker's state restored from its
-//! changelog ([`restore_worker_state`]).
+//! changelog ([`restore_worker_state`]); the producers' size check ([`limits`]: every record
+//! against its topic's limit before anything is produced).
 
+pub mod limits;
 pub mod reader;
 pub mod time;
 

@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _, Result};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use orderflow_runtime::kafka::{client_config, Side};
-use orderflow_runtime::topology::Loaded;
+use orderflow_runtime::topology::{BrokerConfig, Loaded};
 use orderflow_runtime::worker::now_ms;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
@@ -20,6 +20,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::kafkaio::blocking;
+use crate::kafkaio::limits::{topic_limits, SizeCheck};
 
 use super::{read_range, reader, PartitionRange, ReplayArgs, Resolved};
 
@@ -136,9 +137,10 @@ fn progress_bar(total: u64) -> ProgressBar {
 /// (domain rule 7), so a replayed event that was processed already has no second effect.
 /// Replaying into the source topic itself appends copies after the high watermark and needs `--yes`.
 ///
-/// Errors: target not on the broker, target = source without `--yes`, reading ([`read_range`]),
-/// producer creation. Failed deliveries are counted in the summary (`failed`, `failures`), and
-/// [`run`] exits non-zero after printing it.
+/// Errors: before anything is sent, target not on the broker, target = source without `--yes`,
+/// a record over the target's size limit ([`check_sizes`], a first pass over the range); then
+/// reading ([`read_range`]), producer creation. Failed deliveries are counted in the summary
+/// (`failed`, `failures`), and [`run`] exits non-zero after printing it.
 pub(super) async fn into(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved) -> Result<IntoSummary> {
     let target = args.into.clone().expect("--into");
     if target == resolved.topic && !args.yes {
@@ -162,6 +164,7 @@ pub(super) async fn into(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved
     };
     let same_partition = source_count == Some(target_count);
     let replay_ms = now_ms();
+    check_sizes(&broker, resolved, &target, replay_ms).await?;
     let producer: FutureProducer = client_config(&broker, Side::Producer).create().context("creating the producer")?;
     let bar = progress_bar(resolved.total());
     let started = Instant::now();
@@ -268,6 +271,29 @@ pub(super) async fn into(args: &ReplayArgs, loaded: &Loaded, resolved: &Resolved
     s.records_per_sec = if s.seconds > 0.0 { s.sent as f64 / s.seconds } else { 0.0 };
     s.rate_limit = args.rate;
     Ok(s)
+}
+
+/// The size check of `replay --into` ([`SizeCheck`]): a first pass over the whole range checks
+/// every record, with the replay headers it would get, against `target`'s size limit, so an
+/// oversized record refuses the replay before anything is sent. (The source topic's own limit
+/// proves nothing: it may have been larger when the records were written.)
+///
+/// Errors: a record over the limit (nothing is sent), reading the range ([`read_range`]).
+async fn check_sizes(broker: &BrokerConfig, resolved: &Resolved, target: &str, replay_ms: i64) -> Result<()> {
+    let limits = topic_limits(broker, &[target.to_string()]).await?;
+    let (broker, resolved, target) = (broker.clone(), resolved.clone(), target.to_string());
+    let sizes = blocking(move || {
+        let mut sizes = SizeCheck::new(limits);
+        read_range(&broker, &resolved, &mut |m| {
+            let headers = replay_headers(&m, replay_ms);
+            let what = || format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
+            sizes.record(what, &target, m.key(), m.payload(), headers.iter().map(|h| (h.key, h.value)));
+            Ok(())
+        })?;
+        Ok(sizes)
+    })
+    .await?;
+    sizes.finish()
 }
 
 impl IntoSummary {

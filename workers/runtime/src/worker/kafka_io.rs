@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use super::context::{Health, WorkerContext};
 use crate::commit::{Broker, LocalState, Offsets, OutRecord};
 use crate::deadletter;
+use crate::limits::Limits;
 use crate::step::Rejection;
 use crate::store::{Shard, Store, StoreError};
 use crate::txn::{TxnError, TxnErrorClass, TxnProducer};
@@ -151,14 +152,15 @@ impl LocalState for SledUnit<'_> {
 }
 
 /// The dead-letter record of `source` rejected by `worker` at `now_ms` ([`crate::deadletter::record`]
-/// with the record's own headers).
+/// with the record's own headers). Its value is left out (header `orderflow.dlq.value-dropped`)
+/// when the record would not fit the dead-letter topic's limit in `limits` with it.
 pub(super) fn dead_letter_record(
     topic: String,
     source: &OwnedMessage,
     r: &Rejection,
     worker: &str,
     now_ms: i64,
-    max_value: usize,
+    limits: &Limits,
 ) -> OutRecord {
     let headers: Vec<(String, Option<Vec<u8>>)> =
         source.headers().map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect()).unwrap_or_default();
@@ -170,5 +172,5 @@ pub(super) fn dead_letter_record(
         value: source.payload(),
     };
     let verdict = deadletter::Verdict { class: r.class, message: &r.message, attempts: r.attempts, worker, now_ms };
-    deadletter::record(topic, from, headers, verdict, max_value)
+    deadletter::record_within(topic, from, headers, verdict, limits)
 }

@@ -69,6 +69,7 @@ use crate::txn::TxnProducer;
 mod context;
 mod kafka_io;
 mod rebalance;
+mod sizes;
 mod unit;
 mod watched;
 
@@ -104,6 +105,20 @@ pub enum WorkerError {
     /// into a clean stop: nothing of the partition was processed yet).
     #[error("shutting down")]
     ShuttingDown,
+    /// A record of a unit is larger than its topic accepts ([`crate::limits`]): it would be
+    /// refused on every retry, so the instance stops before producing the unit.
+    #[error(
+        "{error}; the record (key {key}) comes from {input}: it would be refused on every retry, so this instance stops \
+         (README \"Record size limits\"; `orderflow skip` moves the worker past that input)"
+    )]
+    Oversized { error: crate::limits::Oversized, key: String, input: String },
+    /// The producer or the broker refused a record of `topic` for its size
+    /// ([`crate::limits::is_size_refusal`]): no retry can get past it.
+    #[error(
+        "a record for {topic} was refused as too large: {error}; no retry can get past it, so this instance stops \
+         (README \"Record size limits\")"
+    )]
+    RefusedForSize { topic: String, error: rdkafka::error::KafkaError },
 }
 
 /// Everything needed to start one worker instance.
@@ -173,9 +188,9 @@ pub struct Worker {
     record_headers: bool,
     /// Input topic → its dead-letter topic.
     dead_letter: BTreeMap<String, String>,
-    /// Longest value a dead-letter record carries; a longer one is left out (header
-    /// `orderflow.dlq.value-dropped` = its length) so the record can still be produced.
-    max_dead_letter_value: usize,
+    /// The size limits of the topics this instance writes ([`crate::limits`]); a dead-letter
+    /// record leaves out a value past its topic's (header `orderflow.dlq.value-dropped`).
+    limits: crate::limits::Limits,
     /// The wall clock (`now_ms` of processors, timer deadlines).
     clock: Arc<dyn Clock>,
     /// Consecutive units whose outputs the broker did not acknowledge (backoff exponent).
@@ -192,18 +207,6 @@ pub struct Worker {
     stalls: Arc<std::sync::Mutex<crate::stall::StallWatch>>,
     /// Where this instance keeps its sled store.
     pub state_path: PathBuf,
-}
-
-/// The longest value a dead-letter record may carry: the producer's `message.max.bytes`
-/// (librdkafka default 1,000,000) less 64 KiB for the key and headers.
-fn max_dead_letter_value(broker: &BrokerConfig) -> usize {
-    let limit = broker
-        .producer
-        .get("message.max.bytes")
-        .or_else(|| broker.properties.get("message.max.bytes"))
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(1_000_000);
-    limit.saturating_sub(64 * 1024)
 }
 
 /// The [`Routes`] of the worker's external inputs, with each one's partition count as the broker
@@ -287,6 +290,7 @@ impl Worker {
         }
         setup.metrics.guarantee.with_label_values(&[&setup.name, guarantee.as_str()]).set(1);
         let routes = external_routes(&setup, spec).await;
+        let limits = sizes::topic_limits(&setup.name, &t.broker, &sizes::written_topics(&setup.name, spec, t)).await;
         // Exported as 0 from the start, so `rate()` sees the first ids forgotten a retention later.
         setup.metrics.forgotten.with_label_values(&[&setup.name]);
         for topic in &spec.inputs {
@@ -323,7 +327,7 @@ impl Worker {
             retention_ms: spec.retention_ms(&t.defaults),
             record_headers: t.defaults.record_headers,
             dead_letter: spec.inputs.iter().map(|i| (i.clone(), t.dead_letter_of(i))).collect(),
-            max_dead_letter_value: max_dead_letter_value(&t.broker),
+            limits,
             clock: Arc::new(SystemClock),
             produce_failures: 0,
             orphans: BTreeMap::new(),

@@ -244,7 +244,8 @@ impl Worker {
                 );
                 self.metrics.retries.with_label_values(&[self.name.as_str(), "rejoin"]).inc();
                 tokio::time::sleep(wait).await;
-                self.consumer = subscribed_consumer(&self.consumer_config, &self.name, &self.metrics, &self.health, &self.inputs, self.stalls.clone())?;
+                self.consumer =
+                    subscribed_consumer(&self.consumer_config, &self.name, &self.metrics, &self.health, &self.inputs, self.stalls.clone())?;
                 Ok(())
             }
             e @ KafkaError::MessageConsumptionFatal(_) => {

@@ -103,6 +103,7 @@ impl Worker {
 
         let commit_started = Instant::now();
         let mut records = Vec::with_capacity(outputs.len() + dead_letters.len());
+        let causes = super::sizes::causes(&outputs);
         for (o, cause) in outputs {
             let topic = self.outputs[&o.port].clone();
             let value = self.codec.encode(&topic, &o.event).await.map_err(|error| WorkerError::Encode { topic: topic.clone(), error })?;
@@ -119,7 +120,7 @@ impl Worker {
         let produced: Vec<String> = records.iter().map(|r| r.topic.clone()).collect();
         for (i, r) in &dead_letters {
             let topic = self.dead_letter[batch[*i].topic()].clone();
-            records.push(dead_letter_record(topic, &batch[*i], r, &self.name, now, self.max_dead_letter_value));
+            records.push(dead_letter_record(topic, &batch[*i], r, &self.name, now, &self.limits));
         }
         let empty = BTreeMap::new();
         let mut changelog = Vec::new();
@@ -133,6 +134,8 @@ impl Worker {
             changelog.push((*p, records));
         }
         let unit = Unit { records, changelog_topic: self.changelog_topic.clone(), changelog, offsets };
+        // A record over its topic's size limit would be refused on every retry: stop instead.
+        self.check_sizes(&unit, &causes, &dead_letters, &batch)?;
         let offsets = unit.offsets.clone();
         let broker = KafkaBroker {
             producer: &self.producer,
@@ -210,7 +213,8 @@ impl Worker {
     /// A unit that did not commit: an aborted transaction rewinds; a record the broker did not
     /// take waits a backoff (the retry policy's, growing with consecutive failures, never giving
     /// up: the broker is expected back), compensates the changelog records it may have written
-    /// and rewinds; anything fatal stops the instance.
+    /// and rewinds; anything fatal stops the instance, and so does a record refused for its size
+    /// (`limits`: it would be refused again on every retry).
     async fn commit_failed(
         &mut self,
         failure: Failure,
@@ -218,6 +222,9 @@ impl Worker {
         changes: &BTreeMap<i32, Changes>,
     ) -> Result<(), WorkerError> {
         let w = self.name.clone();
+        if let Some((topic, error)) = super::sizes::refused_for_size(&failure) {
+            return Err(WorkerError::RefusedForSize { topic, error });
+        }
         match failure {
             Failure::Aborted(e) => {
                 self.metrics.commit.with_label_values(&[w.as_str(), e.class.as_str()]).observe(0.0);
