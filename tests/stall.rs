@@ -45,20 +45,18 @@ const PARTITIONS: i32 = 6;
 fn stall_topology(dir: &Path) -> PathBuf {
     common::topology_copy(dir, "topology.toml", |original| {
         let mut out = Vec::new();
-        let mut placed = false;
         for line in original.lines() {
             if line.starts_with("\"session.timeout.ms\"") {
                 out.push("\"session.timeout.ms\" = \"6000\"   # stall test".to_string());
             } else if line.starts_with("\"max.poll.interval.ms\"") {
                 out.push("\"max.poll.interval.ms\" = \"120000\"   # stall test".to_string());
+            } else if line.starts_with("stall_after = ") {
+                out.push(format!("stall_after = \"{STALL_AFTER_S}s\"   # stall test"));
             } else {
                 out.push(line.to_string());
             }
-            if line.starts_with("record_headers = ") && !placed {
-                placed = true;
-                out.push(format!("stall_after = \"{STALL_AFTER_S}s\"   # stall test"));
-            }
         }
+        assert!(out.iter().any(|l| l.starts_with("stall_after = ")), "topology.toml sets stall_after in [defaults]");
         out.join("\n")
     })
 }
