@@ -35,8 +35,8 @@ use orderflow_runtime::store::Store;
 use orderflow_runtime::topology::Topology;
 use orderflow_runtime::worker::now_ms;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::FutureProducer;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -314,20 +314,7 @@ fn default_operator() -> String {
 
 /// Produces `r` and waits for the broker's acknowledgement; returns its partition and offset.
 async fn produce(producer: &FutureProducer, r: &OutRecord) -> Result<(i32, i64)> {
-    let mut headers = OwnedHeaders::new();
-    for (k, v) in &r.headers {
-        headers = headers.insert(Header { key: k, value: v.as_deref() });
-    }
-    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic).headers(headers);
-    if let Some(p) = r.partition {
-        record = record.partition(p);
-    }
-    if let Some(k) = &r.key {
-        record = record.key(k.as_slice());
-    }
-    if let Some(v) = &r.value {
-        record = record.payload(v.as_slice());
-    }
+    let record = orderflow_runtime::kafka::future_record(r);
     let delivery = producer.send(record, Timeout::After(Duration::from_secs(30))).await.map_err(|(e, _)| e)?;
     Ok((delivery.partition, delivery.offset))
 }

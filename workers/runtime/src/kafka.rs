@@ -46,6 +46,29 @@ pub mod dlq_header {
     pub const SKIPPED_RANGE: &str = "orderflow.dlq.skipped-range";
 }
 
+/// The rdkafka record of `r` (its partition, key, value and headers as given; `None` fields left
+/// to the producer: partitioner by key, tombstone, no headers). The one conversion from the
+/// commit protocols' [`crate::commit::OutRecord`], for the workers and the CLI.
+pub fn future_record(r: &crate::commit::OutRecord) -> rdkafka::producer::FutureRecord<'_, [u8], [u8]> {
+    let mut record = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(&r.topic);
+    if let Some(p) = r.partition {
+        record = record.partition(p);
+    }
+    if let Some(k) = &r.key {
+        record = record.key(k.as_slice());
+    }
+    if let Some(v) = &r.value {
+        record = record.payload(v.as_slice());
+    }
+    if !r.headers.is_empty() {
+        let headers = r.headers.iter().fold(rdkafka::message::OwnedHeaders::new_with_capacity(r.headers.len()), |h, (k, v)| {
+            h.insert(rdkafka::message::Header { key: k, value: v.as_deref() })
+        });
+        record = record.headers(headers);
+    }
+    record
+}
+
 /// Name of the dead-letter topic of `topic` (`<topic>.dlq`, domain contract).
 pub fn dlq_topic(topic: &str) -> String {
     format!("{topic}.dlq")

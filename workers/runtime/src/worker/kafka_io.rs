@@ -10,8 +10,8 @@ use futures::future::join_all;
 use orderflow_api::Changes;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::producer::FutureProducer;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{info, warn};
@@ -40,21 +40,8 @@ pub(super) struct KafkaBroker<'a> {
 
 impl Broker for KafkaBroker<'_> {
     async fn send(&self, records: Vec<OutRecord>) -> Vec<Result<i64, KafkaError>> {
-        let headers: Vec<Option<OwnedHeaders>> = records.iter().map(|r| owned_headers(&r.headers)).collect();
-        let sends = records.iter().zip(&headers).map(|(r, h)| {
-            let mut record = FutureRecord::<[u8], [u8]>::to(&r.topic);
-            if let Some(p) = r.partition {
-                record = record.partition(p);
-            }
-            if let Some(k) = &r.key {
-                record = record.key(k.as_slice());
-            }
-            if let Some(v) = &r.value {
-                record = record.payload(v.as_slice());
-            }
-            if let Some(h) = h {
-                record = record.headers(h.clone());
-            }
+        let sends = records.iter().map(|r| {
+            let record = crate::kafka::future_record(r);
             self.producer.send(record, Timeout::Never)
         });
         let acks = await_acks(self.health, self.worker, join_all(sends)).await;
@@ -99,12 +86,6 @@ fn offset_list(offsets: &Offsets) -> Result<TopicPartitionList, KafkaError> {
         }
     }
     Ok(tpl)
-}
-
-fn owned_headers(headers: &[(String, Option<Vec<u8>>)]) -> Option<OwnedHeaders> {
-    (!headers.is_empty()).then(|| {
-        headers.iter().fold(OwnedHeaders::new_with_capacity(headers.len()), |h, (k, v)| h.insert(Header { key: k, value: v.as_deref() }))
-    })
 }
 
 /// Awaits a unit's acknowledgements; while they take longer than [`ACK_STALL`] the instance
