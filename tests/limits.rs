@@ -104,3 +104,87 @@ fn replay_refuses_a_value_above_the_targets_limit_and_produces_nothing() {
     assert_eq!(k.watermarks("limits.small"), (0, 1));
     assert_eq!(k.values("limits.small"), vec![small], "exactly the small record arrived");
 }
+
+/// `max.message.bytes` of `stock.commands` in the worker test: an order of [`WIDE_ORDER_ITEMS`]
+/// lines does not fit it (the deduplicator forwards the order there), while the input topic keeps
+/// Kafka's default.
+const OUTPUT_LIMIT: usize = 600;
+const WIDE_ORDER_ITEMS: usize = 60;
+
+/// `a_worker_whose_output_exceeds_its_topic_limit_stops_with_a_clear_error`: `stock.commands` is
+/// created (before `orderflow topics`, which leaves it alone) with `max.message.bytes` =
+/// [`OUTPUT_LIMIT`]; the deduplicator runs as a real process; a small order passes, then an order
+/// of [`WIDE_ORDER_ITEMS`] lines, whose forwarded copy cannot fit. The worker must stop (exit
+/// non-zero, no endless retry) with an error naming the output topic, its limit and the input
+/// record (stock.commands is keyed by store); by the test's own reading `stock.commands` holds the small order only.
+#[test]
+fn a_worker_whose_output_exceeds_its_topic_limit_stops_with_a_clear_error() {
+    use orderflow_api::events::{OrderCreated, OrderItem};
+    use orderflow_api::Event;
+
+    let broker = common::Broker::start();
+    let b = broker.bootstrap.as_str();
+    let k = Kafka::new(b);
+    let admin: AdminClient<DefaultClientContext> = client_config(&k.broker, Side::Admin).create().expect("admin");
+    let limit = OUTPUT_LIMIT.to_string();
+    let topic = NewTopic::new("stock.commands", 6, TopicReplication::Fixed(1)).set("max.message.bytes", &limit);
+    for r in k.rt.block_on(admin.create_topics([&topic], &AdminOptions::new())).expect("create topics") {
+        r.unwrap_or_else(|(t, e)| panic!("creating {t}: {e}"));
+    }
+    common::create_topics(&common::repo_root().join("topology.toml"), b);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("deduplicator.log");
+    let port = common::free_port();
+    let child = common::run_command(&common::repo_root().join("topology.toml"), b, "0", port, &dir.path().join("state"), &log)
+        .args(["--worker", "deduplicator"])
+        .spawn()
+        .expect("spawn orderflow run");
+    let mut worker = common::Guarded::new(child, Duration::from_millis(50));
+
+    let send = |order_id: &str, lines: usize| {
+        let o = OrderCreated {
+            event_id: format!("E-{order_id}"),
+            occurred_at: common::now_ms(),
+            order_id: order_id.into(),
+            customer_id: "C-1".into(),
+            hq_id: "HQ-LIM".into(),
+            store_id: "ST-LIM".into(),
+            items: (0..lines).map(|i| OrderItem { product_id: format!("P-{i:05}"), quantity: 1, unit_price: 100 }).collect(),
+        };
+        let bytes = k.codec.encode_local(&Event::OrderCreated(o)).expect("encodes");
+        k.rt.block_on(
+            k.producer.send(FutureRecord::to("order.created").key(order_id).payload(&bytes), Timeout::After(Duration::from_secs(30))),
+        )
+        .unwrap_or_else(|(e, _)| panic!("producing {order_id}: {e}"));
+        bytes.len()
+    };
+    let forwarded = || -> Vec<String> {
+        common::read_topic(&k.broker, "stock.commands", 6)
+            .iter()
+            .map(|m| k.codec.decode_local(m.payload().expect("a value")).expect("decodes").event_id().to_string())
+            .collect()
+    };
+    send("O-SMALL", 1);
+    common::wait_for("the small order on stock.commands", &log, &mut worker, Duration::from_secs(90), Duration::from_millis(200), || {
+        forwarded().contains(&"E-O-SMALL".to_string()).then_some(())
+    });
+    let wide = send("O-WIDE", WIDE_ORDER_ITEMS);
+    assert!(wide > OUTPUT_LIMIT, "the wide order ({wide} bytes) must not fit {OUTPUT_LIMIT}");
+    let status = worker
+        .wait_for(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("the worker did not stop on the oversized output; log:\n{}", common::tail(&log, 20)));
+    assert!(!status.success(), "the worker exited 0");
+    let errors: Vec<String> = common::log_lines(&log)
+        .iter()
+        .filter(|l| common::is_error(l))
+        .map(|l| format!("{} {}", common::message(l), common::field(l, "error").and_then(|v| v.as_str()).unwrap_or_default()))
+        .collect();
+    let text = errors.join("\n");
+    println!("worker errors:\n{text}");
+    for expected in ["stock.commands", &format!("topic max.message.bytes {OUTPUT_LIMIT}"), "key HQ-LIM:ST-LIM", "comes from order.created["]
+    {
+        assert!(text.contains(expected), "expected `{expected}` in the worker's errors:\n{text}\nlog:\n{}", common::tail(&log, 20));
+    }
+    assert_eq!(forwarded(), vec!["E-O-SMALL".to_string()], "only the small order reached stock.commands");
+}
