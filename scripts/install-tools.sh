@@ -3,8 +3,8 @@
 # $ORDERFLOW_TOOLS (default ~/.cache/orderflow/tools), so fresh clones and CI runs on the same
 # machine reuse them. Idempotent: a tool already present is left alone.
 #
-#   scripts/install-tools.sh [TOOL...]     TOOL: kafka | tansu | just | interop | registry
-#                                          (default: kafka tansu just)
+#   scripts/install-tools.sh [TOOL...]     TOOL: kafka | tansu | just | interop | registry |
+#                                          postgres | mariadb (default: kafka tansu just)
 #
 #   kafka  Apache Kafka $ORDERFLOW_KAFKA_VERSION (default 4.1.1), the reference broker: the jars of
 #          org.apache.kafka:kafka_2.13 and a log4j2 SLF4J binding from Maven Central
@@ -26,6 +26,19 @@
 #          built with mvn into $ORDERFLOW_TOOLS/interop/orderflow-interop.jar. Each part is redone
 #          only when its sources change (a hash of them in .complete). Needs python3 (venv), java
 #          (17+) and mvn. ~15 s with warm caches.
+#   postgres  (not a default) a PostgreSQL server for scripts/db.sh: Debian's `postgresql` package
+#          (postgres, initdb under /usr/lib/postgresql/<version>/bin; psql, pg_isready) with
+#          apt-get, when no server is installed yet. System-wide, not in $ORDERFLOW_TOOLS.
+#   mariadb  (not a default) a MariaDB server for scripts/db.sh: Debian's `mariadb-server` package
+#          (mariadbd, mariadb-install-db, mariadb, mariadb-admin) with apt-get, when missing.
+#          ~12 s with its 18 dependencies (27 MB) from a Debian mirror.
+#          Both: apt-get install -y --no-install-recommends, as root (else through `sudo -n`);
+#          `apt-get update` first only when the package has no install candidate, or the install
+#          failed on stale package lists, and at most once an hour ($ORDERFLOW_TOOLS/.apt-updated).
+#          Concurrent installs wait for each other (flock on $ORDERFLOW_TOOLS/.apt.lock). The
+#          packages' own services are not left running (a policy-rc.d that denies starts is put in
+#          place for the install when there is none; one that started anyway is stopped):
+#          scripts/db.sh runs private servers.
 #
 # Prints the tools' bin directory on stdout.
 set -euo pipefail
@@ -131,6 +144,132 @@ install_interop() {
   fi
 }
 
+# --- Debian packages (postgres, mariadb) --------------------------------------------------------
+APT_MARKER="$TOOLS/.apt-updated"
+
+# Prints the command prefix that runs a command as root: nothing when we are root, `sudo -n` when
+# that works; dies otherwise.
+as_root_prefix() {
+  if [ "$(id -u)" = 0 ]; then return 0; fi
+  command -v sudo >/dev/null 2>&1 || die "installing $1 needs root (apt-get) and sudo is not installed; run as root"
+  sudo -n true 2>/dev/null || die "installing $1 needs root (apt-get): 'sudo -n' asks for a password; run 'sudo -v' first or run as root"
+  echo "sudo -n"
+}
+
+# The newest PostgreSQL server bin directory (Debian: /usr/lib/postgresql/<version>/bin), else
+# the directory of `postgres` on PATH; prints nothing when there is no server.
+pg_bindir() {
+  local d
+  d="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
+  if [ -n "$d" ] && [ -x "$d/postgres" ] && [ -x "$d/initdb" ]; then echo "$d"; return; fi
+  d="$(command -v postgres 2>/dev/null || true)"
+  if [ -n "$d" ] && [ -x "$(dirname "$d")/initdb" ]; then dirname "$d"; fi
+  return 0
+}
+
+have_postgres() { [ -n "$(pg_bindir)" ] && command -v psql >/dev/null 2>&1 && command -v pg_isready >/dev/null 2>&1; }
+
+have_mariadb() {
+  { [ -x /usr/sbin/mariadbd ] || command -v mariadbd >/dev/null 2>&1; } \
+    && command -v mariadb-install-db >/dev/null 2>&1 && command -v mariadb >/dev/null 2>&1 \
+    && command -v mariadb-admin >/dev/null 2>&1
+}
+
+# apt_install WHAT PACKAGE...: installs the Debian packages (and nothing they only recommend).
+apt_install() {
+  local what="$1"; shift
+  local root began=$SECONDS
+  command -v apt-get >/dev/null 2>&1 || die "$what is not installed and there is no apt-get here; install the packages $* yourself"
+  root="$(as_root_prefix "$what")"
+  # One apt at a time: parallel scripts/db.sh calls may all find the server missing.
+  exec 9>>"$TOOLS/.apt.lock"
+  flock 9
+  # Another caller may have installed it while this one waited for the lock.
+  if "have_$what"; then exec 9>&-; return 0; fi
+  say "installing $what from Debian packages: $*"
+  local update_needed=0 pkg updated=0 policy_out
+  for pkg in "$@"; do
+    # (Captured first: `grep -q` closing the pipe early would fail the pipeline under pipefail.)
+    policy_out="$(apt-cache policy "$pkg" 2>/dev/null || true)"
+    grep -q 'Candidate: [^(]' <<<"$policy_out" || update_needed=1
+  done
+  # Services are ours to start (scripts/db.sh); Debian's postinst must not start its own. A
+  # policy-rc.d exiting 101 tells invoke-rc.d so; one that is there already is left alone.
+  local policy=/usr/sbin/policy-rc.d own_policy=0
+  if [ ! -e "$policy" ]; then
+    $root sh -c "printf '#!/bin/sh\n# scripts/install-tools.sh: no service starts during the install\nexit 101\n' >$policy && chmod 755 $policy" \
+      && own_policy=1
+  fi
+  local status=0
+  apt_update_once() {
+    [ "$updated" = 1 ] && return 0
+    if [ -f "$APT_MARKER" ] && [ -n "$(find "$APT_MARKER" -mmin -60 2>/dev/null)" ]; then
+      say "apt-get update ran less than an hour ago ($APT_MARKER); not repeating it"
+      updated=1
+      return 0
+    fi
+    say "apt-get update"
+    $root env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2 || return 1
+    touch "$APT_MARKER"
+    updated=1
+  }
+  if [ "$update_needed" = 1 ]; then apt_update_once || status=$?; fi
+  if [ "$status" = 0 ]; then
+    $root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+      -o DPkg::Lock::Timeout=300 "$@" >&2 || status=$?
+    # Stale package lists (a 404 for a superseded version): update once and try again.
+    if [ "$status" != 0 ] && [ "$updated" = 0 ]; then
+      say "apt-get install failed; updating the package lists and trying once more"
+      status=0
+      apt_update_once || status=$?
+      [ "$status" = 0 ] && { $root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        -o DPkg::Lock::Timeout=300 "$@" >&2 || status=$?; }
+    fi
+  fi
+  if [ "$own_policy" = 1 ]; then $root rm -f "$policy" || true; fi
+  stop_packaged_services "$what" "$root"
+  exec 9>&-
+  [ "$status" = 0 ] || die "apt-get install $* failed (status $status)"
+  "have_$what" || die "apt-get installed $* but the $what programs are still missing"
+  say "installed $what in $(( SECONDS - began )) s"
+}
+
+# Stops the Debian-packaged service of $1 if its postinst started it anyway (an existing
+# policy-rc.d that allows starts, or a real init): only the system instance, identified by its
+# pid file under /run, never a private server of scripts/db.sh.
+stop_packaged_services() {
+  local what="$1" root="$2" pid_file pid
+  case "$what" in
+    mariadb) set -- /run/mysqld/mysqld.pid ;;
+    postgres) set -- /run/postgresql/*.pid ;;
+  esac
+  for pid_file in "$@"; do
+    [ -f "$pid_file" ] || continue
+    pid="$(head -n 1 "$pid_file" | tr -dc '0-9')"
+    [ -n "$pid" ] && alive "$pid" || continue
+    say "stopping the $what service the package started (pid $pid, $pid_file): scripts/db.sh runs private servers"
+    if [ "$what" = postgres ]; then
+      $root kill -INT "$pid" 2>/dev/null || true   # fast shutdown
+    else
+      $root kill -TERM "$pid" 2>/dev/null || true
+    fi
+    local deadline=$(( SECONDS + 30 ))
+    while alive "$pid" && (( SECONDS < deadline )); do sleep 0.2; done
+    alive "$pid" && say "warning: the $what service (pid $pid) is still running"
+  done
+  return 0
+}
+
+install_postgres() {
+  have_postgres && return 0
+  apt_install postgres postgresql
+}
+
+install_mariadb() {
+  have_mariadb && return 0
+  apt_install mariadb mariadb-server
+}
+
 [ "$#" -gt 0 ] || set -- kafka tansu just
 for tool in "$@"; do
   case "$tool" in
@@ -139,7 +278,9 @@ for tool in "$@"; do
     just) install_just ;;
     interop) install_interop ;;
     registry) install_registry ;;
-    *) die "unknown tool '$tool' (kafka, tansu, just, interop or registry)" ;;
+    postgres) install_postgres ;;
+    mariadb) install_mariadb ;;
+    *) die "unknown tool '$tool' (kafka, tansu, just, interop, registry, postgres or mariadb)" ;;
   esac
 done
 echo "$TOOLS/bin"

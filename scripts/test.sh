@@ -6,7 +6,8 @@
 #
 # Installs the brokers if missing (scripts/install-tools.sh kafka tansu: Apache Kafka from Maven
 # Central, tansu from crates.io), the schema registry and the interop clients (registry interop:
-# Apicurio Registry from Maven Central, the Java and Python Avro clients of tests/interop),
+# Apicurio Registry from Maven Central, the Java and Python Avro clients of tests/interop), the
+# database servers the tests start through scripts/db.sh (postgres mariadb: Debian packages),
 # validates deploy/, builds the tests and runs
 #   cargo test --workspace --release [ARGS...] -- --test-threads=1 [TEST BINARY ARGS...]
 # (without --workspace when ARGS select packages with -p/--package; --test-threads=1 is left out
@@ -25,9 +26,9 @@ cd "$ROOT"
 
 say() { echo "test.sh: $*" >&2; }
 
-# Install the brokers, the schema registry and the foreign-language interop clients now if they
-# are missing, before the long build.
-ORDERFLOW_SKIP_JUST=1 "$ROOT/scripts/install-tools.sh" kafka tansu registry interop >/dev/null
+# Install the brokers, the schema registry, the foreign-language interop clients and the database
+# servers now if they are missing, before the long build.
+ORDERFLOW_SKIP_JUST=1 "$ROOT/scripts/install-tools.sh" kafka tansu registry interop postgres mariadb >/dev/null
 
 # Split the arguments: those before `--` go to cargo, those after to the test binaries.
 cargo_args=()

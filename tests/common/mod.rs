@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod db;
+
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
