@@ -33,6 +33,11 @@ pub const NAMES: &[&str] = &[
     "orderflow_stalled_partitions",
     "orderflow_partition_status",
     "orderflow_partition_seconds_since_progress",
+    "orderflow_outbox_pending_rows",
+    "orderflow_outbox_quarantined_rows",
+    "orderflow_outbox_oldest_pending_seconds",
+    "orderflow_outbox_publish_lag_seconds",
+    "orderflow_outbox_publish_failures_total",
 ];
 
 /// How many products `orderflow_out_of_stock_top` shows.
@@ -112,7 +117,27 @@ pub struct Metrics {
     pub out_of_stock: IntGaugeVec,
     /// `orderflow_stock_conservation_mismatches_total{worker}`.
     pub conservation: IntCounterVec,
+    /// The outbox relay's metrics (issue 15).
+    pub outbox: OutboxMetrics,
     out_of_stock_counts: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+/// Metrics of outbox-relay workers (issue 15; seed 003: average publish lag ≤ 3 s). Rows the relay
+/// publishes count in `orderflow_events_produced_total`; database and broker outages in
+/// `orderflow_retries_total{cause="database"|"produce"}`.
+#[derive(Clone)]
+pub struct OutboxMetrics {
+    /// `orderflow_outbox_pending_rows{worker}`: `PENDING` rows of the relay's topic.
+    pub pending: IntGaugeVec,
+    /// `orderflow_outbox_quarantined_rows{worker}`: `QUARANTINED` rows waiting for an operator.
+    pub quarantined: IntGaugeVec,
+    /// `orderflow_outbox_oldest_pending_seconds{worker}`: age of the oldest `PENDING` row.
+    pub oldest_pending: IntGaugeVec,
+    /// `orderflow_outbox_publish_lag_seconds{worker}`: row written (`created_at`) → acknowledged.
+    pub publish_lag: HistogramVec,
+    /// `orderflow_outbox_publish_failures_total{worker,class}`: failed attempts of rows, by
+    /// class (`invalid_payload`, `key_mismatch`, `encode`, `oversized`, `rejected`).
+    pub failures: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -217,6 +242,21 @@ impl Metrics {
                 "Stock records written that break on hand >= reserved >= 0.",
                 &["worker"],
             ),
+            outbox: OutboxMetrics {
+                pending: gauge("orderflow_outbox_pending_rows", "PENDING outbox rows of the relay's topic.", &["worker"]),
+                quarantined: gauge("orderflow_outbox_quarantined_rows", "QUARANTINED outbox rows waiting for an operator.", &["worker"]),
+                oldest_pending: gauge("orderflow_outbox_oldest_pending_seconds", "Age of the oldest PENDING outbox row.", &["worker"]),
+                publish_lag: histogram(
+                    "orderflow_outbox_publish_lag_seconds",
+                    "Outbox row written to its record acknowledged by the broker.",
+                    &["worker"],
+                ),
+                failures: counter(
+                    "orderflow_outbox_publish_failures_total",
+                    "Failed publish attempts of outbox rows, by class.",
+                    &["worker", "class"],
+                ),
+            },
             out_of_stock_counts: Arc::new(Mutex::new(HashMap::new())),
             registry,
         }

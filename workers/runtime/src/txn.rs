@@ -247,6 +247,14 @@ impl TxnProducer {
         self.step("commit_transaction", |p, t| p.commit_transaction(t)).await
     }
 
+    /// Commits a transaction that holds records only, no consumer offsets (`commit_transaction`;
+    /// the outbox relay, whose input position lives in its database).
+    ///
+    /// Errors: as [`TxnProducer::commit`]; Retriable → call it again.
+    pub async fn commit_records(&self) -> Result<(), TxnError> {
+        self.step("commit_transaction", |p, t| p.commit_transaction(t)).await
+    }
+
     /// Aborts the current transaction (`abort_transaction`): its records are marked aborted and
     /// its offsets are not committed. Call it after an Abortable error (or to give up a unit),
     /// then rewind the consumer to the unit's start offsets and discard the unit's staged state.
