@@ -18,11 +18,12 @@ use serde::de::DeserializeOwned;
 
 /// Every kind, as `topology check` knows them.
 pub const KINDS: &[KindInfo] = &[
-    KindInfo { name: "deduplicator", ports: deduplicator::PORTS, settings: KindInfo::no_settings, reads_external: true },
-    KindInfo { name: "stock-reserver", ports: stock_reserver::PORTS, settings: reserver_settings, reads_external: false },
-    KindInfo { name: "order-confirmer", ports: order_confirmer::PORTS, settings: KindInfo::no_settings, reads_external: false },
-    KindInfo { name: "canceller", ports: canceller::PORTS, settings: canceller_settings, reads_external: false },
-    KindInfo { name: "reservation-expirer", ports: reservation_expirer::PORTS, settings: ttl_settings, reads_external: false },
+    KindInfo { name: "deduplicator", ports: deduplicator::PORTS, settings: KindInfo::no_settings, reads_external: true, source: false },
+    KindInfo { name: "stock-reserver", ports: stock_reserver::PORTS, settings: reserver_settings, reads_external: false, source: false },
+    KindInfo { name: "order-confirmer", ports: order_confirmer::PORTS, settings: KindInfo::no_settings, reads_external: false, source: false },
+    KindInfo { name: "canceller", ports: canceller::PORTS, settings: canceller_settings, reads_external: false, source: false },
+    KindInfo { name: "reservation-expirer", ports: reservation_expirer::PORTS, settings: ttl_settings, reads_external: false, source: false },
+    KindInfo { name: outbox_relay::KIND, ports: outbox_relay::PORTS, settings: relay_settings, reads_external: false, source: true },
 ];
 
 /// The output ports of `kind`, if it is one of [`KINDS`].
@@ -53,13 +54,25 @@ fn reserver_settings(t: &toml::Table) -> Result<Vec<(&'static str, String)>, Str
     Ok(vec![("reservation_ttl", humantime::format_duration(c.reservation_ttl).to_string())])
 }
 
+/// The outbox relay's settings (issue 15; seed 003: 6 attempts before quarantine).
+fn relay_settings(t: &toml::Table) -> Result<Vec<(&'static str, String)>, String> {
+    parse::<outbox_relay::Config>(t)?.validate().map(|()| Vec::new())
+}
+
+/// The outbox relay's settings of a worker entry, seed defaults where the entry has none; `None`
+/// for another kind or settings the kind rejects (`topology check` reports those).
+pub fn relay_config(spec: &WorkerSpec) -> Option<outbox_relay::Config> {
+    (spec.kind == outbox_relay::KIND).then(|| parse::<outbox_relay::Config>(&spec.settings).ok()).flatten()
+}
+
 fn canceller_settings(t: &toml::Table) -> Result<Vec<(&'static str, String)>, String> {
     parse::<canceller::Config>(t)?.validate().map(|()| Vec::new())
 }
 
 /// Builds the processor of a worker from its topology entry, with its kind's settings (seed
-/// defaults where the entry has none). `None` for an unknown kind or settings the kind rejects
-/// (`topology check` reports both before this is reached).
+/// defaults where the entry has none). `None` for an unknown kind, a source kind (the outbox
+/// relay, which runs no processor: [`relay_config`]) or settings the kind rejects (`topology
+/// check` reports both before this is reached).
 pub fn build(spec: &WorkerSpec) -> Option<Box<dyn Processor>> {
     let s = &spec.settings;
     Some(match spec.kind.as_str() {
@@ -118,7 +131,8 @@ mod tests {
     fn every_kind_builds_and_only_those() {
         for k in KINDS {
             let spec = spec(&format!("kind = \"{}\"\ninputs = []\n", k.name));
-            assert!(build(&spec).is_some(), "{} does not build", k.name);
+            assert_eq!(build(&spec).is_some(), !k.source, "{} builds a processor iff it is not a source", k.name);
+            assert_eq!(relay_config(&spec).is_some(), k.source, "{}", k.name);
             assert_eq!(ports(k.name), Some(k.ports));
             assert_eq!((k.settings)(&spec.settings).map(|_| ()), Ok(()), "{}: defaults are accepted", k.name);
         }

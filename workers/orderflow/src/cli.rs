@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::{bench, demo, dlq, doctor, inspect, reconcile, replay, schemas, skip, topology};
+use crate::{bench, demo, dlq, doctor, inspect, outbox, reconcile, replay, schemas, skip, topology};
 
 /// The command line of the `orderflow` binary.
 #[derive(Parser)]
@@ -87,6 +87,9 @@ pub enum Command {
     /// partition): audited (each record dead-lettered as `skipped` with --operator and --reason
     /// before anything moves), refused while any instance of the worker runs.
     Skip(skip::SkipArgs),
+    /// The transactional outbox (seed 003): list rows (quarantined by default), show one, requeue
+    /// quarantined rows once their cause is fixed.
+    Outbox(outbox::OutboxArgs),
     /// Throughput benchmarks against the local broker (raw baseline, one worker); one JSON
     /// object per scenario on stdout. `scripts/bench` runs them all.
     Bench(bench::BenchArgs),
@@ -135,5 +138,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Doctor(args) => doctor::run(args).await,
         Command::Schemas(args) => schemas::run(args).await,
         Command::Skip(args) => skip::run(args).await,
+        Command::Outbox(args) => outbox::run(args).await,
     }
 }

@@ -15,6 +15,8 @@
 //! - [`schemas`]: `orderflow schemas list|register|check`: fingerprints, registry subjects, compatibility (issue 14).
 //! - [`skip`]: `orderflow skip`: an audited move of a stopped worker past records it cannot get
 //!   past (issue 20).
+//! - [`outbox`]: `orderflow outbox list|show|requeue`: the transactional outbox's rows (issue 15;
+//!   the relay itself is the `outbox-relay` crate, run by [`run`]).
 //! - [`demo`]: `orderflow demo`: TPC-H orders and the seed scenarios through the whole saga.
 //! - [`bench`](mod@bench): `orderflow bench raw|worker|saga|recovery`: the benchmarks.
 //! - [`kafkaio`]: the Kafka I/O every command uses: topic reader, watermarks, offsets by time, partitioner, RFC 3339 times.
@@ -27,6 +29,7 @@ pub mod dlq;
 pub mod doctor;
 pub mod inspect;
 pub mod kafkaio;
+pub mod outbox;
 pub mod reconcile;
 pub mod replay;
 pub mod run;

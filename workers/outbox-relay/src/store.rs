@@ -118,6 +118,9 @@ impl OutboxStore {
     pub async fn connect(url: &str, max_connections: u32, acquire_timeout: Duration) -> Result<OutboxStore, StoreError> {
         sqlx::any::install_default_drivers();
         let dialect = Dialect::of_url(url)?;
+        if dialect == Dialect::Sqlite {
+            create_sqlite_dir(url)?;
+        }
         let options = AnyConnectOptions::from_str(url)?.disable_statement_logging();
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
@@ -371,6 +374,19 @@ impl OutboxStore {
             ),
         };
         Ok(sqlx::query(&sql).bind(before_ms).bind(limit).execute(&self.pool).await?.rows_affected())
+    }
+}
+
+/// Creates the folder of a SQLite file URL (`sqlite://.state/outbox.db?mode=rwc`) if missing.
+fn create_sqlite_dir(url: &str) -> Result<(), StoreError> {
+    let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    let path = path.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return Ok(());
+    }
+    match std::path::Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => std::fs::create_dir_all(dir).map_err(|e| StoreError::Url(format!("cannot create {}: {e}", dir.display()))),
+        None => Ok(()),
     }
 }
 

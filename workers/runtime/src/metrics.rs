@@ -355,6 +355,11 @@ mod tests {
         m.misrouted.with_label_values(&["w", "t", "partition"]);
         m.partition_mismatch.with_label_values(&["w", "t"]);
         m.legacy_fingerprint.with_label_values(&["w", "t"]);
+        m.outbox.pending.with_label_values(&["w"]);
+        m.outbox.quarantined.with_label_values(&["w"]);
+        m.outbox.oldest_pending.with_label_values(&["w"]);
+        m.outbox.publish_lag.with_label_values(&["w"]);
+        m.outbox.failures.with_label_values(&["w", "c"]);
         let text = m.render();
         for (n, kind) in &listed {
             assert!(text.lines().any(|l| l == format!("# TYPE {n} {kind}")), "{n} is not exported as a {kind}");

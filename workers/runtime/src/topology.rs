@@ -526,6 +526,12 @@ pub struct WorkerSpec {
 }
 
 impl WorkerSpec {
+    /// Whether the worker reads no topic (a source kind, the outbox relay: `check` allows empty
+    /// inputs only for those): no consumer group, changelog or state store.
+    pub fn is_source(&self) -> bool {
+        self.inputs.is_empty()
+    }
+
     /// The consumer group of worker `name`.
     pub fn group_id(&self, name: &str) -> String {
         self.group.clone().unwrap_or_else(|| format!("orderflow-{name}"))
@@ -584,6 +590,9 @@ pub struct KindInfo {
     /// partitioner cannot split a key over two partitions' states (issue 19). Only the
     /// deduplicator; every joining kind reads the repartition topics it writes.
     pub reads_external: bool,
+    /// Whether the kind's input is outside Kafka (the outbox relay reads a database table): it
+    /// has no input topics, no consumer group and no state store; it only produces.
+    pub source: bool,
 }
 
 impl KindInfo {
@@ -861,8 +870,12 @@ pub fn check(loaded: &Loaded, kinds: &[KindInfo]) -> Vec<Problem> {
                 format!("unknown kind `{}` (known: {})", w.kind, kinds.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")),
             );
         }
-        if w.inputs.is_empty() {
+        let source = kind.is_some_and(|k| k.source);
+        if w.inputs.is_empty() && !source {
             p(subject.clone(), "has no inputs".into());
+        }
+        if source && !w.inputs.is_empty() {
+            p(subject.clone(), format!("kind `{}` reads no topics (its input is a database table): inputs must be []", w.kind));
         }
         let mut partitions = BTreeSet::new();
         for input in &w.inputs {
@@ -1046,8 +1059,8 @@ mod tests {
     }
 
     const KINDS: &[KindInfo] = &[
-        KindInfo { name: "a", ports: &["out"], settings: KindInfo::no_settings, reads_external: true },
-        KindInfo { name: "ttl", ports: &["out"], settings: ttl_settings, reads_external: true },
+        KindInfo { name: "a", ports: &["out"], settings: KindInfo::no_settings, reads_external: true, source: false },
+        KindInfo { name: "ttl", ports: &["out"], settings: ttl_settings, reads_external: true, source: false },
     ];
 
     fn write(dir: &Path, text: &str) -> PathBuf {
@@ -1187,7 +1200,7 @@ state_retention = "500ms"
 max_batch = 3001
 stall_after = "2s"
 "#;
-        let kinds: &[KindInfo] = &[KindInfo { name: "a", ports: &[], settings: KindInfo::no_settings, reads_external: true }, KINDS[1]];
+        let kinds: &[KindInfo] = &[KindInfo { name: "a", ports: &[], settings: KindInfo::no_settings, reads_external: true, source: false }, KINDS[1]];
         let loaded = load(&write(dir.path(), text)).unwrap();
         let problems: Vec<String> = check(&loaded, kinds).iter().map(|p| p.to_string()).collect();
         let expect = [

@@ -29,7 +29,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 const KINDS: &[KindInfo] =
-    &[KindInfo { name: "deduplicator", ports: deduplicator::PORTS, settings: KindInfo::no_settings, reads_external: true }];
+    &[KindInfo { name: "deduplicator", ports: deduplicator::PORTS, settings: KindInfo::no_settings, reads_external: true, source: false }];
 
 fn avro_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../avro")

@@ -49,6 +49,26 @@ pub async fn spawn_workers(
     let mut handles = Vec::new();
     for name in names {
         let spec = t.workers.get(&name).with_context(|| format!("worker {name} is not in the topology"))?;
+        if let Some(config) = kinds::relay_config(spec) {
+            let setup = relay_setup(&loaded, &name, config, instance, codec.clone(), metrics.clone(), ready.worker())?;
+            let mut rx = shutdown.clone();
+            let n = name.clone();
+            handles.push((
+                name,
+                tokio::spawn(async move {
+                    let r = match outbox_relay::Relay::start(setup, &mut rx).await {
+                        Ok(Some(relay)) => relay.run(rx).await,
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = &r {
+                        tracing::error!(worker = %n, error = %e, "outbox relay failed");
+                    }
+                    r.map_err(|e| orderflow_runtime::worker::WorkerError::Source(e.to_string()))
+                }),
+            ));
+            continue;
+        }
         let processor = kinds::build(spec).with_context(|| format!("worker {name}: unknown kind {}", spec.kind))?;
         let ports = kinds::ports(&spec.kind).expect("known kind");
         let worker = Worker::new(WorkerSetup {
@@ -74,6 +94,39 @@ pub async fn spawn_workers(
         ));
     }
     Ok(handles)
+}
+
+/// The setup of outbox-relay worker `name` (issue 15): its `out` topic and that topic's key field,
+/// the topology's broker, guarantee and record headers.
+///
+/// Errors: the `out` port is not wired.
+fn relay_setup(
+    loaded: &Loaded,
+    name: &str,
+    config: outbox_relay::Config,
+    instance: &str,
+    codec: Arc<Codec>,
+    metrics: Metrics,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<outbox_relay::RelaySetup> {
+    let t = &loaded.topology;
+    let spec = &t.workers[name];
+    let topic = spec.outputs.get("out").with_context(|| format!("worker {name}: output port `out` is not wired"))?.clone();
+    let key_field = t.topics.get(&topic).map(|s| s.key.clone()).filter(|k| !k.contains(':'));
+    Ok(outbox_relay::RelaySetup {
+        name: name.to_string(),
+        topic,
+        key_field,
+        config,
+        broker: t.broker.clone(),
+        guarantee: spec.guarantee(&t.defaults),
+        group: spec.group_id(name),
+        instance: instance.to_string(),
+        codec,
+        metrics,
+        record_headers: t.defaults.record_headers,
+        ready,
+    })
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -82,6 +82,10 @@ use context::{subscribed_consumer, Health};
 pub enum WorkerError {
     #[error("worker {0} is not in the topology")]
     UnknownWorker(String),
+    /// A source kind's worker (the outbox relay, which does not run this loop) stopped with this
+    /// error.
+    #[error("{0}")]
+    Source(String),
     #[error("worker {worker}: guarantee {guarantee} is not available: {reason}")]
     Guarantee { worker: String, guarantee: &'static str, reason: String },
     #[error("kafka: {0}")]

@@ -136,7 +136,7 @@ pub(super) fn counted_topics(t: &Topology) -> Vec<(String, i32)> {
         let p = sources.iter().next().map(|s| parts(s)).unwrap_or(1);
         out.push((dlq, p));
     }
-    for (name, w) in &t.workers {
+    for (name, w) in t.workers.iter().filter(|(_, w)| !w.is_source()) {
         out.push((orderflow_runtime::changelog::topic(name), w.inputs.first().map(|i| parts(i)).unwrap_or(1)));
     }
     out
