@@ -6,9 +6,11 @@
 #      (unknown fields rejected), with kubernetes-validate from PyPI, which bundles the schemas
 #      (no network at validation time), for the oldest and newest Kubernetes versions below.
 #   2. Their consistency with topology.toml: the topology ConfigMap holds topology.toml as it is,
-#      every worker has a StatefulSet (state volume, pod-name instance id, probes, metrics port,
-#      grace period, resources, read-only root), a headless Service and a PodDisruptionBudget
-#      whose selectors match; kustomization.yaml lists every manifest.
+#      every stream worker has a StatefulSet (state volume, pod-name instance id, probes, metrics
+#      port, grace period, resources, read-only root), a headless Service and a
+#      PodDisruptionBudget whose selectors match; a stateless worker (kind outbox-relay) has a
+#      Deployment with the same checks minus the volume and Service, its database URL from a
+#      Secret; kustomization.yaml lists every manifest.
 #   3. Alert rules (deploy/prometheus/alerts.yaml): required keys, `promtool check rules`, and
 #      the unit tests deploy/prometheus/alerts.test.yaml (`promtool test rules`).
 #   4. The Grafana dashboard (deploy/grafana/orderflow-dashboard.json): JSON, panels, targets;
@@ -203,7 +205,7 @@ workers = sorted(topo.get("workers", {}))
 # kustomization
 kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
 listed = kust.get("resources", [])
-NOT_LISTED = {"job-topics.yaml", "secret-kafka.example.yaml"}
+NOT_LISTED = {"job-topics.yaml", "secret-kafka.example.yaml", "secret-outbox-db.example.yaml"}
 for r in listed:
     if not (K8S / r).is_file():
         problem("deploy/k8s/kustomization.yaml", f"lists {r}, which does not exist")
@@ -233,12 +235,17 @@ def matches(selector, labels):
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+# Worker kinds that keep no sled state (no store, no consumer group): a Deployment, no volume.
+STATELESS_KINDS = {"outbox-relay"}
+
 for w in workers:
     name = f"orderflow-{w}"
     where = f"deploy/k8s (worker {w})"
-    sts = by_kind.get("StatefulSet", {}).get(name)
+    stateless = topo["workers"][w].get("kind") in STATELESS_KINDS
+    workload = "Deployment" if stateless else "StatefulSet"
+    sts = by_kind.get(workload, {}).get(name)
     if not sts:
-        problem(where, f"no StatefulSet {name} (every worker keeps sled state)")
+        problem(where, f"no {workload} {name}" + (" (a stateless worker)" if stateless else " (every stream worker keeps sled state)"))
         continue
     path, s = sts
     where = rel(path)
@@ -247,7 +254,7 @@ for w in workers:
     labels = spec["template"]["metadata"].get("labels", {})
     ann = spec["template"]["metadata"].get("annotations", {})
     if not matches(spec["selector"].get("matchLabels"), labels):
-        problem(where, "StatefulSet selector does not match its pod labels")
+        problem(where, f"{workload} selector does not match its pod labels")
     c = pod["containers"][0]
     args = c.get("args", [])
     if args[:1] != ["run"] or "--worker" not in args or args[args.index("--worker") + 1] != w:
@@ -258,7 +265,10 @@ for w in workers:
     inst = env.get("ORDERFLOW_INSTANCE", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
     if inst != "metadata.name":
         problem(where, "ORDERFLOW_INSTANCE must come from the pod name (fieldRef metadata.name): static membership and the sled directory use it")
-    if env.get("ORDERFLOW_STATE_DIR", {}).get("value") != "/var/lib/orderflow":
+    if stateless:
+        if "secretKeyRef" not in env.get("ORDERFLOW_DATABASE_URL", {}).get("valueFrom", {}):
+            problem(where, "ORDERFLOW_DATABASE_URL must come from a Secret (the topology's database_url is the demo's SQLite file)")
+    elif env.get("ORDERFLOW_STATE_DIR", {}).get("value") != "/var/lib/orderflow":
         problem(where, "ORDERFLOW_STATE_DIR must be /var/lib/orderflow")
     if "ORDERFLOW_BOOTSTRAP" not in env or "valueFrom" not in env["ORDERFLOW_BOOTSTRAP"]:
         problem(where, "ORDERFLOW_BOOTSTRAP must come from a ConfigMap or Secret")
@@ -276,7 +286,7 @@ for w in workers:
         problem(where, "ORDERFLOW_GRACE_PERIOD (e.g. 50s) must be below terminationGracePeriodSeconds")
     mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
     vct = [t["metadata"]["name"] for t in spec.get("volumeClaimTemplates", [])]
-    if not any(m["mountPath"] == "/var/lib/orderflow" and m["name"] in vct for m in mounts.values()):
+    if not stateless and not any(m["mountPath"] == "/var/lib/orderflow" and m["name"] in vct for m in mounts.values()):
         problem(where, "/var/lib/orderflow must be mounted from a volumeClaimTemplate")
     if mounts.get("topology", {}).get("mountPath") != "/etc/orderflow/topology.toml":
         problem(where, "the topology ConfigMap must be mounted at /etc/orderflow/topology.toml (subPath: avro/ stays beside it)")
@@ -300,8 +310,10 @@ for w in workers:
         problem(where, "non-root with a read-only root filesystem")
     if ann.get("prometheus.io/scrape") != "true" or ann.get("prometheus.io/port") != "9464":
         problem(where, "Prometheus scrape annotations on the pod template")
-    svc = by_kind.get("Service", {}).get(spec["serviceName"])
-    if not svc:
+    svc = None if stateless else by_kind.get("Service", {}).get(spec["serviceName"])
+    if stateless:
+        pass  # no Service: Prometheus finds the pods through their annotations
+    elif not svc:
         problem(where, f"no Service {spec['serviceName']} (serviceName)")
     else:
         sv = svc[1]["spec"]
@@ -314,13 +326,14 @@ for w in workers:
         problem(where, f"exactly one PodDisruptionBudget must select the pods of {w} (found {len(pdbs)})")
     elif pdbs[0]["spec"].get("maxUnavailable") != 1:
         problem(where, "PodDisruptionBudget maxUnavailable 1")
-    print(f"  ok   {where}: StatefulSet {name}, replicas {spec.get('replicas', 1)}" if not any(p.startswith(where) for p in problems) else f"  --   {where}")
+    print(f"  ok   {where}: {workload} {name}, replicas {spec.get('replicas', 1)}" if not any(p.startswith(where) for p in problems) else f"  --   {where}")
 
-for n, (p, d) in by_kind.get("StatefulSet", {}).items():
-    args = d["spec"]["template"]["spec"]["containers"][0].get("args", [])
-    w = args[args.index("--worker") + 1] if "--worker" in args else None
-    if w not in workers:
-        problem(rel(p), f"StatefulSet {n} runs worker {w}, which topology.toml does not declare")
+for kind in ("StatefulSet", "Deployment"):
+    for n, (p, d) in by_kind.get(kind, {}).items():
+        args = d["spec"]["template"]["spec"]["containers"][0].get("args", [])
+        w = args[args.index("--worker") + 1] if "--worker" in args else None
+        if w not in workers:
+            problem(rel(p), f"{kind} {n} runs worker {w}, which topology.toml does not declare")
 
 # ------------------------------------------------------------ 3/4. metric names, PromQL
 names = {}
