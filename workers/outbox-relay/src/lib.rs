@@ -21,8 +21,8 @@
 //! - [`store`]: the table through `sqlx` on PostgreSQL, MariaDB/MySQL and SQLite; claims;
 //! - [`relay`]: the loop that claims, produces and settles;
 //! - [`config`]: the worker's settings in `topology.toml`;
-//! - `migrations/<dialect>/`: the `sqlx` migrations (the outbox table; the reference order
-//!   service's tables).
+//! - `migrations/<dialect>/`: the `sqlx` migrations of the outbox table (the demo's reference
+//!   order service has its own, in the orderflow package).
 
 pub mod config;
 pub mod relay;

@@ -150,15 +150,18 @@ impl OutboxStore {
     }
 
     /// Applies the migrations shipped in `workers/outbox-relay/migrations/<dialect>/` (the outbox
-    /// table, and the reference order service's tables); already applied ones are skipped.
+    /// table; versions below 1000); already applied ones are skipped. Migrations of other sets in
+    /// the same database's `_sqlx_migrations` (the demo's reference order service, 1001…) are
+    /// ignored.
     ///
     /// Errors: [`StoreError::Migrate`] (a changed migration, a failing statement).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let migrator = match self.dialect {
+        let mut migrator = match self.dialect {
             Dialect::Postgres => sqlx::migrate!("./migrations/postgres"),
             Dialect::MySql => sqlx::migrate!("./migrations/mysql"),
             Dialect::Sqlite => sqlx::migrate!("./migrations/sqlite"),
         };
+        migrator.set_ignore_missing(true);
         migrator.run(&self.pool).await?;
         Ok(())
     }

@@ -1,6 +1,6 @@
 -- The reference order service of the main job (seed 002's synchronous order, issue 15): products
 -- with their prices, and each accepted order with its lines, written in the same transaction as
--- its order.created outbox row (`orderflow demo --outbox`). Amounts in the smallest currency
+-- its order.created outbox row (`orderflow demo`; applied by the demo, not by the relay, so a real order service's database gets only the outbox table). Amounts in the smallest currency
 -- unit; times in ms since the Unix epoch.
 CREATE TABLE products (
     product_id  VARCHAR(64) NOT NULL PRIMARY KEY,
