@@ -20,9 +20,21 @@ use serde::de::DeserializeOwned;
 pub const KINDS: &[KindInfo] = &[
     KindInfo { name: "deduplicator", ports: deduplicator::PORTS, settings: KindInfo::no_settings, reads_external: true, source: false },
     KindInfo { name: "stock-reserver", ports: stock_reserver::PORTS, settings: reserver_settings, reads_external: false, source: false },
-    KindInfo { name: "order-confirmer", ports: order_confirmer::PORTS, settings: KindInfo::no_settings, reads_external: false, source: false },
+    KindInfo {
+        name: "order-confirmer",
+        ports: order_confirmer::PORTS,
+        settings: KindInfo::no_settings,
+        reads_external: false,
+        source: false,
+    },
     KindInfo { name: "canceller", ports: canceller::PORTS, settings: canceller_settings, reads_external: false, source: false },
-    KindInfo { name: "reservation-expirer", ports: reservation_expirer::PORTS, settings: ttl_settings, reads_external: false, source: false },
+    KindInfo {
+        name: "reservation-expirer",
+        ports: reservation_expirer::PORTS,
+        settings: ttl_settings,
+        reads_external: false,
+        source: false,
+    },
     KindInfo { name: outbox_relay::KIND, ports: outbox_relay::PORTS, settings: relay_settings, reads_external: false, source: true },
 ];
 

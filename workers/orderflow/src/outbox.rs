@@ -94,7 +94,12 @@ pub async fn run(args: OutboxArgs) -> Result<()> {
             }
             let stats = store.stats(topic.as_deref()).await?;
             let oldest = stats.oldest_pending_created_at.map(rfc3339).unwrap_or_else(|| "-".into());
-            eprintln!("{} row(s) listed; pending {}, quarantined {}, oldest pending {oldest}", rows.len(), stats.pending, stats.quarantined);
+            eprintln!(
+                "{} row(s) listed; pending {}, quarantined {}, oldest pending {oldest}",
+                rows.len(),
+                stats.pending,
+                stats.quarantined
+            );
         }
         OutboxAction::Show { id } => {
             let row = store.show(id).await?.with_context(|| format!("no outbox row {id}"))?;
@@ -128,7 +133,11 @@ fn database_url(args: &OutboxArgs) -> Result<String> {
     let relays: Vec<(&String, _)> =
         loaded.topology.workers.iter().filter_map(|(n, w)| orderflow_kinds::relay_config(w).map(|c| (n, c))).collect();
     let config = match &args.worker {
-        Some(w) => relays.iter().find(|(n, _)| *n == w).map(|(_, c)| c.clone()).with_context(|| format!("{w} is not an outbox-relay worker of the topology"))?,
+        Some(w) => relays
+            .iter()
+            .find(|(n, _)| *n == w)
+            .map(|(_, c)| c.clone())
+            .with_context(|| format!("{w} is not an outbox-relay worker of the topology"))?,
         None => match relays.as_slice() {
             [(_, c)] => c.clone(),
             [] => bail!("the topology has no outbox-relay worker: pass --database-url"),

@@ -117,7 +117,12 @@ impl Config {
 
     /// The row retry policy (seed 003).
     pub fn retry(&self) -> RetryPolicy {
-        RetryPolicy { max_attempts: self.max_attempts, initial_backoff: self.retry_backoff, multiplier: 2.0, max_backoff: self.retry_backoff_max }
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            initial_backoff: self.retry_backoff,
+            multiplier: 2.0,
+            max_backoff: self.retry_backoff_max,
+        }
     }
 }
 

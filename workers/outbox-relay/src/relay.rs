@@ -305,7 +305,13 @@ impl Relay {
             Err(e) => return Err(RecordError::Outage(format!("schema registry: {e}"))),
         };
         let headers = if s.record_headers { output_headers(&event, &s.name, []) } else { Vec::new() };
-        let record = OutRecord { topic: s.topic.clone(), partition: None, key: Some(row.aggregate_id.clone().into_bytes()), value: Some(value), headers };
+        let record = OutRecord {
+            topic: s.topic.clone(),
+            partition: None,
+            key: Some(row.aggregate_id.clone().into_bytes()),
+            value: Some(value),
+            headers,
+        };
         self.limits.check_record(&record).map_err(|o| RecordError::Row(Failure::new("oversized", o.to_string())))?;
         Ok(record)
     }
@@ -341,7 +347,13 @@ impl Relay {
         }
     }
 
-    async fn settle_once(&self, token: &str, rows: &[OutboxRow], outcome: &Outcome, policy: &crate::row::RetryPolicy) -> Result<(), StoreError> {
+    async fn settle_once(
+        &self,
+        token: &str,
+        rows: &[OutboxRow],
+        outcome: &Outcome,
+        policy: &crate::row::RetryPolicy,
+    ) -> Result<(), StoreError> {
         let s = &self.setup;
         if !outcome.published.is_empty() {
             let marked = self.store.complete(token, &outcome.published, now_ms()).await?;

@@ -160,8 +160,8 @@ impl OutboxRow {
     /// Errors: [`Failure`] `invalid_payload` (not JSON, not an object, does not fit the record) or
     /// `key_mismatch`.
     pub fn event(&self, key_field: Option<&str>) -> Result<Event, Failure> {
-        let value: serde_json::Value = serde_json::from_str(&self.payload)
-            .map_err(|e| Failure::new("invalid_payload", format!("payload is not JSON: {e}")))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&self.payload).map_err(|e| Failure::new("invalid_payload", format!("payload is not JSON: {e}")))?;
         let serde_json::Value::Object(mut object) = value else {
             return Err(Failure::new("invalid_payload", "payload is not a JSON object"));
         };
@@ -206,7 +206,8 @@ mod tests {
         }
     }
 
-    const ORDER: &str = r#"{"orderId":"O-1","customerId":"C-1","hqId":"HQ","storeId":"S","items":[{"productId":"P","quantity":2,"unitPrice":100}]}"#;
+    const ORDER: &str =
+        r#"{"orderId":"O-1","customerId":"C-1","hqId":"HQ","storeId":"S","items":[{"productId":"P","quantity":2,"unitPrice":100}]}"#;
 
     fn policy() -> RetryPolicy {
         RetryPolicy { max_attempts: 6, initial_backoff: Duration::from_secs(1), multiplier: 2.0, max_backoff: Duration::from_secs(10) }

@@ -175,20 +175,19 @@ impl OutboxStore {
     ///
     /// Errors: [`StoreError::Db`].
     pub async fn claim(&self, topic: &str, limit: i64, lease: Duration, now_ms: i64) -> Result<(String, Vec<OutboxRow>), StoreError> {
-        let candidates: Vec<i64> = sqlx::query(&self.q(
-            "SELECT o.id FROM outbox o WHERE o.topic = ? AND o.status = 'PENDING' AND o.next_attempt_at <= ? \
+        let candidates: Vec<i64> =
+            sqlx::query(&self.q("SELECT o.id FROM outbox o WHERE o.topic = ? AND o.status = 'PENDING' AND o.next_attempt_at <= ? \
              AND o.claimed_until <= ? AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.aggregate_id = o.aggregate_id \
-             AND p.topic = o.topic AND p.id < o.id AND p.status <> 'COMPLETED') ORDER BY o.id LIMIT ?",
-        ))
-        .bind(topic)
-        .bind(now_ms)
-        .bind(now_ms)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(|r| r.try_get::<i64, _>(0))
-        .collect::<Result<_, _>>()?;
+             AND p.topic = o.topic AND p.id < o.id AND p.status <> 'COMPLETED') ORDER BY o.id LIMIT ?"))
+            .bind(topic)
+            .bind(now_ms)
+            .bind(now_ms)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0))
+            .collect::<Result<_, _>>()?;
         let token = uuid::Uuid::new_v4().to_string();
         if candidates.is_empty() {
             return Ok((token, Vec::new()));
@@ -251,10 +250,10 @@ impl OutboxStore {
     ///
     /// Errors: [`StoreError::Db`].
     pub async fn fail(&self, token: &str, id: i64, after: &AfterFailure) -> Result<bool, StoreError> {
-        let r = sqlx::query(&self.q(
-            "UPDATE outbox SET status = ?, retry_count = ?, last_error = ?, next_attempt_at = ?, claim_token = NULL, \
-             claimed_until = 0 WHERE id = ? AND claim_token = ? AND status = 'PENDING'",
-        ))
+        let r = sqlx::query(
+            &self.q("UPDATE outbox SET status = ?, retry_count = ?, last_error = ?, next_attempt_at = ?, claim_token = NULL, \
+             claimed_until = 0 WHERE id = ? AND claim_token = ? AND status = 'PENDING'"),
+        )
         .bind(after.status.as_str())
         .bind(after.retry_count)
         .bind(&after.last_error)
@@ -271,10 +270,11 @@ impl OutboxStore {
     ///
     /// Errors: [`StoreError::Db`].
     pub async fn release(&self, token: &str) -> Result<u64, StoreError> {
-        let r = sqlx::query(&self.q("UPDATE outbox SET claim_token = NULL, claimed_until = 0 WHERE claim_token = ? AND status = 'PENDING'"))
-            .bind(token)
-            .execute(&self.pool)
-            .await?;
+        let r =
+            sqlx::query(&self.q("UPDATE outbox SET claim_token = NULL, claimed_until = 0 WHERE claim_token = ? AND status = 'PENDING'"))
+                .bind(token)
+                .execute(&self.pool)
+                .await?;
         Ok(r.rows_affected())
     }
 
@@ -346,15 +346,14 @@ impl OutboxStore {
     pub async fn requeue(&self, ids: &[i64], operator: &str, now_ms: i64) -> Result<Vec<i64>, StoreError> {
         let mut released = Vec::new();
         for id in ids {
-            let r = sqlx::query(&self.q(
-                "UPDATE outbox SET status = 'PENDING', retry_count = 0, next_attempt_at = 0, claim_token = NULL, \
-                 claimed_until = 0, requeued_at = ?, requeued_by = ? WHERE id = ? AND status = 'QUARANTINED'",
-            ))
-            .bind(now_ms)
-            .bind(operator)
-            .bind(*id)
-            .execute(&self.pool)
-            .await?;
+            let r =
+                sqlx::query(&self.q("UPDATE outbox SET status = 'PENDING', retry_count = 0, next_attempt_at = 0, claim_token = NULL, \
+                 claimed_until = 0, requeued_at = ?, requeued_by = ? WHERE id = ? AND status = 'QUARANTINED'"))
+                .bind(now_ms)
+                .bind(operator)
+                .bind(*id)
+                .execute(&self.pool)
+                .await?;
             if r.rows_affected() == 1 {
                 released.push(*id);
             }
@@ -397,9 +396,7 @@ fn create_sqlite_dir(url: &str) -> Result<(), StoreError> {
 fn text(row: &AnyRow, col: &str) -> Result<Option<String>, sqlx::Error> {
     match row.try_get::<Option<String>, _>(col) {
         Ok(v) => Ok(v),
-        Err(_) => row
-            .try_get::<Option<Vec<u8>>, _>(col)
-            .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned())),
+        Err(_) => row.try_get::<Option<Vec<u8>>, _>(col).map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned())),
     }
 }
 

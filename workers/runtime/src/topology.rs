@@ -1200,7 +1200,8 @@ state_retention = "500ms"
 max_batch = 3001
 stall_after = "2s"
 "#;
-        let kinds: &[KindInfo] = &[KindInfo { name: "a", ports: &[], settings: KindInfo::no_settings, reads_external: true, source: false }, KINDS[1]];
+        let kinds: &[KindInfo] =
+            &[KindInfo { name: "a", ports: &[], settings: KindInfo::no_settings, reads_external: true, source: false }, KINDS[1]];
         let loaded = load(&write(dir.path(), text)).unwrap();
         let problems: Vec<String> = check(&loaded, kinds).iter().map(|p| p.to_string()).collect();
         let expect = [

@@ -18,7 +18,8 @@ async fn store() -> (tempfile::TempDir, OutboxStore) {
 }
 
 async fn insert(s: &OutboxStore, aggregate: &str, topic: &str) -> i64 {
-    let sql = s.dialect().sql("INSERT INTO outbox (aggregate_id, topic, event_type, payload, created_at) VALUES (?, ?, 'OrderCreated', '{}', ?)");
+    let sql =
+        s.dialect().sql("INSERT INTO outbox (aggregate_id, topic, event_type, payload, created_at) VALUES (?, ?, 'OrderCreated', '{}', ?)");
     sqlx::query(&sql).bind(aggregate).bind(topic).bind(1_000i64).execute(s.pool()).await.unwrap();
     sqlx::query("SELECT MAX(id) FROM outbox").fetch_one(s.pool()).await.unwrap().try_get::<i64, _>(0).unwrap()
 }
@@ -95,7 +96,12 @@ async fn failures_quarantine_and_requeue_releases() {
     let a1 = insert(&s, "A", "t").await;
     let a2 = insert(&s, "A", "t").await;
     let b1 = insert(&s, "B", "t").await;
-    let policy = crate::row::RetryPolicy { max_attempts: 2, initial_backoff: Duration::from_secs(1), multiplier: 2.0, max_backoff: Duration::from_secs(5) };
+    let policy = crate::row::RetryPolicy {
+        max_attempts: 2,
+        initial_backoff: Duration::from_secs(1),
+        multiplier: 2.0,
+        max_backoff: Duration::from_secs(5),
+    };
     let f = Failure::new("oversized", "too big");
     let (t, rows) = s.claim("t", 10, LEASE, 10_000).await.unwrap();
     assert_eq!(ids(&rows), [a1, b1]);
