@@ -42,7 +42,8 @@ const PARTITIONS: i32 = 2;
 /// Every input goes to this partition (not 0, so the partition header is really checked).
 const PARTITION: i32 = 1;
 const PORTS: &[&str] = &["out"];
-const KINDS: &[KindInfo] = &[KindInfo { name: "flaky", ports: PORTS, settings: KindInfo::no_settings, reads_external: true, source: false }];
+const KINDS: &[KindInfo] =
+    &[KindInfo { name: "flaky", ports: PORTS, settings: KindInfo::no_settings, reads_external: true, source: false }];
 
 /// How long the worker may take to join the group, restore and handle the inputs.
 const PROCESS_DEADLINE: Duration = Duration::from_secs(60);

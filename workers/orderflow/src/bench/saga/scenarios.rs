@@ -82,7 +82,8 @@ pub(super) async fn throughput(args: &SagaArgs) -> Result<ThroughputResult> {
     let added: BTreeMap<String, i64> = after.iter().map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0))).collect();
     let bench = BTreeMap::from([("order.created".to_string(), n as i64)]);
     let pos_writes = BTreeMap::from([("order.completed".to_string(), pos.0), (port_topic(t, "canceller", "cancelled")?, pos.1)]);
-    let changelogs: BTreeSet<String> = t.workers.iter().filter(|(_, w)| !w.is_source()).map(|(n, _)| orderflow_runtime::changelog::topic(n)).collect();
+    let changelogs: BTreeSet<String> =
+        t.workers.iter().filter(|(_, w)| !w.is_source()).map(|(n, _)| orderflow_runtime::changelog::topic(n)).collect();
     let writes = writes_per_order(&added, &bench, &pos_writes, &changelogs, n);
     let limit = args.baseline.filter(|b| *b > 0.0 && writes.per_order > 0.0).map(|b| b / writes.per_order);
     let span = match (counts.first_terminal, counts.last_terminal) {
