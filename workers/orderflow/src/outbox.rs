@@ -144,7 +144,7 @@ fn database_url(args: &OutboxArgs) -> Result<String> {
             _ => bail!("the topology has several outbox-relay workers: pass --worker"),
         },
     };
-    Ok(config.url())
+    Ok(config.url_in(&loaded.topology.defaults.state_dir))
 }
 
 /// A row as JSON without its payload, times as RFC 3339.

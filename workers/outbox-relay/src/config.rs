@@ -17,7 +17,8 @@ pub const DATABASE_URL_ENV: &str = "ORDERFLOW_DATABASE_URL";
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// `postgres://…`, `mysql://…` / `mariadb://…` or `sqlite:…`; [`DATABASE_URL_ENV`] wins.
-    /// Default: `sqlite://.state/outbox.db?mode=rwc`, the embedded database of the demo.
+    /// Default ([`DEFAULT_DATABASE_URL`]): the embedded SQLite database of the demo, as
+    /// `outbox.db` in the topology's `state_dir` ([`Config::url_in`]).
     #[serde(default = "default_url")]
     pub database_url: String,
     /// Rows claimed and published per round (default 500).
@@ -49,8 +50,12 @@ pub struct Config {
     pub pool_size: u32,
 }
 
+/// The default `database_url`: SQLite, `outbox.db` in the state dir (`.state` unless
+/// `ORDERFLOW_STATE_DIR` or the topology says otherwise; [`Config::url_in`]).
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://.state/outbox.db?mode=rwc";
+
 fn default_url() -> String {
-    "sqlite://.state/outbox.db?mode=rwc".into()
+    DEFAULT_DATABASE_URL.into()
 }
 fn default_batch() -> i64 {
     500
@@ -115,6 +120,18 @@ impl Config {
         std::env::var(DATABASE_URL_ENV).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| self.database_url.clone())
     }
 
+    /// [`Config::url`], with the default SQLite file placed in `state_dir` (the topology's
+    /// `[defaults] state_dir` after `ORDERFLOW_STATE_DIR`), so each test's or pod's state folder
+    /// holds its own embedded outbox.
+    pub fn url_in(&self, state_dir: &std::path::Path) -> String {
+        let url = self.url();
+        if url == DEFAULT_DATABASE_URL {
+            format!("sqlite://{}?mode=rwc", state_dir.join("outbox.db").display())
+        } else {
+            url
+        }
+    }
+
     /// The row retry policy (seed 003).
     pub fn retry(&self) -> RetryPolicy {
         RetryPolicy {
@@ -135,6 +152,16 @@ mod tests {
         let c = Config::default();
         assert_eq!(c.max_attempts, 6);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_default_sqlite_file_lives_in_the_state_dir() {
+        let c = Config::default();
+        if std::env::var(DATABASE_URL_ENV).is_err() {
+            assert_eq!(c.url_in(std::path::Path::new("/s/t")), "sqlite:///s/t/outbox.db?mode=rwc");
+            let pg = Config { database_url: "postgres://u@h/db".into(), ..Config::default() };
+            assert_eq!(pg.url_in(std::path::Path::new("/s/t")), "postgres://u@h/db");
+        }
     }
 
     #[test]

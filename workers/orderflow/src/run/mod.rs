@@ -113,6 +113,8 @@ fn relay_setup(
     let spec = &t.workers[name];
     let topic = spec.outputs.get("out").with_context(|| format!("worker {name}: output port `out` is not wired"))?.clone();
     let key_field = t.topics.get(&topic).map(|s| s.key.clone()).filter(|k| !k.contains(':'));
+    let mut config = config;
+    config.database_url = config.url_in(&t.defaults.state_dir);
     Ok(outbox_relay::RelaySetup {
         name: name.to_string(),
         topic,
