@@ -1,6 +1,10 @@
 //! The main job: TPC-H orders and the two seed 000 scenarios through the whole saga, on a real
 //! broker, with a POS simulator closing confirmed orders, ending in a summary (orders by final
-//! state and reason, events per topic, stock conservation per store, wall time).
+//! state and reason, events per topic, stock conservation per store, the outbox, wall time).
+//!
+//! Orders enter through the reference order service ([`order_service`], seed 002): it writes each
+//! order and its `order.created` outbox row in one database transaction, and the topology's
+//! outbox relay publishes the rows. `--direct` produces `order.created` straight instead.
 
 pub mod tpch;
 
@@ -28,9 +32,11 @@ use tokio::sync::watch;
 use tracing::info;
 
 mod inputs;
+mod order_service;
 mod summary;
 
 pub(crate) use inputs::*;
+use order_service::{OrderService, OutboxSummary, Placed};
 use summary::*;
 
 /// `orderflow demo` flags.
@@ -85,8 +91,22 @@ pub struct DemoArgs {
     state_dir: Option<PathBuf>,
     /// Do not start workers: they run as separate processes (`orderflow run`), e.g. under a
     /// chaos test. The demo then only drives input, plays POS and checks the outcome.
+    /// With `--external-workers`, the outbox relay runs in those processes: give them the same
+    /// `ORDERFLOW_DATABASE_URL`.
     #[arg(long)]
     external_workers: bool,
+    /// Produce `order.created` straight to the broker, as before issue 15, instead of through the
+    /// reference order service and the outbox relay (for comparisons and benchmarks; no database).
+    #[arg(long)]
+    direct: bool,
+    /// Database of the reference order service and the outbox relay (`sqlite:…`, `postgres://…`,
+    /// `mysql://…`). Default: the topology's outbox-relay `database_url` (SQLite under `.state`).
+    /// Its demo tables and `order.created` outbox rows are emptied at start.
+    #[arg(long, env = "ORDERFLOW_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Concurrent writer tasks of the order service (each one transaction at a time).
+    #[arg(long, default_value_t = 4)]
+    writers: usize,
 }
 
 /// Final outcome of one order as read back from the topics.
@@ -185,6 +205,8 @@ pub struct Summary {
     pub negative_stock: Vec<String>,
     pub payload_conflicts: Vec<String>,
     pub seed_scenarios: Vec<SeedResult>,
+    /// The order service's outbox (absent with `--direct`).
+    pub outbox: Option<OutboxSummary>,
     pub wall_seconds: f64,
     pub ttl_seconds: f64,
 }
@@ -214,6 +236,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let mut loaded = crate::topology::load_topology(&args.topology, args.bootstrap.as_deref())?;
     crate::topology::override_ttl(&mut loaded, args.ttl);
+    // The database the order service writes and the relay reads: one URL for both.
+    let database_url = if args.direct { None } else { Some(pin_database_url(&mut loaded, args.database_url.as_deref())?) };
     let state_dir = args.state_dir.clone().unwrap_or_else(|| loaded.topology.defaults.state_dir.join(format!("demo-{}", now_ms())));
     loaded.topology.defaults.state_dir = state_dir.clone();
     let loaded = Arc::new(loaded);
@@ -267,13 +291,43 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     check_sizes(t, &codec, &input).await?;
 
-    // Workers.
+    // The reference order service: its tables emptied (a rerun on a kept database starts like a
+    // fresh one, before the relay could publish an earlier run's rows) and the catalogue loaded.
+    let writers = args.writers.max(1);
+    let service = match &database_url {
+        Some(url) => {
+            let service = OrderService::open(url, writers as u32 + 2, ORDER_TOPIC).await?;
+            let left = service.reset().await?;
+            let catalogue = order_service::catalogue(&input.orders);
+            service.load_products(&catalogue).await?;
+            println!(
+                "order service: {} ({} products loaded{}), {writers} writers; the outbox relay {}",
+                order_service::redact(url),
+                catalogue.len(),
+                if left > 0 { format!(", {left} outbox rows of an earlier run removed") } else { String::new() },
+                if args.external_workers { "runs in the external worker processes (same ORDERFLOW_DATABASE_URL)" } else { "runs here" }
+            );
+            Some(service)
+        }
+        None => {
+            println!("--direct: order.created produced straight to the broker (no order service, no outbox relay)");
+            None
+        }
+    };
+
+    // Workers (with --direct, without the outbox relay: nothing writes its table).
     let metrics = Metrics::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     let handles = if args.external_workers {
         Vec::new()
     } else {
-        crate::run::spawn_workers(loaded.clone(), &[], "demo", metrics.clone(), &crate::run::serve::Readiness::default(), stop_rx).await?
+        let names: Vec<String> = if args.direct {
+            t.workers.iter().filter(|(_, w)| w.kind != outbox_relay::KIND).map(|(n, _)| n.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        crate::run::spawn_workers(loaded.clone(), &names, "demo", metrics.clone(), &crate::run::serve::Readiness::default(), stop_rx)
+            .await?
     };
 
     // Observer: reads every saga topic from the beginning; the POS simulator reacts to it.
@@ -452,19 +506,168 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let bar = ProgressBar::new(order_count as u64).with_style(
         ProgressStyle::with_template("{msg:12} [{bar:40}] {pos}/{len} {per_sec} eta {eta}").expect("valid template").progress_chars("=> "),
     );
-    bar.set_message("producing");
     let produce_started = Instant::now();
     let pace = (args.rate > 0).then(|| Duration::from_secs_f64(1.0 / args.rate as f64));
+    let rejected = match &service {
+        None => {
+            bar.set_message("producing");
+            produce_direct(&codec, &producer, input.orders, pace, &bar).await?;
+            bar.finish_and_clear();
+            println!("produced {order_count} order.created in {:.1}s", produce_started.elapsed().as_secs_f64());
+            Vec::new()
+        }
+        Some(service) => {
+            bar.set_message("ordering");
+            bar.set_length(order_count as u64 + 1);
+            // Seed 002's refusal first: an order naming an unknown product.
+            let mut orders = vec![order_service::unknown_product_order(now_ms())];
+            orders.extend(input.orders);
+            let rejected = place_orders(service, writers, orders, pace, &bar, &observed).await?;
+            bar.finish_and_clear();
+            println!(
+                "order service: {} orders written with their outbox rows by {writers} writers in {:.1}s, {} rejected ({})",
+                order_count + 1 - rejected.len(),
+                produce_started.elapsed().as_secs_f64(),
+                rejected.len(),
+                rejected.iter().map(|(id, p)| format!("{id}: unknown {}", p.join(", "))).collect::<Vec<_>>().join("; ")
+            );
+            rejected
+        }
+    };
+    let order_count = observed.lock().unwrap().orders.len();
+
+    // Wait until every order has a terminal outcome.
+    let bar = ProgressBar::new(order_count as u64).with_style(
+        ProgressStyle::with_template("{msg:12} [{bar:40}] {pos}/{len} {per_sec} eta {eta}").expect("valid template").progress_chars("=> "),
+    );
+    bar.set_message("settling");
+    let settle_deadline = Instant::now() + args.ttl + args.settle_timeout;
+    let mut drained = service.is_none();
+    let mut drain_checked = Instant::now() - Duration::from_secs(1);
+    loop {
+        let done = observed.lock().unwrap().orders.values().filter(|o| o.settled()).count();
+        bar.set_position(done as u64);
+        // The outbox is drained when no row of order.created is PENDING any more (each one
+        // COMPLETED or QUARANTINED), read from the database about once a second.
+        if let Some(service) = service.as_ref().filter(|_| !drained && drain_checked.elapsed() >= Duration::from_secs(1)) {
+            drain_checked = Instant::now();
+            match service.drained().await {
+                Ok(d) => drained = d,
+                Err(e) => tracing::warn!(error = %e, "reading the outbox"),
+            }
+        }
+        if (done == order_count && drained) || Instant::now() > settle_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bar.finish_and_clear();
+    // Late duplicates or conflicting outcomes would show up shortly after: give them a moment.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Stop the workers cleanly (finishing units in flight), then read the reserver's state.
+    let _ = stop_tx.send(true);
+    for (name, h) in handles {
+        h.await.with_context(|| format!("worker {name} panicked"))?.with_context(|| format!("worker {name} failed"))?;
+    }
+    observer_task.abort();
+    let reserver =
+        t.workers.iter().find(|(_, w)| w.kind == "stock-reserver").map(|(n, _)| n).context("no stock reserver in the topology")?;
+    let stock = read_stock(t, reserver, &state_dir.join("summary-restore"))?;
+
+    let mut summary = summarize(&observed.lock().unwrap(), &initial, &stock, t, args.ttl, started.elapsed())?;
+    if let Some(service) = &service {
+        let refused = rejected.iter().any(|(id, _)| id == order_service::UNKNOWN_PRODUCT_ORDER);
+        let written = service.has_order(order_service::UNKNOWN_PRODUCT_ORDER).await?;
+        summary.seed_scenarios.push(SeedResult {
+            scenario: "seed 002: an order naming an unknown product (P-UNKNOWN)".into(),
+            expected: "rejected by the order service, no orders row, no outbox row".into(),
+            observed: format!(
+                "{}, orders row {}",
+                if refused { "rejected" } else { "accepted" },
+                if written { "written" } else { "absent" }
+            ),
+            pass: refused && !written,
+        });
+        summary.outbox = Some(service.summary(writers, rejected.into_iter().map(|(id, _)| id).collect()).await?);
+    }
+    print_summary(&summary);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let failed_seeds = summary.seed_scenarios.iter().filter(|s| !s.pass).count();
+    // One outbox row per accepted order, each published: the transaction wrote both or neither.
+    let outbox_broken = summary.outbox.as_ref().is_some_and(|o| {
+        o.orders_rows != o.rows_by_status.values().sum::<i64>() || o.rows_by_status.iter().any(|(s, n)| s != "COMPLETED" && *n > 0)
+    });
+    if !summary.without_terminal_outcome.is_empty()
+        || !summary.with_several_outcomes.is_empty()
+        || !summary.conservation_violations.is_empty()
+        || !summary.negative_stock.is_empty()
+        || !summary.payload_conflicts.is_empty()
+        || failed_seeds > 0
+        || outbox_broken
+    {
+        bail!("the saga broke an invariant (see the summary above)");
+    }
+    Ok(())
+}
+
+/// The topic the order service's outbox rows go to.
+const ORDER_TOPIC: &str = "order.created";
+
+/// The database URL of this run, written into every outbox-relay worker of `order.created` in
+/// `loaded` so that the order service and the relay (when it runs here) use the same one:
+/// `flag` (`--database-url` / `ORDERFLOW_DATABASE_URL`), else the relay's `database_url`.
+///
+/// Errors: no such relay in the topology; a `--database-url` other than the
+/// `ORDERFLOW_DATABASE_URL` the relay would read.
+fn pin_database_url(loaded: &mut orderflow_runtime::topology::Loaded, flag: Option<&str>) -> Result<String> {
+    let relays: Vec<String> = loaded
+        .topology
+        .workers
+        .iter()
+        .filter(|(_, w)| w.kind == outbox_relay::KIND && w.outputs.values().any(|t| t == ORDER_TOPIC))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let Some(first) = relays.first() else {
+        bail!("the topology has no outbox-relay worker publishing {ORDER_TOPIC}: add one, or run the demo with --direct");
+    };
+    let config = orderflow_kinds::relay_config(&loaded.topology.workers[first])
+        .with_context(|| format!("the settings of outbox-relay worker {first} do not parse (orderflow topology check)"))?;
+    let url = flag.filter(|u| !u.is_empty()).map(str::to_string).unwrap_or_else(|| config.url());
+    if let Ok(env) = std::env::var(outbox_relay::config::DATABASE_URL_ENV) {
+        if !env.is_empty() && env != url {
+            bail!("--database-url differs from {}, which the outbox relay reads: set one of them", outbox_relay::config::DATABASE_URL_ENV);
+        }
+    }
+    for name in &relays {
+        if let Some(w) = loaded.topology.workers.get_mut(name) {
+            w.settings.insert("database_url".into(), url.clone().into());
+        }
+    }
+    Ok(url)
+}
+
+/// `--direct`: produces `orders` straight to `order.created`, at `pace` per order.
+async fn produce_direct(
+    codec: &Codec,
+    producer: &FutureProducer,
+    orders: Vec<OrderCreated>,
+    pace: Option<Duration>,
+    bar: &ProgressBar,
+) -> Result<()> {
+    let produce_started = Instant::now();
     let mut in_flight = futures::stream::FuturesUnordered::new();
-    for (i, mut order) in input.orders.into_iter().enumerate() {
+    for (i, mut order) in orders.into_iter().enumerate() {
         order.occurred_at = now_ms();
-        let bytes = codec.encode("order.created", &Event::OrderCreated(order.clone())).await?;
+        let bytes = codec.encode(ORDER_TOPIC, &Event::OrderCreated(order.clone())).await?;
         let producer = producer.clone();
         // A task per send, so records leave at the pace of this loop (`--rate`), not when the
         // futures are first polled after it.
         in_flight.push(tokio::spawn(async move {
             producer
-                .send(FutureRecord::to("order.created").key(&order.order_id).payload(&bytes), Timeout::Never)
+                .send(FutureRecord::to(ORDER_TOPIC).key(&order.order_id).payload(&bytes), Timeout::Never)
                 .await
                 .map_err(|(e, _)| anyhow::anyhow!("producing order.created: {e}"))
         }));
@@ -484,51 +687,59 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     while let Some(r) = in_flight.next().await {
         r??;
     }
-    bar.finish_and_clear();
-    println!("produced {order_count} order.created in {:.1}s", produce_started.elapsed().as_secs_f64());
-
-    // Wait until every order has a terminal outcome.
-    let bar = ProgressBar::new(order_count as u64).with_style(
-        ProgressStyle::with_template("{msg:12} [{bar:40}] {pos}/{len} {per_sec} eta {eta}").expect("valid template").progress_chars("=> "),
-    );
-    bar.set_message("settling");
-    let settle_deadline = Instant::now() + args.ttl + args.settle_timeout;
-    loop {
-        let done = observed.lock().unwrap().orders.values().filter(|o| o.settled()).count();
-        bar.set_position(done as u64);
-        if done == order_count || Instant::now() > settle_deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    bar.finish_and_clear();
-    // Late duplicates or conflicting outcomes would show up shortly after: give them a moment.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
-    // Stop the workers cleanly (finishing units in flight), then read the reserver's state.
-    let _ = stop_tx.send(true);
-    for (name, h) in handles {
-        h.await.with_context(|| format!("worker {name} panicked"))?.with_context(|| format!("worker {name} failed"))?;
-    }
-    observer_task.abort();
-    let reserver =
-        t.workers.iter().find(|(_, w)| w.kind == "stock-reserver").map(|(n, _)| n).context("no stock reserver in the topology")?;
-    let stock = read_stock(t, reserver, &state_dir.join("summary-restore"))?;
-
-    let summary = summarize(&observed.lock().unwrap(), &initial, &stock, t, args.ttl, started.elapsed())?;
-    print_summary(&summary);
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&summary)?).with_context(|| format!("writing {}", path.display()))?;
-    }
-    let failed_seeds = summary.seed_scenarios.iter().filter(|s| !s.pass).count();
-    if !summary.without_terminal_outcome.is_empty()
-        || !summary.with_several_outcomes.is_empty()
-        || !summary.conservation_violations.is_empty()
-        || !summary.negative_stock.is_empty()
-        || !summary.payload_conflicts.is_empty()
-        || failed_seeds > 0
-    {
-        bail!("the saga broke an invariant (see the summary above)");
-    }
     Ok(())
+}
+
+/// Places `orders` through the order service with `writers` concurrent tasks (each one
+/// transaction at a time), offered at `pace` per order. A rejected order leaves `observed` (it
+/// will never have an outcome). Returns the rejected orders with their unknown products.
+///
+/// Errors: a writer could not write an order for a minute.
+async fn place_orders(
+    service: &OrderService,
+    writers: usize,
+    orders: Vec<OrderCreated>,
+    pace: Option<Duration>,
+    bar: &ProgressBar,
+    observed: &Arc<Mutex<Observed>>,
+) -> Result<Vec<(String, Vec<String>)>> {
+    let started = Instant::now();
+    let (tx, rx) = tokio::sync::mpsc::channel::<OrderCreated>(writers * 4);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let tasks: Vec<_> = (0..writers)
+        .map(|_| {
+            let (service, rx, bar, observed) = (service.clone(), rx.clone(), bar.clone(), observed.clone());
+            tokio::spawn(async move {
+                let mut rejected = Vec::new();
+                loop {
+                    let next = rx.lock().await.recv().await;
+                    let Some(order) = next else { break };
+                    if let Placed::Rejected(products) = service.place(&order).await? {
+                        observed.lock().unwrap().orders.remove(&order.order_id);
+                        rejected.push((order.order_id, products));
+                    }
+                    bar.inc(1);
+                }
+                anyhow::Ok(rejected)
+            })
+        })
+        .collect();
+    for (i, order) in orders.into_iter().enumerate() {
+        if tx.send(order).await.is_err() {
+            break; // every writer stopped: its error is below
+        }
+        if let Some(p) = pace {
+            let target = p * (i as u32 + 1);
+            if let Some(wait) = target.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    drop(tx);
+    let mut rejected = Vec::new();
+    for task in tasks {
+        rejected.extend(task.await.context("an order service writer panicked")??);
+    }
+    rejected.sort();
+    Ok(rejected)
 }

@@ -171,6 +171,7 @@ pub(super) fn summarize(
         negative_stock: negative,
         payload_conflicts: o.payload_conflicts.clone(),
         seed_scenarios: seeds,
+        outbox: None,
         wall_seconds: wall.as_secs_f64(),
         ttl_seconds: ttl.as_secs_f64(),
     })
