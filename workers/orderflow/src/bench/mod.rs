@@ -18,6 +18,7 @@
 //! (group join and state restore are not counted), the measurement window follows it and ends
 //! when the input is drained or the duration is over.
 
+pub mod outbox;
 pub mod recovery;
 pub mod retention;
 pub mod saga;
@@ -64,6 +65,9 @@ enum Scenario {
     /// State and changelog size over a long run with a short `state_retention` (issue 13):
     /// samples over time, exact key counts at the end.
     Retention(crate::bench::retention::RetentionArgs),
+    /// The transactional outbox relay (issue 15) on one database: rows/s over a backlog, then
+    /// the publish lag under a steady write rate against seed 003's 3 s mean.
+    Outbox(crate::bench::outbox::OutboxArgs),
 }
 
 /// Flags every scenario shares.
@@ -217,6 +221,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         Scenario::Saga(a) => serde_json::to_string(&crate::bench::saga::run(a).await?)?,
         Scenario::Recovery(a) => serde_json::to_string(&crate::bench::recovery::run(a).await?)?,
         Scenario::Retention(a) => serde_json::to_string(&crate::bench::retention::run(a).await?)?,
+        Scenario::Outbox(a) => serde_json::to_string(&crate::bench::outbox::run(a).await?)?,
     };
     println!("{json}");
     Ok(())
