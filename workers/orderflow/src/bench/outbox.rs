@@ -349,11 +349,10 @@ async fn insert_backlog(store: &OutboxStore, topic: &str, run: i64, rows: u64) -
 async fn drain(store: &OutboxStore, relays: &[tokio::task::JoinHandle<Result<(), outbox_relay::RelayError>>]) -> Result<()> {
     let until = Instant::now() + DRAIN_TIMEOUT;
     loop {
-        let row = sqlx::query(
-            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN status = 'QUARANTINED' THEN 1 ELSE 0 END), 0) FROM outbox WHERE status <> 'COMPLETED'",
-        )
-        .fetch_one(store.pool())
-        .await?;
+        let row =
+            sqlx::query("SELECT COUNT(*), COUNT(CASE WHEN status = 'QUARANTINED' THEN 1 END) FROM outbox WHERE status <> 'COMPLETED'")
+                .fetch_one(store.pool())
+                .await?;
         let (open, quarantined): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
         if quarantined > 0 {
             bail!("{quarantined} outbox rows were QUARANTINED");
