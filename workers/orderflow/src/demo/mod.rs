@@ -100,7 +100,8 @@ pub struct DemoArgs {
     #[arg(long)]
     direct: bool,
     /// Database of the reference order service and the outbox relay (`sqlite:…`, `postgres://…`,
-    /// `mysql://…`). Default: the topology's outbox-relay `database_url` (SQLite under `.state`).
+    /// `mysql://…`). Default: the topology's outbox-relay `database_url` (SQLite: `outbox.db` in
+    /// this run's state folder).
     /// Its demo tables and `order.created` outbox rows are emptied at start.
     #[arg(long, env = "ORDERFLOW_DATABASE_URL")]
     database_url: Option<String>,
@@ -236,10 +237,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let mut loaded = crate::topology::load_topology(&args.topology, args.bootstrap.as_deref())?;
     crate::topology::override_ttl(&mut loaded, args.ttl);
-    // The database the order service writes and the relay reads: one URL for both.
-    let database_url = if args.direct { None } else { Some(pin_database_url(&mut loaded, args.database_url.as_deref())?) };
     let state_dir = args.state_dir.clone().unwrap_or_else(|| loaded.topology.defaults.state_dir.join(format!("demo-{}", now_ms())));
     loaded.topology.defaults.state_dir = state_dir.clone();
+    // The database the order service writes and the relay reads: one URL for both (by default
+    // SQLite, outbox.db in this run's state folder).
+    let database_url = if args.direct { None } else { Some(pin_database_url(&mut loaded, args.database_url.as_deref())?) };
     let loaded = Arc::new(loaded);
     let t = &loaded.topology;
     let created = create_topics(t).await.context("creating topics")?;
@@ -618,7 +620,8 @@ const ORDER_TOPIC: &str = "order.created";
 
 /// The database URL of this run, written into every outbox-relay worker of `order.created` in
 /// `loaded` so that the order service and the relay (when it runs here) use the same one:
-/// `flag` (`--database-url` / `ORDERFLOW_DATABASE_URL`), else the relay's `database_url`.
+/// `flag` (`--database-url` / `ORDERFLOW_DATABASE_URL`), else the relay's `database_url` (the
+/// default SQLite one in this run's state folder, as the relay places it: `Config::url_in`).
 ///
 /// Errors: no such relay in the topology; a `--database-url` other than the
 /// `ORDERFLOW_DATABASE_URL` the relay would read.
@@ -635,7 +638,7 @@ fn pin_database_url(loaded: &mut orderflow_runtime::topology::Loaded, flag: Opti
     };
     let config = orderflow_kinds::relay_config(&loaded.topology.workers[first])
         .with_context(|| format!("the settings of outbox-relay worker {first} do not parse (orderflow topology check)"))?;
-    let url = flag.filter(|u| !u.is_empty()).map(str::to_string).unwrap_or_else(|| config.url());
+    let url = flag.filter(|u| !u.is_empty()).map(str::to_string).unwrap_or_else(|| config.url_in(&loaded.topology.defaults.state_dir));
     if let Ok(env) = std::env::var(outbox_relay::config::DATABASE_URL_ENV) {
         if !env.is_empty() && env != url {
             bail!("--database-url differs from {}, which the outbox relay reads: set one of them", outbox_relay::config::DATABASE_URL_ENV);

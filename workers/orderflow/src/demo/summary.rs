@@ -239,5 +239,25 @@ pub(super) fn print_summary(s: &Summary) {
             sd.observed
         );
     }
+    if let Some(o) = &s.outbox {
+        print_outbox(o);
+    }
     println!("\nwall time {:.1}s (reservation TTL {:.0}s)", s.wall_seconds, s.ttl_seconds);
+}
+
+fn print_outbox(o: &super::OutboxSummary) {
+    println!("\n== outbox (reference order service on {}, {} writers; read back from the database)", o.database, o.writers);
+    let rows: Vec<String> = o.rows_by_status.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!("  order.created rows by status: {}   orders rows: {}", rows.join(", "), o.orders_rows);
+    println!("  orders rejected by the order service: {} {:?}", o.rejected_orders, o.rejected);
+    let lag = |k: &str| o.publish_lag_ms.get(k).copied().unwrap_or(0);
+    println!(
+        "  publish lag (published_at − created_at, ms): p50 {}, p99 {}, max {}, mean {:.0}; seed 003 target mean ≤ {:.0} ms: {}",
+        lag("p50"),
+        lag("p99"),
+        lag("max"),
+        o.publish_lag_mean_ms,
+        o.lag_target_mean_ms,
+        if o.lag_target_met { "met" } else { "NOT met" }
+    );
 }
