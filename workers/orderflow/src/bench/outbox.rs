@@ -240,7 +240,9 @@ pub async fn run(args: OutboxArgs) -> Result<OutboxResult> {
             ));
             let mut next = t0 + offset;
             let mut k = 0u64;
-            while next < end {
+            // Paced: row k at t0 + k / per-writer rate; a writer behind schedule inserts at once, and
+            // stops at `end` whatever it has not written (then achieved < offered).
+            while next < end && tokio::time::Instant::now() < end {
                 tokio::time::sleep_until(next).await;
                 let order = format!("S{run}-{w}-{k}");
                 let event = format!("{order}#1");
@@ -274,7 +276,7 @@ pub async fn run(args: OutboxArgs) -> Result<OutboxResult> {
     for w in writers {
         w.await??;
     }
-    let duration_s = (tokio::time::Instant::now().max(end) - t0).as_secs_f64();
+    let duration_s = args.duration.as_secs_f64();
     let rows = inserted.load(Ordering::Relaxed);
     let started = Instant::now();
     drain(&store, &handles).await?;
