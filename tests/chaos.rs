@@ -668,7 +668,7 @@ fn run_chaos(variant: &Variant) {
     let mut driver = Guarded::new(
         Command::new(&bin)
             .current_dir(&root)
-            .args(["demo", "--external-workers", "--topology"])
+            .args(["demo", "--external-workers", "--direct", "--topology"])
             .arg(&topology)
             .args(["--bootstrap", &broker.bootstrap])
             .args(["--orders", &variant.orders.to_string(), "--stock-scale", "0.07", "--ttl", TTL, "--settle-timeout", "240s"])

@@ -134,7 +134,7 @@ impl Ctx {
         let child = Command::new(&self.bin)
             .envs(self.env.iter().copied())
             .current_dir(&self.root)
-            .args(["demo", "--external-workers", "--topology"])
+            .args(["demo", "--external-workers", "--direct", "--topology"])
             .arg(&self.topology)
             .args(["--bootstrap", &self.bootstrap])
             .args(["--orders", &orders.to_string(), "--stock-scale", "0.07", "--ttl", self.ttl, "--settle-timeout", "120s"])

@@ -116,7 +116,7 @@ fn payments_at_the_ttl_boundary_are_each_sold_or_refunded_exactly_once() {
     let mut demo = common::Guarded::new(
         Command::new(common::orderflow_bin())
             .current_dir(common::repo_root())
-            .args(["demo", "--topology", "topology.toml", "--external-workers", "--orders", &RACE_ORDERS.to_string()])
+            .args(["demo", "--topology", "topology.toml", "--external-workers", "--direct", "--orders", &RACE_ORDERS.to_string()])
             .args(["--hot-orders", &HOT_ORDERS.to_string()])
             .args(["--stock-scale", "0.06", "--ttl", "4s", "--pay-at-expiry", "1500ms", "--rate", "40"])
             .args(["--complete-pct", "85", "--payment-fail-pct", "0", "--settle-timeout", "120s"])

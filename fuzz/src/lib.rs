@@ -261,7 +261,8 @@ impl Fuzz {
                 return Err(format!("no topic of {} carries {name} alone", path.display()));
             }
         }
-        for (name, spec) in &topology.workers {
+        // Source kinds (the outbox relay) run no processor: nothing to fuzz there.
+        for (name, spec) in topology.workers.iter().filter(|(_, w)| !w.is_source()) {
             if build_processor(spec).is_none() {
                 return Err(format!("worker {name}: unknown kind {}", spec.kind));
             }
@@ -375,6 +376,7 @@ impl Fuzz {
         self.topology
             .workers
             .iter()
+            .filter(|(_, spec)| !spec.is_source())
             .map(|(name, spec)| {
                 let (processor, ports) = build_processor(spec).expect("kinds checked by load");
                 Stage {

@@ -132,11 +132,11 @@ impl Relay {
         };
         let limits = match limits::lookup(&setup.broker, std::slice::from_ref(&setup.topic)).await {
             Ok(l) => l,
-            Err(e @ limits::LimitError::Describe { .. }) => {
+            Err(e @ limits::LimitError::Producer { .. }) => return Err(e.into()),
+            Err(e) => {
                 warn!(worker = %setup.name, error = %e, "topic size limit unknown; checking against the producer's message.max.bytes only");
                 Limits::producer_only(&setup.broker)?
             }
-            Err(e) => return Err(e.into()),
         };
         setup.metrics.guarantee.with_label_values(&[&setup.name, setup.guarantee.as_str()]).set(1);
         info!(worker = %setup.name, topic = %setup.topic, database = ?store.dialect(), guarantee = setup.guarantee.as_str(),
