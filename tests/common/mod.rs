@@ -530,8 +530,15 @@ pub fn assert_summary_invariants(s: &Value, expected: u64) {
         assert_eq!(seed["pass"], true, "{seed}");
     }
     let raw = &s["events_per_topic"];
-    // Only the driver produces order.created (once, idempotently): the raw count is exact.
-    assert_eq!(raw["order.created"], expected, "order.created records: {raw}");
+    // order.created comes from the order service through the outbox relay (or the driver with
+    // --direct): every order's event at least once. The offsets also hold the relay's transaction
+    // markers under exactly_once, and a republished batch repeats eventIds, so the exact check is
+    // on distinct eventIds where the observer read the topic.
+    let created = raw["order.created"].as_i64().expect("order.created count");
+    assert!(created >= expected as i64, "order.created records: {raw}");
+    if let Some(distinct) = s["distinct_events_per_topic"].get("order.created") {
+        assert_eq!(*distinct, expected, "distinct order.created eventIds: {}", s["distinct_events_per_topic"]);
+    }
     for (topic, n) in raw.as_object().expect("events_per_topic") {
         if topic.ends_with(".dlq") {
             assert_eq!(n, 0, "{topic} holds records");
