@@ -24,7 +24,7 @@ use orderflow_runtime::codec::Codec;
 use orderflow_runtime::kafka::create_topics;
 use orderflow_runtime::metrics::Metrics;
 use orderflow_runtime::worker::now_ms;
-use outbox_relay::{Dialect, OutboxStore, Relay, RelaySetup};
+use outbox_relay::{Dialect, OutboxStore, Relay};
 use serde::Serialize;
 use sqlx::Row as _;
 use tokio::sync::watch;
@@ -165,20 +165,27 @@ pub async fn run(args: OutboxArgs) -> Result<OutboxResult> {
     let spec = t.workers.get(RELAY).with_context(|| format!("worker {RELAY} is not in the topology"))?;
     let mut config = orderflow_kinds::relay_config(spec).with_context(|| format!("worker {RELAY}: not an outbox-relay or bad settings"))?;
     config.database_url = args.database_url.clone();
-    let topic = spec.outputs.get("out").with_context(|| format!("worker {RELAY}: output port `out` is not wired"))?.clone();
-    let key_field = t.topics.get(&topic).map(|s| s.key.clone()).filter(|k| !k.contains(':'));
     let guarantee = spec.guarantee(&t.defaults);
     create_topics(t).await.context("creating topics")?;
     let codec = Arc::new(Codec::load(&loaded.avro_dir(), t.broker.registry_url.as_deref())?);
     let metrics = Metrics::new();
+    let run = now_ms();
+    // The relays as `orderflow run` sets them up (topic of the `out` port, its key field, group).
+    let setups = (0..args.relays)
+        .map(|i| {
+            let ready = Arc::new(AtomicBool::new(false));
+            crate::run::relay_setup(&loaded, RELAY, config.clone(), &format!("bench-{run}-{i}"), codec.clone(), metrics.clone(), ready)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let topic = setups[0].topic.clone();
 
-    let store = OutboxStore::connect(&args.database_url, args.writers as u32 + 2, Duration::from_secs(30)).await?;
+    // The database the relays use (`relay_setup` resolved it as the relay does).
+    let store = OutboxStore::connect(&setups[0].config.database_url, args.writers as u32 + 2, Duration::from_secs(30)).await?;
     store.migrate().await?;
     let dialect = store.dialect();
     sqlx::query("DELETE FROM outbox").execute(store.pool()).await?;
     let version_sql = if dialect == Dialect::Sqlite { "SELECT sqlite_version()" } else { "SELECT version()" };
     let database_version: String = sqlx::query(version_sql).fetch_one(store.pool()).await?.try_get(0)?;
-    let run = now_ms();
     info!(database = database_name(dialect), version = %database_version, "outbox emptied");
 
     // ---- phase 1: throughput over a backlog
@@ -190,21 +197,7 @@ pub async fn run(args: OutboxArgs) -> Result<OutboxResult> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let started = Instant::now();
     let mut relays = Vec::new();
-    for i in 0..args.relays {
-        let setup = RelaySetup {
-            name: RELAY.to_string(),
-            topic: topic.clone(),
-            key_field: key_field.clone(),
-            config: config.clone(),
-            broker: t.broker.clone(),
-            guarantee,
-            group: spec.group_id(RELAY),
-            instance: format!("bench-{run}-{i}"),
-            codec: codec.clone(),
-            metrics: metrics.clone(),
-            record_headers: t.defaults.record_headers,
-            ready: Arc::new(AtomicBool::new(false)),
-        };
+    for setup in setups {
         let mut rx = stop_rx.clone();
         let relay = Relay::start(setup, &mut rx).await?.context("relay stopped while starting")?;
         relays.push(relay);

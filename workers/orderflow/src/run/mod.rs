@@ -100,7 +100,7 @@ pub async fn spawn_workers(
 /// the topology's broker, guarantee and record headers.
 ///
 /// Errors: the `out` port is not wired.
-fn relay_setup(
+pub(crate) fn relay_setup(
     loaded: &Loaded,
     name: &str,
     config: outbox_relay::Config,
