@@ -349,8 +349,15 @@ fn scenario(kind: DbKind) {
     let duplicates = records.len() - seen.len();
 
     // Downstream after deduplication: each eventId exactly once.
-    let deduped = wait_until("the deduplicator's output complete", Duration::from_secs(120), &mut [&mut d], || {
+    // As above for the deduplicator's own transactions (one may straddle the broker outage).
+    let (mut last_count, mut open) = (0, Vec::new());
+    let deduped = wait_until("the deduplicator's output complete", Duration::from_secs(240), &mut [&mut d], || {
+        open = common::unstable_partitions(&k.broker, "order.created.repartition", PARTITIONS);
         let r = read(&k, "order.created.repartition");
+        if r.len() != last_count {
+            println!("{}: deduplicated {} of {} (open transactions: {open:?})", kind.as_str(), r.len(), expected.len());
+            last_count = r.len();
+        }
         (r.len() >= expected.len()).then_some(r)
     });
     let mut counts: HashMap<&str, usize> = HashMap::new();
