@@ -15,7 +15,7 @@ use futures::future::join_all;
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::commit::OutRecord;
 use orderflow_runtime::headers::output_headers;
-use orderflow_runtime::kafka::{client_config, future_record, Side};
+use orderflow_runtime::kafka::{await_acks, client_config, future_record, Side};
 use orderflow_runtime::limits::{self, Limits};
 use orderflow_runtime::metrics::Metrics;
 use orderflow_runtime::topology::{BrokerConfig, Guarantee};
@@ -70,8 +70,6 @@ pub enum RelayError {
 
 /// How long to wait after a database or broker outage before trying again.
 const OUTAGE_BACKOFF: Duration = Duration::from_secs(1);
-/// A batch unacknowledged this long is logged and the relay reports not-ready.
-const ACK_STALL: Duration = Duration::from_secs(5);
 /// How often the pending / quarantined gauges are refreshed.
 const STATS_EVERY: Duration = Duration::from_secs(2);
 /// How often completed rows past their retention are purged, and how many at a time.
@@ -244,7 +242,15 @@ impl Relay {
             }
         }
         let sends = records.iter().map(|(_, r)| self.producer.send(future_record(r), Timeout::Never));
-        let acks = self.acknowledged(join_all(sends)).await;
+        // Past ACK_STALL the relay reports not-ready: the batch's transaction stays open meanwhile
+        // and holds back read_committed readers of the partitions it wrote to.
+        let ready = &s.ready;
+        let acks = await_acks(&s.name, "batch", join_all(sends), |stalled| {
+            if stalled {
+                ready.store(false, Ordering::Relaxed);
+            }
+        })
+        .await;
         let mut delivered = Vec::new();
         for ((i, _), ack) in records.iter().zip(acks) {
             match ack {
@@ -276,31 +282,6 @@ impl Relay {
         }
         out.published = delivered;
         Ok(out)
-    }
-
-    /// Awaits a batch's acknowledgements; past [`ACK_STALL`] logs once and reports not-ready
-    /// (librdkafka keeps retrying until `message.timeout.ms`; the batch's transaction stays open
-    /// meanwhile and holds back `read_committed` readers of the partitions it wrote to).
-    async fn acknowledged<T>(&self, acks: impl std::future::Future<Output = T>) -> T {
-        let s = &self.setup;
-        let started = Instant::now();
-        tokio::pin!(acks);
-        let mut stalled = false;
-        loop {
-            tokio::select! {
-                out = &mut acks => {
-                    if stalled {
-                        info!(worker = %s.name, waited_s = started.elapsed().as_secs_f64(), "broker acknowledged the batch; ready");
-                    }
-                    return out;
-                }
-                _ = tokio::time::sleep(ACK_STALL), if !stalled => {
-                    stalled = true;
-                    s.ready.store(false, Ordering::Relaxed);
-                    warn!(worker = %s.name, "no acknowledgement from the broker for {} s; not ready, still waiting", ACK_STALL.as_secs());
-                }
-            }
-        }
     }
 
     /// A failed transactional step: fatal stops the relay; otherwise the batch is an outage

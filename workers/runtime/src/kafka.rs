@@ -9,6 +9,36 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::topology::{BrokerConfig, GroupProtocol, Topology};
 
+/// How long produced records may wait for the broker's acknowledgements before their producer
+/// reports not-ready (it keeps waiting: librdkafka retries until `message.timeout.ms`).
+pub const ACK_STALL: Duration = Duration::from_secs(5);
+
+/// Awaits `acks` (the delivery futures of one unit or batch, `what` in the log lines). Past
+/// [`ACK_STALL`] it logs once and calls `report(true)` (the caller reports not-ready); when the
+/// acknowledgements arrive it logs how long a stalled wait took and calls `report(false)`.
+/// Used by the workers' commit and the outbox relay: one rule for both.
+pub async fn await_acks<F: std::future::Future>(worker: &str, what: &str, acks: F, mut report: impl FnMut(bool)) -> F::Output {
+    tokio::pin!(acks);
+    let started = std::time::Instant::now();
+    let mut stalled = false;
+    loop {
+        tokio::select! {
+            out = &mut acks => {
+                if stalled {
+                    tracing::info!(%worker, waited_s = started.elapsed().as_secs_f64(), "broker acknowledged the {what}; ready");
+                }
+                report(false);
+                return out;
+            }
+            _ = tokio::time::sleep(ACK_STALL), if !stalled => {
+                stalled = true;
+                tracing::warn!(%worker, "no acknowledgement from the broker for {} s; not ready, still waiting", ACK_STALL.as_secs());
+                report(true);
+            }
+        }
+    }
+}
+
 /// Which side of a worker a client is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {

@@ -20,7 +20,7 @@ use crate::stall::{self, StallWatch};
 
 /// Readiness of one worker instance as `/readyz` reports it: its partitions restored, the broker
 /// reachable (librdkafka statistics and error callbacks) and the last unit's outputs not stuck
-/// waiting for acknowledgements (`ACK_STALL`).
+/// waiting for acknowledgements (`crate::kafka::ACK_STALL`).
 pub(super) struct Health {
     pub(super) restored: AtomicBool,
     pub(super) broker_up: AtomicBool,

@@ -4,7 +4,6 @@
 //! of a rejected input.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use orderflow_api::Changes;
@@ -14,7 +13,7 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::context::{Health, WorkerContext};
 use crate::commit::{Broker, LocalState, Offsets, OutRecord};
@@ -23,10 +22,6 @@ use crate::limits::Limits;
 use crate::step::Rejection;
 use crate::store::{Shard, Store, StoreError};
 use crate::txn::{TxnError, TxnErrorClass, TxnProducer};
-
-/// How long a unit may wait for the broker's acknowledgements before the instance reports
-/// not-ready (it keeps waiting: librdkafka retries until `message.timeout.ms`).
-const ACK_STALL: Duration = Duration::from_secs(5);
 
 /// The instance's clients, as one unit's commit uses them.
 pub(super) struct KafkaBroker<'a> {
@@ -44,7 +39,8 @@ impl Broker for KafkaBroker<'_> {
             let record = crate::kafka::future_record(r);
             self.producer.send(record, Timeout::Never)
         });
-        let acks = await_acks(self.health, self.worker, join_all(sends)).await;
+        let health = self.health;
+        let acks = crate::kafka::await_acks(self.worker, "unit", join_all(sends), |stalled| health.set(&health.unacked, stalled)).await;
         acks.into_iter().map(|a| a.map(|d| d.offset).map_err(|(e, _)| e)).collect()
     }
 
@@ -86,30 +82,6 @@ fn offset_list(offsets: &Offsets) -> Result<TopicPartitionList, KafkaError> {
         }
     }
     Ok(tpl)
-}
-
-/// Awaits a unit's acknowledgements; while they take longer than [`ACK_STALL`] the instance
-/// reports not-ready (librdkafka keeps retrying until `message.timeout.ms`).
-async fn await_acks<F: std::future::Future>(health: &Health, worker: &str, acks: F) -> F::Output {
-    tokio::pin!(acks);
-    let started = Instant::now();
-    let mut stalled = false;
-    loop {
-        tokio::select! {
-            out = &mut acks => {
-                if stalled {
-                    info!(%worker, waited_s = started.elapsed().as_secs_f64(), "broker acknowledged the unit; ready");
-                }
-                health.set(&health.unacked, false);
-                return out;
-            }
-            _ = tokio::time::sleep(ACK_STALL), if !stalled => {
-                stalled = true;
-                warn!(%worker, "no acknowledgement from the broker for {} s; not ready, still waiting", ACK_STALL.as_secs());
-                health.set(&health.unacked, true);
-            }
-        }
-    }
 }
 
 /// One unit's staged state over the instance's sled store.
