@@ -128,6 +128,9 @@ fn redrive_after_fixing_the_cause_is_processed_once() {
         adjustment_type: change_reason::RESTOCK.into(),
         reference_id: "dlq-test".into(),
         items: vec![AdjustedItem { product_id: PRODUCT.into(), delta: RESTOCK }],
+        to_store_id: None,
+        reason: None,
+        operator: None,
     };
     k.produce("inventory.adjusted", &store_key(HQ, STORE), &restock.into());
     // Inputs of different topics are not ordered: the order waits until the stock is there.

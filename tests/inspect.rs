@@ -53,8 +53,9 @@ const HASH_ORDERS: usize = 12;
 const PARTITIONS: i32 = 6;
 /// How long each step may take to show its effect.
 const STEP: Duration = Duration::from_secs(90);
-/// Every event schema of the saga.
-const SCHEMAS: [&str; 11] = [
+/// Every event schema of the saga (the short order's HQ fallback request and the stores' ledger
+/// entries on `stock.commands` included, issue 16).
+const SCHEMAS: [&str; 13] = [
     "OrderCreated",
     "StockReserved",
     "StockReservationFailed",
@@ -66,6 +67,8 @@ const SCHEMAS: [&str; 11] = [
     "StockReservationReleased",
     "InventoryAdjusted",
     "OrderSettled",
+    "StockAllocation",
+    "StockLedgerEntry",
 ];
 
 // ------------------------------------------------------------------------------------------
@@ -185,6 +188,9 @@ fn tap_and_trace_show_the_saga() {
         adjustment_type: change_reason::RESTOCK.into(),
         reference_id: "inspect-test".into(),
         items: vec![AdjustedItem { product_id: P1.into(), delta: 10 }, AdjustedItem { product_id: P2.into(), delta: 1 }],
+        to_store_id: None,
+        reason: None,
+        operator: None,
     };
     k.produce("inventory.adjusted", &store_key(HQ, STORE), &restock.into(), &[("origin", "inspect-test")]);
     wait_for("the restock (stock.updated RESTOCK of both products)", &log, &mut workers, STEP, fast * 3, || {
@@ -289,7 +295,12 @@ fn tap_and_trace_show_the_saga() {
             let expected = match spec.key.as_str() {
                 "orderId" => v["orderId"].as_str().map(str::to_string),
                 "productId" => v["productId"].as_str().map(str::to_string),
-                "hqId:storeId" => Some(format!("{}:{}", v["hqId"].as_str().unwrap(), v["storeId"].as_str().unwrap())),
+                // On stock.commands the stock hierarchy's records go to the shard that handles
+                // them (`hqId:` for the HQ's ledger, issue 16): the event's command key.
+                "hqId:storeId" => {
+                    let e = Event::from_json(event, v.clone()).unwrap_or_else(|err| panic!("{err}: {l}"));
+                    Some(if topic == "stock.commands" { e.command_key() } else { e.store_key() })
+                }
                 other => panic!("unexpected key {other}"),
             };
             assert_eq!(Some(key), expected, "{topic}: {l}");
@@ -429,8 +440,9 @@ fn tap_and_trace_show_the_saga() {
             ("StockReserved", "ORDER_CREATED"),
             ("OrderConfirmed", "ORDER_CONFIRMED/PAYMENT_WAIT"),
             ("OrderCompleted", "ORDER_COMPLETED"),
-            ("StockUpdated", "ORDER_COMPLETED"),
+            // The SALE row comes from the HQ's ledger, one hop after the settlement (issue 16).
             ("OrderSettled", "ORDER_COMPLETED"),
+            ("StockUpdated", "ORDER_COMPLETED"),
         ]),
         "{done:#}"
     );
@@ -467,6 +479,8 @@ fn tap_and_trace_show_the_saga() {
         story(&short),
         pairs(&[
             ("OrderCreated", "ORDER_CREATED"),
+            // Short at the store: the HQ fallback's answer (a deny: this HQ holds no stock).
+            ("StockAllocation", "ORDER_CREATED"),
             ("StockReservationFailed", "ORDER_CREATED"),
             ("OrderCancelled", "ORDER_CANCELLED(INSUFFICIENT_STOCK)"),
         ]),

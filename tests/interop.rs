@@ -493,6 +493,9 @@ fn restock() -> Event {
         adjustment_type: "RESTOCK".into(),
         reference_id: "ref-restock-i14".into(),
         items: vec![AdjustedItem { product_id: PRODUCT.into(), delta: RESTOCK_UNITS }],
+        to_store_id: None,
+        reason: None,
+        operator: None,
     }
     .into()
 }

@@ -185,6 +185,9 @@ fn restock(units: i64) -> Event {
         adjustment_type: "RESTOCK".into(),
         reference_id: "ref-restock-p19".into(),
         items: vec![AdjustedItem { product_id: PRODUCT.into(), delta: units }],
+        to_store_id: None,
+        reason: None,
+        operator: None,
     }
     .into()
 }

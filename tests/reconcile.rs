@@ -82,6 +82,9 @@ fn a_corrupted_stock_figure_is_found_by_the_reconciliation_and_a_healthy_run_sho
         adjustment_type: change_reason::RESTOCK.into(),
         reference_id: "recon".into(),
         items: PRODUCTS.iter().map(|p| AdjustedItem { product_id: (*p).into(), delta: 20 }).collect(),
+        to_store_id: None,
+        reason: None,
+        operator: None,
     };
     produce(&k, "inventory.adjusted", &store_key(HQ, STORE), restock.into());
     for n in 0..10 {

@@ -135,6 +135,9 @@ fn adjusted(id: &str, t: i64) -> Event {
         adjustment_type: change_reason::RESTOCK.into(),
         reference_id: id.into(),
         items: vec![AdjustedItem { product_id: "P-R".into(), delta: 1 }],
+        to_store_id: None,
+        reason: None,
+        operator: None,
     }
     .into()
 }
@@ -291,6 +294,9 @@ fn replay_of_the_stock_reservers_live_input_is_absorbed() {
         adjustment_type: change_reason::RESTOCK.into(),
         reference_id: "replay-test".into(),
         items: vec![AdjustedItem { product_id: PRODUCT.into(), delta: 10 }],
+        to_store_id: None,
+        reason: None,
+        operator: None,
     };
     k.produce("inventory.adjusted", &store_key(HQ, STORE), &restock.into(), &[], None);
     wait_for("the restock (stock.updated RESTOCK)", &log, &mut workers, STEP, POLL, || {

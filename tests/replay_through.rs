@@ -260,9 +260,14 @@ fn replayed_stock_commands_match_what_the_reserver_emitted() {
     println!("dry-run line: {}", serde_json::to_string(r).unwrap());
 
     // 4. From the middle of the store's partition: the shadow state from the changelog.
-    let records = k.read_all("stock.commands");
-    let partition = records[0].partition;
-    assert!(records.iter().all(|r| r.partition == partition), "one store, one partition");
+    // The store's partition (the HQ's ledger entries, key `hqId:`, are on another: issue 16).
+    let all = k.read_all("stock.commands");
+    let partition = all.iter().find(|r| matches!(&r.event, Some(Event::OrderCreated(_)))).expect("an order").partition;
+    let records: Vec<_> = all.into_iter().filter(|r| r.partition == partition).collect();
+    assert!(
+        records.iter().all(|r| !matches!(&r.event, Some(Event::StockLedgerEntry(_)))),
+        "the HQ's records are not on the store's partition here"
+    );
     let mid = records.iter().map(|r| r.offset).max().unwrap() / 2;
     let (p, m) = (partition.to_string(), mid.to_string());
     let file = run_dir.path().join("mid.json");
@@ -281,6 +286,9 @@ fn replayed_stock_commands_match_what_the_reserver_emitted() {
     let d = &s["diff"];
     assert!(n(&s["outputs"]) > 0, "{s}");
     assert_eq!((n(&d["same"]), n(&d["changed"]), n(&d["missing"]), n(&d["extra"])), (n(&s["outputs"]), 0, 0, 0), "{d}");
+    // The HQ's stock.updated rows of this partition's sales come one hop later, from the HQ's
+    // partition, which this replay did not cover: counted apart, not as extra.
+    println!("one partition: beyond {}", d["beyond"]);
 
     // 5. A worker that does not read the topic.
     let o = cli(b, "replay", &["stock.commands", "--from-offset", "0", "--through", "deduplicator", "--diff"]);

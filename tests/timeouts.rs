@@ -228,6 +228,9 @@ impl Client {
             adjustment_type: "RESTOCK".into(),
             reference_id: format!("ref-{id}"),
             items: vec![AdjustedItem { product_id: PRODUCT.into(), delta: units }],
+            to_store_id: None,
+            reason: None,
+            operator: None,
         };
         self.send("inventory.adjusted", &format!("{HQ}:{STORE}"), ev.into());
     }

@@ -77,6 +77,30 @@ fn every_event() -> Vec<Event> {
             ..fixtures::order_settled("seed-settled", "O-1", settlement::SOLD, T + 2_000)
         }
         .into(),
+        StockAllocation {
+            event_id: "seed-allocation".into(),
+            occurred_at: T,
+            hq_id: fixtures::HQ.into(),
+            store_id: String::new(),
+            from_store_id: fixtures::STORE.into(),
+            step: allocation_step::FALLBACK_REQUEST.into(),
+            reference_id: reservation.clone(),
+            order_id: Some("O-1".into()),
+            cause_event_id: "seed-created".into(),
+            items: vec![AllocationItem { product_id: "P-001".into(), quantity: 2 }],
+        }
+        .into(),
+        StockLedgerEntry {
+            event_id: "seed-ledger".into(),
+            occurred_at: T,
+            hq_id: fixtures::HQ.into(),
+            store_id: fixtures::STORE.into(),
+            change_reason: change_reason::SALE.into(),
+            reference_id: "O-1".into(),
+            cause_event_id: "seed-completed".into(),
+            lines: vec![LedgerLine { product_id: "P-001".into(), store_previous: 10, store_current: 8, in_transit: 0, unallocated: 0 }],
+        }
+        .into(),
     ]
 }
 

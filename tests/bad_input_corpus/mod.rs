@@ -619,6 +619,9 @@ pub fn generate(codec: &Codec) -> Vec<Case> {
         adjustment_type: change_reason::RESTOCK.into(),
         reference_id: "restock-mis-wrong-key".into(),
         items: vec![AdjustedItem { product_id: ADJUSTED_PRODUCT.into(), delta: ADJUSTED_DELTA }],
+        to_store_id: None,
+        reason: None,
+        operator: None,
     };
     add(
         "inventory-adjusted-wrong-key",

@@ -526,6 +526,23 @@ pub fn assert_summary_invariants(s: &Value, expected: u64) {
     for st in s["stores"].as_array().expect("stores") {
         assert_eq!(st["conserved"], true, "{st}");
     }
+    // Issue 16 (seed 004): per HQ and product, total = unallocated + Σ stores' on hand (nothing
+    // in transit at rest) = initial − sold, never negative.
+    let hqs = s["hqs"].as_array().expect("hqs");
+    assert!(!hqs.is_empty(), "the summary names no HQ");
+    for hq in hqs {
+        assert_eq!(hq["holds"], true, "HQ invariant: {hq}");
+        assert_eq!(hq["in_transit"], 0, "units in transit at rest: {hq}");
+        assert_eq!(hq["total"], hq["unallocated"].as_i64().unwrap() + hq["at_stores"].as_i64().unwrap(), "HQ total: {hq}");
+    }
+    // Every HQ fallback request read on the reserver's commands topic got one answer.
+    let step = |k: &str| s["hq_fallbacks"][k].as_u64().unwrap_or(0);
+    assert_eq!(
+        step("FALLBACK_GRANT") + step("FALLBACK_DENY"),
+        step("FALLBACK_REQUEST"),
+        "one grant or denial per HQ fallback request: {}",
+        s["hq_fallbacks"]
+    );
     for seed in s["seed_scenarios"].as_array().expect("seed_scenarios") {
         assert_eq!(seed["pass"], true, "{seed}");
     }

@@ -76,12 +76,51 @@ pub mod release_reason {
     pub const UNSOLD: &str = "UNSOLD";
 }
 
-/// `changeReason` values of `stock.updated` (seed 004).
+/// `changeReason` values of `stock.updated` (seed 004, issue 16).
 pub mod change_reason {
+    /// A payment deducted sold units from a store (and so from its HQ's total).
     pub const SALE: &str = "SALE";
+    /// New units arrived at the HQ (or through it straight at a store).
     pub const RESTOCK: &str = "RESTOCK";
+    /// HQ unallocated units moved to a store (HQ total unchanged).
     pub const DISTRIBUTION: &str = "DISTRIBUTION";
+    /// Units moved between two stores of one HQ (HQ total unchanged).
+    pub const TRANSFER: &str = "TRANSFER";
+    /// An audited signed correction of the HQ's or a store's figure.
     pub const CORRECTION: &str = "CORRECTION";
+    /// HQ units allocated to a short store to serve an order (HQ fallback, seed 004).
+    pub const HQ_FALLBACK: &str = "HQ_FALLBACK";
+    /// Units an HQ fallback allocated, given back to the HQ when the order released them.
+    pub const HQ_RETURN: &str = "HQ_RETURN";
+}
+
+/// `adjustmentType` values of `inventory.adjusted` (seed 004, issue 16); see the schema's doc.
+pub mod adjustment_type {
+    /// Units arrive at the HQ (`storeId` empty) or through it at a store.
+    pub const RESTOCK: &str = "RESTOCK";
+    /// HQ unallocated → store `storeId`.
+    pub const DISTRIBUTION: &str = "DISTRIBUTION";
+    /// Store `storeId` → store `toStoreId` of the same HQ.
+    pub const TRANSFER: &str = "TRANSFER";
+    /// Signed correction of the HQ's (`storeId` empty) or a store's figure, with a reason.
+    pub const CORRECTION: &str = "CORRECTION";
+    /// Every type, in the order above.
+    pub const ALL: &[&str] = &[RESTOCK, DISTRIBUTION, TRANSFER, CORRECTION];
+}
+
+/// `step` values of `StockAllocation` (issue 16): the stock hierarchy protocol between the HQ's
+/// and the stores' state shards.
+pub mod allocation_step {
+    /// Store → HQ: the units an order is short at the store.
+    pub const FALLBACK_REQUEST: &str = "FALLBACK_REQUEST";
+    /// HQ → store: the short units, taken from the HQ's unallocated stock (now in transit).
+    pub const FALLBACK_GRANT: &str = "FALLBACK_GRANT";
+    /// HQ → store: not enough at the HQ; `items` carry what the HQ had.
+    pub const FALLBACK_DENY: &str = "FALLBACK_DENY";
+    /// HQ → store: distributed units (debited at the HQ) to credit.
+    pub const DISTRIBUTION: &str = "DISTRIBUTION";
+    /// Store → store: transferred units (debited at `fromStoreId`) to credit.
+    pub const TRANSFER: &str = "TRANSFER";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,17 +341,82 @@ pub struct AdjustedItem {
     pub delta: i64,
 }
 
-/// `inventory.adjusted` (key `hqId:storeId`).
+/// `inventory.adjusted` (key `hqId:storeId`, `hqId:` for the HQ's own stock): an admin stock
+/// movement, see [`adjustment_type`] and the schema's doc.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InventoryAdjusted {
     pub event_id: String,
     pub occurred_at: i64,
     pub hq_id: String,
+    /// Empty for the HQ's own (unallocated) stock.
     pub store_id: String,
     pub adjustment_type: String,
     pub reference_id: String,
     pub items: Vec<AdjustedItem>,
+    /// `TRANSFER` only: the receiving store.
+    #[serde(default)]
+    pub to_store_id: Option<String>,
+    /// Why (required for `CORRECTION`).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Who issued it (audit).
+    #[serde(default)]
+    pub operator: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AllocationItem {
+    pub product_id: String,
+    pub quantity: i64,
+}
+
+/// `StockAllocation` on `stock.commands` (key `hqId:storeId` of the receiver): one step of the
+/// stock hierarchy protocol (issue 16), see [`allocation_step`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StockAllocation {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub hq_id: String,
+    /// Receiving store; empty for the HQ.
+    pub store_id: String,
+    /// Sending store; empty for the HQ.
+    pub from_store_id: String,
+    pub step: String,
+    pub reference_id: String,
+    #[serde(default)]
+    pub order_id: Option<String>,
+    pub cause_event_id: String,
+    pub items: Vec<AllocationItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerLine {
+    pub product_id: String,
+    pub store_previous: i64,
+    pub store_current: i64,
+    /// Change of the HQ's units in transit.
+    pub in_transit: i64,
+    /// Change of the HQ's unallocated units.
+    pub unallocated: i64,
+}
+
+/// `StockLedgerEntry` on `stock.commands` (key `hqId:`): a store's on-hand change reported to
+/// its HQ's ledger (issue 16), which publishes `stock.updated`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StockLedgerEntry {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub hq_id: String,
+    pub store_id: String,
+    pub change_reason: String,
+    pub reference_id: String,
+    pub cause_event_id: String,
+    pub lines: Vec<LedgerLine>,
 }
 
 macro_rules! events {
@@ -368,6 +472,8 @@ events!(
     StockReservationReleased,
     InventoryAdjusted,
     OrderSettled,
+    StockAllocation,
+    StockLedgerEntry,
 );
 
 impl Event {
@@ -385,10 +491,13 @@ impl Event {
             Event::StockUpdated(e) => Some(e.reference_id.as_str()).filter(|_| e.change_reason == change_reason::SALE),
             Event::InventoryAdjusted(_) => None,
             Event::OrderSettled(e) => Some(&e.order_id),
+            Event::StockAllocation(e) => e.order_id.as_deref(),
+            Event::StockLedgerEntry(_) => None,
         }
     }
 
-    /// `(hqId, storeId)` of the store whose stock this event touches.
+    /// `(hqId, storeId)` of the store whose stock this event touches; `storeId` is empty when it
+    /// is the HQ's own stock (an HQ-level movement, a ledger entry, a fallback request).
     pub fn store(&self) -> (&str, &str) {
         match self {
             Event::OrderCreated(e) => (&e.hq_id, &e.store_id),
@@ -402,6 +511,18 @@ impl Event {
             Event::StockReservationReleased(e) => (&e.hq_id, &e.store_id),
             Event::InventoryAdjusted(e) => (&e.hq_id, &e.store_id),
             Event::OrderSettled(e) => (&e.hq_id, &e.store_id),
+            Event::StockAllocation(e) => (&e.hq_id, &e.store_id),
+            Event::StockLedgerEntry(e) => (&e.hq_id, ""),
+        }
+    }
+
+    /// The `stock.commands` key this event is processed under (issue 16): the store's
+    /// `hqId:storeId`, or `hqId:` (the HQ's own shard) for a `DISTRIBUTION` (debited at the HQ
+    /// first), an HQ-level movement and a ledger entry.
+    pub fn command_key(&self) -> String {
+        match self {
+            Event::InventoryAdjusted(e) if e.adjustment_type == adjustment_type::DISTRIBUTION => store_key(&e.hq_id, ""),
+            _ => self.store_key(),
         }
     }
 

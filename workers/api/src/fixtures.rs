@@ -159,5 +159,8 @@ pub fn inventory_adjusted(event_id: &str, occurred_at: i64, items: &[(&str, i64)
         adjustment_type: change_reason::RESTOCK.into(),
         reference_id: format!("ref-{event_id}"),
         items: items.iter().map(|&(p, delta)| AdjustedItem { product_id: p.into(), delta }).collect(),
+        to_store_id: None,
+        reason: None,
+        operator: None,
     }
 }

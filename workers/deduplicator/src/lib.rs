@@ -33,7 +33,7 @@ pub const PORTS: &[&str] = &[PORT_OUT, PORT_CREATED, PORT_CANCELLED];
 ///
 /// Forwarded: `OrderCreated`, `OrderCompleted`, `OrderCancelled`, `StockReservationExpired`,
 /// `InventoryAdjusted` — the same event, same `eventId`, on port [`PORT_OUT`] with key
-/// `hqId:storeId`; `OrderCreated` also on [`PORT_CREATED`] and `OrderCancelled` on
+/// `hqId:storeId` ([`Event::command_key`]: `hqId:` for a `DISTRIBUTION` or an HQ-level movement); `OrderCreated` also on [`PORT_CREATED`] and `OrderCancelled` on
 /// [`PORT_CANCELLED`], keyed `orderId`. Every other event type is ignored (no output).
 /// Stateless apart from the runtime's `eventId` dedupe record.
 #[derive(Debug, Default, Clone)]
@@ -75,14 +75,16 @@ impl Processor for Deduplicator {
             return Err(ProcessError::Invalid(format!("{} {}: empty orderId", event.schema_name(), event.event_id())));
         }
         let (hq, store) = event.store();
-        if hq.is_empty() || store.is_empty() {
+        // An admin movement of the HQ's own stock has no store (issue 16); everything else does.
+        let hq_level = matches!(event, Event::InventoryAdjusted(_));
+        if hq.is_empty() || (store.is_empty() && !hq_level) {
             return Err(ProcessError::Invalid(format!(
                 "{} {} has an empty hqId or storeId (hqId={hq:?}, storeId={store:?}); it cannot be routed to a store",
                 event.schema_name(),
                 event.event_id()
             )));
         }
-        out.emit(PORT_OUT, event.store_key(), event.clone())?;
+        out.emit(PORT_OUT, event.command_key(), event.clone())?;
         match event {
             Event::OrderCreated(e) => out.emit(PORT_CREATED, e.order_id.clone(), event.clone()),
             Event::OrderCancelled(e) => out.emit(PORT_CANCELLED, e.order_id.clone(), event.clone()),

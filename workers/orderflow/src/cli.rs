@@ -90,6 +90,9 @@ pub enum Command {
     /// The transactional outbox (seed 003): list rows (quarantined by default), show one, requeue
     /// quarantined rows once their cause is fixed.
     Outbox(outbox::OutboxArgs),
+    /// Admin stock movements (seed 004): restock, distribute (HQ → store), transfer (store →
+    /// store), correct; checked, then published to inventory.adjusted (--dry-run: printed only).
+    Inventory(crate::inventory::InventoryArgs),
     /// Throughput benchmarks against the local broker (raw baseline, one worker); one JSON
     /// object per scenario on stdout. `scripts/bench` runs them all.
     Bench(bench::BenchArgs),
@@ -138,6 +141,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Doctor(args) => doctor::run(args).await,
         Command::Schemas(args) => schemas::run(args).await,
         Command::Skip(args) => skip::run(args).await,
+        Command::Inventory(args) => crate::inventory::run(args).await,
         Command::Outbox(args) => outbox::run(args).await,
     }
 }

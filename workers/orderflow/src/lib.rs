@@ -28,6 +28,7 @@ pub mod demo;
 pub mod dlq;
 pub mod doctor;
 pub mod inspect;
+pub mod inventory;
 pub mod kafkaio;
 pub mod outbox;
 pub mod reconcile;

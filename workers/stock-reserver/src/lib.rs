@@ -42,14 +42,17 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use orderflow_api::events::{
-    cancel_reason, change_reason, failure_reason, release_reason, settlement, AdjustedItem, FailedItem, InventoryAdjusted, OrderCancelled,
-    OrderCompleted, OrderCreated, OrderSettled, ReleasedItem, ReservedItem, SettledItem, StockLevel, StockReservationExpired,
-    StockReservationFailed, StockReservationReleased, StockReserved, StockUpdated,
+    allocation_step, cancel_reason, change_reason, failure_reason, release_reason, settlement, FailedItem, OrderCancelled, OrderCompleted,
+    OrderCreated, OrderSettled, ReleasedItem, ReservedItem, SettledItem, StockAllocation, StockReservationExpired, StockReservationFailed,
+    StockReservationReleased, StockReserved,
 };
 use orderflow_api::{derive_event_id, Context, Event, Export, Outputs, ProcessError, Processor, StateTxn};
 use serde::{Deserialize, Serialize};
 
+pub mod hierarchy;
+pub mod movements;
 pub mod reconcile;
+pub use hierarchy::{hq_key, FallbackPolicy, HqOverride, HqStock, HQ_PREFIX};
 pub use reconcile::{reconcile, DEFAULT_RECONCILE_INTERVAL_MS, RECONCILE_TIMER};
 
 /// Its settings in `topology.toml` (the keys of its `[workers.<name>]` entry beyond the common
@@ -66,6 +69,10 @@ pub struct Config {
     /// reconciled ([`reconcile`]); default 1 minute, at least 1 s.
     #[serde(default = "default_reconcile_interval", with = "humantime_serde")]
     pub reconcile_interval: Duration,
+    /// `[hq_fallback]` (seed 004 "매장 재고 부족 시 HQ 재고 확인", issue 16): whether and how a
+    /// short store is served from its HQ's unallocated stock; see [`FallbackPolicy`].
+    #[serde(default)]
+    pub hq_fallback: FallbackPolicy,
 }
 
 fn default_reservation_ttl() -> Duration {
@@ -78,7 +85,11 @@ fn default_reconcile_interval() -> Duration {
 
 impl Default for Config {
     fn default() -> Config {
-        Config { reservation_ttl: default_reservation_ttl(), reconcile_interval: default_reconcile_interval() }
+        Config {
+            reservation_ttl: default_reservation_ttl(),
+            reconcile_interval: default_reconcile_interval(),
+            hq_fallback: FallbackPolicy::default(),
+        }
     }
 }
 
@@ -90,9 +101,10 @@ impl Config {
         orderflow_api::ReservationTtlConfig { reservation_ttl: self.reservation_ttl }.ttl_ms()
     }
 
-    /// Errors: a TTL under 1 ms or a reconcile interval under 1 s.
+    /// Errors: a TTL under 1 ms, a reconcile interval under 1 s, a negative fallback limit.
     pub fn validate(&self) -> Result<(), String> {
         self.ttl_ms()?;
+        self.hq_fallback.validate()?;
         if self.reconcile_interval < Duration::from_secs(1) {
             return Err(format!("reconcile_interval {} must be at least 1s", humantime::format_duration(self.reconcile_interval)));
         }
@@ -104,7 +116,9 @@ impl Config {
     /// Errors: as [`Config::validate`].
     pub fn processor(&self) -> Result<StockReserver, String> {
         self.validate()?;
-        Ok(StockReserver::new(self.ttl_ms()?).with_reconcile_interval(orderflow_api::millis(self.reconcile_interval)))
+        Ok(StockReserver::new(self.ttl_ms()?)
+            .with_reconcile_interval(orderflow_api::millis(self.reconcile_interval))
+            .with_fallback(self.hq_fallback.clone()))
     }
 }
 
@@ -118,9 +132,12 @@ pub const PORT_RELEASED: &str = "released";
 pub const PORT_UPDATED: &str = "updated";
 /// Port of `order.settled` (key orderId): the verdict on each payment (issue 13).
 pub const PORT_SETTLED: &str = "settled";
+/// Port of `stock.commands`, its own input (issue 16): the stock hierarchy's
+/// `StockAllocation` and `StockLedgerEntry` records between the HQ's and the stores' shards.
+pub const PORT_COMMANDS: &str = "commands";
 
 /// Output ports this worker emits on (wire every one in `topology.toml`).
-pub const PORTS: &[&str] = &[PORT_RESERVED, PORT_FAILED, PORT_RELEASED, PORT_UPDATED, PORT_SETTLED];
+pub const PORTS: &[&str] = &[PORT_RESERVED, PORT_FAILED, PORT_RELEASED, PORT_UPDATED, PORT_SETTLED, PORT_COMMANDS];
 
 /// Largest quantity one order line may ask for (units). A larger one fails the order with
 /// `INVALID_QUANTITY` (issue 4).
@@ -202,6 +219,10 @@ pub enum ReservationStatus {
     /// A payment came when nothing was held for the order and the store no longer had the units:
     /// settled `REFUND_REQUIRED` (issue 13). Final, holds nothing.
     Refunded,
+    /// The store was short and asked its HQ for the rest (issue 16): holds nothing until the
+    /// HQ's grant (→ `Live`, or `Failed` if the store's own part went meanwhile) or deny
+    /// (→ `Failed`).
+    AwaitingHq,
 }
 
 /// One reserved line: `quantity` units of `product_id` (an order names each product once:
@@ -234,6 +255,10 @@ pub struct Reservation {
     pub status: ReservationStatus,
     /// `order.created occurredAt + TTL`, ms since the epoch (0 for a tombstone).
     pub expires_at: i64,
+    /// Units of `items` that came (or are to come) from the HQ (issue 16 fallback); a release
+    /// gives exactly these back to the HQ first. Empty for a store-only reservation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_hq: Vec<ReservationItem>,
 }
 
 /// The stock reserver worker. See the crate docs for the rules.
@@ -241,6 +266,7 @@ pub struct Reservation {
 pub struct StockReserver {
     reservation_ttl_ms: i64,
     reconcile_interval_ms: i64,
+    fallback: FallbackPolicy,
 }
 
 impl StockReserver {
@@ -251,7 +277,7 @@ impl StockReserver {
     /// If `reservation_ttl_ms ≤ 0` (a configuration error).
     pub fn new(reservation_ttl_ms: i64) -> Self {
         assert!(reservation_ttl_ms > 0, "reservation TTL must be positive, got {reservation_ttl_ms} ms");
-        StockReserver { reservation_ttl_ms, reconcile_interval_ms: DEFAULT_RECONCILE_INTERVAL_MS }
+        StockReserver { reservation_ttl_ms, reconcile_interval_ms: DEFAULT_RECONCILE_INTERVAL_MS, fallback: FallbackPolicy::default() }
     }
 
     /// The same reserver reconciling each shard every `ms` ms (see [`reconcile`]).
@@ -264,70 +290,15 @@ impl StockReserver {
         self
     }
 
+    /// The same reserver with HQ fallback `policy` (issue 16; default: on, no limits).
+    pub fn with_fallback(mut self, policy: FallbackPolicy) -> Self {
+        self.fallback = policy;
+        self
+    }
+
     /// The configured reservation TTL, ms.
     pub fn reservation_ttl_ms(&self) -> i64 {
         self.reservation_ttl_ms
-    }
-
-    fn adjust(&self, e: &InventoryAdjusted, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
-        orderflow_api::require("InventoryAdjusted", &e.event_id, "hqId", &e.hq_id)?;
-        orderflow_api::require("InventoryAdjusted", &e.event_id, "storeId", &e.store_id)?;
-        if e.items.is_empty() {
-            return Err(invalid("InventoryAdjusted", &e.event_id, "has no items"));
-        }
-        // Repeated products are summed so each product gets one `stock.updated` (unique id).
-        let mut deltas: Vec<(String, i64)> = Vec::new();
-        for AdjustedItem { product_id, delta } in &e.items {
-            orderflow_api::require("InventoryAdjusted", &e.event_id, "productId", product_id)?;
-            match deltas.iter_mut().find(|(p, _)| p == product_id) {
-                Some((_, d)) => *d = d.checked_add(*delta).ok_or_else(|| invalid("InventoryAdjusted", &e.event_id, "delta overflows"))?,
-                None => deltas.push((product_id.clone(), *delta)),
-            }
-        }
-        // Check everything first: the whole adjustment applies or none of it does.
-        let mut changes = Vec::with_capacity(deltas.len());
-        for (product_id, delta) in deltas {
-            let key = stock_key(&e.hq_id, &e.store_id, &product_id);
-            let before = load_stock(state, &key)?;
-            let on_hand = before
-                .on_hand
-                .checked_add(delta)
-                .ok_or_else(|| invalid("InventoryAdjusted", &e.event_id, &format!("delta {delta} for {product_id} overflows")))?;
-            if on_hand < 0 || on_hand < before.reserved {
-                return Err(invalid(
-                    "InventoryAdjusted",
-                    &e.event_id,
-                    &format!(
-                        "delta {delta} for {product_id} would leave on hand {on_hand} below zero or below the {} reserved units",
-                        before.reserved
-                    ),
-                ));
-            }
-            changes.push((key, product_id, delta, before, StockRecord { on_hand, reserved: before.reserved }));
-        }
-        for (key, product_id, delta, before, after) in changes {
-            store_stock(state, key, &after, out);
-            reconcile::book(state, (&e.hq_id, &e.store_id, &product_id), before.on_hand, delta, 0)?;
-            out.emit(
-                PORT_UPDATED,
-                product_id.clone(),
-                StockUpdated {
-                    event_id: derive_event_id(&e.event_id, &format!("stock.updated/{product_id}")),
-                    occurred_at: e.occurred_at,
-                    hq_id: e.hq_id.clone(),
-                    store_id: e.store_id.clone(),
-                    product_id,
-                    hq_stock: None,
-                    store_stock: StockLevel { previous: before.on_hand, current: after.on_hand },
-                    change_amount: delta,
-                    change_reason: e.adjustment_type.clone(),
-                    reference_id: e.reference_id.clone(),
-                },
-            )?;
-        }
-        register_store(&e.hq_id, &e.store_id, &e.event_id, state);
-        out.note("adjustment", known_change_reason(&e.adjustment_type));
-        Ok(())
     }
 
     fn reserve(&self, e: &OrderCreated, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
@@ -347,21 +318,21 @@ impl StockReserver {
             return Ok(());
         }
 
-        let reservation_id = derive_event_id(&e.event_id, "reservation");
         let expires_at = e.occurred_at.saturating_add(self.reservation_ttl_ms);
         let mut reservation = Reservation {
-            reservation_id: reservation_id.clone(),
+            reservation_id: derive_event_id(&e.event_id, "reservation"),
             order_id: e.order_id.clone(),
             hq_id: e.hq_id.clone(),
             store_id: e.store_id.clone(),
             items: Vec::new(),
             status: ReservationStatus::Failed,
             expires_at,
+            from_hq: Vec::new(),
         };
 
         // Issue 4: invalid content is answered (the order gets a terminal outcome), not dead-lettered.
         if let Some((reason, items)) = self.invalid_content(e, state)? {
-            return fail(e, &rkey, &reservation, reason, items, state, out);
+            return fail(&e.event_id, e.occurred_at, &reservation, reason, items, state, out);
         }
 
         // Lines are distinct products with quantities in 1..=MAX_QUANTITY from here on.
@@ -381,13 +352,16 @@ impl StockReserver {
             levels.push((key, rec));
         }
 
+        if !short.is_empty() && self.fallback.for_hq(&e.hq_id).0 {
+            return self.ask_hq(e, reservation, &wanted, levels, state, out);
+        }
         if !short.is_empty() {
             for item in &short {
                 // High-cardinality label: the runtime keeps only a bounded top N of it.
                 out.note_as("out_of_stock", item.product_id.clone(), Export::TopN);
             }
             // Seed 000: reserve nothing, name only the short products.
-            return fail(e, &rkey, &reservation, failure_reason::INSUFFICIENT_STOCK, short, state, out);
+            return fail(&e.event_id, e.occurred_at, &reservation, failure_reason::INSUFFICIENT_STOCK, short, state, out);
         }
 
         for ((key, mut rec), &(_, qty)) in levels.into_iter().zip(&wanted) {
@@ -395,24 +369,112 @@ impl StockReserver {
             store_stock(state, key, &rec, out);
         }
         reservation.items = wanted.iter().map(|&(p, q)| ReservationItem { product_id: p.to_string(), quantity: to_i32(q) }).collect();
-        reservation.status = ReservationStatus::Live;
-        state.put_json(rkey, &reservation);
-        out.emit(
-            PORT_RESERVED,
-            e.order_id.clone(),
-            StockReserved {
-                event_id: derive_event_id(&e.event_id, "stock.reserved"),
-                occurred_at: e.occurred_at,
-                order_id: e.order_id.clone(),
-                reservation_id,
-                hq_id: e.hq_id.clone(),
-                store_id: e.store_id.clone(),
-                expires_at,
-                items: reservation.items.iter().map(|i| ReservedItem { product_id: i.product_id.clone(), reserved: i.quantity }).collect(),
-            },
+        go_live(&e.event_id, e.occurred_at, reservation, state, out)
+    }
+
+    /// The store is short of some lines (issue 16 HQ fallback): records the order `AWAITING_HQ`
+    /// and asks the HQ for the rest (`FALLBACK_REQUEST`). The store holds nothing meanwhile, so
+    /// an order the HQ cannot serve never blocks the store's units for other orders; its own
+    /// part is taken when the HQ's units arrive ([`StockReserver::hq_answer`]).
+    fn ask_hq(
+        &self,
+        e: &OrderCreated,
+        mut r: Reservation,
+        wanted: &[(&str, i64)],
+        levels: Vec<(Vec<u8>, StockRecord)>,
+        state: &mut StateTxn,
+        out: &mut Outputs,
+    ) -> Result<(), ProcessError> {
+        let mut short = Vec::new();
+        for ((_, rec), &(p, qty)) in levels.into_iter().zip(wanted) {
+            let here = rec.available().clamp(0, qty);
+            if here < qty {
+                short.push((p.to_string(), qty - here));
+            }
+        }
+        r.items = wanted.iter().map(|&(p, q)| ReservationItem { product_id: p.to_string(), quantity: to_i32(q) }).collect();
+        r.from_hq = short.iter().map(|(p, q)| ReservationItem { product_id: p.clone(), quantity: to_i32(*q) }).collect();
+        r.status = ReservationStatus::AwaitingHq;
+        state.put_json(reservation_key(&r.order_id), &r);
+        out.note("hq_fallback", "requested");
+        let (hq, store) = (&e.hq_id, &e.store_id);
+        let step = allocation_step::FALLBACK_REQUEST;
+        hierarchy::allocate(&e.event_id, e.occurred_at, hq, store, "", step, &r.reservation_id, Some(&e.order_id), &e.event_id, short, out)
+    }
+
+    /// The HQ's answer to this store's `FALLBACK_REQUEST`. Grant: if the store's own part of
+    /// every line is still available, the HQ's units arrive (on hand +, reported to the HQ as
+    /// `HQ_FALLBACK`) and the whole order is reserved (`stock.reserved`); if the store sold its
+    /// part meanwhile, the HQ's units go straight back (`HQ_RETURN`) and the order fails
+    /// `INSUFFICIENT_STOCK`. Deny: the order fails `INSUFFICIENT_STOCK`, each short line's
+    /// `available` = the store's units + the HQ's spare ones. An answer for an order no longer
+    /// waiting (cancelled or paid meanwhile) gives granted units straight back to the HQ.
+    fn hq_answer(&self, a: &StockAllocation, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+        let order_id = a.order_id.clone().unwrap_or_default();
+        let rkey = reservation_key(&order_id);
+        let waiting = state
+            .get_json::<Reservation>(&rkey)?
+            .filter(|r| r.status == ReservationStatus::AwaitingHq && r.reservation_id == a.reference_id);
+        let granted = a.step == allocation_step::FALLBACK_GRANT;
+        let Some(r) = waiting else {
+            out.note("late_event", format!("hq_answer_after_close_{}", if granted { "grant" } else { "deny" }));
+            return if granted { give_back(a, &order_id, state, out) } else { Ok(()) };
+        };
+        let from_hq = |p: &str| r.from_hq.iter().find(|f| f.product_id == p).map_or(0, |f| i64::from(f.quantity));
+        let mut levels = Vec::with_capacity(r.items.len());
+        let mut short = Vec::new();
+        let hq_spare: BTreeMap<&str, i64> = a.items.iter().map(|i| (i.product_id.as_str(), i.quantity)).collect();
+        for item in &r.items {
+            let key = stock_key(&r.hq_id, &r.store_id, &item.product_id);
+            let rec = load_stock(state, &key)?;
+            let (q, hq) = (i64::from(item.quantity), from_hq(&item.product_id));
+            let here = rec.available().max(0);
+            if granted && here < q - hq {
+                short.push(FailedItem { product_id: item.product_id.clone(), requested: item.quantity, available: to_i32(here + hq) });
+            } else if !granted && hq > 0 {
+                let spare = hq_spare.get(item.product_id.as_str()).copied().unwrap_or(0);
+                short.push(FailedItem { product_id: item.product_id.clone(), requested: item.quantity, available: to_i32(here + spare) });
+            }
+            levels.push((key, rec, item.product_id.clone(), q, hq));
+        }
+        if !granted || !short.is_empty() {
+            if granted {
+                out.note("hq_fallback", "store_sold_meanwhile");
+                give_back(a, &order_id, state, out)?;
+            } else {
+                out.note("hq_fallback", "denied");
+            }
+            return fail_awaiting(a, r, short, state, out);
+        }
+        let mut lines = Vec::with_capacity(levels.len());
+        for (key, before, product_id, q, hq) in levels {
+            let after = StockRecord { on_hand: before.on_hand + hq, reserved: before.reserved + q };
+            store_stock(state, key, &after, out);
+            if hq > 0 {
+                reconcile::book(state, (&r.hq_id, &r.store_id, &product_id), before.on_hand, hq, 0)?;
+                lines.push(hierarchy::Line {
+                    product_id,
+                    previous: before.on_hand,
+                    current: after.on_hand,
+                    in_transit: -hq,
+                    unallocated: 0,
+                });
+            }
+        }
+        let (hq, store) = (&a.hq_id, &a.store_id);
+        hierarchy::report(
+            hq,
+            store,
+            change_reason::HQ_FALLBACK,
+            &order_id,
+            &a.cause_event_id,
+            "stock.ledger/in",
+            a.occurred_at,
+            lines,
+            out,
         )?;
-        out.note("reservation", "reserved");
-        Ok(())
+        out.note("hq_fallback", "served");
+        go_live(&a.cause_event_id, a.occurred_at, r, state, out)
     }
 
     /// The first content problem of an order whose ids are present, as `(failure reason, items
@@ -496,6 +558,11 @@ impl StockReserver {
             Some(mut r) if r.status == ReservationStatus::Live => {
                 release(&mut r, release_reason::CANCELLED, &e.event_id, e.occurred_at, state, out)
             }
+            Some(mut r) if r.status == ReservationStatus::AwaitingHq => {
+                drop_hold(&mut r, state);
+                out.note("late_event", "cancel_while_awaiting_hq");
+                Ok(())
+            }
             // The canceller's own order.cancelled coming back after a failed or released
             // reservation is the normal end of the compensation, not an anomaly.
             Some(r) if matches!(r.status, ReservationStatus::Failed | ReservationStatus::Released | ReservationStatus::Refunded) => {
@@ -576,6 +643,12 @@ impl StockReserver {
         }
         match stored {
             Some(r) if r.status == ReservationStatus::Live => self.sell_reserved(e, r, state, out),
+            Some(mut r) if r.status == ReservationStatus::AwaitingHq => {
+                // Paid before the HQ answered: what the store held goes back, then it is a late
+                // payment (the HQ's units, if granted, return to the HQ on arrival).
+                drop_hold(&mut r, state);
+                self.late_payment(e, Some(r), state, out)
+            }
             stored => self.late_payment(e, stored, state, out),
         }
     }
@@ -586,6 +659,7 @@ impl StockReserver {
         let sold = sold_quantities(e, &r)?;
         let mut unsold = Vec::new();
         let mut settled = Vec::new();
+        let mut lines = Vec::new();
         for item in &r.items {
             let key = stock_key(&r.hq_id, &r.store_id, &item.product_id);
             let before = load_stock(state, &key)?;
@@ -606,10 +680,13 @@ impl StockReserver {
                 unsold.push(ReleasedItem { product_id: item.product_id.clone(), released: to_i32(q_reserved - q_sold) });
             }
             if q_sold > 0 {
-                emit_sale(e, &r, &item.product_id, before.on_hand, after.on_hand, out)?;
+                lines.push(sale_line(&item.product_id, before.on_hand, after.on_hand));
                 settled.push(SettledItem { product_id: item.product_id.clone(), quantity: to_i32(q_sold) });
             }
         }
+        report_sale(e, &r, lines, out)?;
+        let unsold_units: BTreeMap<String, i64> = unsold.iter().map(|u| (u.product_id.clone(), i64::from(u.released))).collect();
+        return_to_hq(&mut r, &unsold_units, &e.event_id, e.occurred_at, state, out)?;
         r.status = ReservationStatus::Deducted;
         state.put_json(reservation_key(&r.order_id), &r);
         out.note("deduction", change_reason::SALE);
@@ -636,6 +713,7 @@ impl StockReserver {
             items: Vec::new(),
             status: ReservationStatus::Closed,
             expires_at: 0,
+            from_hq: Vec::new(),
         });
         // What the payment sold: the released reservation's lines (subset rule), or, when the
         // order never held anything, the payment's own lines.
@@ -658,13 +736,15 @@ impl StockReserver {
             return settle(e, &r, settlement::REFUND_REQUIRED, false, Some(cancel_reason::PAYMENT_AFTER_EXPIRY), Vec::new(), out);
         }
         let mut settled = Vec::with_capacity(levels.len());
+        let mut sales = Vec::with_capacity(levels.len());
         for (key, before, product_id, q) in levels {
             let after = StockRecord { on_hand: before.on_hand - q, reserved: before.reserved };
             store_stock(state, key, &after, out);
             reconcile::book(state, (&r.hq_id, &r.store_id, product_id), before.on_hand, 0, q)?;
-            emit_sale(e, &r, product_id, before.on_hand, after.on_hand, out)?;
+            sales.push(sale_line(product_id, before.on_hand, after.on_hand));
             settled.push(SettledItem { product_id: product_id.clone(), quantity: to_i32(q) });
         }
+        report_sale(e, &r, sales, out)?;
         r.items = settled.iter().map(|i| ReservationItem { product_id: i.product_id.clone(), quantity: i.quantity }).collect();
         r.status = ReservationStatus::Deducted;
         state.put_json(reservation_key(&r.order_id), &r);
@@ -698,32 +778,16 @@ fn paid_lines(e: &OrderCompleted) -> Result<Vec<(String, i64)>, ProcessError> {
     Ok(lines)
 }
 
-/// Emits the `stock.updated` `SALE` of `product_id` for payment `e` (on hand `previous` →
-/// `current`), its id derived from the payment's eventId.
-fn emit_sale(
-    e: &OrderCompleted,
-    r: &Reservation,
-    product_id: &str,
-    previous: i64,
-    current: i64,
-    out: &mut Outputs,
-) -> Result<(), ProcessError> {
-    out.emit(
-        PORT_UPDATED,
-        product_id.to_string(),
-        StockUpdated {
-            event_id: derive_event_id(&e.event_id, &format!("stock.updated/{product_id}")),
-            occurred_at: e.occurred_at,
-            hq_id: r.hq_id.clone(),
-            store_id: r.store_id.clone(),
-            product_id: product_id.to_string(),
-            hq_stock: None,
-            store_stock: StockLevel { previous, current },
-            change_amount: current - previous,
-            change_reason: change_reason::SALE.to_string(),
-            reference_id: e.order_id.clone(),
-        },
-    )
+/// The ledger line of a sale of one product: store on hand `previous` → `current`.
+fn sale_line(product_id: &str, previous: i64, current: i64) -> hierarchy::Line {
+    hierarchy::Line { product_id: product_id.to_string(), previous, current, in_transit: 0, unallocated: 0 }
+}
+
+/// Reports payment `e`'s sales at `r`'s store to the HQ's ledger, which publishes each
+/// `stock.updated` `SALE` (id `derive(payment eventId, "stock.updated/<productId>")`, seed 004:
+/// "HQ와 Store 재고 동시 차감").
+fn report_sale(e: &OrderCompleted, r: &Reservation, lines: Vec<hierarchy::Line>, out: &mut Outputs) -> Result<(), ProcessError> {
+    hierarchy::report(&r.hq_id, &r.store_id, change_reason::SALE, &e.order_id, &e.event_id, "stock.ledger", e.occurred_at, lines, out)
 }
 
 /// Emits `order.settled` for payment `e` (id `derive(payment eventId, "order.settled")`).
@@ -801,7 +865,17 @@ impl Processor for StockReserver {
             state.schedule_timer(RECONCILE_TIMER, ctx.now_ms.saturating_add(self.reconcile_interval_ms));
         }
         match event {
-            Event::InventoryAdjusted(e) => self.adjust(e, state, out),
+            Event::InventoryAdjusted(e) => movements::movement(e, state, out),
+            Event::StockAllocation(a) => match a.step.as_str() {
+                allocation_step::FALLBACK_REQUEST => hierarchy::answer_fallback(a, &self.fallback, state, out),
+                allocation_step::FALLBACK_GRANT | allocation_step::FALLBACK_DENY => self.hq_answer(a, state, out),
+                allocation_step::DISTRIBUTION | allocation_step::TRANSFER => movements::receive(a, state, out),
+                other => Err(ProcessError::Invalid(format!("StockAllocation {}: unknown step {other:?}", a.event_id))),
+            },
+            Event::StockLedgerEntry(e) => {
+                register_store(&e.hq_id, "", &e.event_id, state);
+                hierarchy::apply_entry(e, state, out)
+            }
             Event::OrderCreated(e) => self.reserve(e, state, out),
             Event::OrderCancelled(e) => self.cancelled(e, state, out),
             Event::StockReservationExpired(e) => self.expired(e, state, out),
@@ -843,6 +917,107 @@ impl Processor for StockReserver {
     }
 }
 
+/// Sends the units of HQ grant `a` straight back to the HQ (the store never takes them): in
+/// transit −, unallocated +, the store's figure unchanged.
+fn give_back(a: &StockAllocation, order_id: &str, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+    let mut lines = Vec::with_capacity(a.items.len());
+    for i in &a.items {
+        let on_hand = load_stock(state, &stock_key(&a.hq_id, &a.store_id, &i.product_id))?.on_hand;
+        lines.push(hierarchy::Line {
+            product_id: i.product_id.clone(),
+            previous: on_hand,
+            current: on_hand,
+            in_transit: -i.quantity,
+            unallocated: i.quantity,
+        });
+    }
+    hierarchy::report(&a.hq_id, &a.store_id, change_reason::HQ_RETURN, order_id, &a.event_id, "stock.ledger/in", a.occurred_at, lines, out)
+}
+
+/// Fails an `AWAITING_HQ` order (the HQ's answer `a` came) with `INSUFFICIENT_STOCK` naming
+/// `short`, as a direct failure would have.
+fn fail_awaiting(
+    a: &StockAllocation,
+    mut r: Reservation,
+    short: Vec<FailedItem>,
+    state: &mut StateTxn,
+    out: &mut Outputs,
+) -> Result<(), ProcessError> {
+    r.items.clear();
+    r.from_hq.clear();
+    r.status = ReservationStatus::Failed;
+    for item in &short {
+        out.note_as("out_of_stock", item.product_id.clone(), Export::TopN);
+    }
+    fail(&a.cause_event_id, a.occurred_at, &r, failure_reason::INSUFFICIENT_STOCK, short, state, out)
+}
+
+/// Marks `r` live (its units already counted in the stock records), stores it and emits
+/// `stock.reserved`, its id derived from the order's `order.created` eventId `cause`.
+fn go_live(cause: &str, occurred_at: i64, mut r: Reservation, state: &mut StateTxn, out: &mut Outputs) -> Result<(), ProcessError> {
+    r.status = ReservationStatus::Live;
+    state.put_json(reservation_key(&r.order_id), &r);
+    out.emit(
+        PORT_RESERVED,
+        r.order_id.clone(),
+        StockReserved {
+            event_id: derive_event_id(cause, "stock.reserved"),
+            occurred_at,
+            order_id: r.order_id.clone(),
+            reservation_id: r.reservation_id.clone(),
+            hq_id: r.hq_id.clone(),
+            store_id: r.store_id.clone(),
+            expires_at: r.expires_at,
+            items: r.items.iter().map(|i| ReservedItem { product_id: i.product_id.clone(), reserved: i.quantity }).collect(),
+        },
+    )?;
+    out.note("reservation", "reserved");
+    Ok(())
+}
+
+/// Ends an `AWAITING_HQ` reservation before the HQ answered: it held nothing at the store, so
+/// it is only closed (the HQ's answer then finds it closed and a grant goes back to the HQ).
+fn drop_hold(r: &mut Reservation, state: &mut StateTxn) {
+    r.from_hq.clear();
+    r.status = ReservationStatus::Closed;
+    state.put_json(reservation_key(&r.order_id), &*r);
+}
+
+/// Gives back to the HQ up to `units[product]` of the HQ units `r` holds (`fromHq`, issue 16):
+/// store on hand −= n, reported `HQ_RETURN` (the HQ's unallocated += n). `cause` is the event
+/// that released them. Reduces `r.from_hq` accordingly.
+fn return_to_hq(
+    r: &mut Reservation,
+    units: &BTreeMap<String, i64>,
+    cause: &str,
+    occurred_at: i64,
+    state: &mut StateTxn,
+    out: &mut Outputs,
+) -> Result<(), ProcessError> {
+    let mut lines = Vec::new();
+    for f in r.from_hq.iter_mut() {
+        let n = units.get(&f.product_id).copied().unwrap_or(0).min(i64::from(f.quantity));
+        if n <= 0 {
+            continue;
+        }
+        let key = stock_key(&r.hq_id, &r.store_id, &f.product_id);
+        let before = load_stock(state, &key)?;
+        let after = StockRecord { on_hand: before.on_hand - n, reserved: before.reserved };
+        store_stock(state, key, &after, out);
+        reconcile::book(state, (&r.hq_id, &r.store_id, &f.product_id), before.on_hand, -n, 0)?;
+        lines.push(hierarchy::Line {
+            product_id: f.product_id.clone(),
+            previous: before.on_hand,
+            current: after.on_hand,
+            in_transit: 0,
+            unallocated: n,
+        });
+        f.quantity -= to_i32(n);
+    }
+    r.from_hq.retain(|f| f.quantity > 0);
+    hierarchy::report(&r.hq_id, &r.store_id, change_reason::HQ_RETURN, &r.order_id, cause, "stock.ledger/return", occurred_at, lines, out)
+}
+
 /// Releases a live reservation: gives its units back (`reserved −= q`), marks it released and
 /// emits `stock.reservation.released` with `reason`.
 fn release(
@@ -866,6 +1041,8 @@ fn release(
         rec.reserved -= q;
         store_stock(state, key, &rec, out);
     }
+    let all: BTreeMap<String, i64> = r.from_hq.iter().map(|f| (f.product_id.clone(), i64::from(f.quantity))).collect();
+    return_to_hq(r, &all, cause, occurred_at, state, out)?;
     r.status = ReservationStatus::Released;
     state.put_json(reservation_key(&r.order_id), &*r);
     let items = r.items.iter().map(|i| ReleasedItem { product_id: i.product_id.clone(), released: i.quantity }).collect();
@@ -908,12 +1085,13 @@ fn register_store(hq_id: &str, store_id: &str, cause: &str, state: &mut StateTxn
     }
 }
 
-/// Answers `order.created` `e` with `stock.reservation.failed` `reason` naming `items`, and stores
-/// `failed` (status [`ReservationStatus::Failed`], nothing held) at `rkey` so the order never
-/// reserves later (rule 5). Notes `reservation` with the reason as label.
+/// Answers the order of `failed` (status [`ReservationStatus::Failed`], nothing held) with
+/// `stock.reservation.failed` `reason` naming `items`, its id derived from the order's
+/// `order.created` eventId `cause` (at once, or after the HQ's answer: the same id), and stores
+/// `failed` so the order never reserves later (rule 5). Notes `reservation` with the reason.
 fn fail(
-    e: &OrderCreated,
-    rkey: &[u8],
+    cause: &str,
+    occurred_at: i64,
     failed: &Reservation,
     reason: &'static str,
     items: Vec<FailedItem>,
@@ -921,16 +1099,16 @@ fn fail(
     out: &mut Outputs,
 ) -> Result<(), ProcessError> {
     debug_assert_eq!(failed.status, ReservationStatus::Failed);
-    state.put_json(rkey.to_vec(), failed);
+    state.put_json(reservation_key(&failed.order_id), failed);
     out.emit(
         PORT_FAILED,
-        e.order_id.clone(),
+        failed.order_id.clone(),
         StockReservationFailed {
-            event_id: derive_event_id(&e.event_id, "stock.reservation.failed"),
-            occurred_at: e.occurred_at,
-            order_id: e.order_id.clone(),
-            hq_id: e.hq_id.clone(),
-            store_id: e.store_id.clone(),
+            event_id: derive_event_id(cause, "stock.reservation.failed"),
+            occurred_at,
+            order_id: failed.order_id.clone(),
+            hq_id: failed.hq_id.clone(),
+            store_id: failed.store_id.clone(),
             reason: reason.to_string(),
             items,
         },
@@ -949,6 +1127,7 @@ fn close_before_reservation(order_id: &str, hq_id: &str, store_id: &str, state: 
         items: Vec::new(),
         status: ReservationStatus::Closed,
         expires_at: 0,
+        from_hq: Vec::new(),
     };
     state.put_json(reservation_key(order_id), &tombstone);
 }
@@ -984,17 +1163,7 @@ fn status_label(s: ReservationStatus) -> &'static str {
         ReservationStatus::Failed => "failure",
         ReservationStatus::Closed => "close",
         ReservationStatus::Refunded => "refund",
-    }
-}
-
-/// Keeps the adjustment measure low-cardinality: known reasons, else `OTHER`.
-fn known_change_reason(reason: &str) -> &'static str {
-    match reason {
-        change_reason::SALE => change_reason::SALE,
-        change_reason::RESTOCK => change_reason::RESTOCK,
-        change_reason::DISTRIBUTION => change_reason::DISTRIBUTION,
-        change_reason::CORRECTION => change_reason::CORRECTION,
-        _ => "OTHER",
+        ReservationStatus::AwaitingHq => "awaiting_hq",
     }
 }
 
@@ -1002,9 +1171,9 @@ fn to_i32(v: i64) -> i32 {
     i32::try_from(v.clamp(i64::from(i32::MIN), i64::from(i32::MAX))).expect("clamped")
 }
 
-fn invalid(kind: &str, event_id: &str, what: &str) -> ProcessError {
-    ProcessError::Invalid(format!("{kind} {event_id}: {what}"))
-}
-
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+#[path = "hierarchy_tests.rs"]
+mod hierarchy_tests;

@@ -113,6 +113,7 @@ pub fn reconcile(state: &StateTxn) -> Result<Report, ProcessError> {
     let mut live: BTreeMap<String, i64> = BTreeMap::new();
     for (k, v) in state.scan_prefix(RESERVATION_PREFIX) {
         let r: Reservation = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+        // One awaiting its HQ (issue 16) holds nothing yet.
         if r.status == ReservationStatus::Live {
             for item in &r.items {
                 *live.entry(format!("{}:{}/{}", r.hq_id, r.store_id, item.product_id)).or_default() += i64::from(item.quantity);

@@ -2,8 +2,25 @@
 
 use super::*;
 use orderflow_api::events::SoldItem;
+use orderflow_api::events::{InventoryAdjusted, StockLevel};
 use orderflow_api::fixtures::*;
 use orderflow_api::{Harness, Output};
+
+/// Feeds `event` and then, as the runtime would through `stock.commands`, every record the
+/// reserver writes to its own input (the HQ/store protocol of issue 16), until none is left.
+/// Returns the other outputs in the order they were emitted (the event's own first).
+fn feed(h: &mut Harness<StockReserver>, topic: &str, event: impl Into<Event>, now: i64) -> Result<Vec<Output>, ProcessError> {
+    let mut queue: std::collections::VecDeque<Output> = h.feed(topic, event, now)?.into();
+    let mut outs = Vec::new();
+    while let Some(o) = queue.pop_front() {
+        if o.port == PORT_COMMANDS {
+            queue.extend(h.feed("stock.commands", o.event.clone(), now)?);
+        } else {
+            outs.push(o);
+        }
+    }
+    Ok(outs)
+}
 
 const TTL: i64 = 300_000;
 
@@ -12,7 +29,16 @@ fn harness() -> Harness<StockReserver> {
 }
 
 fn restock(h: &mut Harness<StockReserver>, id: &str, items: &[(&str, i64)]) -> Vec<Output> {
-    h.feed("stock.commands", adjust_ev(id, items), 0).unwrap()
+    feed(h, "stock.commands", adjust_ev(id, items), 0).unwrap()
+}
+
+/// A store `CORRECTION` (signed deltas, reason "stock count") of `items`.
+fn correct(h: &mut Harness<StockReserver>, id: &str, items: &[(&str, i64)]) -> Vec<Output> {
+    feed(h, "stock.commands", correction_ev(id, items), 0).unwrap()
+}
+
+fn correction_ev(id: &str, items: &[(&str, i64)]) -> InventoryAdjusted {
+    InventoryAdjusted { adjustment_type: "CORRECTION".into(), reason: Some("stock count".into()), ..adjust_ev(id, items) }
 }
 
 fn adjust_ev(id: &str, items: &[(&str, i64)]) -> InventoryAdjusted {
@@ -80,33 +106,34 @@ fn adjustment_updates_on_hand_and_reports_stock_updated() {
     assert_eq!(u.event_id, derive_event_id("a1", "stock.updated/P-001"));
     assert_eq!(u.store_stock, StockLevel { previous: 0, current: 10 });
     assert_eq!((u.change_amount, u.change_reason.as_str(), u.reference_id.as_str()), (10, "RESTOCK", "ref-a1"));
-    assert_eq!(u.hq_stock, None);
+    assert_eq!(u.hq_stock, Some(StockLevel { previous: 0, current: 10 }), "received through the HQ: its total rises too");
     assert_eq!(u.occurred_at, 500);
-    let outs = restock(&mut h, "a2", &[("P-001", -3)]);
+    let outs = correct(&mut h, "a2", &[("P-001", -3)]);
     let Event::StockUpdated(u) = &outs[0].event else { panic!() };
     assert_eq!(u.store_stock, StockLevel { previous: 10, current: 7 });
-    assert_eq!(notes(&h, "adjustment"), vec!["RESTOCK", "RESTOCK"]);
+    assert_eq!(u.hq_stock, Some(StockLevel { previous: 10, current: 7 }));
+    assert_eq!(notes(&h, "adjustment"), vec!["RESTOCK", "CORRECTION"]);
 }
 
 #[test]
 fn adjustment_below_zero_or_below_reserved_is_rejected_whole() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 5), ("P-002", 5)]);
-    let err = h.feed("t", adjust_ev("a2", &[("P-001", 1), ("P-002", -6)]), 0).unwrap_err();
+    let err = feed(&mut h, "t", correction_ev("a2", &[("P-001", 1), ("P-002", -6)]), 0).unwrap_err();
     assert!(matches!(err, ProcessError::Invalid(ref m) if m.contains("P-002")), "{err}");
     assert_eq!(stock(&h, "P-001").on_hand, 5, "nothing applied");
-    h.feed("t", order("o1", "O-1", &[("P-002", 4)]), 0).unwrap();
-    let err = h.feed("t", adjust_ev("a3", &[("P-002", -2)]), 0).unwrap_err();
+    feed(&mut h, "t", order("o1", "O-1", &[("P-002", 4)]), 0).unwrap();
+    let err = feed(&mut h, "t", correction_ev("a3", &[("P-002", -2)]), 0).unwrap_err();
     assert!(matches!(err, ProcessError::Invalid(_)), "on hand 3 < reserved 4");
     assert_eq!(stock(&h, "P-002"), StockRecord { on_hand: 5, reserved: 4 });
-    assert!(matches!(h.feed("t", adjust_ev("a4", &[]), 0), Err(ProcessError::Invalid(_))));
+    assert!(matches!(feed(&mut h, "t", adjust_ev("a4", &[]), 0), Err(ProcessError::Invalid(_))));
 }
 
 #[test]
 fn seed_000_scenario_1_single_item_short() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 5)]);
-    let outs = h.feed("t", order("o1", "O-1", &[("P-001", 10)]), 0).unwrap();
+    let outs = feed(&mut h, "t", order("o1", "O-1", &[("P-001", 10)]), 0).unwrap();
     assert_eq!(outs.len(), 1);
     assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_FAILED, "O-1"));
     let Event::StockReservationFailed(f) = &outs[0].event else { panic!() };
@@ -123,7 +150,7 @@ fn seed_000_scenario_1_single_item_short() {
 fn seed_000_scenario_2_all_or_nothing_names_only_short_item() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10), ("P-002", 1)]);
-    let outs = h.feed("t", order("o1", "O-1", &[("P-001", 5), ("P-002", 3)]), 0).unwrap();
+    let outs = feed(&mut h, "t", order("o1", "O-1", &[("P-001", 5), ("P-002", 3)]), 0).unwrap();
     let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
     assert_eq!(f.items, vec![FailedItem { product_id: "P-002".into(), requested: 3, available: 1 }]);
     assert_eq!(stock(&h, "P-001").available(), 10, "P-001 not reserved");
@@ -134,7 +161,7 @@ fn seed_000_scenario_2_all_or_nothing_names_only_short_item() {
 fn reserves_all_items_and_available_is_on_hand_minus_reserved() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10), ("P-002", 3)]);
-    let outs = h.feed("t", order("o1", "O-1", &[("P-001", 6), ("P-002", 3)]), 0).unwrap();
+    let outs = feed(&mut h, "t", order("o1", "O-1", &[("P-001", 6), ("P-002", 3)]), 0).unwrap();
     assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_RESERVED, "O-1"));
     let Event::StockReserved(r) = &outs[0].event else { panic!() };
     assert_eq!(r.event_id, derive_event_id("o1", "stock.reserved"));
@@ -148,10 +175,10 @@ fn reserves_all_items_and_available_is_on_hand_minus_reserved() {
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 6 });
     assert_eq!(stock(&h, "P-001").available(), 4);
     // A second order sees only what is available, not what is on hand.
-    let outs = h.feed("t", order("o2", "O-2", &[("P-001", 5)]), 0).unwrap();
+    let outs = feed(&mut h, "t", order("o2", "O-2", &[("P-001", 5)]), 0).unwrap();
     let Event::StockReservationFailed(f) = &outs[0].event else { panic!() };
     assert_eq!(f.items[0].available, 4);
-    let outs = h.feed("t", order("o3", "O-3", &[("P-002", 1)]), 0).unwrap();
+    let outs = feed(&mut h, "t", order("o3", "O-3", &[("P-002", 1)]), 0).unwrap();
     let Event::StockReservationFailed(f) = &outs[0].event else { panic!() };
     assert_eq!(f.items[0].available, 0, "available never negative");
     let live = reservation(&h, "O-1").unwrap();
@@ -163,7 +190,7 @@ fn reserves_all_items_and_available_is_on_hand_minus_reserved() {
 fn unknown_products_have_no_stock() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 1)]);
-    let outs = h.feed("t", order("o1", "O-1", &[("P-404", 1)]), 0).unwrap();
+    let outs = feed(&mut h, "t", order("o1", "O-1", &[("P-404", 1)]), 0).unwrap();
     let Event::StockReservationFailed(f) = &outs[0].event else { panic!() };
     assert_eq!(f.items, vec![FailedItem { product_id: "P-404".into(), requested: 1, available: 0 }]);
 }
@@ -185,7 +212,7 @@ fn orders_without_ids_are_dead_lettered_without_effect() {
         // No ids and bad content: still dead-lettered, there is no order to answer.
         (OrderCreated { items: vec![], ..blank(|e| e.store_id.clear()) }, "storeId"),
     ] {
-        let err = h.feed("t", ev, 0).unwrap_err();
+        let err = feed(&mut h, "t", ev, 0).unwrap_err();
         assert!(matches!(err, ProcessError::Invalid(ref m) if m.contains(what)), "{err}");
     }
     assert!(reservation(&h, "O-1").is_none());
@@ -199,8 +226,8 @@ fn orders_without_ids_are_dead_lettered_without_effect() {
 fn invalid_answer(ev: OrderCreated) -> (Harness<StockReserver>, StockReservationFailed) {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10), ("P-002", 3)]);
-    h.feed("t", order("o0", "O-0", &[("P-002", 2)]), 0).unwrap();
-    let outs = h.feed("t", ev.clone(), 0).unwrap();
+    feed(&mut h, "t", order("o0", "O-0", &[("P-002", 2)]), 0).unwrap();
+    let outs = feed(&mut h, "t", ev.clone(), 0).unwrap();
     assert_eq!(outs.len(), 1, "{outs:?}");
     assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_FAILED, ev.order_id.as_str()));
     let Event::StockReservationFailed(f) = outs[0].event.clone() else { panic!("{outs:?}") };
@@ -232,7 +259,7 @@ fn invalid_quantity_is_answered_naming_the_offending_lines() {
     // The bound itself is valid.
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", i64::from(MAX_QUANTITY))]);
-    let outs = h.feed("t", order("o1", "O-1", &[("P-001", MAX_QUANTITY)]), 0).unwrap();
+    let outs = feed(&mut h, "t", order("o1", "O-1", &[("P-001", MAX_QUANTITY)]), 0).unwrap();
     assert!(matches!(outs[0].event, Event::StockReserved(_)), "{outs:?}");
 }
 
@@ -278,7 +305,7 @@ fn content_checks_apply_in_the_documented_order() {
 #[test]
 fn order_for_a_store_never_adjusted_fails_with_unknown_store() {
     let mut h = harness();
-    let outs = h.feed("t", order("o1", "O-1", &[("P-001", 1), ("P-002", 2)]), 0).unwrap();
+    let outs = feed(&mut h, "t", order("o1", "O-1", &[("P-001", 1), ("P-002", 2)]), 0).unwrap();
     let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
     assert_eq!(f.reason, "UNKNOWN_STORE");
     assert_eq!(f.items, vec![item("P-001", 1, 0), item("P-002", 2, 0)]);
@@ -289,14 +316,14 @@ fn order_for_a_store_never_adjusted_fails_with_unknown_store() {
     let outs = restock(&mut h, "a1", &[("P-001", 10)]);
     assert_eq!(outs.len(), 1);
     assert_eq!(h.store.get_json::<StoreRecord>(&store_registry_key(HQ, STORE)).unwrap().first_adjustment, "a1");
-    assert!(h.feed("t", order("o1b", "O-1", &[("P-001", 1)]), 0).unwrap().is_empty());
+    assert!(feed(&mut h, "t", order("o1b", "O-1", &[("P-001", 1)]), 0).unwrap().is_empty());
     assert_eq!(notes(&h, "late_event"), vec!["duplicate_order"]);
-    let outs = h.feed("t", order("o2", "O-2", &[("P-002", 1)]), 0).unwrap();
+    let outs = feed(&mut h, "t", order("o2", "O-2", &[("P-002", 1)]), 0).unwrap();
     let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
     assert_eq!(f.reason, "INSUFFICIENT_STOCK");
     // Another store of the same HQ is still unknown.
     let other = OrderCreated { store_id: "S-2".into(), ..order("o3", "O-3", &[("P-001", 1)]) };
-    let outs = h.feed("t", other, 0).unwrap();
+    let outs = feed(&mut h, "t", other, 0).unwrap();
     let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
     assert_eq!(f.reason, "UNKNOWN_STORE");
 }
@@ -304,14 +331,14 @@ fn order_for_a_store_never_adjusted_fails_with_unknown_store() {
 #[test]
 fn every_adjustment_keeps_the_store_registered_and_a_rejected_one_registers_nothing() {
     let mut h = harness();
-    assert!(h.feed("t", adjust_ev("a0", &[("P-001", -1)]), 0).is_err());
+    assert!(feed(&mut h, "t", adjust_ev("a0", &[("P-001", -1)]), 0).is_err());
     assert!(!h.store.data.contains_key(&store_registry_key(HQ, STORE)), "rejected adjustment");
     restock(&mut h, "a1", &[("P-001", 1)]);
-    restock(&mut h, "a2", &[("P-001", -1)]);
+    correct(&mut h, "a2", &[("P-001", -1)]);
     assert_eq!(stock(&h, "P-001").on_hand, 0);
     assert_eq!(h.store.get_json::<StoreRecord>(&store_registry_key(HQ, STORE)).unwrap().first_adjustment, "a1");
     // Known, even with nothing on hand: a stock failure, not UNKNOWN_STORE.
-    let outs = h.feed("t", order("o1", "O-1", &[("P-001", 1)]), 0).unwrap();
+    let outs = feed(&mut h, "t", order("o1", "O-1", &[("P-001", 1)]), 0).unwrap();
     let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
     assert_eq!(f.reason, "INSUFFICIENT_STOCK");
     assert_eq!(store_registry_key("H", "S"), b"store/H:S".to_vec());
@@ -322,11 +349,11 @@ fn every_adjustment_keeps_the_store_registered_and_a_rejected_one_registers_noth
 fn stock_written_before_the_store_registry_existed_counts_as_known() {
     let mut h = harness();
     h.store.data.insert(stock_key(HQ, STORE, "P-001"), serde_json::to_vec(&StockRecord { on_hand: 5, reserved: 0 }).unwrap());
-    let outs = h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap();
+    let outs = feed(&mut h, "t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap();
     assert!(matches!(outs[0].event, Event::StockReserved(_)), "{outs:?}");
     assert_eq!(h.store.get_json::<StoreRecord>(&store_registry_key(HQ, STORE)).unwrap().first_adjustment, "");
     // Now registered: a product it never stocked is a stock failure.
-    let outs = h.feed("t", order("o2", "O-2", &[("P-009", 1)]), 0).unwrap();
+    let outs = feed(&mut h, "t", order("o2", "O-2", &[("P-009", 1)]), 0).unwrap();
     let Event::StockReservationFailed(f) = &outs[0].event else { panic!("{outs:?}") };
     assert_eq!(f.reason, "INSUFFICIENT_STOCK");
 }
@@ -335,8 +362,8 @@ fn stock_written_before_the_store_registry_existed_counts_as_known() {
 fn invalid_order_after_close_is_late_not_answered() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10)]);
-    h.feed("t", cancel("k1", "O-1"), 0).unwrap();
-    assert!(h.feed("t", order("o1", "O-1", &[("P-001", 0)]), 0).unwrap().is_empty());
+    feed(&mut h, "t", cancel("k1", "O-1"), 0).unwrap();
+    assert!(feed(&mut h, "t", order("o1", "O-1", &[("P-001", 0)]), 0).unwrap().is_empty());
     assert_eq!(notes(&h, "late_event"), vec!["cancel_before_reservation", "created_after_close"]);
     assert!(notes(&h, "reservation").is_empty());
 }
@@ -352,9 +379,9 @@ fn saga_timeout_after_a_late_reservation_releases_it() {
     restock(&mut h, "a1", &[("P-001", 10)]);
     // The reserver was down past the stock answer timeout: it reserves late, then reads the
     // SAGA_TIMEOUT cancellation that followed the order on the store's partition.
-    let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
+    let res_id = reserved_id(&feed(&mut h, "t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
     assert_eq!(stock(&h, "P-001").reserved, 4);
-    let outs = h.feed("t", saga_timeout_cancel("k1", "O-1"), 0).unwrap();
+    let outs = feed(&mut h, "t", saga_timeout_cancel("k1", "O-1"), 0).unwrap();
     let Event::StockReservationReleased(r) = &outs[0].event else { panic!("{outs:?}") };
     assert_eq!((r.reason.as_str(), r.reservation_id.as_str()), ("CANCELLED", res_id.as_str()));
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
@@ -365,9 +392,9 @@ fn saga_timeout_after_a_late_reservation_releases_it() {
 fn saga_timeout_before_the_order_reaches_the_reserver_blocks_it() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10)]);
-    assert!(h.feed("t", saga_timeout_cancel("k1", "O-1"), 0).unwrap().is_empty());
+    assert!(feed(&mut h, "t", saga_timeout_cancel("k1", "O-1"), 0).unwrap().is_empty());
     assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Closed);
-    assert!(h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap().is_empty(), "tombstone: never reserves");
+    assert!(feed(&mut h, "t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap().is_empty(), "tombstone: never reserves");
     assert_eq!(stock(&h, "P-001").reserved, 0);
     assert_eq!(notes(&h, "late_event"), vec!["cancel_before_reservation", "created_after_close"]);
 }
@@ -376,15 +403,15 @@ fn saga_timeout_before_the_order_reaches_the_reserver_blocks_it() {
 fn one_reservation_per_order() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10)]);
-    h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap();
+    feed(&mut h, "t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap();
     // Same order, new eventId (e.g. a re-sent outbox row): not reserved again.
-    let outs = h.feed("t", order("o1-again", "O-1", &[("P-001", 2)]), 0).unwrap();
+    let outs = feed(&mut h, "t", order("o1-again", "O-1", &[("P-001", 2)]), 0).unwrap();
     assert!(outs.is_empty());
     assert_eq!(stock(&h, "P-001").reserved, 2);
     assert_eq!(notes(&h, "late_event"), vec!["duplicate_order"]);
     // Also after a failure: the order never reserves later.
-    h.feed("t", order("o2", "O-2", &[("P-001", 100)]), 0).unwrap();
-    assert!(h.feed("t", order("o2b", "O-2", &[("P-001", 1)]), 0).unwrap().is_empty());
+    feed(&mut h, "t", order("o2", "O-2", &[("P-001", 100)]), 0).unwrap();
+    assert!(feed(&mut h, "t", order("o2b", "O-2", &[("P-001", 1)]), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001").reserved, 2);
 }
 
@@ -394,10 +421,24 @@ fn duplicate_event_id_has_no_effect() {
     assert_eq!(restock(&mut h, "a1", &[("P-001", 10)]).len(), 1);
     assert!(restock(&mut h, "a1", &[("P-001", 10)]).is_empty());
     assert_eq!(stock(&h, "P-001").on_hand, 10);
-    assert_eq!(h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap().len(), 1);
-    assert!(h.feed("t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap().is_empty());
-    assert_eq!(h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap().len(), 2, "SALE and order.settled");
-    assert!(h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap().is_empty());
+    assert_eq!(feed(&mut h, "t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap().len(), 1);
+    assert!(feed(&mut h, "t", order("o1", "O-1", &[("P-001", 2)]), 0).unwrap().is_empty());
+    assert_eq!(
+        {
+            let ev = complete(&h, "c1", "O-1");
+            feed(&mut h, "t", ev, 0)
+        }
+        .unwrap()
+        .len(),
+        2,
+        "SALE and order.settled"
+    );
+    assert!({
+        let ev = complete(&h, "c1", "O-1");
+        feed(&mut h, "t", ev, 0)
+    }
+    .unwrap()
+    .is_empty());
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 8, reserved: 0 });
     assert!(notes(&h, "late_event").is_empty(), "repeats are dropped before the worker");
 }
@@ -406,8 +447,8 @@ fn duplicate_event_id_has_no_effect() {
 fn cancel_releases_live_reservation() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10)]);
-    let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
-    let outs = h.feed("t", cancel("k1", "O-1"), 0).unwrap();
+    let res_id = reserved_id(&feed(&mut h, "t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
+    let outs = feed(&mut h, "t", cancel("k1", "O-1"), 0).unwrap();
     assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_RELEASED, "O-1"));
     let Event::StockReservationReleased(r) = &outs[0].event else { panic!() };
     assert_eq!(r.reason, "CANCELLED");
@@ -418,7 +459,7 @@ fn cancel_releases_live_reservation() {
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
     assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Released);
     // A second cancellation (new id) releases nothing.
-    assert!(h.feed("t", cancel("k2", "O-1"), 0).unwrap().is_empty());
+    assert!(feed(&mut h, "t", cancel("k2", "O-1"), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001").reserved, 0);
     assert_eq!(notes(&h, "compensation_echo"), vec!["cancel_after_release"]);
     assert!(notes(&h, "late_event").is_empty());
@@ -429,8 +470,8 @@ fn cancel_releases_live_reservation() {
 fn cancel_after_failure_is_a_compensation_echo_and_changes_nothing() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 1)]);
-    h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap();
-    assert!(h.feed("t", cancel("k1", "O-1"), 0).unwrap().is_empty());
+    feed(&mut h, "t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap();
+    assert!(feed(&mut h, "t", cancel("k1", "O-1"), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 1, reserved: 0 });
     assert_eq!(notes(&h, "compensation_echo"), vec!["cancel_after_failure"]);
     assert!(notes(&h, "late_event").is_empty());
@@ -440,8 +481,8 @@ fn cancel_after_failure_is_a_compensation_echo_and_changes_nothing() {
 fn cancel_before_reservation_blocks_a_late_order_created() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10)]);
-    assert!(h.feed("t", cancel("k1", "O-1"), 0).unwrap().is_empty());
-    assert!(h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap().is_empty());
+    assert!(feed(&mut h, "t", cancel("k1", "O-1"), 0).unwrap().is_empty());
+    assert!(feed(&mut h, "t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001").reserved, 0);
     assert_eq!(notes(&h, "late_event"), vec!["cancel_before_reservation", "created_after_close"]);
 }
@@ -450,10 +491,10 @@ fn cancel_before_reservation_blocks_a_late_order_created() {
 fn expiry_releases_matching_live_reservation_only() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10)]);
-    let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
-    assert!(h.feed("t", expire("x0", "O-1", "some-other-reservation"), 0).unwrap().is_empty());
+    let res_id = reserved_id(&feed(&mut h, "t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
+    assert!(feed(&mut h, "t", expire("x0", "O-1", "some-other-reservation"), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001").reserved, 4);
-    let outs = h.feed("t", expire("x1", "O-1", &res_id), 0).unwrap();
+    let outs = feed(&mut h, "t", expire("x1", "O-1", &res_id), 0).unwrap();
     let Event::StockReservationReleased(r) = &outs[0].event else { panic!() };
     assert_eq!(r.reason, "EXPIRED");
     assert_eq!(r.event_id, derive_event_id("x1", "stock.reservation.released"));
@@ -466,9 +507,13 @@ fn expiry_releases_matching_live_reservation_only() {
 fn expiry_after_completion_is_late() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10)]);
-    let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
-    h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap();
-    assert!(h.feed("t", expire("x1", "O-1", &res_id), 0).unwrap().is_empty());
+    let res_id = reserved_id(&feed(&mut h, "t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
+    {
+        let ev = complete(&h, "c1", "O-1");
+        feed(&mut h, "t", ev, 0)
+    }
+    .unwrap();
+    assert!(feed(&mut h, "t", expire("x1", "O-1", &res_id), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 6, reserved: 0 });
     assert_eq!(notes(&h, "late_event"), vec!["expired_after_deduction"]);
 }
@@ -477,9 +522,15 @@ fn expiry_after_completion_is_late() {
 fn completion_deducts_reserved_stock_with_previous_and_current() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10), ("P-002", 3)]);
-    h.feed("t", order("o1", "O-1", &[("P-001", 4), ("P-002", 3)]), 0).unwrap();
-    let outs = h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap();
+    feed(&mut h, "t", order("o1", "O-1", &[("P-001", 4), ("P-002", 3)]), 0).unwrap();
+    let outs = {
+        let ev = complete(&h, "c1", "O-1");
+        feed(&mut h, "t", ev, 0)
+    }
+    .unwrap();
     assert_eq!(outs.len(), 3);
+    // order.settled first; the sales come back from the HQ's ledger (issue 16).
+    let outs: Vec<Output> = outs[1..].iter().cloned().chain(outs[..1].iter().cloned()).collect();
     let Event::StockUpdated(u) = &outs[0].event else { panic!() };
     assert_eq!((outs[0].port.as_str(), outs[0].key.as_str()), (PORT_UPDATED, "P-001"));
     assert_eq!(u.store_stock, StockLevel { previous: 10, current: 6 });
@@ -501,9 +552,13 @@ fn completion_deducts_reserved_stock_with_previous_and_current() {
     );
     // A second payment (new id) for the settled order is rejected; a cancel after completion
     // releases nothing.
-    let err = h.feed("t", complete(&h, "c2", "O-1"), 0).unwrap_err();
+    let err = {
+        let ev = complete(&h, "c2", "O-1");
+        feed(&mut h, "t", ev, 0)
+    }
+    .unwrap_err();
     assert!(matches!(&err, ProcessError::Invalid(m) if m.contains("already settled")), "{err}");
-    assert!(h.feed("t", cancel("k1", "O-1"), 0).unwrap().is_empty());
+    assert!(feed(&mut h, "t", cancel("k1", "O-1"), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 6, reserved: 0 });
     assert_eq!(notes(&h, "late_event"), vec!["cancel_after_deduction"]);
 }
@@ -537,10 +592,10 @@ fn sales(outs: &[Output]) -> Vec<(&str, i64)> {
 fn a_payment_after_expiry_is_a_late_sale_when_the_units_are_still_there() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10)]);
-    let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
-    h.feed("t", expire("x1", "O-1", &res_id), 0).unwrap();
+    let res_id = reserved_id(&feed(&mut h, "t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
+    feed(&mut h, "t", expire("x1", "O-1", &res_id), 0).unwrap();
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 10, reserved: 0 });
-    let outs = h.feed("t", order_completed("c1", "O-1", &res_id, 3_000), 0).unwrap();
+    let outs = feed(&mut h, "t", order_completed("c1", "O-1", &res_id, 3_000), 0).unwrap();
     assert_eq!(sales(&outs), vec![("P-001", -4)], "the released units sold from available stock");
     let s = settled(&outs);
     assert_eq!((s.outcome.as_str(), s.late, s.reason.as_deref()), (settlement::SOLD, true, None));
@@ -553,12 +608,12 @@ fn a_payment_after_expiry_is_a_late_sale_when_the_units_are_still_there() {
 fn a_payment_after_expiry_whose_units_were_sold_again_requires_a_refund() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 5)]);
-    let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
-    h.feed("t", expire("x1", "O-1", &res_id), 0).unwrap();
+    let res_id = reserved_id(&feed(&mut h, "t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
+    feed(&mut h, "t", expire("x1", "O-1", &res_id), 0).unwrap();
     // The released units are reserved by another order before the late payment arrives.
-    h.feed("t", order("o2", "O-2", &[("P-001", 3)]), 0).unwrap();
+    feed(&mut h, "t", order("o2", "O-2", &[("P-001", 3)]), 0).unwrap();
     let before = (stock(&h, "P-001"), h.store.get_json::<Reservation>(&reservation_key("O-2")));
-    let outs = h.feed("t", order_completed("c1", "O-1", &res_id, 3_000), 0).unwrap();
+    let outs = feed(&mut h, "t", order_completed("c1", "O-1", &res_id, 3_000), 0).unwrap();
     assert!(sales(&outs).is_empty(), "nothing deducted: {outs:?}");
     let s = settled(&outs);
     assert_eq!(
@@ -568,8 +623,8 @@ fn a_payment_after_expiry_whose_units_were_sold_again_requires_a_refund() {
     assert_eq!((stock(&h, "P-001"), h.store.get_json::<Reservation>(&reservation_key("O-2"))), before, "O-2 keeps its units");
     assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Refunded);
     // Settled once: another payment for O-1 is rejected, a cancellation is an echo.
-    assert!(h.feed("t", order_completed("c2", "O-1", &res_id, 3_000), 0).is_err());
-    assert!(h.feed("t", cancel("k1", "O-1"), 0).unwrap().is_empty());
+    assert!(feed(&mut h, "t", order_completed("c2", "O-1", &res_id, 3_000), 0).is_err());
+    assert!(feed(&mut h, "t", cancel("k1", "O-1"), 0).unwrap().is_empty());
     assert_eq!(notes(&h, "settlement"), vec!["refund_required"]);
 }
 
@@ -577,9 +632,9 @@ fn a_payment_after_expiry_whose_units_were_sold_again_requires_a_refund() {
 fn a_payment_after_a_cancellation_is_settled_like_one_after_expiry() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10)]);
-    let res_id = reserved_id(&h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
-    h.feed("t", cancel("k1", "O-1"), 0).unwrap();
-    let outs = h.feed("t", order_completed("c1", "O-1", &res_id, 3_000), 0).unwrap();
+    let res_id = reserved_id(&feed(&mut h, "t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap());
+    feed(&mut h, "t", cancel("k1", "O-1"), 0).unwrap();
+    let outs = feed(&mut h, "t", order_completed("c1", "O-1", &res_id, 3_000), 0).unwrap();
     assert_eq!((settled(&outs).outcome.as_str(), settled(&outs).late), (settlement::SOLD, true));
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 6, reserved: 0 });
 }
@@ -593,16 +648,16 @@ fn a_payment_before_its_order_sells_its_own_items_or_requires_a_refund() {
         items: vec![SoldItem { product_id: "P-001".into(), quantity: 2, actual_price: 100 }],
         ..order_completed("c1", "O-1", "R-1", 3_000)
     };
-    let outs = h.feed("t", paid, 0).unwrap();
+    let outs = feed(&mut h, "t", paid, 0).unwrap();
     assert_eq!(sales(&outs), vec![("P-001", -2)]);
     assert!(settled(&outs).late);
     // Not itemised: nothing known to sell, so a refund.
-    let outs = h.feed("t", order_completed("c9", "O-9", "R-9", 3_000), 0).unwrap();
+    let outs = feed(&mut h, "t", order_completed("c9", "O-9", "R-9", 3_000), 0).unwrap();
     assert_eq!(settled(&outs).outcome, settlement::REFUND_REQUIRED);
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 8, reserved: 0 });
     // The settled orders can no longer reserve.
-    assert!(h.feed("t", order("o1", "O-1", &[("P-001", 1)]), 0).unwrap().is_empty());
-    assert!(h.feed("t", order("o9", "O-9", &[("P-001", 1)]), 0).unwrap().is_empty());
+    assert!(feed(&mut h, "t", order("o1", "O-1", &[("P-001", 1)]), 0).unwrap().is_empty());
+    assert!(feed(&mut h, "t", order("o9", "O-9", &[("P-001", 1)]), 0).unwrap().is_empty());
     assert_eq!(stock(&h, "P-001").reserved, 0);
     assert_eq!(notes(&h, "late_event"), vec!["created_after_close", "created_after_close"]);
 }
@@ -611,10 +666,14 @@ fn a_payment_before_its_order_sells_its_own_items_or_requires_a_refund() {
 fn deduction_that_would_go_negative_is_corrupt_state() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10)]);
-    h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap();
+    feed(&mut h, "t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap();
     // Tamper with the store to break the invariant.
     h.store.data.insert(stock_key(HQ, STORE, "P-001"), serde_json::to_vec(&StockRecord { on_hand: 2, reserved: 4 }).unwrap());
-    let err = h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap_err();
+    let err = {
+        let ev = complete(&h, "c1", "O-1");
+        feed(&mut h, "t", ev, 0)
+    }
+    .unwrap_err();
     assert!(matches!(err, ProcessError::CorruptState { .. }), "{err}");
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 2, reserved: 4 }, "nothing applied");
     assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Live);
@@ -635,7 +694,7 @@ fn outputs_are_deterministic_in_the_input() {
         let mut all = Vec::new();
         for (i, ev) in script.iter().enumerate() {
             // Processing time differs between runs: outputs must not depend on it.
-            all.extend(h.feed("t", ev.clone(), i as i64 * 7).unwrap());
+            all.extend(feed(&mut h, "t", ev.clone(), i as i64 * 7).unwrap());
         }
         (all, h.store.data)
     };
@@ -653,7 +712,7 @@ fn outputs_are_deterministic_in_the_input() {
 fn ignores_unrelated_events() {
     let mut h = harness();
     let ev = stock_reservation_released("r", "O-1", "R", "EXPIRED", 0, &[]);
-    assert!(h.feed("order.created", ev, 0).unwrap().is_empty());
+    assert!(feed(&mut h, "order.created", ev, 0).unwrap().is_empty());
     assert!(h.notes.is_empty());
 }
 
@@ -661,7 +720,7 @@ fn ignores_unrelated_events() {
 fn reserved_two_products() -> Harness<StockReserver> {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10), ("P-002", 5)]);
-    h.feed("t", order("o1", "O-1", &[("P-001", 3), ("P-002", 2)]), 0).unwrap();
+    feed(&mut h, "t", order("o1", "O-1", &[("P-001", 3), ("P-002", 2)]), 0).unwrap();
     h
 }
 
@@ -675,7 +734,11 @@ fn sold(h: &Harness<StockReserver>, items: &[(&str, i32)]) -> OrderCompleted {
 #[test]
 fn a_partial_sale_deducts_what_was_sold_and_releases_the_rest() {
     let mut h = reserved_two_products();
-    let outs = h.feed("t", sold(&h, &[("P-001", 2)]), 0).unwrap();
+    let outs = {
+        let ev = sold(&h, &[("P-001", 2)]);
+        feed(&mut h, "t", ev, 0)
+    }
+    .unwrap();
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 8, reserved: 0 }, "2 sold, 1 back to available");
     assert_eq!(stock(&h, "P-002"), StockRecord { on_hand: 5, reserved: 0 }, "none sold, all back");
     let sales: Vec<(&str, i64)> = outs
@@ -703,7 +766,11 @@ fn a_partial_sale_deducts_what_was_sold_and_releases_the_rest() {
 #[test]
 fn a_full_itemised_sale_releases_nothing() {
     let mut h = reserved_two_products();
-    let outs = h.feed("t", sold(&h, &[("P-002", 2), ("P-001", 3)]), 0).unwrap();
+    let outs = {
+        let ev = sold(&h, &[("P-002", 2), ("P-001", 3)]);
+        feed(&mut h, "t", ev, 0)
+    }
+    .unwrap();
     assert_eq!(stock(&h, "P-001"), StockRecord { on_hand: 7, reserved: 0 });
     assert_eq!(stock(&h, "P-002"), StockRecord { on_hand: 3, reserved: 0 });
     assert!(outs.iter().all(|o| matches!(o.event, Event::StockUpdated(_) | Event::OrderSettled(_))), "{outs:?}");
@@ -726,7 +793,11 @@ fn a_payment_for_another_reservation_or_beyond_it_is_rejected_and_deducts_nothin
     for (want, payment) in cases {
         let mut h = reserved_two_products();
         let before = h.store.data.clone();
-        let err = h.feed("t", payment(&h), 0).unwrap_err();
+        let err = {
+            let ev = payment(&h);
+            feed(&mut h, "t", ev, 0)
+        }
+        .unwrap_err();
         assert!(matches!(&err, ProcessError::Invalid(m) if m.contains(want) && m.contains("nothing deducted")), "{want}: {err}");
         assert_eq!(h.store.data, before, "{want}: nothing applied");
         assert_eq!(reservation(&h, "O-1").unwrap().status, ReservationStatus::Live, "{want}: the reservation is still live");
@@ -746,13 +817,17 @@ fn reconciled(h: &Harness<StockReserver>) -> reconcile::Report {
 fn reconciliation_of_a_healthy_shard_finds_nothing_and_the_punctuation_re_arms() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10), ("P-002", 5)]);
-    h.feed("t", order("o1", "O-1", &[("P-001", 3), ("P-002", 2)]), 0).unwrap();
-    h.feed("t", sold(&h, &[("P-001", 2)]), 0).unwrap();
-    let rid = reserved_id(&h.feed("t", order("o2", "O-2", &[("P-001", 1)]), 0).unwrap());
-    h.feed("t", expire("x2", "O-2", &rid), 0).unwrap();
-    h.feed("t", order_completed("c2", "O-2", &rid, 3_000), 0).unwrap();
-    h.feed("t", order("o3", "O-3", &[("P-002", 1)]), 0).unwrap();
-    restock(&mut h, "a2", &[("P-001", -1)]);
+    feed(&mut h, "t", order("o1", "O-1", &[("P-001", 3), ("P-002", 2)]), 0).unwrap();
+    {
+        let ev = sold(&h, &[("P-001", 2)]);
+        feed(&mut h, "t", ev, 0)
+    }
+    .unwrap();
+    let rid = reserved_id(&feed(&mut h, "t", order("o2", "O-2", &[("P-001", 1)]), 0).unwrap());
+    feed(&mut h, "t", expire("x2", "O-2", &rid), 0).unwrap();
+    feed(&mut h, "t", order_completed("c2", "O-2", &rid, 3_000), 0).unwrap();
+    feed(&mut h, "t", order("o3", "O-3", &[("P-002", 1)]), 0).unwrap();
+    correct(&mut h, "a2", &[("P-001", -1)]);
     let report = reconciled(&h);
     assert_eq!((report.records, report.unledgered, report.mismatches.len()), (2, 0, 0), "{report:?}");
     assert_eq!(h.store.timers.get(RECONCILE_TIMER), Some(&DEFAULT_RECONCILE_INTERVAL_MS), "armed by the first event (now 0)");
@@ -768,7 +843,7 @@ fn reconciliation_of_a_healthy_shard_finds_nothing_and_the_punctuation_re_arms()
 fn reconciliation_finds_a_corrupted_figure_with_both_values() {
     let mut h = harness();
     restock(&mut h, "a1", &[("P-001", 10), ("P-002", 5)]);
-    h.feed("t", order("o1", "O-1", &[("P-002", 2)]), 0).unwrap();
+    feed(&mut h, "t", order("o1", "O-1", &[("P-002", 2)]), 0).unwrap();
     h.store.data.insert(stock_key(HQ, STORE, "P-001"), serde_json::to_vec(&StockRecord { on_hand: 7, reserved: 0 }).unwrap());
     h.store.data.insert(stock_key(HQ, STORE, "P-002"), serde_json::to_vec(&StockRecord { on_hand: 5, reserved: 1 }).unwrap());
     let key = |p: &str| format!("{HQ}:{STORE}/{p}");
@@ -799,8 +874,12 @@ fn stock_older_than_the_ledger_opens_it_at_its_first_change() {
     h.store.data.insert(stock_key(HQ, STORE, "P-001"), serde_json::to_vec(&StockRecord { on_hand: 9, reserved: 0 }).unwrap());
     h.store.data.insert(store_registry_key(HQ, STORE), br#"{"firstAdjustment":""}"#.to_vec());
     assert_eq!((reconciled(&h).unledgered, reconciled(&h).mismatches.len()), (1, 0));
-    h.feed("t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap();
-    h.feed("t", complete(&h, "c1", "O-1"), 0).unwrap();
+    feed(&mut h, "t", order("o1", "O-1", &[("P-001", 4)]), 0).unwrap();
+    {
+        let ev = complete(&h, "c1", "O-1");
+        feed(&mut h, "t", ev, 0)
+    }
+    .unwrap();
     let report = reconciled(&h);
     assert_eq!((report.unledgered, report.mismatches.len()), (0, 0), "{report:?}");
     assert_eq!(

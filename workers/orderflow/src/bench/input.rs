@@ -79,6 +79,9 @@ pub(crate) fn inventory(now: i64) -> Vec<InventoryAdjusted> {
                 adjustment_type: change_reason::RESTOCK.into(),
                 reference_id: "bench".into(),
                 items: (0..PRODUCTS).map(|p| AdjustedItem { product_id: format!("P-B{p}"), delta: 100_000_000 }).collect(),
+                to_store_id: None,
+                reason: None,
+                operator: None,
             }
         })
         .collect()

@@ -25,6 +25,9 @@ pub(super) fn seed_inputs(now: i64) -> (Vec<InventoryAdjusted>, Vec<OrderCreated
         adjustment_type: change_reason::RESTOCK.into(),
         reference_id: "seed-000".into(),
         items: items.iter().map(|(p, q)| AdjustedItem { product_id: p.to_string(), delta: *q }).collect(),
+        to_store_id: None,
+        reason: None,
+        operator: None,
     };
     let order = |id: &str, store: &str, items: &[(&str, i32)]| OrderCreated {
         event_id: format!("seed-order-{id}"),
@@ -57,6 +60,9 @@ pub(super) fn hot_inputs(n: usize, now: i64) -> (InventoryAdjusted, Vec<OrderCre
         adjustment_type: change_reason::RESTOCK.into(),
         reference_id: "hot-orders".into(),
         items: vec![AdjustedItem { product_id: "P-HOT".into(), delta: (n as i64 / 5).max(1) }],
+        to_store_id: None,
+        reason: None,
+        operator: None,
     };
     let orders = (1..=n)
         .map(|i| OrderCreated {

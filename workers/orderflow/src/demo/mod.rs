@@ -56,6 +56,10 @@ pub struct DemoArgs {
     /// Initial stock = this × Σ ps_availqty / 25 per store and part (see README "TPC-H mapping").
     #[arg(long)]
     stock_scale: Option<f64>,
+    /// Share of that stock kept unallocated at the HQ (region), in [0, 1]: stores that run
+    /// short are served from it by the HQ fallback (issue 16; 0 puts everything at the stores).
+    #[arg(long, default_value_t = tpch::DEFAULT_HQ_SHARE, value_parser = parse_share)]
+    hq_share: f64,
     /// Reservation TTL of this run (overrides the topology's 5 minutes so expiries are seen).
     /// With `--external-workers`, start the workers with the same `--reservation-ttl`.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
@@ -173,12 +177,68 @@ struct Observed {
     orders: HashMap<String, OrderTrack>,
     /// (storeKey, productId) → units sold.
     sold: BTreeMap<(String, String), i64>,
+    /// (storeKey, productId) → units a store's on-hand figure moved other than by a sale or a
+    /// restock (issue 16: units from and back to the HQ, distributions, transfers, corrections),
+    /// Σ `changeAmount` of its `stock.updated` rows.
+    moved: BTreeMap<(String, String), i64>,
+    /// (hqId, productId) → the HQ total of the last `stock.updated` row read (rows of one
+    /// product arrive in order: the HQ's ledger publishes them all, keyed by productId).
+    last_hq_total: BTreeMap<(String, String), i64>,
+    /// `stock.updated` rows with a figure below zero.
+    negative_rows: Vec<String>,
+    /// HQ fallback protocol records read on the reserver's commands topic: step → distinct
+    /// eventIds (`FALLBACK_REQUEST`, `FALLBACK_GRANT`, `FALLBACK_DENY`).
+    fallbacks: BTreeMap<String, BTreeSet<String>>,
+    /// Units the HQs granted (Σ items of the distinct `FALLBACK_GRANT` records).
+    fallback_units: i64,
     inventory_updates: usize,
     distinct: BTreeMap<String, u64>,
     duplicates: u64,
     /// eventId → (topic first seen on, its value).
     seen_ids: HashMap<String, (String, Vec<u8>)>,
     payload_conflicts: Vec<String>,
+}
+
+impl Observed {
+    /// Counts one HQ fallback record of the stock hierarchy protocol (other steps are left out).
+    fn allocation(&mut self, a: &StockAllocation) {
+        let fallback = [allocation_step::FALLBACK_REQUEST, allocation_step::FALLBACK_GRANT, allocation_step::FALLBACK_DENY];
+        if fallback.contains(&a.step.as_str()) && self.fallbacks.entry(a.step.clone()).or_default().insert(a.event_id.clone()) {
+            if a.step == allocation_step::FALLBACK_GRANT {
+                self.fallback_units += a.items.iter().map(|i| i64::from(i.quantity)).sum::<i64>();
+            }
+        }
+    }
+
+    /// Books one `stock.updated` row: a sale (units sold, the order's sales), a restock (the
+    /// initial stock's progress), any other move of a store's figure, the HQ total it ends
+    /// with, and a figure below zero.
+    fn stock_row(&mut self, u: &StockUpdated) {
+        let store = (store_key(&u.hq_id, &u.store_id), u.product_id.clone());
+        match u.change_reason.as_str() {
+            change_reason::SALE => {
+                *self.sold.entry(store).or_default() -= u.change_amount;
+                if let Some(tr) = self.orders.get_mut(&u.reference_id) {
+                    tr.sales.insert(u.event_id.clone());
+                }
+            }
+            change_reason::RESTOCK => self.inventory_updates += 1,
+            _ => {
+                self.inventory_updates += 1;
+                if !u.store_id.is_empty() {
+                    *self.moved.entry(store).or_default() += u.change_amount;
+                }
+            }
+        }
+        let hq_total = u.hq_stock.as_ref().map(|l| l.current);
+        if let Some(total) = hq_total {
+            self.last_hq_total.insert((u.hq_id.clone(), u.product_id.clone()), total);
+        }
+        if u.store_stock.current < 0 || hq_total.is_some_and(|t| t < 0) {
+            let row = format!("{} {}/{}/{}: store {}, HQ {hq_total:?}", u.event_id, u.hq_id, u.store_id, u.product_id, u.store_stock.current);
+            self.negative_rows.push(row);
+        }
+    }
 }
 
 /// The demo's summary (also written as JSON with `--json`).
@@ -202,6 +262,13 @@ pub struct Summary {
     /// Records read that repeated an eventId already seen with the same payload.
     pub duplicate_records: u64,
     pub stores: Vec<StoreSummary>,
+    /// Per HQ (issue 16): its figures from the reserver's changelog against the demo's input.
+    pub hqs: Vec<HqSummary>,
+    /// HQ fallbacks read on the reserver's commands topic: step (`FALLBACK_REQUEST`,
+    /// `FALLBACK_GRANT`, `FALLBACK_DENY`) → distinct records.
+    pub hq_fallbacks: BTreeMap<String, usize>,
+    /// Units the HQs granted to short stores.
+    pub hq_fallback_units: i64,
     pub conservation_violations: Vec<String>,
     pub negative_stock: Vec<String>,
     pub payload_conflicts: Vec<String>,
@@ -217,10 +284,33 @@ pub struct StoreSummary {
     pub store: String,
     pub products: usize,
     pub initial: i64,
+    /// Units moved in (+) or out (−) other than by restock or sale: from and back to the HQ
+    /// (fallbacks), distributions, transfers, corrections.
+    pub moved: i64,
     pub available: i64,
     pub reserved: i64,
     pub sold: i64,
     pub conserved: bool,
+}
+
+/// One HQ's stock at the end of the demo, summed over its products (issue 16, seed 004): the
+/// changelog's figures and whether every product holds `total = unallocated + in transit +
+/// Σ stores' on hand = initial − sold`, with nothing in transit and nothing below zero.
+#[derive(Debug, Serialize)]
+pub struct HqSummary {
+    pub hq: String,
+    pub products: usize,
+    /// Units of the initial stock of the HQ and its stores.
+    pub initial: i64,
+    /// Units sold at its stores (`stock.updated` SALE rows).
+    pub sold: i64,
+    pub unallocated: i64,
+    pub in_transit: i64,
+    /// Σ on hand of its stores, from their stock records.
+    pub at_stores: i64,
+    /// The HQ total the ledger holds.
+    pub total: i64,
+    pub holds: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -259,6 +349,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         scale_factor: args.scale_factor,
         max_orders: args.orders,
         stock_scale: args.stock_scale.unwrap_or(tpch::DEFAULT_STOCK_SCALE),
+        hq_share: args.hq_share,
         base_time_ms: now_ms(),
     });
     let (seed_inv, seed_orders) = seed_inputs(now_ms());
@@ -336,7 +427,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let topic_of = |port_kind: &str, port: &str| -> Result<String> { port_topic(t, port_kind, port) };
     let completed_topic = "order.completed".to_string();
     let cancelled_topic = topic_of("canceller", "cancelled")?;
+    // The stock reserver's own input: read for the HQ fallback protocol records only.
+    let commands_topic = topic_of("stock-reserver", "commands")?;
     let observed_topics = [
+        commands_topic.clone(),
         topic_of("stock-reserver", "reserved")?,
         topic_of("stock-reserver", "failed")?,
         topic_of("stock-reserver", "released")?,
@@ -397,6 +491,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 let mut pos_action = None;
                 {
                     let mut o = observed.lock().unwrap();
+                    if topic == commands_topic {
+                        if let Event::StockAllocation(a) = &event {
+                            o.allocation(a);
+                        }
+                        continue;
+                    }
                     match o.seen_ids.get(event.event_id()) {
                         Some((first, prev)) if prev.as_slice() != payload => {
                             let conflict = format!("{} on {topic} (first on {first})", event.event_id());
@@ -412,13 +512,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                         }
                     }
                     match &event {
-                        Event::StockUpdated(u) if u.change_reason == change_reason::SALE => {
-                            *o.sold.entry((store_key(&u.hq_id, &u.store_id), u.product_id.clone())).or_default() += -u.change_amount;
-                            if let Some(tr) = o.orders.get_mut(&u.reference_id) {
-                                tr.sales.insert(u.event_id.clone());
-                            }
-                        }
-                        Event::StockUpdated(_) => o.inventory_updates += 1,
+                        Event::StockUpdated(u) => o.stock_row(u),
                         Event::StockReserved(e) => {
                             if let Some(tr) = o.orders.get_mut(&e.order_id) {
                                 tr.reserved = true;
@@ -625,6 +719,14 @@ const ORDER_TOPIC: &str = "order.created";
 ///
 /// Errors: no such relay in the topology; a `--database-url` other than the
 /// `ORDERFLOW_DATABASE_URL` the relay would read.
+/// `--hq-share`: a number within [0, 1].
+fn parse_share(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a share within [0, 1]")),
+    }
+}
+
 fn pin_database_url(loaded: &mut orderflow_runtime::topology::Loaded, flag: Option<&str>) -> Result<String> {
     let relays: Vec<String> = loaded
         .topology

@@ -7,32 +7,118 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use orderflow_api::events::*;
 
-use super::{Observed, OrderTrack, SeedResult, StoreSummary, Summary, SEED_HQ};
+use super::{HqSummary, Observed, OrderTrack, SeedResult, StoreSummary, Summary, SEED_HQ};
 
-/// (storeKey, productId) → (on hand, reserved) as the stock reserver's changelog holds it:
-/// every partition restored from the changelog alone into a scratch store, so the summary checks
-/// the durable copy of the state, whichever processes wrote it.
-pub(super) fn read_stock(
-    t: &orderflow_runtime::topology::Topology,
-    reserver: &str,
-    scratch: &std::path::Path,
-) -> Result<BTreeMap<(String, String), stock_reserver::StockRecord>> {
-    let mut out = BTreeMap::new();
+/// The stock reserver's figures as its changelog holds them: every partition restored from the
+/// changelog alone into a scratch store, so the summary checks the durable copy of the state,
+/// whichever processes wrote it.
+pub(super) struct Durable {
+    /// (storeKey, productId) → (on hand, reserved).
+    pub(super) stores: BTreeMap<(String, String), stock_reserver::StockRecord>,
+    /// (hqId, productId) → the HQ's figures (issue 16).
+    pub(super) hqs: BTreeMap<(String, String), stock_reserver::HqStock>,
+}
+
+/// Reads [`Durable`] of worker `reserver`, restoring it into `scratch`.
+///
+/// Errors: the restore (broker, changelog), a key without a product, a record that does not parse.
+pub(super) fn read_stock(t: &orderflow_runtime::topology::Topology, reserver: &str, scratch: &std::path::Path) -> Result<Durable> {
+    let mut out = Durable { stores: BTreeMap::new(), hqs: BTreeMap::new() };
+    let split = |k: &[u8], prefix: &[u8]| -> Result<(String, String)> {
+        let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+        let (owner, product) = key.rsplit_once('/').context("stock key without product")?;
+        Ok((owner.to_string(), product.to_string()))
+    };
     for shard in crate::kafkaio::restore_worker_state(t, reserver, scratch)? {
         for (k, v) in shard.scan(stock_reserver::STOCK_PREFIX)? {
-            let key = String::from_utf8_lossy(&k[stock_reserver::STOCK_PREFIX.len()..]).into_owned();
-            let (store_key, product) = key.rsplit_once('/').context("stock key without product")?;
-            let record: stock_reserver::StockRecord = serde_json::from_slice(&v)?;
-            out.insert((store_key.to_string(), product.to_string()), record);
+            out.stores.insert(split(&k, stock_reserver::STOCK_PREFIX)?, serde_json::from_slice(&v)?);
+        }
+        for (k, v) in shard.scan(stock_reserver::HQ_PREFIX)? {
+            out.hqs.insert(split(&k, stock_reserver::HQ_PREFIX)?, serde_json::from_slice(&v)?);
         }
     }
     Ok(out)
 }
 
+/// The HQ of a store key `hqId:storeId`.
+fn hq_of(store_key: &str) -> &str {
+    store_key.split_once(':').map_or(store_key, |(hq, _)| hq)
+}
+
+/// Checks every HQ and product (issue 16, seed 004): the ledger's total = initial (HQ and
+/// stores) − sold = unallocated + Σ stores' on hand, nothing in transit at rest, nothing below
+/// zero, and the last `stock.updated` row read ends at the same total. Returns the per-HQ sums
+/// and the broken rules.
+fn check_hqs(o: &Observed, initial: &BTreeMap<(String, String), i64>, stock: &Durable) -> (Vec<HqSummary>, Vec<String>) {
+    // (hqId, productId) → (initial, sold, Σ on hand at its stores).
+    let mut figures: BTreeMap<(String, String), (i64, i64, i64)> = BTreeMap::new();
+    let hq_product = |(store, product): &(String, String)| (hq_of(store).to_string(), product.clone());
+    for (key, units) in initial {
+        figures.entry(hq_product(key)).or_default().0 += units;
+    }
+    for (key, units) in &o.sold {
+        figures.entry(hq_product(key)).or_default().1 += units;
+    }
+    for (key, rec) in &stock.stores {
+        figures.entry(hq_product(key)).or_default().2 += rec.on_hand;
+    }
+    for key in stock.hqs.keys() {
+        figures.entry(key.clone()).or_default();
+    }
+    let mut violations = Vec::new();
+    let mut hqs: BTreeMap<String, HqSummary> = BTreeMap::new();
+    for ((hq, product), (init, sold, at_stores)) in figures {
+        let rec = stock.hqs.get(&(hq.clone(), product.clone())).copied().unwrap_or_default();
+        let expected = init - sold;
+        let read = o.last_hq_total.get(&(hq.clone(), product.clone())).copied();
+        let mut broken = |what: String| violations.push(format!("{hq}/{product}: {what}"));
+        if rec.total() != expected {
+            broken(format!("HQ total {} != initial {init} − sold {sold}", rec.total()));
+        }
+        if rec.stores != at_stores {
+            broken(format!("HQ ledger's stores {} != Σ stores' on hand {at_stores}", rec.stores));
+        }
+        if rec.in_transit != 0 {
+            broken(format!("{} units still in transit at rest", rec.in_transit));
+        }
+        if rec.unallocated < 0 || rec.stores < 0 || rec.in_transit < 0 {
+            broken(format!("negative HQ figure {rec:?}"));
+        }
+        if read.is_some_and(|r| r != expected) {
+            broken(format!("last stock.updated row read ends at HQ total {read:?}, expected {expected}"));
+        }
+        let ok = rec.total() == expected
+            && rec.stores == at_stores
+            && rec.in_transit == 0
+            && rec.unallocated >= 0
+            && read.is_none_or(|r| r == expected);
+        let h = hqs.entry(hq.clone()).or_insert_with(|| HqSummary {
+            hq: hq.clone(),
+            products: 0,
+            initial: 0,
+            sold: 0,
+            unallocated: 0,
+            in_transit: 0,
+            at_stores: 0,
+            total: 0,
+            holds: true,
+        });
+        h.products += 1;
+        h.initial += init;
+        h.sold += sold;
+        h.unallocated += rec.unallocated;
+        h.in_transit += rec.in_transit;
+        h.at_stores += at_stores;
+        h.total += rec.total();
+        h.holds &= ok;
+    }
+    (hqs.into_values().collect(), violations)
+}
+
 pub(super) fn summarize(
     o: &Observed,
     initial: &BTreeMap<(String, String), i64>,
-    stock: &BTreeMap<(String, String), stock_reserver::StockRecord>,
+    durable: &Durable,
     t: &orderflow_runtime::topology::Topology,
     ttl: Duration,
     wall: Duration,
@@ -69,20 +155,23 @@ pub(super) fn summarize(
     }
     without.sort();
     several.sort();
-    let mut violations = Vec::new();
-    let mut negative = Vec::new();
+    let stock = &durable.stores;
+    let (hqs, mut violations) = check_hqs(o, initial, durable);
+    let mut negative = o.negative_rows.clone();
     let mut stores: BTreeMap<String, StoreSummary> = BTreeMap::new();
-    let keys: BTreeSet<&(String, String)> = initial.keys().chain(stock.keys()).collect();
+    // Store figures: the HQ's own initial stock (key `hqId:`) is checked by check_hqs.
+    let keys: BTreeSet<&(String, String)> = initial.keys().chain(stock.keys()).filter(|(store, _)| !store.ends_with(':')).collect();
     for key in keys {
         let init = initial.get(key).copied().unwrap_or(0);
         let rec = stock.get(key).cloned().unwrap_or(stock_reserver::StockRecord { on_hand: 0, reserved: 0 });
         let sold = o.sold.get(key).copied().unwrap_or(0);
+        let moved = o.moved.get(key).copied().unwrap_or(0);
         let available = rec.on_hand - rec.reserved;
         let expected_live = live.get(key).copied().unwrap_or(0);
-        let ok = init == available + rec.reserved + sold && rec.reserved == expected_live;
+        let ok = init + moved == available + rec.reserved + sold && rec.reserved == expected_live;
         if !ok {
             violations.push(format!(
-                "{}/{}: initial {init} != available {available} + reserved {} + sold {sold} (live reservations from events: {expected_live})",
+                "{}/{}: initial {init} + moved {moved} != available {available} + reserved {} + sold {sold} (live reservations from events: {expected_live})",
                 key.0, key.1, rec.reserved
             ));
         }
@@ -93,6 +182,7 @@ pub(super) fn summarize(
             store: key.0.clone(),
             products: 0,
             initial: 0,
+            moved: 0,
             available: 0,
             reserved: 0,
             sold: 0,
@@ -100,6 +190,7 @@ pub(super) fn summarize(
         });
         s.products += 1;
         s.initial += init;
+        s.moved += moved;
         s.available += available;
         s.reserved += rec.reserved;
         s.sold += sold;
@@ -129,7 +220,7 @@ pub(super) fn summarize(
         });
         format!("{} ({})", tr.outcome(), failed.unwrap_or_else(|| "no failure event".into()))
     };
-    let p001_left = stock.get(&(store_key(SEED_HQ, "ST-SEED-2"), "P-001".into())).map(|r| r.on_hand - r.reserved);
+    let p001_left = durable.stores.get(&(store_key(SEED_HQ, "ST-SEED-2"), "P-001".into())).map(|r| r.on_hand - r.reserved);
     let seeds = vec![
         SeedResult {
             scenario: "seed 000 scenario 1: P-001 ×10, stock 5".into(),
@@ -167,6 +258,9 @@ pub(super) fn summarize(
         distinct_events_per_topic: o.distinct.clone(),
         duplicate_records: o.duplicates,
         stores: stores.into_values().collect(),
+        hqs,
+        hq_fallbacks: o.fallbacks.iter().map(|(step, ids)| (step.clone(), ids.len())).collect(),
+        hq_fallback_units: o.fallback_units,
         conservation_violations: violations,
         negative_stock: negative,
         payload_conflicts: o.payload_conflicts.clone(),
@@ -206,20 +300,48 @@ pub(super) fn print_summary(s: &Summary) {
     for (k, v) in &s.events_per_topic {
         println!("  {k:40} {v:>7}");
     }
-    println!("\n== stock conservation per store (initial = available + reserved + sold)");
-    println!("  {:30} {:>8} {:>10} {:>10} {:>9} {:>9}  ok", "store", "products", "initial", "available", "reserved", "sold");
+    println!("\n== stock conservation per store (initial + moved from/to the HQ = available + reserved + sold)");
+    println!("  {:30} {:>8} {:>10} {:>8} {:>10} {:>9} {:>9}  ok", "store", "products", "initial", "moved", "available", "reserved", "sold");
     for st in &s.stores {
         println!(
-            "  {:24} {:>8} {:>10} {:>10} {:>9} {:>9}  {}",
+            "  {:30} {:>8} {:>10} {:>8} {:>10} {:>9} {:>9}  {}",
             st.store,
             st.products,
             st.initial,
+            st.moved,
             st.available,
             st.reserved,
             st.sold,
             if st.conserved { "yes" } else { "NO" }
         );
     }
+    println!("\n== HQ stock (issue 16: total = unallocated + in transit + Σ stores = initial − sold)");
+    println!(
+        "  {:18} {:>8} {:>10} {:>8} {:>11} {:>10} {:>10} {:>10}  ok",
+        "HQ", "products", "initial", "sold", "unallocated", "in transit", "at stores", "total"
+    );
+    for h in &s.hqs {
+        println!(
+            "  {:18} {:>8} {:>10} {:>8} {:>11} {:>10} {:>10} {:>10}  {}",
+            h.hq,
+            h.products,
+            h.initial,
+            h.sold,
+            h.unallocated,
+            h.in_transit,
+            h.at_stores,
+            h.total,
+            if h.holds { "yes" } else { "NO" }
+        );
+    }
+    let step = |k: &str| s.hq_fallbacks.get(k).copied().unwrap_or(0);
+    println!(
+        "  HQ fallbacks: {} requested, {} served ({} units from HQ), {} refused",
+        step(allocation_step::FALLBACK_REQUEST),
+        step(allocation_step::FALLBACK_GRANT),
+        s.hq_fallback_units,
+        step(allocation_step::FALLBACK_DENY)
+    );
     println!(
         "  violations: {}   negative stock: {}   payload conflicts: {}",
         s.conservation_violations.len(),

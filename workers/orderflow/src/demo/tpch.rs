@@ -1,5 +1,6 @@
 //! TPC-H as a load source for the saga: turns the `tpchgen` tables into `OrderCreated` events
-//! plus an initial `InventoryAdjusted` restock per store.
+//! plus the initial `InventoryAdjusted` restocks: one per HQ (its unallocated stock) and one per
+//! store.
 //!
 //! # Mapping
 //!
@@ -15,15 +16,21 @@
 //!   name the same part (rare) are merged into one item with the summed quantity.
 //! * **Initial stock**: for every store and every part ordered at that store, on-hand =
 //!   `max(0, round(stock_scale × Σ_suppliers ps_availqty / 25))` (PARTSUPP availability spread
-//!   over the 25 nations, then scaled). One `InventoryAdjusted` per store (`adjustmentType`
-//!   `RESTOCK`, `referenceId` `tpch-initial-stock`, `eventId` `"tpch-stock-"` + `storeId`,
-//!   `occurredAt` = `base_time_ms − 1`) listing every item with on-hand > 0 as `delta`; a store
-//!   with no such item gets no event.
+//!   over the 25 nations, then scaled). Of each such figure the store gets
+//!   `round((1 − hq_share) × on-hand)` and its HQ keeps the rest unallocated (seed 004: new stock
+//!   arrives at HQ first; a store that is short is served from there, issue 16). One
+//!   `InventoryAdjusted` per HQ (`storeId` empty, `eventId` `"tpch-stock-"` + `hqId`, the sum of
+//!   its stores' HQ parts per part) and then one per store (`eventId` `"tpch-stock-"` +
+//!   `storeId`), both `adjustmentType` `RESTOCK`, `referenceId` `tpch-initial-stock`,
+//!   `occurredAt` = `base_time_ms − 1`, listing every item with units > 0 as `delta`; an HQ or
+//!   store with no such item gets no event.
 //!
 //! `max_orders` keeps the first N orders by order key, and the stock is computed for those orders
 //! only. Everything is deterministic: the same options give the same events, ids included.
 //! [`DEFAULT_STOCK_SCALE`] is calibrated so that all-or-nothing reservation of the SF 0.01 orders
-//! in order fails for insufficient stock for about 30% of them ([`simulate`]; the example
+//! in order fails for insufficient stock for about 30% of them with no stock at HQ, and
+//! [`DEFAULT_HQ_SHARE`] puts a quarter of it at HQ, where the fallback serves part of the short
+//! orders ([`simulate`] models both; the example
 //! `tpch_calibrate` prints the share for a range of scales:
 //! `cargo run --release -p orderflow --example tpch_calibrate`).
 //!
@@ -45,6 +52,12 @@ use tpchgen::text::TextPool;
 /// (store, part) pair then sees less demand; use about 0.07 there for a similar share.
 pub const DEFAULT_STOCK_SCALE: f64 = 0.1;
 
+/// Default [`TpchOptions::hq_share`]: a quarter of the initial stock stays unallocated at HQ, so
+/// the demo shows HQ fallbacks served and refused (issue 16). With it, [`simulate`] of the SF 0.01
+/// orders (15,000) fails 14.8% of them (2,226, each after its HQ refused the fallback) and serves
+/// 6,165 by a fallback; of the first 1,000, 73 fail and 168 are served by a fallback.
+pub const DEFAULT_HQ_SHARE: f64 = 0.25;
+
 /// `referenceId` of the initial restock events.
 pub const INITIAL_STOCK_REFERENCE: &str = "tpch-initial-stock";
 
@@ -65,15 +78,17 @@ pub struct TpchOptions {
     pub max_orders: Option<usize>,
     /// Multiplier of the initial stock (see the module docs); finite and ≥ 0.
     pub stock_scale: f64,
+    /// Share of the initial stock kept unallocated at HQ, in `[0, 1]` (see the module docs).
+    pub hq_share: f64,
     /// `occurredAt` of the first order, ms since the epoch; order *i* gets `base_time_ms + i`,
     /// the restock events `base_time_ms − 1`.
     pub base_time_ms: i64,
 }
 
 impl Default for TpchOptions {
-    /// SF 0.01, all orders, [`DEFAULT_STOCK_SCALE`], `base_time_ms` 0.
+    /// SF 0.01, all orders, [`DEFAULT_STOCK_SCALE`], [`DEFAULT_HQ_SHARE`], `base_time_ms` 0.
     fn default() -> Self {
-        TpchOptions { scale_factor: 0.01, max_orders: None, stock_scale: DEFAULT_STOCK_SCALE, base_time_ms: 0 }
+        TpchOptions { scale_factor: 0.01, max_orders: None, stock_scale: DEFAULT_STOCK_SCALE, hq_share: DEFAULT_HQ_SHARE, base_time_ms: 0 }
     }
 }
 
@@ -81,7 +96,8 @@ impl Default for TpchOptions {
 /// `orders` (to `order.created`) in list order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TpchInput {
-    /// One `RESTOCK` per store that has stock, in nation-key order.
+    /// One `RESTOCK` per HQ that keeps stock (region-key order), then one per store that has
+    /// stock (nation-key order).
     pub inventory: Vec<InventoryAdjusted>,
     /// One `OrderCreated` per TPC-H order, in order-key order.
     pub orders: Vec<OrderCreated>,
@@ -97,7 +113,8 @@ pub struct TpchInput {
 ///
 /// # Panics
 ///
-/// If `scale_factor` is not finite or below 0.0001, or `stock_scale` is negative or not finite.
+/// If `scale_factor` is not finite or below 0.0001, `stock_scale` is negative or not finite, or
+/// `hq_share` is outside `[0, 1]`.
 pub fn generate(opts: &TpchOptions) -> TpchInput {
     let sf = opts.scale_factor;
     assert!(sf.is_finite() && (10_000.0 * sf) as i64 >= 1, "TPC-H scale factor must be finite and at least 0.0001, got {sf}");
@@ -106,6 +123,7 @@ pub fn generate(opts: &TpchOptions) -> TpchInput {
         "stock_scale must be finite and non-negative, got {}",
         opts.stock_scale
     );
+    assert!((0.0..=1.0).contains(&opts.hq_share), "hq_share must be within [0, 1], got {}", opts.hq_share);
 
     let dists = Distributions::static_default();
     let pool = TextPool::new(TEXT_POOL_BYTES, dists);
@@ -180,28 +198,41 @@ pub fn generate(opts: &TpchOptions) -> TpchInput {
         }
     }
 
-    let inventory = nations
-        .iter()
-        .zip(&demand)
-        .filter_map(|((store_id, region), parts)| {
-            let items: Vec<AdjustedItem> = parts
-                .iter()
-                .filter_map(|part| {
-                    let on_hand = initial_on_hand(available[part], opts.stock_scale);
-                    (on_hand > 0).then(|| AdjustedItem { product_id: product_id(*part), delta: on_hand })
-                })
-                .collect();
-            (!items.is_empty()).then(|| InventoryAdjusted {
-                event_id: format!("tpch-stock-{store_id}"),
-                occurred_at: opts.base_time_ms - 1,
-                hq_id: hqs[*region].clone(),
-                store_id: store_id.clone(),
-                adjustment_type: change_reason::RESTOCK.to_string(),
-                reference_id: INITIAL_STOCK_REFERENCE.to_string(),
-                items,
-            })
+    // Per store: (part, units at the store); per region: part → units kept at its HQ.
+    let mut at_hq: Vec<BTreeMap<i64, i64>> = vec![BTreeMap::new(); hqs.len()];
+    let mut at_stores: Vec<Vec<(i64, i64)>> = Vec::with_capacity(nations.len());
+    for ((_, region), parts) in nations.iter().zip(&demand) {
+        let mut lines = Vec::with_capacity(parts.len());
+        for part in parts {
+            let on_hand = initial_on_hand(available[part], opts.stock_scale);
+            let store_part = ((1.0 - opts.hq_share) * on_hand as f64).round() as i64;
+            *at_hq[*region].entry(*part).or_default() += on_hand - store_part;
+            lines.push((*part, store_part));
+        }
+        at_stores.push(lines);
+    }
+    let restock = |hq_id: &str, store_id: &str, lines: &mut dyn Iterator<Item = (i64, i64)>| {
+        let items: Vec<AdjustedItem> =
+            lines.filter(|(_, units)| *units > 0).map(|(part, units)| AdjustedItem { product_id: product_id(part), delta: units }).collect();
+        (!items.is_empty()).then(|| InventoryAdjusted {
+            event_id: format!("tpch-stock-{}", if store_id.is_empty() { hq_id } else { store_id }),
+            occurred_at: opts.base_time_ms - 1,
+            hq_id: hq_id.to_string(),
+            store_id: store_id.to_string(),
+            adjustment_type: change_reason::RESTOCK.to_string(),
+            reference_id: INITIAL_STOCK_REFERENCE.to_string(),
+            items,
+            to_store_id: None,
+            reason: None,
+            operator: None,
         })
-        .collect();
+    };
+    let hq_events = hqs.iter().zip(&at_hq).filter_map(|(hq_id, parts)| restock(hq_id, "", &mut parts.iter().map(|(p, u)| (*p, *u))));
+    let store_events = nations
+        .iter()
+        .zip(&at_stores)
+        .filter_map(|((store_id, region), lines)| restock(&hqs[*region], store_id, &mut lines.iter().copied()));
+    let inventory = hq_events.chain(store_events).collect();
 
     TpchInput { inventory, orders, stores: demand.iter().filter(|parts| !parts.is_empty()).count(), products: all_parts.len() }
 }
@@ -221,14 +252,19 @@ fn id_part(name: &str) -> String {
 }
 
 /// Outcome of reserving every order of an input in list order, all-or-nothing, with no
-/// releases: how [`DEFAULT_STOCK_SCALE`] is calibrated (the tests, and the example
-/// `tpch_calibrate`: `cargo run --release -p orderflow --example tpch_calibrate`). Not used by
-/// the binary itself.
+/// releases, and the HQ fallback of issue 16 (an order short at its store takes the missing
+/// units from its HQ's unallocated stock when the HQ has them all): how [`DEFAULT_STOCK_SCALE`]
+/// and [`DEFAULT_HQ_SHARE`] are calibrated (the tests, and the example `tpch_calibrate`:
+/// `cargo run --release -p orderflow --example tpch_calibrate`). Not used by the binary itself.
 #[allow(dead_code)]
 #[derive(Debug)]
 pub struct Simulation {
     pub orders: usize,
     pub failed: usize,
+    /// Orders short at their store that the HQ served.
+    pub fallbacks_served: usize,
+    /// Orders short at their store that the HQ could not serve (among `failed`).
+    pub fallbacks_refused: usize,
 }
 
 #[allow(dead_code)]
@@ -242,26 +278,40 @@ impl Simulation {
 /// Reserves every order of `input` in list order against its initial stock ([`Simulation`]).
 #[allow(dead_code)]
 pub fn simulate(input: &TpchInput) -> Simulation {
-    let mut available: std::collections::HashMap<(&str, &str), i64> = std::collections::HashMap::new();
+    // (hqId, storeId or "" for the HQ's unallocated units, productId) → units left.
+    let mut left: std::collections::HashMap<(&str, &str, &str), i64> = std::collections::HashMap::new();
     for adj in &input.inventory {
         for item in &adj.items {
-            *available.entry((&adj.store_id, &item.product_id)).or_default() += item.delta;
+            *left.entry((&adj.hq_id, &adj.store_id, &item.product_id)).or_default() += item.delta;
         }
     }
-    let mut failed = 0;
+    let mut sim = Simulation { orders: input.orders.len(), failed: 0, fallbacks_served: 0, fallbacks_refused: 0 };
     for order in &input.orders {
-        let fits = order.items.iter().all(|item| {
-            available.get(&(order.store_id.as_str(), item.product_id.as_str())).copied().unwrap_or(0) >= i64::from(item.quantity)
-        });
-        if fits {
-            for item in &order.items {
-                *available.get_mut(&(order.store_id.as_str(), item.product_id.as_str())).unwrap() -= i64::from(item.quantity);
-            }
-        } else {
-            failed += 1;
+        let (hq, store) = (order.hq_id.as_str(), order.store_id.as_str());
+        // Per item: (product, units from the store, units missing there).
+        let plan: Vec<(&str, i64, i64)> = order
+            .items
+            .iter()
+            .map(|item| {
+                let at_store = left.get(&(hq, store, item.product_id.as_str())).copied().unwrap_or(0);
+                let wanted = i64::from(item.quantity);
+                (item.product_id.as_str(), wanted.min(at_store), (wanted - at_store).max(0))
+            })
+            .collect();
+        let short = plan.iter().any(|(_, _, missing)| *missing > 0);
+        let hq_has = |(p, _, missing): &(&str, i64, i64)| left.get(&(hq, "", *p)).copied().unwrap_or(0) >= *missing;
+        if short && !plan.iter().all(hq_has) {
+            sim.failed += 1;
+            sim.fallbacks_refused += 1;
+            continue;
+        }
+        sim.fallbacks_served += usize::from(short);
+        for (p, from_store, missing) in plan {
+            *left.entry((hq, store, p)).or_default() -= from_store;
+            *left.entry((hq, "", p)).or_default() -= missing;
         }
     }
-    Simulation { orders: input.orders.len(), failed }
+    sim
 }
 
 #[cfg(test)]
@@ -280,7 +330,9 @@ mod tests {
         assert_eq!(input.orders.len(), 15_000);
         assert_eq!(input.stores, 25);
         assert!(input.products > 1_900 && input.products <= 2_000, "{}", input.products);
-        assert_eq!(input.inventory.len(), 25);
+        // 5 HQs (their unallocated stock), then 25 stores.
+        assert_eq!(input.inventory.len(), 30);
+        assert!(input.inventory[..5].iter().all(|a| a.store_id.is_empty()));
         let lines: usize = input.orders.iter().map(|o| o.items.len()).sum();
         // SF 0.01 has 60,175 LINEITEM rows; a few repeated parts per order are merged.
         assert!(lines <= 60_175 && lines > 60_000, "{lines}");
@@ -326,6 +378,11 @@ mod tests {
             assert_eq!(adj.reference_id, "tpch-initial-stock");
             assert_eq!(adj.occurred_at, -1);
         }
+        for hq in ["HQ-AFRICA", "HQ-AMERICA", "HQ-ASIA", "HQ-EUROPE", "HQ-MIDDLE_EAST"] {
+            let adj = sf001().inventory.iter().find(|a| a.hq_id == hq && a.store_id.is_empty()).expect(hq);
+            assert_eq!(adj.event_id, format!("tpch-stock-{hq}"));
+            assert_eq!(adj.adjustment_type, "RESTOCK");
+        }
         for order in &sf001().orders {
             assert!(order.customer_id.starts_with("C-"));
             assert!(order.items.iter().all(|i| i.product_id.starts_with("P-")));
@@ -356,13 +413,14 @@ mod tests {
             }
             assert_eq!(order.items.iter().map(|i| i64::from(i.quantity)).sum::<i64>(), total);
         }
-        // Availability of one part, by hand.
-        let adj = &input.inventory[0];
+        // Availability of one part at the first store, by hand: its share of the nation's part.
+        let adj = input.inventory.iter().find(|a| !a.store_id.is_empty()).unwrap();
         let item = &adj.items[0];
         let part: i64 = item.product_id[2..].parse().unwrap();
         let sum: i64 =
             PartSuppGenerator::new(0.01, 1, 1).iter().filter(|ps| ps.ps_partkey == part).map(|ps| i64::from(ps.ps_availqty)).sum();
-        assert_eq!(item.delta, (DEFAULT_STOCK_SCALE * sum as f64 / 25.0).round() as i64);
+        let nation_part = (DEFAULT_STOCK_SCALE * sum as f64 / 25.0).round();
+        assert_eq!(item.delta, ((1.0 - DEFAULT_HQ_SHARE) * nation_part).round() as i64);
     }
 
     #[test]
@@ -381,7 +439,7 @@ mod tests {
         let products: HashSet<&str> = ordered.iter().map(|(_, p)| *p).collect();
         assert_eq!(input.products, products.len());
         assert!(input.stores <= 25);
-        for adj in &input.inventory {
+        for adj in input.inventory.iter().filter(|a| !a.store_id.is_empty()) {
             for item in &adj.items {
                 assert!(item.delta > 0);
                 assert!(ordered.contains(&(adj.store_id.as_str(), item.product_id.as_str())));
@@ -393,7 +451,7 @@ mod tests {
             .iter()
             .flat_map(|a| a.items.iter().map(move |i| ((a.store_id.as_str(), i.product_id.as_str()), i.delta)))
             .collect();
-        for adj in &input.inventory {
+        for adj in input.inventory.iter().filter(|a| !a.store_id.is_empty()) {
             for item in &adj.items {
                 assert_eq!(full[&(adj.store_id.as_str(), item.product_id.as_str())], item.delta);
             }
@@ -414,11 +472,35 @@ mod tests {
     }
 
     #[test]
-    fn default_stock_scale_fails_about_30_percent_of_sf001() {
-        let sim = simulate(sf001());
-        println!("SF 0.01, stock_scale {DEFAULT_STOCK_SCALE}: {sim:?}, failure share {:.3}", sim.share());
+    fn default_stock_scale_fails_about_30_percent_of_sf001_without_hq_stock() {
+        let sim = simulate(&generate(&TpchOptions { hq_share: 0.0, ..TpchOptions::default() }));
+        println!("SF 0.01, stock_scale {DEFAULT_STOCK_SCALE}, nothing at HQ: {sim:?}, failure share {:.3}", sim.share());
         assert!((0.20..=0.35).contains(&sim.share()), "{sim:?} share {}", sim.share());
+        assert_eq!(sim.fallbacks_served, 0);
         let small = simulate(&generate(&TpchOptions { max_orders: Some(1_000), ..TpchOptions::default() }));
         println!("SF 0.01, max_orders 1000: {small:?}, failure share {:.3}", small.share());
+    }
+
+    /// The default split shows the fallback both ways, and moving stock to HQ moves units
+    /// without creating or losing any: per region and part, HQ + Σ stores = the store-only total.
+    #[test]
+    fn default_hq_share_serves_and_refuses_fallbacks_and_keeps_every_unit() {
+        let sim = simulate(sf001());
+        println!("SF 0.01, hq_share {DEFAULT_HQ_SHARE}: {sim:?}, failure share {:.3}", sim.share());
+        assert!(sim.fallbacks_served > 500 && sim.fallbacks_refused > 500, "{sim:?}");
+        let totals = |input: &TpchInput| {
+            let mut t: BTreeMap<(String, String), i64> = BTreeMap::new();
+            for a in &input.inventory {
+                for i in &a.items {
+                    *t.entry((a.hq_id.clone(), i.product_id.clone())).or_default() += i.delta;
+                }
+            }
+            t
+        };
+        let store_only = generate(&TpchOptions { hq_share: 0.0, ..TpchOptions::default() });
+        assert!(store_only.inventory.iter().all(|a| !a.store_id.is_empty()));
+        assert_eq!(totals(sf001()), totals(&store_only));
+        let all_at_hq = generate(&TpchOptions { hq_share: 1.0, max_orders: Some(300), ..TpchOptions::default() });
+        assert!(all_at_hq.inventory.iter().all(|a| a.store_id.is_empty()));
     }
 }

@@ -162,10 +162,10 @@ fn causal_rank(e: &Event) -> u8 {
     match e {
         Event::InventoryAdjusted(_) => 0,
         Event::OrderCreated(_) => 1,
-        Event::StockReserved(_) | Event::StockReservationFailed(_) => 2,
+        Event::StockReserved(_) | Event::StockReservationFailed(_) | Event::StockAllocation(_) => 2,
         Event::OrderConfirmed(_) => 3,
         Event::OrderCompleted(_) | Event::StockReservationExpired(_) => 4,
-        Event::StockReservationReleased(_) | Event::StockUpdated(_) => 5,
+        Event::StockReservationReleased(_) | Event::StockUpdated(_) | Event::StockLedgerEntry(_) => 5,
         Event::OrderSettled(_) => 6,
         Event::OrderCancelled(_) => 7,
     }
@@ -236,6 +236,21 @@ pub fn detail(e: &Event) -> String {
         Event::InventoryAdjusted(e) => {
             format!("{} {}, items {}", e.adjustment_type, e.reference_id, items(e.items.iter().map(|i| (i.product_id.as_str(), i.delta))))
         }
+        Event::StockAllocation(e) => format!(
+            "{} {}, {} → {}, items {}",
+            e.step,
+            e.reference_id,
+            store_key(&e.hq_id, &e.from_store_id),
+            store_key(&e.hq_id, &e.store_id),
+            items(e.items.iter().map(|i| (i.product_id.as_str(), i.quantity)))
+        ),
+        Event::StockLedgerEntry(e) => format!(
+            "{} {} at {}, items {}",
+            e.change_reason,
+            e.reference_id,
+            store_key(&e.hq_id, &e.store_id),
+            items(e.lines.iter().map(|l| (l.product_id.as_str(), l.store_current - l.store_previous)))
+        ),
     }
 }
 

@@ -773,6 +773,8 @@ fn event_to_value(event: &Event) -> Result<Value, apache_avro::Error> {
         Event::StockReservationReleased(e) => to_value(e),
         Event::InventoryAdjusted(e) => to_value(e),
         Event::OrderSettled(e) => to_value(e),
+        Event::StockAllocation(e) => to_value(e),
+        Event::StockLedgerEntry(e) => to_value(e),
     }
 }
 

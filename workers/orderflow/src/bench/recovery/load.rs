@@ -43,6 +43,9 @@ pub(super) fn load_input(
                         adjustment_type: change_reason::RESTOCK.into(),
                         reference_id: "bench-recovery".into(),
                         items: (p..end).map(|p| AdjustedItem { product_id: format!("P-B{p}"), delta: 1_000_000 }).collect(),
+                        to_store_id: None,
+                        reason: None,
+                        operator: None,
                     };
                     let e = Event::InventoryAdjusted(inv);
                     out.push((kind.input().to_string(), e.store_key(), e));

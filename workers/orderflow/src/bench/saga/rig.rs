@@ -232,6 +232,9 @@ impl Rig {
             scale_factor: POOL_SCALE_FACTOR,
             max_orders: None,
             stock_scale: args.stock_scale,
+            // Every unit at the stores: the saga benchmark measures the store-level path (the
+            // HQ fallback has its own scenario, `bench hierarchy`).
+            hq_share: 0.0,
             base_time_ms: now_ms(),
         });
         let orders = Arc::new(Orders { pool: input.orders });

@@ -1,3 +1,5 @@
+use std::collections::HashSet;
+
 use orderflow_api::events::StockUpdated;
 use orderflow_api::fixtures::*;
 use orderflow_api::{derive_event_id, MemoryStore};
@@ -117,17 +119,26 @@ fn reserver_ports() -> BTreeMap<String, String> {
         ("failed", "stock.reservation.failed"),
         ("released", "stock.reservation.released"),
         ("updated", "stock.updated"),
+        ("commands", "stock.commands"),
     ]
     .into_iter()
     .map(|(p, t)| (p.to_string(), t.to_string()))
     .collect()
 }
 
+/// A store-only stock reserver (TTL `ttl`, no HQ fallback: a short order is answered at once
+/// rather than through the HQ's records on `stock.commands`, which a replay of the topic reads
+/// as inputs of their own).
+fn store_only(ttl: i64) -> stock_reserver::StockReserver {
+    let off = stock_reserver::FallbackPolicy { enabled: false, ..Default::default() };
+    stock_reserver::StockReserver::new(ttl).with_fallback(off)
+}
+
 /// A stock reserver (TTL `ttl`) over a shadow rebuilt from a changelog holding a restock of
 /// 10 × P-1, committed at input offset 1.
 fn reserver_engine(ttl: i64) -> Engine {
     let mut empty = MemoryStore::default();
-    let mut p = stock_reserver::StockReserver::new(ttl);
+    let mut p = store_only(ttl);
     let ctx = Context {
         topic: TOPIC.into(),
         partition: 0,
@@ -147,7 +158,7 @@ fn reserver_engine(ttl: i64) -> Engine {
     };
     assert_eq!(state(&shadow), state(&empty), "the shadow is the committed state");
     assert!(shadow.data.keys().any(|k| orderflow_runtime::retention::indexed_marker(k).is_some()), "with its marker indexed");
-    Engine::new("stock-reserver", Box::new(stock_reserver::StockReserver::new(ttl)), TOPIC, reserver_ports(), BTreeMap::from([(0, shadow)]))
+    Engine::new("stock-reserver", Box::new(store_only(ttl)), TOPIC, reserver_ports(), BTreeMap::from([(0, shadow)]))
 }
 
 /// Inputs 1..=5: an order, its repeat, an order without a store, a record that does not
@@ -257,15 +268,15 @@ async fn diff_classifies_same_changed_missing_and_extra() {
     ];
 
     // Identical runs: all same.
-    let (entries, counts) = diff(&shadow.emitted, &actual, &mut Causes::of(&inputs), |_| true);
-    assert_eq!(counts, DiffCounts { same: 2, changed: 0, missing: 0, extra: 0 });
+    let (entries, counts) = diff(&shadow.emitted, &actual, &mut Causes::of(&inputs), |_| true, &HashSet::new());
+    assert_eq!(counts, DiffCounts { same: 2, changed: 0, missing: 0, extra: 0, beyond: 0 });
     assert!(entries.iter().all(|e| e.status == Status::Same && e.replay.is_none()));
 
     // Another TTL: stock.reserved changed in expiresAt only.
     let mut other = reserver_engine(2 * TTL);
     replay(&mut other).await;
-    let (entries, counts) = diff(&other.emitted, &actual, &mut Causes::of(&inputs), |_| true);
-    assert_eq!(counts, DiffCounts { same: 1, changed: 1, missing: 0, extra: 0 });
+    let (entries, counts) = diff(&other.emitted, &actual, &mut Causes::of(&inputs), |_| true, &HashSet::new());
+    assert_eq!(counts, DiffCounts { same: 1, changed: 1, missing: 0, extra: 0, beyond: 0 });
     let changed = entries.iter().find(|e| e.status == Status::Changed).unwrap();
     assert_eq!(changed.event, "StockReserved");
     assert_eq!(
@@ -301,15 +312,19 @@ async fn diff_classifies_same_changed_missing_and_extra() {
             payload: Vec::new(),
         });
     }
-    let (entries, counts) = diff(&shadow.emitted, &actual, &mut Causes::of(&inputs), |_| true);
-    assert_eq!(counts, DiffCounts { same: 1, changed: 0, missing: 1, extra: 1 });
+    let (entries, counts) = diff(&shadow.emitted, &actual, &mut Causes::of(&inputs), |_| true, &HashSet::new());
+    assert_eq!(counts, DiffCounts { same: 1, changed: 0, missing: 1, extra: 1, beyond: 0 });
     let missing = entries.iter().find(|e| e.status == Status::Missing).unwrap();
     assert_eq!((missing.key.as_str(), missing.event.as_str()), ("O-2", "StockReservationFailed"));
     let extra = entries.iter().find(|e| e.status == Status::Extra).unwrap();
     assert_eq!(extra.event_id, derive_event_id("e-o1", "stock.updated/P-1"));
     // Outside the window it is not reported.
-    let (_, counts) = diff(&shadow.emitted, &actual, &mut Causes::of(&inputs), |a| a.topic != "stock.updated");
+    let (_, counts) = diff(&shadow.emitted, &actual, &mut Causes::of(&inputs), |a| a.topic != "stock.updated", &HashSet::new());
     assert_eq!(counts.extra, 0);
+    // Caused by a record the replay wrote to a partition it did not replay: beyond, not extra.
+    let beyond = HashSet::from(["e-o1".to_string()]);
+    let (entries, counts) = diff(&shadow.emitted, &actual, &mut Causes::of(&inputs), |_| true, &beyond);
+    assert_eq!(counts, DiffCounts { same: 1, changed: 0, missing: 1, extra: 0, beyond: 1 }, "{entries:?}");
 }
 
 #[tokio::test]
@@ -322,7 +337,7 @@ async fn field_diffs_name_nested_paths_and_the_record_key() {
     replay(&mut e).await;
     let mut a = actual_of(&e.emitted[0], 0);
     a.key = Some("other".into());
-    let (entries, _) = diff(&e.emitted[..1], &[a], &mut Causes::default(), |_| true);
+    let (entries, _) = diff(&e.emitted[..1], &[a], &mut Causes::default(), |_| true, &HashSet::new());
     assert_eq!(entries[0].status, Status::Changed);
     assert_eq!(entries[0].fields[0].path, "key");
 }
@@ -334,10 +349,10 @@ async fn same_fields_with_other_bytes_is_changed_in_payload() {
     let mut emitted = e.emitted[..1].to_vec();
     emitted[0].payload = Some(vec![0xc3, 0x01, 0xaa]);
     let mut a = actual_of(&emitted[0], 0);
-    let (_, counts) = diff(&emitted, std::slice::from_ref(&a), &mut Causes::default(), |_| true);
+    let (_, counts) = diff(&emitted, std::slice::from_ref(&a), &mut Causes::default(), |_| true, &HashSet::new());
     assert_eq!(counts.same, 1, "identical bytes");
     a.payload = vec![0xc3, 0x01, 0xab];
-    let (entries, counts) = diff(&emitted, &[a], &mut Causes::default(), |_| true);
+    let (entries, counts) = diff(&emitted, &[a], &mut Causes::default(), |_| true, &HashSet::new());
     assert_eq!(counts.changed, 1);
     assert_eq!(entries[0].fields, vec![FieldDiff { path: "payload".into(), replay: json!("c301aa"), actual: json!("c301ab") }]);
 }
