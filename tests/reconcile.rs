@@ -115,10 +115,19 @@ fn a_corrupted_stock_figure_is_found_by_the_reconciliation_and_a_healthy_run_sho
     );
     assert_eq!(metric(port, "orderflow_stock_conservation_mismatches_total", &[("worker", "stock-reserver")]), 0.0, "healthy run");
     assert_eq!(reconciliations(port, "mismatch"), 0.0);
-    let out = reconcile_cli(&topology, &broker.bootstrap);
-    assert!(out.status.success(), "orderflow reconcile on a healthy run: {}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("reconcile --json");
+    // The cross-shard HQ rules (issue 16) are judged once the reserver has nothing in flight: the
+    // ledger entries the store's changes sent to its HQ are applied shortly after the orders.
+    let report = common::wait_for("reconcile at rest", &log, &mut workers, Duration::from_secs(60), Duration::from_millis(500), || {
+        let out = reconcile_cli(&topology, &broker.bootstrap);
+        assert!(out.status.success(), "orderflow reconcile on a healthy run: {}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("reconcile --json");
+        (report["at_rest"] == true).then_some(report)
+    });
     assert_eq!((report["stock_records"].as_u64(), report["mismatches"].as_u64()), (Some(3), Some(0)), "{report}");
+    // One HQ ledger per product, its `stores` = the store's 20 units, nothing in transit.
+    assert_eq!((report["hq"]["records"].as_u64(), report["hq"]["mismatches"].as_array().map(Vec::len)), (Some(3), Some(0)), "{report}");
+    let waiting: u64 = report["backlog"].as_array().expect("backlog").iter().map(|b| b["pending"].as_u64().expect("pending")).sum();
+    assert_eq!(waiting, 0, "{report}");
 
     // 2. Stop, change one figure in the local store, start again.
     let (stopped, _) = workers.terminate(Duration::from_secs(30));

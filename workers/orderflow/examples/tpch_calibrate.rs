@@ -18,7 +18,10 @@ fn main() {
                 let input = generate(&TpchOptions { max_orders, stock_scale: scale, hq_share, ..TpchOptions::default() });
                 let elapsed = started.elapsed();
                 let sim = simulate(&input);
-                println!("max_orders {max_orders:?} stock_scale {scale} hq_share {hq_share}: share {:.3} ({sim:?}) in {elapsed:?}", sim.share());
+                println!(
+                    "max_orders {max_orders:?} stock_scale {scale} hq_share {hq_share}: share {:.3} ({sim:?}) in {elapsed:?}",
+                    sim.share()
+                );
             }
         }
     }

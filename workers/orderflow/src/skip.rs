@@ -372,17 +372,7 @@ async fn wait_for_no_members(t: &Topology, group: &str, wait: Duration) -> Resul
 /// The offset `group` committed for `topic[partition]`, if any.
 async fn committed_offset(t: &Topology, group: &str, topic: &str, partition: i32) -> Result<Option<i64>> {
     let (t, group, topic) = (t.clone(), group.to_string(), topic.to_string());
-    blocking(move || {
-        let client = group_client(&t, &group)?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&topic, partition);
-        let got = client.committed_offsets(tpl, META_TIMEOUT)?;
-        Ok(got.elements().first().and_then(|e| match e.offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
-        }))
-    })
-    .await
+    blocking(move || Ok(crate::kafkaio::backlog::committed_offsets(&t, &group, &topic, &[partition])?[0])).await
 }
 
 /// Commits `offset` for `topic[partition]` in `group` as a non-member.

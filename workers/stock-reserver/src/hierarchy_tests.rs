@@ -307,3 +307,33 @@ fn the_topology_policy_parses_with_per_hq_overrides() {
     assert_eq!(c.hq_fallback.for_hq("HQ-9"), (false, 2, 0));
     assert!(toml::from_str::<Config>("[hq_fallback]\nkeep_at_hq = -1").unwrap().validate().is_err());
 }
+
+/// The cross-shard reconciliation (`orderflow reconcile`): after restock, distribution,
+/// transfer, a fallback and a sale the HQ ledger matches its stores; a figure changed behind the
+/// reserver's back is found, units in transit are judged only at rest, negatives always.
+#[test]
+fn hq_reconciliation_matches_the_stores_and_finds_a_tampered_ledger() {
+    let mut h = stocked(FallbackPolicy::default());
+    feed(&mut h, transfer("t1", STORE, OTHER, &[("P-1", 10)])).unwrap();
+    // S-1 holds 20 after the transfer: 5 of the 25 come from the HQ.
+    let outs = feed(&mut h, order_created("o1", "O-1", 1_000, &[("P-1", 25)])).unwrap();
+    let Event::StockReserved(r) = answer(&outs) else { panic!("{outs:?}") };
+    feed(&mut h, order_completed("c1", "O-1", &r.reservation_id, 3_000)).unwrap();
+    assert_eq!(hq(&h, "P-1"), HqStock { unallocated: 65, in_transit: 0, stores: 10 });
+    let check = |h: &Harness<StockReserver>, at_rest| reconcile_hqs(&[StateTxn::new(&h.store)], at_rest).unwrap();
+    let clean = check(&h, true);
+    assert_eq!((clean.records, clean.unledgered, clean.mismatches.len()), (1, 0, 0), "{clean:?}");
+    assert_conserved(&h, "P-1", &[STORE, OTHER]);
+
+    let key = format!("{HQ}/P-1");
+    let good = hq(&h, "P-1");
+    let tampered = HqStock { stores: good.stores + 3, in_transit: 2, ..good };
+    h.store.data.insert(hq_key(HQ, "P-1"), serde_json::to_vec(&tampered).unwrap());
+    let rules: Vec<(&str, i64, i64)> = check(&h, true).mismatches.iter().map(|m| (m.rule, m.expected, m.found)).collect();
+    assert_eq!(rules, vec![("hq_in_transit", 0, 2), ("hq_stores", good.stores, good.stores + 3)]);
+    assert!(check(&h, false).mismatches.is_empty(), "entries may be in flight when not at rest");
+
+    h.store.data.insert(hq_key(HQ, "P-1"), serde_json::to_vec(&HqStock { unallocated: -1, ..good }).unwrap());
+    let m = check(&h, false).mismatches;
+    assert_eq!((m.len(), m[0].key.as_str(), m[0].rule), (1, key.as_str(), "negative_hq_unallocated"));
+}

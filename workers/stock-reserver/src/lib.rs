@@ -53,7 +53,7 @@ pub mod hierarchy;
 pub mod movements;
 pub mod reconcile;
 pub use hierarchy::{hq_key, FallbackPolicy, HqOverride, HqStock, HQ_PREFIX};
-pub use reconcile::{reconcile, DEFAULT_RECONCILE_INTERVAL_MS, RECONCILE_TIMER};
+pub use reconcile::{reconcile, reconcile_hqs, HqReport, DEFAULT_RECONCILE_INTERVAL_MS, RECONCILE_TIMER};
 
 /// Its settings in `topology.toml` (the keys of its `[workers.<name>]` entry beyond the common
 /// ones, parsed by the kinds registry).

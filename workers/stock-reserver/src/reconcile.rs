@@ -165,3 +165,75 @@ pub fn reconcile(state: &StateTxn) -> Result<Report, ProcessError> {
     report.mismatches.sort_by(|a, b| a.key.cmp(&b.key).then(a.rule.cmp(b.rule)));
     Ok(report)
 }
+
+/// What the cross-shard HQ check found (issue 16, seed 004: "HQ 총 재고 = 미할당 + Σ 매장").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HqReport {
+    /// HQ stock records (`hq/{hqId}/{productId}`) checked.
+    pub records: usize,
+    /// (HQ, product) pairs with store stock but no HQ record: stock written before the HQ ledger
+    /// existed and never changed since (not a mismatch, like [`Report::unledgered`]).
+    pub unledgered: usize,
+    /// Broken rules, in key order; the keys are `{hqId}/{productId}`.
+    pub mismatches: Vec<Mismatch>,
+}
+
+/// Checks every HQ's figures against its stores' across **all** state shards of the stock
+/// reserver (the HQ's record lives on the HQ key's shard, its stores on theirs):
+///
+/// - `hq_stores`: the HQ ledger's `stores` = Σ on hand of the HQ's stores (only when `at_rest`);
+/// - `hq_in_transit`: nothing in transit (only when `at_rest`);
+/// - `negative_hq_unallocated`, `negative_hq_in_transit`, `negative_hq_stores`: always.
+///
+/// `at_rest` says that no record waits on the reserver's input: a [`StockLedgerEntry`] in flight
+/// legitimately leaves the two levels apart until it is applied, so the cross-shard rules are
+/// only judged when nothing is in flight (the caller checks the consumer group's position).
+///
+/// Errors: [`ProcessError::CorruptState`] for a stock or HQ record that does not parse.
+///
+/// [`StockLedgerEntry`]: orderflow_api::events::StockLedgerEntry
+pub fn reconcile_hqs(shards: &[StateTxn], at_rest: bool) -> Result<HqReport, ProcessError> {
+    let corrupt = |key: &[u8], e: serde_json::Error| ProcessError::CorruptState {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: format!("reconciliation cannot read it: {e}"),
+    };
+    // "{hqId}/{productId}" → Σ on hand of its stores.
+    let mut at_stores: BTreeMap<String, i64> = BTreeMap::new();
+    let mut hqs: BTreeMap<String, crate::HqStock> = BTreeMap::new();
+    for state in shards {
+        for (k, v) in state.scan_prefix(STOCK_PREFIX) {
+            let key = String::from_utf8_lossy(&k[STOCK_PREFIX.len()..]).into_owned();
+            let (store, product) = key.rsplit_once('/').unwrap_or((key.as_str(), ""));
+            let hq = store.split_once(':').map_or(store, |(hq, _)| hq);
+            let rec: StockRecord = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+            *at_stores.entry(format!("{hq}/{product}")).or_default() += rec.on_hand;
+        }
+        for (k, v) in state.scan_prefix(crate::HQ_PREFIX) {
+            hqs.insert(
+                String::from_utf8_lossy(&k[crate::HQ_PREFIX.len()..]).into_owned(),
+                serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?,
+            );
+        }
+    }
+    let mut report = HqReport { records: hqs.len(), ..HqReport::default() };
+    for (key, rec) in &hqs {
+        let mut broken = |rule, expected, found| report.mismatches.push(Mismatch { key: key.clone(), rule, expected, found });
+        let stores = at_stores.get(key).copied().unwrap_or(0);
+        if at_rest && rec.stores != stores {
+            broken("hq_stores", stores, rec.stores);
+        }
+        if at_rest && rec.in_transit != 0 {
+            broken("hq_in_transit", 0, rec.in_transit);
+        }
+        for (rule, found) in
+            [("negative_hq_unallocated", rec.unallocated), ("negative_hq_in_transit", rec.in_transit), ("negative_hq_stores", rec.stores)]
+        {
+            if found < 0 {
+                broken(rule, 0, found);
+            }
+        }
+    }
+    report.unledgered = at_stores.iter().filter(|(k, units)| !hqs.contains_key(*k) && **units != 0).count();
+    report.mismatches.sort_by(|a, b| a.key.cmp(&b.key).then(a.rule.cmp(b.rule)));
+    Ok(report)
+}

@@ -235,7 +235,8 @@ impl Observed {
             self.last_hq_total.insert((u.hq_id.clone(), u.product_id.clone()), total);
         }
         if u.store_stock.current < 0 || hq_total.is_some_and(|t| t < 0) {
-            let row = format!("{} {}/{}/{}: store {}, HQ {hq_total:?}", u.event_id, u.hq_id, u.store_id, u.product_id, u.store_stock.current);
+            let row =
+                format!("{} {}/{}/{}: store {}, HQ {hq_total:?}", u.event_id, u.hq_id, u.store_id, u.product_id, u.store_stock.current);
             self.negative_rows.push(row);
         }
     }

@@ -212,8 +212,10 @@ pub fn generate(opts: &TpchOptions) -> TpchInput {
         at_stores.push(lines);
     }
     let restock = |hq_id: &str, store_id: &str, lines: &mut dyn Iterator<Item = (i64, i64)>| {
-        let items: Vec<AdjustedItem> =
-            lines.filter(|(_, units)| *units > 0).map(|(part, units)| AdjustedItem { product_id: product_id(part), delta: units }).collect();
+        let items: Vec<AdjustedItem> = lines
+            .filter(|(_, units)| *units > 0)
+            .map(|(part, units)| AdjustedItem { product_id: product_id(part), delta: units })
+            .collect();
         (!items.is_empty()).then(|| InventoryAdjusted {
             event_id: format!("tpch-stock-{}", if store_id.is_empty() { hq_id } else { store_id }),
             occurred_at: opts.base_time_ms - 1,

@@ -3,8 +3,10 @@
 //! partition counts and offsets by time ([`reader`]); the producers' murmur2 partitioner
 //! (`orderflow_runtime::partitioner`, re-exported); RFC 3339 record times ([`time`]); a worker's state restored from its
 //! changelog ([`restore_worker_state`]); the producers' size check ([`limits`]: every record
-//! against its topic's limit before anything is produced).
+//! against its topic's limit before anything is produced); a group's unprocessed records
+//! ([`backlog`]).
 
+pub mod backlog;
 pub mod limits;
 pub mod reader;
 pub mod time;
