@@ -8,6 +8,7 @@ use futures::StreamExt;
 use orderflow_api::events::*;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
+use serde::Serialize;
 
 // ------------------------------------------------------------------ synthetic input
 
@@ -39,7 +40,57 @@ pub(crate) fn store(i: usize) -> (String, String) {
 /// Order `i` of the synthetic input: one of [`STORES`] stores, 1–4 distinct products of
 /// [`PRODUCTS`], 1–5 units each.
 pub(crate) fn order(i: u64, rng: &mut Rng, now: i64) -> OrderCreated {
-    let (hq_id, store_id) = store(rng.below(STORES as u64) as usize);
+    order_in(Layout::FiveHqs, i, rng, now)
+}
+
+/// The stores, HQs and stock of the stock reserver's benchmark input (`bench worker --layout`;
+/// issue 16 measures the HQ fallback against the store-only reservation on the same stores).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// [`STORES`] stores under 5 HQs, every product stocked at every store.
+    FiveHqs,
+    /// One HQ and [`HIERARCHY_STORES`] stores, every product stocked at every store: every
+    /// order is reserved at its store (the store-only reservation).
+    StoreOnly,
+    /// One HQ and [`HIERARCHY_STORES`] stores; every [`HQ_ONLY_EVERY`]th product is stocked only
+    /// at the HQ, so an order naming one (about 12% of them) is served by an HQ fallback
+    /// (request, grant, received: three records more on `stock.commands`, through the HQ's one
+    /// partition).
+    HqFallback,
+}
+
+/// Stores of the one-HQ layouts: seed 004's "one HQ, hundreds of stores", at 100.
+pub(crate) const HIERARCHY_STORES: usize = 100;
+/// In [`Layout::HqFallback`], products `P-B{p}` with `p % HQ_ONLY_EVERY == 0` are at the HQ only.
+pub(crate) const HQ_ONLY_EVERY: usize = 20;
+
+impl Layout {
+    fn stores(self) -> usize {
+        match self {
+            Layout::FiveHqs => STORES,
+            Layout::StoreOnly | Layout::HqFallback => HIERARCHY_STORES,
+        }
+    }
+
+    /// Store `i` of the layout: `(hqId, storeId)`.
+    pub(crate) fn store(self, i: usize) -> (String, String) {
+        match self {
+            Layout::FiveHqs => store(i),
+            Layout::StoreOnly | Layout::HqFallback => ("HQ-H".to_string(), format!("ST-H{i:03}")),
+        }
+    }
+
+    /// Whether the layout stocks product `p` at the stores (else at the HQ only).
+    pub(crate) fn at_stores(self, p: usize) -> bool {
+        self != Layout::HqFallback || p % HQ_ONLY_EVERY != 0
+    }
+}
+
+/// Order `i` of the synthetic input of `layout`: one of its stores, 1–4 distinct products of
+/// [`PRODUCTS`], 1–5 units each.
+pub(crate) fn order_in(layout: Layout, i: u64, rng: &mut Rng, now: i64) -> OrderCreated {
+    let (hq_id, store_id) = layout.store(rng.below(layout.stores() as u64) as usize);
     let n = 1 + rng.below(4) as usize;
     let mut products: Vec<u64> = Vec::with_capacity(n);
     while products.len() < n {
@@ -68,23 +119,34 @@ pub(crate) fn order(i: u64, rng: &mut Rng, now: i64) -> OrderCreated {
 
 /// One restock per store: every product, enough units that no order of the run fails for stock.
 pub(crate) fn inventory(now: i64) -> Vec<InventoryAdjusted> {
-    (0..STORES)
-        .map(|s| {
-            let (hq_id, store_id) = store(s);
-            InventoryAdjusted {
-                event_id: format!("bench-stock-{store_id}"),
-                occurred_at: now,
-                hq_id,
-                store_id,
-                adjustment_type: change_reason::RESTOCK.into(),
-                reference_id: "bench".into(),
-                items: (0..PRODUCTS).map(|p| AdjustedItem { product_id: format!("P-B{p}"), delta: 100_000_000 }).collect(),
-                to_store_id: None,
-                reason: None,
-                operator: None,
-            }
-        })
-        .collect()
+    inventory_in(Layout::FiveHqs, now)
+}
+
+/// The stock of `layout`: one restock per store of the products it stocks there, and for
+/// [`Layout::HqFallback`] first one restock of every product into the HQ (store id ""); always
+/// enough units that no order of the run fails for stock.
+pub(crate) fn inventory_in(layout: Layout, now: i64) -> Vec<InventoryAdjusted> {
+    let restock = |hq_id: String, store_id: String, products: Vec<usize>| InventoryAdjusted {
+        event_id: format!("bench-stock-{hq_id}-{store_id}"),
+        occurred_at: now,
+        hq_id,
+        store_id,
+        adjustment_type: change_reason::RESTOCK.into(),
+        reference_id: "bench".into(),
+        items: products.into_iter().map(|p| AdjustedItem { product_id: format!("P-B{p}"), delta: 100_000_000 }).collect(),
+        to_store_id: None,
+        reason: None,
+        operator: None,
+    };
+    let mut out = Vec::with_capacity(layout.stores() + 1);
+    if layout == Layout::HqFallback {
+        out.push(restock(layout.store(0).0, String::new(), (0..PRODUCTS).collect()));
+    }
+    for s in 0..layout.stores() {
+        let (hq_id, store_id) = layout.store(s);
+        out.push(restock(hq_id, store_id, (0..PRODUCTS).filter(|p| layout.at_stores(*p)).collect()));
+    }
+    out
 }
 
 /// A `stock.reserved` answer for order `o` (input of the order confirmer).

@@ -114,6 +114,11 @@ struct WorkerArgs {
     /// State directory of this run (default: a fresh folder under target/bench/state).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Stores and stock of the stock reserver's input (issue 16): `five-hqs` (25 stores),
+    /// `store-only` (one HQ, 100 stores, all stock at the stores) or `hq-fallback` (the same
+    /// stores, some products at the HQ only); the one-HQ layouts are measured in orders answered.
+    #[arg(long, value_enum, default_value = "five-hqs")]
+    layout: Layout,
 }
 
 /// The settings a figure was taken with.
@@ -187,13 +192,22 @@ pub struct WorkerResult {
     /// Always `"worker"`.
     pub scenario: &'static str,
     pub worker: String,
+    /// The input's stores and stock (`--layout`).
+    pub layout: Layout,
+    /// What `window` counts: `input records` (consumed) or `orders answered` (the one-HQ
+    /// layouts: `stock.reserved` + `stock.reservation.failed` produced).
+    pub metered: &'static str,
+    /// Orders of the input naming a product its store does not stock (served by an HQ fallback).
+    pub orders_needing_hq: u64,
+    /// Orders answered when the worker stopped.
+    pub orders_answered: u64,
     /// The guarantee the worker ran with (`effectively_once` on tansu).
     pub guarantee: &'static str,
     /// Input records produced first, per topic.
     pub input: BTreeMap<String, u64>,
     /// Rate at which the bench produced the input, records/s.
     pub produce_records_per_s: f64,
-    /// Input records (events) processed.
+    /// Input records (events) processed, or orders answered (see `metered`).
     pub window: Window,
     /// Raw baseline of the same run, records/s (`--baseline`).
     pub baseline_records_per_s: Option<f64>,

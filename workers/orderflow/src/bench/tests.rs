@@ -54,13 +54,41 @@ fn meter_stops_when_drained() {
 
 #[test]
 fn inputs_are_deterministic_and_keyed_as_the_topology_says() {
-    let a = worker_input("stock-reserver", 100, 0).unwrap();
-    let b = worker_input("stock-reserver", 100, 0).unwrap();
+    let a = worker_input("stock-reserver", Layout::FiveHqs, 100, 0).unwrap();
+    let b = worker_input("stock-reserver", Layout::FiveHqs, 100, 0).unwrap();
     assert_eq!(a.len(), 100 + STORES);
     assert!(a.iter().zip(&b).all(|(x, y)| x.1 == y.1 && x.2 == y.2));
     assert!(matches!(a[0].2, Event::InventoryAdjusted(_)));
     for (_, key, e) in &a {
         assert_eq!(key, &e.store_key());
     }
-    assert!(worker_input("canceller", 1, 0).is_err());
+    assert!(worker_input("canceller", Layout::FiveHqs, 1, 0).is_err());
+    assert!(worker_input("deduplicator", Layout::HqFallback, 1, 0).is_err(), "layouts are for the stock reserver");
+}
+
+/// Issue 16's benchmark input: one HQ and 100 stores; in `hq-fallback` the HQ's restock comes
+/// first (keyed by the HQ), the stores lack every 20th product, and about 12% of the orders name
+/// one; `store-only` stocks everything at the stores.
+#[test]
+fn hierarchy_layouts_put_one_hq_over_100_stores_and_some_products_at_hq_only() {
+    let fallback = worker_input("stock-reserver", Layout::HqFallback, 10_000, 0).unwrap();
+    assert_eq!(fallback.len(), 10_000 + 1 + HIERARCHY_STORES);
+    let Event::InventoryAdjusted(hq) = &fallback[0].2 else { panic!("{:?}", fallback[0]) };
+    assert_eq!((fallback[0].1.as_str(), hq.store_id.as_str(), hq.items.len()), ("HQ-H:", "", PRODUCTS));
+    let Event::InventoryAdjusted(st) = &fallback[1].2 else { panic!() };
+    assert_eq!(st.items.len(), PRODUCTS - PRODUCTS / HQ_ONLY_EVERY);
+    assert!(st.items.iter().all(|i| i.product_id != "P-B0" && i.product_id != "P-B20"));
+    let stores: std::collections::BTreeSet<&str> = fallback.iter().map(|(_, k, _)| k.as_str()).collect();
+    assert_eq!(stores.len(), 1 + HIERARCHY_STORES);
+    let short = fallback
+        .iter()
+        .filter(|(_, _, e)| matches!(e, Event::OrderCreated(o) if o.items.iter().any(|i| i.product_id.trim_start_matches("P-B").parse::<usize>().unwrap() % HQ_ONLY_EVERY == 0)))
+        .count();
+    assert!((1_000..1_400).contains(&short), "{short} of 10,000 orders need the HQ");
+    let only = worker_input("stock-reserver", Layout::StoreOnly, 10_000, 0).unwrap();
+    assert_eq!(only.len(), 10_000 + HIERARCHY_STORES);
+    let Event::InventoryAdjusted(st) = &only[0].2 else { panic!() };
+    assert_eq!(st.items.len(), PRODUCTS);
+    // The same orders in both layouts.
+    assert!(only[HIERARCHY_STORES..].iter().zip(&fallback[HIERARCHY_STORES + 1..]).all(|(a, b)| a.2 == b.2));
 }

@@ -20,14 +20,20 @@ use tracing::info;
 
 use crate::kafkaio::{high_watermarks, watermark_client};
 
-use super::{inventory, order, produce_all, reserved, settings, Meter, Rng, Units, WorkerArgs, WorkerResult, STORES};
+use super::{
+    inventory, inventory_in, order, order_in, produce_all, reserved, settings, Layout, Meter, Rng, Units, WorkerArgs, WorkerResult, STORES,
+};
 
 // ------------------------------------------------------------------ one worker
 
 /// The input a worker kind is benchmarked on: (topic, key, event) in production order.
-pub(super) fn worker_input(kind: &str, records: u64, now: i64) -> Result<Vec<(&'static str, String, Event)>> {
+/// `layout` (issue 16) applies to the stock reserver only.
+pub(super) fn worker_input(kind: &str, layout: Layout, records: u64, now: i64) -> Result<Vec<(&'static str, String, Event)>> {
     let mut rng = Rng(7);
     let mut out = Vec::with_capacity(records as usize + STORES);
+    if layout != Layout::FiveHqs && kind != "stock-reserver" {
+        bail!("--layout {layout:?} is for the stock-reserver benchmark only");
+    }
     match kind {
         // The saga's external inputs: stock first, then orders.
         "deduplicator" => {
@@ -41,11 +47,11 @@ pub(super) fn worker_input(kind: &str, records: u64, now: i64) -> Result<Vec<(&'
         }
         // The repartition topic as the deduplicator writes it: keyed by store, stock first.
         "stock-reserver" => {
-            for inv in inventory(now) {
+            for inv in inventory_in(layout, now) {
                 out.push(("stock.commands", store_key(&inv.hq_id, &inv.store_id), Event::InventoryAdjusted(inv)));
             }
             for i in 0..records {
-                let o = order(i, &mut rng, now);
+                let o = order_in(layout, i, &mut rng, now);
                 out.push(("stock.commands", store_key(&o.hq_id, &o.store_id), Event::OrderCreated(o)));
             }
         }
@@ -70,6 +76,17 @@ fn consumed(metrics: &Metrics, name: &str, inputs: &[String]) -> u64 {
         }
     }
     n
+}
+
+/// Orders the stock reserver `name` answered so far (`stock.reserved` + `stock.reservation.failed`
+/// produced), the measure of the one-HQ layouts, where the input also carries the HQ protocol's
+/// own records.
+fn answered(metrics: &Metrics, name: &str, outputs: &BTreeMap<String, String>) -> u64 {
+    ["reserved", "failed"]
+        .iter()
+        .filter_map(|port| outputs.get(*port))
+        .map(|topic| metrics.produced.with_label_values(&[name, topic.as_str()]).get())
+        .sum()
 }
 
 /// The worker's unit statistics from its metrics.
@@ -157,7 +174,20 @@ pub(super) async fn worker(args: WorkerArgs) -> Result<WorkerResult> {
     // The input, produced first.
     let codec = Arc::new(Codec::load(&loaded.avro_dir(), t.broker.registry_url.as_deref())?);
     let now = now_ms();
-    let events = worker_input(&spec.kind, records, now)?;
+    let events = worker_input(&spec.kind, args.layout, records, now)?;
+    // The one-HQ layouts are measured in orders answered; the stock reserver's input there also
+    // holds the records it sends itself (HQ fallback, ledger entries).
+    let by_answers = args.layout != Layout::FiveHqs;
+    let orders = events.iter().filter(|(_, _, e)| matches!(e, Event::OrderCreated(_))).count() as u64;
+    let orders_needing_hq = events
+        .iter()
+        .filter(|(_, _, e)| match e {
+            Event::OrderCreated(o) => {
+                o.items.iter().any(|i| i.product_id.trim_start_matches("P-B").parse().is_ok_and(|p| !args.layout.at_stores(p)))
+            }
+            _ => false,
+        })
+        .count() as u64;
     let mut input: BTreeMap<String, u64> = BTreeMap::new();
     let mut encoded = Vec::with_capacity(events.len());
     for (topic, key, event) in events {
@@ -173,7 +203,9 @@ pub(super) async fn worker(args: WorkerArgs) -> Result<WorkerResult> {
     // The worker, in-process.
     let metrics = Metrics::new();
     let (handle, stop_tx) = spawn_worker(&loaded, &name, codec, &metrics).await?;
-    let mut meter = Meter::new(c.warmup, c.duration, total);
+    let progress =
+        |metrics: &Metrics| if by_answers { answered(metrics, &name, &spec.outputs) } else { consumed(metrics, &name, &spec.inputs) };
+    let mut meter = Meter::new(c.warmup, c.duration, if by_answers { orders } else { total });
     let give_up = Instant::now() + c.warmup + c.duration + Duration::from_secs(120);
     let window = loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -181,20 +213,29 @@ pub(super) async fn worker(args: WorkerArgs) -> Result<WorkerResult> {
             handle.await??;
             bail!("worker {name} stopped by itself");
         }
-        if let Some(w) = meter.observe(Instant::now(), consumed(&metrics, &name, &spec.inputs)) {
+        if let Some(w) = meter.observe(Instant::now(), progress(&metrics)) {
             break w;
         }
         if Instant::now() > give_up {
-            bail!("worker {name} processed {} of {total} records; gave up", consumed(&metrics, &name, &spec.inputs));
+            bail!(
+                "worker {name} got to {} of {} ({}); gave up",
+                progress(&metrics),
+                if by_answers { orders } else { total },
+                if by_answers { "orders answered" } else { "records" }
+            );
         }
     };
     let _ = stop_tx.send(true);
     handle.await.context("worker task panicked")??;
     let processed_total = consumed(&metrics, &name, &spec.inputs);
+    let orders_answered = answered(&metrics, &name, &spec.outputs);
 
+    // A topic both read and written (the stock reserver's `stock.commands`) holds the bench's
+    // input too: only what the worker added counts as its writes.
     let mut writes = BTreeMap::new();
     for topic in &written {
-        writes.insert(topic.clone(), high_watermarks(&watermarks, topic, partitions)?);
+        let held = high_watermarks(&watermarks, topic, partitions)?;
+        writes.insert(topic.clone(), held - input.get(topic).copied().unwrap_or(0) as i64);
     }
     let all: i64 = writes.values().sum();
     let per = |n: i64| if processed_total > 0 { n as f64 / processed_total as f64 } else { 0.0 };
@@ -202,6 +243,10 @@ pub(super) async fn worker(args: WorkerArgs) -> Result<WorkerResult> {
     Ok(WorkerResult {
         scenario: "worker",
         worker: name,
+        layout: args.layout,
+        metered: if by_answers { "orders answered" } else { "input records" },
+        orders_needing_hq,
+        orders_answered,
         guarantee: guarantee.as_str(),
         input,
         produce_records_per_s,
