@@ -17,18 +17,21 @@
 //!   publishes the `stock.updated` with both figures (seed 004: `hqStock` and `storeStock`): the
 //!   ledger sees every change of the HQ total in one order, so its previous/current are exact.
 //! - **HQ fallback, [`StockAllocation`]** (seed 004 "매장 재고 부족 시 HQ 재고 확인"): an order
-//!   short at its store holds what the store has (reservation `AWAITING_HQ`) and sends a
-//!   `FALLBACK_REQUEST` for the rest; the HQ takes the units from its unallocated stock (all or
-//!   nothing, never below the policy's `keep_at_hq`) and answers `FALLBACK_GRANT` (the units are
-//!   now *in transit*) or `FALLBACK_DENY`. On the grant the store receives the units, reserves
-//!   the whole order (`stock.reserved`) and reports them received; on the deny it releases what
-//!   it held and fails the order. The reservation records the units that came from the HQ
+//!   short at its store is recorded `AWAITING_HQ`, holding nothing at the store (so an order the
+//!   HQ cannot serve never blocks the store's units for others), and sends a `FALLBACK_REQUEST`
+//!   for the missing units; the HQ takes them from its unallocated stock (all or nothing, never
+//!   below the policy's `keep_at_hq`) and answers `FALLBACK_GRANT` (the units are now *in
+//!   transit*) or `FALLBACK_DENY`. On the grant the store receives the units, reserves the whole
+//!   order from its own part and the HQ's (`stock.reserved`) and reports them received; if its
+//!   own part was sold meanwhile, or on the deny, the order fails `INSUFFICIENT_STOCK` and
+//!   granted units go straight back. The reservation records the units that came from the HQ
 //!   (`fromHq`), and a release gives exactly those back to the HQ (`HQ_RETURN`).
 //! - **Movements**: `DISTRIBUTION` is debited at the HQ and credited at the store, `TRANSFER` is
 //!   debited at the source store and credited at the destination; between the two steps the
 //!   units are in transit, so at every instant, per HQ and product,
 //!   `total = unallocated + in transit + stores` and `stores` = Σ store on hand once every entry
-//!   has arrived (the invariant the tests and `orderflow reconcile` check).
+//!   has arrived (the invariant the tests and `orderflow reconcile` check, the latter with
+//!   [`crate::reconcile_hqs`] only at rest).
 //!
 //! The HQ's own rows of `stock.updated` have an empty `storeId` and carry the unallocated units
 //! as `storeStock`.

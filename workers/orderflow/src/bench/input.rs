@@ -83,7 +83,7 @@ impl Layout {
 
     /// Whether the layout stocks product `p` at the stores (else at the HQ only).
     pub(crate) fn at_stores(self, p: usize) -> bool {
-        self != Layout::HqFallback || p % HQ_ONLY_EVERY != 0
+        self != Layout::HqFallback || !p.is_multiple_of(HQ_ONLY_EVERY)
     }
 }
 

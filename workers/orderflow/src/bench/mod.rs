@@ -199,6 +199,8 @@ pub struct WorkerResult {
     pub metered: &'static str,
     /// Orders of the input naming a product its store does not stock (served by an HQ fallback).
     pub orders_needing_hq: u64,
+    /// Orders in the input.
+    pub orders_offered: u64,
     /// Orders answered when the worker stopped.
     pub orders_answered: u64,
     /// The guarantee the worker ran with (`effectively_once` on tansu).

@@ -246,6 +246,7 @@ pub(super) async fn worker(args: WorkerArgs) -> Result<WorkerResult> {
         layout: args.layout,
         metered: if by_answers { "orders answered" } else { "input records" },
         orders_needing_hq,
+        orders_offered: orders,
         orders_answered,
         guarantee: guarantee.as_str(),
         input,

@@ -203,10 +203,11 @@ impl Observed {
     /// Counts one HQ fallback record of the stock hierarchy protocol (other steps are left out).
     fn allocation(&mut self, a: &StockAllocation) {
         let fallback = [allocation_step::FALLBACK_REQUEST, allocation_step::FALLBACK_GRANT, allocation_step::FALLBACK_DENY];
-        if fallback.contains(&a.step.as_str()) && self.fallbacks.entry(a.step.clone()).or_default().insert(a.event_id.clone()) {
-            if a.step == allocation_step::FALLBACK_GRANT {
-                self.fallback_units += a.items.iter().map(|i| i64::from(i.quantity)).sum::<i64>();
-            }
+        if fallback.contains(&a.step.as_str())
+            && self.fallbacks.entry(a.step.clone()).or_default().insert(a.event_id.clone())
+            && a.step == allocation_step::FALLBACK_GRANT
+        {
+            self.fallback_units += a.items.iter().map(|i| i.quantity).sum::<i64>();
         }
     }
 
