@@ -429,10 +429,16 @@ fn check_event_ids(t: &Topics, kind: common::BrokerKind) -> Vec<String> {
     broken
 }
 
-/// Stock per store and product, from `inventory.adjusted`, `stock.updated` and the reservations.
+/// Stock per store, HQ and product, from `inventory.adjusted`, `stock.updated` and the
+/// reservations. Issue 16 (seed 004): the demo leaves part of the stock unallocated at each HQ
+/// (rows with an empty `storeId`, `storeStock` = the unallocated units) and short stores are
+/// served by HQ fallbacks (`HQ_FALLBACK` / `HQ_RETURN` rows at both ends), so per key on hand =
+/// initial + moved − sold, the moves of one HQ and product net to zero at the end (nothing in
+/// transit), and the `hqStock` chain of an HQ and product is continuous and ends at its initial
+/// stock (HQ and stores) − sold.
 fn check_stock(t: &Topics) -> Vec<String> {
     let mut broken = Vec::new();
-    // Initial stock: the demo's restocks.
+    // Initial stock: the demo's restocks (an HQ's under the key `hqId:`).
     let mut initial: BTreeMap<(String, String), i64> = BTreeMap::new();
     for e in t.events("inventory.adjusted") {
         if let Event::InventoryAdjusted(a) = e {
@@ -441,11 +447,14 @@ fn check_stock(t: &Topics) -> Vec<String> {
             }
         }
     }
-    // The on-hand chain of each store and product (all its records are on one partition, the
-    // product's, in the order the store's reserver wrote them).
+    // The on-hand chain of each store (or HQ) and product, and the HQ-total chain of each HQ and
+    // product: the HQ's ledger writes every row of its stores, all on the product's partition,
+    // in the order it applied them.
     let mut on_hand: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut hq_total: BTreeMap<(String, String), i64> = BTreeMap::new();
     let mut restocked: BTreeMap<(String, String), i64> = BTreeMap::new();
     let mut sold: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut moved: BTreeMap<(String, String), i64> = BTreeMap::new();
     for e in t.events("stock.updated") {
         let Event::StockUpdated(u) = e else { continue };
         let key = (store_key(&u.hq_id, &u.store_id), u.product_id.clone());
@@ -455,9 +464,19 @@ fn check_stock(t: &Topics) -> Vec<String> {
             broken.push(format!("{}/{}: {} {level:?} change {} after on hand {last}", key.0, key.1, u.event_id, u.change_amount));
         }
         on_hand.insert(key.clone(), level.current);
+        let hq_key = (u.hq_id.clone(), u.product_id.clone());
+        match u.hq_stock {
+            Some(h) if h.previous == hq_total.get(&hq_key).copied().unwrap_or(0) && h.current >= 0 => {
+                hq_total.insert(hq_key, h.current);
+            }
+            other => {
+                broken.push(format!("{}/{}: {} hqStock {other:?} after HQ total {:?}", key.0, key.1, u.event_id, hq_total.get(&hq_key)))
+            }
+        }
         match u.change_reason.as_str() {
             change_reason::SALE => *sold.entry(key).or_default() -= u.change_amount,
-            _ => *restocked.entry(key).or_default() += u.change_amount,
+            change_reason::RESTOCK => *restocked.entry(key).or_default() += u.change_amount,
+            _ => *moved.entry(key).or_default() += u.change_amount,
         }
     }
     if restocked != initial {
@@ -465,6 +484,36 @@ fn check_stock(t: &Topics) -> Vec<String> {
             "restocks in stock.updated differ from inventory.adjusted on {} store/product(s)",
             initial.keys().chain(restocked.keys()).collect::<BTreeSet<_>>().iter().filter(|k| initial.get(k) != restocked.get(k)).count()
         ));
+    }
+    let hq_of = |store: &str| store.split_once(':').map_or(store, |(hq, _)| hq).to_string();
+    // (hqId, productId) → (initial, sold, moved) over the HQ and its stores.
+    let mut per_hq: BTreeMap<(String, String), (i64, i64, i64)> = BTreeMap::new();
+    let hq_product = |(store, product): &(String, String)| (hq_of(store), product.clone());
+    for (k, v) in &initial {
+        per_hq.entry(hq_product(k)).or_default().0 += v;
+    }
+    for (k, v) in &sold {
+        per_hq.entry(hq_product(k)).or_default().1 += v;
+    }
+    for (k, v) in &moved {
+        per_hq.entry(hq_product(k)).or_default().2 += v;
+    }
+    for ((hq, product), (init, out, net_moved)) in &per_hq {
+        if *net_moved != 0 {
+            broken.push(format!("{hq}/{product}: moves between the HQ and its stores net to {net_moved}, expected 0 at rest"));
+        }
+        let total = hq_total.get(&(hq.clone(), product.clone())).copied();
+        if total.is_some_and(|t| t != init - out) {
+            broken.push(format!("{hq}/{product}: last hqStock {total:?} != initial {init} − sold {out}"));
+        }
+    }
+    let fallbacks = t
+        .events("stock.updated")
+        .into_iter()
+        .filter(|e| matches!(e, Event::StockUpdated(u) if u.change_reason == change_reason::HQ_FALLBACK && !u.store_id.is_empty()))
+        .count();
+    if fallbacks == 0 {
+        broken.push("no store received units by an HQ fallback (the demo keeps a quarter of the stock at the HQs)".to_string());
     }
     // Live reservations: reserved, neither released nor sold.
     let mut live: BTreeMap<(String, String), i64> = BTreeMap::new();
@@ -484,24 +533,27 @@ fn check_stock(t: &Topics) -> Vec<String> {
             }
         }
     }
-    let stores: BTreeSet<&str> = initial.keys().map(|(s, _)| s.as_str()).collect();
+    let stores: BTreeSet<&str> = initial.keys().map(|(s, _)| s.as_str()).filter(|s| !s.ends_with(':')).collect();
     let hot = usize::from(stores.contains("HQ-SEED:ST-HOT"));
     if stores.len() != 27 + hot {
         broken.push(format!("{} stores restocked, expected {} (25 TPC-H nations + 2 seed stores + {hot} hot)", stores.len(), 27 + hot));
     }
-    for (key, init) in &initial {
+    // Every key with a figure: a store may hold only units an HQ fallback brought it.
+    let keys: BTreeSet<&(String, String)> = initial.keys().chain(moved.keys()).collect();
+    for key in keys {
         let (now, out, held) =
             (on_hand.get(key).copied().unwrap_or(0), sold.get(key).copied().unwrap_or(0), live.get(key).copied().unwrap_or(0));
-        if *init != now + out {
-            broken.push(format!("{}/{}: initial {init} != on hand {now} + sold {out}", key.0, key.1));
+        let (init, m) = (initial.get(key).copied().unwrap_or(0), moved.get(key).copied().unwrap_or(0));
+        if init + m != now + out {
+            broken.push(format!("{}/{}: initial {init} + moved {m} != on hand {now} + sold {out}", key.0, key.1));
         }
         if held > now {
             broken.push(format!("{}/{}: {held} units reserved, {now} on hand", key.0, key.1));
         }
     }
     for key in sold.keys().chain(live.keys()) {
-        if !initial.contains_key(key) {
-            broken.push(format!("{}/{}: sold or reserved, never restocked", key.0, key.1));
+        if !initial.contains_key(key) && !moved.contains_key(key) {
+            broken.push(format!("{}/{}: sold or reserved, never restocked nor allocated", key.0, key.1));
         }
     }
     // Seed 000 scenario 2: nothing of P-001 was taken from ST-SEED-2.
