@@ -93,6 +93,9 @@ pub enum Command {
     /// Admin stock movements (seed 004): restock, distribute (HQ → store), transfer (store →
     /// store), correct; checked, then published to inventory.adjusted (--dry-run: printed only).
     Inventory(crate::inventory::InventoryArgs),
+    /// The inventory HTTP API of seed 004 (issue 17): stock queries from a read replica of the
+    /// stock reserver's state; OpenAPI at /api/v1/openapi.json, /healthz, /readyz, /metrics.
+    Api(crate::api::ApiArgs),
     /// Throughput benchmarks against the local broker (raw baseline, one worker); one JSON
     /// object per scenario on stdout. `scripts/bench` runs them all.
     Bench(bench::BenchArgs),
@@ -143,5 +146,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Skip(args) => skip::run(args).await,
         Command::Inventory(args) => crate::inventory::run(args).await,
         Command::Outbox(args) => outbox::run(args).await,
+        Command::Api(args) => crate::api::run(args).await,
     }
 }

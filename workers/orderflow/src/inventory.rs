@@ -130,20 +130,71 @@ pub fn movement(args: &InventoryArgs, now_ms: i64) -> Result<InventoryAdjusted> 
             (adjustment_type::CORRECTION, hq, store.clone().unwrap_or_default(), None, items, Some(reason.clone()))
         }
     };
+    build(
+        Movement {
+            kind,
+            hq_id: hq.clone(),
+            store_id: store,
+            to_store_id: to,
+            items: items.clone(),
+            reason,
+            reference,
+            operator: args.operator.clone(),
+        },
+        now_ms,
+    )
+}
+
+/// One admin stock movement, as `orderflow inventory` and the inventory API's admin routes take
+/// it (seed 004; the types of `adjustment_type`).
+#[derive(Debug, Clone)]
+pub struct Movement {
+    pub kind: &'static str,
+    pub hq_id: String,
+    /// The store (the receiving one of a distribution, the source of a transfer); empty for the HQ.
+    pub store_id: String,
+    pub to_store_id: Option<String>,
+    /// (productId, signed units).
+    pub items: Vec<(String, i64)>,
+    pub reason: Option<String>,
+    /// The movement's business id (distributionId, receipt number…): the eventId derives from
+    /// it, so a retry with the same one applies once.
+    pub reference: String,
+    pub operator: Option<String>,
+}
+
+/// The `inventory.adjusted` event of `m` at `now_ms`, checked with the stock reserver's
+/// stateless rules.
+///
+/// Errors: those rules' refusal, naming the type.
+pub fn build(m: Movement, now_ms: i64) -> Result<InventoryAdjusted> {
+    let kind = m.kind;
     let e = InventoryAdjusted {
-        event_id: derive_event_id(&format!("{hq}/{reference}"), &format!("inventory/{kind}")),
+        event_id: derive_event_id(&format!("{}/{}", m.hq_id, m.reference), &format!("inventory/{kind}")),
         occurred_at: now_ms,
-        hq_id: hq.clone(),
-        store_id: store,
+        hq_id: m.hq_id,
+        store_id: m.store_id,
         adjustment_type: kind.to_string(),
-        reference_id: reference,
-        items: items.iter().map(|(p, d)| AdjustedItem { product_id: p.clone(), delta: *d }).collect(),
-        to_store_id: to,
-        reason,
-        operator: args.operator.clone(),
+        reference_id: m.reference,
+        items: m.items.into_iter().map(|(p, d)| AdjustedItem { product_id: p, delta: d }).collect(),
+        to_store_id: m.to_store_id,
+        reason: m.reason,
+        operator: m.operator,
     };
-    stock_reserver::movements::check(&e).map_err(|m| anyhow::anyhow!("{kind} refused before publishing: {m}"))?;
+    stock_reserver::movements::check(&e).map_err(|msg| anyhow::anyhow!("{kind} refused before publishing: {msg}"))?;
     Ok(e)
+}
+
+/// The topology's external topic (one producers outside orderflow write) that carries records
+/// of schema `schema` (e.g. `InventoryAdjusted`, `OrderCreated`).
+///
+/// Errors: no such topic.
+pub fn external_topic(t: &orderflow_runtime::topology::Topology, schema: &str) -> Result<String> {
+    t.topics
+        .iter()
+        .find(|(_, t)| t.external.is_some() && t.schema.as_ref().is_some_and(|s| s.names().contains(&schema)))
+        .map(|(name, _)| name.clone())
+        .with_context(|| format!("no external topic of the topology carries {schema}"))
 }
 
 /// Runs `orderflow inventory`: prints the movement as one JSON object (`topic`, `key`,
@@ -157,13 +208,7 @@ pub async fn run(args: InventoryArgs) -> Result<()> {
         loaded.topology.broker.bootstrap = b.clone();
     }
     let e = movement(&args, orderflow_runtime::worker::now_ms())?;
-    let topic = loaded
-        .topology
-        .topics
-        .iter()
-        .find(|(_, t)| t.external.is_some() && t.schema.as_ref().is_some_and(|s| s.names().contains(&"InventoryAdjusted")))
-        .map(|(name, _)| name.clone())
-        .context("no external topic of the topology carries InventoryAdjusted")?;
+    let topic = external_topic(&loaded.topology, "InventoryAdjusted")?;
     let key = store_key(&e.hq_id, &e.store_id);
     let event = Event::InventoryAdjusted(e);
     let mut report = json!({ "topic": topic, "key": key, "eventId": event.event_id(), "event": event.to_json() });

@@ -22,6 +22,7 @@
 //! - [`kafkaio`]: the Kafka I/O every command uses: topic reader, watermarks, offsets by time, partitioner, RFC 3339 times.
 //! - [`text`]: text output helpers: cut lines, hex, tables.
 
+pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod demo;

@@ -42,6 +42,7 @@ pub mod limits;
 pub mod metrics;
 pub mod partitioner;
 pub mod probe;
+pub mod replica;
 pub mod retention;
 pub mod routing;
 pub mod stall;
