@@ -265,7 +265,7 @@ pub fn router(app: AppState) -> Router {
         .with_state(app)
 }
 
-/// Runs `orderflow api` until SIGTERM / Ctrl-C.
+/// Runs `orderflow api` until SIGTERM / Ctrl-C (requests in flight are finished first).
 ///
 /// Errors: topology, the replica's consumer, binding the address.
 pub async fn run(args: ApiArgs) -> Result<()> {
@@ -319,9 +319,7 @@ pub async fn run(args: ApiArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(addr = %args.listen, worker = %name, "inventory API serving");
     axum::serve(listener, router(app).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(crate::run::terminate_signal())
         .await?;
     Ok(())
 }
