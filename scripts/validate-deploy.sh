@@ -10,7 +10,9 @@
 #      port, grace period, resources, read-only root), a headless Service and a
 #      PodDisruptionBudget whose selectors match; a stateless worker (kind outbox-relay) has a
 #      Deployment with the same checks minus the volume and Service, its database URL from a
-#      Secret; kustomization.yaml lists every manifest.
+#      Secret; the inventory API (api.yaml) is a Deployment of `orderflow api` with its Service,
+#      PDB, probes on its HTTP port and the admin token from a Secret; kustomization.yaml lists
+#      every manifest.
 #   3. Alert rules (deploy/prometheus/alerts.yaml): required keys, `promtool check rules`, and
 #      the unit tests deploy/prometheus/alerts.test.yaml (`promtool test rules`).
 #   4. The Grafana dashboard (deploy/grafana/orderflow-dashboard.json): JSON, panels, targets;
@@ -205,7 +207,7 @@ workers = sorted(topo.get("workers", {}))
 # kustomization
 kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
 listed = kust.get("resources", [])
-NOT_LISTED = {"job-topics.yaml", "secret-kafka.example.yaml", "secret-outbox-db.example.yaml"}
+NOT_LISTED = {"job-topics.yaml", "secret-kafka.example.yaml", "secret-outbox-db.example.yaml", "secret-api-admin.example.yaml"}
 for r in listed:
     if not (K8S / r).is_file():
         problem("deploy/k8s/kustomization.yaml", f"lists {r}, which does not exist")
@@ -328,9 +330,58 @@ for w in workers:
         problem(where, "PodDisruptionBudget maxUnavailable 1")
     print(f"  ok   {where}: {workload} {name}, replicas {spec.get('replicas', 1)}" if not any(p.startswith(where) for p in problems) else f"  --   {where}")
 
+# The inventory API (issue 17): `orderflow api`, stateless, its own Service; the admin token
+# from a Secret; probes and the scrape on its HTTP port.
+api = by_kind.get("Deployment", {}).get("orderflow-api")
+if not api:
+    problem("deploy/k8s", "no Deployment orderflow-api (the inventory API)")
+else:
+    path, d = api
+    where = rel(path)
+    spec = d["spec"]
+    pod = spec["template"]["spec"]
+    labels = spec["template"]["metadata"].get("labels", {})
+    ann = spec["template"]["metadata"].get("annotations", {})
+    c = pod["containers"][0]
+    args = c.get("args", [])
+    env = env_of(c)
+    if args[:1] != ["api"] or "--listen" not in args or not args[args.index("--listen") + 1].endswith(":8080"):
+        problem(where, f"container args must be `api ... --listen 0.0.0.0:8080`: {args}")
+    if "secretKeyRef" not in env.get("ORDERFLOW_API_ADMIN_TOKEN", {}).get("valueFrom", {}):
+        problem(where, "ORDERFLOW_API_ADMIN_TOKEN must come from a Secret")
+    for k, e in env.items():
+        if re.search(r"PASSWORD|SECRET|TOKEN|USERNAME", k) and "secretKeyRef" not in e.get("valueFrom", {}):
+            problem(where, f"{k} must come from a Secret")
+    if "ORDERFLOW_BOOTSTRAP" not in env or "valueFrom" not in env["ORDERFLOW_BOOTSTRAP"]:
+        problem(where, "ORDERFLOW_BOOTSTRAP must come from a ConfigMap or Secret")
+    if pod.get("enableServiceLinks") is not False:
+        problem(where, "enableServiceLinks: false")
+    if {p_["name"]: p_["containerPort"] for p_ in c.get("ports", [])}.get("http") != 8080:
+        problem(where, "container port 8080 named http")
+    for probe, path_ in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/healthz")):
+        got = c.get(probe, {}).get("httpGet", {})
+        if got.get("path") != path_ or got.get("port") not in ("http", 8080):
+            problem(where, f"{probe} must GET {path_} on the http port")
+    sc = c.get("securityContext", {})
+    if not sc.get("readOnlyRootFilesystem") or not (sc.get("runAsNonRoot") or pod.get("securityContext", {}).get("runAsNonRoot")):
+        problem(where, "non-root with a read-only root filesystem")
+    if not c.get("resources", {}).get("limits"):
+        problem(where, "resources requests and limits")
+    if ann.get("prometheus.io/scrape") != "true" or ann.get("prometheus.io/port") != "8080":
+        problem(where, "Prometheus scrape annotations (port 8080) on the pod template")
+    svc = by_kind.get("Service", {}).get("orderflow-api")
+    if not svc or not matches(svc[1]["spec"].get("selector"), labels):
+        problem(where, "a Service orderflow-api selecting the API pods")
+    pdbs = [x for _, x in by_kind.get("PodDisruptionBudget", {}).values() if matches(x["spec"]["selector"].get("matchLabels"), labels)]
+    if len(pdbs) != 1:
+        problem(where, f"exactly one PodDisruptionBudget must select the API pods (found {len(pdbs)})")
+    print(f"  ok   {where}: Deployment orderflow-api, replicas {spec.get('replicas', 1)}" if not any(p_.startswith(where) for p_ in problems) else f"  --   {where}")
+
 for kind in ("StatefulSet", "Deployment"):
     for n, (p, d) in by_kind.get(kind, {}).items():
         args = d["spec"]["template"]["spec"]["containers"][0].get("args", [])
+        if args[:1] == ["api"]:
+            continue
         w = args[args.index("--worker") + 1] if "--worker" in args else None
         if w not in workers:
             problem(rel(p), f"{kind} {n} runs worker {w}, which topology.toml does not declare")

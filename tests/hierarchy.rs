@@ -22,8 +22,6 @@ use common::{free_port, http_get, Guarded};
 use orderflow_api::events::{OrderCancelled, OrderCompleted, OrderCreated, OrderItem, SoldItem, StockUpdated};
 use orderflow_api::Event;
 use rdkafka::message::Message;
-use rdkafka::producer::FutureRecord;
-use rdkafka::util::Timeout;
 
 const HQ: &str = "HQ-H16";
 const S1: &str = "S-H16-1";
@@ -79,12 +77,6 @@ fn inventory(bootstrap: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(out.trim()).expect("one JSON object")
 }
 
-fn produce(k: &common::Kafka, topic: &str, key: &str, event: Event) {
-    let bytes = k.codec.encode_local(&event).expect("event encodes");
-    k.rt.block_on(k.producer.send(FutureRecord::to(topic).key(key).payload(&bytes), Timeout::After(Duration::from_secs(30))))
-        .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
-}
-
 fn order(k: &common::Kafka, id: &str, store: &str, product: &str, quantity: i32) {
     let e = OrderCreated {
         event_id: format!("created-{id}"),
@@ -95,7 +87,7 @@ fn order(k: &common::Kafka, id: &str, store: &str, product: &str, quantity: i32)
         store_id: store.into(),
         items: vec![OrderItem { product_id: product.into(), quantity, unit_price: 100 }],
     };
-    produce(k, "order.created", id, e.into());
+    k.produce_event("order.created", id, e.into());
 }
 
 fn events(k: &common::Kafka, topic: &str) -> Vec<Event> {
@@ -263,11 +255,11 @@ fn restock_distribute_transfer_fallback_sales_and_cancellations_keep_every_figur
         refund_required: false,
         customer_id: None,
     };
-    produce(&k, "order.completed", "O-H16-1", pay("O-H16-1", &ids[0], S1, P1, 30).into());
-    produce(&k, "order.cancelled", "O-H16-4", cancel("O-H16-4", &ids[2], S2).into());
+    k.produce_event("order.completed", "O-H16-1", pay("O-H16-1", &ids[0], S1, P1, 30).into());
+    k.produce_event("order.cancelled", "O-H16-4", cancel("O-H16-4", &ids[2], S2).into());
     run.kill_and_restart();
-    produce(&k, "order.completed", "O-H16-3", pay("O-H16-3", &ids[1], S1, P2, 5).into());
-    produce(&k, "order.cancelled", "O-H16-5", cancel("O-H16-5", &ids[3], S1).into());
+    k.produce_event("order.completed", "O-H16-3", pay("O-H16-3", &ids[1], S1, P2, 5).into());
+    k.produce_event("order.cancelled", "O-H16-5", cancel("O-H16-5", &ids[3], S1).into());
     // P-1: S-1 30 sold (→ 0), S-2 12 → 10 with 2 back at HQ (58 → 60); P-2: S-1 35 − 5 sold − 25
     // back (→ 5), HQ 5 → 30. Totals: P-1 100 − 30 = 70, P-2 40 − 5 = 35.
     let last = expected([60, 30], [0, 5], 10);

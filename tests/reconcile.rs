@@ -22,9 +22,7 @@ use std::time::Duration;
 
 use common::{free_port, http_get, metric, Guarded};
 use orderflow_api::events::{change_reason, store_key, AdjustedItem, InventoryAdjusted, OrderCreated, OrderItem};
-use orderflow_api::{Changes, Event};
-use rdkafka::producer::FutureRecord;
-use rdkafka::util::Timeout;
+use orderflow_api::Changes;
 
 const HQ: &str = "HQ-RECON";
 const STORE: &str = "ST-RECON";
@@ -37,12 +35,6 @@ fn run_topology(dir: &Path) -> PathBuf {
         assert_eq!(original.matches(marker).count(), 1, "topology.toml should have one {marker}");
         original.replace(marker, &format!("{marker}\nreconcile_interval = \"1s\"   # reconcile test"))
     })
-}
-
-fn produce(k: &common::Kafka, topic: &str, key: &str, event: Event) {
-    let bytes = k.codec.encode_local(&event).expect("event encodes");
-    k.rt.block_on(k.producer.send(FutureRecord::to(topic).key(key).payload(&bytes), Timeout::After(Duration::from_secs(30))))
-        .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
 }
 
 fn reconcile_cli(topology: &Path, bootstrap: &str) -> std::process::Output {
@@ -86,7 +78,7 @@ fn a_corrupted_stock_figure_is_found_by_the_reconciliation_and_a_healthy_run_sho
         reason: None,
         operator: None,
     };
-    produce(&k, "inventory.adjusted", &store_key(HQ, STORE), restock.into());
+    k.produce_event("inventory.adjusted", &store_key(HQ, STORE), restock.into());
     for n in 0..10 {
         let order = OrderCreated {
             event_id: format!("ev-recon-{n}"),
@@ -97,7 +89,7 @@ fn a_corrupted_stock_figure_is_found_by_the_reconciliation_and_a_healthy_run_sho
             store_id: STORE.into(),
             items: vec![OrderItem { product_id: PRODUCTS[n % 3].into(), quantity: 1 + (n % 2) as i32, unit_price: 100 }],
         };
-        produce(&k, "order.created", &order.order_id.clone(), order.into());
+        k.produce_event("order.created", &order.order_id.clone(), order.into());
     }
     let reconciliations = |port: u16, label: &str| {
         metric(port, "orderflow_business_events_total", &[("worker", "stock-reserver"), ("measure", "reconciliation"), ("label", label)])

@@ -325,13 +325,32 @@ pub fn free_port() -> u16 {
 /// A plain HTTP/1.0 GET of `path` on 127.0.0.1:`port` (connect timeout 500 ms, read and write
 /// timeouts 5 s): (status, body), or None when nothing answers or the answer is not HTTP.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http(port, "GET", path, &[], None)
+}
+
+/// One HTTP/1.0 request `method path` with `headers` and `body` to 127.0.0.1:`port`: the status
+/// and the body, or None when nothing answers (read timeout 5 s for a GET, else 15 s).
+pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Option<(u16, String)> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    // A GET (probes, metrics) answers at once; the API's reserve and release may wait 10 s.
+    s.set_read_timeout(Some(Duration::from_secs(if method == "GET" { 5 } else { 15 }))).ok()?;
     s.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        head.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).ok()?;
+    if let Some(b) = body {
+        // A server may answer (413) and close before reading a large body: the answer counts.
+        let _ = s.write_all(b);
+    }
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
+    let _ = s.read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf);
     let (head, body) = text.split_once("\r\n\r\n")?;
     let code = head.lines().next()?.split_whitespace().nth(1)?.parse().ok()?;
@@ -894,6 +913,16 @@ impl Kafka {
         };
         let codec = orderflow_runtime::codec::Codec::load(&root.join("avro"), None).expect("schemas load");
         Kafka { rt, broker, producer, codec }
+    }
+
+    /// Produces `event` (encoded by the local codec) to `topic` with `key`; panics if the broker
+    /// does not acknowledge it within 30 s.
+    pub fn produce_event(&self, topic: &str, key: &str, event: orderflow_api::Event) {
+        let bytes = self.codec.encode_local(&event).expect("event encodes");
+        let record = rdkafka::producer::FutureRecord::to(topic).key(key).payload(&bytes);
+        self.rt
+            .block_on(self.producer.send(record, rdkafka::util::Timeout::After(Duration::from_secs(30))))
+            .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
     }
 }
 
