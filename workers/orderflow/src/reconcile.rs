@@ -17,7 +17,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 use orderflow_api::StateTxn;
 use serde_json::json;
 
@@ -51,18 +51,7 @@ pub struct ReconcileArgs {
 pub async fn run(args: ReconcileArgs) -> Result<()> {
     let loaded = load_topology(&args.topology, args.bootstrap.as_deref())?;
     let t = &loaded.topology;
-    let (name, spec) = match &args.worker {
-        Some(w) => (w.clone(), t.workers.get(w).with_context(|| format!("worker {w} is not in the topology"))?),
-        None => t
-            .workers
-            .iter()
-            .find(|(_, w)| w.kind == "stock-reserver")
-            .map(|(n, w)| (n.clone(), w))
-            .context("the topology has no worker of kind stock-reserver")?,
-    };
-    if spec.kind != "stock-reserver" {
-        bail!("worker {name} is a {}, not a stock-reserver", spec.kind);
-    }
+    let (name, spec) = crate::topology::stock_reserver(t, args.worker.as_deref())?;
     let temp = tempfile::tempdir()?;
     let scratch = args.scratch.clone().unwrap_or_else(|| temp.path().join("state"));
     let (topology, worker, group, inputs) = (t.clone(), name.clone(), spec.group_id(&name), spec.inputs.clone());

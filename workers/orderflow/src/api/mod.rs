@@ -271,15 +271,7 @@ pub fn router(app: AppState) -> Router {
 pub async fn run(args: ApiArgs) -> Result<()> {
     let loaded = load_topology(&args.topology, args.bootstrap.as_deref())?;
     let t = &loaded.topology;
-    let (name, spec) = match &args.worker {
-        Some(w) => (w.clone(), t.workers.get(w).with_context(|| format!("worker {w} is not in the topology"))?),
-        None => t
-            .workers
-            .iter()
-            .find(|(_, w)| w.kind == "stock-reserver")
-            .map(|(n, w)| (n.clone(), w))
-            .context("the topology has no worker of kind stock-reserver")?,
-    };
+    let (name, spec) = crate::topology::stock_reserver(t, args.worker.as_deref())?;
     let partitions = spec.inputs.iter().filter_map(|i| t.topics.get(i)).map(|s| s.partitions).max().unwrap_or(1);
     let prefixes = vec![
         stock_reserver::STOCK_PREFIX.to_vec(),

@@ -60,3 +60,23 @@ pub async fn create_topics(path: &Path, bootstrap: Option<&str>) -> Result<()> {
     println!("created {} topic(s): {}", created.len(), created.join(", "));
     Ok(())
 }
+
+/// The stock reserver a command works on: worker `named`, or the topology's one of kind
+/// `stock-reserver` (`orderflow reconcile`, `orderflow api`).
+///
+/// Errors: `named` is not in the topology or is not a stock reserver; no stock reserver at all.
+pub fn stock_reserver<'a>(t: &'a topology::Topology, named: Option<&str>) -> Result<(String, &'a topology::WorkerSpec)> {
+    let (name, spec) = match named {
+        Some(w) => (w.to_string(), t.workers.get(w).ok_or_else(|| anyhow::anyhow!("worker {w} is not in the topology"))?),
+        None => t
+            .workers
+            .iter()
+            .find(|(_, w)| w.kind == "stock-reserver")
+            .map(|(n, w)| (n.clone(), w))
+            .ok_or_else(|| anyhow::anyhow!("the topology has no worker of kind stock-reserver"))?,
+    };
+    if spec.kind != "stock-reserver" {
+        bail!("worker {name} is a {}, not a stock-reserver", spec.kind);
+    }
+    Ok((name, spec))
+}
