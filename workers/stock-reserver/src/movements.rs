@@ -140,18 +140,13 @@ fn hq_change(
     state: &mut StateTxn,
     out: &mut orderflow_api::Outputs,
 ) -> Result<(), ProcessError> {
-    let mut changes = Vec::with_capacity(deltas.len());
-    for (p, d) in deltas {
-        let before = load_hq(state, &e.hq_id, p)?;
-        let unallocated = before.unallocated.checked_add(*d).ok_or_else(|| invalid(e, &format!("delta {d} for {p} overflows")))?;
+    change_hq(e, deltas, &e.adjustment_type, state, out, |p, d, before| {
+        let unallocated = before.unallocated.checked_add(d).ok_or_else(|| format!("delta {d} for {p} overflows"))?;
         if unallocated < 0 {
-            return Err(invalid(e, &format!("delta {d} for {p} would leave the HQ's unallocated units at {unallocated}")));
+            return Err(format!("delta {d} for {p} would leave the HQ's unallocated units at {unallocated}"));
         }
-        changes.push((p, before, HqStock { unallocated, ..before }));
-    }
-    for (p, before, after) in changes {
-        hierarchy::hq_row(&e.event_id, e.occurred_at, &e.hq_id, p, (before, after), &e.adjustment_type, &e.reference_id, state, out)?;
-    }
+        Ok(HqStock { unallocated, ..before })
+    })?;
     register_store(&e.hq_id, "", &e.event_id, state);
     out.note("adjustment", e.adjustment_type.clone());
     Ok(())
@@ -189,6 +184,29 @@ fn store_change(
     report(&e.hq_id, &e.store_id, &e.adjustment_type, &e.reference_id, &e.event_id, "stock.ledger", e.occurred_at, lines, out)
 }
 
+/// Changes the HQ's figures for every line of `e`, all or none: `change` gives a product's new
+/// figures from its delta and current ones, or why the movement is refused (nothing applied);
+/// then each product gets its HQ `stock.updated` row with `reason`.
+fn change_hq(
+    e: &InventoryAdjusted,
+    deltas: &[(String, i64)],
+    reason: &str,
+    state: &mut StateTxn,
+    out: &mut orderflow_api::Outputs,
+    change: impl Fn(&str, i64, HqStock) -> Result<HqStock, String>,
+) -> Result<(), ProcessError> {
+    let mut changes = Vec::with_capacity(deltas.len());
+    for (p, d) in deltas {
+        let before = load_hq(state, &e.hq_id, p)?;
+        let after = change(p, *d, before).map_err(|m| invalid(e, &m))?;
+        changes.push((p, before, after));
+    }
+    for (p, before, after) in changes {
+        hierarchy::hq_row(&e.event_id, e.occurred_at, &e.hq_id, p, (before, after), reason, &e.reference_id, state, out)?;
+    }
+    Ok(())
+}
+
 /// `DISTRIBUTION` at the HQ: every line from unallocated (all or none), now in transit to the
 /// store, which receives a `DISTRIBUTION` allocation.
 fn distribute(
@@ -197,18 +215,12 @@ fn distribute(
     state: &mut StateTxn,
     out: &mut orderflow_api::Outputs,
 ) -> Result<(), ProcessError> {
-    let mut changes = Vec::with_capacity(deltas.len());
-    for (p, d) in deltas {
-        let before = load_hq(state, &e.hq_id, p)?;
-        if before.unallocated < *d {
-            return Err(invalid(e, &format!("the HQ has {} unallocated units of {p}, {d} asked", before.unallocated)));
+    change_hq(e, deltas, change_reason::DISTRIBUTION, state, out, |p, d, before| {
+        if before.unallocated < d {
+            return Err(format!("the HQ has {} unallocated units of {p}, {d} asked", before.unallocated));
         }
-        changes.push((p, before, HqStock { unallocated: before.unallocated - d, in_transit: before.in_transit + d, ..before }));
-    }
-    for (p, before, after) in changes {
-        let reason = change_reason::DISTRIBUTION;
-        hierarchy::hq_row(&e.event_id, e.occurred_at, &e.hq_id, p, (before, after), reason, &e.reference_id, state, out)?;
-    }
+        Ok(HqStock { unallocated: before.unallocated - d, in_transit: before.in_transit + d, ..before })
+    })?;
     out.note("adjustment", change_reason::DISTRIBUTION);
     let items = deltas.to_vec();
     let (hq, to) = (&e.hq_id, &e.store_id);
