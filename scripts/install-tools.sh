@@ -4,7 +4,7 @@
 # machine reuse them. Idempotent: a tool already present is left alone.
 #
 #   scripts/install-tools.sh [TOOL...]     TOOL: kafka | tansu | just | interop | registry |
-#                                          postgres | mariadb (default: kafka tansu just)
+#                                          postgres | mariadb | wrk (default: kafka tansu just)
 #
 #   kafka  Apache Kafka $ORDERFLOW_KAFKA_VERSION (default 4.1.1), the reference broker: the jars of
 #          org.apache.kafka:kafka_2.13 and a log4j2 SLF4J binding from Maven Central
@@ -32,7 +32,9 @@
 #   mariadb  (not a default) a MariaDB server for scripts/db.sh: Debian's `mariadb-server` package
 #          (mariadbd, mariadb-install-db, mariadb, mariadb-admin) with apt-get, when missing.
 #          ~12 s with its 18 dependencies (27 MB) from a Debian mirror.
-#          Both: apt-get install -y --no-install-recommends, as root (else through `sudo -n`);
+#   wrk  (not a default) the HTTP load generator of the inventory API benchmark (scripts/bench-api):
+#          Debian's `wrk` package (4.1, LuaJIT scripting) with apt-get, when `wrk` is not on PATH.
+#          postgres, mariadb and wrk: apt-get install -y --no-install-recommends, as root (else through `sudo -n`);
 #          `apt-get update` first only when the package has no install candidate, or the install
 #          failed on stale package lists, and at most once an hour ($ORDERFLOW_TOOLS/.apt-updated).
 #          Concurrent installs wait for each other (flock on $ORDERFLOW_TOOLS/.apt.lock). The
@@ -144,7 +146,7 @@ install_interop() {
   fi
 }
 
-# --- Debian packages (postgres, mariadb) --------------------------------------------------------
+# --- Debian packages (postgres, mariadb, wrk) --------------------------------------------------------
 APT_MARKER="$TOOLS/.apt-updated"
 
 # Prints the command prefix that runs a command as root: nothing when we are root, `sudo -n` when
@@ -242,6 +244,7 @@ stop_packaged_services() {
   case "$what" in
     mariadb) set -- /run/mysqld/mysqld.pid ;;
     postgres) set -- /run/postgresql/*.pid ;;
+    *) return 0 ;;
   esac
   for pid_file in "$@"; do
     [ -f "$pid_file" ] || continue
@@ -270,6 +273,13 @@ install_mariadb() {
   apt_install mariadb mariadb-server
 }
 
+have_wrk() { command -v wrk >/dev/null 2>&1; }
+
+install_wrk() {
+  have_wrk && return 0
+  apt_install wrk wrk
+}
+
 [ "$#" -gt 0 ] || set -- kafka tansu just
 for tool in "$@"; do
   case "$tool" in
@@ -280,7 +290,8 @@ for tool in "$@"; do
     registry) install_registry ;;
     postgres) install_postgres ;;
     mariadb) install_mariadb ;;
-    *) die "unknown tool '$tool' (kafka, tansu, just, interop, registry, postgres or mariadb)" ;;
+    wrk) install_wrk ;;
+    *) die "unknown tool '$tool' (kafka, tansu, just, interop, registry, postgres, mariadb or wrk)" ;;
   esac
 done
 echo "$TOOLS/bin"

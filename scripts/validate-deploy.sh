@@ -17,7 +17,8 @@
 #      the unit tests deploy/prometheus/alerts.test.yaml (`promtool test rules`).
 #   4. The Grafana dashboard (deploy/grafana/orderflow-dashboard.json): JSON, panels, targets;
 #      every query parses as PromQL (promtool); every metric name in the dashboard and in the
-#      alert rules is one of deploy/metrics.txt (histogram series: <name>_bucket|_sum|_count).
+#      alert rules is one of deploy/metrics.txt or deploy/metrics-api.txt (the inventory API's
+#      own registry) (histogram series: <name>_bucket|_sum|_count).
 #   5. deploy/Dockerfile: the files it copies exist and are not excluded from the context.
 #
 # Tools are installed once into ~/.cache/orderflow/tools (ORDERFLOW_TOOLS):
@@ -388,19 +389,22 @@ for kind in ("StatefulSet", "Deployment"):
 
 # ------------------------------------------------------------ 3/4. metric names, PromQL
 names = {}
-for i, line in enumerate((DEPLOY / "metrics.txt").read_text().splitlines(), 1):
-    line = line.strip()
-    if not line or line.startswith("#"):
-        continue
-    parts = line.split()
-    if len(parts) != 2 or parts[1] not in ("counter", "gauge", "histogram") or not re.fullmatch(r"orderflow_[a-z0-9_]+", parts[0]):
-        problem(f"deploy/metrics.txt:{i}", f"expected `orderflow_<name> counter|gauge|histogram`: {line!r}")
-        continue
-    if parts[0] in names:
-        problem(f"deploy/metrics.txt:{i}", f"{parts[0]} listed twice")
-    if parts[1] == "counter" and not parts[0].endswith("_total"):
-        problem(f"deploy/metrics.txt:{i}", f"counter {parts[0]} must end in _total")
-    names[parts[0]] = parts[1]
+# The workers' families (deploy/metrics.txt) and the inventory API's (deploy/metrics-api.txt,
+# its own registry on its HTTP port); the dashboard and the rules may use both.
+for listing in ("metrics.txt", "metrics-api.txt"):
+    for i, line in enumerate((DEPLOY / listing).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2 or parts[1] not in ("counter", "gauge", "histogram") or not re.fullmatch(r"orderflow_[a-z0-9_]+", parts[0]):
+            problem(f"deploy/{listing}:{i}", f"expected `orderflow_<name> counter|gauge|histogram`: {line!r}")
+            continue
+        if parts[0] in names:
+            problem(f"deploy/{listing}:{i}", f"{parts[0]} listed twice")
+        if parts[1] == "counter" and not parts[0].endswith("_total"):
+            problem(f"deploy/{listing}:{i}", f"counter {parts[0]} must end in _total")
+        names[parts[0]] = parts[1]
 allowed = set()
 for n, t in names.items():
     allowed |= {n + s for s in ("_bucket", "_sum", "_count")} if t == "histogram" else {n}
@@ -450,7 +454,7 @@ def check_names(where, expr, extra=()):
         if n.startswith("orderflow_") and names.get(base) == "histogram" and n == base:
             hint = " (a histogram: use _bucket, _sum or _count)"
         elif n.startswith("orderflow_"):
-            hint = " (not in deploy/metrics.txt)"
+            hint = " (not in deploy/metrics.txt or deploy/metrics-api.txt)"
         else:
             hint = " (not an orderflow metric)"
         problem(where, f"unknown metric {n}{hint}")
@@ -523,8 +527,9 @@ print(f"  {len(alert_names)} alerts: {', '.join(alert_names)}")
 
 scrape = yaml.safe_load((DEPLOY / "prometheus" / "scrape-config.yaml").read_text())
 jobs = [j.get("job_name") for j in scrape.get("scrape_configs", [])]
-if "orderflow" not in jobs:
-    problem("deploy/prometheus/scrape-config.yaml", "needs the scrape job `orderflow` (alerts select up{job=\"orderflow\"})")
+for job in ("orderflow", "orderflow-api"):
+    if job not in jobs:
+        problem("deploy/prometheus/scrape-config.yaml", f"needs the scrape job `{job}` (alerts select up{{job=\"{job}\"}})")
 
 # dashboard
 section("Grafana dashboard (deploy/grafana/orderflow-dashboard.json)")
@@ -581,9 +586,9 @@ if dash is not None:
           + ("; all parse as PromQL (promtool)" if parsed else "" if PROMTOOL else "; PromQL syntax NOT checked (no promtool)"))
     unused = sorted(set(names) - used)
     if unused:
-        print(f"  note: metrics in deploy/metrics.txt that no panel or alert uses: {', '.join(unused)}")
+        print(f"  note: listed metrics that no panel or alert uses: {', '.join(unused)}")
 if not any("unknown metric" in p for p in problems):
-    print(f"  metric names used: {len(used & set(names))} of the {len(names)} in deploy/metrics.txt; none outside it")
+    print(f"  metric names used: {len(used & set(names))} of the {len(names)} in deploy/metrics.txt and metrics-api.txt; none outside them")
 
 # ------------------------------------------------------------ 5. Dockerfile
 section("deploy/Dockerfile")

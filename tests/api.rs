@@ -244,11 +244,23 @@ fn the_inventory_api_queries_reserves_releases_and_distributes_over_the_event_lo
         ["TX-API-1", "TX-API-2"].iter().map(|s| s.to_string()).chain((0..5).map(|i| format!("TX-API-C{i}"))).collect();
     assert_eq!(created_before, expected, "order.created holds exactly the API's reservations");
 
-    // The API's own metrics count the requests by route template.
+    // The API's own metrics count the requests by route template, time the replica's staleness
+    // of the units it applied (the reservations above among them), and are the families
+    // deploy/metrics-api.txt lists for the dashboard and the alerts.
     let (_, metrics) = common::http_get(port, "/metrics").expect("metrics");
     assert!(
         common::metric_in(&metrics, "orderflow_api_requests_total", &[("route", "/api/v1/inventory/reserve"), ("status", "200")]) >= 4.0
     );
+    let staleness_units: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("orderflow_api_replica_staleness_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(staleness_units >= 4.0, "units applied after catching up, timed: {staleness_units}\n{metrics}");
+    let listed = std::fs::read_to_string(common::repo_root().join("deploy/metrics-api.txt")).expect("deploy/metrics-api.txt");
+    let listed: BTreeSet<&str> = listed.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).filter_map(|l| l.split_whitespace().next()).collect();
+    let exported: BTreeSet<&str> = metrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(exported, listed, "the API's /metrics families and deploy/metrics-api.txt");
     let (ws, _) = workers.terminate(Duration::from_secs(30));
     assert!(ws.is_some_and(|s| s.success()), "workers did not stop cleanly: {ws:?}");
     let (a, _) = api.terminate(Duration::from_secs(10));

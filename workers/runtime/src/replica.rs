@@ -18,7 +18,11 @@
 //!
 //! **Freshness.** A query sees the state as of the last marker the replica applied: behind the
 //! worker by its commit interval plus the replica's fetch latency (`fetch.wait.max.ms`, set to
-//! [`FETCH_WAIT_MS`]); [`Replica::lag_records`] and [`Replica::caught_up`] say where it stands.
+//! [`FETCH_WAIT_MS`]); [`Replica::lag_records`] and [`Replica::caught_up`] say where it stands,
+//! and the optional staleness histogram given to [`Replica::start`] observes, per applied unit, the
+//! seconds from the unit's first changelog record (written when the worker processed the unit's
+//! first input; the record's CreateTime, the worker's clock) to the replica applying it: how stale
+//! a query answered just before that unit was.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -131,7 +135,8 @@ impl Replica {
     /// `prefixes`.
     ///
     /// Errors: [`ReplicaError::Kafka`] when the consumer cannot be created or assigned.
-    /// `indexer`, if any, builds a secondary index ([`Replica::get_indexed`]).
+    /// `indexer`, if any, builds a secondary index ([`Replica::get_indexed`]); `staleness`, if
+    /// any, observes each applied unit's staleness in seconds (module docs, "Freshness").
     pub fn start(
         broker: &BrokerConfig,
         topic: &str,
@@ -139,6 +144,7 @@ impl Replica {
         inputs: Vec<String>,
         prefixes: Vec<Vec<u8>>,
         indexer: Option<Indexer>,
+        staleness: Option<prometheus::Histogram>,
     ) -> Result<Replica, ReplicaError> {
         let kafka = |source| ReplicaError::Kafka { topic: topic.to_string(), source };
         let mut cfg = client_config(broker, Side::Consumer);
@@ -163,6 +169,7 @@ impl Replica {
             inputs,
             prefixes,
             indexer,
+            staleness,
             inner: inner.clone(),
             applied: tx,
             stop: stop.clone(),
@@ -244,6 +251,12 @@ impl Replica {
     }
 }
 
+/// Seconds from `written_ms` (ms since the epoch) to now; 0 when the writer's clock is ahead.
+fn staleness_seconds(written_ms: i64) -> f64 {
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    (now_ms - written_ms).max(0) as f64 / 1000.0
+}
+
 /// The tailing thread's side.
 struct Tail {
     consumer: BaseConsumer,
@@ -252,14 +265,20 @@ struct Tail {
     inputs: Vec<String>,
     prefixes: Vec<Vec<u8>>,
     indexer: Option<Indexer>,
+    staleness: Option<prometheus::Histogram>,
     inner: Arc<RwLock<Inner>>,
     applied: watch::Sender<u64>,
     stop: Arc<AtomicBool>,
     caught_up: Arc<AtomicBool>,
 }
 
-/// A unit's records waiting for its marker: state key → value (`None`: deleted).
-type Pending = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+/// A unit's records waiting for its marker: state key → value (`None`: deleted), and the
+/// timestamp (ms since the epoch) of the unit's first changelog record.
+#[derive(Default)]
+struct Pending {
+    records: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    first_ms: Option<i64>,
+}
 
 impl Tail {
     fn run(self) {
@@ -276,16 +295,27 @@ impl Tail {
                 continue;
             };
             let partition = msg.partition();
+            let written_ms = msg.timestamp().to_millis();
             let entry = changelog::decode_record(&self.inputs, msg.key().unwrap_or_default(), msg.payload());
             let mut inner = self.inner.write().expect("replica lock");
             inner.position.insert(partition, msg.offset() + 1);
             match entry {
-                Ok(Entry::Data { key, value, .. }) if self.prefixes.iter().any(|p| key.starts_with(p)) => {
-                    pending.entry(partition).or_default().insert(key, value);
+                Ok(Entry::Data { key, value, .. }) => {
+                    let unit = pending.entry(partition).or_default();
+                    unit.first_ms = unit.first_ms.or(written_ms);
+                    if self.prefixes.iter().any(|p| key.starts_with(p)) {
+                        unit.records.insert(key, value);
+                    }
                 }
                 Ok(Entry::Marker { seen, .. }) => {
-                    for (key, value) in pending.remove(&partition).unwrap_or_default() {
+                    let unit = pending.remove(&partition).unwrap_or_default();
+                    for (key, value) in unit.records {
                         inner.apply(self.indexer, key, value);
+                    }
+                    if let (Some(h), Some(first)) = (&self.staleness, unit.first_ms.or(written_ms)) {
+                        if self.caught_up.load(Ordering::Relaxed) {
+                            h.observe(staleness_seconds(first));
+                        }
                     }
                     inner.remember(&seen);
                     units += 1;

@@ -16,7 +16,8 @@
 //! - `GET /api/v1/openapi.json`: the OpenAPI document, generated from the handlers;
 //! - `/healthz` (alive), `/readyz` (the replica has caught up), `/metrics` (Prometheus:
 //!   `orderflow_api_requests_total{route,status}`, `orderflow_api_request_seconds{route}`,
-//!   `orderflow_api_replica_lag_records`).
+//!   `orderflow_api_replica_lag_records`, `orderflow_api_replica_staleness_seconds`; the families
+//!   are listed in `deploy/metrics-api.txt` for the dashboard and alerts).
 
 pub mod admin;
 pub mod error;
@@ -36,7 +37,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use orderflow_runtime::replica::Replica;
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 use serde::Deserialize;
 use utoipa::OpenApi;
 
@@ -113,6 +114,7 @@ pub struct ApiMetrics {
     requests: IntCounterVec,
     seconds: HistogramVec,
     replica_lag: IntGauge,
+    replica_staleness: Histogram,
 }
 
 impl ApiMetrics {
@@ -137,8 +139,17 @@ impl ApiMetrics {
             IntGauge::new("orderflow_api_replica_lag_records", "Changelog records the API's replica has not applied yet.").expect("metric");
         registry.register(Box::new(requests.clone())).expect("register");
         registry.register(Box::new(seconds.clone())).expect("register");
+        let replica_staleness = Histogram::with_opts(
+            HistogramOpts::new(
+                "orderflow_api_replica_staleness_seconds",
+                "Per unit the replica applies: seconds from the unit's first changelog record (the reserver's clock) to applied; how stale a query just before it was.",
+            )
+            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        )
+        .expect("metric");
         registry.register(Box::new(replica_lag.clone())).expect("register");
-        ApiMetrics { registry, requests, seconds, replica_lag }
+        registry.register(Box::new(replica_staleness.clone())).expect("register");
+        ApiMetrics { registry, requests, seconds, replica_lag, replica_staleness }
     }
 
     fn render(&self) -> String {
@@ -272,6 +283,7 @@ pub async fn run(args: ApiArgs) -> Result<()> {
     let loaded = load_topology(&args.topology, args.bootstrap.as_deref())?;
     let t = &loaded.topology;
     let (name, spec) = crate::topology::stock_reserver(t, args.worker.as_deref())?;
+    let metrics = Arc::new(ApiMetrics::new());
     let partitions = spec.inputs.iter().filter_map(|i| t.topics.get(i)).map(|s| s.partitions).max().unwrap_or(1);
     let prefixes = vec![
         stock_reserver::STOCK_PREFIX.to_vec(),
@@ -286,6 +298,7 @@ pub async fn run(args: ApiArgs) -> Result<()> {
         spec.inputs.clone(),
         prefixes,
         Some(reserve::index_reservation),
+        Some(metrics.replica_staleness.clone()),
     )?;
     let topics = Topics {
         order_created: crate::inventory::external_topic(t, "OrderCreated")?,
@@ -303,7 +316,7 @@ pub async fn run(args: ApiArgs) -> Result<()> {
     }
     let app = AppState {
         replica,
-        metrics: Arc::new(ApiMetrics::new()),
+        metrics,
         producer: Publisher { producer, codec },
         topics,
         admin_token: admin_token.map(Arc::new),
