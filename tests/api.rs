@@ -258,8 +258,10 @@ fn the_inventory_api_queries_reserves_releases_and_distributes_over_the_event_lo
         .unwrap_or(0.0);
     assert!(staleness_units >= 4.0, "units applied after catching up, timed: {staleness_units}\n{metrics}");
     let listed = std::fs::read_to_string(common::repo_root().join("deploy/metrics-api.txt")).expect("deploy/metrics-api.txt");
-    let listed: BTreeSet<&str> = listed.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).filter_map(|l| l.split_whitespace().next()).collect();
-    let exported: BTreeSet<&str> = metrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_whitespace().next()).collect();
+    let listed: BTreeSet<&str> =
+        listed.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).filter_map(|l| l.split_whitespace().next()).collect();
+    let exported: BTreeSet<&str> =
+        metrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_whitespace().next()).collect();
     assert_eq!(exported, listed, "the API's /metrics families and deploy/metrics-api.txt");
     let (ws, _) = workers.terminate(Duration::from_secs(30));
     assert!(ws.is_some_and(|s| s.success()), "workers did not stop cleanly: {ws:?}");

@@ -314,13 +314,7 @@ pub async fn run(args: ApiArgs) -> Result<()> {
     if admin_token.is_none() {
         tracing::warn!("no admin token configured: admin routes answer 401");
     }
-    let app = AppState {
-        replica,
-        metrics,
-        producer: Publisher { producer, codec },
-        topics,
-        admin_token: admin_token.map(Arc::new),
-    };
+    let app = AppState { replica, metrics, producer: Publisher { producer, codec }, topics, admin_token: admin_token.map(Arc::new) };
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(addr = %args.listen, worker = %name, "inventory API serving");
     axum::serve(listener, router(app).into_make_service_with_connect_info::<SocketAddr>())

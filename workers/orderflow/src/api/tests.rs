@@ -141,7 +141,8 @@ fn the_openapi_document_names_every_route() {
 
 #[test]
 fn every_exported_name_is_listed_for_the_dashboards() {
-    let listed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/metrics-api.txt")).expect("deploy/metrics-api.txt");
+    let listed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/metrics-api.txt")).expect("deploy/metrics-api.txt");
     let mut listed: Vec<(String, String)> = listed
         .lines()
         .map(str::trim)
