@@ -6,6 +6,21 @@ use std::sync::{Arc, Mutex};
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
+/// The metric families of a listing such as `deploy/metrics.txt` or `deploy/metrics-api.txt`
+/// (`<name> <type>` per line; blank lines and `#` comments skipped), as (name, type) in file
+/// order. Also reads the `# TYPE <name> <type>` lines of a Prometheus text scrape when given
+/// `type_lines` true (other lines skipped).
+pub fn listed_families(text: &str, type_lines: bool) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter_map(|l| if type_lines { l.strip_prefix("# TYPE ") } else { (!l.is_empty() && !l.starts_with('#')).then_some(l) })
+        .map(|l| {
+            let mut parts = l.split_whitespace();
+            (parts.next().unwrap_or_default().to_string(), parts.next().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
 /// Every metric name the runtime exports (kept equal to `deploy/metrics.txt`, which the
 /// Grafana dashboard and alert rules are checked against).
 pub const NAMES: &[&str] = &[
@@ -314,16 +329,7 @@ mod tests {
     #[test]
     fn every_exported_name_is_listed_for_the_dashboards() {
         let listed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/metrics.txt")).expect("deploy/metrics.txt");
-        // `<name> <type>` per line.
-        let listed: Vec<(String, String)> = listed
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(|l| {
-                let mut parts = l.split_whitespace();
-                (parts.next().unwrap_or_default().to_string(), parts.next().unwrap_or_default().to_string())
-            })
-            .collect();
+        let listed = listed_families(&listed, false);
         let mut names = NAMES.to_vec();
         names.sort_unstable();
         let mut listed_names: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();

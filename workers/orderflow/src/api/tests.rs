@@ -143,29 +143,13 @@ fn the_openapi_document_names_every_route() {
 fn every_exported_name_is_listed_for_the_dashboards() {
     let listed =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/metrics-api.txt")).expect("deploy/metrics-api.txt");
-    let mut listed: Vec<(String, String)> = listed
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let mut parts = l.split_whitespace();
-            (parts.next().unwrap_or_default().to_string(), parts.next().unwrap_or_default().to_string())
-        })
-        .collect();
+    let mut listed = orderflow_runtime::metrics::listed_families(&listed, false);
     listed.sort();
     let m = super::ApiMetrics::new();
     // Vector families show once they have a child.
     m.requests.with_label_values(&["/healthz", "200"]).inc();
     m.seconds.with_label_values(&["/healthz"]).observe(0.001);
-    let mut exported: Vec<(String, String)> = m
-        .render()
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .map(|l| {
-            let mut parts = l.split_whitespace();
-            (parts.next().unwrap_or_default().to_string(), parts.next().unwrap_or_default().to_string())
-        })
-        .collect();
+    let mut exported = orderflow_runtime::metrics::listed_families(&m.render(), true);
     exported.sort();
     assert_eq!(exported, listed, "deploy/metrics-api.txt and the API's registry differ");
 }
