@@ -289,6 +289,8 @@ pub struct LatencyResult {
     pub mode: &'static str,
     /// Child processes the workers ran in.
     pub processes: usize,
+    /// Processing guarantee per worker (`exactly_once` / `effectively_once`).
+    pub guarantees: BTreeMap<String, &'static str>,
     /// Commit interval per worker, milliseconds.
     pub commit_interval_ms: BTreeMap<String, u64>,
     /// Seconds of each load that are offered but not measured.

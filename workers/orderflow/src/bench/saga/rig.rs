@@ -303,6 +303,12 @@ impl Rig {
         t.workers.iter().map(|(n, w)| (n.clone(), w.commit_interval(&t.defaults).as_millis() as u64)).collect()
     }
 
+    /// Each worker's processing guarantee (the topology's, after `ORDERFLOW_PROFILE`).
+    pub(super) fn guarantees(&self) -> BTreeMap<String, &'static str> {
+        let t = self.topology();
+        t.workers.iter().map(|(n, w)| (n.clone(), w.guarantee(&t.defaults).as_str())).collect()
+    }
+
     pub(super) fn settings(&self) -> Settings {
         let t = self.topology();
         let partitions = t.topics.get("order.created").map(|s| s.partitions).unwrap_or(1);

@@ -75,6 +75,7 @@ pub(super) async fn throughput(args: &SagaArgs) -> Result<ThroughputResult> {
     let t = &loaded.topology;
     let (commit_interval_ms, settings_, workers_ready_s, stock_applied_s, stock_lines) =
         (rig.commit_intervals(), rig.settings(), rig.workers_ready_s, rig.stock_applied_s, rig.stock_lines);
+    let guarantees = rig.guarantees();
     let counted = rig.counted.clone();
     let (workers, watermarks, run_dir) = rig.stop().await?;
 
@@ -99,7 +100,7 @@ pub(super) async fn throughput(args: &SagaArgs) -> Result<ThroughputResult> {
             Mode::OneProcess => 1,
             Mode::ProcessPerWorker => t.workers.len(),
         },
-        guarantees: t.workers.iter().map(|(n, w)| (n.clone(), w.guarantee(&t.defaults).as_str())).collect(),
+        guarantees,
         commit_interval_ms,
         orders: n,
         produce_orders_per_s,
@@ -139,6 +140,7 @@ pub(super) async fn latency(args: &SagaArgs) -> Result<LatencyResult> {
     }
     let outcomes = rig.book.lock().expect("book").outcomes.clone();
     let (commit_interval_ms, settings_, workers_ready_s) = (rig.commit_intervals(), rig.settings(), rig.workers_ready_s);
+    let guarantees = rig.guarantees();
     let processes = rig.procs.len();
     let (workers, _, run_dir) = rig.stop().await?;
     let _ = std::fs::remove_dir_all(&run_dir);
@@ -147,6 +149,7 @@ pub(super) async fn latency(args: &SagaArgs) -> Result<LatencyResult> {
         measure: "latency",
         mode: args.mode.as_str(),
         processes,
+        guarantees,
         commit_interval_ms,
         warmup_s: c.warmup.as_secs_f64(),
         duration_s: c.duration.as_secs_f64(),
