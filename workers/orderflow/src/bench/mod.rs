@@ -19,6 +19,7 @@
 //! when the input is drained or the duration is over.
 
 pub mod outbox;
+pub mod peer;
 pub mod recovery;
 pub mod retention;
 pub mod saga;
@@ -68,6 +69,10 @@ enum Scenario {
     /// The transactional outbox relay (issue 15) on one database: rows/s over a backlog, then
     /// the publish lag under a steady write rate against seed 003's 3 s mean.
     Outbox(crate::bench::outbox::OutboxArgs),
+    /// Issue 18: orderflow's stock reserver and a Kafka Streams application with the same rules
+    /// (peers/kafka-streams) on the same input: orders answered/s, time to the last answer, peak
+    /// RSS, and their answers compared order by order.
+    Peer(crate::bench::peer::PeerArgs),
 }
 
 /// Flags every scenario shares.
@@ -238,6 +243,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         Scenario::Recovery(a) => serde_json::to_string(&crate::bench::recovery::run(a).await?)?,
         Scenario::Retention(a) => serde_json::to_string(&crate::bench::retention::run(a).await?)?,
         Scenario::Outbox(a) => serde_json::to_string(&crate::bench::outbox::run(a).await?)?,
+        Scenario::Peer(a) => serde_json::to_string(&crate::bench::peer::peer(a).await?)?,
     };
     println!("{json}");
     Ok(())

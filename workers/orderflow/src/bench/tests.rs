@@ -92,3 +92,12 @@ fn hierarchy_layouts_put_one_hq_over_100_stores_and_some_products_at_hq_only() {
     // The same orders in both layouts.
     assert!(only[HIERARCHY_STORES..].iter().zip(&fallback[HIERARCHY_STORES + 1..]).all(|(a, b)| a.2 == b.2));
 }
+
+#[test]
+fn the_peer_benchmark_switches_the_hq_fallback_off_in_its_topology_copy() {
+    let text = "avro_dir = \"avro\"\n[workers.stock-reserver]\nkind = \"stock-reserver\"\n\n[workers.stock-reserver.hq_fallback]\nenabled = true\nkeep_at_hq = 0\n\n[workers.other]\nenabled = true\n";
+    let out = super::peer::without_hq_fallback(text).unwrap();
+    assert!(out.contains("[workers.stock-reserver.hq_fallback]\nenabled = false"), "{out}");
+    assert!(out.contains("[workers.other]\nenabled = true\n"), "only the reserver's section changes: {out}");
+    assert!(super::peer::without_hq_fallback("[workers.x]\n").is_err());
+}

@@ -100,7 +100,7 @@ pub(super) fn parse_status(text: &str) -> Option<Memory> {
 }
 
 /// The memory of process `pid` now.
-pub(super) fn memory(pid: u32) -> Result<Memory> {
+pub(crate) fn memory(pid: u32) -> Result<Memory> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     parse_status(&text).with_context(|| format!("no VmRSS/VmHWM in {path}"))

@@ -47,6 +47,7 @@ use crate::bench::{settings, Common, Rng};
 mod baseline;
 mod load;
 mod logs;
+pub(crate) use logs::memory;
 mod procs;
 
 use baseline::*;

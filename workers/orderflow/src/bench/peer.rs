@@ -1,0 +1,386 @@
+//! `bench peer` (issue 18): orderflow's stock reserver beside a Kafka Streams application with the
+//! same business rules (`peers/kafka-streams`, built with Maven), on the same broker and the same
+//! input, one after the other, measured from outside the same way.
+//!
+//! 1. **Input**: `--records` orders (1–4 lines of 1–5 units) over the 25 stores of the five-HQ
+//!    layout, after one restock per store of every product: `--stock-share` (0.85) × the units
+//!    the orders ask of a store and product on average, so that the later orders of a store fail
+//!    for stock and the comparison covers both answers; all on `stock.commands`.
+//! 2. **orderflow**: `orderflow run --worker stock-reserver` as a child process, on a copy of the
+//!    topology with the HQ fallback switched off (the peer has no HQ level: both do the same work)
+//!    and the commit interval both use (`--commit-interval`, default the reserver's).
+//! 3. **The peer**: `java <--jvm-opts> -jar <--peer-jar>` (`exactly_once_v2` when orderflow runs
+//!    `exactly_once`, else `at_least_once`; RocksDB stores; one stream thread; orderflow's commit
+//!    interval), on the same `stock.commands` under its own application id, answering on
+//!    `peer.stock.reserved` / `peer.stock.reservation.failed`.
+//!
+//! Each side is metered by a `read_committed` consumer of its two answer topics: orders answered
+//! over the window after the warm-up (the [`Meter`] of every scenario), then it runs until every
+//! order is answered, and its peak RSS is the process's `VmHWM` at that point. Last, the answers
+//! are compared order by order: reserved with the same lines, or failed for the same reason.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use orderflow_api::events::store_key;
+use orderflow_api::Event;
+use orderflow_runtime::codec::Codec;
+use orderflow_runtime::kafka::{client_config, create_topics, Side};
+use orderflow_runtime::topology::{BrokerConfig, Guarantee};
+use orderflow_runtime::worker::now_ms;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureProducer;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+use tracing::info;
+
+use super::recovery::memory;
+use super::{free_port, inventory_in, log_tail, order_in, produce_all, Common, Layout, Meter, Rng, Window};
+
+const WORKER: &str = "stock-reserver";
+/// Prefix of the peer's output topics.
+const PEER_PREFIX: &str = "peer.";
+
+/// `orderflow bench peer` flags.
+#[derive(clap::Args, Debug)]
+pub struct PeerArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The peer's shaded jar (`mvn -f peers/kafka-streams/pom.xml package`).
+    #[arg(long)]
+    peer_jar: PathBuf,
+    /// Stock of each product at every store, as a share of the units the orders ask of it on
+    /// average: below 1, the later orders of a store fail for stock.
+    #[arg(long, default_value_t = 0.85)]
+    stock_share: f64,
+    /// The java launcher.
+    #[arg(long, default_value = "java")]
+    java: String,
+    /// JVM options of the peer, whitespace-separated.
+    #[arg(long, default_value = "-Xmx1g")]
+    jvm_opts: String,
+    /// Folder for the logs and both sides' state (default: a fresh one under target/bench/state).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+/// One side's figures.
+#[derive(Debug, Serialize)]
+pub struct SideResult {
+    /// `orderflow` or `kafka-streams`.
+    pub implementation: &'static str,
+    /// orderflow's guarantee, or the peer's `processing.guarantee`.
+    pub guarantee: String,
+    /// Orders answered (reserved + failed) over the measurement window.
+    pub window: Window,
+    /// Seconds from the process's start to its first answer.
+    pub first_answer_s: f64,
+    /// Seconds from the process's start to its last answer (every order answered).
+    pub all_answered_s: f64,
+    /// `VmHWM` once every order was answered, MiB.
+    pub peak_rss_mib: f64,
+    /// Answers read, by kind.
+    pub reserved: u64,
+    pub failed: u64,
+}
+
+/// `bench peer` result (one JSON object on stdout).
+#[derive(Debug, Serialize)]
+pub struct PeerResult {
+    /// Always `"peer"`.
+    pub scenario: &'static str,
+    pub orders: u64,
+    pub stores: usize,
+    pub stock_per_product: i64,
+    pub commit_interval_ms: u64,
+    pub jvm_opts: String,
+    pub orderflow: SideResult,
+    pub kafka_streams: SideResult,
+    /// orderflow ÷ peer, orders answered/s over the window.
+    pub throughput_ratio: f64,
+    /// orderflow ÷ peer, peak RSS.
+    pub peak_rss_ratio: f64,
+    /// Every order has the same answer from both.
+    pub answers_equal: bool,
+    /// Orders whose answers differ, and up to 5 of them: (orderId, orderflow's, the peer's).
+    pub mismatched_orders: u64,
+    pub mismatch_examples: Vec<(String, String, String)>,
+}
+
+/// Runs the scenario (module docs).
+///
+/// Errors: a non-empty broker, a side that stops or does not answer every order within the
+/// window plus 5 minutes, Kafka and codec errors.
+pub async fn peer(args: PeerArgs) -> Result<PeerResult> {
+    let c = &args.common;
+    let loaded = crate::topology::load_topology(&c.topology, c.bootstrap.as_deref())?;
+    let t = &loaded.topology;
+    let spec = t.workers.get(WORKER).context("the topology has no stock-reserver worker")?;
+    let guarantee = spec.guarantee(&t.defaults);
+    let commit_interval_ms = c.commit_interval.unwrap_or(spec.commit_interval(&t.defaults)).as_millis() as u64;
+    let partitions = t.topics.get("stock.commands").map(|s| s.partitions).unwrap_or(6);
+    let dir = std::path::absolute(
+        args.state_dir.clone().unwrap_or_else(|| PathBuf::from("target/bench/state").join(format!("peer-{}", now_ms()))),
+    )?;
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let topology = dir.join("topology.toml");
+    let copy = super::saga::topology_copy(
+        &std::fs::read_to_string(&c.topology)?,
+        Duration::from_millis(commit_interval_ms),
+        &std::path::absolute(loaded.avro_dir())?,
+    );
+    std::fs::write(&topology, without_hq_fallback(&copy)?)?;
+
+    create_topics(t).await.context("creating topics")?;
+    let peer_topics: Vec<String> = ["stock.reserved", "stock.reservation.failed", "stock.reservation.released", "order.settled"]
+        .iter()
+        .map(|s| format!("{PEER_PREFIX}{s}"))
+        .collect();
+    create_peer_topics(&t.broker, &peer_topics, partitions).await?;
+    let held =
+        crate::kafkaio::records_held(&crate::kafkaio::watermark_client(&t.broker, "orderflow-bench-peer")?, "stock.commands", partitions)?;
+    if held > 0 {
+        bail!("stock.commands already holds {held} records: the peer benchmark needs an empty broker (scripts/bench starts a fresh one per scenario)");
+    }
+
+    // The input.
+    let orders = c.records.unwrap_or(200_000);
+    let codec = Arc::new(Codec::load(&loaded.avro_dir(), t.broker.registry_url.as_deref())?);
+    let now = now_ms();
+    let mut rng = Rng(11);
+    let list: Vec<_> = (0..orders).map(|i| order_in(Layout::FiveHqs, i, &mut rng, now)).collect();
+    let units: i64 = list.iter().flat_map(|o| o.items.iter()).map(|i| i.quantity as i64).sum();
+    let stock = ((units as f64 / (super::STORES * super::PRODUCTS) as f64) * args.stock_share).round() as i64;
+    let mut encoded = Vec::new();
+    for mut inv in inventory_in(Layout::FiveHqs, now) {
+        inv.items.iter_mut().for_each(|i| i.delta = stock);
+        let key = store_key(&inv.hq_id, &inv.store_id);
+        encoded.push(("stock.commands".to_string(), key, codec.encode("stock.commands", &Event::InventoryAdjusted(inv)).await?));
+    }
+    for o in list {
+        let key = store_key(&o.hq_id, &o.store_id);
+        encoded.push(("stock.commands".to_string(), key, codec.encode("stock.commands", &Event::OrderCreated(o)).await?));
+    }
+    let producer: FutureProducer = client_config(&t.broker, Side::Producer).create()?;
+    produce_all(&producer, encoded.into_iter()).await?;
+    info!(orders, "input produced");
+
+    // orderflow.
+    let port = free_port()?;
+    let bootstrap = t.broker.bootstrap.clone();
+    let child = Command::new(std::env::current_exe()?)
+        .args(["--log-json", "run", "--topology"])
+        .arg(&topology)
+        .args(["--worker", WORKER, "--instance", "bench-peer", "--bootstrap", &bootstrap])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .env("ORDERFLOW_STATE_DIR", dir.join("orderflow-state"))
+        .env("RUST_LOG", "warn")
+        .env_remove("ORDERFLOW_INSTANCE")
+        .env_remove("ORDERFLOW_METRICS_ADDR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(dir.join("logs/orderflow.log"))?)
+        .spawn()
+        .context("spawning orderflow run --worker stock-reserver")?;
+    let answers =
+        Answers::start(&t.broker, &[spec.outputs["reserved"].clone(), spec.outputs["failed"].clone()], partitions, codec.clone())?;
+    let (mut of, of_answers) = measure("orderflow", child, answers, orders, c, &dir.join("logs/orderflow.log")).await?;
+    of.guarantee = guarantee.as_str().to_string();
+
+    // The peer.
+    let peer_guarantee = if guarantee == Guarantee::ExactlyOnce { "exactly_once_v2" } else { "at_least_once" };
+    let child = Command::new(&args.java)
+        .args(args.jvm_opts.split_whitespace())
+        .arg("-jar")
+        .arg(&args.peer_jar)
+        .args(["--bootstrap", &bootstrap, "--avro-dir"])
+        .arg(std::path::absolute(loaded.avro_dir())?)
+        .arg("--state-dir")
+        .arg(dir.join("peer-state"))
+        .args(["--application-id", &format!("peer-stock-reserver-{now}"), "--output-prefix", PEER_PREFIX])
+        .args(["--guarantee", peer_guarantee, "--commit-interval-ms", &commit_interval_ms.to_string()])
+        .stdin(Stdio::null())
+        .stdout(File::create(dir.join("logs/peer.out"))?)
+        .stderr(File::create(dir.join("logs/peer.log"))?)
+        .spawn()
+        .with_context(|| format!("spawning {} -jar {}", args.java, args.peer_jar.display()))?;
+    let answers = Answers::start(&t.broker, &peer_topics[..2], partitions, codec)?;
+    let (mut ks, ks_answers) = measure("kafka-streams", child, answers, orders, c, &dir.join("logs/peer.log")).await?;
+    ks.guarantee = peer_guarantee.to_string();
+
+    let mut mismatches = Vec::new();
+    for (order, a) in &of_answers {
+        let b = ks_answers.get(order).cloned().unwrap_or_else(|| "no answer".into());
+        if *a != b {
+            mismatches.push((order.clone(), a.clone(), b));
+        }
+    }
+    mismatches
+        .extend(ks_answers.keys().filter(|o| !of_answers.contains_key(*o)).map(|o| (o.clone(), "no answer".into(), ks_answers[o].clone())));
+    let _ = std::fs::remove_dir_all(dir.join("orderflow-state"));
+    let _ = std::fs::remove_dir_all(dir.join("peer-state"));
+    Ok(PeerResult {
+        scenario: "peer",
+        orders,
+        stores: super::STORES,
+        stock_per_product: stock,
+        commit_interval_ms,
+        jvm_opts: args.jvm_opts.clone(),
+        throughput_ratio: of.window.records_per_s / ks.window.records_per_s.max(f64::MIN_POSITIVE),
+        peak_rss_ratio: of.peak_rss_mib / ks.peak_rss_mib.max(f64::MIN_POSITIVE),
+        answers_equal: mismatches.is_empty(),
+        mismatched_orders: mismatches.len() as u64,
+        mismatch_examples: mismatches.into_iter().take(5).collect(),
+        orderflow: of,
+        kafka_streams: ks,
+    })
+}
+
+/// `text` (a topology file) with `enabled = false` in `[workers.stock-reserver.hq_fallback]`.
+///
+/// Errors: the section or its `enabled` line is missing.
+pub fn without_hq_fallback(text: &str) -> Result<String> {
+    let header = "[workers.stock-reserver.hq_fallback]";
+    let start = text.find(header).with_context(|| format!("the topology has no {header}"))?;
+    let rest = &text[start + header.len()..];
+    let end = rest.find("\n[").unwrap_or(rest.len());
+    let line =
+        rest[..end].lines().find(|l| l.trim_start().starts_with("enabled")).with_context(|| format!("no `enabled` under {header}"))?;
+    let at = start + header.len() + rest.find(line).expect("found above");
+    let mut out = String::with_capacity(text.len() + 64);
+    out.push_str(&text[..at]);
+    out.push_str("enabled = false   # bench peer: the Kafka Streams peer has no HQ level");
+    out.push_str(&text[at + line.len()..]);
+    Ok(out)
+}
+
+async fn create_peer_topics(broker: &BrokerConfig, topics: &[String], partitions: i32) -> Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<_> = client_config(broker, Side::Producer).create()?;
+    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
+    for r in admin.create_topics(&new, &AdminOptions::new()).await? {
+        if let Err((topic, e)) = r {
+            if e != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                bail!("creating {topic}: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Meters one side until every order is answered; returns its figures and its answers by order.
+async fn measure(
+    implementation: &'static str,
+    mut child: Child,
+    answers: Answers,
+    orders: u64,
+    c: &Common,
+    log: &Path,
+) -> Result<(SideResult, BTreeMap<String, String>)> {
+    let started = Instant::now();
+    let mut meter = Meter::new(c.warmup, c.duration, orders);
+    let mut first = None;
+    let give_up = started + c.warmup + c.duration + Duration::from_secs(300);
+    let mut window = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Some(status) = child.try_wait()? {
+            bail!("{implementation} exited ({status}) after {} answers:\n{}", answers.count(), log_tail(log, 30));
+        }
+        let n = answers.count();
+        if n > 0 && first.is_none() {
+            first = Some(started.elapsed().as_secs_f64());
+        }
+        if window.is_none() {
+            window = meter.observe(Instant::now(), n);
+        }
+        if window.is_some() && n >= orders {
+            break;
+        }
+        if Instant::now() > give_up {
+            let _ = child.kill();
+            bail!("{implementation} answered {n} of {orders} orders; gave up:\n{}", log_tail(log, 30));
+        }
+    }
+    let all_answered_s = started.elapsed().as_secs_f64();
+    let peak_rss_mib = memory(child.id()).map(|m| m.peak_rss_mib).unwrap_or(0.0);
+    let _ = child.kill();
+    let _ = child.wait();
+    let outcomes = answers.finish();
+    info!(implementation, answers = outcomes.len(), "side done");
+    let count = |kind: &str| outcomes.values().filter(|v| v.starts_with(kind)).count() as u64;
+    Ok((
+        SideResult {
+            implementation,
+            guarantee: String::new(),
+            window: window.expect("set before the loop ends"),
+            first_answer_s: first.unwrap_or(0.0),
+            all_answered_s,
+            peak_rss_mib,
+            reserved: count("reserved"),
+            failed: count("failed"),
+        },
+        outcomes,
+    ))
+}
+
+/// A `read_committed` reader of a side's answer topics on a thread of its own: how many it read,
+/// and each order's answer as a comparable string (`reserved P-B1=2,P-B7=1` / `failed REASON`).
+struct Answers {
+    count: Arc<AtomicU64>,
+    outcomes: Arc<Mutex<BTreeMap<String, String>>>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Answers {
+    fn start(broker: &BrokerConfig, topics: &[String], partitions: i32, codec: Arc<Codec>) -> Result<Answers> {
+        let mut cfg = client_config(broker, Side::Consumer);
+        cfg.set("group.id", "orderflow-bench-peer-answers").set("enable.auto.commit", "false").set("isolation.level", "read_committed");
+        let consumer: BaseConsumer = cfg.create()?;
+        let mut tpl = TopicPartitionList::new();
+        for topic in topics {
+            for p in 0..partitions {
+                tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&tpl)?;
+        let (count, outcomes, stop) =
+            (Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(BTreeMap::new())), Arc::new(AtomicBool::new(false)));
+        let (c, o, s) = (count.clone(), outcomes.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) else { continue };
+                let answer = match m.payload().map(|p| codec.decode_local(p)) {
+                    Some(Ok(Event::StockReserved(r))) => {
+                        let mut lines: Vec<String> = r.items.iter().map(|i| format!("{}={}", i.product_id, i.reserved)).collect();
+                        lines.sort();
+                        (r.order_id, format!("reserved {}", lines.join(",")))
+                    }
+                    Some(Ok(Event::StockReservationFailed(f))) => (f.order_id, format!("failed {}", f.reason)),
+                    _ => (String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(), "undecodable".into()),
+                };
+                o.lock().expect("answers").insert(answer.0, answer.1);
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Ok(Answers { count, outcomes, stop, thread })
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn finish(self) -> BTreeMap<String, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        std::mem::take(&mut *self.outcomes.lock().expect("answers"))
+    }
+}
