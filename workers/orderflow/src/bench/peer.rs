@@ -16,12 +16,16 @@
 //!
 //! Each side is metered by a `read_committed` consumer of its two answer topics: orders answered
 //! over the window after the warm-up (the [`Meter`] of every scenario), then it runs until every
-//! order is answered, and its peak RSS is the process's `VmHWM` at that point. Last, the answers
-//! are compared order by order: reserved with the same lines, or failed for the same reason.
+//! order is answered, and its peak RSS is the process's `VmHWM` at that point. Then it is
+//! SIGKILLed and started again, twice: on its local state, and with its state directory deleted
+//! (rebuilt from its changelog); each time [`PROBE_ORDERS`] new orders wait for it, and the time
+//! from the kill to their first answer is "SIGKILL → processing". Both use static membership (the
+//! same instance id again), so neither waits for a session timeout. Last, the answers are compared
+//! order by order: reserved with the same lines, or failed for the same reason.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -89,6 +93,23 @@ pub struct SideResult {
     /// Answers read, by kind.
     pub reserved: u64,
     pub failed: u64,
+    /// SIGKILL, then started again on its local state.
+    pub restart_local: RestartResult,
+    /// SIGKILL, state directory deleted, started again (state rebuilt from its changelog).
+    pub restart_rebuild: RestartResult,
+}
+
+/// A restart after SIGKILL, timed by new orders waiting for it.
+#[derive(Debug, Serialize)]
+pub struct RestartResult {
+    /// Seconds from the kill until the probe orders were produced (the process starts after).
+    pub produced_s: f64,
+    /// Seconds from the kill to the first probe order answered: processing again.
+    pub kill_to_first_answer_s: f64,
+    /// Seconds from the kill to the last probe order answered.
+    pub kill_to_all_answered_s: f64,
+    /// `VmHWM` of the restarted process once the probes were answered, MiB.
+    pub peak_rss_mib: f64,
 }
 
 /// `bench peer` result (one JSON object on stdout).
@@ -172,49 +193,63 @@ pub async fn peer(args: PeerArgs) -> Result<PeerResult> {
     produce_all(&producer, encoded.into_iter()).await?;
     info!(orders, "input produced");
 
-    // orderflow.
-    let port = free_port()?;
+    // orderflow, then the peer: each started by its launcher (again for the restarts).
     let bootstrap = t.broker.bootstrap.clone();
-    let child = Command::new(std::env::current_exe()?)
-        .args(["--log-json", "run", "--topology"])
-        .arg(&topology)
-        .args(["--worker", WORKER, "--instance", "bench-peer", "--bootstrap", &bootstrap])
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .env("ORDERFLOW_STATE_DIR", dir.join("orderflow-state"))
-        .env("RUST_LOG", "warn")
-        .env_remove("ORDERFLOW_INSTANCE")
-        .env_remove("ORDERFLOW_METRICS_ADDR")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(dir.join("logs/orderflow.log"))?)
-        .spawn()
-        .context("spawning orderflow run --worker stock-reserver")?;
+    let exe = std::env::current_exe()?;
+    let of_state = dir.join("orderflow-state");
+    let of_launch = Launcher {
+        implementation: "orderflow",
+        state_dir: of_state.clone(),
+        log_dir: dir.join("logs"),
+        command: Box::new(move || {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["--log-json", "run", "--topology"])
+                .arg(&topology)
+                .args(["--worker", WORKER, "--instance", "bench-peer", "--bootstrap", &bootstrap])
+                .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port()?)])
+                .env("ORDERFLOW_STATE_DIR", &of_state)
+                .env("RUST_LOG", "warn")
+                .env_remove("ORDERFLOW_INSTANCE")
+                .env_remove("ORDERFLOW_METRICS_ADDR");
+            Ok(cmd)
+        }),
+    };
+    let probes = Probes { producer: &producer, codec: &codec, now, count: PROBE_ORDERS };
     let answers =
         Answers::start(&t.broker, &[spec.outputs["reserved"].clone(), spec.outputs["failed"].clone()], partitions, codec.clone())?;
-    let (mut of, of_answers) = measure("orderflow", child, answers, orders, c, &dir.join("logs/orderflow.log")).await?;
+    let (mut of, of_answers) = run_side(&of_launch, answers, orders, c, &probes).await?;
     of.guarantee = guarantee.as_str().to_string();
 
-    // The peer.
     let peer_guarantee = if guarantee == Guarantee::ExactlyOnce { "exactly_once_v2" } else { "at_least_once" };
-    let child = Command::new(&args.java)
-        .args(args.jvm_opts.split_whitespace())
-        .arg("-jar")
-        .arg(&args.peer_jar)
-        .args(["--bootstrap", &bootstrap, "--avro-dir"])
-        .arg(std::path::absolute(loaded.avro_dir())?)
-        .arg("--state-dir")
-        .arg(dir.join("peer-state"))
-        .args(["--application-id", &format!("peer-stock-reserver-{now}"), "--output-prefix", PEER_PREFIX])
-        .args(["--guarantee", peer_guarantee, "--commit-interval-ms", &commit_interval_ms.to_string()])
-        .stdin(Stdio::null())
-        .stdout(File::create(dir.join("logs/peer.out"))?)
-        .stderr(File::create(dir.join("logs/peer.log"))?)
-        .spawn()
-        .with_context(|| format!("spawning {} -jar {}", args.java, args.peer_jar.display()))?;
-    let answers = Answers::start(&t.broker, &peer_topics[..2], partitions, codec)?;
-    let (mut ks, ks_answers) = measure("kafka-streams", child, answers, orders, c, &dir.join("logs/peer.log")).await?;
+    let (java, jar, jvm_opts, avro) =
+        (args.java.clone(), args.peer_jar.clone(), args.jvm_opts.clone(), std::path::absolute(loaded.avro_dir())?);
+    let (peer_state, bootstrap, ci) = (dir.join("peer-state"), t.broker.bootstrap.clone(), commit_interval_ms.to_string());
+    let ks_launch = Launcher {
+        implementation: "kafka-streams",
+        state_dir: peer_state.clone(),
+        log_dir: dir.join("logs"),
+        command: Box::new(move || {
+            let mut cmd = Command::new(&java);
+            cmd.args(jvm_opts.split_whitespace())
+                .arg("-jar")
+                .arg(&jar)
+                .args(["--bootstrap", &bootstrap, "--avro-dir"])
+                .arg(&avro)
+                .arg("--state-dir")
+                .arg(&peer_state)
+                .args(["--application-id", &format!("peer-stock-reserver-{now}"), "--output-prefix", PEER_PREFIX])
+                .args(["--guarantee", peer_guarantee, "--commit-interval-ms", &ci, "--instance-id", "bench-peer"]);
+            Ok(cmd)
+        }),
+    };
+    let answers = Answers::start(&t.broker, &peer_topics[..2], partitions, codec.clone())?;
+    let (mut ks, ks_answers) = run_side(&ks_launch, answers, orders + 2 * PROBE_ORDERS, c, &probes).await?;
     ks.guarantee = peer_guarantee.to_string();
 
+    // The run's orders only (the probe orders differ by side).
+    let probe = |o: &String| o.starts_with("O-PROBE-");
+    let (of_answers, ks_answers): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        (of_answers.into_iter().filter(|(o, _)| !probe(o)).collect(), ks_answers.into_iter().filter(|(o, _)| !probe(o)).collect());
     let mut mismatches = Vec::new();
     for (order, a) in &of_answers {
         let b = ks_answers.get(order).cloned().unwrap_or_else(|| "no answer".into());
@@ -275,15 +310,72 @@ async fn create_peer_topics(broker: &BrokerConfig, topics: &[String], partitions
     Ok(())
 }
 
-/// Meters one side until every order is answered; returns its figures and its answers by order.
-async fn measure(
+/// Orders produced before each restart (their answers time it).
+const PROBE_ORDERS: u64 = 100;
+
+/// Starts one side's process: a fresh command each time, its log in `log_dir`.
+struct Launcher {
     implementation: &'static str,
-    mut child: Child,
+    state_dir: PathBuf,
+    log_dir: PathBuf,
+    command: Box<dyn Fn() -> Result<Command> + Send + Sync>,
+}
+
+impl Launcher {
+    fn start(&self, what: &str) -> Result<(Child, PathBuf)> {
+        let log = self.log_dir.join(format!("{}-{what}.log", self.implementation));
+        let child = (self.command)()?
+            .stdin(Stdio::null())
+            .stdout(File::create(self.log_dir.join(format!("{}-{what}.out", self.implementation)))?)
+            .stderr(File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {} ({what})", self.implementation))?;
+        Ok((child, log))
+    }
+}
+
+/// What the restarts produce: `count` new orders each, before the process starts again.
+struct Probes<'a> {
+    producer: &'a FutureProducer,
+    codec: &'a Codec,
+    now: i64,
+    count: u64,
+}
+
+impl Probes<'_> {
+    async fn produce(&self, label: &str) -> Result<()> {
+        let mut rng = Rng(13);
+        let mut encoded = Vec::new();
+        for i in 0..self.count {
+            let mut o = order_in(Layout::FiveHqs, i, &mut rng, self.now);
+            o.order_id = format!("O-PROBE-{label}-{i}");
+            o.event_id = format!("probe-{label}-{i}");
+            encoded.push((
+                "stock.commands".to_string(),
+                store_key(&o.hq_id, &o.store_id),
+                self.codec.encode("stock.commands", &Event::OrderCreated(o)).await?,
+            ));
+        }
+        produce_all(self.producer, encoded.into_iter()).await?;
+        Ok(())
+    }
+}
+
+/// One side's whole run: throughput until every order is answered, then a SIGKILL and a restart
+/// on its local state, then a SIGKILL and a restart with its state deleted (rebuilt from its
+/// changelog); returns its figures and its answers by order.
+///
+/// `orders` counts every order on the input when the side starts: the run's and the probe orders
+/// an earlier side's restarts left there (the peer answers those too, after the run's).
+async fn run_side(
+    l: &Launcher,
     answers: Answers,
     orders: u64,
     c: &Common,
-    log: &Path,
+    probes: &Probes<'_>,
 ) -> Result<(SideResult, BTreeMap<String, String>)> {
+    let implementation = l.implementation;
+    let (mut child, log) = l.start("throughput")?;
     let started = Instant::now();
     let mut meter = Meter::new(c.warmup, c.duration, orders);
     let mut first = None;
@@ -292,7 +384,7 @@ async fn measure(
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         if let Some(status) = child.try_wait()? {
-            bail!("{implementation} exited ({status}) after {} answers:\n{}", answers.count(), log_tail(log, 30));
+            bail!("{implementation} exited ({status}) after {} answers:\n{}", answers.count(), log_tail(&log, 30));
         }
         let n = answers.count();
         if n > 0 && first.is_none() {
@@ -306,16 +398,18 @@ async fn measure(
         }
         if Instant::now() > give_up {
             let _ = child.kill();
-            bail!("{implementation} answered {n} of {orders} orders; gave up:\n{}", log_tail(log, 30));
+            bail!("{implementation} answered {n} of {orders} orders; gave up:\n{}", log_tail(&log, 30));
         }
     }
     let all_answered_s = started.elapsed().as_secs_f64();
     let peak_rss_mib = memory(child.id()).map(|m| m.peak_rss_mib).unwrap_or(0.0);
+    let restart_local = restart(l, &mut child, &answers, probes, "local").await?;
+    let restart_rebuild = restart(l, &mut child, &answers, probes, "rebuild").await?;
     let _ = child.kill();
     let _ = child.wait();
     let outcomes = answers.finish();
     info!(implementation, answers = outcomes.len(), "side done");
-    let count = |kind: &str| outcomes.values().filter(|v| v.starts_with(kind)).count() as u64;
+    let count = |kind: &str| outcomes.iter().filter(|(o, v)| !o.starts_with("O-PROBE-") && v.starts_with(kind)).count() as u64;
     Ok((
         SideResult {
             implementation,
@@ -326,9 +420,58 @@ async fn measure(
             peak_rss_mib,
             reserved: count("reserved"),
             failed: count("failed"),
+            restart_local,
+            restart_rebuild,
         },
         outcomes,
     ))
+}
+
+/// SIGKILLs `child` and starts the side again (`what`: `local` keeps its state directory,
+/// `rebuild` deletes it first), with [`PROBE_ORDERS`] new orders waiting: the time from the kill
+/// to their first and to their last answer.
+async fn restart(l: &Launcher, child: &mut Child, answers: &Answers, probes: &Probes<'_>, what: &str) -> Result<RestartResult> {
+    let before = answers.count();
+    let _ = child.kill();
+    let _ = child.wait();
+    let killed = Instant::now();
+    if what == "rebuild" {
+        std::fs::remove_dir_all(&l.state_dir).with_context(|| format!("deleting {}", l.state_dir.display()))?;
+    }
+    probes.produce(&format!("{}-{what}", l.implementation)).await?;
+    let produced_s = killed.elapsed().as_secs_f64();
+    let (next, log) = l.start(what)?;
+    *child = next;
+    let give_up = Instant::now() + Duration::from_secs(300);
+    let mut first = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Some(status) = child.try_wait()? {
+            bail!("{} exited ({status}) after the {what} restart:\n{}", l.implementation, log_tail(&log, 30));
+        }
+        let n = answers.count();
+        if n > before && first.is_none() {
+            first = Some(killed.elapsed().as_secs_f64());
+        }
+        if n >= before + probes.count {
+            break;
+        }
+        if Instant::now() > give_up {
+            bail!(
+                "{} answered {} of {} orders after the {what} restart; gave up:\n{}",
+                l.implementation,
+                n - before,
+                probes.count,
+                log_tail(&log, 30)
+            );
+        }
+    }
+    Ok(RestartResult {
+        produced_s,
+        kill_to_first_answer_s: first.unwrap_or(0.0),
+        kill_to_all_answered_s: killed.elapsed().as_secs_f64(),
+        peak_rss_mib: memory(child.id()).map(|m| m.peak_rss_mib).unwrap_or(0.0),
+    })
 }
 
 /// A `read_committed` reader of a side's answer topics on a thread of its own: how many it read,

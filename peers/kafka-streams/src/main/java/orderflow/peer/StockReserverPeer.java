@@ -25,6 +25,7 @@ import org.apache.avro.generic.GenericRecordBuilder;
 import org.apache.avro.message.BinaryMessageDecoder;
 import org.apache.avro.message.BinaryMessageEncoder;
 import org.apache.avro.message.SchemaStore;
+import org.apache.kafka.clients.consumer.ConsumerConfig;
 import org.apache.kafka.common.serialization.Serdes;
 import org.apache.kafka.streams.KafkaStreams;
 import org.apache.kafka.streams.StreamsConfig;
@@ -75,7 +76,8 @@ public final class StockReserverPeer {
       System.out.println(
           "java -jar orderflow-peer-kafka-streams.jar --bootstrap HOST:PORT --avro-dir DIR --state-dir DIR\n"
               + "  [--application-id peer-stock-reserver] [--input stock.commands] [--output-prefix peer.]\n"
-              + "  [--guarantee exactly_once_v2|at_least_once] [--commit-interval-ms 100] [--threads 1]");
+              + "  [--guarantee exactly_once_v2|at_least_once] [--commit-interval-ms 100] [--threads 1]\n"
+              + "  [--instance-id ID] (static membership, session timeout 30 s)");
       return;
     }
     String input = o.getOrDefault("input", "stock.commands");
@@ -91,6 +93,12 @@ public final class StockReserverPeer {
     p.put(StreamsConfig.NUM_STREAM_THREADS_CONFIG, o.getOrDefault("threads", "1"));
     p.put(StreamsConfig.DEFAULT_KEY_SERDE_CLASS_CONFIG, Serdes.StringSerde.class);
     p.put(StreamsConfig.DEFAULT_VALUE_SERDE_CLASS_CONFIG, Serdes.ByteArraySerde.class);
+    if (o.containsKey("instance-id")) {
+      // Static membership (KIP-345), as orderflow's workers use it: a restarted instance takes
+      // its partitions back without waiting for the session timeout.
+      p.put(StreamsConfig.consumerPrefix(ConsumerConfig.GROUP_INSTANCE_ID_CONFIG), o.get("instance-id"));
+      p.put(StreamsConfig.consumerPrefix(ConsumerConfig.SESSION_TIMEOUT_MS_CONFIG), "30000");
+    }
 
     KafkaStreams streams = new KafkaStreams(topology(input, prefix, codec), p);
     CountDownLatch stopped = new CountDownLatch(1);
