@@ -251,12 +251,7 @@ public final class StockReserverPeer {
       if (invalid != null || !bad.isEmpty()) {
         reservations.put(orderId, ("FAILED|" + hq + "|" + store + "|").getBytes(StandardCharsets.UTF_8));
         GenericRecord failed =
-            new GenericRecordBuilder(codec.schema("StockReservationFailed"))
-                .set("eventId", derive(str(e, "eventId"), "failed"))
-                .set("occurredAt", at)
-                .set("orderId", orderId)
-                .set("hqId", hq)
-                .set("storeId", store)
+            answer("StockReservationFailed", e, "failed", hq, store)
                 .set("reason", invalid != null ? invalid : "INSUFFICIENT_STOCK")
                 .set("items", bad)
                 .build();
@@ -278,13 +273,8 @@ public final class StockReserverPeer {
       String reservationId = derive(orderId, "reservation");
       reservations.put(orderId, ("LIVE|" + hq + "|" + store + "|" + reservationId + "|" + held).getBytes(StandardCharsets.UTF_8));
       GenericRecord answer =
-          new GenericRecordBuilder(codec.schema("StockReserved"))
-              .set("eventId", derive(str(e, "eventId"), "reserved"))
-              .set("occurredAt", at)
-              .set("orderId", orderId)
+          answer("StockReserved", e, "reserved", hq, store)
               .set("reservationId", reservationId)
-              .set("hqId", hq)
-              .set("storeId", store)
               .set("expiresAt", at + TTL_MS)
               .set("items", reserved)
               .build();
@@ -327,13 +317,8 @@ public final class StockReserverPeer {
       }
       reservations.put(orderId, ("RELEASED|" + r[0] + "|" + r[1] + "|").getBytes(StandardCharsets.UTF_8));
       GenericRecord out =
-          new GenericRecordBuilder(codec.schema("StockReservationReleased"))
-              .set("eventId", derive(str(e, "eventId"), "released"))
-              .set("occurredAt", (Long) e.get("occurredAt"))
-              .set("orderId", orderId)
+          answer("StockReservationReleased", e, "released", r[0], r[1])
               .set("reservationId", r[2])
-              .set("hqId", r[0])
-              .set("storeId", r[1])
               .set("reason", "CANCELLED")
               .set("items", released)
               .build();
@@ -363,12 +348,7 @@ public final class StockReserverPeer {
       }
       reservations.put(orderId, ("SOLD|" + r[0] + "|" + r[1] + "|").getBytes(StandardCharsets.UTF_8));
       GenericRecord out =
-          new GenericRecordBuilder(codec.schema("OrderSettled"))
-              .set("eventId", derive(str(e, "eventId"), "settled"))
-              .set("occurredAt", (Long) e.get("occurredAt"))
-              .set("orderId", orderId)
-              .set("hqId", r[0])
-              .set("storeId", r[1])
+          answer("OrderSettled", e, "settled", r[0], r[1])
               .set("paymentEventId", str(e, "eventId"))
               .set("reservationId", r[2])
               .set("outcome", "SOLD")
@@ -377,6 +357,19 @@ public final class StockReserverPeer {
               .set("items", settled)
               .build();
       ctx.forward(new Record<>(orderId, codec.encode(out), ts), "settled");
+    }
+
+    /**
+     * An answer to input {@code e} in schema {@code schema}: its eventId derived from e's and
+     * {@code role}, e's occurredAt and orderId, the store; the caller sets the rest.
+     */
+    private GenericRecordBuilder answer(String schema, GenericRecord e, String role, String hq, String store) {
+      return new GenericRecordBuilder(codec.schema(schema))
+          .set("eventId", derive(str(e, "eventId"), role))
+          .set("occurredAt", (Long) e.get("occurredAt"))
+          .set("orderId", str(e, "orderId"))
+          .set("hqId", hq)
+          .set("storeId", store);
     }
 
     private GenericRecord failedItem(String productId, int requested, int available) {
