@@ -46,7 +46,7 @@ use serde::Serialize;
 use tracing::info;
 
 use super::recovery::memory;
-use super::{free_port, inventory_in, log_tail, order_in, produce_all, Common, Layout, Meter, Rng, Window};
+use super::{create_bench_topics, free_port, inventory_in, log_tail, order_in, produce_all, Common, Layout, Meter, Rng, Window};
 
 const WORKER: &str = "stock-reserver";
 /// Prefix of the peer's output topics.
@@ -164,7 +164,7 @@ pub async fn peer(args: PeerArgs) -> Result<PeerResult> {
         .iter()
         .map(|s| format!("{PEER_PREFIX}{s}"))
         .collect();
-    create_peer_topics(&t.broker, &peer_topics, partitions).await?;
+    create_bench_topics(&t.broker, &peer_topics, partitions).await?;
     let held =
         crate::kafkaio::records_held(&crate::kafkaio::watermark_client(&t.broker, "orderflow-bench-peer")?, "stock.commands", partitions)?;
     if held > 0 {
@@ -294,20 +294,6 @@ pub fn without_hq_fallback(text: &str) -> Result<String> {
     out.push_str("enabled = false   # bench peer: the Kafka Streams peer has no HQ level");
     out.push_str(&text[at + line.len()..]);
     Ok(out)
-}
-
-async fn create_peer_topics(broker: &BrokerConfig, topics: &[String], partitions: i32) -> Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<_> = client_config(broker, Side::Producer).create()?;
-    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
-    for r in admin.create_topics(&new, &AdminOptions::new()).await? {
-        if let Err((topic, e)) = r {
-            if e != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
-                bail!("creating {topic}: {e}");
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Orders produced before each restart (their answers time it).

@@ -86,3 +86,29 @@ pub(crate) fn metric_by_label(text: &str, name: &str, label: &str) -> BTreeMap<S
     }
     out
 }
+
+/// Creates the benchmark's own topics `names` (not in the topology: the raw baseline's source and
+/// sink, the Kafka Streams peer's outputs) with `partitions` partitions, replication 1; one that
+/// exists already is left as it is.
+///
+/// Errors: the admin client, or the broker refusing a topic for another reason.
+pub(crate) async fn create_bench_topics(
+    broker: &orderflow_runtime::topology::BrokerConfig,
+    names: &[String],
+    partitions: i32,
+) -> Result<()> {
+    use orderflow_runtime::kafka::{client_config, Side};
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = client_config(broker, Side::Admin).create()?;
+    let topics: Vec<NewTopic> = names.iter().map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1))).collect();
+    for r in admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))).await? {
+        match r {
+            Err((topic, code)) if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists => {
+                anyhow::bail!("cannot create {topic}: {code}")
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

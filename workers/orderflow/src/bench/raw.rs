@@ -9,8 +9,6 @@ use orderflow_api::Event;
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::kafka::{client_config, Side};
 use orderflow_runtime::worker::now_ms;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -18,7 +16,7 @@ use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::info;
 
-use super::{order, produce_all, settings, RawArgs, RawResult, Rng, Units, Window};
+use super::{create_bench_topics, order, produce_all, settings, RawArgs, RawResult, Rng, Units, Window};
 
 // ------------------------------------------------------------------ measurement
 
@@ -77,11 +75,7 @@ pub(super) async fn raw(args: RawArgs) -> Result<RawResult> {
     let run = now_ms();
     let (source, sink) = (format!("bench.raw.{run}.source"), format!("bench.raw.{run}.sink"));
 
-    let admin: AdminClient<DefaultClientContext> = client_config(&t.broker, Side::Admin).create()?;
-    let topics: Vec<NewTopic> = [&source, &sink].iter().map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1))).collect();
-    for r in admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))).await? {
-        r.map_err(|(topic, code)| anyhow::anyhow!("cannot create {topic}: {code}"))?;
-    }
+    create_bench_topics(&t.broker, &[source.clone(), sink.clone()], partitions).await?;
 
     // The input: encoded OrderCreated events keyed by orderId.
     let codec = Codec::load(&loaded.avro_dir(), t.broker.registry_url.as_deref())?;
