@@ -241,6 +241,14 @@ def matches(selector, labels):
 # Worker kinds that keep no sled state (no store, no consumer group): a Deployment, no volume.
 STATELESS_KINDS = {"outbox-relay"}
 
+def workload_parts(path, d):
+    """A Deployment's or StatefulSet's file (for messages), spec, pod spec, pod labels and
+    annotations."""
+    spec = d["spec"]
+    meta = spec["template"]["metadata"]
+    return rel(path), spec, spec["template"]["spec"], meta.get("labels", {}), meta.get("annotations", {})
+
+
 for w in workers:
     name = f"orderflow-{w}"
     where = f"deploy/k8s (worker {w})"
@@ -250,12 +258,7 @@ for w in workers:
     if not sts:
         problem(where, f"no {workload} {name}" + (" (a stateless worker)" if stateless else " (every stream worker keeps sled state)"))
         continue
-    path, s = sts
-    where = rel(path)
-    spec = s["spec"]
-    pod = spec["template"]["spec"]
-    labels = spec["template"]["metadata"].get("labels", {})
-    ann = spec["template"]["metadata"].get("annotations", {})
+    where, spec, pod, labels, ann = workload_parts(*sts)
     if not matches(spec["selector"].get("matchLabels"), labels):
         problem(where, f"{workload} selector does not match its pod labels")
     c = pod["containers"][0]
@@ -337,12 +340,7 @@ api = by_kind.get("Deployment", {}).get("orderflow-api")
 if not api:
     problem("deploy/k8s", "no Deployment orderflow-api (the inventory API)")
 else:
-    path, d = api
-    where = rel(path)
-    spec = d["spec"]
-    pod = spec["template"]["spec"]
-    labels = spec["template"]["metadata"].get("labels", {})
-    ann = spec["template"]["metadata"].get("annotations", {})
+    where, spec, pod, labels, ann = workload_parts(*api)
     c = pod["containers"][0]
     args = c.get("args", [])
     env = env_of(c)
