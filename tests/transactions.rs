@@ -266,8 +266,11 @@ fn an_aborted_transaction_stays_invisible_and_a_committed_one_commits_its_offset
     kafka.rt.block_on(async {
         let txn = TxnProducer::init(config, Duration::from_secs(60)).await.expect("init_transactions");
         let send = |payload: &'static str| {
-            let record = FutureRecord::<str, str>::to(OUT).key("k").payload(payload).partition(0);
-            txn.producer().send(record, Duration::from_secs(30))
+            let producer = txn.producer();
+            async move {
+                let record = FutureRecord::<str, str>::to(OUT).key("k").payload(payload).partition(0);
+                producer.send(record, Duration::from_secs(30)).await
+            }
         };
         txn.begin().await.expect("begin");
         send("aborted").await.expect("sent inside the first transaction");

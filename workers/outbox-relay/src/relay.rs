@@ -126,7 +126,7 @@ impl Relay {
         let (producer, txn) = if setup.guarantee == Guarantee::ExactlyOnce {
             config.set("transactional.id", format!("{}-{}", setup.group, setup.instance));
             let txn = TxnProducer::init(config, Duration::from_secs(60)).await?;
-            (txn.producer().clone(), Some(txn))
+            (txn.producer(), Some(txn))
         } else {
             (config.create()?, None)
         };
@@ -241,7 +241,9 @@ impl Relay {
                 return self.txn_failed(e, out).await;
             }
         }
-        let sends = records.iter().map(|(_, r)| self.producer.send(future_record(r), Timeout::Never));
+        // Under exactly_once the transactional producer's current one (a stuck call replaces it).
+        let producer = self.txn.as_ref().map_or_else(|| self.producer.clone(), TxnProducer::producer);
+        let sends = records.iter().map(|(_, r)| producer.send(future_record(r), Timeout::Never));
         // Past ACK_STALL the relay reports not-ready: the batch's transaction stays open meanwhile
         // and holds back read_committed readers of the partitions it wrote to.
         let ready = &s.ready;

@@ -28,6 +28,7 @@ pub const NAMES: &[&str] = &[
     "orderflow_events_produced_total",
     "orderflow_unit_processing_seconds",
     "orderflow_commit_seconds",
+    "orderflow_commit_stage_seconds",
     "orderflow_processing_delay_seconds",
     "orderflow_consumer_lag_records",
     "orderflow_business_events_total",
@@ -73,6 +74,12 @@ pub struct Metrics {
     pub processing: HistogramVec,
     /// `orderflow_commit_seconds{worker,outcome}`: produce acks + state flush + offset commit.
     pub commit: HistogramVec,
+    /// `orderflow_commit_stage_seconds{worker,stage}`: where a unit's commit spends its time
+    /// (issue 18's profile), per stage: `produce` (outputs, dead letters and changelog records
+    /// sent and acknowledged; under effectively_once once for the records and once for the
+    /// markers), `transaction` (offsets added to the transaction and the transaction committed;
+    /// exactly_once only), `state_write` (the sled batches) and `state_flush` (sled's fsync).
+    pub commit_stage: HistogramVec,
     /// `orderflow_business_events_total{worker,measure,label}`: what processors report
     /// (reservations by outcome/reason, confirmations, compensations by reason, expirations,
     /// late events).
@@ -196,6 +203,11 @@ impl Metrics {
                 "orderflow_commit_seconds",
                 "Produce acknowledgement, state flush and offset commit of one unit.",
                 &["worker", "outcome"],
+            ),
+            commit_stage: histogram(
+                "orderflow_commit_stage_seconds",
+                "Time of one stage of a unit's commit: produce, transaction, state_write, state_flush.",
+                &["worker", "stage"],
             ),
             business: counter(
                 "orderflow_business_events_total",

@@ -12,7 +12,24 @@
 //!    progress become visible to `read_committed` consumers atomically.
 //!
 //! librdkafka's transactional calls block the calling thread (up to their timeout), so every one
-//! of them runs in [`tokio::task::spawn_blocking`]; the async executor is never blocked.
+//! of them runs on a thread of its own; the async executor is never blocked.
+//!
+//! A call that does not return within its timeout plus [`STUCK_GRACE`] is *stuck*: librdkafka
+//! 2.x can block in `rd_kafka_send_offsets_to_transaction` forever when the group coordinator goes
+//! away mid-transaction, its timeout ignored (confluentinc/librdkafka#5456, #5511; seen here after
+//! a Kafka restart). The wrapper then abandons that producer (its thread stays blocked; the
+//! thread is detached, so it holds up neither the executor nor the process's exit) and creates a
+//! new one with the same `transactional.id`, whose `init_transactions` fences the abandoned one
+//! and aborts the transaction it left open. What the step reports then depends on what the stuck
+//! call was doing:
+//!
+//! - `send_offsets_to_transaction` or `begin_transaction`: the transaction had not reached its
+//!   commit, so the coordinator aborts it: [`TxnErrorClass::Abortable`]; the caller's
+//!   [`TxnProducer::abort`] then has nothing left to do and returns at once.
+//! - `abort_transaction`: the new producer's initialisation completed the abort: `Ok`.
+//! - `commit_transaction` or `init_transactions`: [`TxnErrorClass::Fatal`]. A stuck commit may
+//!   have been decided either way; only a restart (restore from the changelog and the group's
+//!   committed offsets, which the transaction either moved or did not) tells which.
 //!
 //! Errors are sorted into [`TxnErrorClass`]es, following librdkafka's transactional API contract
 //! (`rdkafka.h`, "Transactional producer API"):
@@ -29,11 +46,11 @@
 //!   instance's `init` aborts whatever this one left open.
 //!
 //! Cancellation: dropping one of the async methods' futures does not stop the librdkafka call
-//! already running on the blocking pool; it finishes (or times out) in the background. Do not
-//! start another step before the previous one has returned.
+//! already running on its thread; it finishes (or times out) in the background. Do not start
+//! another step before the previous one has returned.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -43,13 +60,17 @@ use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::TopicPartitionList;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{error, warn};
 
 /// First pause before retrying a step that failed with a retriable error.
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Longest pause between two attempts of a step.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How long a blocking transactional call may run past its own timeout before it is deemed stuck
+/// and its producer replaced (module docs; librdkafka#5456).
+pub const STUCK_GRACE: Duration = Duration::from_secs(5);
 
 /// What the caller must do about a failed transactional step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -158,10 +179,18 @@ pub struct TxnError {
 ///
 /// Not meant to be shared between tasks: steps must not overlap.
 pub struct TxnProducer {
-    producer: FutureProducer,
+    /// The current producer; replaced when a call on it got stuck.
+    producer: Mutex<FutureProducer>,
+    /// What `producer` was created from, to create its replacement.
+    config: ClientConfig,
     timeout: Duration,
     attempt_timeout: Duration,
+    stuck_grace: Duration,
     retries: Arc<AtomicU64>,
+    replacements: AtomicU64,
+    /// Set when `producer` replaced a stuck one mid-transaction: the replacement's
+    /// `init_transactions` already aborted that transaction, so the next `abort` has nothing to do.
+    aborted_by_replacement: AtomicBool,
 }
 
 impl TxnProducer {
@@ -185,12 +214,17 @@ impl TxnProducer {
                 step: "create",
             });
         }
-        let producer = blocking("create", move || config.create::<FutureProducer>()).await?.map_err(|source| TxnError {
-            class: TxnErrorClass::Fatal,
-            source,
-            step: "create",
-        })?;
-        let txn = TxnProducer { producer, timeout, attempt_timeout: timeout, retries: Arc::new(AtomicU64::new(0)) };
+        let producer = create(&config).await?;
+        let txn = TxnProducer {
+            producer: Mutex::new(producer),
+            config,
+            timeout,
+            attempt_timeout: timeout,
+            stuck_grace: STUCK_GRACE,
+            retries: Arc::new(AtomicU64::new(0)),
+            replacements: AtomicU64::new(0),
+            aborted_by_replacement: AtomicBool::new(false),
+        };
         txn.step("init_transactions", |p, t| p.init_transactions(t)).await?;
         Ok(txn)
     }
@@ -204,10 +238,11 @@ impl TxnProducer {
         self
     }
 
-    /// The underlying producer, to `send` the unit's records inside the current transaction.
+    /// The current producer (a cheap handle), to `send` the unit's records inside the current
+    /// transaction. Take it anew for each transaction: a stuck call replaces it (module docs).
     /// Do not call its transactional methods directly (they block).
-    pub fn producer(&self) -> &FutureProducer {
-        &self.producer
+    pub fn producer(&self) -> FutureProducer {
+        self.producer.lock().expect("producer lock").clone()
     }
 
     /// How many times a step was retried after a retriable error, since `init`.
@@ -215,11 +250,17 @@ impl TxnProducer {
         self.retries.load(Ordering::Relaxed)
     }
 
+    /// How many times a stuck producer was replaced, since `init`.
+    pub fn replacements(&self) -> u64 {
+        self.replacements.load(Ordering::Relaxed)
+    }
+
     /// Starts a transaction (`begin_transaction`).
     ///
     /// Errors: Fatal when the producer is in the wrong state (a transaction already open, or a
     /// previous fatal error).
     pub async fn begin(&self) -> Result<(), TxnError> {
+        self.aborted_by_replacement.store(false, Ordering::Relaxed);
         self.step("begin_transaction", |p, _| p.begin_transaction()).await
     }
 
@@ -259,13 +300,20 @@ impl TxnProducer {
     /// its offsets are not committed. Call it after an Abortable error (or to give up a unit),
     /// then rewind the consumer to the unit's start offsets and discard the unit's staged state.
     ///
+    /// Returns at once when the transaction was already aborted by the replacement of a stuck
+    /// producer (module docs).
+    ///
     /// Errors: Fatal → exit; Retriable → budget ran out, may be called again.
     pub async fn abort(&self) -> Result<(), TxnError> {
+        if self.aborted_by_replacement.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
         self.step("abort_transaction", |p, t| p.abort_transaction(t)).await
     }
 
-    /// Runs `call(producer, attempt_timeout)` on the blocking pool, retrying retriable errors
-    /// with exponential backoff until the step's budget is spent.
+    /// Runs `call(producer, attempt_timeout)` on a thread of its own, retrying retriable errors
+    /// with exponential backoff until the step's budget is spent; a call stuck past
+    /// `attempt_timeout` + `stuck_grace` replaces the producer ([`TxnProducer::replace_stuck`]).
     async fn step<F>(&self, step: &'static str, call: F) -> Result<(), TxnError>
     where
         F: Fn(&FutureProducer, Duration) -> KafkaResult<()> + Send + Sync + 'static,
@@ -275,10 +323,14 @@ impl TxnProducer {
         let mut backoff = INITIAL_BACKOFF;
         loop {
             let attempt_timeout = deadline.saturating_duration_since(Instant::now()).min(self.attempt_timeout);
-            let (producer, call_) = (self.producer.clone(), call.clone());
-            let source = match blocking(step, move || call_(&producer, attempt_timeout)).await? {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
+            let (producer, call_) = (self.producer(), call.clone());
+            let attempt = blocking(step, move || call_(&producer, attempt_timeout));
+            let source = match tokio::time::timeout(attempt_timeout + self.stuck_grace, attempt).await {
+                Ok(result) => match result? {
+                    Ok(()) => return Ok(()),
+                    Err(e) => e,
+                },
+                Err(_) => return self.replace_stuck(step, attempt_timeout).await,
             };
             let class = classify(&source);
             if class == TxnErrorClass::Retriable && Instant::now() + backoff < deadline {
@@ -293,17 +345,73 @@ impl TxnProducer {
     }
 }
 
-/// Runs `f` on tokio's blocking pool. A panic in `f` is propagated; a task cancelled by runtime
-/// shutdown becomes a Fatal [`KafkaError::Canceled`].
+impl TxnProducer {
+    /// A call of `step` on the current producer did not return within `attempt_timeout` plus the
+    /// grace: abandons that producer to its blocked thread and puts in a new one with the same
+    /// `transactional.id`, whose `init_transactions` fences the old one and aborts its open
+    /// transaction. What the step then returns is in the module docs.
+    async fn replace_stuck(&self, step: &'static str, attempt_timeout: Duration) -> Result<(), TxnError> {
+        let stuck = TxnError { class: TxnErrorClass::Fatal, source: KafkaError::Global(RDKafkaErrorCode::OperationTimedOut), step };
+        error!(
+            step,
+            waited_ms = (attempt_timeout + self.stuck_grace).as_millis() as u64,
+            "transactional call stuck past its timeout (librdkafka#5456); replacing the producer"
+        );
+        if matches!(step, "commit_transaction" | "init_transactions") {
+            return Err(stuck);
+        }
+        let producer = create(&self.config).await?;
+        let budget = self.timeout;
+        let init = producer.clone();
+        match tokio::time::timeout(budget + self.stuck_grace, blocking("init_transactions", move || init.init_transactions(budget))).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(source))) => return Err(TxnError { class: TxnErrorClass::Fatal, source, step: "init_transactions" }),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(TxnError { step: "init_transactions", ..stuck }),
+        }
+        *self.producer.lock().expect("producer lock") = producer;
+        self.replacements.fetch_add(1, Ordering::Relaxed);
+        warn!(step, "stuck producer replaced; its transaction was aborted by the new one's init_transactions");
+        if step == "abort_transaction" {
+            return Ok(());
+        }
+        self.aborted_by_replacement.store(true, Ordering::Relaxed);
+        Err(TxnError { class: TxnErrorClass::Abortable, ..stuck })
+    }
+}
+
+/// A producer from `config`, created off the async threads.
+///
+/// Errors: invalid configuration (`step` = `create`, Fatal).
+async fn create(config: &ClientConfig) -> Result<FutureProducer, TxnError> {
+    let config = config.clone();
+    blocking("create", move || config.create::<FutureProducer>()).await?.map_err(|source| TxnError {
+        class: TxnErrorClass::Fatal,
+        source,
+        step: "create",
+    })
+}
+
+/// Runs `f` on a detached thread of its own (not tokio's blocking pool: a librdkafka call that
+/// never returns must hold up neither the runtime's shutdown nor the process's exit). A panic in
+/// `f` is propagated; a thread that cannot be spawned becomes a Fatal [`KafkaError::Canceled`].
 async fn blocking<T, F>(step: &'static str, f: F) -> Result<T, TxnError>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(v) => Ok(v),
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => Err(TxnError { class: TxnErrorClass::Fatal, source: KafkaError::Canceled, step }),
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name(format!("txn-{step}")).spawn(move || {
+        let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+    });
+    let canceled = || TxnError { class: TxnErrorClass::Fatal, source: KafkaError::Canceled, step };
+    if spawned.is_err() {
+        return Err(canceled());
+    }
+    match rx.await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => Err(canceled()),
     }
 }
 
@@ -449,7 +557,7 @@ mod tests {
         let (_member, meta) = group_member(&bootstrap, "g-commit").await;
         txn.begin().await.unwrap();
         for i in 0..3 {
-            send(txn.producer(), OUT, &format!("r{i}")).await;
+            send(&txn.producer(), OUT, &format!("r{i}")).await;
         }
         txn.commit(tpl(IN, 3), meta).await.unwrap();
         assert_eq!(read_committed(&bootstrap, OUT, 3).await, ["r0", "r1", "r2"]);
@@ -459,7 +567,7 @@ mod tests {
         // A second transaction on the same producer works.
         let (_member, meta) = group_member(&bootstrap, "g-commit").await;
         txn.begin().await.unwrap();
-        send(txn.producer(), OUT, "r3").await;
+        send(&txn.producer(), OUT, "r3").await;
         txn.commit(TopicPartitionList::new(), meta).await.unwrap();
         assert_eq!(read_committed(&bootstrap, OUT, 4).await, ["r0", "r1", "r2", "r3"]);
         assert_eq!(txn.retries(), 0);
@@ -479,7 +587,7 @@ mod tests {
         let bootstrap = mock.bootstrap_servers();
         let txn = TxnProducer::init(txn_config(&bootstrap, "t-abort"), Duration::from_secs(30)).await.unwrap();
         txn.begin().await.unwrap();
-        send(txn.producer(), OUT, "aborted").await;
+        send(&txn.producer(), OUT, "aborted").await;
         txn.abort().await.unwrap();
         // No transaction is open any more: committing one is refused (wrong state, Fatal class).
         let (_member, meta) = group_member(&bootstrap, "g-abort").await;
@@ -488,7 +596,7 @@ mod tests {
         // The producer goes on with the next transaction.
         let (_member, meta) = group_member(&bootstrap, "g-abort").await;
         txn.begin().await.expect("begin after abort");
-        send(txn.producer(), OUT, "committed").await;
+        send(&txn.producer(), OUT, "committed").await;
         txn.commit(tpl(IN, 1), meta).await.unwrap();
     }
 
@@ -505,7 +613,7 @@ mod tests {
             .with_attempt_timeout(Duration::from_millis(300));
         let (_member, meta) = group_member(&bootstrap, "g-retry").await;
         txn.begin().await.unwrap();
-        send(txn.producer(), OUT, "x").await;
+        send(&txn.producer(), OUT, "x").await;
         mock.request_errors(RDKafkaApiKey::EndTxn, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 8]);
         txn.commit(tpl(IN, 1), meta).await.unwrap();
         eprintln!("commit succeeded after {} retries", txn.retries());
@@ -523,7 +631,7 @@ mod tests {
         let txn = TxnProducer { timeout: Duration::from_millis(700), ..txn }.with_attempt_timeout(Duration::from_millis(200));
         let (_member, meta) = group_member(&bootstrap, "g-budget").await;
         txn.begin().await.unwrap();
-        send(txn.producer(), OUT, "x").await;
+        send(&txn.producer(), OUT, "x").await;
         mock.request_errors(RDKafkaApiKey::EndTxn, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 30]);
         let err = txn.commit(tpl(IN, 1), meta).await.unwrap_err();
         eprintln!("{err} (after {} retries)", txn.retries());
@@ -546,7 +654,7 @@ mod tests {
         let txn = TxnProducer::init(txn_config(&bootstrap, "t-abortable"), Duration::from_secs(30)).await.unwrap();
         let (_member, meta) = group_member(&bootstrap, "g-abortable").await;
         txn.begin().await.unwrap();
-        send(txn.producer(), OUT, "first try").await;
+        send(&txn.producer(), OUT, "first try").await;
         mock.request_errors(RDKafkaApiKey::EndTxn, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_PRODUCER_ID_MAPPING]);
         let err = txn.commit(tpl(IN, 1), meta).await.unwrap_err();
         eprintln!("{err}");
@@ -555,8 +663,67 @@ mod tests {
         txn.abort().await.unwrap();
         let (_member, meta) = group_member(&bootstrap, "g-abortable").await;
         txn.begin().await.unwrap();
-        send(txn.producer(), OUT, "second try").await;
+        send(&txn.producer(), OUT, "second try").await;
         txn.commit(tpl(IN, 1), meta).await.unwrap();
+    }
+
+    /// A transactional producer on the mock whose calls count as stuck after 200 ms + 300 ms.
+    async fn quick_to_call_stuck(bootstrap: &str, txn_id: &str) -> TxnProducer {
+        let txn = TxnProducer::init(txn_config(bootstrap, txn_id), Duration::from_secs(30)).await.unwrap();
+        TxnProducer { stuck_grace: Duration::from_millis(300), ..txn }.with_attempt_timeout(Duration::from_millis(200))
+    }
+
+    /// A call that blocks for 3 s whatever its timeout, as `send_offsets_to_transaction` does in
+    /// librdkafka#5456.
+    fn never_returns(_: &FutureProducer, _: Duration) -> KafkaResult<()> {
+        std::thread::sleep(Duration::from_secs(3));
+        Ok(())
+    }
+
+    /// (e) `send_offsets_to_transaction` stuck past its timeout: the producer is replaced (a new
+    /// client, initialised), the step is Abortable, the caller's abort has nothing left to do, and
+    /// the next transaction commits on the new producer, well before the stuck call returns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stuck_send_offsets_replaces_the_producer() {
+        let mock = mock();
+        let bootstrap = mock.bootstrap_servers();
+        let txn = quick_to_call_stuck(&bootstrap, "t-stuck").await;
+        let stuck = txn.producer();
+        txn.begin().await.unwrap();
+        send(&txn.producer(), OUT, "abandoned").await;
+        let started = Instant::now();
+        let err = txn.step("send_offsets_to_transaction", never_returns).await.unwrap_err();
+        eprintln!("{err}");
+        assert_eq!((err.class, err.step), (TxnErrorClass::Abortable, "send_offsets_to_transaction"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2), "gave up after {:?}", started.elapsed());
+        assert_eq!(txn.replacements(), 1);
+        assert_ne!(stuck.client().native_ptr(), txn.producer().client().native_ptr(), "the producer was not replaced");
+        txn.abort().await.expect("nothing left to abort");
+        let (_member, meta) = group_member(&bootstrap, "g-stuck").await;
+        txn.begin().await.unwrap();
+        send(&txn.producer(), OUT, "after").await;
+        txn.commit(tpl(IN, 1), meta).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(3), "the new producer waited for the stuck call");
+        // The mock delivers aborted records too (module docs), so only the commit is checked here.
+        assert!(read_committed(&bootstrap, OUT, 2).await.contains(&"after".to_string()));
+        // The next abort is a real one again: with no transaction open it is refused.
+        assert_eq!(txn.abort().await.unwrap_err().class, TxnErrorClass::Fatal);
+    }
+
+    /// (e') A stuck `abort_transaction` is done by the replacement's `init_transactions`: Ok; a
+    /// stuck `commit_transaction` may have committed or not: Fatal, the producer left as it is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stuck_abort_is_done_and_stuck_commit_is_fatal() {
+        let mock = mock();
+        let bootstrap = mock.bootstrap_servers();
+        let txn = quick_to_call_stuck(&bootstrap, "t-stuck-2").await;
+        txn.begin().await.unwrap();
+        txn.step("abort_transaction", never_returns).await.expect("the replacement aborted it");
+        assert_eq!(txn.replacements(), 1);
+        txn.begin().await.expect("the new producer starts a transaction");
+        let err = txn.step("commit_transaction", never_returns).await.unwrap_err();
+        assert_eq!((err.class, err.step), (TxnErrorClass::Fatal, "commit_transaction"), "{err}");
+        assert_eq!(txn.replacements(), 1);
     }
 
     /// (d) Two producers with the same `transactional.id`. On Kafka the second `init` fences the
@@ -571,13 +738,13 @@ mod tests {
         let second = TxnProducer::init(txn_config(&bootstrap, "t-fence"), Duration::from_secs(30)).await.unwrap();
         let (_member, meta) = group_member(&bootstrap, "g-fence").await;
         first.begin().await.unwrap();
-        send(first.producer(), OUT, "zombie").await;
+        send(&first.producer(), OUT, "zombie").await;
         // Real Kafka: Err with class Fatal (PRODUCER_FENCED). The mock does not fence.
         first.commit(tpl(IN, 1), meta).await.expect("the mock cluster does not fence (behaviour changed?)");
 
         let (_member, meta) = group_member(&bootstrap, "g-fence").await;
         first.begin().await.unwrap();
-        send(first.producer(), OUT, "zombie 2").await;
+        send(&first.producer(), OUT, "zombie 2").await;
         mock.request_errors(RDKafkaApiKey::EndTxn, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED]);
         let err = first.commit(tpl(IN, 2), meta).await.unwrap_err();
         eprintln!("{err}");
@@ -590,7 +757,7 @@ mod tests {
         // The second producer is unaffected.
         let (_member, meta) = group_member(&bootstrap, "g-fence").await;
         second.begin().await.unwrap();
-        send(second.producer(), OUT, "owner").await;
+        send(&second.producer(), OUT, "owner").await;
         second.commit(tpl(IN, 3), meta).await.unwrap();
     }
 
@@ -603,7 +770,7 @@ mod tests {
         let txn = TxnProducer::init(txn_config(&bootstrap, "t-epoch"), Duration::from_secs(30)).await.unwrap();
         let (_member, meta) = group_member(&bootstrap, "g-epoch").await;
         txn.begin().await.unwrap();
-        send(txn.producer(), OUT, "x").await;
+        send(&txn.producer(), OUT, "x").await;
         mock.request_errors(RDKafkaApiKey::EndTxn, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_PRODUCER_EPOCH]);
         let err = txn.commit(tpl(IN, 1), meta).await.unwrap_err();
         eprintln!("{err}");

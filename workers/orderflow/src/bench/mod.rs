@@ -189,6 +189,10 @@ pub struct Units {
     /// Mean time from the first send of a unit to its last acknowledgement, sled flush and
     /// offset commit, milliseconds.
     pub mean_commit_ms: f64,
+    /// `mean_commit_ms` by stage of the commit (`orderflow_commit_stage_seconds`: produce,
+    /// transaction, state_write, state_flush), milliseconds per committed unit; empty where not
+    /// measured (the raw passthrough, the saga's scraped workers).
+    pub commit_stages_ms: BTreeMap<String, f64>,
 }
 
 /// `bench worker` result (one JSON object on stdout).

@@ -155,6 +155,7 @@ pub(super) async fn raw(args: RawArgs) -> Result<RawResult> {
             mean_records: processed as f64 / units.max(1) as f64,
             mean_processing_ms: 0.0,
             mean_commit_ms: commit_s * 1000.0 / units.max(1) as f64,
+            commit_stages_ms: BTreeMap::new(),
         },
         settings: settings(t, commit_interval, max_batch, partitions),
     })

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use futures::future::join_all;
 use orderflow_api::Changes;
+use prometheus::HistogramVec;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message, OwnedMessage};
@@ -31,13 +32,18 @@ pub(super) struct KafkaBroker<'a> {
     pub consumer: &'a StreamConsumer<WorkerContext>,
     pub health: &'a Health,
     pub worker: &'a str,
+    /// `orderflow_commit_stage_seconds`.
+    pub stages: &'a HistogramVec,
 }
 
 impl Broker for KafkaBroker<'_> {
     async fn send(&self, records: Vec<OutRecord>) -> Vec<Result<i64, KafkaError>> {
+        let _timer = self.stages.with_label_values(&[self.worker, "produce"]).start_timer();
+        // Under exactly_once the transactional producer's current one (a stuck call replaces it).
+        let producer = self.txn.map_or_else(|| self.producer.clone(), TxnProducer::producer);
         let sends = records.iter().map(|r| {
             let record = crate::kafka::future_record(r);
-            self.producer.send(record, Timeout::Never)
+            producer.send(record, Timeout::Never)
         });
         let health = self.health;
         let acks = crate::kafka::await_acks(self.worker, "unit", join_all(sends), |stalled| health.set(&health.unacked, stalled)).await;
@@ -50,6 +56,7 @@ impl Broker for KafkaBroker<'_> {
 
     async fn commit_transaction(&self, offsets: &Offsets) -> Result<(), TxnError> {
         let txn = self.txn.expect("a transactional producer under exactly_once");
+        let _timer = self.stages.with_label_values(&[self.worker, "transaction"]).start_timer();
         let failed = |source: KafkaError| TxnError { class: TxnErrorClass::Abortable, source, step: "send_offsets_to_transaction" };
         let tpl = offset_list(offsets).map_err(failed)?;
         let group =
@@ -90,16 +97,21 @@ pub(super) struct SledUnit<'a> {
     pub shards: &'a BTreeMap<i32, Shard>,
     pub changes: &'a BTreeMap<i32, Changes>,
     pub offsets: &'a Offsets,
+    pub worker: &'a str,
+    /// `orderflow_commit_stage_seconds`.
+    pub stages: &'a HistogramVec,
 }
 
 impl LocalState for SledUnit<'_> {
     fn persist(&mut self, partition: i32, changelog_next: i64) -> Result<(), StoreError> {
+        let _timer = self.stages.with_label_values(&[self.worker, "state_write"]).start_timer();
         let (no_changes, no_offsets) = (Changes::default(), BTreeMap::new());
         let changes = self.changes.get(&partition).unwrap_or(&no_changes);
         self.shards[&partition].commit(changes, self.offsets.get(&partition).unwrap_or(&no_offsets), Some(changelog_next))
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
+        let _timer = self.stages.with_label_values(&[self.worker, "state_flush"]).start_timer();
         self.store.flush().await
     }
 }

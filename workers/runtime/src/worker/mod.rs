@@ -161,7 +161,8 @@ pub struct Worker {
     /// Consecutive joins the group refused with `UNRELEASED_INSTANCE_ID` (backoff factor).
     refused_joins: u32,
     producer: FutureProducer,
-    /// The transactional producer under `exactly_once` (then `producer` is its inner producer).
+    /// The transactional producer under `exactly_once` (then `producer` is its first inner
+    /// producer; units send through [`TxnProducer::producer`], which replaces a stuck one).
     txn: Option<TxnProducer>,
     broker: BrokerConfig,
     guarantee: Guarantee,
@@ -515,6 +516,10 @@ async fn producer(
         return Ok((config.create()?, None));
     }
     config.set("transactional.id", format!("{}-{}", spec.group_id(&setup.name), setup.instance));
-    let txn = TxnProducer::init(config, Duration::from_secs(60)).await.map_err(WorkerError::Txn)?;
-    Ok((txn.producer().clone(), Some(txn)))
+    // Each blocking call gets 10 s (a timed-out one is resumed within the 60 s budget), so a call
+    // librdkafka leaves stuck is found after 10 s + `txn::STUCK_GRACE`, well inside
+    // `max.poll.interval.ms`.
+    let txn =
+        TxnProducer::init(config, Duration::from_secs(60)).await.map_err(WorkerError::Txn)?.with_attempt_timeout(Duration::from_secs(10));
+    Ok((txn.producer(), Some(txn)))
 }

@@ -143,8 +143,16 @@ impl Worker {
             consumer: &self.consumer,
             health: &self.health,
             worker: &self.name,
+            stages: &self.metrics.commit_stage,
         };
-        let mut local = SledUnit { store: &self.store, shards: &self.shards, changes: &changes, offsets: &offsets };
+        let mut local = SledUnit {
+            store: &self.store,
+            shards: &self.shards,
+            changes: &changes,
+            offsets: &offsets,
+            worker: &self.name,
+            stages: &self.metrics.commit_stage,
+        };
         self.stalls.lock().expect("stall watch").stage("committing");
         match commit::commit(self.guarantee, &broker, &mut local, unit).await {
             Ok(persisted) => {
