@@ -353,6 +353,7 @@ mod tests {
         m.produced.with_label_values(&["w", "t"]);
         m.processing.with_label_values(&["w"]);
         m.commit.with_label_values(&["w", "o"]);
+        m.commit_stage.with_label_values(&["w", "produce"]);
         m.delay.with_label_values(&["w"]);
         m.lag.with_label_values(&["w", "t", "0"]);
         m.business.with_label_values(&["w", "m", "l"]);
