@@ -7,6 +7,13 @@ use std::time::Duration;
 
 use clap::Parser as _;
 
+/// mimalloc instead of glibc's malloc: issue 18's profile of the stock reserver on Kafka found
+/// ~45 % of its CPU in glibc's malloc, free and their chunk consolidation (sled copies a tree
+/// node on every update; the unit's records are many small buffers). BENCHMARKS.md gives the
+/// before and after.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// How long the runtime waits, after the command returned, for blocking tasks still running
 /// (a client close or a store flush that hangs must not keep a stopped pod alive).
 const BLOCKING_TASKS_WAIT: Duration = Duration::from_secs(5);

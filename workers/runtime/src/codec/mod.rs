@@ -418,15 +418,15 @@ impl Codec {
             .ok_or_else(|| CodecError::Encode { schema: name.to_string(), message: "no schema loaded for this event".to_string() })
     }
 
-    /// The Avro binary encoding of `event` (no header).
+    /// The Avro binary encoding of `event` (no header), serialized straight against its schema
+    /// (apache-avro's schema-aware serializer: union branches and logical types are picked from
+    /// the schema as the fields are written). Issue 18's profile: the former path, event → Avro
+    /// `Value` → `resolve` against the schema → validate → encode, took ~15 % of the stock
+    /// reserver's CPU; this one writes the same bytes (`codec::tests`).
     fn datum(entry: &Entry, event: &Event) -> Result<Vec<u8>, CodecError> {
         let err = |message: String| CodecError::Encode { schema: entry.name.to_string(), message };
-        let value = event_to_value(event).map_err(|e| err(format!("to Avro value: {e}")))?;
-        let value = value.resolve(&entry.schema).map_err(|e| err(format!("does not fit the schema: {e}")))?;
-        GenericDatumWriter::builder(&entry.schema)
-            .build()
-            .and_then(|w| w.write_value_to_vec(value))
-            .map_err(|e| err(format!("binary encoding: {e}")))
+        let writer = GenericDatumWriter::builder(&entry.schema).build().map_err(|e| err(format!("schema: {e}")))?;
+        event_datum(&writer, event).map_err(|e| err(format!("does not fit the schema: {e}")))
     }
 
     /// Encodes `event` in Avro single-object encoding: `C3 01`, the 8-byte little-endian
@@ -759,24 +759,25 @@ fn decode_datum(entry: &Entry, writer: &Schema, datum: &[u8]) -> Result<Event, C
 }
 
 /// Serde-serialises the event struct into an (unresolved) Avro value.
-fn event_to_value(event: &Event) -> Result<Value, apache_avro::Error> {
-    use apache_avro::to_value;
+/// `event` serialized by `writer` (its record's schema).
+fn event_datum(writer: &GenericDatumWriter<'_>, event: &Event) -> Result<Vec<u8>, apache_avro::Error> {
     match event {
-        Event::OrderCreated(e) => to_value(e),
-        Event::StockReserved(e) => to_value(e),
-        Event::StockReservationFailed(e) => to_value(e),
-        Event::OrderConfirmed(e) => to_value(e),
-        Event::OrderCancelled(e) => to_value(e),
-        Event::OrderCompleted(e) => to_value(e),
-        Event::StockUpdated(e) => to_value(e),
-        Event::StockReservationExpired(e) => to_value(e),
-        Event::StockReservationReleased(e) => to_value(e),
-        Event::InventoryAdjusted(e) => to_value(e),
-        Event::OrderSettled(e) => to_value(e),
-        Event::StockAllocation(e) => to_value(e),
-        Event::StockLedgerEntry(e) => to_value(e),
+        Event::OrderCreated(e) => writer.write_ser_to_vec(e),
+        Event::StockReserved(e) => writer.write_ser_to_vec(e),
+        Event::StockReservationFailed(e) => writer.write_ser_to_vec(e),
+        Event::OrderConfirmed(e) => writer.write_ser_to_vec(e),
+        Event::OrderCancelled(e) => writer.write_ser_to_vec(e),
+        Event::OrderCompleted(e) => writer.write_ser_to_vec(e),
+        Event::StockUpdated(e) => writer.write_ser_to_vec(e),
+        Event::StockReservationExpired(e) => writer.write_ser_to_vec(e),
+        Event::StockReservationReleased(e) => writer.write_ser_to_vec(e),
+        Event::InventoryAdjusted(e) => writer.write_ser_to_vec(e),
+        Event::OrderSettled(e) => writer.write_ser_to_vec(e),
+        Event::StockAllocation(e) => writer.write_ser_to_vec(e),
+        Event::StockLedgerEntry(e) => writer.write_ser_to_vec(e),
     }
 }
+
 
 /// Avro value → JSON with the Avro field names: unions are unwrapped (null → `null`),
 /// timestamps and other integer logical types become numbers, enums strings.

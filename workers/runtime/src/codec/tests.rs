@@ -850,3 +850,36 @@ async fn unreachable_registry_is_transient() {
     let err = codec.decode(&[0, 0, 0, 0, 1, 0]).await.unwrap_err();
     assert!(matches!(err, CodecError::Registry(_)), "{err}");
 }
+
+/// The encoding before issue 18, kept as the reference: event → Avro `Value` → resolved against
+/// the schema → validated and written.
+fn event_to_value_reference(event: &Event) -> Result<Value, apache_avro::Error> {
+    use apache_avro::to_value;
+    match event {
+        Event::OrderCreated(e) => to_value(e),
+        Event::StockReserved(e) => to_value(e),
+        Event::StockReservationFailed(e) => to_value(e),
+        Event::OrderConfirmed(e) => to_value(e),
+        Event::OrderCancelled(e) => to_value(e),
+        Event::OrderCompleted(e) => to_value(e),
+        Event::StockUpdated(e) => to_value(e),
+        Event::StockReservationExpired(e) => to_value(e),
+        Event::StockReservationReleased(e) => to_value(e),
+        Event::InventoryAdjusted(e) => to_value(e),
+        Event::OrderSettled(e) => to_value(e),
+        Event::StockAllocation(e) => to_value(e),
+        Event::StockLedgerEntry(e) => to_value(e),
+    }
+}
+
+#[test]
+fn schema_aware_datum_writes_the_bytes_of_the_value_path() {
+    let codec = codec();
+    for event in samples() {
+        let name = event.schema_name();
+        let entry = codec.entry_of(&event).unwrap();
+        let value = event_to_value_reference(&event).unwrap().resolve(&entry.schema).unwrap();
+        let reference = GenericDatumWriter::builder(&entry.schema).build().unwrap().write_value_to_vec(value).unwrap();
+        assert_eq!(Codec::datum(entry, &event).unwrap(), reference, "{name}");
+    }
+}
