@@ -20,6 +20,7 @@
 
 pub mod outbox;
 pub mod peer;
+pub mod peer_latency;
 pub mod recovery;
 pub mod retention;
 pub mod saga;

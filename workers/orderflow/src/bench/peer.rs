@@ -16,7 +16,9 @@
 //!
 //! Each side is metered by a `read_committed` consumer of its two answer topics: orders answered
 //! over the window after the warm-up (the [`Meter`] of every scenario), then it runs until every
-//! order is answered, and its peak RSS is the process's `VmHWM` at that point. Then it is
+//! order is answered, and its peak RSS is the process's `VmHWM` at that point. Then it is offered
+//! new orders at fixed loads (`--loads`, each for `--load-duration`): created → answered
+//! latency, p50/p99 ([`super::peer_latency`]). Then it is
 //! SIGKILLed and started again, twice: on its local state, and with its state directory deleted
 //! (rebuilt from its changelog); each time [`PROBE_ORDERS`] new orders wait for it, and the time
 //! from the kill to their first answer is "SIGKILL → processing". Both use static membership (the
@@ -45,6 +47,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tracing::info;
 
+use super::peer_latency::{LatencyResult, LATENCY_PREFIX};
 use super::recovery::memory;
 use super::{create_bench_topics, free_port, inventory_in, log_tail, order_in, produce_all, Common, Layout, Meter, Rng, Window};
 
@@ -73,6 +76,13 @@ pub struct PeerArgs {
     /// Folder for the logs and both sides' state (default: a fresh one under target/bench/state).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Offered loads of the latency phase, orders/s, each for `--load-duration` on each side
+    /// once it has answered the run's orders ([`super::peer_latency`]).
+    #[arg(long, value_delimiter = ',', default_value = "1000,4000")]
+    loads: Vec<u32>,
+    /// How long each offered load runs.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    load_duration: Duration,
 }
 
 /// One side's figures.
@@ -90,6 +100,8 @@ pub struct SideResult {
     pub all_answered_s: f64,
     /// `VmHWM` once every order was answered, MiB.
     pub peak_rss_mib: f64,
+    /// Created → answered at each offered load, after the run's orders were answered.
+    pub latency: Vec<LatencyResult>,
     /// Answers read, by kind.
     pub reserved: u64,
     pub failed: u64,
@@ -214,7 +226,8 @@ pub async fn peer(args: PeerArgs) -> Result<PeerResult> {
             Ok(cmd)
         }),
     };
-    let probes = Probes { producer: &producer, codec: &codec, now, count: PROBE_ORDERS };
+    let probes =
+        Probes { producer: &producer, codec: &codec, now, count: PROBE_ORDERS, loads: &args.loads, load_duration: args.load_duration };
     let answers =
         Answers::start(&t.broker, &[spec.outputs["reserved"].clone(), spec.outputs["failed"].clone()], partitions, codec.clone())?;
     let (mut of, of_answers) = run_side(&of_launch, answers, orders, c, &probes).await?;
@@ -243,11 +256,13 @@ pub async fn peer(args: PeerArgs) -> Result<PeerResult> {
         }),
     };
     let answers = Answers::start(&t.broker, &peer_topics[..2], partitions, codec.clone())?;
-    let (mut ks, ks_answers) = run_side(&ks_launch, answers, orders + 2 * PROBE_ORDERS, c, &probes).await?;
+    // The peer reads what orderflow's phases left on the input too: its latency and probe orders.
+    let of_extra: u64 = of.latency.iter().map(|l| l.orders).sum::<u64>() + 2 * PROBE_ORDERS;
+    let (mut ks, ks_answers) = run_side(&ks_launch, answers, orders + of_extra, c, &probes).await?;
     ks.guarantee = peer_guarantee.to_string();
 
     // The run's orders only (the probe orders differ by side).
-    let probe = |o: &String| o.starts_with("O-PROBE-");
+    let probe = |o: &String| o.starts_with("O-PROBE-") || o.starts_with(LATENCY_PREFIX);
     let (of_answers, ks_answers): (BTreeMap<_, _>, BTreeMap<_, _>) =
         (of_answers.into_iter().filter(|(o, _)| !probe(o)).collect(), ks_answers.into_iter().filter(|(o, _)| !probe(o)).collect());
     let mut mismatches = Vec::new();
@@ -326,6 +341,9 @@ struct Probes<'a> {
     codec: &'a Codec,
     now: i64,
     count: u64,
+    /// The latency phase's offered loads (orders/s) and how long each runs.
+    loads: &'a [u32],
+    load_duration: Duration,
 }
 
 impl Probes<'_> {
@@ -389,13 +407,31 @@ async fn run_side(
     }
     let all_answered_s = started.elapsed().as_secs_f64();
     let peak_rss_mib = memory(child.id()).map(|m| m.peak_rss_mib).unwrap_or(0.0);
+    let mut latency = Vec::new();
+    for rate in probes.loads {
+        let arrivals = |prefix: &str| answers.arrivals(prefix);
+        latency.push(
+            super::peer_latency::offer(
+                probes.producer,
+                probes.codec,
+                implementation,
+                *rate,
+                probes.load_duration,
+                Duration::from_secs(60),
+                &arrivals,
+            )
+            .await?,
+        );
+    }
     let restart_local = restart(l, &mut child, &answers, probes, "local").await?;
     let restart_rebuild = restart(l, &mut child, &answers, probes, "rebuild").await?;
     let _ = child.kill();
     let _ = child.wait();
     let outcomes = answers.finish();
     info!(implementation, answers = outcomes.len(), "side done");
-    let count = |kind: &str| outcomes.iter().filter(|(o, v)| !o.starts_with("O-PROBE-") && v.starts_with(kind)).count() as u64;
+    let count = |kind: &str| {
+        outcomes.iter().filter(|(o, v)| !o.starts_with("O-PROBE-") && !o.starts_with(LATENCY_PREFIX) && v.starts_with(kind)).count() as u64
+    };
     Ok((
         SideResult {
             implementation,
@@ -404,6 +440,7 @@ async fn run_side(
             first_answer_s: first.unwrap_or(0.0),
             all_answered_s,
             peak_rss_mib,
+            latency,
             reserved: count("reserved"),
             failed: count("failed"),
             restart_local,
@@ -465,6 +502,8 @@ async fn restart(l: &Launcher, child: &mut Child, answers: &Answers, probes: &Pr
 struct Answers {
     count: Arc<AtomicU64>,
     outcomes: Arc<Mutex<BTreeMap<String, String>>>,
+    /// Orders of the latency phase ([`LATENCY_PREFIX`]): when their answer was read, ms.
+    arrivals: Arc<Mutex<BTreeMap<String, i64>>>,
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<()>,
 }
@@ -483,7 +522,8 @@ impl Answers {
         consumer.assign(&tpl)?;
         let (count, outcomes, stop) =
             (Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(BTreeMap::new())), Arc::new(AtomicBool::new(false)));
-        let (c, o, s) = (count.clone(), outcomes.clone(), stop.clone());
+        let arrivals = Arc::new(Mutex::new(BTreeMap::new()));
+        let (c, o, s, a) = (count.clone(), outcomes.clone(), stop.clone(), arrivals.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) else { continue };
@@ -496,11 +536,25 @@ impl Answers {
                     Some(Ok(Event::StockReservationFailed(f))) => (f.order_id, format!("failed {}", f.reason)),
                     _ => (String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(), "undecodable".into()),
                 };
+                if answer.0.starts_with(LATENCY_PREFIX) {
+                    a.lock().expect("arrivals").insert(answer.0.clone(), now_ms());
+                }
                 o.lock().expect("answers").insert(answer.0, answer.1);
                 c.fetch_add(1, Ordering::Relaxed);
             }
         });
-        Ok(Answers { count, outcomes, stop, thread })
+        Ok(Answers { count, outcomes, arrivals, stop, thread })
+    }
+
+    /// The latency-phase orders whose id starts with `prefix`: when their answer was read, ms.
+    fn arrivals(&self, prefix: &str) -> BTreeMap<String, i64> {
+        self.arrivals
+            .lock()
+            .expect("arrivals")
+            .range(prefix.to_string()..)
+            .take_while(|(o, _)| o.starts_with(prefix))
+            .map(|(o, t)| (o.clone(), *t))
+            .collect()
     }
 
     fn count(&self) -> u64 {

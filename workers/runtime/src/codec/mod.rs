@@ -778,7 +778,6 @@ fn event_datum(writer: &GenericDatumWriter<'_>, event: &Event) -> Result<Vec<u8>
     }
 }
 
-
 /// Avro value → JSON with the Avro field names: unions are unwrapped (null → `null`),
 /// timestamps and other integer logical types become numbers, enums strings.
 fn avro_to_json(value: Value) -> Result<serde_json::Value, String> {
