@@ -286,6 +286,23 @@ mod tests {
         assert_eq!(shard.timer_count(), 1);
     }
 
+    /// A unit as large as a restock of 160,000 products (issue 18's recovery run at 10^6 keys):
+    /// every key of its one sled batch is there afterwards, the last ones too.
+    #[test]
+    fn a_very_large_unit_keeps_every_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let shard = store.shard(0).unwrap();
+        let mut txn = StateTxn::new(&shard);
+        for i in 0..200_000u32 {
+            txn.put(format!("ledger/HQ:ST/P-{i:06}").into_bytes(), br#"{"adjusted":1000000,"sold":0}"#.to_vec());
+            txn.put(format!("stock/HQ:ST/P-{i:06}").into_bytes(), br#"{"onHand":1000000,"reserved":0}"#.to_vec());
+        }
+        shard.commit(&txn.into_changes(), &BTreeMap::new(), Some(1)).unwrap();
+        let missing: Vec<u32> = (0..200_000u32).filter(|i| shard.get(format!("stock/HQ:ST/P-{i:06}").as_bytes()).is_none()).collect();
+        assert!(missing.is_empty(), "{} stock keys missing, first {:?}", missing.len(), missing.first());
+    }
+
     /// Issue 11: the stores of one process flushed at the same moment (the workers resuming
     /// together after a broker outage) must all complete; sled's `flush_async` futures could stay
     /// pending forever then (spacejam/sled#1241).

@@ -22,6 +22,9 @@ pub(super) async fn raw_read(t: &Topology, topic: &str) -> Result<RawRead> {
         let consumer: BaseConsumer = client_config(&broker, Side::Consumer)
             .set("group.id", format!("orderflow-bench-raw-read-{}", now_ms()))
             .set("enable.auto.commit", "false")
+            // The end of a partition is where the consumer says so: under exactly_once the last
+            // offset of a changelog partition is a commit marker, which no consumer is given.
+            .set("enable.partition.eof", "true")
             .create()
             .context("raw read consumer")?;
         let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).context("changelog metadata")?;
@@ -43,8 +46,14 @@ pub(super) async fn raw_read(t: &Topology, topic: &str) -> Result<RawRead> {
                 if started.elapsed() > Duration::from_secs(1800) {
                     bail!("raw read of {topic}: {records} records in 30 min, partitions {ends:?} unfinished");
                 }
-                let Some(m) = consumer.poll(Duration::from_millis(500)) else { continue };
-                let m = m.with_context(|| format!("reading {topic}"))?;
+                let m = match consumer.poll(Duration::from_millis(500)) {
+                    None => continue,
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                        ends.remove(&p);
+                        continue;
+                    }
+                    Some(m) => m.with_context(|| format!("reading {topic}"))?,
+                };
                 records += 1;
                 bytes += (m.key_len() + m.payload_len()) as u64;
                 if ends.get(&m.partition()).is_some_and(|h| m.offset() + 1 >= *h) {
