@@ -20,10 +20,11 @@ const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Gives freed memory back to the OS at once and commits arena memory only as it is used:
-/// mimalloc 3's defaults (purge after 1 s, eager arena commit on Linux) kept the stock reserver's
-/// peak RSS at 431 MiB against 291 MiB with glibc; with these, 296 MiB at the same throughput
-/// (`orderflow bench peer`, BENCHMARKS.md, issue 18). `MIMALLOC_*` environment variables are
-/// read before `main` and are overridden here.
+/// mimalloc 3's defaults (purge after 1 s, eager arena commit on Linux) gave the stock reserver a
+/// peak RSS of 431 MiB in `orderflow bench peer` against 291 MiB with glibc; the same options as
+/// `MIMALLOC_PURGE_DELAY=0 MIMALLOC_ARENA_EAGER_COMMIT=0` gave 296 MiB, set here (after the
+/// first arena exists) 390 MiB: one run each, BENCHMARKS.md, issue 18. `MIMALLOC_*` variables
+/// are read before `main` and are overridden here.
 fn tune_allocator() {
     // SAFETY: mi_option_set only stores an integer option; valid options, no pointers involved.
     unsafe {
