@@ -398,7 +398,7 @@ fn metrics_are_exported_and_move_as_events_flow() {
 
     // Every listed family is declared with its type once it has a child.
     let listed = listed_families();
-    assert_eq!(listed.len(), 29, "deploy/metrics.txt lists {} families", listed.len());
+    assert_eq!(listed.len(), 30, "deploy/metrics.txt lists {} families", listed.len());
     let cannot_move_when_healthy = [
         "orderflow_dlq_records_total",
         "orderflow_stock_conservation_mismatches_total",
