@@ -56,6 +56,10 @@ pub const NAMES: &[&str] = &[
     "orderflow_outbox_publish_failures_total",
 ];
 
+/// The `stage` label values of `orderflow_commit_stage_seconds` ([`Metrics::commit_stage`]), in
+/// the order a unit's commit goes through them.
+pub const COMMIT_STAGES: [&str; 4] = ["produce", "transaction", "state_write", "state_flush"];
+
 /// How many products `orderflow_out_of_stock_top` shows.
 pub const TOP_N: usize = 10;
 /// How many products the top-N tracker remembers before it evicts the smallest counts.

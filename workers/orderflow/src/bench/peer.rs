@@ -261,10 +261,11 @@ pub async fn peer(args: PeerArgs) -> Result<PeerResult> {
     let (mut ks, ks_answers) = run_side(&ks_launch, answers, orders + of_extra, c, &probes).await?;
     ks.guarantee = peer_guarantee.to_string();
 
-    // The run's orders only (the probe orders differ by side).
-    let probe = |o: &String| o.starts_with("O-PROBE-") || o.starts_with(LATENCY_PREFIX);
-    let (of_answers, ks_answers): (BTreeMap<_, _>, BTreeMap<_, _>) =
-        (of_answers.into_iter().filter(|(o, _)| !probe(o)).collect(), ks_answers.into_iter().filter(|(o, _)| !probe(o)).collect());
+    // The run's orders only (the probe and latency orders differ by side).
+    let (of_answers, ks_answers): (BTreeMap<_, _>, BTreeMap<_, _>) = (
+        of_answers.into_iter().filter(|(o, _)| !beside_the_run(o)).collect(),
+        ks_answers.into_iter().filter(|(o, _)| !beside_the_run(o)).collect(),
+    );
     let mut mismatches = Vec::new();
     for (order, a) in &of_answers {
         let b = ks_answers.get(order).cloned().unwrap_or_else(|| "no answer".into());
@@ -313,6 +314,12 @@ pub fn without_hq_fallback(text: &str) -> Result<String> {
 
 /// Orders produced before each restart (their answers time it).
 const PROBE_ORDERS: u64 = 100;
+
+/// Orders a side answers besides the run's: the restarts' probes and the latency phase's (their
+/// answers differ by side and are not compared).
+fn beside_the_run(order_id: &str) -> bool {
+    order_id.starts_with("O-PROBE-") || order_id.starts_with(LATENCY_PREFIX)
+}
 
 /// Starts one side's process: a fresh command each time, its log in `log_dir`.
 struct Launcher {
@@ -429,9 +436,7 @@ async fn run_side(
     let _ = child.wait();
     let outcomes = answers.finish();
     info!(implementation, answers = outcomes.len(), "side done");
-    let count = |kind: &str| {
-        outcomes.iter().filter(|(o, v)| !o.starts_with("O-PROBE-") && !o.starts_with(LATENCY_PREFIX) && v.starts_with(kind)).count() as u64
-    };
+    let count = |kind: &str| outcomes.iter().filter(|(o, v)| !beside_the_run(o) && v.starts_with(kind)).count() as u64;
     Ok((
         SideResult {
             implementation,

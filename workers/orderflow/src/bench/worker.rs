@@ -101,7 +101,7 @@ fn worker_units(metrics: &Metrics, name: &str, processed: u64) -> Units {
         // Idle units (nothing read) are observed too but take ~0: divide by the committed ones.
         mean_processing_ms: mean(processing.get_sample_sum(), count),
         mean_commit_ms: mean(commit.get_sample_sum(), count),
-        commit_stages_ms: ["produce", "transaction", "state_write", "state_flush"]
+        commit_stages_ms: orderflow_runtime::metrics::COMMIT_STAGES
             .iter()
             .map(|stage| (stage.to_string(), mean(metrics.commit_stage.with_label_values(&[name, stage]).get_sample_sum(), count)))
             .collect(),

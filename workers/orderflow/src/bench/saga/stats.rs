@@ -146,7 +146,7 @@ pub(super) fn worker_stats(text: &str, process: &str, workers: &[String]) -> BTr
                 // Idle units are observed too but take ~0: divide by the committed ones (as bench worker).
                 mean_processing_ms: mean(sum("orderflow_unit_processing_seconds_sum", w, None)),
                 mean_commit_ms: mean(sum("orderflow_commit_seconds_sum", w, Some(("outcome", "ok")))),
-                commit_stages_ms: ["produce", "transaction", "state_write", "state_flush"]
+                commit_stages_ms: orderflow_runtime::metrics::COMMIT_STAGES
                     .iter()
                     .map(|stage| (stage.to_string(), mean(sum("orderflow_commit_stage_seconds_sum", w, Some(("stage", stage))))))
                     .collect(),
