@@ -11,11 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::commit::OutRecord;
 use orderflow_runtime::headers::output_headers;
-use orderflow_runtime::kafka::{await_acks, client_config, future_record, Side};
+use orderflow_runtime::kafka::{await_acks, client_config, future_record, send_in_order, Side};
 use orderflow_runtime::limits::{self, Limits};
 use orderflow_runtime::metrics::Metrics;
 use orderflow_runtime::topology::{BrokerConfig, Guarantee};
@@ -23,7 +22,6 @@ use orderflow_runtime::txn::{TxnError, TxnErrorClass, TxnProducer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::util::Timeout;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
@@ -243,11 +241,12 @@ impl Relay {
         }
         // Under exactly_once the transactional producer's current one (a stuck call replaces it).
         let producer = self.txn.as_ref().map_or_else(|| self.producer.clone(), TxnProducer::producer);
-        let sends = records.iter().map(|(_, r)| producer.send(future_record(r), Timeout::Never));
+        // In order: an aggregate's rows reach its partition in outbox order.
+        let sends = send_in_order(&producer, records.iter().map(|(_, r)| future_record(r)).collect());
         // Past ACK_STALL the relay reports not-ready: the batch's transaction stays open meanwhile
         // and holds back read_committed readers of the partitions it wrote to.
         let ready = &s.ready;
-        let acks = await_acks(&s.name, "batch", join_all(sends), |stalled| {
+        let acks = await_acks(&s.name, "batch", sends, |stalled| {
             if stalled {
                 ready.store(false, Ordering::Relaxed);
             }
@@ -257,8 +256,8 @@ impl Relay {
         for ((i, _), ack) in records.iter().zip(acks) {
             match ack {
                 Ok(_) => delivered.push(rows[*i].id),
-                Err((e, _)) if refused(&e) => out.failed.push((*i, Failure::new("rejected", e.to_string()))),
-                Err((e, _)) => out.outage = Some(e.to_string()),
+                Err(e) if refused(&e) => out.failed.push((*i, Failure::new("rejected", e.to_string()))),
+                Err(e) => out.outage = Some(e.to_string()),
             }
         }
         if let Some(txn) = &self.txn {

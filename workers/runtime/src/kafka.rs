@@ -5,6 +5,9 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::ToBytes;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::topology::{BrokerConfig, GroupProtocol, Topology};
@@ -37,6 +40,61 @@ pub async fn await_acks<F: std::future::Future>(worker: &str, what: &str, acks: 
             }
         }
     }
+}
+
+/// How long [`send_in_order`] waits before offering a record again to a full producer queue.
+pub const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
+
+/// Produces `records` through `producer` in their order and waits for every acknowledgement: per
+/// record, `(partition, offset)` where the broker wrote it, or why it did not.
+///
+/// librdkafka keeps a partition's records in the order they were enqueued, and the idempotent
+/// producer keeps that order on the broker through retries. rdkafka's `FutureProducer::send`
+/// does not keep it across concurrent sends: a record refused with `QueueFull` (more than
+/// `queue.buffering.max.messages` or `queue.buffering.max.kbytes` waiting) retries on its own
+/// 100 ms timer, so the records of one batch sent as concurrent futures overtake each other once
+/// the queue is full. Issue 18 saw it in the changelog: a 200,000-record unit's commit marker
+/// written before 49,009 of its own state records, which a restore then dropped as an unfinished
+/// unit (35,333 stock records lost). Here a record is enqueued only after the one before it,
+/// waiting [`QUEUE_FULL_WAIT`] at a time while the queue is full; the acknowledgements are
+/// awaited after the last one is enqueued. Used by every producer whose order matters: the
+/// workers' commit, the outbox relay, `dlq resend`, and the raw passthrough baseline.
+pub async fn send_in_order<'a, K, P>(producer: &FutureProducer, records: Vec<FutureRecord<'a, K, P>>) -> Vec<Result<(i32, i64), KafkaError>>
+where
+    K: ToBytes + ?Sized + 'a,
+    P: ToBytes + ?Sized + 'a,
+{
+    let mut enqueued = Vec::new();
+    for mut record in records {
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    enqueued.push(Ok(delivery));
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(QUEUE_FULL_WAIT).await;
+                }
+                Err((e, _)) => {
+                    enqueued.push(Err(e));
+                    break;
+                }
+            }
+        }
+    }
+    let mut acks = Vec::with_capacity(enqueued.len());
+    for e in enqueued {
+        acks.push(match e {
+            Ok(delivery) => match delivery.await {
+                Ok(Ok(d)) => Ok((d.partition, d.offset)),
+                Ok(Err((e, _))) => Err(e),
+                Err(_canceled) => Err(KafkaError::Canceled),
+            },
+            Err(e) => Err(e),
+        });
+    }
+    acks
 }
 
 /// Which side of a worker a client is.
@@ -275,4 +333,33 @@ async fn wait_for_leaders(
     })
     .await
     .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::DefaultProducerContext;
+
+    /// A full producer queue must not reorder a batch: with room for 20 records and 3,000 sent,
+    /// every record lands at its own index (a fresh one-partition topic starts at offset 0).
+    /// rdkafka's concurrent `send` futures put records out of order here (each refused record
+    /// retries on its own timer), which is how a unit's commit marker once overtook its records.
+    #[tokio::test]
+    async fn a_full_queue_keeps_the_batch_in_order() {
+        let mock = MockCluster::<'static, DefaultProducerContext>::new(1).unwrap();
+        mock.create_topic("ordered", 1, 1).unwrap();
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("enable.idempotence", "true")
+            .set("queue.buffering.max.messages", "20")
+            .set("linger.ms", "1")
+            .create()
+            .unwrap();
+        let payloads: Vec<String> = (0..3_000).map(|i| i.to_string()).collect();
+        let records = payloads.iter().map(|p| FutureRecord::<str, str>::to("ordered").partition(0).payload(p.as_str())).collect();
+        let acks = send_in_order(&producer, records).await;
+        let offsets: Vec<i64> = acks.into_iter().map(|a| a.expect("delivered").1).collect();
+        assert_eq!(offsets, (0..3_000).collect::<Vec<i64>>());
+    }
 }

@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use futures::future::join_all;
 use orderflow_api::Event;
 use orderflow_runtime::codec::Codec;
 use orderflow_runtime::kafka::{client_config, Side};
@@ -12,7 +11,6 @@ use orderflow_runtime::worker::now_ms;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::info;
 
@@ -114,7 +112,7 @@ pub(super) async fn raw(args: RawArgs) -> Result<RawResult> {
             continue;
         }
         let commit_started = Instant::now();
-        let sends = batch.iter().map(|m| {
+        let records = batch.iter().map(|m| {
             let mut r = FutureRecord::<[u8], [u8]>::to(&sink);
             if let Some(k) = m.key() {
                 r = r.key(k);
@@ -122,10 +120,12 @@ pub(super) async fn raw(args: RawArgs) -> Result<RawResult> {
             if let Some(v) = m.payload() {
                 r = r.payload(v);
             }
-            producer.send(r, Timeout::Never)
+            r
         });
-        for ack in join_all(sends).await {
-            ack.map_err(|(e, _)| anyhow::anyhow!("passthrough produce: {e}"))?;
+        let records = records.collect();
+        // The workers' own send path, so the baseline pays what they pay.
+        for ack in orderflow_runtime::kafka::send_in_order(&producer, records).await {
+            ack.map_err(|e| anyhow::anyhow!("passthrough produce: {e}"))?;
         }
         let mut next: BTreeMap<i32, i64> = BTreeMap::new();
         for m in &batch {

@@ -311,7 +311,7 @@ pub(super) async fn redrive(a: RedriveArgs) -> Result<()> {
     }
     let producer: FutureProducer = client_config(&loaded.topology.broker, Side::Producer).create().context("creating the producer")?;
     // Enqueued in plan order (the idempotent producer keeps it per partition), acknowledged together.
-    let deliveries: Vec<_> = plan
+    let records = plan
         .sends
         .iter()
         .map(|s| {
@@ -326,10 +326,10 @@ pub(super) async fn redrive(a: RedriveArgs) -> Result<()> {
             if let Some(v) = &s.value {
                 record = record.payload(v.as_slice());
             }
-            producer.send(record, Timeout::Never)
+            record
         })
         .collect();
-    let acks = futures::future::join_all(deliveries).await;
+    let acks = orderflow_runtime::kafka::send_in_order(&producer, records).await;
     let _ = producer.flush(Timeout::After(FLUSH_TIMEOUT));
     for (s, ack) in plan.sends.iter().zip(acks) {
         match ack {
@@ -337,7 +337,7 @@ pub(super) async fn redrive(a: RedriveArgs) -> Result<()> {
                 summary.sent += 1;
                 *summary.by_target.entry(s.target.clone()).or_default() += 1;
             }
-            Err((e, _)) => {
+            Err(e) => {
                 eprintln!("delivery of {} to {} failed: {e}", s.from, s.target);
                 summary.failed += 1;
                 summary.failures.push(json!({"record": s.from.to_string(), "target": s.target, "error": e.to_string()}));

@@ -5,14 +5,12 @@
 
 use std::collections::BTreeMap;
 
-use futures::future::join_all;
 use orderflow_api::Changes;
 use prometheus::HistogramVec;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
-use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
@@ -41,13 +39,11 @@ impl Broker for KafkaBroker<'_> {
         let _timer = self.stages.with_label_values(&[self.worker, "produce"]).start_timer();
         // Under exactly_once the transactional producer's current one (a stuck call replaces it).
         let producer = self.txn.map_or_else(|| self.producer.clone(), TxnProducer::producer);
-        let sends = records.iter().map(|r| {
-            let record = crate::kafka::future_record(r);
-            producer.send(record, Timeout::Never)
-        });
+        // In order: a partition's commit marker must follow the unit's records on it.
+        let sends = crate::kafka::send_in_order(&producer, records.iter().map(crate::kafka::future_record).collect());
         let health = self.health;
-        let acks = crate::kafka::await_acks(self.worker, "unit", join_all(sends), |stalled| health.set(&health.unacked, stalled)).await;
-        acks.into_iter().map(|a| a.map(|d| d.offset).map_err(|(e, _)| e)).collect()
+        let acks = crate::kafka::await_acks(self.worker, "unit", sends, |stalled| health.set(&health.unacked, stalled)).await;
+        acks.into_iter().map(|a| a.map(|(_, offset)| offset)).collect()
     }
 
     async fn begin(&self) -> Result<(), TxnError> {
