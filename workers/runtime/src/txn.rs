@@ -385,11 +385,17 @@ impl TxnProducer {
 /// Errors: invalid configuration (`step` = `create`, Fatal).
 async fn create(config: &ClientConfig) -> Result<FutureProducer, TxnError> {
     let config = config.clone();
-    blocking("create", move || config.create::<FutureProducer>()).await?.map_err(|source| TxnError {
-        class: TxnErrorClass::Fatal,
-        source,
-        step: "create",
+    blocking("create", move || {
+        let producer = config.create::<FutureProducer>()?;
+        // Learn the cluster before init_transactions: librdkafka replaces the bootstrap
+        // connection by the brokers the metadata names, and an InitProducerId attempted in between
+        // finds no broker up and is retried by a 500 ms timer (seen on every restart measured by
+        // `orderflow bench recovery`, issue 18). Errors surface in init_transactions.
+        let _ = producer.client().fetch_metadata(None, Duration::from_secs(5));
+        Ok(producer)
     })
+    .await?
+    .map_err(|source| TxnError { class: TxnErrorClass::Fatal, source, step: "create" })
 }
 
 /// Runs `f` on a detached thread of its own (not tokio's blocking pool: a librdkafka call that

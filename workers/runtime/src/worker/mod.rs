@@ -497,6 +497,10 @@ async fn require_transactions(worker: &str, bootstrap: &str) -> Result<(), Worke
     Ok(())
 }
 
+/// `fetch.wait.max.ms` of the workers' consumers unless the topology sets it (see
+/// [`consumer_config`]).
+const WORKER_FETCH_WAIT_MS: &str = "100";
+
 /// The consumer configuration of one instance: the worker's group, its client id, the group
 /// protocol, static membership (KIP-345) when the topology asks for it, statistics every second.
 fn consumer_config(setup: &WorkerSetup, spec: &WorkerSpec) -> ClientConfig {
@@ -513,6 +517,13 @@ fn consumer_config(setup: &WorkerSetup, spec: &WorkerSpec) -> ClientConfig {
     if config.get("statistics.interval.ms").is_none() {
         // Consumer lag and broker reachability (readiness) are read from these reports.
         config.set("statistics.interval.ms", "1000");
+    }
+    if config.get("fetch.wait.max.ms").is_none() {
+        // librdkafka keeps one fetch in flight per broker; a partition resumed while it waits
+        // (after its restore) is only asked for in the next one. With the default 500 ms long
+        // poll a restarted stock reserver answered its first record 0.5–1.0 s after ready
+        // (`orderflow bench recovery`, issue 18). An idle consumer asks 10 times a second.
+        config.set("fetch.wait.max.ms", WORKER_FETCH_WAIT_MS);
     }
     config
 }

@@ -27,6 +27,9 @@ use crate::topology::Guarantee;
 /// `max.poll.interval.ms`, 30 s in `topology.toml`).
 const REJOIN_AFTER: Duration = Duration::from_secs(45);
 
+/// Most time [`Worker::wake_fetcher`]'s watermark query may block the worker's thread.
+const WAKE_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// How long a restore keeps retrying a broker it cannot reach before the instance gives up.
 const RESTORE_BROKER_WAIT: Duration = Duration::from_secs(600);
 
@@ -107,6 +110,7 @@ impl Worker {
             self.seek(seeks).await?;
         }
         self.consumer.resume(&positions)?;
+        self.wake_fetcher(&positions);
         self.consumer.context().paused.lock().expect("paused set").retain(|p| !self.owned.contains(p));
         self.health.set(&self.health.restored, true);
         info!(worker = %self.name, partitions = ?self.owned, "worker ready");
@@ -284,6 +288,20 @@ impl Worker {
             }
             debug!(worker = %self.name, attempt, errors = ?failed, "seek not yet possible; retrying");
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Has librdkafka fetch the partitions just resumed now rather than up to a second later.
+    ///
+    /// librdkafka 2.12 decides what to fetch in the broker's own thread, which a resume or a seek
+    /// does not wake: resumed partitions were first fetched when that thread woke on its own,
+    /// ~1.0 s after `worker ready` in every restart `orderflow bench recovery` measured (issue 18;
+    /// the same wait follows each rewind after an aborted unit). A request on the broker's
+    /// connection wakes it: one watermark query (answered in ~1 ms by a local broker; its result
+    /// is not needed, so a failure is ignored).
+    fn wake_fetcher(&self, resumed: &TopicPartitionList) {
+        if let Some(e) = resumed.elements().first() {
+            let _ = self.consumer.fetch_watermarks(e.topic(), e.partition(), Timeout::After(WAKE_TIMEOUT));
         }
     }
 

@@ -28,7 +28,8 @@ pub(super) fn spawn(ctx: &mut Ctx, name: &str, state_dir: &Path, what: &str) -> 
         .args(["--worker", name, "--instance", INSTANCE, "--bootstrap", &ctx.bootstrap])
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
         .env("ORDERFLOW_STATE_DIR", state_dir)
-        .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+        // `ORDERFLOW_BENCH_WORKER_LOG`: the workers' `RUST_LOG` (e.g. librdkafka's debug lines).
+        .env("RUST_LOG", std::env::var("ORDERFLOW_BENCH_WORKER_LOG").unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()))
         .env_remove("ORDERFLOW_INSTANCE")
         .env_remove("ORDERFLOW_METRICS_ADDR")
         .env_remove("ORDERFLOW_LOG_JSON")
