@@ -288,15 +288,22 @@ impl Worker {
         let health = Arc::new(Health::new(setup.ready.clone()));
         let stalls = Arc::new(std::sync::Mutex::new(crate::stall::StallWatch::new(spec.stall_after(&t.defaults))));
         let consumer = subscribed_consumer(&consumer_config, &setup.name, &setup.metrics, &health, &spec.inputs, stalls.clone())?;
-        let (producer, txn) = producer(&setup, spec, guarantee).await?;
+        // The start-up steps that wait on the broker or the disk run side by side: the producer's
+        // init_transactions (which waits for the coordinator to abort a killed predecessor's open
+        // transaction), the sled open, the partition counts and the topics' size limits. One
+        // after another they took ~0.5 s of a restart (`orderflow bench recovery`, issue 18).
         let state_path = t.defaults.state_dir.join(&setup.name).join(&setup.instance);
-        let (store, reset) = Store::open_or_reset(&state_path)?;
+        let store_path = state_path.clone();
+        let opening = tokio::task::spawn_blocking(move || Store::open_or_reset(&store_path));
+        let written = sizes::written_topics(&setup.name, spec, t);
+        let (made, routes, limits) =
+            tokio::join!(producer(&setup, spec, guarantee), external_routes(&setup, spec), sizes::topic_limits(&setup.name, &t.broker, &written));
+        let (producer, txn) = made?;
+        let (store, reset) = opening.await.map_err(|e| WorkerError::Restore(format!("opening the state store panicked: {e}")))??;
         if reset {
             warn!(worker = %setup.name, state = %state_path.display(), "state store was reset; partitions will be rebuilt from the changelog");
         }
         setup.metrics.guarantee.with_label_values(&[&setup.name, guarantee.as_str()]).set(1);
-        let routes = external_routes(&setup, spec).await;
-        let limits = sizes::topic_limits(&setup.name, &t.broker, &sizes::written_topics(&setup.name, spec, t)).await;
         // Exported as 0 from the start, so `rate()` sees the first ids forgotten a retention later.
         setup.metrics.forgotten.with_label_values(&[&setup.name]);
         for topic in &spec.inputs {
