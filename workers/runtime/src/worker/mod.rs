@@ -296,8 +296,11 @@ impl Worker {
         let store_path = state_path.clone();
         let opening = tokio::task::spawn_blocking(move || Store::open_or_reset(&store_path));
         let written = sizes::written_topics(&setup.name, spec, t);
-        let (made, routes, limits) =
-            tokio::join!(producer(&setup, spec, guarantee), external_routes(&setup, spec), sizes::topic_limits(&setup.name, &t.broker, &written));
+        let (made, routes, limits) = tokio::join!(
+            producer(&setup, spec, guarantee),
+            external_routes(&setup, spec),
+            sizes::topic_limits(&setup.name, &t.broker, &written)
+        );
         let (producer, txn) = made?;
         let (store, reset) = opening.await.map_err(|e| WorkerError::Restore(format!("opening the state store panicked: {e}")))??;
         if reset {
