@@ -297,11 +297,24 @@ impl Worker {
     /// does not wake: resumed partitions were first fetched when that thread woke on its own,
     /// ~1.0 s after `worker ready` in every restart `orderflow bench recovery` measured (issue 18;
     /// the same wait follows each rewind after an aborted unit). A request on the broker's
-    /// connection wakes it: one watermark query (answered in ~1 ms by a local broker; its result
-    /// is not needed, so a failure is ignored).
+    /// connection wakes it: one watermark query per partition leader (answered in ~1 ms by a local
+    /// broker; the results are not needed, so failures are ignored, and a partition whose leader
+    /// the metadata does not name gets a query of its own).
     fn wake_fetcher(&self, resumed: &TopicPartitionList) {
-        if let Some(e) = resumed.elements().first() {
-            let _ = self.consumer.fetch_watermarks(e.topic(), e.partition(), Timeout::After(WAKE_TIMEOUT));
+        let mut leaders = BTreeMap::new();
+        for topic in resumed.elements().iter().map(|e| e.topic().to_string()).collect::<BTreeSet<_>>() {
+            if let Ok(meta) = self.consumer.fetch_metadata(Some(&topic), Timeout::After(WAKE_TIMEOUT)) {
+                for p in meta.topics().iter().flat_map(|t| t.partitions()) {
+                    leaders.insert((topic.clone(), p.id()), p.leader());
+                }
+            }
+        }
+        let mut woken = BTreeSet::new();
+        for e in resumed.elements() {
+            let leader = leaders.get(&(e.topic().to_string(), e.partition())).copied();
+            if leader.is_none() || woken.insert(leader) {
+                let _ = self.consumer.fetch_watermarks(e.topic(), e.partition(), Timeout::After(WAKE_TIMEOUT));
+            }
         }
     }
 
