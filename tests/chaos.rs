@@ -779,8 +779,14 @@ fn run_chaos(variant: &Variant) {
     }
 
     // 6. The invariants, from the driver's summary.
+    // The driver's whole report (~150 lines) goes next to the figures; only its outcome section
+    // is printed, so a failing assertion's message stays near the end of the test's output (CI
+    // shows a bounded part of it).
     let stdout = fs::read_to_string(&driver_out).unwrap_or_default();
-    println!("\n== driver output\n{stdout}");
+    let report = figures_path(variant.name).with_extension("driver.txt");
+    fs::write(&report, &stdout).expect("write the driver's report");
+    let outcomes: Vec<&str> = stdout.lines().skip_while(|l| !l.starts_with("== orders by final state")).take(10).collect();
+    println!("\n== driver output (whole report: {})\n{}", report.display(), outcomes.join("\n"));
     assert!(
         driver_status.success(),
         "the driver failed ({driver_status}, seed {seed}):\n--- stderr:\n{}\n{}",
