@@ -27,8 +27,12 @@ use crate::topology::Guarantee;
 /// `max.poll.interval.ms`, 30 s in `topology.toml`).
 const REJOIN_AFTER: Duration = Duration::from_secs(45);
 
-/// Most time [`Worker::wake_fetcher`]'s watermark query may block the worker's thread.
-const WAKE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Most time [`Worker::wake_fetcher`]'s watermark query may block the worker's thread. The
+/// query wakes librdkafka's broker thread when it is sent; its answer is not needed, so the wait
+/// is short: during a broker outage every rewind restores and wakes again, and a longer blocking
+/// call on the runtime's threads starved the process's `/metrics` (stop 32: one query per
+/// partition leader at 500 ms each left the HTTP endpoints unanswered for ~10 s).
+const WAKE_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// How long a restore keeps retrying a broker it cannot reach before the instance gives up.
 const RESTORE_BROKER_WAIT: Duration = Duration::from_secs(600);
@@ -297,24 +301,11 @@ impl Worker {
     /// does not wake: resumed partitions were first fetched when that thread woke on its own,
     /// ~1.0 s after `worker ready` in every restart `orderflow bench recovery` measured (issue 18;
     /// the same wait follows each rewind after an aborted unit). A request on the broker's
-    /// connection wakes it: one watermark query per partition leader (answered in ~1 ms by a local
-    /// broker; the results are not needed, so failures are ignored, and a partition whose leader
-    /// the metadata does not name gets a query of its own).
+    /// connection wakes it: one watermark query (answered in ~1 ms by a local broker; its result
+    /// is not needed, so a failure is ignored).
     fn wake_fetcher(&self, resumed: &TopicPartitionList) {
-        let mut leaders = BTreeMap::new();
-        for topic in resumed.elements().iter().map(|e| e.topic().to_string()).collect::<BTreeSet<_>>() {
-            if let Ok(meta) = self.consumer.fetch_metadata(Some(&topic), Timeout::After(WAKE_TIMEOUT)) {
-                for p in meta.topics().iter().flat_map(|t| t.partitions()) {
-                    leaders.insert((topic.clone(), p.id()), p.leader());
-                }
-            }
-        }
-        let mut woken = BTreeSet::new();
-        for e in resumed.elements() {
-            let leader = leaders.get(&(e.topic().to_string(), e.partition())).copied();
-            if leader.is_none() || woken.insert(leader) {
-                let _ = self.consumer.fetch_watermarks(e.topic(), e.partition(), Timeout::After(WAKE_TIMEOUT));
-            }
+        if let Some(e) = resumed.elements().first() {
+            let _ = self.consumer.fetch_watermarks(e.topic(), e.partition(), Timeout::After(WAKE_TIMEOUT));
         }
     }
 
